@@ -1,0 +1,129 @@
+"""Datasets: bundled MNIST / digits, 2-D toy sets, image folders; image <-> uint8 helpers.
+
+Every dataset returned by :func:`build_dataset` yields ``(x, y)`` pairs (x float32 in
+[-1, 1] for images, y int64) and carries ``sample_shape`` (tuple), ``num_classes``
+(int, 0 when unlabeled), ``is_image`` (bool) and ``class_names`` (list of str).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from .bundled import load_digits, load_mnist, split_indices
+from .images import IMAGE_EXTENSIONS, ImageFolderDataset, load_image
+from .toy import TOY_NAMES, make_toy
+
+__all__ = [
+    "InMemoryDataset", "TensorDataset", "ImageFolderDataset", "build_dataset", "data_shape",
+    "load_mnist", "load_digits", "make_toy", "load_image", "split_indices", "to_uint8", "from_uint8",
+    "IMAGE_EXTENSIONS", "TOY_NAMES", "DATASETS",
+]
+
+DATASETS = ("mnist", "digits", "toy", "folder")
+_DIGIT_NAMES = [str(i) for i in range(10)]
+
+
+class InMemoryDataset(torch.utils.data.Dataset):
+    """Tensors held in memory: ``ds[i] == (x[i], y[i])``.
+
+    ``x`` and ``y`` are public; index them with a tensor of indices to take a whole batch
+    at once (``ds[idx]`` also works) instead of going through a DataLoader.
+    """
+
+    def __init__(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, is_image: bool,
+                 class_names: Optional[Sequence[str]] = None, num_classes: Optional[int] = None):
+        if y is None:
+            y = torch.zeros(len(x), dtype=torch.int64)
+        if len(x) != len(y):
+            raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
+        self.x = x
+        self.y = y.long()
+        self.class_names = list(class_names or [])
+        self.num_classes = int(num_classes if num_classes is not None else len(self.class_names))
+        self.is_image = bool(is_image)
+        self.sample_shape = tuple(x.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index):
+        return self.x[index], self.y[index]
+
+    def __repr__(self) -> str:
+        return (f"InMemoryDataset({len(self)} samples, shape {self.sample_shape}, "
+                f"num_classes {self.num_classes}, is_image {self.is_image})")
+
+
+TensorDataset = InMemoryDataset  # the name used in the design notes
+
+
+def data_shape(cfg) -> tuple:
+    """The shape of one sample for ``cfg.data`` without loading any data."""
+    d = cfg.data
+    if d.dataset == "mnist":
+        return (1, 28, 28)
+    if d.dataset == "digits":
+        return (1, 8, 8)
+    if d.dataset == "toy":
+        return (2,)
+    if d.dataset == "folder":
+        size = list(d.image_size)
+        if len(size) == 1:
+            size = size * 2
+        return (int(d.channels), int(size[0]), int(size[1]))
+    raise DataError(f"data.dataset: unknown dataset '{d.dataset}'; choose one of {', '.join(DATASETS)}")
+
+
+def build_dataset(cfg):
+    """The dataset described by ``cfg.data`` (see the module docstring for its attributes)."""
+    d = cfg.data
+    if d.dataset == "mnist":
+        x, y = load_mnist(d.split)
+        return InMemoryDataset(x, y, is_image=True, class_names=_DIGIT_NAMES)
+    if d.dataset == "digits":
+        x, y = load_digits(d.split)
+        return InMemoryDataset(x, y, is_image=True, class_names=_DIGIT_NAMES)
+    if d.dataset == "toy":
+        x = make_toy(d.toy, d.toy_samples, d.toy_noise, seed=cfg.train.seed)
+        return InMemoryDataset(x, None, is_image=False, class_names=[], num_classes=0)
+    if d.dataset == "folder":
+        if not d.path:
+            raise DataError("data.path: required when data.dataset is 'folder'; set it to a folder of images")
+        size = list(d.image_size)
+        if len(size) == 1:
+            size = size * 2
+        return ImageFolderDataset(d.path, tuple(size), d.channels)
+    raise DataError(f"data.dataset: unknown dataset '{d.dataset}'; choose one of {', '.join(DATASETS)}")
+
+
+def to_uint8(x: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
+    """Images in [-1, 1], ``(B,C,H,W)`` (or one ``(C,H,W)``) -> uint8 ``(B,H,W,C)`` (or ``(H,W,C)``).
+
+    Clamped to [-1, 1] (NaN -> 0, i.e. mid-grey), then ``round((x + 1) * 127.5)``.
+    """
+    t = torch.as_tensor(x).detach().to("cpu", torch.float32)
+    if t.ndim not in (3, 4):
+        raise ValueError(f"to_uint8 expects (C,H,W) or (B,C,H,W), got shape {tuple(t.shape)}")
+    t = torch.nan_to_num(t, nan=0.0).clamp(-1.0, 1.0)
+    t = ((t + 1.0) * 127.5).round().to(torch.uint8)
+    return t.movedim(-3, -1).contiguous().numpy()
+
+
+def from_uint8(arr: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
+    """uint8 ``(H,W)``, ``(H,W,C)`` or ``(B,H,W,C)`` -> float32 ``(C,H,W)`` / ``(B,C,H,W)`` in [-1, 1].
+
+    The exact inverse of :func:`to_uint8` on 8-bit values.
+    """
+    if isinstance(arr, torch.Tensor):
+        t = arr.detach().to("cpu", torch.float32)
+    else:
+        t = torch.from_numpy(np.array(arr, dtype=np.float32))
+    if t.ndim == 2:
+        t = t[:, :, None]
+    if t.ndim not in (3, 4):
+        raise ValueError(f"from_uint8 expects (H,W), (H,W,C) or (B,H,W,C), got shape {tuple(t.shape)}")
+    return t.movedim(-1, -3).div(127.5).sub(1.0).contiguous()

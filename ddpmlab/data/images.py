@@ -1,0 +1,244 @@
+"""A folder of images as a dataset.
+
+``root`` is scanned recursively for image files (extensions in :data:`IMAGE_EXTENSIONS`,
+any case; hidden files/folders and ``__MACOSX`` are ignored).  When ``root`` has
+sub-folders holding images, each first-level sub-folder is a class (sorted names ->
+labels 0, 1, ...) and files lying directly in ``root`` are ignored (with a warning),
+as torchvision's ImageFolder does; without such sub-folders the set is unlabeled
+(``class_names == []``, ``num_classes == 0``, every label 0).
+
+Every file is fully decoded once at scan time (in a few threads); files that fail are
+skipped, listed in ``self.skipped`` as ``(path, reason)`` and reported in one warning.
+Each image is EXIF-rotated, converted to L / RGB / RGBA (palette, 16-bit, CMYK, ...
+handled), resized with bicubic antialiasing so that it covers ``image_size`` and
+center-cropped.  Up to :data:`CACHE_MAX_IMAGES` images (and :data:`CACHE_MAX_BYTES`)
+are kept in memory as one uint8 array; larger folders are decoded again on access.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from ..errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+CACHE_MAX_IMAGES = 20000
+CACHE_MAX_BYTES = 4 * 1024**3
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+_SKIP_DIRS = {"__MACOSX"}
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name in _SKIP_DIRS
+
+
+def _is_image_file(name: str) -> bool:
+    return not _is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _walk_images(folder: str) -> list[str]:
+    """All image files below ``folder`` (recursive, symlinks followed once, sorted)."""
+    found: list[str] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image_file(f))
+    return sorted(found)
+
+
+def _to_mode(img: Image.Image, mode: str) -> Image.Image:
+    """Convert any PIL image to ``mode`` (L, RGB or RGBA) with 8 bits per channel."""
+    if img.mode == mode:
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        arr = np.asarray(img)
+        # 16-bit data (I;16*, or mode I holding 16-bit PNG values): scale 0..65535 -> 0..255
+        if img.mode.startswith("I;16") or (img.mode == "I" and arr.size and arr.max() > 255):
+            arr = arr.astype(np.float64) / 257.0
+        arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, "L")
+    elif img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode == "PA":
+        img = img.convert("RGBA")
+    elif img.mode not in ("1", "L", "LA", "RGB", "RGBA", "RGBX", "RGBa", "La"):
+        # CMYK, YCbCr, LAB, HSV, ...: go through RGB
+        try:
+            img = img.convert("RGB")
+        except (ValueError, OSError):
+            img = img.convert("RGBA").convert("RGB")
+    return img if img.mode == mode else img.convert(mode)
+
+
+def _fit(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Scale so the image covers ``size`` = (H, W), then center-crop to it (one resample)."""
+    h, w = size
+    iw, ih = img.size
+    if (iw, ih) == (w, h):
+        return img
+    scale = max(h / ih, w / iw)
+    crop_w, crop_h = w / scale, h / scale
+    left, top = (iw - crop_w) / 2.0, (ih - crop_h) / 2.0
+    box = (left, top, left + crop_w, top + crop_h)
+    return img.resize((w, h), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+
+
+def load_image(path: str, image_size: Sequence[int], channels: int = 3) -> np.ndarray:
+    """Decode one file to a uint8 array ``(H, W, C)``; raises on unreadable files."""
+    mode = _MODES[channels]
+    with Image.open(path) as img:
+        img.load()
+        try:
+            oriented = ImageOps.exif_transpose(img)
+        except Exception:  # a broken EXIF block: keep the pixels as stored
+            oriented = img
+        out = _fit(_to_mode(oriented, mode), (int(image_size[0]), int(image_size[1])))
+        arr = np.array(out, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return arr
+
+
+def _try_load(path: str, image_size, channels) -> tuple[Optional[np.ndarray], Optional[str]]:
+    try:
+        return load_image(path, image_size, channels), None
+    except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
+        reason = " ".join(str(e).split()) or "unreadable"
+        return None, f"{type(e).__name__}: {reason}"
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Images below ``root``; ``ds[i]`` is ``(x, y)``: x float32 ``(C,H,W)`` in [-1,1], y int64."""
+
+    def __init__(self, root, image_size: Sequence[int] = (32, 32), channels: int = 3,
+                 cache: Optional[bool] = None, num_threads: Optional[int] = None):
+        if channels not in _MODES:
+            raise DataError(f"data.channels: must be 1, 3 or 4, got {channels}")
+        if len(image_size) != 2 or any(int(s) <= 0 for s in image_size):
+            raise DataError(f"data.image_size: must be [H, W] with positive integers, got {list(image_size)}")
+        self.root = str(Path(os.path.expanduser(str(root))))
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.channels = int(channels)
+        self.sample_shape = (self.channels, *self.image_size)
+        self.is_image = True
+        root = self.root
+        if not os.path.exists(root):
+            raise DataError(
+                f"data.path: folder '{root}' does not exist; check the path (relative paths start "
+                f"from '{os.getcwd()}') or set data.path to a folder of images"
+            )
+        if not os.path.isdir(root):
+            raise DataError(f"data.path: '{root}' is a file, not a folder; set data.path to the folder that holds the images")
+
+        # classes: first-level sub-folders that hold at least one image (recursively)
+        try:
+            entries = sorted(os.listdir(root))
+        except OSError as e:
+            raise DataError(f"data.path: cannot list folder '{root}' ({e.strerror}); check its permissions") from None
+        top_files = [os.path.join(root, e) for e in entries
+                     if _is_image_file(e) and os.path.isfile(os.path.join(root, e))]
+        class_files: dict[str, list[str]] = {}
+        for e in entries:
+            sub = os.path.join(root, e)
+            if not _is_hidden(e) and os.path.isdir(sub):
+                files = _walk_images(sub)
+                if files:
+                    class_files[e] = files
+        if class_files:
+            self.class_names = sorted(class_files)
+            files, labels = [], []
+            for label, name in enumerate(self.class_names):
+                files += class_files[name]
+                labels += [label] * len(class_files[name])
+            if top_files:
+                warnings.warn(
+                    f"data.path: {len(top_files)} image(s) directly in '{root}' are ignored because "
+                    f"its sub-folders are used as classes ({', '.join(self.class_names[:5])}"
+                    f"{', ...' if len(self.class_names) > 5 else ''}); move them into a sub-folder",
+                    stacklevel=2,
+                )
+        else:
+            self.class_names = []
+            files, labels = top_files, [0] * len(top_files)
+        if not files:
+            raise DataError(
+                f"data.path: folder '{root}' contains no image files (searched recursively for "
+                f"{', '.join(IMAGE_EXTENSIONS)}, any case); add images or point data.path at another folder"
+            )
+        self.num_classes = len(self.class_names)
+
+        # decode everything once: validates every file, and fills the cache
+        n = len(files)
+        per_image = self.image_size[0] * self.image_size[1] * self.channels
+        if cache is None:
+            cache = n <= CACHE_MAX_IMAGES and n * per_image <= CACHE_MAX_BYTES
+        self.cached = bool(cache)
+        threads = num_threads or min(8, os.cpu_count() or 1)
+        keep, self.skipped = [], []
+        arrays = np.empty((n, *self.image_size, self.channels), dtype=np.uint8) if self.cached else None
+
+        def work(i: int):
+            return i, _try_load(files[i], self.image_size, self.channels)
+
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for i, (arr, reason) in pool.map(work, range(n)):
+                if arr is None:
+                    self.skipped.append((files[i], reason))
+                    continue
+                if arrays is not None:
+                    arrays[len(keep)] = arr
+                keep.append(i)
+        if not keep:
+            first = self.skipped[0]
+            raise DataError(
+                f"data.path: none of the {n} image files in '{root}' could be read (e.g. '{first[0]}': "
+                f"{first[1]}); check that they are valid images"
+            )
+        if self.skipped:
+            shown = "; ".join(f"'{p}' ({r})" for p, r in self.skipped[:3])
+            more = f"; and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
+            warnings.warn(
+                f"data.path: skipped {len(self.skipped)} of {n} image files in '{root}' that could not be "
+                f"read: {shown}{more} (the full list is in dataset.skipped)",
+                stacklevel=2,
+            )
+        self.files = [files[i] for i in keep]
+        self.labels = torch.tensor([labels[i] for i in keep], dtype=torch.int64)
+        self.arrays = arrays[: len(keep)] if arrays is not None else None
+        if self.arrays is not None and len(keep) < n:
+            self.arrays = self.arrays.copy()  # release the unused tail
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def get_uint8(self, index: int) -> np.ndarray:
+        """Image ``index`` as uint8 ``(H, W, C)`` (after conversion, resize and crop)."""
+        if self.arrays is not None:
+            return self.arrays[index]
+        path = self.files[index]
+        arr, reason = _try_load(path, self.image_size, self.channels)
+        if arr is None:
+            raise DataError(f"data.path: '{path}' could not be read any more ({reason}); it changed after the scan")
+        return arr
+
+    def __getitem__(self, index: int):
+        from . import from_uint8
+
+        return from_uint8(self.get_uint8(index)), self.labels[index]
+
+    def __repr__(self) -> str:
+        return (f"ImageFolderDataset('{self.root}', {len(self)} images, shape {self.sample_shape}, "
+                f"classes {self.class_names}, skipped {len(self.skipped)})")

@@ -1,0 +1,285 @@
+"""The time-conditioned UNet of Ho et al. 2020 (DDPM), Appendix B.
+
+Same layout as the paper's TensorFlow code and as diffusers' ``UNet2DModel`` built with
+``DownBlock2D``/``AttnDownBlock2D`` blocks, ``downsample_padding=0``, ``norm_eps=1e-6``,
+``freq_shift=1`` and ``flip_sin_to_cos=False`` (the google/ddpm-* checkpoints):
+
+    time_embed               sinusoidal(t) -> Linear -> SiLU -> Linear      (dim 4 * base)
+    class_embed              Embedding(num_classes + 1, 4 * base), optional
+    conv_in                  3x3 conv, in_channels -> base
+    down[i].res[j]           ResBlock           (j < num_res_blocks)
+    down[i].attn[j]          AttnBlock          (levels whose height is in attention_resolutions)
+    down[i].downsample       stride-2 3x3 conv  (not on the last level; None there)
+    mid.res1, mid.attn, mid.res2
+    up[k].res[j]             ResBlock on concat(h, skip)   (j < num_res_blocks + 1;
+    up[k].attn[j]            up[k] is level L-1-k, deepest first, as diffusers' up_blocks)
+    up[k].upsample           nearest x2 + 3x3 conv (not on level 0; None there)
+    norm_out, conv_out       GroupNorm -> SiLU -> 3x3 conv to out_channels
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+
+NORM_EPS = 1e-6  # as the paper's code (tf.contrib group_norm) and google/ddpm-* configs
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Transformer sinusoidal embedding of (possibly fractional) timesteps: (B,) -> (B, dim).
+
+    [sin(t * w_k), cos(t * w_k)] with w_k = max_period^(-k / (dim/2 - 1)), as in the DDPM code.
+    """
+    half = dim // 2
+    k = torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(-math.log(max_period) * k / max(half - 1, 1))
+    args = t.float()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=NORM_EPS)
+
+
+class ResBlock(nn.Module):
+    """Wide-ResNet block with a time-embedding bias: (B, in_ch, H, W), (B, temb) -> (B, out_ch, H, W)."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = _norm(in_ch, groups)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_dim, out_ch)
+        self.norm2 = _norm(out_ch, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]  # timestep information enters as a bias
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Residual multi-head self-attention over the H*W positions: (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, channels: int, num_heads: int, groups: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = _norm(channels, groups)
+        self.qkv = nn.Linear(channels, 3 * channels)  # rows: [q; k; v], each (C, C)
+        self.proj_out = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, hgt, wid = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        q, k, v = self.qkv(tokens).view(b, -1, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v, (B, heads, HW, d)
+        out = self.proj_out(out.transpose(1, 2).reshape(b, -1, c))
+        return x + out.transpose(1, 2).reshape(b, c, hgt, wid)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv with TF 'SAME' padding (pad right/bottom by 1): (B, C, H, W) -> (B, C, H/2, W/2)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then 3x3 conv: (B, C, H, W) -> (B, C, 2H, 2W)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution of the down or up path: ``res``, ``attn`` (empty or one per ResBlock), resampler."""
+
+    def __init__(self, res: list, attn: list, downsample=None, upsample=None):
+        super().__init__()
+        self.res = nn.ModuleList(res)
+        self.attn = nn.ModuleList(attn)
+        self.downsample = downsample
+        self.upsample = upsample
+
+
+class MidBlock(nn.Module):
+    def __init__(self, ch: int, temb_dim: int, dropout: float, num_heads: int, groups: int):
+        super().__init__()
+        self.res1 = ResBlock(ch, ch, temb_dim, dropout, groups)
+        self.attn = AttnBlock(ch, num_heads, groups)
+        self.res2 = ResBlock(ch, ch, temb_dim, dropout, groups)
+
+    def forward(self, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return self.res2(self.attn(self.res1(h, temb)), temb)
+
+
+def _check_config(base, mults, groups, num_heads, image_size) -> None:
+    levels = len(mults)
+    channels = sorted({base} | {base * m for m in mults})
+    for c in channels:
+        if c % groups:
+            g = math.gcd(*channels)
+            ok = max(d for d in range(1, min(groups, g) + 1) if g % d == 0)
+            raise ConfigError(
+                f"model.norm_groups={groups} does not divide the UNet's {c}-channel feature maps "
+                f"(model.base_channels={base}, model.channel_mults={list(mults)} give channels {channels}); "
+                f"set model.norm_groups to a divisor of {g} (e.g. {ok}) or change model.base_channels"
+            )
+    for c in channels:
+        if c % num_heads:
+            raise ConfigError(
+                f"model.num_heads={num_heads} does not divide the {c}-channel attention inputs; "
+                f"choose model.num_heads dividing all of {channels}"
+            )
+    factor = 2 ** (levels - 1)
+    if any(s % factor for s in image_size):
+        h, w = image_size
+        max_levels = 1 + min((s & -s).bit_length() - 1 for s in image_size)  # 2-adic valuation
+        raise ConfigError(
+            f"data.image_size={[h, w]} does not fit model.channel_mults={list(mults)}: {levels} levels "
+            f"halve the image {levels - 1} times, so both sides must be multiples of {factor} "
+            f"(e.g. {[factor * -(-s // factor) for s in (h, w)]}); with {[h, w]} use at most "
+            f"{max_levels} entries in model.channel_mults (e.g. {[1] + [2] * (max_levels - 1)})"
+        )
+
+
+class UNet(nn.Module):
+    """DDPM noise-prediction UNet: forward(x (B,C,H,W), t (B,) or scalar, y (B,) or None) -> (B, out_channels, H, W)."""
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: Optional[int] = None,
+        base_channels: int = 128,
+        channel_mults: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.1,
+        num_heads: int = 1,
+        norm_groups: int = 32,
+        num_classes: Optional[int] = None,
+        image_size: Union[int, Sequence[int]] = (32, 32),
+    ):
+        super().__init__()
+        image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        _check_config(base_channels, tuple(channel_mults), norm_groups, num_heads, image_size)
+        self.in_channels = in_channels
+        self.out_channels = out_channels or in_channels
+        self.base_channels = base_channels
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.num_levels = len(channel_mults)
+        temb_dim = 4 * base_channels
+        res = lambda i, o: ResBlock(i, o, temb_dim, dropout, norm_groups)  # noqa: E731
+        attn = lambda c: AttnBlock(c, num_heads, norm_groups)  # noqa: E731
+
+        self.time_embed = nn.Sequential(nn.Linear(base_channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.class_embed = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+
+        ch, skips, self.down = base_channels, [base_channels], nn.ModuleList()
+        for i, mult in enumerate(channel_mults):
+            out, use_attn = base_channels * mult, image_size[0] // 2**i in attention_resolutions
+            blocks = [res(ch if j == 0 else out, out) for j in range(num_res_blocks)]
+            ch = out
+            skips += [ch] * num_res_blocks
+            last = i == self.num_levels - 1
+            self.down.append(Level(blocks, [attn(ch) for _ in blocks] if use_attn else [],
+                                   downsample=None if last else Downsample(ch)))
+            skips += [] if last else [ch]
+
+        self.mid = MidBlock(ch, temb_dim, dropout, num_heads, norm_groups)
+
+        self.up = nn.ModuleList()
+        for i in reversed(range(self.num_levels)):
+            out, use_attn = base_channels * channel_mults[i], image_size[0] // 2**i in attention_resolutions
+            blocks = []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(res(ch + skips.pop(), out))
+                ch = out
+            self.up.append(Level(blocks, [attn(ch) for _ in blocks] if use_attn else [],
+                                 upsample=Upsample(ch) if i > 0 else None))
+
+        self.norm_out = _norm(ch, norm_groups)
+        self.conv_out = nn.Conv2d(ch, self.out_channels, 3, padding=1)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Paper's init: fan-avg uniform (Xavier) weights, zero biases; zero the last layer of each residual branch."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        zero = [self.conv_out] + [m.conv2 for m in self.modules() if isinstance(m, ResBlock)]
+        zero += [m.proj_out for m in self.modules() if isinstance(m, AttnBlock)]
+        for m in zero:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        factor = 2 ** (self.num_levels - 1)
+        if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(
+                f"UNet expects x of shape (B, {self.in_channels}, H, W) with H and W multiples of {factor} "
+                f"(built for {self.image_size[0]}x{self.image_size[1]}), got {tuple(x.shape)}"
+            )
+
+    def embed(self, t, y: Optional[torch.Tensor], batch: int, device) -> torch.Tensor:
+        """Time (+ class) embedding: (B, 4 * base_channels)."""
+        t = torch.as_tensor(t, device=device)
+        if t.dim() == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
+        temb = self.time_embed(timestep_embedding(t, self.base_channels).to(self.conv_in.weight.dtype))
+        if self.class_embed is None:
+            if y is not None:
+                raise ValueError("class labels y were given but the model was built without model.num_classes")
+            return temb
+        if y is None:  # all unconditional: the extra "no label" row
+            y = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        elif y.shape != (batch,):
+            raise ValueError(f"y must have shape ({batch},), got {tuple(y.shape)}")
+        return temb + self.class_embed(y.long())
+
+    def forward(self, x: torch.Tensor, t, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self._check_input(x)
+        temb = self.embed(t, y, x.shape[0], x.device)
+        h = self.conv_in(x)
+        hs = [h]
+        for level in self.down:
+            for j, block in enumerate(level.res):
+                h = block(h, temb)
+                if len(level.attn):
+                    h = level.attn[j](h)
+                hs.append(h)
+            if level.downsample is not None:
+                h = level.downsample(h)
+                hs.append(h)
+        h = self.mid(h, temb)
+        for level in self.up:
+            for j, block in enumerate(level.res):
+                h = block(torch.cat([h, hs.pop()], dim=1), temb)  # skip connection by concatenation
+                if len(level.attn):
+                    h = level.attn[j](h)
+            if level.upsample is not None:
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))

@@ -1,0 +1,94 @@
+"""Forward process, posterior and conversions between eps / x0 / v / score.
+
+Pure tensor functions of a :class:`~ddpmlab.schedules.NoiseSchedule`.  ``i`` is an
+index into the schedule's entries (B,) long (for a full schedule equal to the
+timestep t); coefficients are gathered in float64 and cast to ``x``'s dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .schedules import NoiseSchedule
+
+PREDICTIONS = ("eps", "x0", "v")
+
+
+def extract(arr: torch.Tensor, i: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``arr[i]`` reshaped to (B, 1, ..., 1) so that it broadcasts against ``like``."""
+    i = torch.as_tensor(i, device=arr.device, dtype=torch.long)
+    if i.ndim == 0:
+        i = i.expand(like.shape[0])
+    out = arr[i].to(device=like.device, dtype=like.dtype)
+    return out.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def q_mean_variance(s: NoiseSchedule, x0: torch.Tensor, i: torch.Tensor):
+    # Ho et al. 2020, Eq. 4: q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
+    abar = extract(s.alphas_cumprod, i, x0)
+    return abar.sqrt() * x0, 1.0 - abar
+
+
+def q_sample(s: NoiseSchedule, x0: torch.Tensor, i: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    # Ho et al. 2020, Eq. 4 reparameterised: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
+    abar = extract(s.alphas_cumprod, i, x0)
+    return abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
+
+
+def q_posterior(s: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, i: torch.Tensor):
+    """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (Ho et al. 2020, Eq. 6-7)."""
+    mean = extract(s.posterior_mean_coef1, i, x_t) * x0 + extract(s.posterior_mean_coef2, i, x_t) * x_t
+    return mean, extract(s.posterior_variance, i, x_t), extract(s.posterior_log_variance_clipped, i, x_t)
+
+
+def eps_from_x0(s: NoiseSchedule, x_t: torch.Tensor, i: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    abar = extract(s.alphas_cumprod, i, x_t)
+    return (x_t - abar.sqrt() * x0) / (1.0 - abar).sqrt()
+
+
+def x0_from_eps(s: NoiseSchedule, x_t: torch.Tensor, i: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    # Ho et al. 2020, Eq. 15 solved for x_0
+    abar = extract(s.alphas_cumprod, i, x_t)
+    return (x_t - (1.0 - abar).sqrt() * eps) / abar.sqrt()
+
+
+def v_target(s: NoiseSchedule, x0: torch.Tensor, i: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    # Salimans & Ho 2022, Eq. 4 form: v = sqrt(abar) eps - sqrt(1 - abar) x_0
+    abar = extract(s.alphas_cumprod, i, x0)
+    return abar.sqrt() * eps - (1.0 - abar).sqrt() * x0
+
+
+def x0_eps_from_v(s: NoiseSchedule, x_t: torch.Tensor, i: torch.Tensor, v: torch.Tensor):
+    abar = extract(s.alphas_cumprod, i, x_t)
+    a, b = abar.sqrt(), (1.0 - abar).sqrt()
+    return a * x_t - b * v, b * x_t + a * v
+
+
+def score_from_eps(s: NoiseSchedule, x_t: torch.Tensor, i: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    # grad log q(x_t) = -eps / sqrt(1 - abar_t)  (Song et al. 2021, Eq. 7 / seed 000)
+    return -eps / extract(1.0 - s.alphas_cumprod, i, x_t).sqrt()
+
+
+def eps_x0_from_output(s: NoiseSchedule, x_t: torch.Tensor, i: torch.Tensor, out: torch.Tensor,
+                       prediction: str):
+    """Convert a network output of the given parameterisation into (eps, x0)."""
+    if prediction == "eps":
+        return out, x0_from_eps(s, x_t, i, out)
+    if prediction == "x0":
+        return eps_from_x0(s, x_t, i, out), out
+    if prediction == "v":
+        x0, eps = x0_eps_from_v(s, x_t, i, out)
+        return eps, x0
+    raise ValueError(f"unknown prediction type '{prediction}'; choose one of {', '.join(PREDICTIONS)}")
+
+
+def training_target(s: NoiseSchedule, x0: torch.Tensor, i: torch.Tensor, eps: torch.Tensor,
+                    prediction: str) -> torch.Tensor:
+    """What the network is trained to output for a given parameterisation."""
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0
+    if prediction == "v":
+        return v_target(s, x0, i, eps)
+    raise ValueError(f"unknown prediction type '{prediction}'; choose one of {', '.join(PREDICTIONS)}")

@@ -1,0 +1,166 @@
+"""Beta schedules and the frozen :class:`NoiseSchedule` every other module reads.
+
+All quantities are computed in float64 (the cumulative product of 1000 terms loses
+digits in float32) and cast once, where they are used, to the data's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Optional, Sequence
+
+import torch
+
+from .errors import ConfigError
+
+SCHEDULES = ("linear", "cosine", "sigmoid", "tanh", "quadratic")
+
+
+def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    # Ho et al. 2020, Sec. 4: betas increasing linearly from 1e-4 to 0.02
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def quadratic_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    # linear in sqrt(beta) (the "scaled linear" schedule of latent diffusion)
+    return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+
+
+def sigmoid_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    # betas follow a sigmoid over [-6, 6] between beta_start and beta_end (seed 004)
+    s = torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64))
+    return beta_start + (beta_end - beta_start) * s
+
+
+def tanh_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    # betas follow a tanh ramp over [-3, 3] between beta_start and beta_end (seed 004)
+    s = (torch.tanh(torch.linspace(-3, 3, T, dtype=torch.float64)) + 1) / 2
+    s = (s - s[0]) / (s[-1] - s[0])
+    return beta_start + (beta_end - beta_start) * s
+
+
+def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    # Nichol & Dhariwal 2021, Eq. 17: alpha_bar(t) = cos^2(((t/T + s)/(1 + s)) * pi/2)
+    t = torch.arange(T + 1, dtype=torch.float64) / T
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    betas = 1 - alpha_bar[1:] / alpha_bar[:-1]
+    return betas.clamp(max=max_beta)
+
+
+def make_betas(name: str, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """Betas (T,) float64 of the named schedule."""
+    if T < 1:
+        raise ConfigError(f"diffusion.num_timesteps must be >= 1, got {T}")
+    if name == "linear":
+        return linear_betas(T, beta_start, beta_end)
+    if name == "quadratic":
+        return quadratic_betas(T, beta_start, beta_end)
+    if name == "sigmoid":
+        return sigmoid_betas(T, beta_start, beta_end)
+    if name == "tanh":
+        return tanh_betas(T, beta_start, beta_end)
+    if name == "cosine":
+        return cosine_betas(T)
+    raise ConfigError(f"unknown schedule '{name}'; choose one of {', '.join(SCHEDULES)}")
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The discrete forward process of a DDPM, all tensors (N,) float64.
+
+    ``timesteps[i]`` is the training-time index the model is called with at entry i:
+    ``arange(T)`` for a full schedule, a sorted subset for a respaced one.
+    """
+
+    betas: torch.Tensor
+    timesteps: torch.Tensor
+    alphas: torch.Tensor
+    alphas_cumprod: torch.Tensor  # alpha_bar_t
+    alphas_cumprod_prev: torch.Tensor  # alpha_bar_{t-1}, with alpha_bar_{-1} = 1
+    posterior_variance: torch.Tensor  # beta_tilde_t, Ho et al. 2020 Eq. 7
+    posterior_log_variance_clipped: torch.Tensor
+    posterior_mean_coef1: torch.Tensor  # multiplies x_0 in Eq. 7
+    posterior_mean_coef2: torch.Tensor  # multiplies x_t in Eq. 7
+    log_snr: torch.Tensor  # log(alpha_bar / (1 - alpha_bar))
+
+    @classmethod
+    def from_betas(cls, betas: torch.Tensor, timesteps: Optional[torch.Tensor] = None) -> "NoiseSchedule":
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        if betas.ndim != 1 or len(betas) == 0:
+            raise ValueError("betas must be a non-empty 1-D tensor")
+        if not bool(((betas > 0) & (betas <= 1)).all()):
+            raise ValueError("betas must lie in (0, 1]")
+        if timesteps is None:
+            timesteps = torch.arange(len(betas))
+        alphas = 1.0 - betas
+        abar = torch.cumprod(alphas, 0)
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
+        # beta_tilde_0 = 0: clip the log at the next value, as improved-diffusion does
+        post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]])) if len(betas) > 1 else torch.log(betas)
+        return cls(
+            betas=betas,
+            timesteps=torch.as_tensor(timesteps, dtype=torch.long),
+            alphas=alphas,
+            alphas_cumprod=abar,
+            alphas_cumprod_prev=abar_prev,
+            posterior_variance=post_var,
+            posterior_log_variance_clipped=post_logvar,
+            posterior_mean_coef1=betas * abar_prev.sqrt() / (1.0 - abar),
+            posterior_mean_coef2=(1.0 - abar_prev) * alphas.sqrt() / (1.0 - abar),
+            log_snr=torch.log(abar) - torch.log1p(-abar),
+        )
+
+    @classmethod
+    def make(cls, name: str = "linear", T: int = 1000, beta_start: float = 1e-4,
+             beta_end: float = 0.02) -> "NoiseSchedule":
+        return cls.from_betas(make_betas(name, T, beta_start, beta_end))
+
+    @classmethod
+    def from_config(cls, diffusion_cfg) -> "NoiseSchedule":
+        d = diffusion_cfg
+        return cls.make(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.betas)
+
+    def to(self, device) -> "NoiseSchedule":
+        return NoiseSchedule(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def respace(self, use_timesteps: Sequence[int]) -> "NoiseSchedule":
+        """The schedule restricted to a subset of timesteps (Nichol & Dhariwal 2021, Sec. 4).
+
+        New betas are ``1 - alpha_bar[s_i] / alpha_bar[s_{i-1}]`` so that alpha_bar at
+        each kept step is unchanged; the model is still called with the original index.
+        """
+        idx = torch.as_tensor(sorted(set(int(t) for t in use_timesteps)), dtype=torch.long)
+        if len(idx) == 0 or idx[0] < 0 or idx[-1] >= self.num_timesteps:
+            raise ValueError(f"respaced timesteps must lie in [0, {self.num_timesteps - 1}]")
+        abar = self.alphas_cumprod[idx]
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        return NoiseSchedule.from_betas(1.0 - abar / abar_prev, timesteps=self.timesteps[idx])
+
+
+def select_timesteps(T: int, steps: int, spacing: str = "uniform") -> torch.Tensor:
+    """``steps`` training indices out of ``T``, increasing, for a sampler's step schedule.
+
+    ``uniform``: evenly spaced, always containing 0 and T-1 (improved-diffusion's
+    respacing); ``leading``: ``arange(0, T, T//steps)`` (DDIM paper, diffusers
+    "leading"); ``trailing``: ``round(arange(T, 0, -T/steps)) - 1`` (Lin et al. 2024).
+    """
+    if not isinstance(steps, int) or steps < 1 or steps > T:
+        raise ConfigError(f"steps must be an integer between 1 and {T} (the model's num_timesteps), got {steps}")
+    if spacing == "uniform":
+        if steps == 1:
+            return torch.tensor([T - 1])
+        ts = torch.round(torch.linspace(0, T - 1, steps, dtype=torch.float64)).long()
+    elif spacing == "leading":
+        ts = torch.arange(0, steps) * (T // steps)
+    elif spacing == "trailing":
+        ts = torch.round(torch.arange(T, 0, -T / steps, dtype=torch.float64)).long().flip(0) - 1
+    else:
+        raise ConfigError(f"unknown timestep spacing '{spacing}'; choose uniform, leading or trailing")
+    return ts

@@ -1,0 +1,317 @@
+"""The training loop (Ho et al. 2020, Algorithm 1) on HF Accelerate.
+
+One process or many (``accelerate launch`` / ``torchrun``): each process draws its
+slice of the global batch.  Everything random in a step (data order, t, noise,
+dropout) is derived from ``(seed, step, rank)``, so a run resumed from a checkpoint
+continues bit for bit as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import signal
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import CONFIG_FILE, latest_checkpoint, load_run_config, require_run_dir, save_checkpoint
+from .config import Config, save_config
+from .data import build_dataset
+from .errors import ConfigError, DDPMError
+from .models import build_model, count_parameters
+from .objectives import diffusion_loss, sample_timesteps
+from .samplers.generate import generate
+from .schedules import NoiseSchedule
+from .viz import save_grid, save_scatter
+
+# keys a resumed run may change; everything else must match the stored config
+RESUME_MUTABLE = {
+    "train.steps", "train.log_every", "train.sample_every", "train.save_every", "train.sample_n",
+    "train.sample_steps", "train.sample_sampler", "train.device", "data.num_workers",
+}
+LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "it_per_s", "time_s"]
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Index batches for steps ``start..steps-1``: epoch e is a permutation seeded by (seed, e).
+
+    Each process takes its ``rank``-th slice of the global batch, so data order depends
+    only on the step, never on how often the run was stopped and resumed.
+    """
+
+    def __init__(self, n: int, global_batch: int, start: int, steps: int, seed: int, rank: int = 0,
+                 world: int = 1):
+        if global_batch % world:
+            raise ConfigError(f"train.batch_size ({global_batch}) must be divisible by the number of processes ({world})")
+        self.n, self.gb, self.start, self.steps = n, global_batch, start, steps
+        self.seed, self.rank, self.world = seed, rank, world
+
+    def __len__(self) -> int:
+        return max(self.steps - self.start, 0)
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self):
+        per = self.gb // self.world
+        per_epoch = max(self.n // self.gb, 1)
+        for step in range(self.start, self.steps):
+            epoch, k = divmod(step, per_epoch)
+            perm = self._perm(epoch)
+            if self.n < self.gb:  # tiny datasets: draw with repetition
+                perm = perm.repeat((self.gb + self.n - 1) // self.n)
+            batch = perm[k * self.gb:(k + 1) * self.gb]
+            yield batch[self.rank * per:(self.rank + 1) * per].tolist()
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    # exponential moving average of the weights: ema <- decay * ema + (1 - decay) * theta
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def learning_rate(cfg: Config, step: int) -> float:
+    # linear warm-up over train.warmup_steps, then constant (Ho et al. 2020, App. B)
+    w = cfg.train.warmup_steps
+    return cfg.train.lr * min(1.0, (step + 1) / w) if w > 0 else cfg.train.lr
+
+
+def new_run_dir(cfg: Config) -> Path:
+    name = cfg.train.name or f"{cfg.data.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.train.out_dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise DDPMError(
+            f"run directory '{run_dir}' already exists and is not empty; continue it with "
+            f"`ddpm train --resume {run_dir}` or pick another train.name"
+        )
+    return run_dir
+
+
+def resume_config(run_dir, overrides_cfg: Optional[Config], changed_keys: list) -> Config:
+    """The stored config of ``run_dir`` with the allowed overrides applied."""
+    stored = load_run_config(run_dir)
+    bad = [k for k in changed_keys if k not in RESUME_MUTABLE]
+    if bad:
+        raise ConfigError(
+            f"cannot change {', '.join(bad)} when resuming {run_dir} (the run was trained with "
+            f"its stored {CONFIG_FILE}); only {', '.join(sorted(RESUME_MUTABLE))} may change"
+        )
+    if overrides_cfg is not None:
+        for key in changed_keys:
+            section, name = key.split(".")
+            setattr(getattr(stored, section), name, getattr(getattr(overrides_cfg, section), name))
+    return stored
+
+
+def _make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+
+    dev = cfg.train.device
+    if dev not in ("auto", "cpu", "cuda", "mps"):
+        raise ConfigError(f"train.device '{dev}' not understood; use auto, cpu, cuda or mps "
+                          "(pick a GPU with CUDA_VISIBLE_DEVICES)")
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA GPU is visible; use train.device=auto or cpu")
+    return Accelerator(cpu=(dev == "cpu"), mixed_precision=cfg.train.mixed_precision)
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a request to save and stop after the current step."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _write_samples(cfg, ema, schedule, dataset, run_dir: Path, tag: str, device) -> Path:
+    n = cfg.train.sample_n
+    labels = None
+    if cfg.model.num_classes:
+        labels = torch.arange(n) % cfg.model.num_classes
+    x = generate(ema, schedule, dataset.sample_shape, n, sampler=cfg.train.sample_sampler,
+                 steps=cfg.train.sample_steps, prediction=cfg.diffusion.prediction,
+                 clip_x0=1.0 if dataset.is_image else None, seed=cfg.train.seed, device=device,
+                 labels=labels, progress=False)
+    out = run_dir / "samples" / f"{tag}.png"
+    if dataset.is_image:
+        scale = max(1, 128 // max(dataset.sample_shape[1:]))
+        return save_grid(x, out, scale=min(scale, 4))
+    ref = torch.stack([dataset[i][0] for i in range(min(len(dataset), 2000))])
+    return save_scatter(x, out, reference=ref, title=f"samples at {tag}")
+
+
+def train(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, progress: bool = True,
+          fault_hook=None) -> Path:
+    """Train a denoiser as configured; return the run directory.
+
+    ``resume=True`` continues ``run_dir`` from its newest loadable checkpoint.
+    ``fault_hook(step, loss)`` (tests) may replace the loss of a step.
+    """
+    accelerator = _make_accelerator(cfg)
+    device = accelerator.device
+    main = accelerator.is_main_process
+    if resume:
+        run_dir = require_run_dir(run_dir)
+    else:
+        run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise DDPMError(f"run directory '{run_dir}' is not empty; resume it with --resume or choose another")
+        accelerator.wait_for_everyone()
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / CONFIG_FILE)
+
+    dataset = build_dataset(cfg)
+    if cfg.model.num_classes and dataset.num_classes and cfg.model.num_classes < dataset.num_classes:
+        raise ConfigError(f"model.num_classes ({cfg.model.num_classes}) is smaller than the dataset's "
+                          f"{dataset.num_classes} classes")
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
+                            weight_decay=cfg.train.weight_decay)
+
+    start = 0
+    if resume:
+        found = latest_checkpoint(run_dir)
+        if found is not None:
+            ckpt_path, ckpt = found
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["optimizer"])
+            start = ckpt["step"]
+            if main:
+                print(f"resuming {run_dir} from {ckpt_path.name} (step {start})")
+    model, opt = accelerator.prepare(model, opt)
+    ema.to(device)
+    raw_model = accelerator.unwrap_model(model)
+
+    log_path = run_dir / "log.csv"
+    if main:
+        _trim_log(log_path, start)
+
+    sampler = StepBatchSampler(len(dataset), cfg.train.batch_size, start, cfg.train.steps, cfg.train.seed,
+                               accelerator.process_index, accelerator.num_processes)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                                         pin_memory=device.type == "cuda")
+    if main and start == 0:
+        print(f"run {run_dir}: {count_parameters(raw_model) / 1e6:.2f}M parameters, {len(dataset)} examples, "
+              f"{cfg.train.steps} steps on {device} x{accelerator.num_processes}")
+
+    bar = tqdm(total=cfg.train.steps, initial=start, desc="training", disable=not (progress and main),
+               dynamic_ncols=True)
+    losses, t0, t_last, step = [], time.time(), time.time(), start
+    grad_norm = torch.tensor(0.0)
+    with _StopFlag() as stop, open(log_path, "a", newline="") if main else _Null() as logf:
+        writer = csv.writer(logf) if main else None
+        if main and start == 0:
+            writer.writerow(LOG_FIELDS)
+        model.train()
+        for step, (x0, y) in enumerate(loader, start=start):
+            # everything random in this step follows from (seed, step, rank): exact resume
+            seed = (cfg.train.seed * 1_000_003 + step) * 4099 + accelerator.process_index
+            torch.manual_seed(seed)
+            gen = torch.Generator(device=device).manual_seed(seed)
+            x0 = x0.to(device, non_blocking=True)
+            y = y.to(device) if cfg.model.num_classes else None
+            t = sample_timesteps(x0.shape[0], schedule.num_timesteps, device=device, generator=gen)
+            noise = torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype)
+            lr = learning_rate(cfg, step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with accelerator.autocast():
+                loss = diffusion_loss(model, schedule, x0, t=t, noise=noise, y=y,
+                                      prediction=cfg.diffusion.prediction, loss=cfg.diffusion.loss)
+            if fault_hook is not None:
+                loss = fault_hook(step, loss)
+            accelerator.backward(loss)
+            if cfg.train.grad_clip > 0:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            done = step + 1
+            if done % cfg.train.ema_every == 0:
+                ema_update(ema, raw_model, 0.0 if done <= cfg.train.ema_start else cfg.train.ema_decay)
+            losses.append(loss.detach())
+            bar.update(1)
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                mean_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
+                now = time.time()
+                rate = len(losses) / max(now - t_last, 1e-9)
+                losses, t_last = [], now
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+                if main:
+                    writer.writerow([done, f"{mean_loss:.6f}", f"{lr:.6g}", f"{float(grad_norm):.4f}",
+                                     f"{rate:.3f}", f"{now - t0:.1f}"])
+                    logf.flush()
+            if cfg.train.sample_every and done % cfg.train.sample_every == 0 and main and done < cfg.train.steps:
+                _write_samples(cfg, ema, schedule, dataset, run_dir, f"step_{done:07d}", device)
+            stopping = stop.signal is not None
+            if done % cfg.train.save_every == 0 or done == cfg.train.steps or stopping:
+                _save(accelerator, run_dir, done, raw_model, ema, opt)
+            if stopping:
+                bar.close()
+                if main:
+                    print(f"received {stop.signal}: saved checkpoint at step {done}; "
+                          f"continue with `ddpm train --resume {run_dir}`")
+                return run_dir
+    bar.close()
+    if main:
+        path = _write_samples(cfg, ema, schedule, dataset, run_dir, "final", device)
+        print(f"done: {cfg.train.steps} steps in {time.time() - t0:.0f} s; samples (EMA) -> {path}")
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def _save(accelerator, run_dir, step, model, ema, opt) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_checkpoint(run_dir, step, model.state_dict(), ema.state_dict(), opt.state_dict())
+    accelerator.wait_for_everyone()
+
+
+def _trim_log(log_path: Path, step: int) -> None:
+    """Drop log rows written after the checkpoint we resume from (a crash may leave them)."""
+    if not log_path.exists() or step == 0:
+        if step == 0 and log_path.exists():
+            log_path.unlink()
+        return
+    rows = list(csv.reader(log_path.open()))
+    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
+    with log_path.open("w", newline="") as f:
+        csv.writer(f).writerows(kept)
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,198 @@
+"""Denoiser networks: paper size, shapes, conditioning, config errors, equivalence with diffusers."""
+
+import pytest
+import torch
+
+from ddpmlab.config import Config
+from ddpmlab.errors import ConfigError
+from ddpmlab.models import MLPDenoiser, UNet, build_model, count_parameters
+
+TINY = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
+            dropout=0.0, norm_groups=8, image_size=(16, 16))
+CIFAR10_DIFFUSERS_PARAMS = 35_746_307  # google/ddpm-cifar10-32 UNet2DModel
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread (and intra-op threads thrash when other processes share the CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _perturb(model, seed=0, scale=0.05):
+    """Replace every parameter with random values (undoes the zero-initialised output layers)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_norm_scale = name.endswith("weight") and p.dim() == 1 and "norm" in name
+            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if is_norm_scale else 0.0))
+    return model
+
+
+def _diffusers_unet(**kw):
+    diffusers = pytest.importorskip("diffusers")
+    base = dict(norm_eps=1e-6, downsample_padding=0, freq_shift=1, flip_sin_to_cos=False, act_fn="silu",
+                time_embedding_type="positional", mid_block_scale_factor=1, attention_head_dim=None)
+    return diffusers.UNet2DModel(**{**base, **kw})
+
+
+def test_cifar10_config_has_35_7M_parameters_equal_to_diffusers():
+    n = count_parameters(UNet())  # defaults = the paper's CIFAR-10 model
+    assert abs(n - 35.7e6) < 0.1e6
+    assert n == CIFAR10_DIFFUSERS_PARAMS
+    ref = _diffusers_unet(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+                          down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                          layers_per_block=2, norm_num_groups=32)
+    assert n == count_parameters(ref)
+
+
+def _to_diffusers_state_dict(model: UNet) -> dict:
+    """Rename our weights to UNet2DModel's (the attribute structure mirrors diffusers' blocks)."""
+    out = {}
+    for key, value in model.state_dict().items():
+        k = (key.replace("time_embed.0.", "time_embedding.linear_1.").replace("time_embed.2.", "time_embedding.linear_2.")
+             .replace("class_embed.", "class_embedding.").replace("norm_out.", "conv_norm_out.")
+             .replace("mid.res1.", "mid_block.resnets.0.").replace("mid.res2.", "mid_block.resnets.1.")
+             .replace("mid.attn.", "mid_block.attentions.0.").replace(".res.", ".resnets.").replace(".attn.", ".attentions.")
+             .replace("down.", "down_blocks.").replace("up.", "up_blocks.")
+             .replace(".downsample.", ".downsamplers.0.").replace(".upsample.", ".upsamplers.0.")
+             .replace(".temb_proj.", ".time_emb_proj.").replace(".shortcut.", ".conv_shortcut.")
+             .replace(".proj_out.", ".to_out.0."))
+        if "attentions" in k:
+            k = k.replace(".norm.", ".group_norm.")
+        if ".qkv." in k:
+            for name, part in zip(("to_q", "to_k", "to_v"), value.chunk(3, dim=0)):
+                out[k.replace("qkv", name)] = part
+        else:
+            out[k] = value
+    return out
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_forward_equals_diffusers_unet2dmodel_with_mapped_weights(heads):
+    torch.manual_seed(0)
+    mults = (1, 2) if heads == 1 else (1, 1)  # diffusers fixes the head width: equal widths for 2 heads
+    ours = UNet(in_channels=3, base_channels=16, channel_mults=mults, num_res_blocks=1, attention_resolutions=(16,),
+                dropout=0.0, num_heads=heads, norm_groups=8, num_classes=3, image_size=(16, 16)).eval()
+    _perturb(ours)
+    ref = _diffusers_unet(sample_size=16, in_channels=3, out_channels=3, block_out_channels=tuple(16 * m for m in mults),
+                          down_block_types=("AttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "AttnUpBlock2D"),
+                          layers_per_block=1, norm_num_groups=8, num_class_embeds=4,
+                          attention_head_dim=None if heads == 1 else 8).eval()
+    ref.load_state_dict(_to_diffusers_state_dict(ours), strict=True)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([0, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t, y), ref(x, t, class_labels=y).sample, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_output_shape_matches_input_for_1_3_4_channels(channels):
+    model = UNet(in_channels=channels, **TINY)
+    out = model(torch.randn(2, channels, 16, 16), torch.tensor([1, 500]))
+    assert out.shape == (2, channels, 16, 16)
+
+
+def test_output_shape_for_non_square_input_and_out_channels():
+    model = UNet(in_channels=3, out_channels=6, **{**TINY, "image_size": (16, 24)})
+    assert model(torch.randn(2, 3, 16, 24), 10).shape == (2, 6, 16, 24)
+
+
+def test_mnist_shape_with_three_levels():
+    model = UNet(in_channels=1, base_channels=8, channel_mults=(1, 2, 2), num_res_blocks=1,
+                 attention_resolutions=(14,), norm_groups=4, image_size=(28, 28))
+    assert model(torch.randn(1, 1, 28, 28), torch.tensor([0.5])).shape == (1, 1, 28, 28)
+
+
+def test_wrong_input_shape_raises_value_error():
+    model = UNet(in_channels=3, **TINY)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model(torch.randn(2, 1, 16, 16), 0)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        model(torch.randn(2, 3, 15, 16), 0)
+    with pytest.raises(ValueError, match="t must be"):
+        model(torch.randn(2, 3, 16, 16), torch.zeros(3))
+
+
+def test_new_model_predicts_zero_because_output_layer_is_zero_initialised():
+    model = UNet(in_channels=3, **TINY)
+    assert torch.count_nonzero(model(torch.randn(2, 3, 16, 16), 5)) == 0
+    assert torch.count_nonzero(MLPDenoiser(hidden=32, num_layers=2)(torch.randn(4, 2), 5)) == 0
+
+
+def test_time_embedding_changes_the_output_including_fractional_t():
+    torch.manual_seed(0)
+    model = _perturb(UNet(in_channels=3, **TINY)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        a, b, c = model(x, 10), model(x, 500), model(x, 10.5)
+    assert not torch.allclose(a, b, atol=1e-4)
+    assert not torch.allclose(a, c, atol=1e-6)
+
+
+def test_class_embedding_changes_the_output_and_none_means_unconditional():
+    torch.manual_seed(0)
+    model = _perturb(UNet(in_channels=3, num_classes=10, **TINY)).eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([100, 100])
+    with torch.no_grad():
+        a, b = model(x, t, torch.tensor([0, 0])), model(x, t, torch.tensor([1, 1]))
+        uncond, null = model(x, t), model(x, t, torch.tensor([10, 10]))
+    assert not torch.allclose(a, b, atol=1e-4)
+    torch.testing.assert_close(uncond, null)
+    with pytest.raises(ValueError, match="num_classes"):
+        UNet(in_channels=3, **TINY)(x, t, torch.tensor([0, 1]))
+
+
+def test_bad_norm_groups_raises_config_error_naming_the_key():
+    with pytest.raises(ConfigError, match=r"model\.norm_groups.*48") as e:
+        UNet(base_channels=48, channel_mults=(1, 2), norm_groups=32, image_size=(16, 16))
+    assert "e.g. 24" in str(e.value)
+
+
+def test_bad_image_size_raises_config_error_naming_the_keys():
+    with pytest.raises(ConfigError, match=r"data\.image_size.*model\.channel_mults.*multiples of 8"):
+        UNet(base_channels=16, norm_groups=8, image_size=(28, 28))
+
+
+def test_build_model_rejects_mnist_with_four_levels_but_accepts_three():
+    cfg = Config()  # mnist with the paper's (1, 2, 2, 2)
+    with pytest.raises(ConfigError, match=r"data\.image_size=\[28, 28\]"):
+        build_model(cfg)
+    cfg.model.base_channels, cfg.model.channel_mults, cfg.model.norm_groups = 8, [1, 2, 2], 4
+    model = build_model(cfg, out_channels_multiplier=2)
+    assert model.in_channels == 1 and model.out_channels == 2 and model.image_size == (28, 28)
+
+
+def test_build_model_mlp_for_toy_data():
+    cfg = Config()
+    cfg.data.dataset, cfg.model.kind, cfg.model.hidden, cfg.model.num_layers = "toy", "mlp", 32, 2
+    model = build_model(cfg)
+    assert isinstance(model, MLPDenoiser)
+    assert model(torch.randn(5, 2), torch.arange(5)).shape == (5, 2)
+
+
+def test_batch_elements_are_independent_in_eval_mode():
+    torch.manual_seed(0)
+    model = _perturb(UNet(in_channels=3, num_classes=4, **TINY)).eval()
+    x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([1, 400, 999]), torch.tensor([0, 4, 2])
+    with torch.no_grad():
+        batched = model(x, t, y)
+        single = torch.cat([model(x[i:i + 1], t[i:i + 1], y[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+
+
+def test_mlp_time_and_class_change_output_and_batch_independence():
+    torch.manual_seed(0)
+    model = _perturb(MLPDenoiser(hidden=32, num_layers=2, time_embed_dim=16, num_classes=3, out_dim=4)).eval()
+    x = torch.randn(3, 2)
+    with torch.no_grad():
+        out = model(x, torch.tensor([1, 2, 3]), torch.tensor([0, 1, 3]))
+        assert out.shape == (3, 4)
+        assert not torch.allclose(model(x, 1), model(x, 800), atol=1e-4)
+        assert not torch.allclose(model(x, 1, torch.zeros(3, dtype=torch.long)), model(x, 1), atol=1e-4)
+        single = torch.cat([model(x[i:i + 1], torch.tensor([i + 1]), torch.tensor([[0, 1, 3][i]])) for i in range(3)])
+    torch.testing.assert_close(out, single)
+    with pytest.raises(ValueError, match=r"\(B, 2\)"):
+        model(torch.randn(3, 3), 0)
