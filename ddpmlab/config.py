@@ -154,6 +154,11 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
         return int(value)
     if typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
         return float(value)

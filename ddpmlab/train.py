@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from .checkpoint import CONFIG_FILE, latest_checkpoint, load_run_config, require_run_dir, save_checkpoint
 from .config import Config, save_config
@@ -26,6 +25,7 @@ from .errors import ConfigError, DDPMError
 from .models import build_model, count_parameters
 from .objectives import diffusion_loss, sample_timesteps
 from .samplers.generate import generate
+from .progress import progress_bar
 from .schedules import NoiseSchedule
 from .viz import save_grid, save_scatter
 
@@ -225,8 +225,7 @@ def train(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, pro
         print(f"run {run_dir}: {count_parameters(raw_model) / 1e6:.2f}M parameters, {len(dataset)} examples, "
               f"{cfg.train.steps} steps on {device} x{accelerator.num_processes}")
 
-    bar = tqdm(total=cfg.train.steps, initial=start, desc="training", disable=not (progress and main),
-               dynamic_ncols=True)
+    bar = progress_bar(progress and main, total=cfg.train.steps, initial=start, desc="training")
     losses, t0, t_last, step = [], time.time(), time.time(), start
     grad_norm = torch.tensor(0.0)
     with _StopFlag() as stop, open(log_path, "a", newline="") if main else _Null() as logf:

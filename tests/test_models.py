@@ -196,3 +196,11 @@ def test_mlp_time_and_class_change_output_and_batch_independence():
     torch.testing.assert_close(out, single)
     with pytest.raises(ValueError, match=r"\(B, 2\)"):
         model(torch.randn(3, 3), 0)
+
+
+def test_bundled_cifar10_yaml_builds_the_papers_35_7M_model():
+    from ddpmlab.config import load_config
+    from ddpmlab.models import build_model
+
+    n = count_parameters(build_model(load_config("cifar10")))
+    assert n == CIFAR10_DIFFUSERS_PARAMS and abs(n - 35.7e6) < 0.1e6

@@ -5,24 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import Config
+from ..data import data_shape
 from .mlp import MLPDenoiser
 from .unet import UNet, timestep_embedding
 
-__all__ = ["UNet", "MLPDenoiser", "build_model", "count_parameters", "timestep_embedding",
-           "data_channels", "data_image_size"]
-
-# bundled datasets with a fixed shape: (channels, (H, W))
-_FIXED_SHAPES = {"mnist": (1, (28, 28)), "digits": (1, (8, 8))}
-
-
-def data_channels(cfg: Config) -> int:
-    """Image channels of the configured dataset (1 for mnist/digits, else data.channels)."""
-    return _FIXED_SHAPES.get(cfg.data.dataset, (cfg.data.channels, None))[0]
-
-
-def data_image_size(cfg: Config) -> tuple:
-    """(H, W) of the configured dataset's images ((28, 28) mnist, (8, 8) digits, else data.image_size)."""
-    return tuple(_FIXED_SHAPES.get(cfg.data.dataset, (None, cfg.data.image_size))[1])
+__all__ = ["UNet", "MLPDenoiser", "build_model", "count_parameters", "timestep_embedding"]
 
 
 def build_model(cfg: Config, out_channels_multiplier: int = 1) -> nn.Module:
@@ -35,7 +22,7 @@ def build_model(cfg: Config, out_channels_multiplier: int = 1) -> nn.Module:
     if m.kind == "mlp":
         return MLPDenoiser(dim=2, hidden=m.hidden, num_layers=m.num_layers, time_embed_dim=m.time_embed_dim,
                            num_classes=m.num_classes, out_dim=2 * out_channels_multiplier)
-    channels = data_channels(cfg)
+    channels, height, width = data_shape(cfg)
     return UNet(
         in_channels=channels,
         out_channels=channels * out_channels_multiplier,
@@ -47,7 +34,7 @@ def build_model(cfg: Config, out_channels_multiplier: int = 1) -> nn.Module:
         num_heads=m.num_heads,
         norm_groups=m.norm_groups,
         num_classes=m.num_classes,
-        image_size=data_image_size(cfg),
+        image_size=(height, width),
     )
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from ..schedules import NoiseSchedule
 from .base import ModelPredictor
 from . import get_sampler
@@ -29,8 +29,7 @@ def generate(model, schedule: NoiseSchedule, shape: Sequence[int], n: int, *, sa
     model.eval()
     out = []
     n_batches = (n + batch_size - 1) // batch_size
-    bar = tqdm(total=n_batches * steps, desc=f"sampling ({sampler}, {steps} steps)", disable=not progress,
-               leave=False)
+    bar = progress_bar(progress, total=n_batches * steps, desc=f"sampling ({sampler}, {steps} steps)", leave=False)
     try:
         for b in range(n_batches):
             m = min(batch_size, n - b * batch_size)

@@ -1,0 +1,110 @@
+"""The command line: help texts, and bad input answered with one line that names the culprit."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ddpmlab.cli import main
+
+TINY = ["train.steps=4", "train.batch_size=8", "model.base_channels=8", "model.norm_groups=4",
+        "model.channel_mults=[1,2]", "model.attention_resolutions=[]", "train.sample_n=4",
+        "train.sample_steps=2", "train.log_every=2"]
+
+
+def _err(capsys, argv):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+def test_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "train" in out and "sample" in out
+    for sub in ("train", "sample"):
+        with pytest.raises(SystemExit):
+            main([sub, "--help"])
+        assert "usage: ddpm " + sub in capsys.readouterr().out
+
+
+def test_missing_data_folder(capsys, tmp_path):
+    rc, err = _err(capsys, ["train", "data.dataset=folder", f"data.path={tmp_path / 'nope'}",
+                            f"train.out_dir={tmp_path / 'runs'}", *TINY])
+    assert rc == 2 and "nope" in err and "does not exist" in err and len(err.splitlines()) == 1
+
+
+def test_folder_without_images(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("hello")
+    rc, err = _err(capsys, ["train", "data.dataset=folder", f"data.path={tmp_path / 'empty'}",
+                            f"train.out_dir={tmp_path / 'runs'}", *TINY])
+    assert rc == 2 and "empty" in err and "no image" in err.lower() and len(err.splitlines()) == 1
+
+
+def test_unknown_config_key(capsys):
+    rc, err = _err(capsys, ["train", "model.chanel_mults=[1,2]"])
+    assert rc == 2 and "'model.chanel_mults'" in err and "did you mean 'model.channel_mults'" in err
+
+
+def test_resume_from_a_folder_that_is_not_a_run(capsys, tmp_path):
+    rc, err = _err(capsys, ["train", "--resume", str(tmp_path)])
+    assert rc == 2 and str(tmp_path) in err and "not a ddpmlab run" in err
+
+
+def test_sample_from_a_folder_that_is_not_a_run(capsys, tmp_path):
+    rc, err = _err(capsys, ["sample", str(tmp_path / "missing")])
+    assert rc == 2 and "does not exist" in err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    assert main(["train", "--config", "mnist", "data.dataset=digits", f"train.out_dir={root}", "train.name=r",
+                 "--no-progress", *TINY]) == 0
+    return root / "r"
+
+
+def test_sample_with_an_unknown_sampler(capsys, tiny_run):
+    rc, err = _err(capsys, ["sample", str(tiny_run), "--sampler", "ddmp"])
+    assert rc == 2 and "unknown sampler 'ddmp'" in err and "ddpm" in err
+
+
+def test_sample_steps_out_of_range(capsys, tiny_run):
+    rc, err = _err(capsys, ["sample", str(tiny_run), "--steps", "0"])
+    assert rc == 2 and "--steps must be between 1 and 1000" in err
+
+
+def test_existing_run_is_never_overwritten(capsys, tiny_run):
+    before = {p: p.stat().st_mtime_ns for p in tiny_run.rglob("*")}
+    rc, err = _err(capsys, ["train", "--config", "mnist", "data.dataset=digits",
+                            f"train.out_dir={tiny_run.parent}", "train.name=r", *TINY])
+    assert rc == 2 and "already exists" in err and "--resume" in err
+    assert before == {p: p.stat().st_mtime_ns for p in tiny_run.rglob("*")}
+
+
+def test_resume_refuses_an_architecture_change(capsys, tiny_run):
+    rc, err = _err(capsys, ["train", "--resume", str(tiny_run), "model.base_channels=16"])
+    assert rc == 2 and "cannot change model.base_channels" in err
+
+
+def test_sample_writes_a_grid_and_npz(tiny_run, tmp_path):
+    import numpy as np
+
+    out = tmp_path / "grid.png"
+    assert main(["sample", str(tiny_run), "--n", "6", "--steps", "3", "--out", str(out), "--npz"]) == 0
+    assert Image.open(out).size[0] > 8
+    samples = np.load(out.with_suffix(".npz"))["samples"]
+    assert samples.shape == (6, 1, 8, 8) and np.abs(samples).max() <= 1.0
+
+
+def test_errors_reach_the_shell_as_one_line_without_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.run([sys.executable, "-m", "ddpmlab", "train", "--resume", str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
