@@ -265,7 +265,7 @@ def train(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, pro
                 now = time.time()
                 rate = len(losses) / max(now - t_last, 1e-9)
                 losses, t_last = [], now
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
                 if main:
                     writer.writerow([done, f"{mean_loss:.6f}", f"{lr:.6g}", f"{float(grad_norm):.4f}",
                                      f"{rate:.3f}", f"{now - t0:.1f}"])
