@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .schedules import NoiseSchedule
+from .schedules import NoiseSchedule, abar_of_t
 
 
 class GaussianMixture:
@@ -76,10 +76,13 @@ class GaussianMixture:
         abar = torch.as_tensor(abar, dtype=torch.float64, device=x.device).reshape(-1, 1)
         means, stds, w = (self.means.to(x.device), self.stds.to(x.device), self.weights.to(x.device))
         var = abar * stds[None] ** 2 + (1 - abar)  # (N, K)
-        diff = x64[:, None, :] - abar.sqrt()[..., None] * means[None]  # (N, K, D)
-        logn = -0.5 * (diff.pow(2).sum(-1) / var + self.dim * torch.log(var)) + w.log()[None]
-        resp = torch.softmax(logn, dim=1)  # posterior over components
-        return -(resp[..., None] * diff / var[..., None]).sum(1)
+        a = abar.sqrt()
+        # |x - a mu_k|^2 expanded, so that no (N, K, D) tensor is formed
+        dist2 = (x64.pow(2).sum(1, keepdim=True) - 2 * a * (x64 @ means.T) + abar * means.pow(2).sum(1)[None])
+        logn = -0.5 * (dist2.clamp_min(0) / var + self.dim * torch.log(var)) + w.log()[None]
+        r = torch.softmax(logn, dim=1) / var  # posterior over components / its variance, (N, K)
+        # -sum_k resp_k (x - a mu_k) / var_k
+        return -(r.sum(1, keepdim=True) * x64 - a * (r @ means))
 
 
 class ExactDenoiser(torch.nn.Module):
@@ -95,8 +98,93 @@ class ExactDenoiser(torch.nn.Module):
         self.schedule = schedule
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y=None) -> torch.Tensor:
-        t = torch.as_tensor(t, dtype=torch.long).reshape(-1).expand(x_t.shape[0]).cpu()
-        abar = self.schedule.alphas_cumprod[t].to(x_t.device)
+        t = torch.as_tensor(t).reshape(-1).expand(x_t.shape[0]).cpu()
+        # fractional t (continuous-time solvers): abar by log-sigma interpolation, as ModelPredictor
+        abar = abar_of_t(self.schedule, t) if t.is_floating_point() else self.schedule.alphas_cumprod[t.long()]
+        abar = abar.to(x_t.device)
         flat = x_t.reshape(x_t.shape[0], -1)
         eps = -(1 - abar)[:, None].sqrt() * self.mixture.score(flat, abar)
         return eps.to(x_t.dtype).reshape(x_t.shape)
+
+
+class Gaussian:
+    """One Gaussian N(mean, cov) in ``dim`` dimensions with a full covariance (float64).
+
+    Its noised marginal is q(x_t) = N(sqrt(abar) mu, abar Sigma + (1 - abar) I), so score and
+    eps* are exact; conditionals of some coordinates given the others are closed-form too
+    (the ground truth for inpainting).  Duck-types the :class:`GaussianMixture` interface
+    (``dim``, ``mean``, ``covariance``, ``sample``, ``score``) so :class:`ExactDenoiser` takes it.
+    """
+
+    def __init__(self, mean, cov):
+        self.mu = torch.as_tensor(mean, dtype=torch.float64).reshape(-1)
+        self.cov = torch.as_tensor(cov, dtype=torch.float64)
+        if self.cov.shape != (self.dim, self.dim):
+            raise ValueError(f"cov must be ({self.dim}, {self.dim}), got {tuple(self.cov.shape)}")
+        self.eigvals, self.eigvecs = torch.linalg.eigh(self.cov)  # Sigma = U diag(l) U^T
+        if self.eigvals.min() <= 0:
+            raise ValueError("cov must be positive definite")
+
+    @property
+    def dim(self) -> int:
+        return self.mu.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return self.mu.clone()
+
+    def covariance(self) -> torch.Tensor:
+        return self.cov.clone()
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        z = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
+        return self.mu + (z * self.eigvals.sqrt()) @ self.eigvecs.T
+
+    def score(self, x: torch.Tensor, abar) -> torch.Tensor:
+        """grad log q(x_t) = -(abar Sigma + (1 - abar) I)^-1 (x - sqrt(abar) mu); x: (N, D), abar: (N,) or scalar."""
+        dev = x.device
+        abar = torch.as_tensor(abar, dtype=torch.float64, device=dev).reshape(-1, 1)
+        u, lam = self.eigvecs.to(dev), self.eigvals.to(dev)
+        diff = x.to(torch.float64) - abar.sqrt() * self.mu.to(dev)
+        return -((diff @ u) / (abar * lam + 1 - abar)) @ u.T
+
+    def conditional(self, known: torch.Tensor, values: torch.Tensor):
+        """Mean (D_u,) and covariance (D_u, D_u) of the unknown coordinates given x[known] = values.
+
+        known: (D,) bool; values: (D_k,).  The Schur complement of the Gaussian.
+        """
+        k, u = known, ~known
+        s_uk = self.cov[u][:, k]
+        gain = s_uk @ torch.linalg.inv(self.cov[k][:, k])
+        mean = self.mu[u] + gain @ (values.to(torch.float64) - self.mu[k])
+        return mean, self.cov[u][:, u] - gain @ s_uk.T
+
+
+class ClassConditionalDenoiser(torch.nn.Module):
+    """Exact eps* of a :class:`GaussianMixture` whose components are the classes.
+
+    ``y = k`` gives the noise predictor of component k alone, ``y = K`` (the "no label" index,
+    as in the UNet/MLP) or ``y=None`` that of the whole mixture: the two models classifier-free
+    guidance combines.  x_t: (B, D), t: (B,) or scalar, y: (B,) -> (B, D).
+    """
+
+    def __init__(self, mixture: GaussianMixture, schedule: NoiseSchedule):
+        super().__init__()
+        self.mixture = mixture
+        self.schedule = schedule
+        self.num_classes = mixture.means.shape[0]
+        self.unconditional = ExactDenoiser(mixture, schedule)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        eps = self.unconditional(x_t, t)
+        if y is None:
+            return eps
+        t = torch.as_tensor(t).reshape(-1).expand(x_t.shape[0]).cpu()
+        abar = abar_of_t(self.schedule, t) if t.is_floating_point() else self.schedule.alphas_cumprod[t.long()]
+        abar = abar.to(x_t.device)[:, None]
+        y = torch.as_tensor(y, device=x_t.device).long()
+        has = y < self.num_classes
+        k = y.clamp(max=self.num_classes - 1)
+        mu, s2 = self.mixture.means.to(x_t.device)[k], self.mixture.stds.to(x_t.device)[k, None] ** 2
+        # component k alone: eps* = sqrt(1 - abar) (x_t - sqrt(abar) mu_k) / (abar s_k^2 + 1 - abar)
+        eps_k = (1 - abar).sqrt() * (x_t.to(torch.float64) - abar.sqrt() * mu) / (abar * s2 + 1 - abar)
+        return torch.where(has[:, None], eps_k.to(x_t.dtype), eps)

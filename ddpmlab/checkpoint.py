@@ -106,16 +106,19 @@ def unflatten_optimizer_state(tensors: Dict[str, torch.Tensor], meta: dict) -> d
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(run_dir: Path, step: int, model_sd: dict, ema_sd: dict, opt_sd: dict,
-                    extra: Optional[dict] = None, keep: int = 3) -> Path:
-    """Atomically write checkpoint ``step`` and point ``latest`` at it; keep the newest ``keep``."""
-    root = Path(run_dir) / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:07d}"
-    final = root / name
-    tmp = root / f".{name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+class CheckpointError(DDPMError):
+    """A checkpoint could not be written (disk full, file-size limit, permissions)."""
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Delete temporary files and folders a crash mid-save left behind (the run lock is ours)."""
+    for p in root.iterdir():
+        if p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.endswith(".old")):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _write_checkpoint_files(tmp: Path, step: int, model_sd: dict, ema_sd: dict, opt_sd: dict,
+                            extra: Optional[dict]) -> None:
     tmp.mkdir()
     save_file(_contiguous(model_sd), str(tmp / "model.safetensors"))
     save_file(_contiguous(ema_sd), str(tmp / "ema.safetensors"))
@@ -123,17 +126,57 @@ def save_checkpoint(run_dir: Path, step: int, model_sd: dict, ema_sd: dict, opt_
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     state = {"step": step, "optimizer": opt_meta, **(extra or {})}
     (tmp / "state.json").write_text(json.dumps(state))
-    for f in tmp.iterdir():
+    for f in tmp.iterdir():  # flushed to disk before the rename makes the checkpoint visible
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    atomic_write_text(root / "latest", name)
-    old = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
-    for p in old[:-keep] if keep > 0 else []:
-        shutil.rmtree(p, ignore_errors=True)
+    _fsync_dir(tmp)
+
+
+def _io_reason(e: Exception) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}{f': {e.filename}' if e.filename else ''}"
+    text = " ".join(str(e).split())
+    return text.split("I/O error: ", 1)[-1] or type(e).__name__
+
+
+def save_checkpoint(run_dir: Path, step: int, model_sd: dict, ema_sd: dict, opt_sd: dict,
+                    extra: Optional[dict] = None, keep: int = 3) -> Path:
+    """Atomically write checkpoint ``step`` and point ``latest`` at it; keep the newest ``keep``.
+
+    The files go to ``checkpoints/.step_N.tmp/``, are fsynced, and the folder is renamed to
+    ``step_N``: a crash or a full disk mid-save leaves every earlier checkpoint as it was,
+    and a failed write raises :class:`CheckpointError` saying which checkpoint is intact.
+    """
+    from safetensors import SafetensorError
+
+    root = Path(run_dir) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:07d}"
+    final, tmp, old = root / name, root / f".{name}.tmp", root / f".{name}.old"
+    _remove_leftovers(root)
+    try:
+        _write_checkpoint_files(tmp, step, model_sd, ema_sd, opt_sd, extra)
+        if final.exists():  # re-saving a step (e.g. after resuming past a damaged checkpoint)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        atomic_write_text(root / "latest", name)
+    except (OSError, SafetensorError) as e:
+        _remove_leftovers(root)
+        prev = [p.name for p in list_checkpoints(run_dir) if p.name != name]
+        kept = f"the previous checkpoint {prev[0]} is intact" if prev else "no earlier checkpoint exists"
+        raise CheckpointError(
+            f"could not write checkpoint {name} to '{root}' ({_io_reason(e)}); {kept}. Free disk space "
+            f"(or raise the file-size limit) and continue with `ddpm train --resume {run_dir}`"
+        ) from None
+    shutil.rmtree(old, ignore_errors=True)
+    # keep this one and the keep-1 before it; newer ones are leftovers resume skipped as damaged
+    older = [p for p in list_checkpoints(run_dir) if p.name < name]  # newest first
+    stale = [p for p in list_checkpoints(run_dir) if p.name > name]
+    for p in stale + older[max(keep, 1) - 1:]:
+        trash = root / f".{p.name}.old"
+        os.replace(p, trash)  # out of sight first: a crash mid-delete never leaves a half checkpoint
+        shutil.rmtree(trash, ignore_errors=True)
     return final
 
 
@@ -157,16 +200,26 @@ def load_checkpoint(ckpt: Path) -> dict:
     }
 
 
+def find_checkpoint(run_dir) -> Tuple[Optional[Path], Optional[dict], list]:
+    """``(path, checkpoint, skipped)``: the newest loadable checkpoint of a run (or None, None)
+    and the newer ones that could not be loaded, as ``[(path, reason), ...]``."""
+    skipped = []
+    for ckpt in list_checkpoints(run_dir):
+        try:
+            return ckpt, load_checkpoint(ckpt), skipped
+        except Exception as e:  # noqa: BLE001 - damaged in any way: fall back to the previous one
+            skipped.append((ckpt, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"))
+    return None, None, skipped
+
+
 def latest_checkpoint(run_dir) -> Optional[Tuple[Path, dict]]:
     """The newest loadable checkpoint of a run, skipping (and reporting) damaged ones."""
     import warnings
 
-    for ckpt in list_checkpoints(run_dir):
-        try:
-            return ckpt, load_checkpoint(ckpt)
-        except Exception as e:  # damaged: fall back to the previous one
-            warnings.warn(f"checkpoint {ckpt} is damaged ({type(e).__name__}: {e}); trying an older one")
-    return None
+    path, ckpt, skipped = find_checkpoint(run_dir)
+    for bad, reason in skipped:
+        warnings.warn(f"checkpoint {bad} is damaged ({reason}); trying an older one")
+    return None if path is None else (path, ckpt)
 
 
 def load_weights(run_dir, which: str = "ema") -> Dict[str, torch.Tensor]:
@@ -178,11 +231,45 @@ def load_weights(run_dir, which: str = "ema") -> Dict[str, torch.Tensor]:
     return found[1][which]
 
 
-def load_model(run_dir, which: str = "ema", device="cpu"):
-    """(config, model in eval mode) of a trained run, with its ``which`` weights."""
+def load_model(run_dir, which: str = "ema", device="cpu", weights_file=None):
+    """(config, model in eval mode) of a trained run, with its ``which`` weights.
+
+    ``weights_file``: load these weights instead (safetensors, or a PyTorch state dict read
+    with ``torch.load(weights_only=True)``; see :func:`ddpmlab.safety.load_state_dict_file`).
+    """
     from .models import build_model
+    from .safety import load_state_dict_file
 
     cfg = load_run_config(run_dir)
     model = build_model(cfg)
-    model.load_state_dict(load_weights(run_dir, which))
+    if weights_file is None:
+        model.load_state_dict(load_weights(run_dir, which))
+    else:
+        state = load_state_dict_file(weights_file)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise DDPMError(f"weights file '{weights_file}' does not fit the model of run '{run_dir}' "
+                            f"({' '.join(str(e).split())[:300]})") from None
     return cfg, model.to(device).eval()
+
+
+def restore_training_state(path: Path, ckpt: dict, model, ema, opt) -> None:
+    """Load a checkpoint's weights, EMA and optimizer state; DDPMError when they do not fit the model."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise DDPMError(
+            f"checkpoint {path} does not fit the model built from the run's {CONFIG_FILE} "
+            f"({' '.join(str(e).split())[:240]}); the architecture cannot change on resume, not even with "
+            "--force: start a new run instead"
+        ) from None
+
+
+def save_run_config(cfg: Config, run_dir) -> None:
+    """Write the resolved config of a run atomically (a crash never leaves half a config.yaml)."""
+    import yaml
+
+    atomic_write_text(Path(run_dir) / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -63,6 +63,13 @@ class DiffusionConfig:
     beta_end: float = 0.02
     prediction: str = "eps"  # eps | x0 | v
     loss: str = "l2"  # l2 | l1
+    # reverse variance sigma_t^2: beta_t (fixed_large), beta_tilde_t (fixed_small) or learned
+    # between the two (learned_range, Nichol & Dhariwal 2021; doubles the model's output)
+    variance: str = "fixed_large"
+    loss_type: str = "simple"  # simple (L_simple) | hybrid (L_simple + vlb_weight * L_vlb) | vlb
+    vlb_weight: float = 0.001  # lambda of the hybrid loss
+    min_snr_gamma: Optional[float] = None  # min-SNR-gamma weighting of L_simple (Hang et al. 2023), e.g. 5.0
+    t_sampling: str = "uniform"  # uniform | importance (importance: loss_type vlb only)
 
 
 @dataclass
@@ -79,7 +86,8 @@ class TrainConfig:
     ema_every: int = 1  # update the EMA every k steps
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    mixed_precision: str = "no"  # no | bf16 (CPU and CUDA) | fp16 (CUDA, with a loss scaler)
+    grad_accum_steps: int = 1  # split each process's share of train.batch_size into this many micro-batches
     log_every: int = 50
     sample_every: int = 0  # 0: only at the end
     save_every: int = 5000
@@ -88,6 +96,20 @@ class TrainConfig:
     sample_steps: int = 100
     out_dir: str = "runs"
     name: Optional[str] = None  # run-directory name; default: <dataset>-<timestamp>
+    # class-conditional models: P(label -> "no label") per example, so the same network also
+    # learns the unconditional model classifier-free guidance needs (Ho & Salimans 2022)
+    label_dropout: float = 0.1
+    keep_checkpoints: int = 3  # checkpoints kept in RUN/checkpoints (the newest K)
+    max_bad_steps: int = 20  # stop after this many steps in a row with a non-finite loss/gradient
+    # evaluation during training (ddpmlab.evaluate): every eval_every steps (0: never) the EMA
+    # model draws eval_n samples; metrics go to RUN/eval.csv and TensorBoard
+    eval_every: int = 0
+    eval_n: int = 500
+    eval_metrics: list = field(default_factory=list)  # empty: fid,kid,is,pr for images, swd,mmd for 2D
+    eval_sampler: str = "ddim"
+    eval_steps: int = 50
+    eval_inception_weights: Optional[str] = None  # FID Inception-v3 weights file; default: the MNIST classifier
+    tensorboard: bool = True  # event files in RUN/tensorboard (tensorboard --logdir runs)
 
 
 @dataclass
@@ -110,17 +132,22 @@ _CHOICES = {
     "diffusion.schedule": ("linear", "cosine", "sigmoid", "tanh", "quadratic"),
     "diffusion.prediction": ("eps", "x0", "v"),
     "diffusion.loss": ("l2", "l1"),
+    "diffusion.variance": ("fixed_large", "fixed_small", "learned_range"),
+    "diffusion.loss_type": ("simple", "hybrid", "vlb"),
+    "diffusion.t_sampling": ("uniform", "importance"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
 }
 _POSITIVE = (
     "data.toy_samples", "model.base_channels", "model.num_res_blocks", "model.num_heads",
     "model.norm_groups", "model.hidden", "model.num_layers", "model.time_embed_dim",
     "diffusion.num_timesteps", "train.steps", "train.batch_size", "train.ema_every",
-    "train.log_every", "train.sample_steps", "train.save_every",
+    "train.log_every", "train.sample_steps", "train.save_every", "train.keep_checkpoints", "train.max_bad_steps",
+    "train.grad_accum_steps", "train.eval_n", "train.eval_steps",
 )
 _NON_NEGATIVE = (
     "data.num_workers", "data.toy_noise", "model.dropout", "train.lr", "train.warmup_steps",
     "train.weight_decay", "train.grad_clip", "train.ema_start", "train.sample_every", "train.sample_n",
+    "train.eval_every",
 )
 
 
@@ -163,6 +190,8 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
         return float(value)
     if typ is str:
+        if value is False and "no" in _CHOICES.get(key, ()):  # YAML 1.1 reads a bare `no` as false
+            value = "no"
         if not isinstance(value, str):
             raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
         return value
@@ -245,7 +274,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             raise ConfigError(f"override '{item}' must look like key=value, e.g. train.steps=1000")
         key, text = item.split("=", 1)
         _apply(cfg, key.strip(), parse_value(text), "command line")
-    validate(cfg)
+    sources = ([str(resolve_config_path(path))] if path is not None else []) + (["command line"] if overrides else [])
+    validate(cfg, source=" + ".join(sources) or "config")
     return cfg
 
 
@@ -253,16 +283,18 @@ def config_from_dict(d: dict, source: str = "config") -> Config:
     cfg = Config()
     for key, value in _flatten(d, source).items():
         _apply(cfg, key, value, source)
-    validate(cfg)
+    validate(cfg, source=source)
     return cfg
 
 
 def validate(cfg: Config, source: str = "config") -> None:
     """Check choices, signs and cross-field constraints; raise ConfigError naming the key."""
     if cfg.version != CONFIG_VERSION:
+        made_by = "a newer ddpmlab; upgrade ddpmlab" if cfg.version > CONFIG_VERSION else \
+            "an older ddpmlab; rewrite it from a bundled config (ddpmlab/configs/*.yaml)"
         raise ConfigError(
-            f"{source}: config version {cfg.version} is not supported by this ddpmlab "
-            f"(expects version {CONFIG_VERSION})"
+            f"{source}: 'version': config version {cfg.version} is not supported by this ddpmlab (it reads "
+            f"version {CONFIG_VERSION}); the config was written by {made_by}"
         )
     flat = {f"{s}.{k}": v for s in ("data", "model", "diffusion", "train")
             for k, v in dataclasses.asdict(getattr(cfg, s)).items()}
@@ -290,6 +322,11 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: 'model.channel_mults' must be a list of positive integers")
     if m.num_classes is not None and m.num_classes <= 0:
         raise ConfigError(f"{source}: 'model.num_classes' must be a positive integer or null")
+    if m.num_classes and d.dataset == "toy":
+        raise ConfigError(f"{source}: 'model.num_classes' is set but 2D toy data has no labels; "
+                          "set model.num_classes=null or use labelled data (mnist, digits, class sub-folders)")
+    if not 0.0 <= t.label_dropout < 1.0:
+        raise ConfigError(f"{source}: 'train.label_dropout' must be in [0, 1), got {t.label_dropout}")
     if not 0.0 < diff.beta_start < diff.beta_end < 1.0:
         raise ConfigError(
             f"{source}: need 0 < diffusion.beta_start < diffusion.beta_end < 1, "
@@ -302,12 +339,41 @@ def validate(cfg: Config, source: str = "config") -> None:
             f"{source}: 'train.sample_steps' ({t.sample_steps}) exceeds diffusion.num_timesteps "
             f"({diff.num_timesteps})"
         )
-    if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
+    if t.eval_steps > diff.num_timesteps:
+        raise ConfigError(f"{source}: 'train.eval_steps' ({t.eval_steps}) exceeds diffusion.num_timesteps "
+                          f"({diff.num_timesteps})")
+    if any(not isinstance(a, int) or a <= 0 for a in m.attention_resolutions):
+        raise ConfigError(f"{source}: 'model.attention_resolutions' must be a list of positive integers "
+                          f"(feature-map heights), got {m.attention_resolutions}")
+    if len(t.adam_betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                         for b in t.adam_betas):
         raise ConfigError(f"{source}: 'train.adam_betas' must be two numbers in [0, 1)")
     if m.kind == "mlp" and d.dataset != "toy":
         raise ConfigError(f"{source}: model.kind 'mlp' is for 2D toy data; set data.dataset=toy or model.kind=unet")
     if m.kind == "unet" and d.dataset == "toy":
         raise ConfigError(f"{source}: 2D toy data needs model.kind=mlp (the UNet is for images)")
+    _validate_likelihood(diff, source)
+
+
+def _validate_likelihood(diff: DiffusionConfig, source: str) -> None:
+    """Cross-checks of the learned-variance / VLB keys (issue 6)."""
+    if diff.vlb_weight < 0:
+        raise ConfigError(f"{source}: 'diffusion.vlb_weight' must be >= 0, got {diff.vlb_weight}")
+    if diff.min_snr_gamma is not None and not diff.min_snr_gamma > 0:
+        raise ConfigError(f"{source}: 'diffusion.min_snr_gamma' must be > 0 or null, got {diff.min_snr_gamma}")
+    learned = diff.variance == "learned_range"
+    if learned and diff.loss_type == "simple":
+        raise ConfigError(f"{source}: diffusion.variance=learned_range needs diffusion.loss_type hybrid or vlb "
+                          "(L_simple gives the variance no gradient)")
+    if diff.loss_type == "hybrid" and not learned:
+        raise ConfigError(f"{source}: diffusion.loss_type=hybrid trains only a learned variance; set "
+                          "diffusion.variance=learned_range or use loss_type=simple")
+    if diff.t_sampling == "importance" and diff.loss_type != "vlb":
+        raise ConfigError(f"{source}: diffusion.t_sampling=importance is for loss_type=vlb "
+                          f"(got loss_type={diff.loss_type}); use t_sampling=uniform")
+    if diff.min_snr_gamma is not None and diff.loss_type == "vlb":
+        raise ConfigError(f"{source}: diffusion.min_snr_gamma weights L_simple, which loss_type=vlb does not use; "
+                          "set it to null")
 
 
 def save_config(cfg: Config, path: Path) -> None:

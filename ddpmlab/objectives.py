@@ -1,4 +1,10 @@
-"""Training objectives (Ho et al. 2020, Algorithm 1) for eps / x0 / v parameterisations."""
+"""Training objectives (Ho et al. 2020, Algorithm 1) for eps / x0 / v parameterisations.
+
+Besides L_simple: min-SNR-gamma weighting (Hang et al. 2023), the variational bound
+L_vlb and the hybrid loss L_simple + lambda L_vlb for models with a learned variance
+(Nichol & Dhariwal 2021, Sec. 3.1), and importance sampling of t (their Sec. 3.3).
+:class:`DiffusionObjective` bundles them as the trainer's one loss function.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,13 @@ from typing import Callable, Optional
 
 import torch
 
-from .process import q_sample, training_target
+from .likelihood import LN2, data_decoder, p_mean_log_variance, split_output, vlb_term
+from .process import eps_x0_from_output, q_sample, training_target
 from .schedules import NoiseSchedule
 
 LOSSES = ("l2", "l1")
+LOSS_TYPES = ("simple", "hybrid", "vlb")
+T_SAMPLING = ("uniform", "importance")
 
 
 def sample_timesteps(batch: int, T: int, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -41,3 +50,191 @@ def diffusion_loss(model: Callable, schedule: NoiseSchedule, x0: torch.Tensor, *
     out = model(x_t, t, y)
     target = training_target(schedule, x0, t, noise, prediction)
     return per_example_loss(out.float(), target.float(), loss).mean()
+
+
+def min_snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float, prediction: str = "eps") -> torch.Tensor:
+    """Per-example weight (B,) of min-SNR-gamma (Hang et al. 2023, Eq. 10), float32.
+
+    The loss in x0 terms is weighted by min(SNR_t, gamma); an eps target already carries
+    SNR_t (||eps - eps_hat||^2 = SNR_t ||x0 - x0_hat||^2) and a v target SNR_t + 1, so
+    those are divided out.
+    """
+    snr = torch.exp(schedule.log_snr.to(t.device)[t])
+    w = torch.clamp(snr, max=gamma)
+    if prediction == "eps":
+        w = w / snr
+    elif prediction == "v":
+        w = w / (snr + 1.0)
+    elif prediction != "x0":
+        raise ValueError(f"unknown prediction type '{prediction}'")
+    return w.float()
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (autocast may hand over bf16/fp16; float64 stays)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+class UniformTimesteps:
+    """t ~ Uniform({0, ..., T-1}) (Algorithm 1, line 3); every weight is 1."""
+
+    kind = "uniform"
+
+    def __init__(self, T: int):
+        self.T = T
+
+    def sample(self, batch: int, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return sample_timesteps(batch, self.T, device=device, generator=generator)
+
+    def weights(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.ones(t.shape, device=t.device)
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        pass
+
+
+class ImportanceTimesteps(UniformTimesteps):
+    """Importance sampling of t for L_vlb (Nichol & Dhariwal 2021, Sec. 3.3, Eq. 18).
+
+    p_t is proportional to sqrt(E[L_t^2]) over the last ``history`` values of each term;
+    t is uniform until every term has that many.  A share ``uniform_prob`` of uniform
+    keeps every p_t > 0.  The weights 1 / (T p_t) make E_{t~p}[w_t L_t] = mean_t L_t.
+    The history is part of the checkpoint (``state_dict``), so a resumed run draws the
+    same t as one that never stopped.
+    """
+
+    kind = "importance"
+
+    def __init__(self, T: int, history: int = 10, uniform_prob: float = 1e-3):
+        super().__init__(T)
+        self.uniform_prob = uniform_prob
+        self.history = torch.zeros(T, history, dtype=torch.float64)
+        self.count = torch.zeros(T, dtype=torch.long)
+
+    def warm(self) -> bool:
+        return bool((self.count >= self.history.shape[1]).all())
+
+    def probs(self) -> torch.Tensor:
+        """p_t (T,) float64."""
+        if not self.warm():
+            return torch.full((self.T,), 1.0 / self.T, dtype=torch.float64)
+        p = self.history.pow(2).mean(1).sqrt()  # Eq. 18: p_t ~ sqrt(E[L_t^2])
+        p = p / p.sum()
+        return (1 - self.uniform_prob) * p + self.uniform_prob / self.T
+
+    def sample(self, batch: int, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if not self.warm():
+            return super().sample(batch, device, generator)
+        dev = generator.device if generator is not None else device
+        p = self.probs().to(dev)
+        return torch.multinomial(p, batch, replacement=True, generator=generator).to(device)
+
+    def weights(self, t: torch.Tensor) -> torch.Tensor:
+        return (1.0 / (self.T * self.probs()[t.cpu()])).float().to(t.device)
+
+    @torch.no_grad()
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """Push the (all-process) losses (B,) of the terms t (B,) into the history."""
+        h = self.history.shape[1]
+        for ti, li in zip(t.cpu().tolist(), losses.double().cpu().tolist()):
+            if self.count[ti] < h:
+                self.history[ti, self.count[ti]] = li
+                self.count[ti] += 1
+            else:
+                self.history[ti] = torch.cat([self.history[ti, 1:], torch.tensor([li], dtype=torch.float64)])
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "history": self.history.tolist(), "count": self.count.tolist()}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        if not state:
+            return
+        self.history = torch.tensor(state["history"], dtype=torch.float64)
+        self.count = torch.tensor(state["count"], dtype=torch.long)
+
+
+class DiffusionObjective:
+    """The training loss of a run: ``loss = objective(model, x0, t=t, noise=noise, y=y)``.
+
+    loss_type ``simple``: L_simple (Ho et al. 2020, Eq. 14), optionally min-SNR-gamma
+    weighted; ``hybrid``: L_simple + lambda L_vlb with the mean's gradient stopped in
+    L_vlb, so the VLB trains only the variance (Nichol & Dhariwal 2021, Eq. 16);
+    ``vlb``: L_vlb alone.  A one-sample estimate of L_vlb - L_T is T * L_t at the drawn t
+    (the prior L_T has no parameters); like improved-diffusion, L_t is in bits/dim, so
+    lambda = 0.001 at T = 1000 adds L_t itself.
+    ``gather`` (e.g. ``accelerator.gather``) collects t and losses of all processes so
+    that every process keeps the same importance-sampling history.
+    """
+
+    def __init__(self, schedule: NoiseSchedule, *, prediction: str = "eps", loss: str = "l2",
+                 loss_type: str = "simple", variance: str = "fixed_large", vlb_weight: float = 0.001,
+                 min_snr_gamma: Optional[float] = None, t_sampling: str = "uniform",
+                 decoder: str = "discretized", bin_width: Optional[float] = 2.0 / 255.0,
+                 gather: Optional[Callable] = None):
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type '{loss_type}'; choose one of {', '.join(LOSS_TYPES)}")
+        self.schedule, self.prediction, self.loss, self.loss_type = schedule, prediction, loss, loss_type
+        self.variance, self.vlb_weight, self.min_snr_gamma = variance, vlb_weight, min_snr_gamma
+        self.decoder, self.bin_width = decoder, bin_width
+        self.gather = gather or (lambda x: x)
+        T = schedule.num_timesteps
+        self.t_sampler = ImportanceTimesteps(T) if t_sampling == "importance" else UniformTimesteps(T)
+
+    @classmethod
+    def from_config(cls, cfg, schedule: NoiseSchedule, gather: Optional[Callable] = None) -> "DiffusionObjective":
+        d = cfg.diffusion
+        decoder, bin_width = data_decoder(cfg)
+        return cls(schedule, prediction=d.prediction, loss=d.loss, loss_type=getattr(d, "loss_type", "simple"),
+                   variance=getattr(d, "variance", "fixed_large"), vlb_weight=getattr(d, "vlb_weight", 0.001),
+                   min_snr_gamma=getattr(d, "min_snr_gamma", None), t_sampling=getattr(d, "t_sampling", "uniform"),
+                   decoder=decoder, bin_width=bin_width, gather=gather)
+
+    def sample_timesteps(self, batch: int, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """t (B,) for the next batch, drawn from ``generator``."""
+        return self.t_sampler.sample(batch, device, generator)
+
+    def vlb_terms(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, pred: torch.Tensor,
+                  v_raw: Optional[torch.Tensor]) -> torch.Tensor:
+        """L_t of each example in bits/dim (B,), from the network's prediction and variance output."""
+        s = self.schedule
+        _, x0_hat = eps_x0_from_output(s, x_t, t, _f32(pred), self.prediction)
+        mean, log_var = p_mean_log_variance(s, x_t, t, x0_hat, self.variance, None if v_raw is None else _f32(v_raw))
+        bounded = self.decoder == "discretized"
+        return vlb_term(s, x0, x_t, t, mean, log_var, self.decoder, self.bin_width or 0.0, bounded) / LN2
+
+    def __call__(self, model: Callable, x0: torch.Tensor, *, t: torch.Tensor, noise: torch.Tensor,
+                 y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The batch loss (a scalar). x0: (B, ...); t: (B,) timesteps; noise: like x0."""
+        s = self.schedule
+        x_t = q_sample(s, x0, t, noise)
+        pred, v_raw = split_output(model(x_t, t, y), x_t)
+        T = s.num_timesteps
+        if self.loss_type in ("simple", "hybrid"):
+            target = training_target(s, x0, t, noise, self.prediction)
+            losses = per_example_loss(pred.float(), target.float(), self.loss)  # Eq. 14
+            if self.min_snr_gamma is not None:
+                losses = losses * min_snr_weight(s, t, self.min_snr_gamma, self.prediction)
+        if self.loss_type == "hybrid":
+            # Nichol & Dhariwal 2021, Eq. 16: stop-gradient on the mean, L_vlb trains Sigma_theta only
+            vb = self.vlb_terms(_f32(x0), _f32(x_t), t, pred.detach(), v_raw)
+            losses = losses + self.vlb_weight * T * vb
+        elif self.loss_type == "vlb":
+            vb = self.vlb_terms(_f32(x0), _f32(x_t), t, pred, v_raw)
+            weights = self.t_sampler.weights(t)  # 1 / (T p_t), computed before this batch updates p
+            if isinstance(self.t_sampler, ImportanceTimesteps):
+                self.t_sampler.update(self.gather(t.contiguous()), self.gather(vb.detach().contiguous()))
+            losses = T * vb * weights
+        return losses.mean()
+
+    def state_dict(self) -> dict:
+        """What resume needs (the importance-sampling history), JSON-serialisable."""
+        return self.t_sampler.state_dict()
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        self.t_sampler.load_state_dict(state)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .schedules import NoiseSchedule
+from .schedules import NoiseSchedule, abar_of_t
 
 PREDICTIONS = ("eps", "x0", "v")
 
@@ -21,6 +21,16 @@ def extract(arr: torch.Tensor, i: torch.Tensor, like: torch.Tensor) -> torch.Ten
         i = i.expand(like.shape[0])
     out = arr[i].to(device=like.device, dtype=like.dtype)
     return out.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def abar_at(s: NoiseSchedule, i: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """alpha_bar at integer indices ``i``, or at fractional training times (float ``i``,
+    log-sigma interpolation: :func:`~ddpmlab.schedules.abar_of_t`), shaped (B, 1, ..., 1) like ``like``."""
+    i = torch.as_tensor(i)
+    if not i.is_floating_point():
+        return extract(s.alphas_cumprod, i, like)
+    abar = abar_of_t(s, i).reshape(-1).expand(like.shape[0])
+    return abar.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def q_mean_variance(s: NoiseSchedule, x0: torch.Tensor, i: torch.Tensor):
@@ -42,13 +52,13 @@ def q_posterior(s: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, i: torch.
 
 
 def eps_from_x0(s: NoiseSchedule, x_t: torch.Tensor, i: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    abar = extract(s.alphas_cumprod, i, x_t)
+    abar = abar_at(s, i, x_t)
     return (x_t - abar.sqrt() * x0) / (1.0 - abar).sqrt()
 
 
 def x0_from_eps(s: NoiseSchedule, x_t: torch.Tensor, i: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     # Ho et al. 2020, Eq. 15 solved for x_0
-    abar = extract(s.alphas_cumprod, i, x_t)
+    abar = abar_at(s, i, x_t)
     return (x_t - (1.0 - abar).sqrt() * eps) / abar.sqrt()
 
 
@@ -59,7 +69,7 @@ def v_target(s: NoiseSchedule, x0: torch.Tensor, i: torch.Tensor, eps: torch.Ten
 
 
 def x0_eps_from_v(s: NoiseSchedule, x_t: torch.Tensor, i: torch.Tensor, v: torch.Tensor):
-    abar = extract(s.alphas_cumprod, i, x_t)
+    abar = abar_at(s, i, x_t)
     a, b = abar.sqrt(), (1.0 - abar).sqrt()
     return a * x_t - b * v, b * x_t + a * v
 

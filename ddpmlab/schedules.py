@@ -164,3 +164,45 @@ def select_timesteps(T: int, steps: int, spacing: str = "uniform") -> torch.Tens
     else:
         raise ConfigError(f"unknown timestep spacing '{spacing}'; choose uniform, leading or trailing")
     return ts
+
+
+# --- continuous time over the discrete grid -------------------------------------------------
+# Solvers evaluate the model between training timesteps.  As k-diffusion's DiscreteSchedule
+# does, the noise level sigma_t = sqrt((1 - abar_t) / abar_t) (the variance-exploding view,
+# x_t / sqrt(abar_t) = x_0 + sigma_t eps) is interpolated linearly in log-sigma between
+# integer t; a fractional t is what the model's sinusoidal embedding is called with.
+
+
+def log_sigmas(schedule: NoiseSchedule) -> torch.Tensor:
+    """log sigma_t on the training grid, (T,) float64, increasing in t: -log_snr / 2."""
+    return -0.5 * schedule.log_snr
+
+
+def sigma_of_t(schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
+    """sigma at fractional training times t in [0, T-1] (clamped), any shape, float64."""
+    ls = log_sigmas(schedule)
+    t = torch.as_tensor(t, dtype=torch.float64, device=ls.device).clamp(0, len(ls) - 1)
+    if len(ls) == 1:
+        return ls.exp().expand(t.shape).clone()
+    lo = t.floor().long().clamp(max=len(ls) - 2)
+    w = t - lo
+    return ((1 - w) * ls[lo] + w * ls[lo + 1]).exp()
+
+
+def t_of_sigma(schedule: NoiseSchedule, sigma: torch.Tensor) -> torch.Tensor:
+    """Fractional training time of noise level sigma (the inverse of :func:`sigma_of_t`), float64.
+
+    sigma outside [sigma(0), sigma(T-1)] maps to the nearest end of the grid.
+    """
+    ls = log_sigmas(schedule)
+    x = torch.as_tensor(sigma, dtype=torch.float64, device=ls.device).log().clamp(ls[0], ls[-1])
+    if len(ls) == 1:
+        return torch.zeros_like(x)
+    hi = torch.searchsorted(ls, x.contiguous()).clamp(1, len(ls) - 1)
+    lo = hi - 1
+    return lo + (x - ls[lo]) / (ls[hi] - ls[lo])
+
+
+def abar_of_t(schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
+    """alpha_bar at fractional training times: 1 / (1 + sigma_t^2), float64 (exact at integer t)."""
+    return 1.0 / (1.0 + sigma_of_t(schedule, t) ** 2)

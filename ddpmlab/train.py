@@ -1,13 +1,16 @@
 """The training loop (Ho et al. 2020, Algorithm 1) on HF Accelerate.
 
 One process or many (``accelerate launch`` / ``torchrun``): each process draws its
-slice of the global batch.  Everything random in a step (data order, t, noise,
-dropout) is derived from ``(seed, step, rank)``, so a run resumed from a checkpoint
-continues bit for bit as if it had never stopped.
+slice of the global batch (in ``train.grad_accum_steps`` micro-batches, see
+:mod:`ddpmlab.distributed`).  Everything random in a step is derived from ``(seed, step)``
+(data order, t, noise: the same for any number of processes) and the rank (dropout,
+label dropout), so a run resumed from a checkpoint continues bit for bit as if it had
+never stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import signal
@@ -18,14 +21,21 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import CONFIG_FILE, latest_checkpoint, load_run_config, require_run_dir, save_checkpoint
+from .checkpoint import (CONFIG_FILE, find_checkpoint, load_run_config, require_run_dir, restore_training_state,
+                         save_checkpoint, save_run_config)
 from .config import Config, save_config
 from .data import build_dataset
+from .evaluate.monitor import TrainingMonitor
+from .distributed import (agree_on, check_batch_split, check_mixed_precision, draw_t_and_noise, load_scaler_state,
+                          micro_batches, reset_accelerator_state, scaler_state, use_cpu)
 from .errors import ConfigError, DDPMError
 from .models import build_model, count_parameters
-from .objectives import diffusion_loss, sample_timesteps
+from .likelihood import ddpm_sampler_variance
+from .objectives import DiffusionObjective, diffusion_loss, sample_timesteps
 from .samplers.generate import generate
+from .samplers.guidance import drop_labels
 from .progress import progress_bar
+from .safety import LOCK_FILE, BadStepGuard, RunLock, is_main_rank, optimizer_step
 from .schedules import NoiseSchedule
 from .viz import save_grid, save_scatter
 
@@ -33,8 +43,11 @@ from .viz import save_grid, save_scatter
 RESUME_MUTABLE = {
     "train.steps", "train.log_every", "train.sample_every", "train.save_every", "train.sample_n",
     "train.sample_steps", "train.sample_sampler", "train.device", "data.num_workers",
+    "train.keep_checkpoints", "train.max_bad_steps", "train.grad_accum_steps",
+    "train.eval_every", "train.eval_n", "train.eval_metrics", "train.eval_sampler", "train.eval_steps",
+    "train.eval_inception_weights", "train.tensorboard",
 }
-LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "it_per_s", "time_s"]
+LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "it_per_s", "time_s", "skipped"]
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
@@ -61,9 +74,12 @@ class StepBatchSampler(torch.utils.data.Sampler):
     def __iter__(self):
         per = self.gb // self.world
         per_epoch = max(self.n // self.gb, 1)
+        epoch_perm = (None, None)  # one permutation per epoch, not per step (randperm(1M) takes ~0.1 s)
         for step in range(self.start, self.steps):
             epoch, k = divmod(step, per_epoch)
-            perm = self._perm(epoch)
+            if epoch_perm[0] != epoch:
+                epoch_perm = (epoch, self._perm(epoch))
+            perm = epoch_perm[1]
             if self.n < self.gb:  # tiny datasets: draw with repetition
                 perm = perm.repeat((self.gb + self.n - 1) // self.n)
             batch = perm[k * self.gb:(k + 1) * self.gb]
@@ -86,9 +102,10 @@ def learning_rate(cfg: Config, step: int) -> float:
 
 
 def new_run_dir(cfg: Config) -> Path:
-    name = cfg.train.name or f"{cfg.data.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    # several processes must agree on the folder: rank 0's clock names it
+    name = cfg.train.name or agree_on(f"{cfg.data.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}", cfg)
     run_dir = Path(cfg.train.out_dir) / name
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):  # rank 0 may hold the lock
         raise DDPMError(
             f"run directory '{run_dir}' already exists and is not empty; continue it with "
             f"`ddpm train --resume {run_dir}` or pick another train.name"
@@ -96,19 +113,29 @@ def new_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def resume_config(run_dir, overrides_cfg: Optional[Config], changed_keys: list) -> Config:
-    """The stored config of ``run_dir`` with the allowed overrides applied."""
+def resume_config(run_dir, overrides_cfg: Optional[Config], changed_keys: list, force: bool = False) -> Config:
+    """The stored config of ``run_dir`` with the allowed overrides applied.
+
+    Keys outside RESUME_MUTABLE are refused unless ``force`` (then each change is announced).
+    """
+    from .config import validate
+
     stored = load_run_config(run_dir)
     bad = [k for k in changed_keys if k not in RESUME_MUTABLE]
-    if bad:
+    if bad and not force:
         raise ConfigError(
             f"cannot change {', '.join(bad)} when resuming {run_dir} (the run was trained with "
-            f"its stored {CONFIG_FILE}); only {', '.join(sorted(RESUME_MUTABLE))} may change"
+            f"its stored {CONFIG_FILE}); only {', '.join(sorted(RESUME_MUTABLE))} may change "
+            "(add --force to change it anyway)"
         )
     if overrides_cfg is not None:
         for key in changed_keys:
             section, name = key.split(".")
-            setattr(getattr(stored, section), name, getattr(getattr(overrides_cfg, section), name))
+            old, new = getattr(getattr(stored, section), name), getattr(getattr(overrides_cfg, section), name)
+            if key in bad and old != new:
+                print(f"warning: --force: {key} changes from {old!r} to {new!r} in the middle of {run_dir}")
+            setattr(getattr(stored, section), name, new)
+    validate(stored, source=f"{run_dir}/{CONFIG_FILE} + command line")
     return stored
 
 
@@ -121,7 +148,9 @@ def _make_accelerator(cfg: Config):
                           "(pick a GPU with CUDA_VISIBLE_DEVICES)")
     if dev == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device is 'cuda' but no CUDA GPU is visible; use train.device=auto or cpu")
-    return Accelerator(cpu=(dev == "cpu"), mixed_precision=cfg.train.mixed_precision)
+    check_mixed_precision(cfg.train.mixed_precision, dev)
+    reset_accelerator_state()  # a second train() in one process may use another precision
+    return Accelerator(cpu=use_cpu(dev), mixed_precision=cfg.train.mixed_precision)
 
 
 class _StopFlag:
@@ -149,6 +178,13 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+def _sampler_options(cfg) -> dict:
+    """DDPM samples use the run's own variance (learned_range: the variance head)."""
+    if cfg.train.sample_sampler != "ddpm":
+        return {}
+    return {"variance": ddpm_sampler_variance(cfg.diffusion.variance)}
+
+
 def _write_samples(cfg, ema, schedule, dataset, run_dir: Path, tag: str, device) -> Path:
     n = cfg.train.sample_n
     labels = None
@@ -157,7 +193,7 @@ def _write_samples(cfg, ema, schedule, dataset, run_dir: Path, tag: str, device)
     x = generate(ema, schedule, dataset.sample_shape, n, sampler=cfg.train.sample_sampler,
                  steps=cfg.train.sample_steps, prediction=cfg.diffusion.prediction,
                  clip_x0=1.0 if dataset.is_image else None, seed=cfg.train.seed, device=device,
-                 labels=labels, progress=False)
+                 labels=labels, progress=False, **_sampler_options(cfg))
     out = run_dir / "samples" / f"{tag}.png"
     if dataset.is_image:
         scale = max(1, 128 // max(dataset.sample_shape[1:]))
@@ -172,7 +208,17 @@ def train(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, pro
 
     ``resume=True`` continues ``run_dir`` from its newest loadable checkpoint.
     ``fault_hook(step, loss)`` (tests) may replace the loss of a step.
+    The run directory is locked (RUN/.lock) while training: a second process refuses.
     """
+    from .samplers import get_sampler
+
+    get_sampler(cfg.train.sample_sampler)  # a bad name fails now, not after the last step
+    run_dir = require_run_dir(run_dir) if resume else Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+    with RunLock(run_dir, enabled=is_main_rank()):
+        return _train(cfg, run_dir, resume, progress, fault_hook)
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, fault_hook) -> Path:
     accelerator = _make_accelerator(cfg)
     device = accelerator.device
     main = accelerator.is_main_process
@@ -180,7 +226,7 @@ def train(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, pro
         run_dir = require_run_dir(run_dir)
     else:
         run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
             raise DDPMError(f"run directory '{run_dir}' is not empty; resume it with --resume or choose another")
         accelerator.wait_for_everyone()
         if main:
@@ -188,35 +234,44 @@ def train(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, pro
             save_config(cfg, run_dir / CONFIG_FILE)
 
     dataset = build_dataset(cfg)
+    if cfg.model.num_classes and not dataset.num_classes:
+        raise ConfigError(f"model.num_classes is {cfg.model.num_classes} but the data ({cfg.data.dataset}"
+                          f"{' ' + str(cfg.data.path) if cfg.data.path else ''}) has no labels; put the images "
+                          "in one sub-folder per class or set model.num_classes=null")
     if cfg.model.num_classes and dataset.num_classes and cfg.model.num_classes < dataset.num_classes:
         raise ConfigError(f"model.num_classes ({cfg.model.num_classes}) is smaller than the dataset's "
                           f"{dataset.num_classes} classes")
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg)
+    model = build_model(cfg)  # learned variance (diffusion.variance): twice the output channels
     ema = copy.deepcopy(model).requires_grad_(False)
+    # fused: one pass over each tensor instead of ~10 (5-10 % of a CPU step); resumes keep the stored choice
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
-                            weight_decay=cfg.train.weight_decay)
+                            weight_decay=cfg.train.weight_decay, fused=device.type in ("cpu", "cuda"))
 
-    start = 0
+    start, objective_state = 0, None
     if resume:
-        found = latest_checkpoint(run_dir)
-        if found is not None:
-            ckpt_path, ckpt = found
-            model.load_state_dict(ckpt["model"])
-            ema.load_state_dict(ckpt["ema"])
-            opt.load_state_dict(ckpt["optimizer"])
+        ckpt_path, ckpt, skipped = find_checkpoint(run_dir)  # newest loadable, damaged ones listed
+        if ckpt is not None:
+            restore_training_state(ckpt_path, ckpt, model, ema, opt)
             start = ckpt["step"]
-            if main:
-                print(f"resuming {run_dir} from {ckpt_path.name} (step {start})")
+            objective_state = ckpt["state"].get("objective")
+            load_scaler_state(accelerator, ckpt["state"])  # fp16: the loss scale continues
+        if main:
+            _report_resume(run_dir, ckpt_path, start, skipped)
+            save_run_config(cfg, run_dir)  # the resolved config, with any changes of this resume
     model, opt = accelerator.prepare(model, opt)
     ema.to(device)
+    # the loss of diffusion.loss_type; its state (importance-sampling history) is checkpointed
+    objective = DiffusionObjective.from_config(cfg, schedule, gather=accelerator.gather)
+    objective.load_state_dict(objective_state)
     raw_model = accelerator.unwrap_model(model)
 
     log_path = run_dir / "log.csv"
     if main:
         _trim_log(log_path, start)
 
+    check_batch_split(cfg.train.batch_size, accelerator.num_processes, cfg.train.grad_accum_steps)
     sampler = StepBatchSampler(len(dataset), cfg.train.batch_size, start, cfg.train.steps, cfg.train.seed,
                                accelerator.process_index, accelerator.num_processes)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
@@ -228,6 +283,9 @@ def train(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, pro
     bar = progress_bar(progress and main, total=cfg.train.steps, initial=start, desc="training")
     losses, t0, t_last, step = [], time.time(), time.time(), start
     grad_norm = torch.tensor(0.0)
+    guard = BadStepGuard(cfg.train.max_bad_steps, say=_say(bar) if main else (lambda m: None), run_dir=run_dir)
+    # TensorBoard and evaluation every train.eval_every steps (main process only)
+    monitor = TrainingMonitor(cfg, run_dir, dataset, start, device, say=_say(bar)) if main else None
     with _StopFlag() as stop, open(log_path, "a", newline="") if main else _Null() as logf:
         writer = csv.writer(logf) if main else None
         if main and start == 0:
@@ -240,59 +298,81 @@ def train(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, pro
             gen = torch.Generator(device=device).manual_seed(seed)
             x0 = x0.to(device, non_blocking=True)
             y = y.to(device) if cfg.model.num_classes else None
-            t = sample_timesteps(x0.shape[0], schedule.num_timesteps, device=device, generator=gen)
-            noise = torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype)
+            # t and noise are drawn for the global batch from (seed, step) alone; this process keeps its rows
+            shared = torch.Generator(device=device).manual_seed(seed - accelerator.process_index)
+            t, noise = draw_t_and_noise(objective.sample_timesteps, x0, cfg.train.batch_size,
+                                        accelerator.process_index, shared)
+            if y is not None:  # classifier-free guidance: some labels become "no label"
+                y = drop_labels(y, cfg.train.label_dropout, cfg.model.num_classes, generator=gen)
             lr = learning_rate(cfg, step)
             for g in opt.param_groups:
                 g["lr"] = lr
-            with accelerator.autocast():
-                loss = diffusion_loss(model, schedule, x0, t=t, noise=noise, y=y,
-                                      prediction=cfg.diffusion.prediction, loss=cfg.diffusion.loss)
-            if fault_hook is not None:
-                loss = fault_hook(step, loss)
-            accelerator.backward(loss)
-            if cfg.train.grad_clip > 0:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            opt.step()
+            loss, k = torch.zeros((), device=device), cfg.train.grad_accum_steps
+            for j, (xj, tj, nj, yj) in enumerate(micro_batches(k, x0, t, noise, y)):
+                # gradient accumulation: the mean of k micro-batch losses; all-reduce after the last only
+                with accelerator.no_sync(model) if j < k - 1 else contextlib.nullcontext():
+                    with accelerator.autocast():
+                        part = objective(model, xj, t=tj, noise=nj, y=yj) / k
+                    if fault_hook is not None:
+                        part = fault_hook(step, part)
+                    accelerator.backward(part)
+                loss = loss + part.detach()
+            # clip at train.grad_clip (0: only measure); a NaN/inf loss or gradient never reaches the weights
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
+            ok = optimizer_step(accelerator, opt, guard.check(step, loss, grad_norm, accelerator))
             opt.zero_grad(set_to_none=True)
             done = step + 1
-            if done % cfg.train.ema_every == 0:
+            if ok and done % cfg.train.ema_every == 0:
                 ema_update(ema, raw_model, 0.0 if done <= cfg.train.ema_start else cfg.train.ema_decay)
-            losses.append(loss.detach())
+            if ok:
+                losses.append(loss.detach())
             bar.update(1)
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                mean_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
+                mean_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item() if losses else float("nan")
+                skipped_steps = guard.take_since_log()
                 now = time.time()
-                rate = len(losses) / max(now - t_last, 1e-9)
+                rate = (len(losses) + skipped_steps) / max(now - t_last, 1e-9)
                 losses, t_last = [], now
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
                 if main:
                     writer.writerow([done, f"{mean_loss:.6f}", f"{lr:.6g}", f"{float(grad_norm):.4f}",
-                                     f"{rate:.3f}", f"{now - t0:.1f}"])
+                                     f"{rate:.3f}", f"{now - t0:.1f}", skipped_steps])
                     logf.flush()
+                    monitor.scalars(done, {"train/loss": mean_loss, "train/lr": lr,
+                                           "train/grad_norm": float(grad_norm), "train/it_per_s": rate})
             if cfg.train.sample_every and done % cfg.train.sample_every == 0 and main and done < cfg.train.steps:
-                _write_samples(cfg, ema, schedule, dataset, run_dir, f"step_{done:07d}", device)
+                png = _write_samples(cfg, ema, schedule, dataset, run_dir, f"step_{done:07d}", device)
+                monitor.image_file("samples", png, done)
+            if main:
+                monitor.maybe_evaluate(done, ema, schedule, final=done == cfg.train.steps)
             stopping = stop.signal is not None
             if done % cfg.train.save_every == 0 or done == cfg.train.steps or stopping:
-                _save(accelerator, run_dir, done, raw_model, ema, opt)
+                _save(accelerator, run_dir, done, raw_model, ema, opt,
+                      {"objective": objective.state_dict(), **scaler_state(accelerator)},
+                      keep=cfg.train.keep_checkpoints)
             if stopping:
                 bar.close()
                 if main:
+                    monitor.close()
                     print(f"received {stop.signal}: saved checkpoint at step {done}; "
                           f"continue with `ddpm train --resume {run_dir}`")
                 return run_dir
     bar.close()
     if main:
         path = _write_samples(cfg, ema, schedule, dataset, run_dir, "final", device)
-        print(f"done: {cfg.train.steps} steps in {time.time() - t0:.0f} s; samples (EMA) -> {path}")
+        monitor.image_file("samples", path, cfg.train.steps)
+        monitor.close()
+        print(f"done: {cfg.train.steps} steps in {time.time() - t0:.0f} s; samples (EMA) -> {path}"
+              + (f"; {guard.total} steps skipped (non-finite loss or gradient)" if guard.total else ""))
     accelerator.wait_for_everyone()
     return run_dir
 
 
-def _save(accelerator, run_dir, step, model, ema, opt) -> None:
+def _save(accelerator, run_dir, step, model, ema, opt, extra=None, keep: int = 3) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_checkpoint(run_dir, step, model.state_dict(), ema.state_dict(), opt.state_dict())
+        save_checkpoint(run_dir, step, model.state_dict(), ema.state_dict(), opt.state_dict(), extra=extra,
+                        keep=keep)
     accelerator.wait_for_everyone()
 
 
@@ -303,9 +383,27 @@ def _trim_log(log_path: Path, step: int) -> None:
             log_path.unlink()
         return
     rows = list(csv.reader(log_path.open()))
-    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
-    with log_path.open("w", newline="") as f:
+    kept = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+    tmp = log_path.with_name(f".{log_path.name}.tmp")  # replaced atomically: a crash keeps the old log
+    with tmp.open("w", newline="") as f:
         csv.writer(f).writerows(kept)
+    tmp.replace(log_path)
+
+
+def _report_resume(run_dir: Path, ckpt_path: Optional[Path], start: int, skipped: list) -> None:
+    """Say which checkpoint a resume picked and which damaged ones it skipped."""
+    for bad, reason in skipped:
+        print(f"warning: skipping damaged checkpoint {bad.name} ({reason})")
+    if ckpt_path is None:
+        print(f"resuming {run_dir}: no loadable checkpoint, starting from step 0")
+    else:
+        print(f"resuming {run_dir} from {ckpt_path.name} (step {start})"
+              + (f", the newest loadable one ({len(skipped)} damaged skipped)" if skipped else ""))
+
+
+def _say(bar):
+    """Print a line without breaking the progress bar."""
+    return lambda message: bar.write(message) if hasattr(bar, "write") else print(message)
 
 
 class _Null:

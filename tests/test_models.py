@@ -50,25 +50,10 @@ def test_cifar10_config_has_35_7M_parameters_equal_to_diffusers():
 
 
 def _to_diffusers_state_dict(model: UNet) -> dict:
-    """Rename our weights to UNet2DModel's (the attribute structure mirrors diffusers' blocks)."""
-    out = {}
-    for key, value in model.state_dict().items():
-        k = (key.replace("time_embed.0.", "time_embedding.linear_1.").replace("time_embed.2.", "time_embedding.linear_2.")
-             .replace("class_embed.", "class_embedding.").replace("norm_out.", "conv_norm_out.")
-             .replace("mid.res1.", "mid_block.resnets.0.").replace("mid.res2.", "mid_block.resnets.1.")
-             .replace("mid.attn.", "mid_block.attentions.0.").replace(".res.", ".resnets.").replace(".attn.", ".attentions.")
-             .replace("down.", "down_blocks.").replace("up.", "up_blocks.")
-             .replace(".downsample.", ".downsamplers.0.").replace(".upsample.", ".upsamplers.0.")
-             .replace(".temb_proj.", ".time_emb_proj.").replace(".shortcut.", ".conv_shortcut.")
-             .replace(".proj_out.", ".to_out.0."))
-        if "attentions" in k:
-            k = k.replace(".norm.", ".group_norm.")
-        if ".qkv." in k:
-            for name, part in zip(("to_q", "to_k", "to_v"), value.chunk(3, dim=0)):
-                out[k.replace("qkv", name)] = part
-        else:
-            out[k] = value
-    return out
+    """Our weights renamed to UNet2DModel's (the mapping lives in ddpmlab.diffusers_bridge)."""
+    from ddpmlab.diffusers_bridge import to_diffusers_state_dict
+
+    return to_diffusers_state_dict(model.state_dict())
 
 
 @pytest.mark.parametrize("heads", [1, 2])

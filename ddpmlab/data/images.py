@@ -8,7 +8,10 @@ as torchvision's ImageFolder does; without such sub-folders the set is unlabeled
 (``class_names == []``, ``num_classes == 0``, every label 0).
 
 Every file is fully decoded once at scan time (in a few threads); files that fail are
-skipped, listed in ``self.skipped`` as ``(path, reason)`` and reported in one warning.
+skipped, listed in ``self.skipped`` as ``(path, reason)`` and reported in one warning
+(``ddpm data check DIR`` prints the same report without training).  Images over Pillow's
+decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, ~89 megapixels) are skipped
+too; images smaller than ``image_size`` are upscaled, never skipped.
 Each image is EXIF-rotated, converted to L / RGB / RGBA (palette, 16-bit, CMYK, ...
 handled), resized with bicubic antialiasing so that it covers ``image_size`` and
 center-cropped.  Up to :data:`CACHE_MAX_IMAGES` images (and :data:`CACHE_MAX_BYTES`)
@@ -18,6 +21,7 @@ are kept in memory as one uint8 array; larger folders are decoded again on acces
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -115,9 +119,22 @@ def load_image(path: str, image_size: Sequence[int], channels: int = 3) -> np.nd
 def _try_load(path: str, image_size, channels) -> tuple[Optional[np.ndarray], Optional[str]]:
     try:
         return load_image(path, image_size, channels), None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        size = re.search(r"\((\d+) pixels\)", str(e))
+        return None, (f"too large: {size.group(1) + ' pixels' if size else 'the image'} exceeds Pillow's "
+                      f"decompression-bomb limit PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}")
     except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
         reason = " ".join(str(e).split()) or "unreadable"
         return None, f"{type(e).__name__}: {reason}"
+
+
+def skip_report(skipped: Sequence[tuple[str, str]], limit: int = 20, indent: str = "  ") -> str:
+    """One line per skipped file, ``path: reason``, at most ``limit`` (0: all) and a count of the rest."""
+    shown = skipped if limit <= 0 else skipped[:limit]
+    lines = [f"{indent}{p}: {r}" for p, r in shown]
+    if len(skipped) > len(shown):
+        lines.append(f"{indent}... and {len(skipped) - len(shown)} more (list them all with `ddpm data check`)")
+    return "\n".join(lines)
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -193,7 +210,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         def work(i: int):
             return i, _try_load(files[i], self.image_size, self.channels)
 
-        with ThreadPoolExecutor(max_workers=threads) as pool:
+        with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=threads) as pool:
+            # a file between 1x and 2x the decompression-bomb limit only warns in Pillow: skip it too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             for i, (arr, reason) in pool.map(work, range(n)):
                 if arr is None:
                     self.skipped.append((files[i], reason))
@@ -203,16 +222,16 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 keep.append(i)
         if not keep:
             first = self.skipped[0]
-            raise DataError(
+            err = DataError(
                 f"data.path: none of the {n} image files in '{root}' could be read (e.g. '{first[0]}': "
                 f"{first[1]}); check that they are valid images"
             )
+            err.skipped = list(self.skipped)  # for `ddpm data check`
+            raise err
         if self.skipped:
-            shown = "; ".join(f"'{p}' ({r})" for p, r in self.skipped[:3])
-            more = f"; and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
             warnings.warn(
                 f"data.path: skipped {len(self.skipped)} of {n} image files in '{root}' that could not be "
-                f"read: {shown}{more} (the full list is in dataset.skipped)",
+                f"used (also in dataset.skipped):\n{skip_report(self.skipped)}",
                 stacklevel=2,
             )
         self.files = [files[i] for i in keep]

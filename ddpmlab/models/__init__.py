@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import nn
 
 from ..config import Config
@@ -12,12 +14,15 @@ from .unet import UNet, timestep_embedding
 __all__ = ["UNet", "MLPDenoiser", "build_model", "count_parameters", "timestep_embedding"]
 
 
-def build_model(cfg: Config, out_channels_multiplier: int = 1) -> nn.Module:
+def build_model(cfg: Config, out_channels_multiplier: Optional[int] = None) -> nn.Module:
     """The denoiser for ``cfg``: a UNet (model.kind 'unet') or an MLPDenoiser on 2D points ('mlp').
 
-    The output has ``out_channels_multiplier`` times the data channels (e.g. 2 for a model that
-    also predicts variances). Raises ConfigError when the model does not fit the data.
+    The output has ``out_channels_multiplier`` times the data channels; by default 2 when
+    ``diffusion.variance`` is learned_range (eps and the variance head), else 1.
+    Raises ConfigError when the model does not fit the data.
     """
+    if out_channels_multiplier is None:
+        out_channels_multiplier = 2 if getattr(cfg.diffusion, "variance", None) == "learned_range" else 1
     m = cfg.model
     if m.kind == "mlp":
         return MLPDenoiser(dim=2, hidden=m.hidden, num_layers=m.num_layers, time_embed_dim=m.time_embed_dim,

@@ -31,32 +31,34 @@ from ..errors import ConfigError
 NORM_EPS = 1e-6  # as the paper's code (tf.contrib group_norm) and google/ddpm-* configs
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, *, shift: float = 1.0,
+                       flip: bool = False) -> torch.Tensor:
     """Transformer sinusoidal embedding of (possibly fractional) timesteps: (B,) -> (B, dim).
 
-    [sin(t * w_k), cos(t * w_k)] with w_k = max_period^(-k / (dim/2 - 1)), as in the DDPM code.
+    [sin(t * w_k), cos(t * w_k)] with w_k = max_period^(-k / (dim/2 - shift)), as in the DDPM code
+    (shift=1). ``shift=0`` and ``flip=True`` ([cos, sin]) give the variant of diffusers' defaults.
     """
     half = dim // 2
     k = torch.arange(half, dtype=torch.float32, device=t.device)
-    freqs = torch.exp(-math.log(max_period) * k / max(half - 1, 1))
+    freqs = torch.exp(-math.log(max_period) * k / max(half - shift, 1))
     args = t.float()[:, None] * freqs[None, :]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    emb = torch.cat([torch.cos(args), torch.sin(args)] if flip else [torch.sin(args), torch.cos(args)], dim=1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
-def _norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, channels, eps=NORM_EPS)
+def _norm(channels: int, groups: int, eps: float = NORM_EPS) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=eps)
 
 
 class ResBlock(nn.Module):
     """Wide-ResNet block with a time-embedding bias: (B, in_ch, H, W), (B, temb) -> (B, out_ch, H, W)."""
 
-    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, groups: int):
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, groups: int, eps: float = NORM_EPS):
         super().__init__()
-        self.norm1 = _norm(in_ch, groups)
+        self.norm1 = _norm(in_ch, groups, eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_dim, out_ch)
-        self.norm2 = _norm(out_ch, groups)
+        self.norm2 = _norm(out_ch, groups, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -71,10 +73,10 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Residual multi-head self-attention over the H*W positions: (B, C, H, W) -> (B, C, H, W)."""
 
-    def __init__(self, channels: int, num_heads: int, groups: int):
+    def __init__(self, channels: int, num_heads: int, groups: int, eps: float = NORM_EPS):
         super().__init__()
         self.num_heads = num_heads
-        self.norm = _norm(channels, groups)
+        self.norm = _norm(channels, groups, eps)
         self.qkv = nn.Linear(channels, 3 * channels)  # rows: [q; k; v], each (C, C)
         self.proj_out = nn.Linear(channels, channels)
 
@@ -88,25 +90,60 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-2 3x3 conv with TF 'SAME' padding (pad right/bottom by 1): (B, C, H, W) -> (B, C, H/2, W/2)."""
+    """Stride-2 3x3 conv: (B, C, H, W) -> (B, C, H/2, W/2).
 
-    def __init__(self, channels: int):
+    padding 0: TF 'SAME' padding (right/bottom by 1), as the paper's code; padding 1: symmetric
+    (diffusers' default ``downsample_padding=1``).
+    """
+
+    def __init__(self, channels: int, padding: int = 0):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.padding == 0 else x)
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then 3x3 conv: (B, C, H, W) -> (B, C, 2H, 2W)."""
+    """Nearest-neighbour x2 then 3x3 conv: (B, C, H, W) -> (B, C, 2H, 2W).
+
+    On large maps the same function is computed in 16/36 of the multiply-adds: an output
+    pixel of parity (a, b) sees only 2 x 2 distinct source pixels, so conv3x3(up2(x)) is four
+    2x2 convs of x whose kernels sum the 3x3 taps that hit the same source pixel
+    (see :func:`subpixel_kernels`), interleaved.  The parameters are the 3x3 conv's either way.
+    """
+
+    SUBPIXEL_MIN_PIXELS = 256  # below 16x16 sources the four small convs cost more than they save (CPU)
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        if x.shape[-2] * x.shape[-1] < self.SUBPIXEL_MIN_PIXELS:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        b, _, h, w = x.shape
+        co = self.conv.out_channels
+        # one conv for the four parities on x padded by 1: y[:, (a, b)] at (i + a, j + b) is output (2i + a, 2j + b)
+        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), subpixel_kernels(self.conv.weight), self.conv.bias.repeat(4))
+        y = y.view(b, 2, 2, co, h + 1, w + 1)
+        rows = [torch.stack([y[:, a, c, :, a:a + h, c:c + w] for c in (0, 1)], -1) for a in (0, 1)]  # (B, C, H, W, 2)
+        return torch.stack(rows, 3).reshape(b, co, 2 * h, 2 * w)
+
+
+def subpixel_kernels(weight: torch.Tensor) -> torch.Tensor:
+    """3x3 kernels (O, I, 3, 3) of a conv after nearest x2 upsampling -> the 2x2 kernels (4 O, I, 2, 2) on the source.
+
+    Along one axis an even output row 2i reads upsampled rows 2i-1, 2i, 2i+1 = source rows i-1, i, i
+    (taps w0 | w1 + w2); an odd row 2i+1 reads source rows i, i, i+1 (taps w0 + w1 | w2).
+    Order of the 4 O blocks: parities (row, col) = (0, 0), (0, 1), (1, 0), (1, 1).
+    """
+    def fold(k: torch.Tensor, dim: int):
+        k0, k1, k2 = k.unbind(dim)
+        return torch.stack([k0, k1 + k2], dim), torch.stack([k0 + k1, k2], dim)
+
+    return torch.cat([kc for kr in fold(weight, 2) for kc in fold(kr, 3)], 0)
 
 
 class Level(nn.Module):
@@ -121,17 +158,17 @@ class Level(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, ch: int, temb_dim: int, dropout: float, num_heads: int, groups: int):
+    def __init__(self, ch: int, temb_dim: int, dropout: float, num_heads: int, groups: int, eps: float = NORM_EPS):
         super().__init__()
-        self.res1 = ResBlock(ch, ch, temb_dim, dropout, groups)
-        self.attn = AttnBlock(ch, num_heads, groups)
-        self.res2 = ResBlock(ch, ch, temb_dim, dropout, groups)
+        self.res1 = ResBlock(ch, ch, temb_dim, dropout, groups, eps)
+        self.attn = AttnBlock(ch, num_heads, groups, eps)
+        self.res2 = ResBlock(ch, ch, temb_dim, dropout, groups, eps)
 
     def forward(self, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         return self.res2(self.attn(self.res1(h, temb)), temb)
 
 
-def _check_config(base, mults, groups, num_heads, image_size) -> None:
+def _check_config(base, mults, groups, num_heads, image_size, head_dim=None) -> None:
     levels = len(mults)
     channels = sorted({base} | {base * m for m in mults})
     for c in channels:
@@ -144,7 +181,9 @@ def _check_config(base, mults, groups, num_heads, image_size) -> None:
                 f"set model.norm_groups to a divisor of {g} (e.g. {ok}) or change model.base_channels"
             )
     for c in channels:
-        if c % num_heads:
+        if head_dim is not None and c % head_dim:
+            raise ValueError(f"attention_head_dim={head_dim} does not divide the {c}-channel attention inputs")
+        if head_dim is None and c % num_heads:
             raise ConfigError(
                 f"model.num_heads={num_heads} does not divide the {c}-channel attention inputs; "
                 f"choose model.num_heads dividing all of {channels}"
@@ -162,7 +201,13 @@ def _check_config(base, mults, groups, num_heads, image_size) -> None:
 
 
 class UNet(nn.Module):
-    """DDPM noise-prediction UNet: forward(x (B,C,H,W), t (B,) or scalar, y (B,) or None) -> (B, out_channels, H, W)."""
+    """DDPM noise-prediction UNet: forward(x (B,C,H,W), t (B,) or scalar, y (B,) or None) -> (B, out_channels, H, W).
+
+    The keyword-only options after ``image_size`` exist to load diffusers ``UNet2DModel``s built
+    with other settings (see :mod:`ddpmlab.diffusers_bridge`); their defaults are the paper's.
+    ``attention_head_dim`` fixes the width of a head (heads = channels / width) instead of
+    the number of heads.
+    """
 
     def __init__(
         self,
@@ -177,19 +222,27 @@ class UNet(nn.Module):
         norm_groups: int = 32,
         num_classes: Optional[int] = None,
         image_size: Union[int, Sequence[int]] = (32, 32),
+        *,
+        norm_eps: float = NORM_EPS,
+        time_shift: float = 1.0,
+        time_flip: bool = False,
+        downsample_padding: int = 0,
+        attention_head_dim: Optional[int] = None,
     ):
         super().__init__()
         image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        _check_config(base_channels, tuple(channel_mults), norm_groups, num_heads, image_size)
+        _check_config(base_channels, tuple(channel_mults), norm_groups, num_heads, image_size, attention_head_dim)
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
         self.base_channels = base_channels
         self.num_classes = num_classes
         self.image_size = image_size
         self.num_levels = len(channel_mults)
+        self.time_shift, self.time_flip = time_shift, time_flip
         temb_dim = 4 * base_channels
-        res = lambda i, o: ResBlock(i, o, temb_dim, dropout, norm_groups)  # noqa: E731
-        attn = lambda c: AttnBlock(c, num_heads, norm_groups)  # noqa: E731
+        heads = lambda c: num_heads if attention_head_dim is None else c // attention_head_dim  # noqa: E731
+        res = lambda i, o: ResBlock(i, o, temb_dim, dropout, norm_groups, norm_eps)  # noqa: E731
+        attn = lambda c: AttnBlock(c, heads(c), norm_groups, norm_eps)  # noqa: E731
 
         self.time_embed = nn.Sequential(nn.Linear(base_channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         self.class_embed = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
@@ -203,10 +256,10 @@ class UNet(nn.Module):
             skips += [ch] * num_res_blocks
             last = i == self.num_levels - 1
             self.down.append(Level(blocks, [attn(ch) for _ in blocks] if use_attn else [],
-                                   downsample=None if last else Downsample(ch)))
+                                   downsample=None if last else Downsample(ch, downsample_padding)))
             skips += [] if last else [ch]
 
-        self.mid = MidBlock(ch, temb_dim, dropout, num_heads, norm_groups)
+        self.mid = MidBlock(ch, temb_dim, dropout, heads(ch), norm_groups, norm_eps)
 
         self.up = nn.ModuleList()
         for i in reversed(range(self.num_levels)):
@@ -218,7 +271,7 @@ class UNet(nn.Module):
             self.up.append(Level(blocks, [attn(ch) for _ in blocks] if use_attn else [],
                                  upsample=Upsample(ch) if i > 0 else None))
 
-        self.norm_out = _norm(ch, norm_groups)
+        self.norm_out = _norm(ch, norm_groups, norm_eps)
         self.conv_out = nn.Conv2d(ch, self.out_channels, 3, padding=1)
         self._init_weights()
 
@@ -249,7 +302,8 @@ class UNet(nn.Module):
             t = t.expand(batch)
         if t.shape != (batch,):
             raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
-        temb = self.time_embed(timestep_embedding(t, self.base_channels).to(self.conv_in.weight.dtype))
+        sinusoid = timestep_embedding(t, self.base_channels, shift=self.time_shift, flip=self.time_flip)
+        temb = self.time_embed(sinusoid.to(self.conv_in.weight.dtype))
         if self.class_embed is None:
             if y is not None:
                 raise ValueError("class labels y were given but the model was built without model.num_classes")

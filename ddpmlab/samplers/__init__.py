@@ -11,10 +11,19 @@ from typing import Callable, Dict
 from ..errors import ConfigError
 from .ancestral import ddim, ddpm
 from .base import ModelPredictor, randn_like
+from .langevin import pc
+from .solvers import dpmpp_2m, dpmpp_3m, euler, heun, unipc
+from .steps import STEP_SCHEDULES
 
 SAMPLERS: Dict[str, Callable] = {
     "ddpm": ddpm,
     "ddim": ddim,
+    "dpmpp_2m": dpmpp_2m,
+    "dpmpp_3m": dpmpp_3m,
+    "unipc": unipc,
+    "euler": euler,
+    "heun": heun,
+    "pc": pc,
 }
 
 
@@ -26,4 +35,5 @@ def get_sampler(name: str) -> Callable:
     return SAMPLERS[name]
 
 
-__all__ = ["SAMPLERS", "get_sampler", "ModelPredictor", "randn_like", "ddpm", "ddim"]
+__all__ = ["SAMPLERS", "get_sampler", "ModelPredictor", "randn_like", "ddpm", "ddim", "STEP_SCHEDULES",
+           "dpmpp_2m", "dpmpp_3m", "unipc", "euler", "heun", "pc"]

@@ -17,7 +17,7 @@ from ..process import extract, q_posterior
 from ..schedules import NoiseSchedule, select_timesteps
 from .base import Callback, randn_like
 
-VARIANCES = ("beta", "posterior")
+VARIANCES = ("beta", "posterior", "learned")
 
 
 @torch.no_grad()
@@ -27,23 +27,33 @@ def ddpm(predict, schedule: NoiseSchedule, x_T: torch.Tensor, steps: Optional[in
     """Ancestral sampling of p(x_{t-1} | x_t) = N(mu_theta, sigma_t^2 I), x_T: (B, ...) -> x_0.
 
     variance: "beta" (sigma_t^2 = beta_t) or "posterior" (sigma_t^2 = beta_tilde_t), the two
-    fixed choices of Ho et al. 2020, Sec. 3.2.  With steps < T the schedule is respaced
-    (Nichol & Dhariwal 2021) and both variances are those of the respaced process.
+    fixed choices of Ho et al. 2020, Sec. 3.2, or "learned" (the model's variance head,
+    Nichol & Dhariwal 2021, Eq. 15; ``predict.with_log_variance``).  With steps < T the
+    schedule is respaced (Nichol & Dhariwal 2021) and all variances are those of the
+    respaced process: the learned one interpolates between its beta and beta_tilde.
     """
     if variance not in VARIANCES:
         raise ConfigError(f"unknown DDPM variance '{variance}'; choose one of {', '.join(VARIANCES)}")
+    if variance == "learned" and not hasattr(predict, "with_log_variance"):
+        raise ConfigError("DDPM variance 'learned' needs a ModelPredictor around a model with a variance head")
     T = schedule.num_timesteps
     s = schedule if steps is None or steps == T else schedule.respace(select_timesteps(T, steps, spacing))
     x = x_T
     n = s.num_timesteps
     for k, i in enumerate(range(n - 1, -1, -1)):
         t = s.timesteps[i].to(x.device)
-        eps, x0 = predict(x, t)
         idx = torch.full((x.shape[0],), i, dtype=torch.long)
+        if variance == "learned":
+            eps, x0, log_var = predict.with_log_variance(x, t, schedule=s, index=idx)
+        else:
+            eps, x0 = predict(x, t)
         # Ho et al. 2020, Eq. 7 with x_0 predicted (equal to Eq. 11 when x0 is unclipped)
         mean, post_var, _ = q_posterior(s, x0, x, idx)
         if i > 0:
-            var = extract(s.betas, idx, x) if variance == "beta" else post_var
+            if variance == "learned":
+                var = torch.exp(log_var)
+            else:
+                var = extract(s.betas, idx, x) if variance == "beta" else post_var
             x = mean + var.sqrt() * randn_like(x, generator)
         else:
             x = mean

@@ -10,6 +10,7 @@ from ..progress import progress_bar
 from ..schedules import NoiseSchedule
 from .base import ModelPredictor
 from . import get_sampler
+from .steps import levels_for
 
 
 @torch.no_grad()
@@ -29,7 +30,8 @@ def generate(model, schedule: NoiseSchedule, shape: Sequence[int], n: int, *, sa
     model.eval()
     out = []
     n_batches = (n + batch_size - 1) // batch_size
-    bar = progress_bar(progress, total=n_batches * steps, desc=f"sampling ({sampler}, {steps} steps)", leave=False)
+    levels = levels_for(fn, steps, **options)  # callbacks per batch: one per noise level (Heun, pc: < steps)
+    bar = progress_bar(progress, total=n_batches * levels, desc=f"sampling ({sampler}, {steps} steps)", leave=False)
     try:
         for b in range(n_batches):
             m = min(batch_size, n - b * batch_size)

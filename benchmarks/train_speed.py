@@ -1,0 +1,248 @@
+"""Training speed: ddpmlab's UNet against diffusers' UNet2DModel of the same architecture.
+
+One process, same machine, same batch, same training step (Ho et al. 2020, Algorithm 1:
+q_sample, forward, L_simple, backward, AdamW).  Variants:
+
+    diffusers fp32            UNet2DModel built by ddpmlab.diffusers_bridge.unet2d_config (same weights)
+    ddpmlab fp32              our UNet, eager; both with torch's default (foreach) AdamW
+    diffusers bf16            under torch.autocast(bfloat16): diffusers' best on a CPU
+    ddpmlab bf16              the same for our UNet
+    ddpmlab best              bf16 + fused AdamW: what `ddpm train train.mixed_precision=bf16` runs
+    diffusers bf16+fused      reference: how much of "best" is the optimizer alone
+    --channels-last, --compile  further ddpmlab variants (on this kind of CPU neither helps, and
+                              torch.compile takes 3-7 minutes here, so they are opt-in)
+
+SDPA attention is always on (both models).  Variants run interleaved in rounds, so a busy
+machine slows all alike; the table shows the best round's images/s (as timeit: interference
+only slows a run down), the ratios to diffusers, the FLOP per image (forward + backward,
+counted by torch's FlopCounterMode) and the achieved GFLOP/s as a share of this machine's
+dense-product peak measured the same way (best of matmul, 1x1 and 3x3 convolution; fp32 peak
+for fp32 runs, bf16 peak for bf16 runs).
+
+    python benchmarks/train_speed.py                       # both models, ~10 min on 2 CPU cores
+    python benchmarks/train_speed.py --models mnist --rounds 5
+    python benchmarks/train_speed.py --device cuda --batch-cifar10 128 --batch-mnist 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ddpmlab.config import load_config  # noqa: E402
+from ddpmlab.data import data_shape  # noqa: E402
+from ddpmlab.models import build_model  # noqa: E402
+from ddpmlab.objectives import diffusion_loss  # noqa: E402
+from ddpmlab.schedules import NoiseSchedule  # noqa: E402
+
+CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of this process; use with --threads 1)
+MODELS = {"cifar10": ["data.dataset=folder", "data.path=x", "data.image_size=[32,32]", "data.channels=3"],
+          "mnist": []}
+
+
+def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, seconds: float = 3.0) -> float:
+    """The machine's dense-product peak in ``dtype``: best GFLOP/s of three kernels over ~``seconds``.
+
+    torch.mm (BLAS, n x n x n), the same product as a 1x1 convolution and a 3x3 convolution
+    (256 channels, 16x16, batch 8), both in oneDNN, the library that runs the UNets' convolutions.
+    On some CPUs (AMD with MKL) the BLAS sgemm reaches half of what oneDNN does, so the best one
+    stands for the peak.
+    """
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    x1 = torch.randn(16, n, 8, n // 128, device=device).to(dtype)  # n pixels of n channels
+    x3, w3 = torch.randn(8, 256, 16, 16, device=device).to(dtype), torch.randn(256, 256, 3, 3, device=device).to(dtype)
+    kernels = [(lambda: torch.mm(a, b), 2 * n**3),
+               (lambda: torch.nn.functional.conv2d(x1, b[:, :, None, None]), 2 * n**3),
+               (lambda: torch.nn.functional.conv2d(x3, w3, padding=1), 2 * 8 * 256 * 256 * 9 * 16 * 16)]
+    best = 0.0
+    for fn, flop in kernels:
+        fn()
+        end = time.perf_counter() + seconds / len(kernels)
+        while time.perf_counter() < end:
+            _sync(device)
+            t0 = CLOCK()
+            fn()
+            _sync(device)
+            best = max(best, flop / (CLOCK() - t0) / 1e9)
+    return best
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class DiffusersAdapter(torch.nn.Module):
+    """UNet2DModel as a ddpmlab denoiser ``model(x_t, t, y) -> eps``."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t, y=None):
+        return self.unet(x, t, class_labels=y).sample
+
+
+def build(which: str, name: str, device: str, channels_last: bool = False, compile: bool = False,
+          fused: bool = False):
+    cfg = load_config(name, MODELS[name])
+    torch.manual_seed(0)
+    if which == "ddpmlab":
+        model = build_model(cfg)
+    else:
+        import diffusers
+
+        from ddpmlab.diffusers_bridge import unet2d_config
+        model = DiffusersAdapter(diffusers.UNet2DModel(**unet2d_config(cfg)))
+    model = model.to(device).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None)
+    fn = torch.compile(model) if compile else model
+    return cfg, model, fn, opt
+
+
+class Variant:
+    def __init__(self, label, which, name, batch, device, bf16=False, channels_last=False, compile=False,
+                 fused=False):
+        self.label, self.bf16, self.device, self.batch = label, bf16, device, batch
+        self.channels_last = channels_last
+        self.cfg, self.model, self.fn, self.opt = build(which, name, device, channels_last, compile, fused)
+        self.schedule = NoiseSchedule.from_config(self.cfg.diffusion)
+        g = torch.Generator().manual_seed(0)
+        self.x0 = torch.randn(batch, *data_shape(self.cfg), generator=g).clamp(-1, 1).to(device)
+        if channels_last:
+            self.x0 = self.x0.contiguous(memory_format=torch.channels_last)
+        self.rates = []
+
+    def step(self) -> None:
+        t = torch.randint(0, self.schedule.num_timesteps, (self.batch,), device=self.device)
+        noise = torch.randn_like(self.x0)
+        ctx = torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        with ctx:
+            loss = diffusion_loss(self.fn, self.schedule, self.x0, t=t, noise=noise)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def measure(self, steps: int) -> float:
+        _sync(self.device)
+        t0 = CLOCK()
+        for _ in range(steps):
+            self.step()
+        _sync(self.device)
+        rate = steps * self.batch / (CLOCK() - t0)
+        self.rates.append(rate)
+        return rate
+
+
+def flops_per_image(name: str, device: str) -> float:
+    """FLOP of one training example, forward + backward, as FlopCounterMode counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg, model, fn, _ = build("ddpmlab", name, device)
+    x = torch.randn(2, *data_shape(cfg), device=device)
+    t = torch.tensor([1, 500], device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(x, t).pow(2).mean().backward()
+    return counter.get_total_flops() / 2
+
+
+def run_model(name: str, batch: int, args, peaks) -> list:
+    dev = args.device
+    variants = [Variant("diffusers fp32", "diffusers", name, batch, dev),
+                Variant("ddpmlab fp32", "ddpmlab", name, batch, dev),
+                Variant("diffusers bf16", "diffusers", name, batch, dev, bf16=True),
+                Variant("ddpmlab bf16", "ddpmlab", name, batch, dev, bf16=True),
+                Variant("ddpmlab best (bf16+fused)", "ddpmlab", name, batch, dev, bf16=True, fused=True),
+                Variant("diffusers bf16+fused", "diffusers", name, batch, dev, bf16=True, fused=True)]
+    if args.channels_last:
+        variants.append(Variant("ddpmlab best+channels_last", "ddpmlab", name, batch, dev, bf16=True, fused=True,
+                                channels_last=True))
+    if args.compile:
+        try:
+            best = Variant("ddpmlab best+compile", "ddpmlab", name, batch, dev, bf16=True, fused=True, compile=True)
+            t0 = time.perf_counter()
+            best.step()
+            best.step()
+            print(f"  torch.compile: {time.perf_counter() - t0:.0f} s to compile and warm up")
+            variants.append(best)
+        except Exception as e:  # compilers missing, unsupported ops, ...
+            print(f"  torch.compile does not work here ({type(e).__name__}: {str(e).splitlines()[0][:100]}); skipped")
+    for v in variants:  # warm-up: allocator, oneDNN primitive caches
+        v.step()
+    for r in range(args.rounds):
+        line = []
+        for v in variants:
+            line.append(f"{v.measure(args.steps):.2f}")
+        print(f"  round {r + 1}: " + " ".join(line) + " img/s", flush=True)
+    flop = flops_per_image(name, dev)
+    base = {False: max(variants[0].rates), True: max(variants[2].rates)}
+    rows = []
+    for v in variants:
+        rate = max(v.rates)
+        gflops = rate * flop / 1e9
+        peak = peaks["bf16" if v.bf16 else "fp32"]
+        rows.append((name, batch, v.label, rate, rate / base[False], rate / base[True], flop / 1e9, gflops,
+                     100 * gflops / peak))
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["cifar10", "mnist"], choices=list(MODELS))
+    p.add_argument("--batch-cifar10", type=int, default=16)
+    p.add_argument("--batch-mnist", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds (the best is reported)")
+    p.add_argument("--steps", type=int, default=2, help="training steps per measurement")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: images per second (default); cpu: per CPU-second of this process, which other "
+                        "processes on a shared machine disturb less (with --threads 1)")
+    p.add_argument("--compile", action="store_true", help="add ddpmlab best + torch.compile (minutes to compile)")
+    p.add_argument("--channels-last", action="store_true", help="add ddpmlab best + channels_last")
+    args = p.parse_args(argv)
+    global CLOCK
+    if args.clock == "cpu":
+        if torch.get_num_threads() != 1 and args.threads != 1:
+            p.error("--clock cpu counts the CPU seconds of all threads: use it with --threads 1")
+        CLOCK = time.process_time
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, {args.clock} clock")
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if args.device == "cpu" and load > 0.5 * cores:
+        print(f"warning: load average {load:.1f} on {cores} cores: other processes share the CPU, the numbers are "
+              "noisy (ratios between interleaved variants less so)")
+    peaks = {"fp32": matmul_peak(torch.float32, args.device), "bf16": matmul_peak(torch.bfloat16, args.device)}
+    print(f"measured dense peak (best of matmul, 1x1 and 3x3 conv): fp32 {peaks['fp32']:.0f} GFLOP/s, "
+          f"bf16 {peaks['bf16']:.0f} GFLOP/s")
+    rows = []
+    for name in args.models:
+        batch = getattr(args, f"batch_{name}")
+        print(f"{name}: batch {batch}, {args.rounds} rounds of {args.steps} steps "
+              "(columns: the variants in the order of the table below)")
+        rows += run_model(name, batch, args, peaks)
+    print()
+    head = (f"{'model':8} {'batch':>5}  {'variant':28} {'img/s':>7} {'vs diff fp32':>12} {'vs diff bf16':>12} "
+            f"{'GFLOP/img':>9} {'GFLOP/s':>8} {'% peak':>6}")
+    print(head)
+    print("-" * len(head))
+    for name, batch, label, rate, r32, r16, gf, gfs, pct in rows:
+        print(f"{name:8} {batch:>5}  {label:28} {rate:7.2f} {r32:11.2f}x {r16:11.2f}x {gf:9.2f} {gfs:8.1f} {pct:5.0f}%")
+    print("\n% peak: achieved GFLOP/s over the measured dense-product peak of the same precision (fp32 or bf16); "
+          "'best': bf16 autocast + fused AdamW.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

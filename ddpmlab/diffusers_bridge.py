@@ -1,0 +1,363 @@
+"""The bridge to HF diffusers: export a run as a ``DDPMPipeline`` folder, load a ``UNet2DModel``.
+
+ddpmlab's :class:`~ddpmlab.models.UNet` has the block structure of diffusers' ``UNet2DModel``
+built from ``DownBlock2D`` / ``AttnDownBlock2D`` blocks, so the weights map one to one by
+renaming (and splitting the fused q/k/v projection)::
+
+    ours                                diffusers
+    time_embed.0 / .2                   time_embedding.linear_1 / linear_2
+    class_embed                         class_embedding
+    down.{i}.res.{j}                    down_blocks.{i}.resnets.{j}
+    down.{i}.attn.{j}.qkv               down_blocks.{i}.attentions.{j}.to_q / to_k / to_v
+    down.{i}.attn.{j}.proj_out          down_blocks.{i}.attentions.{j}.to_out.0
+    down.{i}.downsample                 down_blocks.{i}.downsamplers.0
+    mid.res1 / attn / res2              mid_block.resnets.0 / attentions.0 / resnets.1
+    up.{k}.upsample                     up_blocks.{k}.upsamplers.0
+    norm_out                            conv_norm_out
+
+diffusers is an optional dependency (``pip install 'ddpmlab[diffusers]'``), imported only here
+and only when a function needs it.  Nothing is ever downloaded: folders are read locally.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Dict, Tuple
+
+import torch
+
+from .config import Config, validate
+from .errors import DDPMError
+from .schedules import SCHEDULES, make_betas
+
+PREDICTION_TO_DIFFUSERS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+PREDICTION_FROM_DIFFUSERS = {v: k for k, v in PREDICTION_TO_DIFFUSERS.items()}
+# ddpmlab schedule -> diffusers beta_schedule computing the same betas (others go as trained_betas)
+SCHEDULE_TO_DIFFUSERS = {"linear": "linear", "quadratic": "scaled_linear", "cosine": "squaredcos_cap_v2",
+                         "sigmoid": "sigmoid"}
+SCHEDULE_FROM_DIFFUSERS = {v: k for k, v in SCHEDULE_TO_DIFFUSERS.items()}
+VARIANCES = ("fixed_large", "fixed_small", "learned_range")  # same names on both sides
+_RENAMES = [  # (ours, diffusers), applied in this order
+    ("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
+    ("class_embed.", "class_embedding."), ("norm_out.", "conv_norm_out."),
+    ("mid.res1.", "mid_block.resnets.0."), ("mid.res2.", "mid_block.resnets.1."),
+    ("mid.attn.", "mid_block.attentions.0."), (".res.", ".resnets."), (".attn.", ".attentions."),
+    ("down.", "down_blocks."), ("up.", "up_blocks."),
+    (".downsample.", ".downsamplers.0."), (".upsample.", ".upsamplers.0."),
+    (".temb_proj.", ".time_emb_proj."), (".shortcut.", ".conv_shortcut."), (".proj_out.", ".to_out.0."),
+]
+
+
+def require_diffusers():
+    """The diffusers module, or a DDPMError saying how to install it."""
+    try:
+        import diffusers
+    except ImportError:
+        raise DDPMError("this needs HF diffusers, which is not installed; "
+                        "install it with `pip install 'ddpmlab[diffusers]'` (or `pip install diffusers`)") from None
+    return diffusers
+
+
+# ---------------------------------------------------------------- weights
+
+def to_diffusers_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename a ddpmlab UNet state dict to UNet2DModel's keys; qkv (3C, C) splits into to_q/k/v."""
+    out = {}
+    for key, value in state.items():
+        k = key
+        for ours, theirs in _RENAMES:
+            k = k.replace(ours, theirs)
+        if "attentions" in k:
+            k = k.replace(".norm.", ".group_norm.")
+        if ".qkv." in k:
+            for name, part in zip(("to_q", "to_k", "to_v"), value.chunk(3, dim=0)):
+                out[k.replace("qkv", name)] = part.contiguous()
+        else:
+            out[k] = value
+    return out
+
+
+def from_diffusers_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The inverse of :func:`to_diffusers_state_dict`: to_q/k/v are stacked back into qkv."""
+    out = {}
+    for key, value in state.items():
+        k = key
+        if "attentions" in k:
+            k = k.replace(".group_norm.", ".norm.")
+        for ours, theirs in _RENAMES[:7] + _RENAMES[:6:-1]:  # whole names first, then parts in reverse
+            k = k.replace(theirs, ours)
+        if re.search(r"\.to_[kv]\.", k):
+            continue  # stacked together with to_q below
+        if ".to_q." in k:
+            parts = [state[key.replace(".to_q.", f".to_{n}.")] for n in "qkv"]
+            out[k.replace(".to_q.", ".qkv.")] = torch.cat(parts, dim=0)
+        else:
+            out[k] = value
+    return out
+
+
+# ---------------------------------------------------------------- export
+
+def unet2d_config(cfg: Config) -> dict:
+    """UNet2DModel's constructor arguments for ``cfg``'s UNet, or a DDPMError naming the option that does not map."""
+    m, c = cfg.model, cfg
+    if m.kind != "unet":
+        raise DDPMError(f"model.kind={m.kind!r} does not map to diffusers' UNet2DModel; only model.kind=unet exports")
+    if m.channel_mults[0] != 1:
+        raise DDPMError(f"model.channel_mults={list(m.channel_mults)} does not map: UNet2DModel's first level has "
+                        "the width of conv_in (model.base_channels), so channel_mults must start with 1")
+    from .data import data_shape
+
+    channels, height, width = data_shape(c)
+    levels = range(len(m.channel_mults))
+    widths = [m.base_channels * k for k in m.channel_mults]
+    attn = [height // 2**i in m.attention_resolutions for i in levels]
+    head_dim = None  # diffusers: one head as wide as the channels
+    if m.num_heads > 1:
+        attn_widths = {w for w, a in zip(widths, attn) if a} | {widths[-1]}  # the middle block always attends
+        if len(attn_widths) > 1:
+            raise DDPMError(f"model.num_heads={m.num_heads} with attention on {sorted(attn_widths)} channels does not "
+                            "map: UNet2DModel fixes the head width, so every attention level must have the same "
+                            "number of channels (or use model.num_heads=1)")
+        head_dim = attn_widths.pop() // m.num_heads
+    variance = getattr(c.diffusion, "variance", "fixed_large")
+    return dict(
+        sample_size=height if height == width else [height, width], in_channels=channels,
+        out_channels=channels * (2 if variance == "learned_range" else 1),
+        block_out_channels=widths, layers_per_block=m.num_res_blocks,
+        down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        attention_head_dim=head_dim, norm_num_groups=m.norm_groups, norm_eps=1e-6, dropout=m.dropout,
+        downsample_padding=0, freq_shift=1, flip_sin_to_cos=False, time_embedding_type="positional",
+        act_fn="silu", mid_block_scale_factor=1, center_input_sample=False,
+        num_class_embeds=m.num_classes + 1 if m.num_classes else None,  # the extra row: "no label"
+    )
+
+
+def scheduler_config(cfg: Config) -> dict:
+    """DDPMScheduler's constructor arguments for ``cfg.diffusion``."""
+    d = cfg.diffusion
+    betas = _our_betas(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
+    conf = dict(num_train_timesteps=d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end,
+                prediction_type=PREDICTION_TO_DIFFUSERS[d.prediction],
+                variance_type=getattr(d, "variance", "fixed_large"), clip_sample=True, clip_sample_range=1.0,
+                timestep_spacing="leading")
+    name = SCHEDULE_TO_DIFFUSERS.get(d.schedule)
+    if name is not None and torch.allclose(_diffusers_betas(name, conf), betas, rtol=1e-5, atol=1e-8):
+        conf["beta_schedule"] = name
+    else:  # no diffusers formula gives these betas: write them out
+        conf["beta_schedule"], conf["trained_betas"] = "linear", betas.tolist()
+    return conf
+
+
+def _our_betas(name: str, T: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    return make_betas(name, T, beta_start, beta_end)
+
+
+def _diffusers_betas(name: str, conf: dict) -> torch.Tensor:
+    diffusers = require_diffusers()
+    sched = diffusers.DDPMScheduler(num_train_timesteps=conf["num_train_timesteps"], beta_start=conf["beta_start"],
+                                    beta_end=conf["beta_end"], beta_schedule=name)
+    return sched.betas.double()
+
+
+def export_diffusers(run_dir, out, which: str = "ema") -> Path:
+    """Write ``run_dir``'s weights as a folder ``DDPMPipeline.from_pretrained(out)`` loads (safetensors).
+
+    Checks that the exported UNet2DModel computes what ours does (float32, tolerance 1e-4).
+    """
+    from .checkpoint import load_model
+    from .config import save_config
+
+    diffusers = require_diffusers()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise DDPMError(f"output folder '{out}' exists and is not empty; choose a new folder")
+    cfg, model = load_model(run_dir, which, "cpu")
+    unet = diffusers.UNet2DModel(**unet2d_config(cfg))
+    try:
+        unet.load_state_dict(to_diffusers_state_dict(model.state_dict()), strict=True)
+    except RuntimeError as e:  # a new architecture option this bridge does not know yet
+        raise DDPMError(f"the model of {run_dir} does not map to UNet2DModel ({str(e).splitlines()[0]})") from None
+    _check_same_outputs(model, unet.eval(), cfg)
+    scheduler = diffusers.DDPMScheduler(**scheduler_config(cfg))
+    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
+    save_config(cfg, out / "ddpmlab_config.yaml")  # provenance; diffusers ignores it
+    return out
+
+
+@torch.no_grad()
+def _check_same_outputs(ours, theirs, cfg: Config, atol: float = 1e-4) -> None:
+    from .data import data_shape
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *data_shape(cfg), generator=g)
+    t = torch.tensor([10, cfg.diffusion.num_timesteps - 1])
+    y = torch.tensor([0, cfg.model.num_classes]) if cfg.model.num_classes else None
+    a, b = ours(x, t, y), theirs(x, t, class_labels=y).sample
+    err = (a - b).abs().max().item()
+    if not err <= atol * max(1.0, a.abs().max().item()):
+        raise DDPMError(f"the exported UNet2DModel does not reproduce the model (max difference {err:.2e}); "
+                        "its architecture has an option the diffusers bridge does not map")
+
+
+# ---------------------------------------------------------------- import
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DDPMError(f"cannot read {path}: {e}") from None
+
+
+def find_diffusers_folders(folder) -> Tuple[Path, Path]:
+    """(UNet folder, scheduler config file) of a pipeline folder (``unet/``, ``scheduler/``) or a flat one."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DDPMError(f"diffusers folder '{folder}' does not exist; give a local folder saved with "
+                        "save_pretrained (e.g. a downloaded google/ddpm-cifar10-32)")
+    unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
+    if not (unet_dir / "config.json").is_file():
+        raise DDPMError(f"'{folder}' has no unet/config.json or config.json; it is not a diffusers model folder")
+    for cand in (folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json"):
+        if cand.is_file():
+            return unet_dir, cand
+    raise DDPMError(f"'{folder}' has no scheduler/scheduler_config.json or scheduler_config.json; "
+                    "ddpmlab needs the noise schedule the model was trained with")
+
+
+def unet_kwargs_from_unet2d(conf: dict) -> dict:
+    """ddpmlab UNet arguments for a UNet2DModel config, or a DDPMError naming the key that does not map."""
+    def need(key, ok, default, why):
+        value = conf.get(key, default)
+        if not ok(value):
+            raise DDPMError(f"diffusers UNet2DModel with {key}={value!r} does not map to ddpmlab's UNet: {why}")
+        return value
+
+    if conf.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise DDPMError(f"diffusers model class {conf['_class_name']} is not supported; only UNet2DModel maps")
+    need("time_embedding_type", lambda v: v == "positional", "positional", "only sinusoidal time embeddings")
+    need("act_fn", lambda v: v == "silu", "silu", "ddpmlab's UNet uses SiLU")
+    need("center_input_sample", lambda v: not v, False, "inputs must already be in [-1, 1]")
+    need("resnet_time_scale_shift", lambda v: v == "default", "default", "the time embedding must enter as a bias")
+    need("mid_block_type", lambda v: v == "UNetMidBlock2D", "UNetMidBlock2D",
+         "the middle block must be ResNet-attention-ResNet")
+    need("add_attention", lambda v: v, True, "the middle block must attend")
+    need("mid_block_scale_factor", lambda v: v == 1, 1, "residuals are not rescaled")
+    need("downsample_type", lambda v: v == "conv", "conv", "downsampling is a strided conv")
+    need("upsample_type", lambda v: v == "conv", "conv", "upsampling is nearest + conv")
+    need("class_embed_type", lambda v: v is None, None, "class labels must be an nn.Embedding (num_class_embeds)")
+    groups = need("norm_num_groups", lambda v: isinstance(v, int), 32, "norm groups must be given")
+    need("attn_norm_num_groups", lambda v: v in (None, groups), None, "attention must use norm_num_groups")
+    widths = list(conf.get("block_out_channels", (224, 448, 672, 896)))
+    base = widths[0]
+    need("block_out_channels", lambda v: all(w % base == 0 for w in widths), widths,
+         "every level's width must be a multiple of the first")
+    need("time_embedding_dim", lambda v: v in (None, 4 * base), None, "the time embedding is 4 x the first width")
+    need("downsample_padding", lambda v: v in (0, 1), 1, "padding must be 0 (TF SAME) or 1")
+    down = need("down_block_types", lambda v: set(v) <= {"DownBlock2D", "AttnDownBlock2D"}, None,
+                "only DownBlock2D and AttnDownBlock2D blocks")
+    up = need("up_block_types", lambda v: set(v) <= {"UpBlock2D", "AttnUpBlock2D"}, None,
+              "only UpBlock2D and AttnUpBlock2D blocks")
+    attn = [b == "AttnDownBlock2D" for b in down]
+    need("up_block_types", lambda v: [b == "AttnUpBlock2D" for b in reversed(v)] == attn, up,
+         "attention must sit at the same levels on the way down and up")
+    size = need("sample_size", lambda v: v is not None, None, "the image size must be given")
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    head_dim = conf.get("attention_head_dim", 8)
+    ncls = conf.get("num_class_embeds")
+    return dict(
+        in_channels=conf.get("in_channels", 3), out_channels=conf.get("out_channels", 3), base_channels=base,
+        channel_mults=tuple(wd // base for wd in widths), num_res_blocks=conf.get("layers_per_block", 2),
+        attention_resolutions=tuple(h // 2**i for i, a in enumerate(attn) if a), dropout=conf.get("dropout", 0.0),
+        num_heads=1, norm_groups=groups, num_classes=ncls - 1 if ncls else None, image_size=(h, w),
+        norm_eps=conf.get("norm_eps", 1e-5), time_shift=conf.get("freq_shift", 0),
+        time_flip=conf.get("flip_sin_to_cos", True), downsample_padding=conf.get("downsample_padding", 1),
+        attention_head_dim=head_dim,
+    )
+
+
+def diffusion_from_scheduler(conf: dict) -> dict:
+    """ddpmlab diffusion config keys for a diffusers scheduler config (DDPM/DDIM/PNDM/... share them)."""
+    if conf.get("rescale_betas_zero_snr"):
+        raise DDPMError("scheduler rescale_betas_zero_snr=true does not map: ddpmlab's samplers need alpha_bar_T > 0")
+    pred = conf.get("prediction_type", "epsilon")
+    if pred not in PREDICTION_FROM_DIFFUSERS:
+        raise DDPMError(f"scheduler prediction_type={pred!r} does not map; ddpmlab knows "
+                        f"{', '.join(PREDICTION_FROM_DIFFUSERS)}")
+    variance = conf.get("variance_type") or "fixed_small"
+    if variance not in VARIANCES:
+        raise DDPMError(f"scheduler variance_type={variance!r} does not map; ddpmlab knows {', '.join(VARIANCES)}")
+    T = conf.get("num_train_timesteps", 1000)
+    start, end = conf.get("beta_start", 1e-4), conf.get("beta_end", 0.02)
+    name = conf.get("beta_schedule", "linear")
+    if conf.get("trained_betas") is not None:
+        betas = torch.tensor(conf["trained_betas"], dtype=torch.float64)
+        name = next((n for n in SCHEDULES if len(betas) == T
+                     and torch.allclose(_our_betas(n, T, start, end), betas, rtol=1e-5, atol=1e-8)), None)
+        if name is None:
+            raise DDPMError(f"scheduler trained_betas match no ddpmlab schedule ({', '.join(SCHEDULES)} with its "
+                            "beta_start/beta_end); they do not map")
+    elif name in SCHEDULE_FROM_DIFFUSERS:
+        name = SCHEDULE_FROM_DIFFUSERS[name]
+    else:
+        raise DDPMError(f"scheduler beta_schedule={name!r} does not map; ddpmlab knows "
+                        f"{', '.join(SCHEDULE_FROM_DIFFUSERS)}")
+    return dict(schedule=name, num_timesteps=T, beta_start=start, beta_end=end,
+                prediction=PREDICTION_FROM_DIFFUSERS[pred], variance=variance)
+
+
+def load_diffusers_model(folder, device="cpu"):
+    """(config, UNet in eval mode) of a local diffusers UNet2DModel + scheduler folder.
+
+    The config describes the model for ddpmlab's samplers (``data.dataset`` is ``folder``
+    with the model's image size and channels); nothing is downloaded.
+    """
+    from .models import UNet
+
+    unet_dir, sched_file = find_diffusers_folders(folder)
+    kwargs = unet_kwargs_from_unet2d(_read_json(unet_dir / "config.json"))
+    diffusion = diffusion_from_scheduler(_read_json(sched_file))
+    learned = diffusion["variance"] == "learned_range"
+    if kwargs["out_channels"] != kwargs["in_channels"] * (2 if learned else 1):
+        raise DDPMError(f"diffusers UNet2DModel with out_channels={kwargs['out_channels']} and in_channels="
+                        f"{kwargs['in_channels']} does not fit scheduler variance_type={diffusion['variance']}")
+    if kwargs["in_channels"] not in (1, 3, 4):
+        raise DDPMError(f"diffusers UNet2DModel with in_channels={kwargs['in_channels']}: ddpmlab samples images "
+                        "with 1, 3 or 4 channels")
+    try:
+        model = UNet(**kwargs)
+    except (ValueError, DDPMError) as e:
+        raise DDPMError(f"diffusers model in '{folder}' does not map to ddpmlab's UNet: {e}") from None
+    model.load_state_dict(from_diffusers_state_dict(_load_unet2d_weights(unet_dir)), strict=True)
+    return _describe(kwargs, diffusion, folder), model.to(device).eval()
+
+
+def _describe(kwargs: dict, diffusion: dict, folder) -> Config:
+    """A validated ddpmlab Config describing an imported model (for the samplers and the CLI)."""
+    cfg = Config()
+    d, m = cfg.data, cfg.model
+    d.dataset, d.path, d.channels = "folder", str(folder), kwargs["in_channels"]
+    d.image_size = list(kwargs["image_size"])
+    m.base_channels, m.channel_mults = kwargs["base_channels"], list(kwargs["channel_mults"])
+    m.num_res_blocks, m.attention_resolutions = kwargs["num_res_blocks"], list(kwargs["attention_resolutions"])
+    m.norm_groups, m.dropout, m.num_classes = kwargs["norm_groups"], kwargs["dropout"], kwargs["num_classes"]
+    for key, value in diffusion.items():
+        setattr(cfg.diffusion, key, value)
+    if diffusion["variance"] == "learned_range":  # the loss is irrelevant for sampling; config checks want hybrid
+        cfg.diffusion.loss_type = "hybrid"
+    cfg.train.sample_steps = min(cfg.train.sample_steps, diffusion["num_timesteps"])
+    validate(cfg, source=f"diffusers model {folder}")
+    return cfg
+
+
+def _load_unet2d_weights(unet_dir: Path) -> Dict[str, torch.Tensor]:
+    """UNet2DModel's state dict read by diffusers itself (handles .bin / .safetensors and old key names)."""
+    diffusers = require_diffusers()
+    try:
+        unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
+    except Exception as e:  # diffusers raises many kinds of errors for a broken folder
+        raise DDPMError(f"diffusers could not load the UNet in '{unet_dir}': {str(e).splitlines()[0]}") from None
+    return {k: v.float() for k, v in unet.state_dict().items()}

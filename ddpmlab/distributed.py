@@ -1,0 +1,102 @@
+"""Helpers that let one training step run on N processes, in micro-batches, in mixed precision.
+
+The contract: ``train.batch_size`` is the global batch B of Algorithm 1 (Ho et al. 2020).
+Each of the N processes (``accelerate launch`` / ``torchrun``) gets B / N examples of it,
+splits them into ``train.grad_accum_steps`` = k micro-batches of B / (N k), and averages
+the k gradients before the all-reduce averages over processes.  t and eps are drawn for
+the whole global batch from (seed, step) and each process keeps its rows, so the update
+is the same for every N and k up to float rounding (the order of the sums changes).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from .errors import ConfigError
+
+
+def check_batch_split(batch_size: int, world: int, grad_accum_steps: int) -> int:
+    """The micro-batch size B / (N k); ConfigError when B does not split evenly."""
+    if batch_size % (world * grad_accum_steps):
+        raise ConfigError(
+            f"train.batch_size ({batch_size}) must be divisible by the number of processes ({world}) times "
+            f"train.grad_accum_steps ({grad_accum_steps}); e.g. train.batch_size="
+            f"{world * grad_accum_steps * max(1, round(batch_size / (world * grad_accum_steps)))}"
+        )
+    return batch_size // (world * grad_accum_steps)
+
+
+def check_mixed_precision(mode: str, device: str) -> None:
+    """fp16 needs CUDA (its loss scaler is a CUDA feature); bf16 runs on CPU and GPU."""
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if mode == "fp16" and not cuda:
+        raise ConfigError(
+            "train.mixed_precision=fp16 needs a CUDA GPU (fp16 gradients need a loss scaler, which runs on CUDA); "
+            "on this machine use train.mixed_precision=bf16 or no"
+        )
+
+
+def use_cpu(device: str) -> bool:
+    """Whether train.device means the CPU; Accelerate runs several CPU processes (gloo) only when told so."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available() and not mps)
+
+
+def reset_accelerator_state() -> None:
+    """Forget the precision of an earlier Accelerator in this process (the process group stays)."""
+    from accelerate.state import AcceleratorState
+
+    if hasattr(AcceleratorState, "_reset_state"):
+        AcceleratorState._reset_state()
+
+
+def agree_on(value, cfg):
+    """Rank 0's ``value`` on every process (e.g. a run name from its clock); ``value`` itself with one process.
+
+    Called before the Accelerator exists, so it sets up Accelerate's process group itself.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return value
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    PartialState(cpu=use_cpu(cfg.train.device))
+    return broadcast_object_list([value], from_process=0)[0]
+
+
+def draw_t_and_noise(sample_timesteps: Callable, x0: torch.Tensor, global_batch: int, rank: int,
+                     generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    """t (n,) and eps like ``x0`` (n, ...) for this process's rows ``rank * n .. (rank + 1) * n`` of the global batch.
+
+    ``generator`` must be seeded identically on every process (by seed and step only).
+    """
+    n = x0.shape[0]
+    rows = slice(rank * n, (rank + 1) * n)
+    # Algorithm 1, lines 3-4: t ~ Uniform({1..T}), eps ~ N(0, I), for all B examples of the step
+    t = sample_timesteps(global_batch, device=x0.device, generator=generator)[rows]
+    noise = torch.randn((global_batch, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype)
+    return t, noise[rows]
+
+
+def micro_batches(k: int, *tensors: Optional[torch.Tensor]) -> List[Sequence[Optional[torch.Tensor]]]:
+    """Split equally long tensors into k aligned chunks along dim 0 (None stays None in every chunk)."""
+    parts = [t.chunk(k) if t is not None else [None] * k for t in tensors]
+    return list(zip(*parts))
+
+
+def scaler_state(accelerator) -> dict:
+    """The fp16 loss scaler's state for the checkpoint (scale, growth tracker); {} without a scaler."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None:
+        return {}
+    return {"grad_scaler": {k: (v.item() if torch.is_tensor(v) else v) for k, v in scaler.state_dict().items()}}
+
+
+def load_scaler_state(accelerator, state: dict) -> None:
+    """Restore the loss scale of a checkpoint so that an fp16 run resumes exactly."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None and state.get("grad_scaler"):
+        scaler.load_state_dict(state["grad_scaler"])

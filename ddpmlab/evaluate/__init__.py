@@ -1,0 +1,24 @@
+"""Trustworthy sample-quality evaluation: FID/KID/IS/precision-recall, 2-D distances, caching.
+
+* :mod:`.features` - extractors locked in eval mode (the shipped MNIST classifier, or the
+  FID Inception-v3 from a local weights file) and batched feature extraction;
+* :mod:`.metrics` - FID, KID and IS by torchmetrics on all samples, precision/recall;
+* :mod:`.reference` - reference statistics cached by dataset content and extractor;
+* :mod:`.toy` - sliced Wasserstein distance and MMD for 2-D runs;
+* :mod:`.run` - the metric registry, ``evaluate_run`` (``ddpm eval``) and the JSON results;
+* :mod:`.monitor` - evaluation and TensorBoard logging during training.
+"""
+
+from .features import EXTRACTORS, Extractor, build_extractor, classifier_extractor, extract, inception_extractor
+from .metrics import feature_sums, fid, inception_score, kid, precision_recall
+from .reference import default_cache_dir, reference_statistics
+from .run import (METRICS, EvalContext, EvalSettings, evaluate_model, evaluate_run, format_results,
+                  register_metric)
+from .toy import mmd_rbf, sliced_wasserstein
+
+__all__ = [
+    "EXTRACTORS", "Extractor", "build_extractor", "classifier_extractor", "inception_extractor", "extract",
+    "feature_sums", "fid", "kid", "inception_score", "precision_recall", "default_cache_dir",
+    "reference_statistics", "METRICS", "EvalContext", "EvalSettings", "evaluate_model", "evaluate_run",
+    "format_results", "register_metric", "mmd_rbf", "sliced_wasserstein",
+]

@@ -1,0 +1,127 @@
+"""Feature extractors for FID/KID/IS/precision-recall, locked in eval mode, and batched extraction.
+
+An :class:`Extractor` maps images in the data's scale ([-1, 1], (B, C, H, W)) to features
+(B, D) and, when it is a classifier, to logits (B, K).  Two ship:
+
+* ``classifier``: the bundled MNIST classifier (:mod:`ddpmlab.classifier`), 128 features,
+  offline out of the box, for 1x28x28 digits ("classifier FID").
+* ``inception``: the standard FID Inception-v3 network (2048 pool features, 1008 logits),
+  only from a weights file the user has locally; nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterable, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..errors import DDPMError
+from ..progress import progress_bar
+
+EXTRACTORS = ("classifier", "inception")
+
+
+class Extractor(nn.Module):
+    """images (B, C, H, W) in [-1, 1] -> features (B, num_features); ``logits(x)`` -> (B, K).
+
+    ``net`` provides ``features(x)`` and ``classify(features) -> logits``.
+    The wrapped network is put in eval mode and ``train()`` cannot switch it back: batch
+    norm and dropout in training mode would make a sample's features depend on its batch.
+    ``identity`` names the network and the hash of its weights (used in cache keys).
+    """
+
+    def __init__(self, net: nn.Module, name: str, identity: str, num_features: int,
+                 input_shape: Optional[Tuple[int, int, int]] = None):
+        super().__init__()
+        self.net = net.eval().requires_grad_(False)
+        self.name = name
+        self.identity = identity
+        self.num_features = num_features  # torchmetrics reads this for custom extractors
+        self.input_shape = input_shape
+
+    def train(self, mode: bool = True) -> "Extractor":
+        return super().train(False)  # locked in eval mode
+
+    def check(self, x: torch.Tensor) -> None:
+        if self.input_shape is not None and tuple(x.shape[1:]) != tuple(self.input_shape):
+            raise DDPMError(f"the '{self.name}' extractor needs images of shape {self.input_shape}, got "
+                            f"{tuple(x.shape[1:])}; use --extractor inception --inception-weights PATH "
+                            "for other images")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check(x)
+        return self.net.features(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.classify(self(x))
+
+
+def file_sha256(path: Union[str, Path]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def classifier_extractor(device: Union[str, torch.device] = "cpu") -> Extractor:
+    """The shipped MNIST classifier as an extractor (128 features, 10 logits, 1x28x28 input)."""
+    from ..classifier import WEIGHTS, load_mnist_classifier
+
+    net = load_mnist_classifier(device)
+    return Extractor(net, "classifier", f"mnist-classifier-{file_sha256(WEIGHTS)[:16]}", net.num_features,
+                     input_shape=(1, 28, 28))
+
+
+def inception_extractor(weights: Optional[Union[str, Path]], device: Union[str, torch.device] = "cpu") -> Extractor:
+    """The FID Inception-v3 network from a local weights file (2048 features, 1008 logits)."""
+    from .inception import load_fid_inception
+
+    net, digest = load_fid_inception(weights)
+    return Extractor(net.to(device), "inception", f"inception-v3-fid-{digest[:16]}", 2048)
+
+
+def build_extractor(name: str, sample_shape: Tuple[int, ...], inception_weights: Optional[str] = None,
+                    device: Union[str, torch.device] = "cpu") -> Extractor:
+    """The extractor called ``name`` for images of ``sample_shape`` (C, H, W)."""
+    if name not in EXTRACTORS:
+        raise DDPMError(f"--extractor '{name}' is unknown; choose one of {', '.join(EXTRACTORS)}")
+    if name == "inception":
+        return inception_extractor(inception_weights, device)
+    if tuple(sample_shape) != (1, 28, 28):
+        raise DDPMError(f"the classifier extractor is for 1x28x28 digits, these images are {tuple(sample_shape)}; "
+                        "use --extractor inception --inception-weights PATH")
+    return classifier_extractor(device)
+
+
+@torch.no_grad()
+def extract(extractor: Extractor, images: Iterable[torch.Tensor], total: Optional[int] = None,
+            with_logits: bool = False, device: Union[str, torch.device, None] = None, progress: bool = True,
+            desc: str = "features") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Features (N, D) float32 on the CPU (and logits (N, K) when asked) of batches of images.
+
+    ``images``: an iterable of (B, C, H, W) batches in [-1, 1]; ``total``: N, for the bar.
+    """
+    device = device if device is not None else next(extractor.parameters()).device
+    extractor.eval()
+    feats, logits = [], []
+    with progress_bar(progress, total=total, desc=desc, unit="img", leave=False) as bar:
+        for x in images:
+            x = x.to(device, torch.float32)
+            f = extractor(x)
+            feats.append(f.float().cpu())
+            if with_logits:
+                logits.append(extractor.net.classify(f).float().cpu())
+            bar.update(len(x))
+    if not feats:
+        raise DDPMError("no images to extract features from")
+    return torch.cat(feats), (torch.cat(logits) if with_logits else None)
+
+
+def batches(x: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
+    """Split (N, ...) into consecutive batches of at most ``batch_size``."""
+    for i in range(0, len(x), batch_size):
+        yield x[i:i + batch_size]

@@ -1,0 +1,139 @@
+"""Evaluation and TensorBoard logging during training (main process only).
+
+    RUN/tensorboard/   event files: train/loss, train/lr, ..., eval/fid, ..., sample images
+    RUN/eval.csv       step and the metrics of each evaluation (train.eval_every)
+
+View with ``tensorboard --logdir runs``.  On resume, events and rows after the checkpoint
+step are dropped, so the curves continue without duplicates.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DDPMError
+from .run import EvalContext, EvalSettings, check_metrics, default_metrics, evaluate_model
+
+EVAL_LOG = "eval.csv"
+TB_DIR = "tensorboard"
+
+
+def eval_settings(cfg) -> EvalSettings:
+    """The evaluation a run does every ``train.eval_every`` steps, from its train.eval_* keys."""
+    t = cfg.train
+    weights = getattr(t, "eval_inception_weights", None)
+    return EvalSettings(metrics=list(getattr(t, "eval_metrics", []) or []), n=int(getattr(t, "eval_n", 500)),
+                        sampler=getattr(t, "eval_sampler", "ddim"), steps=int(getattr(t, "eval_steps", 50)),
+                        seed=t.seed, extractor="inception" if weights else "classifier", inception_weights=weights,
+                        baseline=False)
+
+
+class TrainingMonitor:
+    """Writes TensorBoard scalars and images, and evaluates the EMA model every N steps."""
+
+    def __init__(self, cfg, run_dir: Path, dataset, start_step: int = 0, device="cpu", progress: bool = False,
+                 say=print):
+        self.say = say
+        self.cfg, self.run_dir, self.dataset, self.device = cfg, Path(run_dir), dataset, device
+        self.every = int(getattr(cfg.train, "eval_every", 0) or 0)
+        self.settings = eval_settings(cfg)
+        self.progress = progress
+        self._extractor = self._reference = None
+        self.writer = None
+        if getattr(cfg.train, "tensorboard", True):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / TB_DIR), purge_step=start_step or None, flush_secs=20)
+        if self.every:
+            self._check()
+            _trim_csv(self.run_dir / EVAL_LOG, start_step)
+
+    def _check(self) -> None:
+        """Refuse at the start, not after hours of training, an evaluation that cannot run."""
+        s = self.settings
+        try:
+            image = self.dataset.is_image
+            check_metrics(s.metrics or default_metrics(image, False, s.extractor), image)
+            if self.dataset.is_image:
+                from .features import build_extractor
+                from .metrics import check_fid_samples
+
+                self._extractor = build_extractor(s.extractor, tuple(self.dataset.sample_shape), s.inception_weights,
+                                                  self.device)
+                if "fid" in (s.metrics or ["fid"]):
+                    check_fid_samples(s.n, self._extractor.num_features, option="train.eval_n")
+        except DDPMError as e:
+            msg = str(e).replace("--metrics", "train.eval_metrics").replace("--extractor inception "
+                                                                            "--inception-weights PATH",
+                                                                            "train.eval_inception_weights=PATH")
+            raise ConfigError(f"train.eval_every: {msg}") from None
+
+    def scalars(self, step: int, values: Dict[str, float]) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, float(v), step)
+
+    def image_file(self, tag: str, path: Path, step: int) -> None:
+        """Show a PNG the trainer wrote (a sample grid or a scatter plot) in TensorBoard."""
+        if self.writer is None or path is None or not Path(path).is_file():
+            return
+        from PIL import Image
+
+        arr = np.asarray(Image.open(path).convert("RGB"))
+        self.writer.add_image(tag, arr, step, dataformats="HWC")
+
+    def maybe_evaluate(self, step: int, model, schedule, final: bool = False) -> Optional[dict]:
+        """Evaluate ``model`` (the EMA) at every ``eval_every``-th step and at the last one."""
+        if not self.every or (step % self.every and not final):
+            return None
+        ctx = EvalContext(self.cfg, model, schedule, self.dataset, self.settings, self.device, self.progress,
+                          extractor=self._extractor, reference=self._reference, n_option="train.eval_n")
+        results = evaluate_model(ctx)
+        if self.dataset.is_image:
+            self._reference = ctx.reference  # computed (or read from the cache) once per run
+        values = results["metrics"]
+        self.scalars(step, {f"eval/{k}": v for k, v in values.items()})
+        _append_csv(self.run_dir / EVAL_LOG, step, values)
+        self.say("eval at step {}: {}".format(step, ", ".join(f"{k} {v:.4g}" for k, v in values.items())))
+        return results
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _append_csv(path: Path, step: int, values: Dict[str, float]) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["step", *values])
+        w.writerow([step, *(f"{v:.6g}" for v in values.values())])
+
+
+def _trim_csv(path: Path, step: int) -> None:
+    """Drop rows after ``step`` (a resumed run repeats them); a fresh run starts a new file."""
+    if not path.exists():
+        return
+    if step == 0:
+        path.unlink()
+        return
+    rows = list(csv.reader(path.open()))
+    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows(kept)
+
+
+def read_eval_log(run_dir) -> Dict[str, torch.Tensor]:
+    """eval.csv of a run as {column: tensor}; empty when the run never evaluated."""
+    path = Path(run_dir) / EVAL_LOG
+    if not path.exists():
+        return {}
+    rows = list(csv.DictReader(path.open()))
+    return {k: torch.tensor([float(r[k]) for r in rows]) for k in (rows[0] if rows else {})}

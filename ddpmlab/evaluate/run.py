@@ -1,0 +1,351 @@
+"""Evaluate a model: draw samples, extract features once, compute the chosen metrics, save JSON.
+
+Metrics are looked up by name in :data:`METRICS`.  Each entry says what it works on:
+
+* ``"set"`` metrics (fid, kid, is, pr, acc; swd, mmd for 2-D runs) are functions
+  ``fn(ctx, which) -> {name: value}`` of one set of points, ``which`` being ``"samples"``
+  (drawn from the model) or ``"data"`` (as many data points, the baseline a perfect model
+  would reach with this number of samples);
+* ``"model"`` metrics ``fn(ctx) -> {name: value}`` use the model directly (e.g. a
+  likelihood); register one with :func:`register_metric` and ``ddpm eval --metrics`` knows it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from ..errors import DDPMError
+from . import metrics as M
+from .features import Extractor, batches, build_extractor, extract
+from .reference import Reference, reference_statistics
+from .toy import mmd_rbf, sliced_wasserstein
+
+
+@dataclass
+class EvalSettings:
+    """Everything that decides an evaluation's numbers (saved with the results)."""
+
+    metrics: List[str] = field(default_factory=list)  # empty: the defaults for the data kind
+    n: int = 1000
+    sampler: str = "ddim"
+    steps: Optional[int] = None  # default: T for ddpm, 50 otherwise
+    sampler_options: Dict[str, object] = field(default_factory=dict)
+    guidance: Optional[float] = None  # classifier-free guidance scale (conditional runs)
+    seed: int = 0
+    batch_size: int = 256
+    extractor: str = "classifier"
+    inception_weights: Optional[str] = None
+    weights: str = "ema"
+    baseline: bool = True  # also score n data points against the same reference
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    pr_k: int = 3
+    is_splits: int = 10
+
+
+@dataclass(frozen=True)
+class Metric:
+    fn: Callable
+    kind: str  # "image", "toy" or "any": the data it applies to
+    per_set: bool  # True: fn(ctx, which) on samples and data; False: fn(ctx) once
+    help: str
+
+
+METRICS: Dict[str, Metric] = {}
+
+
+def register_metric(name: str, fn: Callable, kind: str = "any", per_set: bool = False, help: str = "") -> None:
+    """Make ``name`` available to ``ddpm eval --metrics`` (see the module docstring for ``fn``)."""
+    METRICS[name] = Metric(fn, kind, per_set, help)
+
+
+class EvalContext:
+    """What the metrics share, computed lazily once: samples, features, reference statistics."""
+
+    def __init__(self, cfg, model, schedule, dataset, settings: EvalSettings, device, progress: bool = True,
+                 extractor: Optional[Extractor] = None, reference: Optional[Reference] = None,
+                 cache_dir: Optional[str] = None, use_cache: bool = True, n_option: str = "--n"):
+        self.n_option = n_option  # how the user sets n, for error messages
+        self.cfg, self.model, self.schedule, self.dataset = cfg, model, schedule, dataset
+        self.s, self.device, self.progress = settings, torch.device(device), progress
+        self.cache_dir, self.use_cache = cache_dir, use_cache
+        if extractor is not None:
+            self.__dict__["extractor"] = extractor
+        if reference is not None:
+            self.__dict__["reference"] = reference
+
+    @property
+    def is_image(self) -> bool:
+        return bool(self.dataset.is_image)
+
+    @property
+    def steps(self) -> int:
+        s = self.s
+        return s.steps if s.steps is not None else (self.schedule.num_timesteps if s.sampler == "ddpm" else 50)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.cfg.model.num_classes or 0)
+
+    @cached_property
+    def samples(self):
+        """(x (n, *shape), labels (n,) or None): samples of the model."""
+        from ..samplers.generate import generate
+
+        s, model = self.s, self.model
+        labels = torch.arange(s.n) % self.num_classes if self.num_classes else None
+        if s.guidance is not None:
+            from ..samplers.guidance import ClassifierFreeGuidance
+
+            model = ClassifierFreeGuidance(model, None, s.guidance)
+        x = generate(model, self.schedule, self.dataset.sample_shape, s.n, sampler=s.sampler, steps=self.steps,
+                     prediction=self.cfg.diffusion.prediction, clip_x0=1.0 if self.is_image else None,
+                     batch_size=s.batch_size, seed=s.seed, device=self.device, labels=labels,
+                     progress=self.progress, **s.sampler_options)
+        return x, labels
+
+    @cached_property
+    def data(self):
+        """(x (n, *shape), labels (n,)): n data points for the baseline (fresh ones for 2-D sets)."""
+        if not self.is_image:
+            return self._fresh_toy(20_000 + self.s.seed), None
+        n = min(self.s.n, len(self.dataset))
+        idx = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.s.seed))[:n]
+        if getattr(self.dataset, "x", None) is not None:
+            return self.dataset.x[idx], self.dataset.y[idx]
+        items = [self.dataset[int(i)] for i in idx]
+        return torch.stack([a for a, _ in items]), torch.stack([torch.as_tensor(b) for _, b in items])
+
+    def points(self, which: str):
+        return self.samples if which == "samples" else self.data
+
+    def _fresh_toy(self, seed: int) -> torch.Tensor:
+        from ..data import make_toy
+
+        d = self.cfg.data
+        return make_toy(d.toy, self.s.n, d.toy_noise, seed=seed)
+
+    @cached_property
+    def toy_reference(self) -> torch.Tensor:
+        """n fresh points of the 2-D data set, drawn with a seed the training set never used."""
+        return self._fresh_toy(10_000 + self.s.seed)
+
+    @cached_property
+    def extractor(self) -> Extractor:
+        return build_extractor(self.s.extractor, tuple(self.dataset.sample_shape), self.s.inception_weights,
+                               self.device)
+
+    @cached_property
+    def reference(self) -> Reference:
+        return reference_statistics(self.dataset, self.extractor, _describe_data(self.cfg),
+                                    cache_dir=self.cache_dir, use_cache=self.use_cache,
+                                    batch_size=self.s.batch_size, progress=self.progress)
+
+    def _features(self, which: str):
+        x, _ = self.points(which)
+        return extract(self.extractor, batches(x, self.s.batch_size), total=len(x), with_logits=True,
+                       progress=self.progress, desc=f"features ({which})")
+
+    @cached_property
+    def _sample_features(self):
+        return self._features("samples")
+
+    @cached_property
+    def _data_features(self):
+        return self._features("data")
+
+    def features(self, which: str) -> torch.Tensor:
+        return (self._sample_features if which == "samples" else self._data_features)[0]
+
+    def logits(self, which: str) -> torch.Tensor:
+        return (self._sample_features if which == "samples" else self._data_features)[1]
+
+
+def _describe_data(cfg) -> str:
+    d = cfg.data
+    where = f" {d.path}" if d.dataset == "folder" else ""
+    return f"{d.dataset}{where} split={d.split}"
+
+
+# --- the metrics -------------------------------------------------------------------------
+
+def _fid(ctx: EvalContext, which: str) -> dict:
+    return {"fid": M.fid(ctx.reference.sums, ctx.features(which))}
+
+
+def _kid(ctx: EvalContext, which: str) -> dict:
+    mean, std = M.kid(ctx.reference.features, ctx.features(which), ctx.s.kid_subsets, ctx.s.kid_subset_size,
+                      seed=ctx.s.seed)
+    return {"kid": mean, "kid_std": std}
+
+
+def _is(ctx: EvalContext, which: str) -> dict:
+    mean, std = M.inception_score(ctx.logits(which), ctx.s.is_splits, seed=ctx.s.seed)
+    return {"is": mean, "is_std": std}
+
+
+def _pr(ctx: EvalContext, which: str) -> dict:
+    p, r = M.precision_recall(ctx.reference.features, ctx.features(which), ctx.s.pr_k)
+    return {"precision": p, "recall": r}
+
+
+def _acc(ctx: EvalContext, which: str) -> dict:
+    if not ctx.num_classes:
+        raise DDPMError("--metrics acc (classifier accuracy of conditional samples) needs a class-conditional "
+                        "run (model.num_classes); drop 'acc' for this run")
+    if ctx.s.extractor != "classifier":
+        raise DDPMError("--metrics acc needs --extractor classifier (the digit classifier decides the class)")
+    return {"acc": M.class_accuracy(ctx.logits(which), ctx.points(which)[1])}
+
+
+def _swd(ctx: EvalContext, which: str) -> dict:
+    gen = torch.Generator().manual_seed(ctx.s.seed)
+    return {"swd": sliced_wasserstein(ctx.points(which)[0], ctx.toy_reference, generator=gen)}
+
+
+def _mmd(ctx: EvalContext, which: str) -> dict:
+    return {"mmd": mmd_rbf(ctx.points(which)[0], ctx.toy_reference)}
+
+
+register_metric("fid", _fid, "image", True, "Frechet distance of features (Heusel et al. 2017)")
+register_metric("kid", _kid, "image", True, "kernel distance: unbiased MMD^2, cubic kernel (Binkowski et al. 2018)")
+register_metric("is", _is, "image", True, "Inception Score of the extractor's class probabilities")
+register_metric("pr", _pr, "image", True, "improved precision and recall, k=3 (Kynkaanniemi et al. 2019)")
+register_metric("acc", _acc, "image", True, "classifier accuracy of class-conditional samples")
+register_metric("swd", _swd, "toy", True, "sliced Wasserstein distance to fresh data (2-D runs)")
+register_metric("mmd", _mmd, "toy", True, "MMD^2 with Gaussian kernels to fresh data (2-D runs)")
+
+
+def default_metrics(is_image: bool, conditional: bool, extractor: str) -> List[str]:
+    if not is_image:
+        return ["swd", "mmd"]
+    return ["fid", "kid", "is", "pr"] + (["acc"] if conditional and extractor == "classifier" else [])
+
+
+def check_metrics(names: List[str], is_image: bool) -> None:
+    for name in names:
+        if name not in METRICS:
+            raise DDPMError(f"--metrics: unknown metric '{name}'; available: {', '.join(METRICS)}")
+        kind = METRICS[name].kind
+        if kind != "any" and (kind == "image") != is_image:
+            data = "images" if kind == "image" else "2-D points"
+            fits = ", ".join(default_metrics(is_image, False, "classifier"))
+            raise DDPMError(f"--metrics: '{name}' is for {data}; this run's data are "
+                            f"{'images' if is_image else '2-D points'} (use {fits})")
+
+
+def evaluate_model(ctx: EvalContext) -> dict:
+    """All requested metrics of ``ctx``: {"metrics": {...}, "data_baseline": {...}, ...}."""
+    s = ctx.s
+    names = s.metrics or default_metrics(ctx.is_image, bool(ctx.num_classes), s.extractor)
+    check_metrics(names, ctx.is_image)
+    if s.n < 2:
+        raise DDPMError(f"{ctx.n_option} must be at least 2, got {s.n}")
+    if ctx.is_image and "fid" in names:
+        M.check_fid_samples(s.n, ctx.extractor.num_features, option=ctx.n_option)
+    t0 = time.time()
+    results, baseline = {}, {}
+    for name in names:
+        m = METRICS[name]
+        if not m.per_set:
+            results.update(m.fn(ctx))
+            continue
+        results.update(m.fn(ctx, "samples"))
+        if s.baseline:
+            baseline.update(m.fn(ctx, "data"))
+    out = {"metrics": results, "data_baseline": baseline if s.baseline else None,
+           "settings": {**dataclasses.asdict(s), "metrics": names, "steps": ctx.steps},
+           "time_s": round(time.time() - t0, 1)}
+    if ctx.is_image and "extractor" in ctx.__dict__:
+        e = ctx.extractor
+        out["extractor"] = {"name": e.name, "identity": e.identity, "num_features": e.num_features}
+    if "reference" in ctx.__dict__:
+        out["reference"] = ctx.reference.info()
+    elif not ctx.is_image and s.baseline is not None:
+        d = ctx.cfg.data
+        out["reference"] = {"dataset": f"toy {d.toy} noise={d.toy_noise}", "n": s.n,
+                            "seed": 10_000 + s.seed, "baseline_seed": 20_000 + s.seed}
+    return out
+
+
+def result_path(run_dir: Path, step: int, s: EvalSettings, steps: int) -> Path:
+    tag = f"step{step:07d}_{s.weights}_{s.sampler}{steps}_n{s.n}_seed{s.seed}"
+    tag += f"_{s.extractor}" if s.extractor != "classifier" else ""
+    tag += f"_guidance{s.guidance:g}" if s.guidance is not None else ""
+    return Path(run_dir) / "eval" / f"{tag}.json"
+
+
+def save_results(results: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return path
+
+
+def format_results(results: dict) -> str:
+    """A small table: metric, value for the samples, value for n data points."""
+    base = results.get("data_baseline") or {}
+    n = results["settings"]["n"]
+    lines = [f"{'metric':<10} {'samples':>12} {f'data (n={n})':>14}"]
+    for k, v in results["metrics"].items():
+        b = base.get(k)
+        lines.append(f"{k:<10} {v:>12.5g} {('' if b is None else f'{b:.5g}'):>14}")
+    return "\n".join(lines)
+
+
+def _run_sampler_options(cfg, s: EvalSettings) -> dict:
+    """DDPM samples use the run's own variance unless --variance says otherwise."""
+    opts = dict(s.sampler_options)
+    if s.sampler == "ddpm" and "variance" not in opts and getattr(cfg.diffusion, "variance", None):
+        try:
+            from ..likelihood import ddpm_sampler_variance
+
+            opts["variance"] = ddpm_sampler_variance(cfg.diffusion.variance)
+        except (ImportError, KeyError):
+            pass
+    return opts
+
+
+def evaluate_run(run_dir, settings: EvalSettings, device="cpu", *, cache_dir: Optional[str] = None,
+                 use_cache: bool = True, progress: bool = True, out: Optional[Path] = None):
+    """Evaluate the newest checkpoint of ``run_dir``; save and return (results, JSON path)."""
+    from ..checkpoint import latest_checkpoint, list_checkpoints, load_run_config, require_run_dir
+    from ..data import build_dataset
+    from ..models import build_model
+    from ..samplers import get_sampler
+    from ..schedules import NoiseSchedule
+
+    run_dir = require_run_dir(run_dir)
+    get_sampler(settings.sampler)  # fail fast on a bad name
+    cfg = load_run_config(run_dir)
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        raise DDPMError(f"run '{run_dir}' has no checkpoint yet; train it first (ddpm train --resume {run_dir})")
+    wfile = f"{settings.weights}.safetensors"
+    if not (ckpts[0] / wfile).is_file():
+        other = "model" if settings.weights == "ema" else "ema"
+        raise DDPMError(f"run '{run_dir}': checkpoint {ckpts[0].name} has no {settings.weights.upper()} weights "
+                        f"({wfile} is missing); evaluate the other weights with --weights {other}")
+    ckpt_path, ckpt = latest_checkpoint(run_dir)
+    model = build_model(cfg)
+    model.load_state_dict(ckpt[settings.weights])
+    model = model.to(device).eval()
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
+    T = schedule.num_timesteps
+    if settings.steps is not None and not 1 <= settings.steps <= T:
+        raise DDPMError(f"--steps must be between 1 and {T} (the model's num_timesteps), got {settings.steps}")
+    settings = dataclasses.replace(settings, sampler_options=_run_sampler_options(cfg, settings))
+    ctx = EvalContext(cfg, model, schedule, build_dataset(cfg), settings, device, progress,
+                      cache_dir=cache_dir, use_cache=use_cache)
+    results = evaluate_model(ctx)
+    results["run"] = {"run_dir": str(run_dir), "checkpoint": ckpt_path.name, "step": int(ckpt["step"]),
+                      "weights": settings.weights, "device": str(device)}
+    path = Path(out) if out else result_path(run_dir, int(ckpt["step"]), settings, ctx.steps)
+    return results, save_results(results, path)

@@ -1,0 +1,103 @@
+"""Pixels out: sample grids, 2D scatter plots, GIF animations, matplotlib figures as arrays."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data import to_uint8
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def make_grid(images: torch.Tensor, nrow: Optional[int] = None, pad: int = 2) -> np.ndarray:
+    """images: (B, C, H, W) in [-1, 1] -> one uint8 array (H', W', C) with C in {1, 3, 4}."""
+    arr = to_uint8(images)  # (B, H, W, C)
+    b, h, w, c = arr.shape
+    nrow = nrow or int(math.ceil(math.sqrt(b)))
+    ncol = int(math.ceil(b / nrow))
+    grid = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), 255 if c != 4 else 0, dtype=np.uint8)
+    for k in range(b):
+        r, q = divmod(k, nrow)
+        y0, x0 = pad + r * (h + pad), pad + q * (w + pad)
+        grid[y0:y0 + h, x0:x0 + w] = arr[k]
+    return grid
+
+
+def grid_image(images: torch.Tensor, nrow: Optional[int] = None, scale: int = 1) -> Image.Image:
+    """A PIL image of :func:`make_grid`; ``scale`` enlarges small images (nearest)."""
+    grid = make_grid(images, nrow)
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[grid.shape[-1]]
+    img = Image.fromarray(grid[..., 0] if mode == "L" else grid, mode)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return img
+
+
+def save_grid(images: torch.Tensor, path, nrow: Optional[int] = None, scale: int = 1) -> Path:
+    """Write a PNG grid of images in [-1, 1]; ``scale`` enlarges small images (nearest)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid_image(images, nrow, scale).save(path)
+    return path
+
+
+def save_scatter(points: torch.Tensor, path, reference: Optional[torch.Tensor] = None,
+                 title: str = "samples") -> Path:
+    """Scatter plot of 2D points (N, 2), optionally over reference data in grey."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    if reference is not None:
+        ref = reference.cpu().numpy()
+        ax.scatter(ref[:, 0], ref[:, 1], s=2, c="0.75", label="data")
+    p = points.cpu().numpy()
+    ax.scatter(p[:, 0], p[:, 1], s=2, c="tab:blue", label=title)
+    ax.set_aspect("equal")
+    ax.legend(loc="upper right", markerscale=4)
+    ax.set_title(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def figure_array(fig) -> np.ndarray:
+    """The pixels of a drawn matplotlib figure: uint8 (H, W, 3)."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def save_figure(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    pyplot().close(fig)
+    return path
+
+
+def save_gif(frames: Sequence, path, duration_ms: int = 100, hold_last_ms: int = 1000) -> Path:
+    """An endlessly looping GIF (Pillow's writer) of uint8 frames (H, W) or (H, W, 3), or PIL images."""
+    if not frames:
+        raise ValueError("save_gif needs at least one frame")
+    images = [f if isinstance(f, Image.Image) else Image.fromarray(np.asarray(f)) for f in frames]
+    if images[0].mode != "L":  # one shared palette keeps the colours steady and the file small
+        images = [im.convert("RGB").quantize(colors=64, method=Image.Quantize.MEDIANCUT) for im in images]
+    durations = [duration_ms] * (len(images) - 1) + [max(duration_ms, hold_last_ms)]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0, optimize=True)
+    return path

@@ -1,0 +1,44 @@
+"""`ddpm` as a script that also records, per process, what the test of multi-process training checks.
+
+Run as ``python tests/_train_recorder.py train ...`` or under ``torchrun``.  Besides what
+`ddpm train` does, every process writes into the run directory the example indices of each
+step it trained on (``rank<R>_batches.json``) and its own weights at each checkpoint
+(``rank<R>_step<S>.safetensors``): only rank 0 saves checkpoints, so this shows the others.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+import ddpmlab.train as train_module
+from ddpmlab.cli import main
+
+RANK = int(os.environ.get("RANK", "0"))
+_seen: list = []
+_save = train_module._save
+
+
+class RecordingSampler(train_module.StepBatchSampler):
+    def __iter__(self):
+        for batch in super().__iter__():
+            _seen.append(batch)
+            yield batch
+
+
+def recording_save(accelerator, run_dir, step, model, ema, opt, *args, **kwargs):
+    weights = {f"model.{k}": v for k, v in model.state_dict().items()}
+    weights.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
+              str(Path(run_dir) / f"rank{RANK}_step{step}.safetensors"))
+    (Path(run_dir) / f"rank{RANK}_batches.json").write_text(json.dumps(_seen))
+    return _save(accelerator, run_dir, step, model, ema, opt, *args, **kwargs)
+
+
+train_module.StepBatchSampler = RecordingSampler
+train_module._save = recording_save
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

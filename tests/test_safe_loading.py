@@ -1,0 +1,103 @@
+"""User-supplied weights load only from safetensors or torch.load(weights_only=True):
+a pickle crafted to run code on load is refused, and its code never runs."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ddpmlab.checkpoint import load_weights
+from ddpmlab.cli import main
+from ddpmlab.config import load_config
+from ddpmlab.errors import DDPMError
+from ddpmlab.safety import load_state_dict_file
+from ddpmlab.train import train
+
+
+class _CreatesFile:
+    """Unpickling this calls open(target, 'w'): a real payload that leaves a file behind."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def _evil_torch_file(path, target):
+    torch.save({"weight": torch.zeros(3), "bias": _CreatesFile(target)}, path)
+    return path
+
+
+def test_the_payload_is_live_when_loaded_unsafely(tmp_path):
+    """Control: with an unrestricted unpickler both payload files do create their file."""
+    a, b = tmp_path / "created_by_torch_load", tmp_path / "created_by_pickle_load"
+    torch.load(_evil_torch_file(tmp_path / "x.pt", a), weights_only=False)
+    (tmp_path / "x.pkl").write_bytes(pickle.dumps({"w": _CreatesFile(b)}))
+    pickle.loads((tmp_path / "x.pkl").read_bytes())
+    assert a.exists() and b.exists()
+
+
+@pytest.mark.parametrize("kind", ["torch.save", "pickle.dump"])
+def test_malicious_pickle_is_refused_and_its_code_does_not_run(tmp_path, kind):
+    canary = tmp_path / "pwned"
+    path = tmp_path / "weights.pt"
+    if kind == "torch.save":
+        _evil_torch_file(path, canary)
+    else:
+        path.write_bytes(pickle.dumps({"weight": _CreatesFile(canary)}))
+    with pytest.raises(DDPMError, match=r"refused to load .*weights\.pt.*pickle") as e:
+        load_state_dict_file(path)
+    assert "\n" not in str(e.value) and "safetensors" in str(e.value)
+    if kind == "torch.save":
+        assert "open" in str(e.value)  # names the callable the file asked for
+    assert not canary.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    torch.set_num_threads(1)
+    cfg = load_config("mnist", ["data.dataset=digits", "data.split=test", "model.base_channels=8",
+                                "model.norm_groups=4", "model.channel_mults=[1,2]", "model.attention_resolutions=[]",
+                                "train.batch_size=8", "train.steps=2", "train.sample_n=2", "train.sample_steps=2",
+                                f"train.out_dir={root}", "train.name=r"])
+    return train(cfg, progress=False)
+
+
+def _sample(run, tmp_path, name, *extra):
+    out = tmp_path / f"{name}.png"
+    rc = main(["sample", str(run), "--n", "3", "--steps", "2", "--out", str(out), "--npz", "--device", "cpu", *extra])
+    return rc, out.with_suffix(".npz")
+
+
+def test_sample_with_weights_file_matches_the_runs_own_weights(tiny_run, tmp_path):
+    ema = load_weights(tiny_run, "ema")
+    save_file(ema, str(tmp_path / "ema.safetensors"))
+    torch.save({"state_dict": ema}, tmp_path / "ema.pt")  # a plain tensor dict: allowed by weights_only
+    rc, ref = _sample(tiny_run, tmp_path, "ref")
+    assert rc == 0
+    for f in ("ema.safetensors", "ema.pt"):
+        rc, got = _sample(tiny_run, tmp_path, f, "--weights-file", str(tmp_path / f))
+        assert rc == 0
+        assert np.array_equal(np.load(ref)["samples"], np.load(got)["samples"])
+
+
+def test_sample_refuses_a_malicious_weights_file(tiny_run, tmp_path, capsys):
+    canary = tmp_path / "pwned"
+    evil = _evil_torch_file(tmp_path / "model.bin", canary)
+    rc, out = _sample(tiny_run, tmp_path, "evil", "--weights-file", str(evil))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "refused to load" in err and "model.bin" in err and len(err.splitlines()) == 1
+    assert not canary.exists() and not out.exists()
+
+
+def test_weights_file_that_does_not_fit_the_model_is_named(tiny_run, tmp_path, capsys):
+    save_file({"nonsense": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    (tmp_path / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    rc, _ = _sample(tiny_run, tmp_path, "a", "--weights-file", str(tmp_path / "other.safetensors"))
+    assert rc == 2 and "does not fit the model" in capsys.readouterr().err
+    rc, _ = _sample(tiny_run, tmp_path, "b", "--weights-file", str(tmp_path / "broken.safetensors"))
+    assert rc == 2 and "not a valid safetensors file" in capsys.readouterr().err

@@ -1,0 +1,34 @@
+"""The UNet's speed-ups compute the same function: the sub-pixel form of upsample + conv."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddpmlab.models.unet import Upsample, subpixel_kernels
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 16, 16), (1, 2, 16, 20), (1, 2, 5, 7)])
+def test_subpixel_upsample_equals_nearest_upsample_then_conv_with_gradients(shape, monkeypatch):
+    torch.manual_seed(0)
+    monkeypatch.setattr(Upsample, "SUBPIXEL_MIN_PIXELS", 1)  # take the sub-pixel path at every size
+    up = Upsample(shape[1]).double()
+    torch.nn.init.normal_(up.conv.bias)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(shape[0], shape[1], 2 * shape[2], 2 * shape[3], dtype=torch.float64)
+    fast = up(x)
+    ref = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    torch.testing.assert_close(fast, ref, atol=1e-12, rtol=1e-12)
+    grads_fast = torch.autograd.grad((fast * g).sum(), [x, up.conv.weight, up.conv.bias])
+    grads_ref = torch.autograd.grad((ref * g).sum(), [x, up.conv.weight, up.conv.bias])
+    for a, b in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_subpixel_kernels_sum_the_taps_each_parity_sees():
+    w = torch.arange(9.0).reshape(1, 1, 3, 3)  # rows [0 1 2], [3 4 5], [6 7 8]
+    k = subpixel_kernels(w)
+    # parity (0, 0): source rows (i-1 | i) take kernel rows (0 | 1+2), same for columns
+    assert k[0, 0].tolist() == [[0.0, 1 + 2], [3 + 6, 4 + 5 + 7 + 8]]
+    # parity (1, 1): rows (i | i+1) take (0+1 | 2), columns likewise
+    assert k[3, 0].tolist() == [[0 + 1 + 3 + 4, 2 + 5], [6 + 7, 8]]
+    assert k.sum().item() == 4 * w.sum().item()  # every tap used once per parity
