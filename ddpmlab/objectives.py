@@ -8,6 +8,8 @@ L_vlb and the hybrid loss L_simple + lambda L_vlb for models with a learned vari
 
 from __future__ import annotations
 
+import math
+
 from typing import Callable, Optional
 
 import torch
@@ -143,6 +145,8 @@ class ImportanceTimesteps(UniformTimesteps):
         """Push the (all-process) losses (B,) of the terms t (B,) into the history."""
         h = self.history.shape[1]
         for ti, li in zip(t.cpu().tolist(), losses.double().cpu().tolist()):
+            if not math.isfinite(li):  # a skipped (NaN/inf) step must not poison p_t
+                continue
             if self.count[ti] < h:
                 self.history[ti, self.count[ti]] = li
                 self.count[ti] += 1
