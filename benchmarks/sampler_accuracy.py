@@ -103,7 +103,7 @@ def summary(res, theirs: dict) -> str:
     lines = ["| NFE | ddpmlab best | diffusers best | ratio (ours / theirs) |", "|---:|---|---|---:|"]
     for k in res.nfes:
         lines.append(f"| {k} | {best_o[k] / res.floor:.2f} ({arg_o[k]}) | {best_t[k] / res.floor:.2f} ({arg_t[k]}) "
-                     f"| {best_o[k] / best_t[k]:.2f} |")
+                     f"| {best_o[k] / best_t[k]:.3f} |")
     return f"### {res.target}\n\n" + table + "\n" + "\n".join(lines) + "\n"
 
 

@@ -59,7 +59,8 @@ def test_eval_scores_an_untrained_model_far_below_the_data(mnist_run, capsys):
     assert set(m) == {"fid", "kid", "kid_std", "is", "is_std", "precision", "recall"}
     # an untrained network draws noise: far from the digits that 150 real digits match closely
     assert m["fid"] > 20 * b["fid"] and m["kid"] > b["kid"] and m["precision"] < b["precision"]
-    assert b["precision"] > 0.9 and b["is"] > 5
+    assert b["precision"] > 0.8 and b["is"] > 5  # held-out digits: high, but not trivially 1
+    assert res["baseline"]["n"] == 150 and not res["baseline"]["notes"]
     s = res["settings"]
     assert (s["n"], s["sampler"], s["steps"], s["seed"], s["extractor"]) == (150, "ddim", 2, 0, "classifier")
     assert res["reference"]["n"] == 500 and res["run"]["step"] == 10 and res["run"]["weights"] == "ema"

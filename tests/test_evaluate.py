@@ -148,6 +148,22 @@ def test_reference_statistics_are_cached_by_content_and_extractor(digits, tmp_pa
     assert reference_statistics(ds, other, "d", cache_dir=tmp_path, progress=False).key != changed.key
 
 
+def test_the_data_baseline_is_scored_against_the_other_images_only(digits, tmp_path):
+    from ddpmlab.evaluate.reference import without
+
+    ext, _, _, x, y = digits
+    ds = InMemoryDataset(x[:300], y[:300], is_image=True)
+    ref = reference_statistics(ds, ext, "d", cache_dir=tmp_path, progress=False)
+    base = torch.tensor([3, 50, 299])
+    rest = torch.tensor([i for i in range(300) if i not in base.tolist()])
+    held = without(ref, base, ext(x[base]))
+    expected = feature_sums(ext(x[rest]))
+    assert held.n == 297 and torch.equal(held.index, rest)
+    assert torch.allclose(held.sums["sum"], expected["sum"], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(held.sums["cov_sum"], expected["cov_sum"], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(held.features, ext(x[rest]), atol=1e-5)
+
+
 def test_fid_refuses_fewer_samples_than_feature_dimensions(digits):
     _, ref_sums, ref, _, _ = digits
     with pytest.raises(DDPMError, match="more than 128 samples"):

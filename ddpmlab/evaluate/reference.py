@@ -2,7 +2,8 @@
 
 A cache entry ``<cache_dir>/reference/<key>.safetensors`` holds the FID sums over *all*
 images of the dataset (float64 ``sum``, ``cov_sum``, ``n``) and the features of up to
-``max_kept`` of them (a seeded random subset) for KID and precision/recall.  ``key`` is a
+``max_kept`` of them (a seeded random subset, with their dataset indices) for KID and
+precision/recall.  ``key`` is a
 hash of the dataset's content (its pixels, or for large image folders the file list with
 sizes and times) and the extractor's identity (network and a hash of its weights), so a
 changed dataset or extractor never reuses stale statistics.
@@ -26,7 +27,7 @@ import torch
 from .features import Extractor, extract
 from .metrics import feature_sums
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 
 
 def default_cache_dir() -> Path:
@@ -55,10 +56,11 @@ def dataset_fingerprint(dataset) -> str:
 
 @dataclass
 class Reference:
-    """FID sums over all ``n`` reference images, kept features (M, D) and where they came from."""
+    """FID sums over all ``n`` reference images, kept features (M, D) with their dataset indices (M,)."""
 
     sums: Dict[str, torch.Tensor]
     features: torch.Tensor
+    index: torch.Tensor
     key: str
     path: Optional[Path]
     cached: bool  # True when read from the cache
@@ -96,18 +98,19 @@ def _load(path: Path) -> Optional[tuple]:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
         t = load_file(str(path))
-        return {"sum": t["sum"], "cov_sum": t["cov_sum"], "n": t["n"]}, t["features"], meta
+        return {"sum": t["sum"], "cov_sum": t["cov_sum"], "n": t["n"]}, t["features"], t["index"], meta
     except Exception as e:  # damaged entry: recompute it
         warnings.warn(f"reference cache file {path} is unreadable ({type(e).__name__}); recomputing it")
         return None
 
 
-def _save(path: Path, sums: dict, features: torch.Tensor, meta: dict) -> None:
+def _save(path: Path, sums: dict, features: torch.Tensor, index: torch.Tensor, meta: dict) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({**{k: v.contiguous() for k, v in sums.items()}, "features": features.contiguous()}, str(tmp),
+    save_file({**{k: v.contiguous() for k, v in sums.items()}, "features": features.contiguous(),
+               "index": index.contiguous()}, str(tmp),
               metadata={k: str(v) for k, v in meta.items()})
     os.replace(tmp, path)  # atomic: a crash never leaves half an entry
 
@@ -121,14 +124,26 @@ def reference_statistics(dataset, extractor: Extractor, description: str, *, cac
     if use_cache and path.is_file():
         hit = _load(path)
         if hit is not None:
-            return Reference(hit[0], hit[1], key, path, True, description)
+            return Reference(hit[0], hit[1], hit[2], key, path, True, description)
     feats, _ = extract(extractor, _dataset_batches(dataset, batch_size), total=len(dataset), progress=progress,
                        desc="reference features")
     sums = feature_sums(feats)
-    kept = feats
+    index = torch.arange(len(feats))
     if len(feats) > max_kept:
-        kept = feats[torch.randperm(len(feats), generator=torch.Generator().manual_seed(0))[:max_kept]]
+        index = torch.randperm(len(feats), generator=torch.Generator().manual_seed(0))[:max_kept].sort().values
+    kept = feats[index]
     if use_cache:
-        _save(path, sums, kept, {"dataset": description, "extractor": extractor.identity, "n": len(feats),
-                                 "version": CACHE_VERSION})
-    return Reference(sums, kept, key, path if use_cache else None, False, description)
+        _save(path, sums, kept, index, {"dataset": description, "extractor": extractor.identity, "n": len(feats),
+                                        "version": CACHE_VERSION})
+    return Reference(sums, kept, index, key, path if use_cache else None, False, description)
+
+
+def without(ref: Reference, index: torch.Tensor, features: torch.Tensor) -> Reference:
+    """``ref`` minus the images ``index`` (whose features are ``features``): FID sums of the rest
+    (exactly, by subtraction) and the kept features of the rest.  Scores n data images against
+    the *other* images, so that the data baseline is held out, not compared with itself."""
+    own = feature_sums(features)
+    sums = {k: ref.sums[k] - own[k] for k in ("sum", "cov_sum", "n")}
+    keep = ~torch.isin(ref.index, index)
+    return Reference(sums, ref.features[keep], ref.index[keep], ref.key, ref.path, ref.cached,
+                     f"{ref.description} without the {len(index)} baseline images")

@@ -25,7 +25,7 @@ import torch
 from ..errors import DDPMError
 from . import metrics as M
 from .features import Extractor, batches, build_extractor, extract
-from .reference import Reference, reference_statistics
+from .reference import Reference, reference_statistics, without
 from .toy import mmd_rbf, sliced_wasserstein
 
 
@@ -112,13 +112,23 @@ class EvalContext:
                      progress=self.progress, **s.sampler_options)
         return x, labels
 
+    @property
+    def baseline_n(self) -> int:
+        """Data points in the baseline: n, at most half the data set (the rest is its reference)."""
+        return self.s.n if not self.is_image else min(self.s.n, len(self.dataset) // 2)
+
+    @cached_property
+    def data_index(self) -> torch.Tensor:
+        """Which images of the data set form the baseline (a seeded random choice)."""
+        g = torch.Generator().manual_seed(self.s.seed)
+        return torch.randperm(len(self.dataset), generator=g)[:self.baseline_n].sort().values
+
     @cached_property
     def data(self):
-        """(x (n, *shape), labels (n,)): n data points for the baseline (fresh ones for 2-D sets)."""
+        """(x (n, *shape), labels (n,)): data points for the baseline (fresh ones for 2-D sets)."""
         if not self.is_image:
             return self._fresh_toy(20_000 + self.s.seed), None
-        n = min(self.s.n, len(self.dataset))
-        idx = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.s.seed))[:n]
+        idx = self.data_index
         if getattr(self.dataset, "x", None) is not None:
             return self.dataset.x[idx], self.dataset.y[idx]
         items = [self.dataset[int(i)] for i in idx]
@@ -149,6 +159,15 @@ class EvalContext:
                                     cache_dir=self.cache_dir, use_cache=self.use_cache,
                                     batch_size=self.s.batch_size, progress=self.progress)
 
+    @cached_property
+    def _held_out_reference(self) -> Reference:
+        return without(self.reference, self.data_index, self.features("data"))
+
+    def ref(self, which: str) -> Reference:
+        """The reference a set is scored against: the whole data set for samples, the images
+        outside the baseline for the baseline (never the baseline images themselves)."""
+        return self.reference if which == "samples" else self._held_out_reference
+
     def _features(self, which: str):
         x, _ = self.points(which)
         return extract(self.extractor, batches(x, self.s.batch_size), total=len(x), with_logits=True,
@@ -178,11 +197,11 @@ def _describe_data(cfg) -> str:
 # --- the metrics -------------------------------------------------------------------------
 
 def _fid(ctx: EvalContext, which: str) -> dict:
-    return {"fid": M.fid(ctx.reference.sums, ctx.features(which))}
+    return {"fid": M.fid(ctx.ref(which).sums, ctx.features(which))}
 
 
 def _kid(ctx: EvalContext, which: str) -> dict:
-    mean, std = M.kid(ctx.reference.features, ctx.features(which), ctx.s.kid_subsets, ctx.s.kid_subset_size,
+    mean, std = M.kid(ctx.ref(which).features, ctx.features(which), ctx.s.kid_subsets, ctx.s.kid_subset_size,
                       seed=ctx.s.seed)
     return {"kid": mean, "kid_std": std}
 
@@ -193,7 +212,7 @@ def _is(ctx: EvalContext, which: str) -> dict:
 
 
 def _pr(ctx: EvalContext, which: str) -> dict:
-    p, r = M.precision_recall(ctx.reference.features, ctx.features(which), ctx.s.pr_k)
+    p, r = M.precision_recall(ctx.ref(which).features, ctx.features(which), ctx.s.pr_k)
     return {"precision": p, "recall": r}
 
 
@@ -252,7 +271,7 @@ def evaluate_model(ctx: EvalContext) -> dict:
     if ctx.is_image and "fid" in names:
         M.check_fid_samples(s.n, ctx.extractor.num_features, option=ctx.n_option)
     t0 = time.time()
-    results, baseline = {}, {}
+    results, baseline, notes = {}, {}, []
     for name in names:
         m = METRICS[name]
         if not m.per_set:
@@ -260,19 +279,25 @@ def evaluate_model(ctx: EvalContext) -> dict:
             continue
         results.update(m.fn(ctx, "samples"))
         if s.baseline:
-            baseline.update(m.fn(ctx, "data"))
+            try:
+                baseline.update(m.fn(ctx, "data"))
+            except DDPMError as e:  # e.g. too few images left for a held-out baseline
+                notes.append(f"{name}: {e}")
     out = {"metrics": results, "data_baseline": baseline if s.baseline else None,
            "settings": {**dataclasses.asdict(s), "metrics": names, "steps": ctx.steps},
            "time_s": round(time.time() - t0, 1)}
+    if s.baseline:
+        out["baseline"] = {"n": ctx.baseline_n, "notes": notes,
+                           "what": ("images drawn from the data set, scored against the other images"
+                                    if ctx.is_image else "fresh data points (seed 20000 + seed)")}
     if ctx.is_image and "extractor" in ctx.__dict__:
         e = ctx.extractor
         out["extractor"] = {"name": e.name, "identity": e.identity, "num_features": e.num_features}
     if "reference" in ctx.__dict__:
         out["reference"] = ctx.reference.info()
-    elif not ctx.is_image and s.baseline is not None:
+    elif not ctx.is_image:
         d = ctx.cfg.data
-        out["reference"] = {"dataset": f"toy {d.toy} noise={d.toy_noise}", "n": s.n,
-                            "seed": 10_000 + s.seed, "baseline_seed": 20_000 + s.seed}
+        out["reference"] = {"dataset": f"toy {d.toy} noise={d.toy_noise}", "n": s.n, "seed": 10_000 + s.seed}
     return out
 
 
@@ -292,7 +317,7 @@ def save_results(results: dict, path: Path) -> Path:
 def format_results(results: dict) -> str:
     """A small table: metric, value for the samples, value for n data points."""
     base = results.get("data_baseline") or {}
-    n = results["settings"]["n"]
+    n = (results.get("baseline") or {}).get("n", results["settings"]["n"])
     lines = [f"{'metric':<10} {'samples':>12} {f'data (n={n})':>14}"]
     for k, v in results["metrics"].items():
         b = base.get(k)
