@@ -87,6 +87,8 @@ def cmd_sample(args) -> int:
     if args.from_diffusers:  # a local diffusers UNet2DModel + scheduler folder, converted to ddpmlab's UNet
         from .diffusers_bridge import load_diffusers_model
 
+        if getattr(args, "weights_file", None):
+            raise DDPMError("--weights-file belongs to a ddpmlab run; --from-diffusers reads the folder's own weights")
         cfg, model = load_diffusers_model(args.from_diffusers, device)
     else:
         cfg, model = load_model(args.run_dir, args.weights, device, weights_file=args.weights_file)

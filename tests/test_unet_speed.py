@@ -32,3 +32,42 @@ def test_subpixel_kernels_sum_the_taps_each_parity_sees():
     # parity (1, 1): rows (i | i+1) take (0+1 | 2), columns likewise
     assert k[3, 0].tolist() == [[0 + 1 + 3 + 4, 2 + 5], [6 + 7, 8]]
     assert k.sum().item() == 4 * w.sum().item()  # every tap used once per parity
+
+
+def test_matmul_attention_equals_scaled_dot_product_attention_with_gradients():
+    from ddpmlab.models.unet import attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 20, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    g = torch.randn(2, 3, 20, 8, dtype=torch.float64)
+    ours, ref = attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
+    for a, b in zip(torch.autograd.grad((ours * g).sum(), [q, k, v]), torch.autograd.grad((ref * g).sum(), [q, k, v])):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_matmul_attention_under_bf16_autocast_stays_close_to_fp32():
+    from ddpmlab.models.unet import attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 1, 64, 32) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = attention(q, k, v)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), F.scaled_dot_product_attention(q, k, v), atol=0.05, rtol=0.05)
+
+
+def test_cpu_dropout_keeps_with_probability_1_minus_p_and_rescales():
+    from ddpmlab.models.unet import Dropout
+
+    torch.manual_seed(0)
+    drop = Dropout(0.1).train()
+    y = drop(torch.ones(400_000))
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - 0.9) < 4 * (0.9 * 0.1 / 400_000) ** 0.5  # binomial: 4 standard deviations
+    torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1 / 0.9))
+    assert torch.equal(drop.eval()(y), y)  # identity in eval mode
+    x = torch.randn(1000, requires_grad=True)
+    out = Dropout(0.5).train()(x)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, (out != 0).float() * 2.0)  # gradient flows through kept units only

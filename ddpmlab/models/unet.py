@@ -46,6 +46,20 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, *
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout (zero with probability p, scale the rest by 1 / (1 - p)).
+
+    On a CPU the keep-mask is ``torch.rand >= p``, which torch draws ~1.5x faster than the
+    ``bernoulli_`` of nn.Dropout on bf16 tensors (5 % of a bf16 CIFAR-10 training step).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        keep = torch.rand(x.shape, device=x.device) >= self.p
+        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+
+
 def _norm(channels: int, groups: int, eps: float = NORM_EPS) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=eps)
 
@@ -59,7 +73,7 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_dim, out_ch)
         self.norm2 = _norm(out_ch, groups, eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
@@ -84,9 +98,28 @@ class AttnBlock(nn.Module):
         b, c, hgt, wid = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         q, k, v = self.qkv(tokens).view(b, -1, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v, (B, heads, HW, d)
+        out = attention(q, k, v)  # (B, heads, HW, d)
         out = self.proj_out(out.transpose(1, 2).reshape(b, -1, c))
         return x + out.transpose(1, 2).reshape(b, c, hgt, wid)
+
+
+MATMUL_ATTENTION_MAX_TOKENS = 1024  # beyond, the (N, N) scores get large: use SDPA's memory-efficient kernels
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v for q, k, v: (B, heads, N, d) -> (B, heads, N, d).
+
+    On GPUs and for long sequences: torch's fused scaled_dot_product_attention.  On a CPU with
+    N <= 1024 two plain matrix products with the softmax in float32 are faster (2.7x forward +
+    backward in bf16 at N=256, d=256 on an AVX512-BF16 CPU; equal in fp32): SDPA's CPU flash
+    kernel runs its bf16 products far below the GEMM library's speed.
+    """
+    n, d = q.shape[-2], q.shape[-1]
+    if q.device.type != "cpu" or n > MATMUL_ATTENTION_MAX_TOKENS:
+        return F.scaled_dot_product_attention(q, k, v)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * d**-0.5  # (B, heads, N, N)
+    weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)  # bf16 -> fp32
+    return torch.matmul(weights.to(v.dtype), v)
 
 
 class Downsample(nn.Module):

@@ -104,7 +104,7 @@ def viz_reverse(run_dir, sampler: str = "ddim", steps: Optional[int] = None, n: 
                                     prediction=cfg.diffusion.prediction, seed=seed, device=device,
                                     labels=_labels(cfg, n), **_options(cfg, sampler, options))
     d = _out_dir(run_dir, out)
-    scale = max(1, min(3, 96 // max(shape[1:])))
+    scale = max(1, min(2, 64 // max(shape[1:])))
     return [save_reverse_gif(xs, x0s, ks, d / f"reverse_{sampler}{steps}.gif", steps, scale=scale),
             save_reverse_strip(xs, x0s, ks, d / f"reverse_{sampler}{steps}.png", steps)]
 

@@ -94,7 +94,9 @@ def save_gif(frames: Sequence, path, duration_ms: int = 100, hold_last_ms: int =
     if not frames:
         raise ValueError("save_gif needs at least one frame")
     images = [f if isinstance(f, Image.Image) else Image.fromarray(np.asarray(f)) for f in frames]
-    if images[0].mode != "L":  # one shared palette keeps the colours steady and the file small
+    if images[0].mode == "L":  # 32 grey levels: invisible on noise, and LZW packs it far better
+        images = [im.point(lambda v: v if v in (0, 255) else (v // 8) * 8 + 4) for im in images]
+    else:  # one palette per frame from 64 colours keeps the file small
         images = [im.convert("RGB").quantize(colors=64, method=Image.Quantize.MEDIANCUT) for im in images]
     durations = [duration_ms] * (len(images) - 1) + [max(duration_ms, hold_last_ms)]
     path = Path(path)
