@@ -12,14 +12,16 @@ q_sample, forward, L_simple, backward, AdamW).  Variants:
     --channels-last, --compile  further ddpmlab variants (on this kind of CPU neither helps, and
                               torch.compile takes 3-7 minutes here, so they are opt-in)
 
-SDPA attention is always on (both models).  Variants run interleaved in rounds, so a busy
-machine slows all alike; the table shows the best round's images/s (as timeit: interference
-only slows a run down), the ratios to diffusers, the FLOP per image (forward + backward,
-counted by torch's FlopCounterMode) and the achieved GFLOP/s as a share of this machine's
-dense-product peak measured the same way (best of matmul, 1x1 and 3x3 convolution; fp32 peak
-for fp32 runs, bf16 peak for bf16 runs).
+Attention: diffusers uses torch's scaled_dot_product_attention; ddpmlab too on GPUs, and on a
+CPU two plain matrix products (faster there, see ddpmlab.models.unet.attention).
+Variants run interleaved in rounds, so a busy machine slows all alike; the table shows the
+best round's images/s (as timeit: interference only slows a run down), the ratios to
+diffusers, the FLOP per image (forward + backward, counted by torch's FlopCounterMode) and
+the achieved GFLOP/s as a share of this machine's dense-product peak measured the same way
+(best of matmul, 1x1 and 3x3 convolution; fp32 peak for fp32 runs, bf16 peak for bf16 runs).
 
-    python benchmarks/train_speed.py                       # both models, ~10 min on 2 CPU cores
+    python benchmarks/train_speed.py                       # both models, ~5-10 min on 2 idle CPU cores
+    python benchmarks/train_speed.py --threads 1 --clock cpu   # steadier on a shared machine
     python benchmarks/train_speed.py --models mnist --rounds 5
     python benchmarks/train_speed.py --device cuda --batch-cifar10 128 --batch-mnist 256
 """
