@@ -156,22 +156,22 @@ def _png_size(path):
 def test_each_viz_command_writes_its_files(mnist_run, toy_run, tmp_path, capsys):
     out = tmp_path / "viz"
     assert main(["viz", "forward", str(mnist_run), "--n", "2", "--t", "0,10,999", "--out", str(out)]) == 0
-    assert main(["viz", "reverse", str(mnist_run), "--steps", "4", "--n", "4", "--frames", "4",
+    assert main(["viz", "reverse", str(mnist_run), "--steps", "8", "--n", "4", "--frames", "4",
                  "--out", str(out)]) == 0
     assert main(["viz", "schedules", "--T", "100", "--out", str(out)]) == 0
     assert main(["viz", "toy", str(toy_run), "--n", "300", "--steps", "6", "--frames", "3", "--out", str(out)]) == 0
     assert main(["viz", "grid", str(mnist_run), "--n", "4", "--steps", "2", "--out", str(out)]) == 0
     written = [Path(line[6:]) for line in capsys.readouterr().out.splitlines() if line.startswith("wrote ")]
     names = sorted(p.name for p in written)
-    assert names == sorted(["forward.png", "reverse_ddim4.gif", "reverse_ddim4.png", "schedules.png",
+    assert names == sorted(["forward.png", "reverse_ddim8.gif", "reverse_ddim8.png", "schedules.png",
                             "toy_data.png", "toy_forward.png", "toy_reverse.png", "toy_diffusion.gif",
                             "grid_ddim2_seed0.png"])
     for p in written:
         assert p.parent == out and _png_size(p)[0] in ("PNG", "GIF")
-    with Image.open(out / "reverse_ddim4.gif") as gif:
+    with Image.open(out / "reverse_ddim8.gif") as gif:
         assert gif.n_frames == 5  # x_T and the 4 recorded steps
     with Image.open(out / "toy_diffusion.gif") as gif:
-        assert gif.n_frames > 3 + 4  # forward frames, x_T and 3 reverse frames
+        assert gif.n_frames == 3 + 4  # 3 forward frames, then x_T and 3 reverse frames
 
 
 def test_viz_bad_input_is_one_clear_line(mnist_run, capsys):

