@@ -16,6 +16,7 @@ from ddpmlab.errors import DDPMError
 from ddpmlab.models import UNet, build_model
 from ddpmlab.samplers.generate import generate
 from ddpmlab.schedules import NoiseSchedule, make_betas
+from _util import perturb
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -24,28 +25,13 @@ SMALL = ["data.dataset=folder", "data.path=unused", "data.image_size=[16,16]", "
          "model.attention_resolutions=[8]", "model.norm_groups=8", "model.dropout=0.0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _perturb(model, seed=0, scale=0.05):
-    """Random values for every parameter (a new UNet outputs zeros: its last layers start at zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            is_norm_scale = name.endswith("weight") and p.dim() == 1 and "norm" in name
-            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if is_norm_scale else 0.0))
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fake_run(tmp_path, overrides, seed=0):
     """A run directory holding a randomly initialised model as its EMA weights (no training needed)."""
     cfg = load_config(None, SMALL + overrides)
-    model = _perturb(build_model(cfg), seed)
+    model = perturb(build_model(cfg), seed)
     run = tmp_path / "run"
     run.mkdir()
     save_config(cfg, run / CONFIG_FILE)
@@ -134,7 +120,7 @@ def _diffusers_default_style_unet():
                                  down_block_types=("AttnDownBlock2D", "DownBlock2D"),
                                  up_block_types=("UpBlock2D", "AttnUpBlock2D"), layers_per_block=1,
                                  norm_num_groups=8, attention_head_dim=8)  # 2 heads at 16 ch, 4 in the middle
-    return _perturb(unet).eval()
+    return perturb(unet).eval()
 
 
 def test_imported_diffusers_model_with_ddim_matches_diffusers_ddim_pipeline(tmp_path):

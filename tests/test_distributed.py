@@ -29,12 +29,7 @@ TINY = ["--config", "mnist", "data.dataset=digits", "model.base_channels=16", "m
 ATOL = 2e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(args, cwd, procs=1):

@@ -22,12 +22,7 @@ S = NoiseSchedule.make("linear", 1000)
 RING = GaussianMixture.ring(k=4, radius=1.0, std=0.5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bayes_class(x: torch.Tensor, mix: GaussianMixture) -> torch.Tensor:

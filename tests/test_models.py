@@ -6,29 +6,14 @@ import torch
 from ddpmlab.config import Config
 from ddpmlab.errors import ConfigError
 from ddpmlab.models import MLPDenoiser, UNet, build_model, count_parameters
+from _util import perturb
 
 TINY = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
             dropout=0.0, norm_groups=8, image_size=(16, 16))
 CIFAR10_DIFFUSERS_PARAMS = 35_746_307  # google/ddpm-cifar10-32 UNet2DModel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and intra-op threads thrash when other processes share the CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _perturb(model, seed=0, scale=0.05):
-    """Replace every parameter with random values (undoes the zero-initialised output layers)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            is_norm_scale = name.endswith("weight") and p.dim() == 1 and "norm" in name
-            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if is_norm_scale else 0.0))
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _diffusers_unet(**kw):
@@ -62,7 +47,7 @@ def test_forward_equals_diffusers_unet2dmodel_with_mapped_weights(heads):
     mults = (1, 2) if heads == 1 else (1, 1)  # diffusers fixes the head width: equal widths for 2 heads
     ours = UNet(in_channels=3, base_channels=16, channel_mults=mults, num_res_blocks=1, attention_resolutions=(16,),
                 dropout=0.0, num_heads=heads, norm_groups=8, num_classes=3, image_size=(16, 16)).eval()
-    _perturb(ours)
+    perturb(ours)
     ref = _diffusers_unet(sample_size=16, in_channels=3, out_channels=3, block_out_channels=tuple(16 * m for m in mults),
                           down_block_types=("AttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "AttnUpBlock2D"),
                           layers_per_block=1, norm_num_groups=8, num_class_embeds=4,
@@ -109,7 +94,7 @@ def test_new_model_predicts_zero_because_output_layer_is_zero_initialised():
 
 def test_time_embedding_changes_the_output_including_fractional_t():
     torch.manual_seed(0)
-    model = _perturb(UNet(in_channels=3, **TINY)).eval()
+    model = perturb(UNet(in_channels=3, **TINY)).eval()
     x = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
         a, b, c = model(x, 10), model(x, 500), model(x, 10.5)
@@ -119,7 +104,7 @@ def test_time_embedding_changes_the_output_including_fractional_t():
 
 def test_class_embedding_changes_the_output_and_none_means_unconditional():
     torch.manual_seed(0)
-    model = _perturb(UNet(in_channels=3, num_classes=10, **TINY)).eval()
+    model = perturb(UNet(in_channels=3, num_classes=10, **TINY)).eval()
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([100, 100])
     with torch.no_grad():
         a, b = model(x, t, torch.tensor([0, 0])), model(x, t, torch.tensor([1, 1]))
@@ -160,7 +145,7 @@ def test_build_model_mlp_for_toy_data():
 
 def test_batch_elements_are_independent_in_eval_mode():
     torch.manual_seed(0)
-    model = _perturb(UNet(in_channels=3, num_classes=4, **TINY)).eval()
+    model = perturb(UNet(in_channels=3, num_classes=4, **TINY)).eval()
     x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([1, 400, 999]), torch.tensor([0, 4, 2])
     with torch.no_grad():
         batched = model(x, t, y)
@@ -170,7 +155,7 @@ def test_batch_elements_are_independent_in_eval_mode():
 
 def test_mlp_time_and_class_change_output_and_batch_independence():
     torch.manual_seed(0)
-    model = _perturb(MLPDenoiser(hidden=32, num_layers=2, time_embed_dim=16, num_classes=3, out_dim=4)).eval()
+    model = perturb(MLPDenoiser(hidden=32, num_layers=2, time_embed_dim=16, num_classes=3, out_dim=4)).eval()
     x = torch.randn(3, 2)
     with torch.no_grad():
         out = model(x, torch.tensor([1, 2, 3]), torch.tensor([0, 1, 3]))

@@ -22,12 +22,7 @@ GAUSS = GaussianMixture(means=[[1.0, -0.5, 0.25]], stds=[0.5])
 ODE_SOLVERS = ["ddim", "euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _predict(data=MIX, schedule=SCHEDULE):

@@ -16,12 +16,7 @@ from ddpmlab.schedules import NoiseSchedule
 S = NoiseSchedule.make("linear", 1000)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Head(torch.nn.Module):
