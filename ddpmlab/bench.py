@@ -27,6 +27,7 @@ import torch
 
 from .analytic import ExactDenoiser, GaussianMixture
 from .errors import ConfigError, DDPMError
+from .evaluate.toy import sliced_wasserstein
 from .samplers import SAMPLERS, ModelPredictor, get_sampler
 from .samplers.steps import check_timesteps_name, optimize_timesteps
 from .schedules import NoiseSchedule
@@ -58,14 +59,10 @@ def sliced_w2(x: torch.Tensor, y: torch.Tensor, projections: int = 512, seed: in
 
     The directions depend only on ``seed`` and D, so distances computed with one seed are comparable.
     """
-    x, y = x.reshape(len(x), -1).double(), y.reshape(len(y), -1).double()
+    x, y = x.reshape(len(x), -1), y.reshape(len(y), -1)
     if x.shape != y.shape:
         raise DDPMError(f"sliced W2 needs sample sets of equal shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-    theta = torch.randn(x.shape[1], projections, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    theta = theta / theta.norm(dim=0, keepdim=True)
-    px = (x @ theta).T.contiguous().sort(1).values  # (P, N): sorted projections = 1-D quantiles
-    py = (y @ theta).T.contiguous().sort(1).values
-    return float((px - py).pow(2).mean().sqrt())
+    return sliced_wasserstein(x, y, projections, generator=torch.Generator().manual_seed(seed))
 
 
 @dataclass

@@ -22,8 +22,8 @@ def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, n_projections: int = 25
     x, y = x.double(), y.double()
     theta = torch.randn(x.shape[1], n_projections, generator=generator, dtype=torch.float64)
     theta = theta / theta.norm(dim=0, keepdim=True)
-    px = (theta.T @ x.T).sort(1).values  # (P, N): sorted projections
-    py = (theta.T @ y.T).sort(1).values  # (P, M)
+    px = (x @ theta).T.contiguous().sort(1).values  # (P, N): sorted projections (row sort: fast)
+    py = (y @ theta).T.contiguous().sort(1).values  # (P, M)
     if px.shape[1] != py.shape[1]:
         k = max(px.shape[1], py.shape[1])
         q = (torch.arange(k, dtype=torch.float64) + 0.5) / k
