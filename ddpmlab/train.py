@@ -31,7 +31,7 @@ from .distributed import (agree_on, check_batch_split, check_mixed_precision, dr
 from .errors import ConfigError, DDPMError
 from .models import build_model, count_parameters
 from .likelihood import ddpm_sampler_variance
-from .objectives import DiffusionObjective, diffusion_loss, sample_timesteps
+from .objectives import DiffusionObjective
 from .samplers.generate import generate
 from .samplers.guidance import drop_labels
 from .progress import progress_bar
@@ -222,17 +222,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, fault_hook)
     accelerator = _make_accelerator(cfg)
     device = accelerator.device
     main = accelerator.is_main_process
-    if resume:
-        run_dir = require_run_dir(run_dir)
-    else:
-        run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
-        if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
-            raise DDPMError(f"run directory '{run_dir}' is not empty; resume it with --resume or choose another")
-        accelerator.wait_for_everyone()
-        if main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / CONFIG_FILE)
-
+    # the data first: a missing or unusable dataset must not leave a config in a new run folder
     dataset = build_dataset(cfg)
     if cfg.model.num_classes and not dataset.num_classes:
         raise ConfigError(f"model.num_classes is {cfg.model.num_classes} but the data ({cfg.data.dataset}"
@@ -241,6 +231,13 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, fault_hook)
     if cfg.model.num_classes and dataset.num_classes and cfg.model.num_classes < dataset.num_classes:
         raise ConfigError(f"model.num_classes ({cfg.model.num_classes}) is smaller than the dataset's "
                           f"{dataset.num_classes} classes")
+    if not resume:  # train() resolved run_dir (resume: an existing run; else new and empty but for the lock)
+        if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+            raise DDPMError(f"run directory '{run_dir}' is not empty; resume it with --resume or choose another")
+        accelerator.wait_for_everyone()
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / CONFIG_FILE)
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)  # learned variance (diffusion.variance): twice the output channels
