@@ -62,12 +62,30 @@ def test_cpu_dropout_keeps_with_probability_1_minus_p_and_rescales():
 
     torch.manual_seed(0)
     drop = Dropout(0.1).train()
-    y = drop(torch.ones(400_000))
+    y = drop(torch.ones(400_001))  # not a multiple of 4: the last 64-bit draw is cut
     kept = (y != 0).float().mean().item()
-    assert abs(kept - 0.9) < 4 * (0.9 * 0.1 / 400_000) ** 0.5  # binomial: 4 standard deviations
-    torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1 / 0.9))
+    p_used = 6554 / 65536  # 0.1 rounded to a multiple of 2^-16
+    assert abs(kept - (1 - p_used)) < 4 * (p_used * (1 - p_used) / 400_001) ** 0.5  # binomial: 4 sigma
+    torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p_used)))
+    assert abs(1 / (1 - p_used) - 1 / 0.9) < 1e-5
     assert torch.equal(drop.eval()(y), y)  # identity in eval mode
     x = torch.randn(1000, requires_grad=True)
     out = Dropout(0.5).train()(x)
     out.sum().backward()
     torch.testing.assert_close(x.grad, (out != 0).float() * 2.0)  # gradient flows through kept units only
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+
+
+def test_cpu_dropout_masks_are_independent_and_follow_the_seed():
+    from ddpmlab.models.unet import cpu_dropout_mask
+
+    torch.manual_seed(1)
+    a = cpu_dropout_mask((4, 50_000), 0.5, torch.float32)
+    torch.manual_seed(1)
+    assert torch.equal(a, cpu_dropout_mask((4, 50_000), 0.5, torch.float32))  # seeded by torch's generator
+    keep = (a != 0).float()
+    # neighbours (four share a 64-bit draw) and rows are uncorrelated: correlation within 4 / sqrt(n)
+    for u, v in [(keep[:, :-1], keep[:, 1:]), (keep[:-1], keep[1:])]:
+        corr = torch.corrcoef(torch.stack([u.flatten(), v.flatten()]))[0, 1].item()
+        assert abs(corr) < 4 / u.numel() ** 0.5
+    assert abs(keep.mean().item() - 0.5) < 4 * 0.5 / keep.numel() ** 0.5
