@@ -7,8 +7,10 @@ q_sample, forward, L_simple, backward, AdamW).  Variants:
     ddpmlab fp32              our UNet, eager; both with torch's default (foreach) AdamW
     diffusers bf16            under torch.autocast(bfloat16): diffusers' best on a CPU
     ddpmlab bf16              the same for our UNet
-    ddpmlab best              bf16 + fused AdamW: what `ddpm train train.mixed_precision=bf16` runs
+    ddpmlab best              bf16 + fused AdamW: the model and optimizer `ddpm train train.mixed_precision=bf16` runs
     diffusers bf16+fused      reference: how much of "best" is the optimizer alone
+    ... + kept memory         phase 2, after all of the above: ddpmlab best as `ddpm train` runs it on a CPU (freed
+                              memory kept in the process, ddpmlab.allocator) and diffusers bf16 in the same setting
     --channels-last, --compile  further ddpmlab variants (on this kind of CPU neither helps, and
                               torch.compile takes 3-7 minutes here, so they are opt-in)
 
@@ -30,15 +32,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import sys
 import time
 from pathlib import Path
 
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
+
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ddpmlab.allocator import keep_freed_memory  # noqa: E402
 from ddpmlab.config import load_config  # noqa: E402
 from ddpmlab.data import data_shape  # noqa: E402
 from ddpmlab.models import build_model  # noqa: E402
@@ -75,6 +84,11 @@ def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, seconds: float =
             _sync(device)
             best = max(best, flop / (CLOCK() - t0) / 1e9)
     return best
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far: fresh pages the kernel had to map (and zero) for it."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
 
 
 def _sync(device: str) -> None:
@@ -123,7 +137,7 @@ class Variant:
         self.x0 = torch.randn(batch, *data_shape(self.cfg), generator=g).clamp(-1, 1).to(device)
         if channels_last:
             self.x0 = self.x0.contiguous(memory_format=torch.channels_last)
-        self.rates = []
+        self.rates, self.faults = [], []  # images/s and minor page faults per step, per measurement
 
     def step(self) -> None:
         t = torch.randint(0, self.schedule.num_timesteps, (self.batch,), device=self.device)
@@ -137,12 +151,13 @@ class Variant:
 
     def measure(self, steps: int) -> float:
         _sync(self.device)
-        t0 = CLOCK()
+        faults, t0 = minor_faults(), CLOCK()
         for _ in range(steps):
             self.step()
         _sync(self.device)
         rate = steps * self.batch / (CLOCK() - t0)
         self.rates.append(rate)
+        self.faults.append((minor_faults() - faults) / steps)
         return rate
 
 
@@ -162,7 +177,15 @@ def flops_per_image(which: str, name: str, device: str) -> float:
     return counter.get_total_flops() / 2
 
 
-def run_model(name: str, batch: int, args, peaks) -> list:
+def measure_rounds(variants, rounds: int, steps: int, tag: str = "") -> None:
+    for v in variants:  # warm-up: allocator, oneDNN primitive caches
+        v.step()
+    for r in range(rounds):
+        line = [f"{v.measure(steps):.2f}" for v in variants]
+        print(f"  {tag}round {r + 1}: " + " ".join(line) + " img/s", flush=True)
+
+
+def build_variants(name: str, batch: int, args) -> list:
     dev = args.device
     variants = [Variant("diffusers fp32", "diffusers", name, batch, dev),
                 Variant("ddpmlab fp32", "ddpmlab", name, batch, dev),
@@ -183,13 +206,21 @@ def run_model(name: str, batch: int, args, peaks) -> list:
             variants.append(best)
         except Exception as e:  # compilers missing, unsupported ops, ...
             print(f"  torch.compile does not work here ({type(e).__name__}: {str(e).splitlines()[0][:100]}); skipped")
-    for v in variants:  # warm-up: allocator, oneDNN primitive caches
-        v.step()
-    for r in range(args.rounds):
-        line = []
-        for v in variants:
-            line.append(f"{v.measure(args.steps):.2f}")
-        print(f"  round {r + 1}: " + " ".join(line) + " img/s", flush=True)
+    return variants
+
+
+def kept_memory_variants(variants: list) -> list:
+    """Phase 2 (after ddpmlab.allocator.keep_freed_memory): ddpmlab best as `ddpm train` runs it on a CPU, and
+    diffusers bf16 in the same process setting (like for like); both objects are reused with fresh rate lists."""
+    out = []
+    for v in (variants[4], variants[2]):
+        kept = copy.copy(v)
+        kept.label, kept.rates, kept.faults = v.label.split(" (")[0] + " + kept memory", [], []
+        out.append(kept)
+    return out
+
+
+def table_rows(name: str, batch: int, variants: list, peaks, dev: str) -> list:
     flops = {which: flops_per_image(which, name, dev) for which in ("diffusers", "ddpmlab")}
     base = {False: max(variants[0].rates), True: max(variants[2].rates)}
     rows = []
@@ -198,7 +229,7 @@ def run_model(name: str, batch: int, args, peaks) -> list:
         gflops = rate * flop / 1e9
         peak = peaks["bf16" if v.bf16 else "fp32"]
         rows.append((name, batch, v.label, rate, rate / base[False], rate / base[True], flop / 1e9, gflops,
-                     100 * gflops / peak))
+                     100 * gflops / peak, min(v.faults)))
     return rows
 
 
@@ -216,6 +247,8 @@ def main(argv=None) -> int:
                         "processes on a shared machine disturb less (with --threads 1)")
     p.add_argument("--compile", action="store_true", help="add ddpmlab best + torch.compile (minutes to compile)")
     p.add_argument("--channels-last", action="store_true", help="add ddpmlab best + channels_last")
+    p.add_argument("--no-kept-memory", action="store_true",
+                   help="skip phase 2 (ddpmlab best and diffusers bf16 with freed memory kept in the process)")
     args = p.parse_args(argv)
     global CLOCK
     if args.clock == "cpu":
@@ -232,21 +265,40 @@ def main(argv=None) -> int:
     peaks = {"fp32": matmul_peak(torch.float32, args.device), "bf16": matmul_peak(torch.bfloat16, args.device)}
     print(f"measured dense peak (best of matmul, 1x1 and 3x3 conv): fp32 {peaks['fp32']:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16']:.0f} GFLOP/s")
-    rows = []
+    measured = {}
     for name in args.models:
         batch = getattr(args, f"batch_{name}")
-        print(f"{name}: batch {batch}, {args.rounds} rounds of {args.steps} steps "
+        print(f"{name}: batch {batch}, {args.rounds} rounds of {args.steps} steps, glibc's default allocator "
               "(columns: the variants in the order of the table below)")
-        rows += run_model(name, batch, args, peaks)
+        measured[name] = build_variants(name, batch, args)
+        measure_rounds(measured[name], args.rounds, args.steps)
+    # phase 2 after all default-allocator rounds: the setting is process-wide and cannot be undone
+    if args.device == "cpu" and not args.no_kept_memory and keep_freed_memory():
+        for name, variants in measured.items():
+            print(f"{name}: freed memory kept in the process (ddpmlab.allocator, as `ddpm train` on a CPU)")
+            kept = kept_memory_variants(variants)
+            measure_rounds(kept, args.rounds, args.steps)
+            variants += kept
+    rows = []
+    for name, variants in measured.items():
+        rows += table_rows(name, getattr(args, f"batch_{name}"), variants, peaks, args.device)
     print()
     head = (f"{'model':8} {'batch':>5}  {'variant':28} {'img/s':>7} {'vs diff fp32':>12} {'vs diff bf16':>12} "
-            f"{'GFLOP/img':>9} {'GFLOP/s':>8} {'% peak':>6}")
+            f"{'GFLOP/img':>9} {'GFLOP/s':>8} {'% peak':>6} {'faults/step':>11}")
     print(head)
     print("-" * len(head))
-    for name, batch, label, rate, r32, r16, gf, gfs, pct in rows:
-        print(f"{name:8} {batch:>5}  {label:28} {rate:7.2f} {r32:11.2f}x {r16:11.2f}x {gf:9.2f} {gfs:8.1f} {pct:5.0f}%")
+    for name, batch, label, rate, r32, r16, gf, gfs, pct, faults in rows:
+        print(f"{name:8} {batch:>5}  {label:28} {rate:7.2f} {r32:11.2f}x {r16:11.2f}x {gf:9.2f} {gfs:8.1f} {pct:5.0f}% "
+              f"{faults:11.0f}")
     print("\n% peak: achieved GFLOP/s over the measured dense-product peak of the same precision (fp32 or bf16); "
-          "'best': bf16 autocast + fused AdamW.")
+          "'best': bf16 autocast + fused AdamW; '+ kept memory': measured after ddpmlab.allocator.keep_freed_memory() "
+          "(`ddpm train` on a CPU), ratios still against the rows above it; faults/step: fewest minor page faults of a "
+          "measured step (fresh pages from the kernel; glibc's default allocator adapts its thresholds as the process "
+          "runs, so long-lived processes fault less than a fresh `ddpm train`).")
+    for name, variants in measured.items():
+        if len(variants) > 6 and variants[-1].label.endswith("kept memory"):
+            ours, theirs = max(variants[-2].rates), max(variants[-1].rates)
+            print(f"{name}: like for like, both with kept memory: ddpmlab best / diffusers bf16 = {ours / theirs:.2f}x")
     return 0
 
 

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .allocator import keep_freed_memory
 from .errors import DDPMError
 
 EPILOG = "Examples:\n  ddpm train\n  ddpm train --config toy2d\n  ddpm sample runs/mnist-... --sampler ddim --steps 50"
@@ -659,6 +660,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 0
     warnings.formatwarning = _format_warning
+    if args.command != "train":  # train decides by train.keep_freed_memory and the device
+        keep_freed_memory()  # CPU sampling and evaluation: ~20 % faster network calls (ddpmlab.allocator)
     try:
         return args.func(args)
     except DDPMError as e:

@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from .allocator import keep_freed_memory
 from .checkpoint import (CONFIG_FILE, find_checkpoint, load_run_config, require_run_dir, restore_training_state,
                          save_checkpoint, save_run_config)
 from .config import Config, save_config
@@ -45,7 +46,7 @@ RESUME_MUTABLE = {
     "train.sample_steps", "train.sample_sampler", "train.device", "data.num_workers",
     "train.keep_checkpoints", "train.max_bad_steps", "train.grad_accum_steps",
     "train.eval_every", "train.eval_n", "train.eval_metrics", "train.eval_sampler", "train.eval_steps",
-    "train.eval_inception_weights", "train.tensorboard",
+    "train.eval_inception_weights", "train.tensorboard", "train.keep_freed_memory",
 }
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "it_per_s", "time_s", "skipped"]
 
@@ -221,6 +222,8 @@ def train(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, pro
 def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, fault_hook) -> Path:
     accelerator = _make_accelerator(cfg)
     device = accelerator.device
+    if device.type == "cpu" and cfg.train.keep_freed_memory:
+        keep_freed_memory()
     main = accelerator.is_main_process
     # the data first: a missing or unusable dataset must not leave a config in a new run folder
     dataset = build_dataset(cfg)
