@@ -74,13 +74,15 @@ class RunLock:
     ``with RunLock(run_dir): ...`` creates ``run_dir/.lock`` atomically (``O_EXCL``) holding
     JSON ``{pid, host, started, since}``; a live holder makes it raise :class:`DDPMError`;
     a holder that is gone (same host, pid dead or reused) is reported through ``say`` and
-    replaced.  The lock is removed on exit, if it is still ours.
+    replaced.  The lock is removed on exit, if it is still ours, and so is the directory if the
+    lock created it and nothing else was written there (a run that failed before it started).
     """
 
     def __init__(self, run_dir, enabled: bool = True, say: Callable[[str], None] = print):
         self.path = Path(run_dir) / LOCK_FILE
         self.enabled = enabled
         self.say = say
+        self.created_dir = False
         self.record = {"pid": os.getpid(), "host": socket.gethostname(), "started": _proc_start_time(os.getpid()),
                        "since": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -94,6 +96,7 @@ class RunLock:
             self.release()
 
     def acquire(self) -> None:
+        self.created_dir = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
             try:
@@ -160,6 +163,8 @@ class RunLock:
         try:
             if json.loads(self.path.read_text()).get("pid") == os.getpid():
                 self.path.unlink()
+                if self.created_dir:
+                    self.path.parent.rmdir()  # only if empty: a run that wrote nothing leaves no folder
         except (OSError, ValueError):
             pass
 
