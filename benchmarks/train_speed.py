@@ -9,10 +9,14 @@ q_sample, forward, L_simple, backward, AdamW).  Variants:
     ddpmlab bf16              the same for our UNet
     ddpmlab best              bf16 + fused AdamW: the model and optimizer `ddpm train train.mixed_precision=bf16` runs
     diffusers bf16+fused      reference: how much of "best" is the optimizer alone
-    ... + kept memory         phase 2, after all of the above: ddpmlab best as `ddpm train` runs it on a CPU (freed
-                              memory kept in the process, ddpmlab.allocator) and diffusers bf16 in the same setting
     --channels-last, --compile  further ddpmlab variants (on this kind of CPU neither helps, and
                               torch.compile takes 3-7 minutes here, so they are opt-in)
+
+Then, on a CPU, a second table from fresh processes, one per variant and round (what a new training
+run sees): diffusers bf16 and ddpmlab best with glibc's default allocator, and both again with freed
+memory kept in the process (ddpmlab.allocator, which `ddpm train` turns on for CPU runs).  In one
+long-lived process glibc's adaptive thresholds end up keeping memory anyway, so the in-process table
+cannot show this; the fresh processes count the page faults a step takes.
 
 Attention: diffusers uses torch's scaled_dot_product_attention; ddpmlab too on GPUs, and on a
 CPU two plain matrix products (faster there, see ddpmlab.models.unet.attention).
@@ -32,8 +36,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -209,15 +214,38 @@ def build_variants(name: str, batch: int, args) -> list:
     return variants
 
 
-def kept_memory_variants(variants: list) -> list:
-    """Phase 2 (after ddpmlab.allocator.keep_freed_memory): ddpmlab best as `ddpm train` runs it on a CPU, and
-    diffusers bf16 in the same process setting (like for like); both objects are reused with fresh rate lists."""
-    out = []
-    for v in (variants[4], variants[2]):
-        kept = copy.copy(v)
-        kept.label, kept.rates, kept.faults = v.label.split(" (")[0] + " + kept memory", [], []
-        out.append(kept)
-    return out
+# fresh processes: label, model, Variant options, keep freed memory (ddpmlab.allocator) from the start
+FRESH = [("diffusers bf16", "diffusers", dict(bf16=True), False),
+         ("ddpmlab best", "ddpmlab", dict(bf16=True, fused=True), False),
+         ("ddpmlab best + kept memory", "ddpmlab", dict(bf16=True, fused=True), True),
+         ("diffusers bf16 + kept memory", "diffusers", dict(bf16=True), True)]
+
+
+def child(name: str, batch: int, index: int, args) -> None:
+    """One FRESH variant alone in this (new) process, as a training script would run: JSON on the last line."""
+    label, which, options, kept = FRESH[index]
+    if kept:
+        keep_freed_memory()  # as `ddpm train` does before it builds anything
+    v = Variant(label, which, name, batch, args.device, **options)
+    for _ in range(2):
+        v.step()
+    for _ in range(args.rounds):
+        v.measure(args.steps)
+    print(json.dumps({"rate": max(v.rates), "faults": min(v.faults)}))
+
+
+def fresh_processes(name: str, batch: int, args, argv: list) -> list:
+    """FRESH variants, each in its own new process, interleaved in rounds: (label, best img/s, fewest faults/step)."""
+    results = {label: [] for label, *_ in FRESH}
+    for r in range(args.rounds):
+        line = []
+        for i, (label, *_) in enumerate(FRESH):
+            cmd = [sys.executable, __file__, *argv, "--child", name, str(batch), str(i), "--rounds", "2"]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            results[label].append(json.loads(out.strip().splitlines()[-1]))
+            line.append(f"{results[label][-1]['rate']:.2f}")
+        print(f"  round {r + 1}: " + " ".join(line) + " img/s", flush=True)
+    return [(label, max(x["rate"] for x in res), min(x["faults"] for x in res)) for label, res in results.items()]
 
 
 def table_rows(name: str, batch: int, variants: list, peaks, dev: str) -> list:
@@ -247,9 +275,12 @@ def main(argv=None) -> int:
                         "processes on a shared machine disturb less (with --threads 1)")
     p.add_argument("--compile", action="store_true", help="add ddpmlab best + torch.compile (minutes to compile)")
     p.add_argument("--channels-last", action="store_true", help="add ddpmlab best + channels_last")
-    p.add_argument("--no-kept-memory", action="store_true",
-                   help="skip phase 2 (ddpmlab best and diffusers bf16 with freed memory kept in the process)")
+    p.add_argument("--no-fresh", action="store_true",
+                   help="skip the fresh-process table (diffusers bf16 and ddpmlab best, with and without kept memory)")
+    p.add_argument("--child", nargs=3, metavar=("MODEL", "BATCH", "INDEX"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    passed = ["--clock", args.clock, "--steps", str(args.steps), "--device", args.device]
+    passed += ["--threads", str(args.threads)] if args.threads else []
     global CLOCK
     if args.clock == "cpu":
         if torch.get_num_threads() != 1 and args.threads != 1:
@@ -262,6 +293,9 @@ def main(argv=None) -> int:
     if args.device == "cpu" and load > 0.5 * cores:
         print(f"warning: load average {load:.1f} on {cores} cores: other processes share the CPU, the numbers are "
               "noisy (ratios between interleaved variants less so)")
+    if args.child:
+        child(args.child[0], int(args.child[1]), int(args.child[2]), args)
+        return 0
     peaks = {"fp32": matmul_peak(torch.float32, args.device), "bf16": matmul_peak(torch.bfloat16, args.device)}
     print(f"measured dense peak (best of matmul, 1x1 and 3x3 conv): fp32 {peaks['fp32']:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16']:.0f} GFLOP/s")
@@ -272,13 +306,6 @@ def main(argv=None) -> int:
               "(columns: the variants in the order of the table below)")
         measured[name] = build_variants(name, batch, args)
         measure_rounds(measured[name], args.rounds, args.steps)
-    # phase 2 after all default-allocator rounds: the setting is process-wide and cannot be undone
-    if args.device == "cpu" and not args.no_kept_memory and keep_freed_memory():
-        for name, variants in measured.items():
-            print(f"{name}: freed memory kept in the process (ddpmlab.allocator, as `ddpm train` on a CPU)")
-            kept = kept_memory_variants(variants)
-            measure_rounds(kept, args.rounds, args.steps)
-            variants += kept
     rows = []
     for name, variants in measured.items():
         rows += table_rows(name, getattr(args, f"batch_{name}"), variants, peaks, args.device)
@@ -291,14 +318,25 @@ def main(argv=None) -> int:
         print(f"{name:8} {batch:>5}  {label:28} {rate:7.2f} {r32:11.2f}x {r16:11.2f}x {gf:9.2f} {gfs:8.1f} {pct:5.0f}% "
               f"{faults:11.0f}")
     print("\n% peak: achieved GFLOP/s over the measured dense-product peak of the same precision (fp32 or bf16); "
-          "'best': bf16 autocast + fused AdamW; '+ kept memory': measured after ddpmlab.allocator.keep_freed_memory() "
-          "(`ddpm train` on a CPU), ratios still against the rows above it; faults/step: fewest minor page faults of a "
-          "measured step (fresh pages from the kernel; glibc's default allocator adapts its thresholds as the process "
-          "runs, so long-lived processes fault less than a fresh `ddpm train`).")
-    for name, variants in measured.items():
-        if len(variants) > 6 and variants[-1].label.endswith("kept memory"):
-            ours, theirs = max(variants[-2].rates), max(variants[-1].rates)
-            print(f"{name}: like for like, both with kept memory: ddpmlab best / diffusers bf16 = {ours / theirs:.2f}x")
+          "'best': bf16 autocast + fused AdamW; faults/step: fewest minor page faults of a measured step (fresh "
+          "pages from the kernel).")
+    if args.device != "cpu" or args.no_fresh:
+        return 0
+    print("\nFresh processes (what a new training run sees; glibc's default allocator gives memory back, and "
+          "ddpm train keeps it, ddpmlab.allocator): each variant alone in a new process, interleaved in rounds")
+    rows = []
+    for name in args.models:
+        batch = getattr(args, f"batch_{name}")
+        print(f"{name}: batch {batch} (columns: {', '.join(label for label, *_ in FRESH)})")
+        rows += [(name, batch, *row) for row in fresh_processes(name, batch, args, passed)]
+    print(f"\n{'model':8} {'batch':>5}  {'variant (fresh process)':28} {'img/s':>7} {'vs diff bf16':>12} {'faults/step':>11}")
+    for name, batch, label, rate, faults in rows:
+        base = next(r for n, _, lab, r, _ in rows if n == name and lab == "diffusers bf16")
+        print(f"{name:8} {batch:>5}  {label:28} {rate:7.2f} {rate / base:11.2f}x {faults:11.0f}")
+    for name in args.models:
+        rate = {lab: r for n, _, lab, r, _ in rows if n == name}
+        print(f"{name}: like for like, both with kept memory: ddpmlab best / diffusers bf16 = "
+              f"{rate['ddpmlab best + kept memory'] / rate['diffusers bf16 + kept memory']:.2f}x")
     return 0
 
 
