@@ -129,11 +129,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """softmax(q k^T / sqrt(d)) v for q, k, v: (B, heads, N, d) -> (B, heads, N, d).
 
     On GPUs and for long sequences: torch's fused scaled_dot_product_attention.  On a CPU with
-    N <= 1024 two plain matrix products with the softmax in float32 are faster (2.7x forward +
-    backward in bf16 at N=256, d=256 on an AVX512-BF16 CPU; equal in fp32): SDPA's CPU flash
-    kernel runs its bf16 products far below the GEMM library's speed.  The softmax stays in the
-    scores' dtype: torch's kernel accumulates bf16 in float32 (a cast to float32 and back costs
-    ~1 % of a bf16 CIFAR-10 training step).
+    N <= 1024 two plain matrix products are faster (2.7x forward + backward in bf16 at N=256,
+    d=256 on an AVX512-BF16 CPU; equal in fp32): SDPA's CPU flash kernel runs its bf16 products
+    far below the GEMM library's speed.  The softmax stays in the scores' dtype: torch's kernel
+    accumulates bf16 in float32 (a cast to float32 and back cost ~1 % of a bf16 CIFAR-10 step).
     """
     n, d = q.shape[-2], q.shape[-1]
     if q.device.type != "cpu" or n > MATMUL_ATTENTION_MAX_TOKENS:
