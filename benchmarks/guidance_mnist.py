@@ -25,9 +25,9 @@ import torch
 
 
 def train_run(steps: int, out_dir: str) -> Path:
-    from ddpmlab.checkpoint import is_run_dir, load_run_config
     from ddpmlab.config import load_config
-    from ddpmlab.train import train
+    from ddpmlab.io.checkpoint import is_run_dir, load_run_config
+    from ddpmlab.training.loop import train
 
     run = Path(out_dir) / f"guidance-mnist-{steps}"
     if is_run_dir(run):  # finish (or just reuse) an earlier run
@@ -49,11 +49,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
-    from ddpmlab.checkpoint import load_model
-    from ddpmlab.classifier import load_mnist_classifier
+    from ddpmlab.diffusion.schedules import NoiseSchedule
+    from ddpmlab.evaluate.classifier import load_mnist_classifier
+    from ddpmlab.io.checkpoint import load_model
     from ddpmlab.samplers.generate import generate
     from ddpmlab.samplers.guidance import guided
-    from ddpmlab.schedules import NoiseSchedule
     from ddpmlab.viz import save_grid
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ddpmlab.checkpoint import flatten_optimizer_state, save_checkpoint
 from ddpmlab.config import load_config
+from ddpmlab.diffusion.objectives import diffusion_loss, sample_timesteps
+from ddpmlab.diffusion.schedules import NoiseSchedule
+from ddpmlab.io.checkpoint import flatten_optimizer_state, save_checkpoint
 from ddpmlab.models import build_model, count_parameters
-from ddpmlab.objectives import diffusion_loss, sample_timesteps
-from ddpmlab.safety import BadStepGuard
-from ddpmlab.schedules import NoiseSchedule
+from ddpmlab.training.guard import BadStepGuard
 
 
 def _median(times: list) -> float:

@@ -1,6 +1,6 @@
 """Sampler accuracy per NFE: ddpmlab's solvers vs diffusers' schedulers on exact Gaussian-mixture scores.
 
-Both sides drive the same model, ddpmlab.analytic.ExactDenoiser (the exact eps* of a Gaussian
+Both sides drive the same model, ddpmlab.diffusion.analytic.ExactDenoiser (the exact eps* of a Gaussian
 mixture under linear betas, T = 1000), from the same x_T; each output set is compared with exact
 samples by the sliced Wasserstein-2 distance, printed as a multiple of the two-sample floor
 (the mean distance of independent exact sets to the same reference: 1.0 = as good as it gets).
@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 
-from ddpmlab.analytic import ExactDenoiser
-from ddpmlab.bench import ANALYTIC_TARGETS, SamplerSpec, markdown_table, run_bench, sliced_w2
-from ddpmlab.samplers import SAMPLERS, ModelPredictor
+from ddpmlab.diffusion.analytic import ExactDenoiser
+from ddpmlab.diffusion.schedules import NoiseSchedule
+from ddpmlab.evaluate.bench import ANALYTIC_TARGETS, SamplerSpec, markdown_table, run_bench, sliced_w2
+from ddpmlab.samplers import ModelPredictor
+from ddpmlab.samplers.registry import SAMPLERS
 from ddpmlab.samplers.steps import optimize_timesteps
-from ddpmlab.schedules import NoiseSchedule
 
 OURS = ["ddim", "euler:karras", "heun:karras", "pc",
         "dpmpp_2m:logsnr", "dpmpp_2m:karras", "dpmpp_2m:optimized",

@@ -20,12 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ddpmlab.config import load_config  # noqa: E402
-from ddpmlab.data import data_shape  # noqa: E402
-from ddpmlab.models import build_model  # noqa: E402
-from ddpmlab.samplers import SAMPLERS  # noqa: E402
-from ddpmlab.samplers.generate import generate  # noqa: E402
-from ddpmlab.schedules import NoiseSchedule  # noqa: E402
+from ddpmlab.config import load_config
+from ddpmlab.data import data_shape
+from ddpmlab.diffusion.schedules import NoiseSchedule
+from ddpmlab.models import build_model
+from ddpmlab.samplers.generate import generate
+from ddpmlab.samplers.registry import SAMPLERS
 
 CLOCK = time.perf_counter
 

@@ -32,15 +32,15 @@ from pathlib import Path
 
 import torch
 
-from ddpmlab.checkpoint import load_model
 from ddpmlab.config import load_config
 from ddpmlab.data import make_toy
+from ddpmlab.diffusion.schedules import NoiseSchedule
+from ddpmlab.evaluate.nll import nll_bits_per_dim
 from ddpmlab.evaluate.toy import mmd_rbf, sliced_wasserstein
-from ddpmlab.nll import nll_bits_per_dim
+from ddpmlab.io.checkpoint import load_model
 from ddpmlab.samplers.generate import generate
-from ddpmlab.schedules import NoiseSchedule
-from ddpmlab.toy_figures import forward_points, reverse_points, save_panels
-from ddpmlab.train import train
+from ddpmlab.training.loop import train
+from ddpmlab.viz.toy_figures import forward_points, reverse_points, save_panels
 
 
 def train_pair(name: str, out: Path, steps: int, seed: int) -> dict:

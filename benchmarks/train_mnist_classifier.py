@@ -1,6 +1,6 @@
 """Train the MNIST classifier that ships with ddpmlab (features for the "classifier FID").
 
-    python benchmarks/train_mnist_classifier.py                  # writes ddpmlab/assets/mnist_classifier.safetensors
+    python benchmarks/train_mnist_classifier.py                  # writes ddpmlab/evaluate/assets/mnist_classifier.safetensors
     python benchmarks/train_mnist_classifier.py --out /tmp/c.safetensors --epochs 30
 
 Trains on the bundled MNIST ``train`` split (4,500 digits) with small random affine
@@ -19,8 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ddpmlab.classifier import WEIGHTS, MNISTClassifier, accuracy, load_classifier, save_classifier
 from ddpmlab.data import load_mnist
+from ddpmlab.evaluate.classifier import WEIGHTS, MNISTClassifier, accuracy, load_classifier, save_classifier
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, degrees: float = 10.0, shift: float = 2.0,

@@ -3,7 +3,7 @@
 One process, same machine, same batch, same training step (Ho et al. 2020, Algorithm 1:
 q_sample, forward, L_simple, backward, AdamW).  Variants:
 
-    diffusers fp32            UNet2DModel built by ddpmlab.diffusers_bridge.unet2d_config (same weights)
+    diffusers fp32            UNet2DModel built by ddpmlab.io.diffusers_bridge.unet2d_config (same weights)
     ddpmlab fp32              our UNet, eager; both with torch's default (foreach) AdamW
     diffusers bf16            under torch.autocast(bfloat16): diffusers' best on a CPU
     ddpmlab bf16              the same for our UNet
@@ -52,12 +52,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ddpmlab.allocator import keep_freed_memory  # noqa: E402
-from ddpmlab.config import load_config  # noqa: E402
-from ddpmlab.data import data_shape  # noqa: E402
-from ddpmlab.models import build_model  # noqa: E402
-from ddpmlab.objectives import diffusion_loss  # noqa: E402
-from ddpmlab.schedules import NoiseSchedule  # noqa: E402
+from ddpmlab.config import load_config
+from ddpmlab.data import data_shape
+from ddpmlab.diffusion.objectives import diffusion_loss
+from ddpmlab.diffusion.schedules import NoiseSchedule
+from ddpmlab.models import build_model
+from ddpmlab.training.allocator import keep_freed_memory
 
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of this process; use with --threads 1)
 MODELS = {"cifar10": ["data.dataset=folder", "data.path=x", "data.image_size=[32,32]", "data.channels=3"],
@@ -121,7 +121,7 @@ def build(which: str, name: str, device: str, channels_last: bool = False, compi
     else:
         import diffusers
 
-        from ddpmlab.diffusers_bridge import unet2d_config
+        from ddpmlab.io.diffusers_bridge import unet2d_config
         model = DiffusersAdapter(diffusers.UNet2DModel(**unet2d_config(cfg)))
     model = model.to(device).train()
     if channels_last:
@@ -214,7 +214,7 @@ def build_variants(name: str, batch: int, args) -> list:
     return variants
 
 
-# fresh processes: label, model, Variant options, keep freed memory (ddpmlab.allocator) from the start
+# fresh processes: label, model, Variant options, keep freed memory (ddpmlab.training.allocator) from the start
 FRESH = [("diffusers bf16", "diffusers", dict(bf16=True), False),
          ("ddpmlab best", "ddpmlab", dict(bf16=True, fused=True), False),
          ("ddpmlab best + kept memory", "ddpmlab", dict(bf16=True, fused=True), True),
@@ -323,7 +323,7 @@ def main(argv=None) -> int:
     if args.device != "cpu" or args.no_fresh:
         return 0
     print("\nFresh processes (what a new training run sees; glibc's default allocator gives memory back, and "
-          "ddpm train keeps it, ddpmlab.allocator): each variant alone in a new process, interleaved in rounds")
+          "ddpm train keeps it, ddpmlab.training.allocator): each variant alone in a new process, interleaved in rounds")
     rows = []
     for name in args.models:
         batch = getattr(args, f"batch_{name}")

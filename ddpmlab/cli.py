@@ -8,8 +8,8 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .allocator import keep_freed_memory
-from .errors import DDPMError
+from ddpmlab.errors import DDPMError
+from ddpmlab.training.allocator import keep_freed_memory
 
 EPILOG = "Examples:\n  ddpm train\n  ddpm train --config toy2d\n  ddpm sample runs/mnist-... --sampler ddim --steps 50"
 
@@ -27,11 +27,11 @@ def _auto_device(name: str) -> str:
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
-    from .train import resume_config, train
+    from ddpmlab.config import load_config
+    from ddpmlab.training.loop import resume_config, train
 
     if args.resume:
-        from .checkpoint import require_run_dir
+        from ddpmlab.io.checkpoint import require_run_dir
 
         run_dir = require_run_dir(args.resume)
         if args.config:
@@ -62,7 +62,7 @@ def _train_explaining_oom(train, cfg, **kwargs) -> None:
 
 
 def cmd_data_check(args) -> int:
-    from .data.check import check_folder
+    from ddpmlab.data.check import check_folder
 
     return check_folder(args.dir, tuple(args.image_size), args.channels, limit=args.limit)
 
@@ -71,14 +71,14 @@ def cmd_sample(args) -> int:
     import numpy as np
     import torch
 
-    from .checkpoint import load_model
-    from .data import data_shape
-    from .samplers import get_sampler
-    from .samplers.generate import generate
-    from .samplers.guidance import conditioning
-    from .samplers.steps import check_timesteps_name, timesteps_options
-    from .schedules import NoiseSchedule
-    from .viz import save_grid, save_scatter
+    from ddpmlab.data import data_shape
+    from ddpmlab.diffusion.schedules import NoiseSchedule
+    from ddpmlab.io.checkpoint import load_model
+    from ddpmlab.samplers.generate import generate
+    from ddpmlab.samplers.guidance import conditioning
+    from ddpmlab.samplers.registry import get_sampler
+    from ddpmlab.samplers.steps import check_timesteps_name, timesteps_options
+    from ddpmlab.viz import save_grid, save_scatter
 
     get_sampler(args.sampler)  # fail fast on a bad name, before loading anything
     check_timesteps_name(args.sampler, args.timesteps)
@@ -86,7 +86,7 @@ def cmd_sample(args) -> int:
     if (args.run_dir is None) == (args.from_diffusers is None):
         raise DDPMError("give either RUN_DIR (a ddpmlab run) or --from-diffusers FOLDER (a local diffusers model)")
     if args.from_diffusers:  # a local diffusers UNet2DModel + scheduler folder, converted to ddpmlab's UNet
-        from .diffusers_bridge import load_diffusers_model
+        from ddpmlab.io.diffusers_bridge import load_diffusers_model
 
         if getattr(args, "weights_file", None):
             raise DDPMError("--weights-file belongs to a ddpmlab run; --from-diffusers reads the folder's own weights")
@@ -104,7 +104,7 @@ def cmd_sample(args) -> int:
     if args.sampler == "ddim":
         options["eta"] = args.eta
     if args.sampler == "ddpm":
-        from .likelihood import ddpm_sampler_variance
+        from ddpmlab.diffusion.reverse import ddpm_sampler_variance
 
         options["variance"] = args.variance or ddpm_sampler_variance(cfg.diffusion.variance)
     model, labels = conditioning(model, args.n, args.label, args.guidance, cfg.train.label_dropout)
@@ -121,7 +121,7 @@ def cmd_sample(args) -> int:
     if is_image:
         save_grid(x, out, scale=max(1, min(4, 128 // max(shape[1:]))))
     else:
-        from .data import build_dataset
+        from ddpmlab.data import build_dataset
 
         ref = build_dataset(cfg)
         save_scatter(x, out, reference=torch.stack([ref[i][0] for i in range(min(len(ref), 2000))]),
@@ -146,9 +146,9 @@ def _cond_tag(args) -> str:
 
 def _image_run(args, command: str):
     """(cfg, model, schedule, shape, device) of a trained image run, for inpaint and img2img."""
-    from .checkpoint import load_model
-    from .data import data_shape
-    from .schedules import NoiseSchedule
+    from ddpmlab.data import data_shape
+    from ddpmlab.diffusion.schedules import NoiseSchedule
+    from ddpmlab.io.checkpoint import load_model
 
     if args.n < 1:
         raise DDPMError(f"--n must be at least 1, got {args.n}")
@@ -161,9 +161,10 @@ def _image_run(args, command: str):
 
 
 def cmd_inpaint(args) -> int:
-    from .editing import comparison_row, inpaint, load_mask, load_picture
-    from .samplers.guidance import conditioning
-    from .viz import save_grid
+    from ddpmlab.io.images import comparison_row, load_mask, load_picture
+    from ddpmlab.samplers.editing import inpaint
+    from ddpmlab.samplers.guidance import conditioning
+    from ddpmlab.viz import save_grid
 
     cfg, model, schedule, shape, device = _image_run(args, "inpaint")
     T = schedule.num_timesteps
@@ -184,11 +185,11 @@ def cmd_inpaint(args) -> int:
 
 
 def cmd_img2img(args) -> int:
-    from .editing import comparison_row, img2img, load_picture
-    from .samplers import get_sampler
-    from .samplers.guidance import conditioning
-    from .samplers.inpaint import strength_to_steps
-    from .viz import save_grid
+    from ddpmlab.io.images import comparison_row, load_picture
+    from ddpmlab.samplers.editing import img2img, strength_to_steps
+    from ddpmlab.samplers.guidance import conditioning
+    from ddpmlab.samplers.registry import get_sampler
+    from ddpmlab.viz import save_grid
 
     get_sampler(args.sampler)  # fail fast on a bad name, before loading anything
     cfg, model, schedule, shape, device = _image_run(args, "img2img")
@@ -230,7 +231,7 @@ def _edit_arguments(e: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import METRICS
+    from ddpmlab.evaluate import METRICS
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = [m for m in metrics if m not in EVAL_METRICS and m not in METRICS]
@@ -238,7 +239,7 @@ def cmd_eval(args) -> int:
         raise DDPMError(f"unknown metric(s) {', '.join(unknown)} in --metrics; choose from "
                         f"{', '.join(EVAL_METRICS + tuple(METRICS))}")
     if "nll" in metrics:
-        from .nll import evaluate_nll, format_nll
+        from ddpmlab.evaluate.nll import evaluate_nll, format_nll
 
         result, js, png = evaluate_nll(args.run_dir, n=args.n, decoder=args.decoder, bin_width=args.bin_width,
                                        t_stride=args.t_stride, batch_size=args.batch_size, seed=args.seed,
@@ -254,7 +255,7 @@ def cmd_eval(args) -> int:
 
 def _eval_sample_quality(args, metrics) -> None:
     """FID/KID/IS/precision-recall (images) or SWD/MMD (2-D) of samples, beside n data points."""
-    from .evaluate import EvalSettings, evaluate_run, format_results
+    from ddpmlab.evaluate import EvalSettings, evaluate_run, format_results
 
     options = {"eta": args.eta} if args.sampler == "ddim" else {}
     if args.sampler == "ddpm" and args.variance:
@@ -304,7 +305,7 @@ Examples:
 
 def _eval_quality_arguments(ev: argparse.ArgumentParser) -> None:
     """Options of the sample-quality metrics of ``ddpm eval``."""
-    from .samplers import SAMPLERS
+    from ddpmlab.samplers.registry import SAMPLERS
 
     ev.add_argument("--sampler", default="ddim", help=f"one of: {', '.join(SAMPLERS)} (default ddim)")
     ev.add_argument("--steps", type=int, default=None, help="sampling steps (default: T for ddpm, 50 otherwise)")
@@ -345,7 +346,7 @@ Sample metrics over training live in TensorBoard too: tensorboard --logdir runs
 
 
 def cmd_viz(args) -> int:
-    from .viz import commands as V
+    from ddpmlab.viz import commands as V
 
     device = _auto_device(getattr(args, "device", "cpu"))
     sampling = {k: getattr(args, k) for k in ("eta", "variance") if getattr(args, k, None) is not None}
@@ -373,8 +374,8 @@ def cmd_viz(args) -> int:
 
 
 def _add_viz_parser(sub) -> None:
-    from .samplers import SAMPLERS
-    from .schedules import SCHEDULES
+    from ddpmlab.diffusion.schedules import SCHEDULES
+    from ddpmlab.samplers.registry import SAMPLERS
 
     v = sub.add_parser("viz", help="pictures: forward/reverse process, schedules, 2-D toy, loss, grids",
                        description=VIZ_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -445,8 +446,8 @@ def _add_viz_parser(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from .checkpoint import require_run_dir
-    from .diffusers_bridge import export_diffusers
+    from ddpmlab.io.checkpoint import require_run_dir
+    from ddpmlab.io.diffusers_bridge import export_diffusers
 
     require_run_dir(args.run_dir)
     out = export_diffusers(args.run_dir, args.out, which=args.weights)
@@ -455,7 +456,7 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .samplers import SAMPLERS
+    from ddpmlab.samplers.registry import SAMPLERS
 
     p = argparse.ArgumentParser(
         prog="ddpm", description="ddpmlab: train, sample and study denoising diffusion probabilistic models.",
@@ -589,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_bench(args) -> int:
-    from . import bench
+    from ddpmlab.evaluate import bench
 
     specs = [bench.SamplerSpec.parse(s) for s in args.samplers.split(",") if s.strip()]
     nfes = bench.parse_nfes(args.nfe)
@@ -612,7 +613,7 @@ def cmd_bench(args) -> int:
 
 
 def _add_bench_parser(sub) -> None:
-    from .bench import DEFAULT_SAMPLERS
+    from ddpmlab.evaluate.bench import DEFAULT_SAMPLERS
 
     b = sub.add_parser("bench", help="benchmarks: sampler error vs NFE (ddpm bench samplers ...)")
     bsub = b.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
@@ -661,7 +662,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     warnings.formatwarning = _format_warning
     if args.command != "train":  # train decides by train.keep_freed_memory and the device
-        keep_freed_memory()  # CPU sampling and evaluation: ~20 % faster network calls (ddpmlab.allocator)
+        keep_freed_memory()  # CPU sampling and evaluation: ~20 % faster network calls (ddpmlab.training.allocator)
     try:
         return args.func(args)
     except DDPMError as e:

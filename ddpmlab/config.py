@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .errors import ConfigError
+from ddpmlab.errors import ConfigError
 
 CONFIG_VERSION = 1
 BUNDLED_DIR = Path(__file__).parent / "configs"
@@ -89,7 +89,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 (CPU and CUDA) | fp16 (CUDA, with a loss scaler)
     grad_accum_steps: int = 1  # split each process's share of train.batch_size into this many micro-batches
     # CPU (Linux): freed tensor memory stays in the process for the next step instead of going back
-    # to the kernel (ddpmlab.allocator); 9-16 % faster CPU steps, the process keeps its peak memory
+    # to the kernel (ddpmlab.training.allocator); 9-16 % faster CPU steps, the process keeps its peak memory
     keep_freed_memory: bool = True
     log_every: int = 50
     sample_every: int = 0  # 0: only at the end

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-import ddpmlab.train as train_module
+import ddpmlab.training.loop as train_module
 from ddpmlab.cli import main
 
 RANK = int(os.environ.get("RANK", "0"))

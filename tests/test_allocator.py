@@ -1,4 +1,4 @@
-"""ddpmlab.allocator: after keep_freed_memory() freed tensor memory is reused without new page faults."""
+"""ddpmlab.training.allocator: after keep_freed_memory() freed tensor memory is reused without new page faults."""
 
 import json
 import subprocess
@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from ddpmlab.allocator import _glibc
+from ddpmlab.training.allocator import _glibc
 
 PROBE = """
 import json, resource, torch
-from ddpmlab.allocator import keep_freed_memory
+from ddpmlab.training.allocator import keep_freed_memory
 
 def step():  # a training step's pattern: activations of several sizes, held together, then all freed
     held = [torch.ones(n) for n in (250_000, 1_250_000, 2_500_000, 5_000_000, 10_000_000, 2_500_000)]
@@ -36,8 +36,10 @@ print(json.dumps({"before": before, "applied": applied, "again": keep_freed_memo
 
 
 @pytest.mark.skipif(_glibc() is None, reason="the allocator is tuned only on glibc (Linux)")
-def test_keep_freed_memory_stops_page_faults_on_reallocation():
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, check=True)
+def test_keep_freed_memory_stops_page_faults_on_reallocation(tmp_path):
+    # a fresh process in an empty folder: nothing of the checkout's tree on its import path
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, check=True,
+                         cwd=tmp_path)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     pages = 4 * 21_500_000 / 4096  # the step's 86 MB of tensors
     assert r["before"] > 0.5 * pages  # default glibc: the large tensors' pages are faulted in at every step
@@ -48,7 +50,7 @@ def test_keep_freed_memory_stops_page_faults_on_reallocation():
 
 @pytest.mark.parametrize("keep", [True, False])
 def test_cpu_training_keeps_freed_memory_unless_the_config_says_no(tmp_path, monkeypatch, keep):
-    import ddpmlab.train as trainer
+    import ddpmlab.training.loop as trainer
     from ddpmlab.config import load_config
 
     calls = []

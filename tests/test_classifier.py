@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpmlab.classifier import WEIGHTS, accuracy, load_classifier, load_mnist_classifier
 from ddpmlab.data import load_mnist
 from ddpmlab.errors import DDPMError
+from ddpmlab.evaluate.classifier import WEIGHTS, accuracy, load_classifier, load_mnist_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,12 +11,18 @@ from PIL import Image
 
 from ddpmlab.config import Config
 from ddpmlab.data import (
-    ImageFolderDataset, InMemoryDataset, build_dataset, data_shape, from_uint8, load_digits,
-    load_mnist, make_toy, to_uint8,
+    ImageFolderDataset,
+    InMemoryDataset,
+    build_dataset,
+    data_shape,
+    from_uint8,
+    load_digits,
+    load_mnist,
+    make_toy,
+    to_uint8,
 )
 from ddpmlab.data.toy import TOY_NAMES
 from ddpmlab.errors import DataError
-
 
 # ---------------------------------------------------------------- bundled sets
 

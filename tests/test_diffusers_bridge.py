@@ -5,18 +5,25 @@ import sys
 
 import pytest
 import torch
+from _util import perturb
 
-from ddpmlab.checkpoint import CONFIG_FILE, save_checkpoint
 from ddpmlab.cli import main
 from ddpmlab.config import load_config, save_config
-from ddpmlab.diffusers_bridge import (diffusion_from_scheduler, export_diffusers, from_diffusers_state_dict,
-                                      load_diffusers_model, require_diffusers, scheduler_config,
-                                      to_diffusers_state_dict, unet2d_config)
+from ddpmlab.diffusion.schedules import NoiseSchedule, make_betas
 from ddpmlab.errors import DDPMError
+from ddpmlab.io.checkpoint import CONFIG_FILE, save_checkpoint
+from ddpmlab.io.diffusers_bridge import (
+    diffusion_from_scheduler,
+    export_diffusers,
+    from_diffusers_state_dict,
+    load_diffusers_model,
+    require_diffusers,
+    scheduler_config,
+    to_diffusers_state_dict,
+    unet2d_config,
+)
 from ddpmlab.models import UNet, build_model
 from ddpmlab.samplers.generate import generate
-from ddpmlab.schedules import NoiseSchedule, make_betas
-from _util import perturb
 
 diffusers = pytest.importorskip("diffusers")
 

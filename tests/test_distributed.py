@@ -67,7 +67,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     _run(["train", *TINY, f"train.steps={STEPS}", "train.name=single"], root)
     _run(["train", *TINY, f"train.steps={STEPS}", "train.name=two", "train.grad_accum_steps=2"], root, procs=2)
-    from ddpmlab.train import train  # one process: in this process, which saves starting interpreters
+    from ddpmlab.training.loop import train
 
     runs = root / "runs"
     train(_config(runs, f"train.steps={STEPS}", "train.name=accum", "train.grad_accum_steps=4"), progress=False)
@@ -112,8 +112,8 @@ def test_resume_with_accumulation_is_bit_identical(runs):
 
 
 def test_batch_not_divisible_by_processes_times_accumulation_is_refused():
-    from ddpmlab.distributed import check_batch_split
     from ddpmlab.errors import ConfigError
+    from ddpmlab.training.distributed import check_batch_split
 
     assert check_batch_split(32, 2, 4) == 4
     with pytest.raises(ConfigError, match=r"train\.batch_size \(30\).*train\.grad_accum_steps \(4\)"):
@@ -121,8 +121,8 @@ def test_batch_not_divisible_by_processes_times_accumulation_is_refused():
 
 
 def test_fp16_on_cpu_is_refused_with_advice():
-    from ddpmlab.distributed import check_mixed_precision
     from ddpmlab.errors import ConfigError
+    from ddpmlab.training.distributed import check_mixed_precision
 
     with pytest.raises(ConfigError, match="train.mixed_precision=fp16 needs a CUDA GPU.*bf16"):
         check_mixed_precision("fp16", "cpu")
@@ -133,7 +133,7 @@ def test_fp16_on_cpu_is_refused_with_advice():
 
 
 def test_bf16_autocast_trains_close_to_fp32_but_not_equal(tmp_path):
-    from ddpmlab.train import train
+    from ddpmlab.training.loop import train
 
     weights = {}
     for mp in ("no", "bf16", "no"):

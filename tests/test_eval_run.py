@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpmlab.checkpoint import save_checkpoint
 from ddpmlab.cli import main
 from ddpmlab.config import load_config, save_config
 from ddpmlab.errors import DDPMError
+from ddpmlab.io.checkpoint import save_checkpoint
 from ddpmlab.models import build_model
 
 TINY_UNET = ["model.base_channels=8", "model.norm_groups=4", "model.channel_mults=[1,2]",
@@ -136,7 +136,7 @@ def test_inception_weights_load_from_a_local_file_only(tmp_path):
 
 
 def test_forward_steps_follow_q_of_x_t_given_x0():
-    from ddpmlab.schedules import NoiseSchedule
+    from ddpmlab.diffusion.schedules import NoiseSchedule
     from ddpmlab.viz import forward_steps
 
     s = NoiseSchedule.make("linear", 1000)
@@ -188,7 +188,7 @@ def test_viz_bad_input_is_one_clear_line(mnist_run, capsys):
 def test_training_evaluates_every_n_steps_into_csv_and_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from ddpmlab.train import train
+    from ddpmlab.training.loop import train
 
     cfg = load_config("toy2d", [f"train.out_dir={tmp_path}", "train.name=t", "train.steps=40", "train.log_every=10",
                                 "train.eval_every=20", "train.eval_n=200", "train.eval_steps=5", "train.sample_n=50",
@@ -209,7 +209,7 @@ def test_training_evaluates_every_n_steps_into_csv_and_tensorboard(tmp_path):
 
 def test_training_refuses_an_evaluation_that_cannot_run(tmp_path):
     from ddpmlab.errors import ConfigError
-    from ddpmlab.train import train
+    from ddpmlab.training.loop import train
 
     cfg = load_config("mnist", [f"train.out_dir={tmp_path}", "train.eval_every=10", "train.eval_n=64", *TINY_UNET])
     with pytest.raises(ConfigError, match="train.eval_n"):

@@ -8,8 +8,19 @@ import torch
 
 from ddpmlab.data import InMemoryDataset, load_mnist
 from ddpmlab.errors import DDPMError
-from ddpmlab.evaluate import (Extractor, classifier_extractor, extract, feature_sums, fid, inception_score, kid,
-                              mmd_rbf, precision_recall, reference_statistics, sliced_wasserstein)
+from ddpmlab.evaluate import (
+    Extractor,
+    classifier_extractor,
+    extract,
+    feature_sums,
+    fid,
+    inception_score,
+    kid,
+    mmd_rbf,
+    precision_recall,
+    reference_statistics,
+    sliced_wasserstein,
+)
 from ddpmlab.evaluate.features import batches
 
 
@@ -113,7 +124,7 @@ def test_kid_is_unbiased_for_two_samples_of_one_distribution():
 
 def test_extractor_is_locked_in_eval_mode(digits):
     _, _, _, x, _ = digits
-    from ddpmlab.classifier import load_mnist_classifier
+    from ddpmlab.evaluate.classifier import load_mnist_classifier
 
     net = load_mnist_classifier().train()  # batch norm in training mode: features depend on the batch
     assert not torch.allclose(net.features(x[:1]), net.features(x[:64])[:1], atol=1e-4)

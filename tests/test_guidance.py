@@ -10,12 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpmlab.analytic import ClassConditionalDenoiser, ExactDenoiser, Gaussian, GaussianMixture
+from ddpmlab.diffusion.analytic import ClassConditionalDenoiser, ExactDenoiser, Gaussian, GaussianMixture
+from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import ConfigError, DDPMError
-from ddpmlab.samplers import SAMPLERS, ModelPredictor
+from ddpmlab.samplers import ModelPredictor
+from ddpmlab.samplers.editing import repaint, repaint_nfe, repaint_times, sdedit
 from ddpmlab.samplers.guidance import conditioning, drop_labels, guided
-from ddpmlab.samplers.inpaint import repaint, repaint_nfe, repaint_times, sdedit
-from ddpmlab.schedules import NoiseSchedule
+from ddpmlab.samplers.registry import SAMPLERS
 
 S = NoiseSchedule.make("linear", 1000)
 # four overlapping classes: even exact class-k samples are often nearer another mean
@@ -239,7 +240,7 @@ def test_config_refuses_bad_label_dropout_and_labels_on_toy_data():
 
 def test_conditional_training_on_unlabelled_images_is_refused(tmp_path):
     from ddpmlab.config import load_config
-    from ddpmlab.train import train
+    from ddpmlab.training.loop import train
 
     for i in range(2):
         Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
@@ -254,8 +255,8 @@ def test_conditional_training_on_unlabelled_images_is_refused(tmp_path):
 
 def _hand_made_run(root, num_classes=None, seed=0):
     """A run directory with a small random (not trained) 8x8 digits UNet: enough to drive the CLI."""
-    from ddpmlab.checkpoint import CONFIG_FILE, save_checkpoint
     from ddpmlab.config import load_config, save_config
+    from ddpmlab.io.checkpoint import CONFIG_FILE, save_checkpoint
     from ddpmlab.models import build_model
 
     cfg = load_config("mnist", ["data.dataset=digits", "model.base_channels=8", "model.norm_groups=4",
@@ -331,7 +332,7 @@ def test_cli_sample_with_class_and_guidance(tmp_path, capsys):
     out = run / "samples" / "ddim_3steps_seed0_class3_guidance2.npz"
     x = torch.from_numpy(np.load(out)["samples"])
     # the same samples from the library: --class 3 --guidance 2 is guided(model, 3, 2.0)
-    from ddpmlab.checkpoint import load_model
+    from ddpmlab.io.checkpoint import load_model
     from ddpmlab.samplers.generate import generate
 
     cfg, model = load_model(run)
@@ -348,7 +349,7 @@ def test_cli_sample_with_class_and_guidance(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     """A class-conditional 8x8-digits UNet trained for 250 steps with label dropout 0.2 (~15 s)."""
-    import ddpmlab.train as train_mod
+    import ddpmlab.training.loop as train_mod
     from ddpmlab.config import load_config
 
     seen = []  # the labels the network sees in training
@@ -390,8 +391,8 @@ def test_training_drops_labels_at_the_configured_rate(digits_run):
 def test_guidance_moves_digit_samples_towards_the_requested_class(digits_run):
     from sklearn.linear_model import LogisticRegression
 
-    from ddpmlab.checkpoint import load_model
     from ddpmlab.data import load_digits
+    from ddpmlab.io.checkpoint import load_model
     from ddpmlab.samplers.generate import generate
 
     x, y = load_digits("train")

@@ -5,14 +5,22 @@ import math
 import pytest
 import torch
 
-from ddpmlab.analytic import ExactDenoiser, GaussianMixture
+from ddpmlab.diffusion.analytic import ExactDenoiser, GaussianMixture
+from ddpmlab.diffusion.likelihood import (
+    EIGHT_BIT,
+    LN2,
+    bits_per_dim,
+    check_decoder_data,
+    discretized_gaussian_log_likelihood,
+    normal_kl,
+    prior_kl,
+    vlb_term,
+)
+from ddpmlab.diffusion.process import extract, q_sample
+from ddpmlab.diffusion.reverse import interpolation_for, learned_log_variance
+from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import DDPMError
-from ddpmlab.likelihood import (EIGHT_BIT, LN2, bits_per_dim, check_decoder_data,
-                                discretized_gaussian_log_likelihood, interpolation_for, learned_log_variance,
-                                normal_kl, prior_kl, vlb_term)
-from ddpmlab.nll import bound_terms, model_reverse, summarize
-from ddpmlab.process import extract, q_sample
-from ddpmlab.schedules import NoiseSchedule
+from ddpmlab.evaluate.nll import bound_terms, model_reverse, summarize
 
 S = NoiseSchedule.make("linear", 1000)
 
@@ -175,7 +183,8 @@ SMALL = GaussianMixture(means=[[1.0, -0.5, 0.25]], stds=[0.5])
 
 def test_respaced_learned_variance_sampler_matches_diffusers_learned_range():
     diffusers = pytest.importorskip("diffusers")
-    from ddpmlab.samplers import SAMPLERS, ModelPredictor
+    from ddpmlab.samplers import ModelPredictor
+    from ddpmlab.samplers.registry import SAMPLERS
 
     sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
                                     variance_type="learned_range", timestep_spacing="linspace")
@@ -197,7 +206,8 @@ def test_respaced_learned_variance_sampler_matches_diffusers_learned_range():
 
 
 def test_fixed_variance_sampler_on_a_learned_variance_model_uses_only_the_eps_half():
-    from ddpmlab.samplers import SAMPLERS, ModelPredictor
+    from ddpmlab.samplers import ModelPredictor
+    from ddpmlab.samplers.registry import SAMPLERS
 
     x_T = torch.randn(64, 3, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     for sampler, opts in (("ddpm", {"variance": "posterior"}), ("ddim", {})):
@@ -209,7 +219,8 @@ def test_fixed_variance_sampler_on_a_learned_variance_model_uses_only_the_eps_ha
 
 
 def test_learned_variance_sampler_on_a_model_without_variance_head_is_an_error():
-    from ddpmlab.samplers import SAMPLERS, ModelPredictor
+    from ddpmlab.samplers import ModelPredictor
+    from ddpmlab.samplers.registry import SAMPLERS
 
     predict = ModelPredictor(_WithVariance(SMALL, S, head=False), S)
     with pytest.raises(DDPMError, match="no variance head"):

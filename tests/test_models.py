@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from _util import perturb
 
 from ddpmlab.config import Config
 from ddpmlab.errors import ConfigError
 from ddpmlab.models import MLPDenoiser, UNet, build_model, count_parameters
-from _util import perturb
 
 TINY = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
             dropout=0.0, norm_groups=8, image_size=(16, 16))
@@ -35,8 +35,8 @@ def test_cifar10_config_has_35_7M_parameters_equal_to_diffusers():
 
 
 def _to_diffusers_state_dict(model: UNet) -> dict:
-    """Our weights renamed to UNet2DModel's (the mapping lives in ddpmlab.diffusers_bridge)."""
-    from ddpmlab.diffusers_bridge import to_diffusers_state_dict
+    """Our weights renamed to UNet2DModel's (the mapping lives in ddpmlab.io.diffusers_bridge)."""
+    from ddpmlab.io.diffusers_bridge import to_diffusers_state_dict
 
     return to_diffusers_state_dict(model.state_dict())
 

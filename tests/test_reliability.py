@@ -18,12 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ddpmlab.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from ddpmlab.cli import main
 from ddpmlab.config import load_config
 from ddpmlab.errors import DDPMError
-from ddpmlab.safety import LOCK_FILE, BadStepGuard, RunLock, optimizer_step
-from ddpmlab.train import train
+from ddpmlab.io.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from ddpmlab.training.guard import BadStepGuard, optimizer_step
+from ddpmlab.training.lock import LOCK_FILE, RunLock
+from ddpmlab.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 24

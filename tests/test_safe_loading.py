@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ddpmlab.checkpoint import load_weights
 from ddpmlab.cli import main
 from ddpmlab.config import load_config
 from ddpmlab.errors import DDPMError
-from ddpmlab.safety import load_state_dict_file
-from ddpmlab.train import train
+from ddpmlab.io.checkpoint import load_weights
+from ddpmlab.io.weights import load_state_dict_file
+from ddpmlab.training.loop import train
 
 
 class _CreatesFile:

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from ddpmlab.analytic import ExactDenoiser, GaussianMixture
+from ddpmlab.diffusion.analytic import ExactDenoiser, GaussianMixture
+from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import ConfigError
-from ddpmlab.samplers import SAMPLERS, ModelPredictor, get_sampler
-from ddpmlab.schedules import NoiseSchedule
+from ddpmlab.samplers import ModelPredictor
+from ddpmlab.samplers.registry import SAMPLERS, get_sampler
 
 SCHEDULE = NoiseSchedule.make("linear", 1000)
 
@@ -104,7 +105,7 @@ def test_ddpm_matches_diffusers_ddpm_scheduler_mean():
     model = ExactDenoiser(GAUSS, SCHEDULE)
     x = torch.randn(32, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     predict = ModelPredictor(model, SCHEDULE)
-    from ddpmlab.process import q_posterior
+    from ddpmlab.diffusion.process import q_posterior
     for t in (999, 500, 10, 1):
         eps, x0 = predict(x, torch.tensor(t))
         ref = sched.step(eps, t, x, generator=torch.Generator().manual_seed(0))
@@ -123,7 +124,7 @@ def test_unknown_sampler_names_the_closest():
 
 def test_model_output_parameterisations_give_the_same_samples():
     # a v- or x0-predicting model that is exact gives the same DDIM trajectory as eps
-    from ddpmlab.process import training_target, x0_from_eps
+    from ddpmlab.diffusion.process import training_target, x0_from_eps
 
     model = ExactDenoiser(GAUSS, SCHEDULE)
 

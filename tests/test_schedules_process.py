@@ -5,10 +5,16 @@ import math
 import pytest
 import torch
 
+from ddpmlab.diffusion.process import (
+    eps_x0_from_output,
+    q_posterior,
+    q_sample,
+    score_from_eps,
+    training_target,
+    x0_from_eps,
+)
+from ddpmlab.diffusion.schedules import SCHEDULES, NoiseSchedule, make_betas, select_timesteps
 from ddpmlab.errors import ConfigError
-from ddpmlab.process import (eps_x0_from_output, q_posterior, q_sample, score_from_eps, training_target,
-                             x0_from_eps)
-from ddpmlab.schedules import SCHEDULES, NoiseSchedule, make_betas, select_timesteps
 
 
 @pytest.mark.parametrize("ours,theirs", [("linear", "linear"), ("quadratic", "scaled_linear"),

@@ -6,15 +6,20 @@ import math
 import pytest
 import torch
 
-from ddpmlab.analytic import ExactDenoiser, GaussianMixture
-from ddpmlab.bench import SamplerSpec, bench_analytic, markdown_table, mixture2d, parse_nfes, save, sliced_w2
+from ddpmlab.diffusion.analytic import ExactDenoiser, GaussianMixture
+from ddpmlab.diffusion.schedules import NoiseSchedule, abar_of_t, log_sigmas, select_timesteps, sigma_of_t, t_of_sigma
 from ddpmlab.errors import ConfigError
-from ddpmlab.samplers import SAMPLERS, ModelPredictor, get_sampler
-from ddpmlab.samplers import solvers
+from ddpmlab.evaluate.bench import SamplerSpec, bench_analytic, markdown_table, mixture2d, parse_nfes, save, sliced_w2
+from ddpmlab.samplers import ModelPredictor, solvers
 from ddpmlab.samplers.langevin import langevin_step
-from ddpmlab.samplers.steps import (STEP_SCHEDULES, check_timesteps_name, optimize_timesteps, resolve_timesteps,
-                                    sigmas_for)
-from ddpmlab.schedules import NoiseSchedule, abar_of_t, log_sigmas, select_timesteps, sigma_of_t, t_of_sigma
+from ddpmlab.samplers.registry import SAMPLERS, get_sampler
+from ddpmlab.samplers.steps import (
+    STEP_SCHEDULES,
+    check_timesteps_name,
+    optimize_timesteps,
+    resolve_timesteps,
+    sigmas_for,
+)
 
 SCHEDULE = NoiseSchedule.make("linear", 1000)
 MIX = mixture2d()  # 8 modes on the unit circle, std 0.1, unequal weights
@@ -335,8 +340,8 @@ def tiny_run(tmp_path_factory):
 def test_sample_cli_passes_the_step_schedule_to_the_solver(tiny_run, tmp_path):
     import numpy as np
 
-    from ddpmlab.checkpoint import load_model
     from ddpmlab.cli import main
+    from ddpmlab.io.checkpoint import load_model
 
     out = tmp_path / "g.png"
     assert main(["sample", str(tiny_run), "--n", "4", "--sampler", "unipc", "--steps", "6", "--timesteps", "karras",

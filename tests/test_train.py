@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ddpmlab.checkpoint import latest_checkpoint, load_model
 from ddpmlab.config import load_config
 from ddpmlab.data import make_toy
-from ddpmlab.train import StepBatchSampler, train
+from ddpmlab.io.checkpoint import latest_checkpoint, load_model
+from ddpmlab.training.loop import StepBatchSampler, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,8 +38,8 @@ def test_training_lowers_the_loss(toy_run):
 
 
 def test_toy_samples_lie_on_the_swiss_roll(toy_run):
+    from ddpmlab.diffusion.schedules import NoiseSchedule
     from ddpmlab.samplers.generate import generate
-    from ddpmlab.schedules import NoiseSchedule
 
     cfg, model = load_model(toy_run)
     x = generate(model, NoiseSchedule.from_config(cfg.diffusion), (2,), 1000, sampler="ddpm", steps=1000,

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from ddpmlab.config import load_config
+from ddpmlab.diffusion.likelihood import LN2
+from ddpmlab.diffusion.objectives import DiffusionObjective, ImportanceTimesteps, min_snr_weight
+from ddpmlab.diffusion.process import eps_x0_from_output, training_target, x0_from_eps
+from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import ConfigError
-from ddpmlab.likelihood import LN2
-from ddpmlab.nll import bound_terms, model_reverse
-from ddpmlab.objectives import DiffusionObjective, ImportanceTimesteps, min_snr_weight
-from ddpmlab.process import eps_x0_from_output, training_target, x0_from_eps
-from ddpmlab.schedules import NoiseSchedule
+from ddpmlab.evaluate.nll import bound_terms, model_reverse
 
 S = NoiseSchedule.make("linear", 1000)
 
@@ -149,7 +149,7 @@ VLB_IS = ["diffusion.variance=learned_range", "diffusion.loss_type=vlb", "diffus
 def test_resumed_importance_sampling_run_is_bit_identical(tmp_path):
     from safetensors.torch import load_file
 
-    from ddpmlab.train import resume_config, train
+    from ddpmlab.training.loop import resume_config, train
 
     # T = 50 and 128 per batch: the history is full (warm) before the stop at step 10
     train(_toy_cfg(tmp_path, "straight", 20, VLB_IS), progress=False)
@@ -168,7 +168,7 @@ def test_resumed_importance_sampling_run_is_bit_identical(tmp_path):
 
 def test_ddpm_eval_nll_of_a_learned_variance_toy_run(tmp_path, capsys):
     from ddpmlab.cli import main
-    from ddpmlab.train import train
+    from ddpmlab.training.loop import train
 
     run = train(_toy_cfg(tmp_path, "hyb", 10, ["diffusion.variance=learned_range", "diffusion.loss_type=hybrid"]),
                 progress=False)
@@ -188,7 +188,7 @@ def test_ddpm_sample_uses_the_runs_variance_and_refuses_learned_without_a_head(t
     import numpy as np
 
     from ddpmlab.cli import main
-    from ddpmlab.train import train
+    from ddpmlab.training.loop import train
 
     learned = train(_toy_cfg(tmp_path, "lv", 5, ["diffusion.variance=learned_range", "diffusion.loss_type=hybrid"]),
                     progress=False)

@@ -12,10 +12,10 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..errors import DataError
-from .bundled import load_digits, load_mnist, split_indices
-from .images import IMAGE_EXTENSIONS, ImageFolderDataset, load_image
-from .toy import TOY_NAMES, make_toy
+from ddpmlab.errors import DataError
+from ddpmlab.data.bundled import load_digits, load_mnist, split_indices
+from ddpmlab.data.images import IMAGE_EXTENSIONS, ImageFolderDataset, load_image
+from ddpmlab.data.toy import TOY_NAMES, make_toy
 
 __all__ = [
     "InMemoryDataset", "TensorDataset", "ImageFolderDataset", "build_dataset", "data_shape",

@@ -15,7 +15,7 @@ import functools
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ddpmlab.errors import DataError
 
 SPLITS = ("all", "train", "test")
 TEST_FRACTION = 0.1

@@ -15,8 +15,13 @@ from typing import Callable, Sequence
 
 from PIL import Image
 
-from ..errors import DataError
-from .images import IMAGE_EXTENSIONS, ImageFolderDataset, _is_hidden, skip_report
+from ddpmlab.data.images import (
+    IMAGE_EXTENSIONS,
+    ImageFolderDataset,
+    _is_hidden,
+    skip_report,
+)
+from ddpmlab.errors import DataError
 
 _ORIENTATION = 0x0112  # EXIF tag; values 5-8 swap width and height
 

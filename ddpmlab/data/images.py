@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..errors import DataError
+from ddpmlab.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 CACHE_MAX_IMAGES = 20000
@@ -254,7 +254,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return arr
 
     def __getitem__(self, index: int):
-        from . import from_uint8
+        from ddpmlab.data import from_uint8
 
         return from_uint8(self.get_uint8(index)), self.labels[index]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ddpmlab.errors import DataError
 
 # name -> (centre of the native data, scale to divide by)
 _STANDARDISE = {

@@ -9,12 +9,11 @@
 * :mod:`.monitor` - evaluation and TensorBoard logging during training.
 """
 
-from .features import EXTRACTORS, Extractor, build_extractor, classifier_extractor, extract, inception_extractor
-from .metrics import feature_sums, fid, inception_score, kid, precision_recall
-from .reference import default_cache_dir, reference_statistics
-from .run import (METRICS, EvalContext, EvalSettings, evaluate_model, evaluate_run, format_results,
-                  register_metric)
-from .toy import mmd_rbf, sliced_wasserstein
+from ddpmlab.evaluate.features import EXTRACTORS, Extractor, build_extractor, classifier_extractor, extract, inception_extractor
+from ddpmlab.evaluate.metrics import feature_sums, fid, inception_score, kid, precision_recall
+from ddpmlab.evaluate.reference import default_cache_dir, reference_statistics
+from ddpmlab.evaluate.run import METRICS, EvalContext, EvalSettings, evaluate_model, evaluate_run, format_results, register_metric
+from ddpmlab.evaluate.toy import mmd_rbf, sliced_wasserstein
 
 __all__ = [
     "EXTRACTORS", "Extractor", "build_extractor", "classifier_extractor", "inception_extractor", "extract",

@@ -18,8 +18,8 @@ from typing import Iterable, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..errors import DDPMError
-from ..progress import progress_bar
+from ddpmlab.errors import DDPMError
+from ddpmlab.progress import progress_bar
 
 EXTRACTORS = ("classifier", "inception")
 
@@ -69,7 +69,7 @@ def file_sha256(path: Union[str, Path]) -> str:
 
 def classifier_extractor(device: Union[str, torch.device] = "cpu") -> Extractor:
     """The shipped MNIST classifier as an extractor (128 features, 10 logits, 1x28x28 input)."""
-    from ..classifier import WEIGHTS, load_mnist_classifier
+    from ddpmlab.evaluate.classifier import WEIGHTS, load_mnist_classifier
 
     net = load_mnist_classifier(device)
     return Extractor(net, "classifier", f"mnist-classifier-{file_sha256(WEIGHTS)[:16]}", net.num_features,
@@ -78,7 +78,7 @@ def classifier_extractor(device: Union[str, torch.device] = "cpu") -> Extractor:
 
 def inception_extractor(weights: Optional[Union[str, Path]], device: Union[str, torch.device] = "cpu") -> Extractor:
     """The FID Inception-v3 network from a local weights file (2048 features, 1008 logits)."""
-    from .inception import load_fid_inception
+    from ddpmlab.evaluate.inception import load_fid_inception
 
     net, digest = load_fid_inception(weights)
     return Extractor(net.to(device), "inception", f"inception-v3-fid-{digest[:16]}", 2048)

@@ -14,7 +14,7 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
-from ..errors import DDPMError
+from ddpmlab.errors import DDPMError
 
 
 class _Identity(nn.Module):

@@ -24,8 +24,8 @@ from typing import Dict, Optional, Union
 import numpy as np
 import torch
 
-from .features import Extractor, extract
-from .metrics import feature_sums
+from ddpmlab.evaluate.features import Extractor, extract
+from ddpmlab.evaluate.metrics import feature_sums
 
 CACHE_VERSION = "2"
 

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..errors import DDPMError
+from ddpmlab.errors import DDPMError
 
 
 def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, n_projections: int = 256,

@@ -6,10 +6,10 @@ from typing import Optional
 
 from torch import nn
 
-from ..config import Config
-from ..data import data_shape
-from .mlp import MLPDenoiser
-from .unet import UNet, timestep_embedding
+from ddpmlab.config import Config
+from ddpmlab.data import data_shape
+from ddpmlab.models.mlp import MLPDenoiser
+from ddpmlab.models.unet import UNet, timestep_embedding
 
 __all__ = ["UNet", "MLPDenoiser", "build_model", "count_parameters", "timestep_embedding"]
 

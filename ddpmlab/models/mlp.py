@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .unet import timestep_embedding
+from ddpmlab.models.unet import timestep_embedding
 
 
 class _Block(nn.Module):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ddpmlab.errors import ConfigError
 
 NORM_EPS = 1e-6  # as the paper's code (tf.contrib group_norm) and google/ddpm-* configs
 

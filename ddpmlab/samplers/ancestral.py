@@ -12,10 +12,10 @@ from typing import Optional
 
 import torch
 
-from ..errors import ConfigError
-from ..process import extract, q_posterior
-from ..schedules import NoiseSchedule, select_timesteps
-from .base import Callback, randn_like
+from ddpmlab.diffusion.process import extract, q_posterior
+from ddpmlab.diffusion.schedules import NoiseSchedule, select_timesteps
+from ddpmlab.errors import ConfigError
+from ddpmlab.samplers.base import Callback, randn_like
 
 VARIANCES = ("beta", "posterior", "learned")
 

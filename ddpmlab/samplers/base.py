@@ -6,10 +6,10 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ..errors import DDPMError
-from ..likelihood import learned_log_variance, split_output
-from ..process import eps_from_x0, eps_x0_from_output
-from ..schedules import NoiseSchedule
+from ddpmlab.diffusion.process import eps_from_x0, eps_x0_from_output
+from ddpmlab.diffusion.reverse import learned_log_variance, split_output
+from ddpmlab.diffusion.schedules import NoiseSchedule
+from ddpmlab.errors import DDPMError
 
 Callback = Optional[Callable[[int, torch.Tensor, torch.Tensor], None]]
 
@@ -36,7 +36,7 @@ class ModelPredictor:
 
         Integer t are training timesteps; float t are fractional times between them (for
         continuous-time solvers): the model sees the fractional t, and abar comes from the
-        log-sigma interpolation of :func:`~ddpmlab.schedules.abar_of_t`.
+        log-sigma interpolation of :func:`~ddpmlab.diffusion.schedules.abar_of_t`.
         """
         t = torch.as_tensor(t)
         fdtype = torch.float32 if x_t.device.type == "mps" else torch.float64  # mps has no float64

@@ -6,11 +6,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..progress import progress_bar
-from ..schedules import NoiseSchedule
-from .base import ModelPredictor
-from . import get_sampler
-from .steps import levels_for
+from ddpmlab.diffusion.schedules import NoiseSchedule
+from ddpmlab.progress import progress_bar
+from ddpmlab.samplers.base import ModelPredictor
+from ddpmlab.samplers.registry import get_sampler
+from ddpmlab.samplers.steps import levels_for
 
 
 @torch.no_grad()

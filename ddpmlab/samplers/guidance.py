@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..errors import DDPMError
+from ddpmlab.errors import DDPMError
 
 
 def drop_labels(y: torch.Tensor, p: float, null_label: int,

@@ -12,10 +12,10 @@ from typing import Optional
 
 import torch
 
-from ..errors import ConfigError
-from ..schedules import NoiseSchedule, abar_of_t
-from .base import Callback, randn_like
-from .steps import Timesteps, check_steps, resolve_timesteps
+from ddpmlab.diffusion.schedules import NoiseSchedule, abar_of_t
+from ddpmlab.errors import ConfigError
+from ddpmlab.samplers.base import Callback, randn_like
+from ddpmlab.samplers.steps import Timesteps, check_steps, resolve_timesteps
 
 PREDICTORS = ("reverse_diffusion", "ancestral")
 

@@ -23,10 +23,10 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from ..errors import ConfigError
-from ..schedules import NoiseSchedule, t_of_sigma
-from .base import Callback, randn_like
-from .steps import Timesteps, check_steps, resolve_timesteps, sigmas_for
+from ddpmlab.diffusion.schedules import NoiseSchedule, t_of_sigma
+from ddpmlab.errors import ConfigError
+from ddpmlab.samplers.base import Callback, randn_like
+from ddpmlab.samplers.steps import Timesteps, check_steps, resolve_timesteps, sigmas_for
 
 Denoiser = Callable[[torch.Tensor, float, torch.Tensor], torch.Tensor]
 

@@ -18,8 +18,14 @@ from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 
-from ..errors import ConfigError
-from ..schedules import NoiseSchedule, log_sigmas, select_timesteps, sigma_of_t, t_of_sigma
+from ddpmlab.diffusion.schedules import (
+    NoiseSchedule,
+    log_sigmas,
+    select_timesteps,
+    sigma_of_t,
+    t_of_sigma,
+)
+from ddpmlab.errors import ConfigError
 
 Timesteps = Union[str, Sequence[float], torch.Tensor]
 
@@ -216,8 +222,8 @@ def timesteps_options(sampler: str, name: Optional[str], model, schedule: NoiseS
         return {"spacing": name}
     if name != "optimized":
         return {"timesteps": name}
-    from . import SAMPLERS
-    from .base import ModelPredictor
+    from ddpmlab.samplers.base import ModelPredictor
+    from ddpmlab.samplers.registry import SAMPLERS
 
     calibration = calibration if y is None else min(calibration, len(y))
     x_cal = torch.randn((calibration, *shape), generator=torch.Generator().manual_seed(seed + 20_000)).to(device)

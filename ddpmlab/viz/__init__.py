@@ -7,11 +7,11 @@ plots, loss curves and 2D toy figures.  ``ddpm viz --help`` lists the commands.
 * :mod:`.toy` - 2D data, forward diffusion and reverse process, stills and animation.
 """
 
-from .diffusion import (forward_steps, record_trajectory, save_forward_strip, save_reverse_gif,
-                        save_reverse_strip)
-from .images import figure_array, grid_image, make_grid, save_figure, save_gif, save_grid, save_scatter
-from .plots import plot_loss, plot_schedules
-from .toy import save_toy_animation, save_toy_data, save_toy_forward, save_toy_reverse, toy_trajectory
+from ddpmlab.viz.diffusion import forward_steps, record_trajectory, save_forward_strip, save_reverse_gif, save_reverse_strip
+from ddpmlab.viz.images import figure_array, save_figure, save_gif, save_scatter
+from ddpmlab.io.images import grid_image, make_grid, save_grid
+from ddpmlab.viz.plots import plot_loss, plot_schedules
+from ddpmlab.viz.toy import save_toy_animation, save_toy_data, save_toy_forward, save_toy_reverse, toy_trajectory
 
 __all__ = [
     "make_grid", "grid_image", "save_grid", "save_scatter", "save_gif", "save_figure", "figure_array",

@@ -11,8 +11,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ..errors import DDPMError
-from ..schedules import NoiseSchedule
+from ddpmlab.diffusion.schedules import NoiseSchedule
+from ddpmlab.errors import DDPMError
 
 
 def _out_dir(run_dir, out) -> Path:
@@ -22,14 +22,14 @@ def _out_dir(run_dir, out) -> Path:
 
 
 def _config(run_dir, config: Optional[str]):
-    from ..checkpoint import load_run_config
-    from ..config import load_config
+    from ddpmlab.config import load_config
+    from ddpmlab.io.checkpoint import load_run_config
 
     return load_run_config(run_dir) if run_dir else load_config(config or "mnist")
 
 
 def _load(run_dir, weights: str, device):
-    from ..checkpoint import list_checkpoints, load_model, require_run_dir
+    from ddpmlab.io.checkpoint import list_checkpoints, load_model, require_run_dir
 
     run_dir = require_run_dir(run_dir)
     ckpts = list_checkpoints(run_dir)
@@ -51,7 +51,7 @@ def _options(cfg, sampler: str, options: dict) -> dict:
     options = {k: v for k, v in options.items() if v is not None}
     if sampler == "ddpm" and "variance" not in options and getattr(cfg.diffusion, "variance", None):
         try:
-            from ..likelihood import ddpm_sampler_variance
+            from ddpmlab.diffusion.reverse import ddpm_sampler_variance
 
             options["variance"] = ddpm_sampler_variance(cfg.diffusion.variance)
         except (ImportError, KeyError):
@@ -71,9 +71,9 @@ def _labels(cfg, n: int):
 def viz_forward(run_dir=None, config: Optional[str] = None, n: int = 4, ts: Optional[Sequence[int]] = None,
                 seed: int = 0, out=None) -> List[Path]:
     """Forward strip of ``n`` training images (or, for 2D data, the data set) at several t."""
-    from ..data import build_dataset
-    from .diffusion import DEFAULT_TS, save_forward_strip
-    from .toy import save_toy_forward
+    from ddpmlab.data import build_dataset
+    from ddpmlab.viz.diffusion import DEFAULT_TS, save_forward_strip
+    from ddpmlab.viz.toy import save_toy_forward
 
     cfg = _config(run_dir, config)
     schedule = NoiseSchedule.from_config(cfg.diffusion)
@@ -91,8 +91,12 @@ def viz_forward(run_dir=None, config: Optional[str] = None, n: int = 4, ts: Opti
 def viz_reverse(run_dir, sampler: str = "ddim", steps: Optional[int] = None, n: int = 16, seed: int = 0,
                 frames: int = 25, weights: str = "ema", device="cpu", out=None, **options) -> List[Path]:
     """GIF of x_t beside the predicted x0 along sampling, and a strip of stills (image runs)."""
-    from ..data import data_shape
-    from .diffusion import record_trajectory, save_reverse_gif, save_reverse_strip
+    from ddpmlab.data import data_shape
+    from ddpmlab.viz.diffusion import (
+        record_trajectory,
+        save_reverse_gif,
+        save_reverse_strip,
+    )
 
     cfg, model = _load(run_dir, weights, device)
     shape = data_shape(cfg)
@@ -114,8 +118,14 @@ def viz_toy(run_dir=None, config: Optional[str] = None, sampler: str = "ddpm", s
             **options) -> List[Path]:
     """2D run: data, forward diffusion, reverse process (stills) and a GIF of both; data and
     forward only when no run is given."""
-    from ..data import build_dataset
-    from .toy import save_toy_animation, save_toy_data, save_toy_forward, save_toy_reverse, toy_trajectory
+    from ddpmlab.data import build_dataset
+    from ddpmlab.viz.toy import (
+        save_toy_animation,
+        save_toy_data,
+        save_toy_forward,
+        save_toy_reverse,
+        toy_trajectory,
+    )
 
     cfg = _config(run_dir, config or "toy2d")
     if cfg.data.dataset != "toy":
@@ -141,8 +151,8 @@ def viz_toy(run_dir=None, config: Optional[str] = None, sampler: str = "ddpm", s
 
 def viz_schedules(names: Sequence[str], T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
                   out=None) -> List[Path]:
-    from ..schedules import SCHEDULES
-    from .plots import plot_schedules
+    from ddpmlab.diffusion.schedules import SCHEDULES
+    from ddpmlab.viz.plots import plot_schedules
 
     bad = [s for s in names if s not in SCHEDULES]
     if bad:
@@ -152,7 +162,7 @@ def viz_schedules(names: Sequence[str], T: int = 1000, beta_start: float = 1e-4,
 
 
 def viz_loss(run_dirs: Sequence, smooth: float = 0.8, out=None) -> List[Path]:
-    from .plots import plot_loss
+    from ddpmlab.viz.plots import plot_loss
 
     if not 0 <= smooth < 1:
         raise DDPMError(f"--smooth must be in [0, 1), got {smooth}")
@@ -165,9 +175,10 @@ def viz_grid(run_dir=None, npz: Optional[str] = None, sampler: str = "ddim", ste
     """A grid (images) or scatter (2D) of fresh samples of a run, or of samples saved by `ddpm sample --npz`."""
     import numpy as np
 
-    from ..data import data_shape
-    from ..samplers.generate import generate
-    from .images import save_grid, save_scatter
+    from ddpmlab.data import data_shape
+    from ddpmlab.io.images import save_grid
+    from ddpmlab.samplers.generate import generate
+    from ddpmlab.viz.images import save_scatter
 
     if npz:
         try:

@@ -8,9 +8,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import DDPMError
-from ..schedules import SCHEDULES, NoiseSchedule
-from .images import pyplot, save_figure
+from ddpmlab.diffusion.schedules import SCHEDULES, NoiseSchedule
+from ddpmlab.errors import DDPMError
+from ddpmlab.viz.images import pyplot, save_figure
 
 
 def plot_schedules(path, names: Sequence[str] = SCHEDULES, T: int = 1000, beta_start: float = 1e-4,

@@ -7,7 +7,7 @@ same distribution are at a distance > 0, measured here with the same projections
 error is reported as a multiple of that floor (1.0 = indistinguishable at this n).
 
 - Analytic targets (``mixture2d``, ``mixture64d``): the model is the exact noise predictor of a
-  Gaussian mixture (:class:`~ddpmlab.analytic.ExactDenoiser`), the reference exact samples.
+  Gaussian mixture (:class:`~ddpmlab.diffusion.analytic.ExactDenoiser`), the reference exact samples.
 - A trained run: the reference is a ``reference_steps`` ancestral (DDPM) run of the same model
   from the same noise seeds, the floor the distance of a second ancestral run with other seeds.
   Deterministic solvers converge to the model's probability-flow ODE, which matches its
@@ -25,12 +25,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .analytic import ExactDenoiser, GaussianMixture
-from .errors import ConfigError, DDPMError
-from .evaluate.toy import sliced_wasserstein
-from .samplers import SAMPLERS, ModelPredictor, get_sampler
-from .samplers.steps import check_timesteps_name, optimize_timesteps
-from .schedules import NoiseSchedule
+from ddpmlab.diffusion.analytic import ExactDenoiser, GaussianMixture
+from ddpmlab.diffusion.schedules import NoiseSchedule
+from ddpmlab.errors import ConfigError, DDPMError
+from ddpmlab.evaluate.toy import sliced_wasserstein
+from ddpmlab.samplers import ModelPredictor
+from ddpmlab.samplers.registry import SAMPLERS, get_sampler
+from ddpmlab.samplers.steps import check_timesteps_name, optimize_timesteps
 
 DEFAULT_NFE = (5, 10, 20, 50)
 DEFAULT_SAMPLERS = ("ddim", "euler", "heun", "pc", "dpmpp_2m", "dpmpp_3m", "unipc",
@@ -169,9 +170,9 @@ def bench_run(run_dir, specs: Sequence[SamplerSpec], nfes: Sequence[int], n: int
               reference_steps: int = 1000, batch_size: int = 256, device: str = "cpu", weights: str = "ema",
               log: Callable[[str], None] = print) -> BenchResult:
     """Samplers on a trained run against a ``reference_steps`` ancestral run from the same noise seeds."""
-    from .checkpoint import load_model
-    from .data import data_shape
-    from .samplers.generate import generate
+    from ddpmlab.data import data_shape
+    from ddpmlab.io.checkpoint import load_model
+    from ddpmlab.samplers.generate import generate
 
     cfg, model = load_model(run_dir, weights, device)
     schedule = NoiseSchedule.from_config(cfg.diffusion)

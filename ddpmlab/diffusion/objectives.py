@@ -9,14 +9,14 @@ L_vlb and the hybrid loss L_simple + lambda L_vlb for models with a learned vari
 from __future__ import annotations
 
 import math
-
 from typing import Callable, Optional
 
 import torch
 
-from .likelihood import LN2, data_decoder, p_mean_log_variance, split_output, vlb_term
-from .process import eps_x0_from_output, q_sample, training_target
-from .schedules import NoiseSchedule
+from ddpmlab.diffusion.likelihood import LN2, data_decoder, vlb_term
+from ddpmlab.diffusion.process import eps_x0_from_output, q_sample, training_target
+from ddpmlab.diffusion.reverse import p_mean_log_variance, split_output
+from ddpmlab.diffusion.schedules import NoiseSchedule
 
 LOSSES = ("l2", "l1")
 LOSS_TYPES = ("simple", "hybrid", "vlb")

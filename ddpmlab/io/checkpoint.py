@@ -26,8 +26,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import Config, config_from_dict
-from .errors import DDPMError
+from ddpmlab.config import Config, config_from_dict
+from ddpmlab.errors import DDPMError
 
 CONFIG_FILE = "config.yaml"
 CKPT_DIR = "checkpoints"
@@ -235,10 +235,10 @@ def load_model(run_dir, which: str = "ema", device="cpu", weights_file=None):
     """(config, model in eval mode) of a trained run, with its ``which`` weights.
 
     ``weights_file``: load these weights instead (safetensors, or a PyTorch state dict read
-    with ``torch.load(weights_only=True)``; see :func:`ddpmlab.safety.load_state_dict_file`).
+    with ``torch.load(weights_only=True)``; see :func:`ddpmlab.training.guard.load_state_dict_file`).
     """
-    from .models import build_model
-    from .safety import load_state_dict_file
+    from ddpmlab.io.weights import load_state_dict_file
+    from ddpmlab.models import build_model
 
     cfg = load_run_config(run_dir)
     model = build_model(cfg)

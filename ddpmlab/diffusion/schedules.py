@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .errors import ConfigError
+from ddpmlab.errors import ConfigError
 
 SCHEDULES = ("linear", "cosine", "sigmoid", "tanh", "quadratic")
 

@@ -1,6 +1,6 @@
 """Forward process, posterior and conversions between eps / x0 / v / score.
 
-Pure tensor functions of a :class:`~ddpmlab.schedules.NoiseSchedule`.  ``i`` is an
+Pure tensor functions of a :class:`~ddpmlab.diffusion.schedules.NoiseSchedule`.  ``i`` is an
 index into the schedule's entries (B,) long (for a full schedule equal to the
 timestep t); coefficients are gathered in float64 and cast to ``x``'s dtype.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .schedules import NoiseSchedule, abar_of_t
+from ddpmlab.diffusion.schedules import NoiseSchedule, abar_of_t
 
 PREDICTIONS = ("eps", "x0", "v")
 
@@ -25,7 +25,7 @@ def extract(arr: torch.Tensor, i: torch.Tensor, like: torch.Tensor) -> torch.Ten
 
 def abar_at(s: NoiseSchedule, i: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """alpha_bar at integer indices ``i``, or at fractional training times (float ``i``,
-    log-sigma interpolation: :func:`~ddpmlab.schedules.abar_of_t`), shaped (B, 1, ..., 1) like ``like``."""
+    log-sigma interpolation: :func:`~ddpmlab.diffusion.schedules.abar_of_t`), shaped (B, 1, ..., 1) like ``like``."""
     i = torch.as_tensor(i)
     if not i.is_floating_point():
         return extract(s.alphas_cumprod, i, like)

@@ -21,24 +21,42 @@ from typing import Optional
 
 import torch
 
-from .allocator import keep_freed_memory
-from .checkpoint import (CONFIG_FILE, find_checkpoint, load_run_config, require_run_dir, restore_training_state,
-                         save_checkpoint, save_run_config)
-from .config import Config, save_config
-from .data import build_dataset
-from .evaluate.monitor import TrainingMonitor
-from .distributed import (agree_on, check_batch_split, check_mixed_precision, draw_t_and_noise, load_scaler_state,
-                          micro_batches, reset_accelerator_state, scaler_state, use_cpu)
-from .errors import ConfigError, DDPMError
-from .models import build_model, count_parameters
-from .likelihood import ddpm_sampler_variance
-from .objectives import DiffusionObjective
-from .samplers.generate import generate
-from .samplers.guidance import drop_labels
-from .progress import progress_bar
-from .safety import LOCK_FILE, BadStepGuard, RunLock, is_main_rank, optimizer_step
-from .schedules import NoiseSchedule
-from .viz import save_grid, save_scatter
+from ddpmlab.config import Config, save_config
+from ddpmlab.data import build_dataset
+from ddpmlab.diffusion.objectives import DiffusionObjective
+from ddpmlab.diffusion.reverse import ddpm_sampler_variance
+from ddpmlab.diffusion.schedules import NoiseSchedule
+from ddpmlab.errors import ConfigError, DDPMError
+from ddpmlab.io.checkpoint import (
+    CONFIG_FILE,
+    find_checkpoint,
+    load_run_config,
+    require_run_dir,
+    restore_training_state,
+    save_checkpoint,
+    save_run_config,
+)
+from ddpmlab.models import build_model, count_parameters
+from ddpmlab.progress import progress_bar
+from ddpmlab.samplers.generate import generate
+from ddpmlab.samplers.guidance import drop_labels
+from ddpmlab.training.allocator import keep_freed_memory
+from ddpmlab.training.distributed import (
+    agree_on,
+    check_batch_split,
+    check_mixed_precision,
+    draw_t_and_noise,
+    is_main_rank,
+    load_scaler_state,
+    micro_batches,
+    reset_accelerator_state,
+    scaler_state,
+    use_cpu,
+)
+from ddpmlab.training.guard import BadStepGuard, optimizer_step
+from ddpmlab.training.lock import LOCK_FILE, RunLock
+from ddpmlab.training.monitor import TrainingMonitor
+from ddpmlab.viz import save_grid, save_scatter
 
 # keys a resumed run may change; everything else must match the stored config
 RESUME_MUTABLE = {
@@ -119,7 +137,7 @@ def resume_config(run_dir, overrides_cfg: Optional[Config], changed_keys: list, 
 
     Keys outside RESUME_MUTABLE are refused unless ``force`` (then each change is announced).
     """
-    from .config import validate
+    from ddpmlab.config import validate
 
     stored = load_run_config(run_dir)
     bad = [k for k in changed_keys if k not in RESUME_MUTABLE]
@@ -211,7 +229,7 @@ def train(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, pro
     ``fault_hook(step, loss)`` (tests) may replace the loss of a step.
     The run directory is locked (RUN/.lock) while training: a second process refuses.
     """
-    from .samplers import get_sampler
+    from ddpmlab.samplers.registry import get_sampler
 
     get_sampler(cfg.train.sample_sampler)  # a bad name fails now, not after the last step
     run_dir = require_run_dir(run_dir) if resume else Path(run_dir) if run_dir is not None else new_run_dir(cfg)

@@ -15,7 +15,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import ConfigError
+from ddpmlab.errors import ConfigError
 
 
 def check_batch_split(batch_size: int, world: int, grad_accum_steps: int) -> int:
@@ -100,3 +100,8 @@ def load_scaler_state(accelerator, state: dict) -> None:
     scaler = getattr(accelerator, "scaler", None)
     if scaler is not None and state.get("grad_scaler"):
         scaler.load_state_dict(state["grad_scaler"])
+
+
+def is_main_rank() -> bool:
+    """True in the process that owns the run directory (rank 0 under torchrun / accelerate launch)."""
+    return os.environ.get("RANK", "0") == "0"

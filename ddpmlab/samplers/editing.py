@@ -16,11 +16,13 @@ from typing import Callable, List, Optional
 
 import torch
 
-from ..errors import ConfigError, DDPMError
-from ..process import extract, q_posterior, q_sample
-from ..schedules import NoiseSchedule, select_timesteps
-from .ancestral import VARIANCES
-from .base import Callback, randn_like
+from ddpmlab.diffusion.process import extract, q_posterior, q_sample
+from ddpmlab.diffusion.schedules import NoiseSchedule, select_timesteps
+from ddpmlab.errors import ConfigError, DDPMError
+from ddpmlab.progress import progress_bar
+from ddpmlab.samplers.ancestral import VARIANCES
+from ddpmlab.samplers.base import Callback, ModelPredictor, randn_like
+from ddpmlab.samplers.registry import get_sampler
 
 
 def repaint_times(n: int, jump_length: int = 10, jump_n_sample: int = 10) -> List[int]:
@@ -129,3 +131,68 @@ def sdedit(sampler: Callable, predict, schedule: NoiseSchedule, x_input: torch.T
         cut = NoiseSchedule.from_betas(schedule.betas[:n0], timesteps=schedule.timesteps[:n0])
     steps = n0 if steps is None else min(int(steps), n0)
     return sampler(predict, cut, x_t0, steps, generator=generator, callback=callback, **options)
+
+
+def _batches(n: int, batch_size: int):
+    for b, start in enumerate(range(0, n, batch_size)):
+        yield b, start, min(batch_size, n - start)
+
+
+@torch.no_grad()
+def inpaint(model, schedule: NoiseSchedule, image: torch.Tensor, mask: torch.Tensor, n: int = 4, *,
+            prediction: str = "eps", clip_x0: Optional[float] = 1.0, labels: Optional[torch.Tensor] = None,
+            steps: Optional[int] = 250, jump_length: int = 10, jump_n_sample: int = 10, variance: str = "beta",
+            seed: int = 0, batch_size: int = 64, device=None, progress: bool = True) -> torch.Tensor:
+    """``n`` fillings of the white region of ``mask`` (1, H, W) in ``image`` (C, H, W): (n, C, H, W) on the CPU.
+
+    RePaint with ``steps`` respaced steps and resampling jumps; batch b starts from seed + b.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    nfe = repaint_nfe(steps or schedule.num_timesteps, jump_length, jump_n_sample)
+    n_batches = (n + batch_size - 1) // batch_size
+    bar = progress_bar(progress, total=n_batches * nfe, desc=f"inpainting (RePaint, {nfe} steps)", leave=False)
+    out = []
+    try:
+        for b, start, m in _batches(n, batch_size):
+            gen = torch.Generator(device="cpu").manual_seed(seed + b)
+            x_T = torch.randn((m, *image.shape), generator=gen).to(device)
+            y = None if labels is None else labels[start:start + m].to(device)
+            predict = ModelPredictor(model, schedule, prediction, y=y, clip_x0=clip_x0)
+            x = repaint(predict, schedule, x_T, steps, x0_known=image.to(device).expand(m, *image.shape),
+                        mask=mask.to(device)[None], generator=gen, callback=lambda *a: bar.update(1),
+                        jump_length=jump_length, jump_n_sample=jump_n_sample, variance=variance)
+            out.append(x.float().cpu())
+    finally:
+        bar.close()
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def img2img(model, schedule: NoiseSchedule, image: torch.Tensor, strength: float, n: int = 4, *,
+            sampler: str = "ddim", steps: Optional[int] = 50, prediction: str = "eps",
+            clip_x0: Optional[float] = 1.0, labels: Optional[torch.Tensor] = None, seed: int = 0,
+            batch_size: int = 64, device=None, progress: bool = True, **options) -> torch.Tensor:
+    """``n`` SDEdit variations of ``image`` (C, H, W) at ``strength``: (n, C, H, W) on the CPU.
+
+    ``steps``: sampler steps from t0 = strength * T down to 0 (at most the n0 timesteps there).
+    """
+    fn = get_sampler(sampler)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    n0 = strength_to_steps(strength, schedule.num_timesteps)
+    total = 0 if n0 == 0 else (n0 if steps is None else min(steps, n0))
+    n_batches = (n + batch_size - 1) // batch_size
+    bar = progress_bar(progress and total > 0, total=n_batches * total, desc=f"img2img ({sampler}, {total} steps)",
+                       leave=False)
+    out = []
+    try:
+        for b, start, m in _batches(n, batch_size):
+            gen = torch.Generator(device="cpu").manual_seed(seed + b)
+            y = None if labels is None else labels[start:start + m].to(device)
+            predict = ModelPredictor(model, schedule, prediction, y=y, clip_x0=clip_x0)
+            x_in = image.to(device).expand(m, *image.shape).clone()
+            x = sdedit(fn, predict, schedule, x_in, strength, steps, generator=gen,
+                       callback=lambda *a: bar.update(1), **options)
+            out.append(x.float().cpu())
+    finally:
+        bar.close()
+    return torch.cat(out)

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .schedules import NoiseSchedule, abar_of_t
+from ddpmlab.diffusion.schedules import NoiseSchedule, abar_of_t
 
 
 class GaussianMixture:

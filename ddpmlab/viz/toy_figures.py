@@ -11,9 +11,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from .process import q_sample
-from .samplers import SAMPLERS, ModelPredictor
-from .schedules import NoiseSchedule, select_timesteps
+from ddpmlab.diffusion.process import q_sample
+from ddpmlab.diffusion.schedules import NoiseSchedule, select_timesteps
+from ddpmlab.samplers import ModelPredictor
+from ddpmlab.samplers.registry import SAMPLERS
 
 
 def forward_points(schedule: NoiseSchedule, x0: torch.Tensor, ts: Sequence[int],

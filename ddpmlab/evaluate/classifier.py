@@ -1,6 +1,6 @@
 """A small MNIST classifier shipped with the package: features for a "classifier FID" on digits.
 
-The weights (``ddpmlab/assets/mnist_classifier.safetensors``, float16, ~0.3 MB) were made by
+The weights (``ddpmlab/evaluate/assets/mnist_classifier.safetensors``, float16, ~0.3 MB) were made by
 ``benchmarks/train_mnist_classifier.py`` from the bundled MNIST ``train`` split; the metadata
 of the file records the accuracy on the held-out ``test`` split (500 digits).
 
@@ -21,7 +21,7 @@ from typing import Dict, Union
 import torch
 from torch import nn
 
-from .errors import DDPMError
+from ddpmlab.errors import DDPMError
 
 WEIGHTS = Path(__file__).parent / "assets" / "mnist_classifier.safetensors"
 IMAGE_SHAPE = (1, 28, 28)

@@ -9,17 +9,21 @@ step are dropped, so the curves continue without duplicates.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
-import torch
 
-from ..errors import ConfigError, DDPMError
-from .run import EvalContext, EvalSettings, check_metrics, default_metrics, evaluate_model
+from ddpmlab.errors import ConfigError, DDPMError
+from ddpmlab.evaluate.log import append_eval_row, trim_eval_log
+from ddpmlab.evaluate.run import (
+    EvalContext,
+    EvalSettings,
+    check_metrics,
+    default_metrics,
+    evaluate_model,
+)
 
-EVAL_LOG = "eval.csv"
 TB_DIR = "tensorboard"
 
 
@@ -51,7 +55,7 @@ class TrainingMonitor:
             self.writer = SummaryWriter(str(self.run_dir / TB_DIR), purge_step=start_step or None, flush_secs=20)
         if self.every:
             self._check()
-            _trim_csv(self.run_dir / EVAL_LOG, start_step)
+            trim_eval_log(self.run_dir, start_step)
 
     def _check(self) -> None:
         """Refuse at the start, not after hours of training, an evaluation that cannot run."""
@@ -60,8 +64,8 @@ class TrainingMonitor:
             image = self.dataset.is_image
             check_metrics(s.metrics or default_metrics(image, False, s.extractor), image)
             if self.dataset.is_image:
-                from .features import build_extractor
-                from .metrics import check_fid_samples
+                from ddpmlab.evaluate.features import build_extractor
+                from ddpmlab.evaluate.metrics import check_fid_samples
 
                 self._extractor = build_extractor(s.extractor, tuple(self.dataset.sample_shape), s.inception_weights,
                                                   self.device)
@@ -98,7 +102,7 @@ class TrainingMonitor:
             self._reference = ctx.reference  # computed (or read from the cache) once per run
         values = results["metrics"]
         self.scalars(step, {f"eval/{k}": v for k, v in values.items()})
-        _append_csv(self.run_dir / EVAL_LOG, step, values)
+        append_eval_row(self.run_dir, step, values)
         self.say("eval at step {}: {}".format(step, ", ".join(f"{k} {v:.4g}" for k, v in values.items())))
         return results
 
@@ -108,32 +112,7 @@ class TrainingMonitor:
             self.writer = None
 
 
-def _append_csv(path: Path, step: int, values: Dict[str, float]) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(["step", *values])
-        w.writerow([step, *(f"{v:.6g}" for v in values.values())])
 
 
-def _trim_csv(path: Path, step: int) -> None:
-    """Drop rows after ``step`` (a resumed run repeats them); a fresh run starts a new file."""
-    if not path.exists():
-        return
-    if step == 0:
-        path.unlink()
-        return
-    rows = list(csv.reader(path.open()))
-    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
-    with path.open("w", newline="") as f:
-        csv.writer(f).writerows(kept)
 
 
-def read_eval_log(run_dir) -> Dict[str, torch.Tensor]:
-    """eval.csv of a run as {column: tensor}; empty when the run never evaluated."""
-    path = Path(run_dir) / EVAL_LOG
-    if not path.exists():
-        return {}
-    rows = list(csv.DictReader(path.open()))
-    return {k: torch.tensor([float(r[k]) for r in rows]) for k in (rows[0] if rows else {})}

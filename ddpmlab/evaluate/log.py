@@ -1,0 +1,45 @@
+"""The evaluation log of a run: RUN/eval.csv, one row per evaluation during training."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Dict
+
+import torch
+
+EVAL_LOG = "eval.csv"
+
+
+def append_eval_row(run_dir, step: int, values: Dict[str, float]) -> None:
+    """Append one evaluation (metric name -> value) at ``step``; the header comes with the first row."""
+    path = Path(run_dir) / EVAL_LOG
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["step", *values])
+        w.writerow([step, *(f"{v:.6g}" for v in values.values())])
+
+
+def trim_eval_log(run_dir, step: int) -> None:
+    """Drop rows after ``step`` (a resumed run repeats them); a fresh run starts a new file."""
+    path = Path(run_dir) / EVAL_LOG
+    if not path.exists():
+        return
+    if step == 0:
+        path.unlink()
+        return
+    rows = list(csv.reader(path.open()))
+    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows(kept)
+
+
+def read_eval_log(run_dir) -> Dict[str, torch.Tensor]:
+    """eval.csv of a run as {column: tensor}; empty when the run never evaluated."""
+    path = Path(run_dir) / EVAL_LOG
+    if not path.exists():
+        return {}
+    rows = list(csv.DictReader(path.open()))
+    return {k: torch.tensor([float(r[k]) for r in rows]) for k in (rows[0] if rows else {})}

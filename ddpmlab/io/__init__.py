@@ -1,0 +1,7 @@
+"""Files in and out: run checkpoints (safetensors, atomic), weights without pickles, images, diffusers.
+
+* :mod:`.checkpoint` - the run directory, atomic checkpoints, finding the newest loadable one;
+* :mod:`.weights` - state dicts from safetensors or ``torch.load(weights_only=True)``;
+* :mod:`.images` - sample grids as PNG, pictures and masks read for editing;
+* :mod:`.diffusers_bridge` - export to and import from diffusers' UNet2DModel + scheduler folders.
+"""

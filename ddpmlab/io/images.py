@@ -1,0 +1,131 @@
+"""Inpainting and image-to-image on a trained model: read the picture and mask, sample, lay out.
+
+The sampling itself lives in :mod:`ddpmlab.samplers.inpaint` (RePaint, SDEdit); this module
+does what a user's files need: Pillow loading with the model's channels, size checks (an
+image is resized only when asked), batching with per-batch seeds, and the side-by-side grid
+(input, mask, results).  Mask convention: white (> 50 % grey) = fill, black = keep.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from ddpmlab.data import from_uint8, to_uint8
+from ddpmlab.data.images import _to_mode
+from ddpmlab.errors import DDPMError
+
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def _open(path, what: str) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise DDPMError(f"{what} '{path}' does not exist; give the path of a PNG (or JPEG, ...) file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            try:
+                return ImageOps.exif_transpose(img)
+            except Exception:  # a broken EXIF block: keep the pixels as stored
+                return img.copy()
+    except (OSError, ValueError) as e:
+        raise DDPMError(f"{what} '{path}' is not a readable image ({type(e).__name__}: {e})") from None
+
+
+def _fit(img: Image.Image, size: Tuple[int, int], resample) -> Image.Image:
+    """Scale to cover size = (H, W) and center-crop (as the training images were)."""
+    h, w = size
+    iw, ih = img.size
+    scale = max(h / ih, w / iw)
+    cw, ch = w / scale, h / scale
+    box = ((iw - cw) / 2, (ih - ch) / 2, (iw + cw) / 2, (ih + ch) / 2)
+    return img.resize((w, h), resample, box=box)
+
+
+def _check_size(img: Image.Image, path, what: str, size: Tuple[int, int]) -> None:
+    h, w = size
+    if img.size != (w, h):
+        raise DDPMError(f"{what} '{path}' is {img.size[0]}x{img.size[1]} pixels but the model's images are "
+                        f"{w}x{h} (width x height); pass --resize to scale and center-crop it, or give a "
+                        f"{w}x{h} file")
+
+
+def load_picture(path, shape: Sequence[int], resize: bool = False, what: str = "--image") -> torch.Tensor:
+    """An image file as the model's input: (C, H, W) float32 in [-1, 1] for shape = (C, H, W)."""
+    c, h, w = shape
+    img = _to_mode(_open(path, what), _MODES[c])
+    if resize:
+        img = _fit(img, (h, w), Image.Resampling.BICUBIC)
+    _check_size(img, path, what, (h, w))
+    arr = np.array(img, dtype=np.uint8)
+    return from_uint8(arr if arr.ndim == 3 else arr[:, :, None])
+
+
+def load_mask(path, size: Sequence[int], resize: bool = False, what: str = "--mask") -> torch.Tensor:
+    """A mask file as (1, H, W) float32: 1 where the pixel is > 50 % grey (fill), 0 elsewhere (keep)."""
+    h, w = size
+    img = _to_mode(_open(path, what), "L")
+    if resize:
+        img = _fit(img, (h, w), Image.Resampling.NEAREST)
+    _check_size(img, path, what, (h, w))
+    mask = torch.from_numpy(np.array(img, dtype=np.uint8) > 127).float()[None]
+    if not mask.any():
+        raise DDPMError(f"{what} '{path}' has no white pixels, so there is nothing to fill "
+                        "(white = fill, black = keep; invert the mask if you drew it the other way)")
+    return mask
+
+
+
+
+
+
+
+
+def comparison_row(image: torch.Tensor, results: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One row for :func:`ddpmlab.viz.save_grid`: input, mask (white = filled) if any, results: (k, C, H, W)."""
+    c = image.shape[0]
+    tiles = [image[None]]
+    if mask is not None:
+        m = (mask * 2 - 1).expand(c, *mask.shape[1:]).clone()
+        if c == 4:
+            m[3] = 1.0  # opaque alpha
+        tiles.append(m[None])
+    return torch.cat(tiles + [results])
+
+
+def make_grid(images: torch.Tensor, nrow: Optional[int] = None, pad: int = 2) -> np.ndarray:
+    """images: (B, C, H, W) in [-1, 1] -> one uint8 array (H', W', C) with C in {1, 3, 4}."""
+    arr = to_uint8(images)  # (B, H, W, C)
+    b, h, w, c = arr.shape
+    nrow = nrow or int(math.ceil(math.sqrt(b)))
+    ncol = int(math.ceil(b / nrow))
+    grid = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), 255 if c != 4 else 0, dtype=np.uint8)
+    for k in range(b):
+        r, q = divmod(k, nrow)
+        y0, x0 = pad + r * (h + pad), pad + q * (w + pad)
+        grid[y0:y0 + h, x0:x0 + w] = arr[k]
+    return grid
+
+
+def grid_image(images: torch.Tensor, nrow: Optional[int] = None, scale: int = 1) -> Image.Image:
+    """A PIL image of :func:`make_grid`; ``scale`` enlarges small images (nearest)."""
+    grid = make_grid(images, nrow)
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[grid.shape[-1]]
+    img = Image.fromarray(grid[..., 0] if mode == "L" else grid, mode)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return img
+
+
+def save_grid(images: torch.Tensor, path, nrow: Optional[int] = None, scale: int = 1) -> Path:
+    """Write a PNG grid of images in [-1, 1]; ``scale`` enlarges small images (nearest)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid_image(images, nrow, scale).save(path)
+    return path
