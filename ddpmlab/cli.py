@@ -8,8 +8,26 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ddpmlab.config import load_config
+from ddpmlab.data import build_dataset, data_shape
+from ddpmlab.data.check import check_folder
+from ddpmlab.diffusion.reverse import ddpm_sampler_variance
+from ddpmlab.diffusion.schedules import SCHEDULES, NoiseSchedule
 from ddpmlab.errors import DDPMError
+from ddpmlab.evaluate import METRICS, EvalSettings, bench, evaluate_run, format_results
+from ddpmlab.evaluate.bench import DEFAULT_SAMPLERS
+from ddpmlab.evaluate.nll import evaluate_nll, format_nll
+from ddpmlab.io.checkpoint import load_model, require_run_dir
+from ddpmlab.io.diffusers_bridge import export_diffusers, load_diffusers_model
+from ddpmlab.io.images import comparison_row, load_mask, load_picture
+from ddpmlab.samplers.editing import img2img, inpaint, strength_to_steps
+from ddpmlab.samplers.generate import generate
+from ddpmlab.samplers.guidance import conditioning
+from ddpmlab.samplers.registry import SAMPLERS, check_timesteps_name, get_sampler, timesteps_options
 from ddpmlab.training.allocator import keep_freed_memory
+from ddpmlab.training.loop import resume_config, train
+from ddpmlab.viz import commands as V
+from ddpmlab.viz import save_grid, save_scatter
 
 EPILOG = "Examples:\n  ddpm train\n  ddpm train --config toy2d\n  ddpm sample runs/mnist-... --sampler ddim --steps 50"
 
@@ -27,12 +45,7 @@ def _auto_device(name: str) -> str:
 
 
 def cmd_train(args) -> int:
-    from ddpmlab.config import load_config
-    from ddpmlab.training.loop import resume_config, train
-
     if args.resume:
-        from ddpmlab.io.checkpoint import require_run_dir
-
         run_dir = require_run_dir(args.resume)
         if args.config:
             raise DDPMError("--config cannot be combined with --resume (the run keeps its stored config.yaml)")
@@ -62,8 +75,6 @@ def _train_explaining_oom(train, cfg, **kwargs) -> None:
 
 
 def cmd_data_check(args) -> int:
-    from ddpmlab.data.check import check_folder
-
     return check_folder(args.dir, tuple(args.image_size), args.channels, limit=args.limit)
 
 
@@ -71,14 +82,6 @@ def cmd_sample(args) -> int:
     import numpy as np
     import torch
 
-    from ddpmlab.data import data_shape
-    from ddpmlab.diffusion.schedules import NoiseSchedule
-    from ddpmlab.io.checkpoint import load_model
-    from ddpmlab.samplers.generate import generate
-    from ddpmlab.samplers.guidance import conditioning
-    from ddpmlab.samplers.registry import get_sampler
-    from ddpmlab.samplers.steps import check_timesteps_name, timesteps_options
-    from ddpmlab.viz import save_grid, save_scatter
 
     get_sampler(args.sampler)  # fail fast on a bad name, before loading anything
     check_timesteps_name(args.sampler, args.timesteps)
@@ -86,7 +89,6 @@ def cmd_sample(args) -> int:
     if (args.run_dir is None) == (args.from_diffusers is None):
         raise DDPMError("give either RUN_DIR (a ddpmlab run) or --from-diffusers FOLDER (a local diffusers model)")
     if args.from_diffusers:  # a local diffusers UNet2DModel + scheduler folder, converted to ddpmlab's UNet
-        from ddpmlab.io.diffusers_bridge import load_diffusers_model
 
         if getattr(args, "weights_file", None):
             raise DDPMError("--weights-file belongs to a ddpmlab run; --from-diffusers reads the folder's own weights")
@@ -104,8 +106,6 @@ def cmd_sample(args) -> int:
     if args.sampler == "ddim":
         options["eta"] = args.eta
     if args.sampler == "ddpm":
-        from ddpmlab.diffusion.reverse import ddpm_sampler_variance
-
         options["variance"] = args.variance or ddpm_sampler_variance(cfg.diffusion.variance)
     model, labels = conditioning(model, args.n, args.label, args.guidance, cfg.train.label_dropout)
     shape = data_shape(cfg)
@@ -121,8 +121,6 @@ def cmd_sample(args) -> int:
     if is_image:
         save_grid(x, out, scale=max(1, min(4, 128 // max(shape[1:]))))
     else:
-        from ddpmlab.data import build_dataset
-
         ref = build_dataset(cfg)
         save_scatter(x, out, reference=torch.stack([ref[i][0] for i in range(min(len(ref), 2000))]),
                      title=f"{args.sampler}, {steps} steps")
@@ -146,10 +144,6 @@ def _cond_tag(args) -> str:
 
 def _image_run(args, command: str):
     """(cfg, model, schedule, shape, device) of a trained image run, for inpaint and img2img."""
-    from ddpmlab.data import data_shape
-    from ddpmlab.diffusion.schedules import NoiseSchedule
-    from ddpmlab.io.checkpoint import load_model
-
     if args.n < 1:
         raise DDPMError(f"--n must be at least 1, got {args.n}")
     device = _auto_device(args.device)
@@ -161,11 +155,6 @@ def _image_run(args, command: str):
 
 
 def cmd_inpaint(args) -> int:
-    from ddpmlab.io.images import comparison_row, load_mask, load_picture
-    from ddpmlab.samplers.editing import inpaint
-    from ddpmlab.samplers.guidance import conditioning
-    from ddpmlab.viz import save_grid
-
     cfg, model, schedule, shape, device = _image_run(args, "inpaint")
     T = schedule.num_timesteps
     if not 1 <= args.steps <= T:
@@ -185,12 +174,6 @@ def cmd_inpaint(args) -> int:
 
 
 def cmd_img2img(args) -> int:
-    from ddpmlab.io.images import comparison_row, load_picture
-    from ddpmlab.samplers.editing import img2img, strength_to_steps
-    from ddpmlab.samplers.guidance import conditioning
-    from ddpmlab.samplers.registry import get_sampler
-    from ddpmlab.viz import save_grid
-
     get_sampler(args.sampler)  # fail fast on a bad name, before loading anything
     cfg, model, schedule, shape, device = _image_run(args, "img2img")
     n0 = strength_to_steps(args.strength, schedule.num_timesteps)
@@ -231,16 +214,12 @@ def _edit_arguments(e: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args) -> int:
-    from ddpmlab.evaluate import METRICS
-
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = [m for m in metrics if m not in EVAL_METRICS and m not in METRICS]
     if unknown:
         raise DDPMError(f"unknown metric(s) {', '.join(unknown)} in --metrics; choose from "
                         f"{', '.join(EVAL_METRICS + tuple(METRICS))}")
     if "nll" in metrics:
-        from ddpmlab.evaluate.nll import evaluate_nll, format_nll
-
         result, js, png = evaluate_nll(args.run_dir, n=args.n, decoder=args.decoder, bin_width=args.bin_width,
                                        t_stride=args.t_stride, batch_size=args.batch_size, seed=args.seed,
                                        weights=args.weights, device=_auto_device(args.device),
@@ -255,8 +234,6 @@ def cmd_eval(args) -> int:
 
 def _eval_sample_quality(args, metrics) -> None:
     """FID/KID/IS/precision-recall (images) or SWD/MMD (2-D) of samples, beside n data points."""
-    from ddpmlab.evaluate import EvalSettings, evaluate_run, format_results
-
     options = {"eta": args.eta} if args.sampler == "ddim" else {}
     if args.sampler == "ddpm" and args.variance:
         options["variance"] = args.variance
@@ -305,8 +282,6 @@ Examples:
 
 def _eval_quality_arguments(ev: argparse.ArgumentParser) -> None:
     """Options of the sample-quality metrics of ``ddpm eval``."""
-    from ddpmlab.samplers.registry import SAMPLERS
-
     ev.add_argument("--sampler", default="ddim", help=f"one of: {', '.join(SAMPLERS)} (default ddim)")
     ev.add_argument("--steps", type=int, default=None, help="sampling steps (default: T for ddpm, 50 otherwise)")
     ev.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
@@ -346,8 +321,6 @@ Sample metrics over training live in TensorBoard too: tensorboard --logdir runs
 
 
 def cmd_viz(args) -> int:
-    from ddpmlab.viz import commands as V
-
     device = _auto_device(getattr(args, "device", "cpu"))
     sampling = {k: getattr(args, k) for k in ("eta", "variance") if getattr(args, k, None) is not None}
     kind = args.viz_command
@@ -374,9 +347,6 @@ def cmd_viz(args) -> int:
 
 
 def _add_viz_parser(sub) -> None:
-    from ddpmlab.diffusion.schedules import SCHEDULES
-    from ddpmlab.samplers.registry import SAMPLERS
-
     v = sub.add_parser("viz", help="pictures: forward/reverse process, schedules, 2-D toy, loss, grids",
                        description=VIZ_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     vs = v.add_subparsers(dest="viz_command", metavar="KIND", required=True)
@@ -446,9 +416,6 @@ def _add_viz_parser(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from ddpmlab.io.checkpoint import require_run_dir
-    from ddpmlab.io.diffusers_bridge import export_diffusers
-
     require_run_dir(args.run_dir)
     out = export_diffusers(args.run_dir, args.out, which=args.weights)
     print(f"wrote {out}: load it with diffusers.DDPMPipeline.from_pretrained({str(out)!r})")
@@ -456,8 +423,6 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ddpmlab.samplers.registry import SAMPLERS
-
     p = argparse.ArgumentParser(
         prog="ddpm", description="ddpmlab: train, sample and study denoising diffusion probabilistic models.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
@@ -590,8 +555,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_bench(args) -> int:
-    from ddpmlab.evaluate import bench
-
     specs = [bench.SamplerSpec.parse(s) for s in args.samplers.split(",") if s.strip()]
     nfes = bench.parse_nfes(args.nfe)
     if (args.run_dir is None) == (args.analytic is None):
@@ -613,8 +576,6 @@ def cmd_bench(args) -> int:
 
 
 def _add_bench_parser(sub) -> None:
-    from ddpmlab.evaluate.bench import DEFAULT_SAMPLERS
-
     b = sub.add_parser("bench", help="benchmarks: sampler error vs NFE (ddpm bench samplers ...)")
     bsub = b.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
     bs = bsub.add_parser(

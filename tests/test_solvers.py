@@ -12,10 +12,9 @@ from ddpmlab.errors import ConfigError
 from ddpmlab.evaluate.bench import SamplerSpec, bench_analytic, markdown_table, mixture2d, parse_nfes, save, sliced_w2
 from ddpmlab.samplers import ModelPredictor, solvers
 from ddpmlab.samplers.langevin import langevin_step
-from ddpmlab.samplers.registry import SAMPLERS, get_sampler
+from ddpmlab.samplers.registry import SAMPLERS, check_timesteps_name, get_sampler
 from ddpmlab.samplers.steps import (
     STEP_SCHEDULES,
-    check_timesteps_name,
     optimize_timesteps,
     resolve_timesteps,
     sigmas_for,

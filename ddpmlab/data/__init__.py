@@ -7,15 +7,14 @@ Every dataset returned by :func:`build_dataset` yields ``(x, y)`` pairs (x float
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
-from ddpmlab.errors import DataError
 from ddpmlab.data.bundled import load_digits, load_mnist, split_indices
-from ddpmlab.data.images import IMAGE_EXTENSIONS, ImageFolderDataset, load_image
+from ddpmlab.data.images import IMAGE_EXTENSIONS, ImageFolderDataset, from_uint8, load_image, to_uint8
 from ddpmlab.data.toy import TOY_NAMES, make_toy
+from ddpmlab.errors import DataError
 
 __all__ = [
     "InMemoryDataset", "TensorDataset", "ImageFolderDataset", "build_dataset", "data_shape",
@@ -100,30 +99,5 @@ def build_dataset(cfg):
     raise DataError(f"data.dataset: unknown dataset '{d.dataset}'; choose one of {', '.join(DATASETS)}")
 
 
-def to_uint8(x: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
-    """Images in [-1, 1], ``(B,C,H,W)`` (or one ``(C,H,W)``) -> uint8 ``(B,H,W,C)`` (or ``(H,W,C)``).
-
-    Clamped to [-1, 1] (NaN -> 0, i.e. mid-grey), then ``round((x + 1) * 127.5)``.
-    """
-    t = torch.as_tensor(x).detach().to("cpu", torch.float32)
-    if t.ndim not in (3, 4):
-        raise ValueError(f"to_uint8 expects (C,H,W) or (B,C,H,W), got shape {tuple(t.shape)}")
-    t = torch.nan_to_num(t, nan=0.0).clamp(-1.0, 1.0)
-    t = ((t + 1.0) * 127.5).round().to(torch.uint8)
-    return t.movedim(-3, -1).contiguous().numpy()
 
 
-def from_uint8(arr: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
-    """uint8 ``(H,W)``, ``(H,W,C)`` or ``(B,H,W,C)`` -> float32 ``(C,H,W)`` / ``(B,C,H,W)`` in [-1, 1].
-
-    The exact inverse of :func:`to_uint8` on 8-bit values.
-    """
-    if isinstance(arr, torch.Tensor):
-        t = arr.detach().to("cpu", torch.float32)
-    else:
-        t = torch.from_numpy(np.array(arr, dtype=np.float32))
-    if t.ndim == 2:
-        t = t[:, :, None]
-    if t.ndim not in (3, 4):
-        raise ValueError(f"from_uint8 expects (H,W), (H,W,C) or (B,H,W,C), got shape {tuple(t.shape)}")
-    return t.movedim(-1, -3).div(127.5).sub(1.0).contiguous()

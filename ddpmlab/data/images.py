@@ -25,7 +25,7 @@ import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -254,10 +254,37 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return arr
 
     def __getitem__(self, index: int):
-        from ddpmlab.data import from_uint8
-
         return from_uint8(self.get_uint8(index)), self.labels[index]
 
     def __repr__(self) -> str:
         return (f"ImageFolderDataset('{self.root}', {len(self)} images, shape {self.sample_shape}, "
                 f"classes {self.class_names}, skipped {len(self.skipped)})")
+
+
+def to_uint8(x: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
+    """Images in [-1, 1], ``(B,C,H,W)`` (or one ``(C,H,W)``) -> uint8 ``(B,H,W,C)`` (or ``(H,W,C)``).
+
+    Clamped to [-1, 1] (NaN -> 0, i.e. mid-grey), then ``round((x + 1) * 127.5)``.
+    """
+    t = torch.as_tensor(x).detach().to("cpu", torch.float32)
+    if t.ndim not in (3, 4):
+        raise ValueError(f"to_uint8 expects (C,H,W) or (B,C,H,W), got shape {tuple(t.shape)}")
+    t = torch.nan_to_num(t, nan=0.0).clamp(-1.0, 1.0)
+    t = ((t + 1.0) * 127.5).round().to(torch.uint8)
+    return t.movedim(-3, -1).contiguous().numpy()
+
+
+def from_uint8(arr: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
+    """uint8 ``(H,W)``, ``(H,W,C)`` or ``(B,H,W,C)`` -> float32 ``(C,H,W)`` / ``(B,C,H,W)`` in [-1, 1].
+
+    The exact inverse of :func:`to_uint8` on 8-bit values.
+    """
+    if isinstance(arr, torch.Tensor):
+        t = arr.detach().to("cpu", torch.float32)
+    else:
+        t = torch.from_numpy(np.array(arr, dtype=np.float32))
+    if t.ndim == 2:
+        t = t[:, :, None]
+    if t.ndim not in (3, 4):
+        raise ValueError(f"from_uint8 expects (H,W), (H,W,C) or (B,H,W,C), got shape {tuple(t.shape)}")
+    return t.movedim(-1, -3).div(127.5).sub(1.0).contiguous()

@@ -25,13 +25,16 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from ddpmlab.data import data_shape
 from ddpmlab.diffusion.analytic import ExactDenoiser, GaussianMixture
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import ConfigError, DDPMError
 from ddpmlab.evaluate.toy import sliced_wasserstein
+from ddpmlab.io.checkpoint import load_model
 from ddpmlab.samplers import ModelPredictor
-from ddpmlab.samplers.registry import SAMPLERS, get_sampler
-from ddpmlab.samplers.steps import check_timesteps_name, optimize_timesteps
+from ddpmlab.samplers.generate import generate
+from ddpmlab.samplers.registry import SAMPLERS, check_timesteps_name, get_sampler
+from ddpmlab.samplers.steps import optimize_timesteps
 
 DEFAULT_NFE = (5, 10, 20, 50)
 DEFAULT_SAMPLERS = ("ddim", "euler", "heun", "pc", "dpmpp_2m", "dpmpp_3m", "unipc",
@@ -170,10 +173,6 @@ def bench_run(run_dir, specs: Sequence[SamplerSpec], nfes: Sequence[int], n: int
               reference_steps: int = 1000, batch_size: int = 256, device: str = "cpu", weights: str = "ema",
               log: Callable[[str], None] = print) -> BenchResult:
     """Samplers on a trained run against a ``reference_steps`` ancestral run from the same noise seeds."""
-    from ddpmlab.data import data_shape
-    from ddpmlab.io.checkpoint import load_model
-    from ddpmlab.samplers.generate import generate
-
     cfg, model = load_model(run_dir, weights, device)
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     shape = data_shape(cfg)

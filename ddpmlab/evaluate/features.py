@@ -11,7 +11,6 @@ An :class:`Extractor` maps images in the data's scale ([-1, 1], (B, C, H, W)) to
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Iterable, Optional, Tuple, Union
 
@@ -19,6 +18,9 @@ import torch
 from torch import nn
 
 from ddpmlab.errors import DDPMError
+from ddpmlab.evaluate.classifier import WEIGHTS, load_mnist_classifier
+from ddpmlab.evaluate.inception import load_fid_inception
+from ddpmlab.io.weights import file_sha256
 from ddpmlab.progress import progress_bar
 
 EXTRACTORS = ("classifier", "inception")
@@ -59,18 +61,10 @@ class Extractor(nn.Module):
         return self.net.classify(self(x))
 
 
-def file_sha256(path: Union[str, Path]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def classifier_extractor(device: Union[str, torch.device] = "cpu") -> Extractor:
     """The shipped MNIST classifier as an extractor (128 features, 10 logits, 1x28x28 input)."""
-    from ddpmlab.evaluate.classifier import WEIGHTS, load_mnist_classifier
-
     net = load_mnist_classifier(device)
     return Extractor(net, "classifier", f"mnist-classifier-{file_sha256(WEIGHTS)[:16]}", net.num_features,
                      input_shape=(1, 28, 28))
@@ -78,8 +72,6 @@ def classifier_extractor(device: Union[str, torch.device] = "cpu") -> Extractor:
 
 def inception_extractor(weights: Optional[Union[str, Path]], device: Union[str, torch.device] = "cpu") -> Extractor:
     """The FID Inception-v3 network from a local weights file (2048 features, 1008 logits)."""
-    from ddpmlab.evaluate.inception import load_fid_inception
-
     net, digest = load_fid_inception(weights)
     return Extractor(net.to(device), "inception", f"inception-v3-fid-{digest[:16]}", 2048)
 

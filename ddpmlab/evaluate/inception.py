@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpmlab.errors import DDPMError
+from ddpmlab.io.weights import file_sha256, load_state_dict_file
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 GET_WEIGHTS = (f"get {WEIGHTS_NAME} (the FID Inception weights released with pytorch-fid, "
@@ -179,8 +180,6 @@ class FIDInceptionV3(nn.Module):
 
 def _read_state_dict(path: Path) -> dict:
     """Tensors of the weights file (safetensors, or torch.load(weights_only=True): no code runs)."""
-    from ddpmlab.io.weights import load_state_dict_file
-
     try:
         return load_state_dict_file(path)
     except DDPMError as e:
@@ -189,8 +188,6 @@ def _read_state_dict(path: Path) -> dict:
 
 def load_fid_inception(path: Optional[Union[str, Path]]) -> Tuple[FIDInceptionV3, str]:
     """(network in eval mode, sha256 of the file) from a local weights file; clear errors otherwise."""
-    from ddpmlab.evaluate.features import file_sha256
-
     if not path:
         raise DDPMError(f"--extractor inception needs the FID Inception-v3 weights: {GET_WEIGHTS}")
     path = Path(path).expanduser()

@@ -17,11 +17,13 @@ from typing import Callable, Optional
 
 import torch
 
+from ddpmlab.data import build_dataset, load_digits, load_mnist, make_toy
 from ddpmlab.diffusion.likelihood import LN2, check_decoder_data, prior_kl, vlb_term
 from ddpmlab.diffusion.process import eps_x0_from_output, q_sample
 from ddpmlab.diffusion.reverse import p_mean_log_variance, split_output
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import DDPMError
+from ddpmlab.io.checkpoint import load_model
 from ddpmlab.progress import progress_bar
 
 # reverse(x_t, i) -> (mean, log_var) of p(x_{t-1} | x_t); i: (B,) entries of the schedule
@@ -191,8 +193,6 @@ def nll_test_data(cfg, n: Optional[int] = None) -> tuple[torch.Tensor, str]:
     MNIST / digits: their fixed test split; 2D toy sets: a fresh draw (seed train.seed + 1);
     image folders have no split: their images (say so in the report).
     """
-    from ddpmlab.data import build_dataset, load_digits, load_mnist, make_toy
-
     d = cfg.data
     if d.dataset == "mnist":
         x, what = load_mnist("test")[0], "MNIST test split"
@@ -212,8 +212,6 @@ def evaluate_nll(run_dir, *, n: Optional[int] = None, decoder: str = "discretize
                  t_stride: int = 1, batch_size: int = 250, seed: int = 0, weights: str = "ema", device="cpu",
                  progress: bool = True) -> tuple[NLLResult, Path, Path]:
     """``ddpm eval RUN --metrics nll``: the bound on held-out data, written to RUN/eval/nll.{json,png}."""
-    from ddpmlab.io.checkpoint import load_model
-
     cfg, model = load_model(run_dir, weights, device)
     x, what = nll_test_data(cfg, n)
     schedule = NoiseSchedule.from_config(cfg.diffusion)

@@ -22,11 +22,19 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from ddpmlab.data import build_dataset, make_toy
+from ddpmlab.diffusion.reverse import ddpm_sampler_variance
+from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import DDPMError
 from ddpmlab.evaluate import metrics as M
 from ddpmlab.evaluate.features import Extractor, batches, build_extractor, extract
 from ddpmlab.evaluate.reference import Reference, reference_statistics, without
 from ddpmlab.evaluate.toy import mmd_rbf, sliced_wasserstein
+from ddpmlab.io.checkpoint import latest_checkpoint, list_checkpoints, load_run_config, require_run_dir
+from ddpmlab.models import build_model
+from ddpmlab.samplers.generate import generate
+from ddpmlab.samplers.guidance import ClassifierFreeGuidance
+from ddpmlab.samplers.registry import get_sampler
 
 
 @dataclass
@@ -98,13 +106,9 @@ class EvalContext:
     @cached_property
     def samples(self):
         """(x (n, *shape), labels (n,) or None): samples of the model."""
-        from ddpmlab.samplers.generate import generate
-
         s, model = self.s, self.model
         labels = torch.arange(s.n) % self.num_classes if self.num_classes else None
         if s.guidance is not None:
-            from ddpmlab.samplers.guidance import ClassifierFreeGuidance
-
             model = ClassifierFreeGuidance(model, None, s.guidance)
         x = generate(model, self.schedule, self.dataset.sample_shape, s.n, sampler=s.sampler, steps=self.steps,
                      prediction=self.cfg.diffusion.prediction, clip_x0=1.0 if self.is_image else None,
@@ -138,8 +142,6 @@ class EvalContext:
         return self.samples if which == "samples" else self.data
 
     def _fresh_toy(self, seed: int) -> torch.Tensor:
-        from ddpmlab.data import make_toy
-
         d = self.cfg.data
         return make_toy(d.toy, self.s.n, d.toy_noise, seed=seed)
 
@@ -330,8 +332,6 @@ def _run_sampler_options(cfg, s: EvalSettings) -> dict:
     opts = dict(s.sampler_options)
     if s.sampler == "ddpm" and "variance" not in opts and getattr(cfg.diffusion, "variance", None):
         try:
-            from ddpmlab.diffusion.reverse import ddpm_sampler_variance
-
             opts["variance"] = ddpm_sampler_variance(cfg.diffusion.variance)
         except (ImportError, KeyError):
             pass
@@ -341,17 +341,6 @@ def _run_sampler_options(cfg, s: EvalSettings) -> dict:
 def evaluate_run(run_dir, settings: EvalSettings, device="cpu", *, cache_dir: Optional[str] = None,
                  use_cache: bool = True, progress: bool = True, out: Optional[Path] = None):
     """Evaluate the newest checkpoint of ``run_dir``; save and return (results, JSON path)."""
-    from ddpmlab.data import build_dataset
-    from ddpmlab.diffusion.schedules import NoiseSchedule
-    from ddpmlab.io.checkpoint import (
-        latest_checkpoint,
-        list_checkpoints,
-        load_run_config,
-        require_run_dir,
-    )
-    from ddpmlab.models import build_model
-    from ddpmlab.samplers.registry import get_sampler
-
     run_dir = require_run_dir(run_dir)
     get_sampler(settings.sampler)  # fail fast on a bad name
     cfg = load_run_config(run_dir)

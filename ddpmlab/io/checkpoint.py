@@ -28,6 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from ddpmlab.config import Config, config_from_dict
 from ddpmlab.errors import DDPMError
+from ddpmlab.io.weights import load_state_dict_file
+from ddpmlab.models import build_model
 
 CONFIG_FILE = "config.yaml"
 CKPT_DIR = "checkpoints"
@@ -237,9 +239,6 @@ def load_model(run_dir, which: str = "ema", device="cpu", weights_file=None):
     ``weights_file``: load these weights instead (safetensors, or a PyTorch state dict read
     with ``torch.load(weights_only=True)``; see :func:`ddpmlab.training.guard.load_state_dict_file`).
     """
-    from ddpmlab.io.weights import load_state_dict_file
-    from ddpmlab.models import build_model
-
     cfg = load_run_config(run_dir)
     model = build_model(cfg)
     if weights_file is None:

@@ -28,9 +28,12 @@ from typing import Dict, Tuple
 
 import torch
 
-from ddpmlab.config import Config, validate
+from ddpmlab.config import Config, save_config, validate
+from ddpmlab.data import data_shape
 from ddpmlab.diffusion.schedules import SCHEDULES, make_betas
 from ddpmlab.errors import DDPMError
+from ddpmlab.io.checkpoint import load_model
+from ddpmlab.models import UNet
 
 PREDICTION_TO_DIFFUSERS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 PREDICTION_FROM_DIFFUSERS = {v: k for k, v in PREDICTION_TO_DIFFUSERS.items()}
@@ -108,7 +111,6 @@ def unet2d_config(cfg: Config) -> dict:
     if m.channel_mults[0] != 1:
         raise DDPMError(f"model.channel_mults={list(m.channel_mults)} does not map: UNet2DModel's first level has "
                         "the width of conv_in (model.base_channels), so channel_mults must start with 1")
-    from ddpmlab.data import data_shape
 
     channels, height, width = data_shape(c)
     levels = range(len(m.channel_mults))
@@ -168,9 +170,6 @@ def export_diffusers(run_dir, out, which: str = "ema") -> Path:
 
     Checks that the exported UNet2DModel computes what ours does (float32, tolerance 1e-4).
     """
-    from ddpmlab.config import save_config
-    from ddpmlab.io.checkpoint import load_model
-
     diffusers = require_diffusers()
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -190,8 +189,6 @@ def export_diffusers(run_dir, out, which: str = "ema") -> Path:
 
 @torch.no_grad()
 def _check_same_outputs(ours, theirs, cfg: Config, atol: float = 1e-4) -> None:
-    from ddpmlab.data import data_shape
-
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, *data_shape(cfg), generator=g)
     t = torch.tensor([10, cfg.diffusion.num_timesteps - 1])
@@ -315,8 +312,6 @@ def load_diffusers_model(folder, device="cpu"):
     The config describes the model for ddpmlab's samplers (``data.dataset`` is ``folder``
     with the model's image size and channels); nothing is downloaded.
     """
-    from ddpmlab.models import UNet
-
     unet_dir, sched_file = find_diffusers_folders(folder)
     kwargs = unet_kwargs_from_unet2d(_read_json(unet_dir / "config.json"))
     diffusion = diffusion_from_scheduler(_read_json(sched_file))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import warnings
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Union
 
 import torch
 
@@ -72,3 +73,10 @@ def _unwrap_state_dict(obj, path: Path) -> Dict[str, torch.Tensor]:
     raise DDPMError(f"weights file '{path}' holds no state dict of tensors (found {type(obj).__name__}); "
                     "give a file saved from model.state_dict()")
 
+
+def file_sha256(path: Union[str, Path]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

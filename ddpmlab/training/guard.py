@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from ddpmlab.errors import DDPMError
+from ddpmlab.io.checkpoint import list_checkpoints
 
 # ----------------------------------------------------------------------------- run lock
 
@@ -66,8 +67,6 @@ class BadStepGuard:
         self.say(f"step {step + 1}: {kind} ({what}): step skipped, weights and EMA unchanged "
                  f"({self.in_a_row} in a row; the run stops at train.max_bad_steps={self.max_bad_steps})")
         if self.in_a_row >= self.max_bad_steps:
-            from ddpmlab.io.checkpoint import list_checkpoints
-
             ckpts = list_checkpoints(self.run_dir) if self.run_dir is not None else []
             last = f"the last checkpoint {ckpts[0].name} is intact" if ckpts else "no checkpoint was written yet"
             raise DDPMError(

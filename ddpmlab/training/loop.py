@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ddpmlab.config import Config, save_config
+from ddpmlab.config import Config, save_config, validate
 from ddpmlab.data import build_dataset
 from ddpmlab.diffusion.objectives import DiffusionObjective
 from ddpmlab.diffusion.reverse import ddpm_sampler_variance
@@ -40,6 +40,7 @@ from ddpmlab.models import build_model, count_parameters
 from ddpmlab.progress import progress_bar
 from ddpmlab.samplers.generate import generate
 from ddpmlab.samplers.guidance import drop_labels
+from ddpmlab.samplers.registry import get_sampler
 from ddpmlab.training.allocator import keep_freed_memory
 from ddpmlab.training.distributed import (
     agree_on,
@@ -137,8 +138,6 @@ def resume_config(run_dir, overrides_cfg: Optional[Config], changed_keys: list, 
 
     Keys outside RESUME_MUTABLE are refused unless ``force`` (then each change is announced).
     """
-    from ddpmlab.config import validate
-
     stored = load_run_config(run_dir)
     bad = [k for k in changed_keys if k not in RESUME_MUTABLE]
     if bad and not force:
@@ -229,8 +228,6 @@ def train(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, pro
     ``fault_hook(step, loss)`` (tests) may replace the loss of a step.
     The run directory is locked (RUN/.lock) while training: a second process refuses.
     """
-    from ddpmlab.samplers.registry import get_sampler
-
     get_sampler(cfg.train.sample_sampler)  # a bad name fails now, not after the last step
     run_dir = require_run_dir(run_dir) if resume else Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     with RunLock(run_dir, enabled=is_main_rank()):

@@ -15,7 +15,9 @@ from typing import Dict, Optional
 import numpy as np
 
 from ddpmlab.errors import ConfigError, DDPMError
+from ddpmlab.evaluate.features import build_extractor
 from ddpmlab.evaluate.log import append_eval_row, trim_eval_log
+from ddpmlab.evaluate.metrics import check_fid_samples
 from ddpmlab.evaluate.run import (
     EvalContext,
     EvalSettings,
@@ -64,9 +66,6 @@ class TrainingMonitor:
             image = self.dataset.is_image
             check_metrics(s.metrics or default_metrics(image, False, s.extractor), image)
             if self.dataset.is_image:
-                from ddpmlab.evaluate.features import build_extractor
-                from ddpmlab.evaluate.metrics import check_fid_samples
-
                 self._extractor = build_extractor(s.extractor, tuple(self.dataset.sample_shape), s.inception_weights,
                                                   self.device)
                 if "fid" in (s.metrics or ["fid"]):

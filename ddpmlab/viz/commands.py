@@ -11,8 +11,24 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ddpmlab.diffusion.schedules import NoiseSchedule
+from ddpmlab.config import load_config
+from ddpmlab.data import build_dataset, data_shape
+from ddpmlab.diffusion.reverse import ddpm_sampler_variance
+from ddpmlab.diffusion.schedules import SCHEDULES, NoiseSchedule
 from ddpmlab.errors import DDPMError
+from ddpmlab.io.checkpoint import list_checkpoints, load_model, load_run_config, require_run_dir
+from ddpmlab.io.images import save_grid
+from ddpmlab.samplers.generate import generate
+from ddpmlab.viz.diffusion import (
+    DEFAULT_TS,
+    record_trajectory,
+    save_forward_strip,
+    save_reverse_gif,
+    save_reverse_strip,
+)
+from ddpmlab.viz.images import save_scatter
+from ddpmlab.viz.plots import plot_loss, plot_schedules
+from ddpmlab.viz.toy import save_toy_animation, save_toy_data, save_toy_forward, save_toy_reverse, toy_trajectory
 
 
 def _out_dir(run_dir, out) -> Path:
@@ -22,15 +38,10 @@ def _out_dir(run_dir, out) -> Path:
 
 
 def _config(run_dir, config: Optional[str]):
-    from ddpmlab.config import load_config
-    from ddpmlab.io.checkpoint import load_run_config
-
     return load_run_config(run_dir) if run_dir else load_config(config or "mnist")
 
 
 def _load(run_dir, weights: str, device):
-    from ddpmlab.io.checkpoint import list_checkpoints, load_model, require_run_dir
-
     run_dir = require_run_dir(run_dir)
     ckpts = list_checkpoints(run_dir)
     if ckpts and not (ckpts[0] / f"{weights}.safetensors").is_file():
@@ -51,8 +62,6 @@ def _options(cfg, sampler: str, options: dict) -> dict:
     options = {k: v for k, v in options.items() if v is not None}
     if sampler == "ddpm" and "variance" not in options and getattr(cfg.diffusion, "variance", None):
         try:
-            from ddpmlab.diffusion.reverse import ddpm_sampler_variance
-
             options["variance"] = ddpm_sampler_variance(cfg.diffusion.variance)
         except (ImportError, KeyError):
             pass
@@ -71,10 +80,6 @@ def _labels(cfg, n: int):
 def viz_forward(run_dir=None, config: Optional[str] = None, n: int = 4, ts: Optional[Sequence[int]] = None,
                 seed: int = 0, out=None) -> List[Path]:
     """Forward strip of ``n`` training images (or, for 2D data, the data set) at several t."""
-    from ddpmlab.data import build_dataset
-    from ddpmlab.viz.diffusion import DEFAULT_TS, save_forward_strip
-    from ddpmlab.viz.toy import save_toy_forward
-
     cfg = _config(run_dir, config)
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     T = schedule.num_timesteps
@@ -91,13 +96,6 @@ def viz_forward(run_dir=None, config: Optional[str] = None, n: int = 4, ts: Opti
 def viz_reverse(run_dir, sampler: str = "ddim", steps: Optional[int] = None, n: int = 16, seed: int = 0,
                 frames: int = 25, weights: str = "ema", device="cpu", out=None, **options) -> List[Path]:
     """GIF of x_t beside the predicted x0 along sampling, and a strip of stills (image runs)."""
-    from ddpmlab.data import data_shape
-    from ddpmlab.viz.diffusion import (
-        record_trajectory,
-        save_reverse_gif,
-        save_reverse_strip,
-    )
-
     cfg, model = _load(run_dir, weights, device)
     shape = data_shape(cfg)
     if len(shape) != 3:
@@ -118,15 +116,6 @@ def viz_toy(run_dir=None, config: Optional[str] = None, sampler: str = "ddpm", s
             **options) -> List[Path]:
     """2D run: data, forward diffusion, reverse process (stills) and a GIF of both; data and
     forward only when no run is given."""
-    from ddpmlab.data import build_dataset
-    from ddpmlab.viz.toy import (
-        save_toy_animation,
-        save_toy_data,
-        save_toy_forward,
-        save_toy_reverse,
-        toy_trajectory,
-    )
-
     cfg = _config(run_dir, config or "toy2d")
     if cfg.data.dataset != "toy":
         raise DDPMError(f"`ddpm viz toy` is for 2D toy runs; this one is trained on {cfg.data.dataset} "
@@ -151,9 +140,6 @@ def viz_toy(run_dir=None, config: Optional[str] = None, sampler: str = "ddpm", s
 
 def viz_schedules(names: Sequence[str], T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
                   out=None) -> List[Path]:
-    from ddpmlab.diffusion.schedules import SCHEDULES
-    from ddpmlab.viz.plots import plot_schedules
-
     bad = [s for s in names if s not in SCHEDULES]
     if bad:
         raise DDPMError(f"--schedules: unknown schedule(s) {', '.join(bad)}; choose from {', '.join(SCHEDULES)}")
@@ -162,8 +148,6 @@ def viz_schedules(names: Sequence[str], T: int = 1000, beta_start: float = 1e-4,
 
 
 def viz_loss(run_dirs: Sequence, smooth: float = 0.8, out=None) -> List[Path]:
-    from ddpmlab.viz.plots import plot_loss
-
     if not 0 <= smooth < 1:
         raise DDPMError(f"--smooth must be in [0, 1), got {smooth}")
     path = Path(out) if out and Path(out).suffix else _out_dir(run_dirs[0], out) / "loss.png"
@@ -175,10 +159,6 @@ def viz_grid(run_dir=None, npz: Optional[str] = None, sampler: str = "ddim", ste
     """A grid (images) or scatter (2D) of fresh samples of a run, or of samples saved by `ddpm sample --npz`."""
     import numpy as np
 
-    from ddpmlab.data import data_shape
-    from ddpmlab.io.images import save_grid
-    from ddpmlab.samplers.generate import generate
-    from ddpmlab.viz.images import save_scatter
 
     if npz:
         try:

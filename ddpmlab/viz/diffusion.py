@@ -11,7 +11,9 @@ from PIL import Image
 
 from ddpmlab.diffusion.process import q_sample
 from ddpmlab.diffusion.schedules import NoiseSchedule
+from ddpmlab.errors import DDPMError
 from ddpmlab.io.images import grid_image
+from ddpmlab.samplers.generate import generate
 from ddpmlab.viz.images import pyplot, save_figure, save_gif
 
 DEFAULT_TS = (0, 50, 100, 200, 300, 500, 700, 999)
@@ -32,8 +34,6 @@ def forward_steps(x0: torch.Tensor, schedule: NoiseSchedule, ts: Sequence[int], 
 
 
 def check_timesteps(ts: Sequence[int], T: int) -> List[int]:
-    from ddpmlab.errors import DDPMError
-
     bad = [t for t in ts if not 0 <= int(t) < T]
     if bad or not ts:
         raise DDPMError(f"--t: timesteps must lie in [0, {T - 1}] (the schedule has T={T}), got {list(ts)}")
@@ -85,8 +85,6 @@ def record_trajectory(model, schedule: NoiseSchedule, shape: Sequence[int], n: i
     Returns (xs (F+1, n, ...), x0s (F+1, n, ...), step numbers (F+1,)); entry 0 is the start
     noise x_T (whose x0 prediction is shown as mid-grey), the last the final sample.
     """
-    from ddpmlab.samplers.generate import generate
-
     keep = set(snapshot_steps(steps, frames))
     xs, x0s, ks = [], [], []
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ddpmlab.diffusion.schedules import NoiseSchedule
-from ddpmlab.viz.diffusion import forward_steps
+from ddpmlab.viz.diffusion import forward_steps, record_trajectory
 from ddpmlab.viz.images import figure_array, pyplot, save_figure, save_gif
 
 LIM = 3.0  # toy sets are standardised: +-3 holds the data and the N(0, I) end of the diffusion
@@ -83,6 +83,4 @@ def save_toy_animation(data: torch.Tensor, schedule: NoiseSchedule, xs: torch.Te
 
 def toy_trajectory(model, schedule: NoiseSchedule, n: int, **kwargs) -> Tuple[torch.Tensor, torch.Tensor, list]:
     """:func:`~ddpmlab.viz.diffusion.record_trajectory` for 2D points (no clipping of x0)."""
-    from ddpmlab.viz.diffusion import record_trajectory
-
     return record_trajectory(model, schedule, (2,), n, clip_x0=None, **kwargs)
