@@ -26,7 +26,7 @@ import torch
 
 from ddpmlab.diffusion.analytic import ExactDenoiser
 from ddpmlab.diffusion.schedules import NoiseSchedule
-from ddpmlab.evaluate.bench import ANALYTIC_TARGETS, SamplerSpec, markdown_table, run_bench, sliced_w2
+from ddpmlab.evaluate.bench import ANALYTIC_TARGETS, BenchEntry, markdown_table, run_bench, sliced_w2
 from ddpmlab.samplers import ModelPredictor
 from ddpmlab.samplers.registry import SAMPLERS
 from ddpmlab.samplers.steps import optimize_timesteps
@@ -71,17 +71,17 @@ def run_target(name: str, nfes, n: int, seed: int, log) -> str:
     reference = mix.sample(n, torch.Generator().manual_seed(seed + 1))
     floor_sets = [mix.sample(n, torch.Generator().manual_seed(seed + 100 + k)) for k in range(8)]
 
-    def ours(spec: SamplerSpec, nfe: int, options: dict) -> torch.Tensor:
+    def ours(spec: BenchEntry, nfe: int, options: dict) -> torch.Tensor:
         return SAMPLERS[spec.name](predict, schedule, x_T, nfe, generator=torch.Generator().manual_seed(seed + 4),
                                    **options)
 
-    def calibrate(spec: SamplerSpec, nfe: int) -> torch.Tensor:
+    def calibrate(spec: BenchEntry, nfe: int) -> torch.Tensor:
         return optimize_timesteps(predict, schedule, SAMPLERS[spec.name], nfe, x_cal)
 
     t0 = time.time()
     log(f"\n{name} ({mix.dim}-D, {len(mix.weights)} modes), n = {n}; error / floor per NFE {list(nfes)}")
     log("ddpmlab:")
-    res = run_bench(name, ours, reference, floor_sets, [SamplerSpec.parse(s) for s in OURS], nfes, calibrate, log)
+    res = run_bench(name, ours, reference, floor_sets, [BenchEntry.parse(s) for s in OURS], nfes, calibrate, log)
     log("diffusers:")
     theirs = {}
     for label, (cls, config) in diffusers_configs().items():

@@ -2,16 +2,26 @@
 
 The dataclass defaults are the values of Ho et al. 2020 (the CIFAR-10 model); the
 ready configs in ``ddpmlab/configs/`` (also reachable as ``configs/`` at the
-repository root) override them for quick runs.  The seed-003 ``_defaults`` map as:
+repository root) override them for quick runs.  The defaults of the original
+GaussianDiffusion trainer map onto config keys as:
 ``channel -> model.base_channels``, ``input_shape -> data.image_size``,
 ``schedule -> diffusion.schedule``, ``num_timesteps -> diffusion.num_timesteps``,
 ``schedule_low/high -> diffusion.beta_start/beta_end``.
+
+The valid choices of the diffusion keys are those of the modules that implement them
+(:mod:`ddpmlab.diffusion`); :func:`describe_config` lists every key with its type,
+default and meaning, :func:`format_config` writes a resolved config as YAML.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import io
+import textwrap
+import tokenize
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +29,15 @@ from typing import Any, Optional
 
 import yaml
 
+from ddpmlab.diffusion.objectives import LOSS_TYPES, LOSSES, T_SAMPLING
+from ddpmlab.diffusion.process import PREDICTIONS
+from ddpmlab.diffusion.reverse import VARIANCES
+from ddpmlab.diffusion.schedules import SCHEDULES
 from ddpmlab.errors import ConfigError
 
 CONFIG_VERSION = 1
 BUNDLED_DIR = Path(__file__).parent / "configs"
+SECTIONS = ("data", "model", "diffusion", "train")
 
 
 @dataclass
@@ -32,35 +47,34 @@ class DataConfig:
     image_size: list = field(default_factory=lambda: [32, 32])  # [H, W]; ignored by mnist/digits/toy
     channels: int = 3  # 1 (grayscale), 3 (RGB) or 4 (RGBA) for folders
     toy: str = "swiss_roll"  # swiss_roll | moons | s_curve | ring (dataset=toy)
-    toy_samples: int = 10000
-    toy_noise: float = 0.0
+    toy_samples: int = 10000  # points drawn from the toy distribution
+    toy_noise: float = 0.0  # std of Gaussian noise added to the toy points
     split: str = "all"  # all | train | test (bundled MNIST/digits: a fixed 90/10 split)
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes (0: load in the training process)
 
 
 @dataclass
 class ModelConfig:
     kind: str = "unet"  # unet | mlp
-    base_channels: int = 128
-    channel_mults: list = field(default_factory=lambda: [1, 2, 2, 2])
-    num_res_blocks: int = 2
+    base_channels: int = 128  # UNet channels at full resolution
+    channel_mults: list = field(default_factory=lambda: [1, 2, 2, 2])  # per resolution; each after the 1st halves H, W
+    num_res_blocks: int = 2  # residual blocks per resolution
     attention_resolutions: list = field(default_factory=lambda: [16])  # feature-map heights with attention
-    dropout: float = 0.1
-    num_heads: int = 1
-    norm_groups: int = 32
+    dropout: float = 0.1  # dropout in the residual blocks
+    num_heads: int = 1  # attention heads
+    norm_groups: int = 32  # GroupNorm groups
     num_classes: Optional[int] = None  # class embedding for conditional models
-    # MLP (2D toy data)
-    hidden: int = 256
-    num_layers: int = 4
-    time_embed_dim: int = 128
+    hidden: int = 256  # MLP (2D toy data): hidden width
+    num_layers: int = 4  # MLP: hidden layers
+    time_embed_dim: int = 128  # MLP: size of the timestep embedding
 
 
 @dataclass
 class DiffusionConfig:
     schedule: str = "linear"  # linear | cosine | sigmoid | tanh | quadratic
-    num_timesteps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
+    num_timesteps: int = 1000  # T, the steps of the forward process
+    beta_start: float = 1e-4  # beta_1 (all schedules but cosine)
+    beta_end: float = 0.02  # beta_T (all schedules but cosine)
     prediction: str = "eps"  # eps | x0 | v
     loss: str = "l2"  # l2 | l1
     # reverse variance sigma_t^2: beta_t (fixed_large), beta_tilde_t (fixed_small) or learned
@@ -74,30 +88,30 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 800000
-    batch_size: int = 128
-    lr: float = 2e-4
-    warmup_steps: int = 5000
-    weight_decay: float = 0.0
-    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999
+    steps: int = 800000  # optimiser steps
+    batch_size: int = 128  # global batch (all processes together)
+    lr: float = 2e-4  # AdamW learning rate after warm-up
+    warmup_steps: int = 5000  # linear learning-rate warm-up
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW [beta1, beta2]
+    grad_clip: float = 1.0  # clip the gradient norm at this value (0: no clipping)
+    ema_decay: float = 0.9999  # decay of the EMA of the weights that sampling uses
     ema_start: int = 0  # first step at which EMA updates (before: EMA copies the weights)
     ema_every: int = 1  # update the EMA every k steps
-    seed: int = 0
+    seed: int = 0  # seeds weights, batches, noise and samples
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     mixed_precision: str = "no"  # no | bf16 (CPU and CUDA) | fp16 (CUDA, with a loss scaler)
     grad_accum_steps: int = 1  # split each process's share of train.batch_size into this many micro-batches
     # CPU (Linux): freed tensor memory stays in the process for the next step instead of going back
     # to the kernel (ddpmlab.training.allocator); 9-16 % faster CPU steps, the process keeps its peak memory
     keep_freed_memory: bool = True
-    log_every: int = 50
-    sample_every: int = 0  # 0: only at the end
-    save_every: int = 5000
-    sample_n: int = 64
-    sample_sampler: str = "ddim"
-    sample_steps: int = 100
-    out_dir: str = "runs"
+    log_every: int = 50  # steps between rows of RUN/log.csv
+    sample_every: int = 0  # steps between sample drawings (0: only at the end)
+    save_every: int = 5000  # steps between checkpoints
+    sample_n: int = 64  # samples drawn at each sample_every
+    sample_sampler: str = "ddim"  # sampler of those samples
+    sample_steps: int = 100  # steps of that sampler
+    out_dir: str = "runs"  # folder that holds the run directories
     name: Optional[str] = None  # run-directory name; default: <dataset>-<timestamp>
     # class-conditional models: P(label -> "no label") per example, so the same network also
     # learns the unconditional model classifier-free guidance needs (Ho & Salimans 2022)
@@ -107,10 +121,10 @@ class TrainConfig:
     # evaluation during training (ddpmlab.evaluate): every eval_every steps (0: never) the EMA
     # model draws eval_n samples; metrics go to RUN/eval.csv and TensorBoard
     eval_every: int = 0
-    eval_n: int = 500
+    eval_n: int = 500  # samples per evaluation
     eval_metrics: list = field(default_factory=list)  # empty: fid,kid,is,pr for images, swd,mmd for 2D
-    eval_sampler: str = "ddim"
-    eval_steps: int = 50
+    eval_sampler: str = "ddim"  # sampler of the evaluation samples
+    eval_steps: int = 50  # steps of that sampler
     eval_inception_weights: Optional[str] = None  # FID Inception-v3 weights file; default: the MNIST classifier
     tensorboard: bool = True  # event files in RUN/tensorboard (tensorboard --logdir runs)
 
@@ -132,12 +146,12 @@ _CHOICES = {
     "data.toy": ("swiss_roll", "moons", "s_curve", "ring"),
     "data.split": ("all", "train", "test"),
     "model.kind": ("unet", "mlp"),
-    "diffusion.schedule": ("linear", "cosine", "sigmoid", "tanh", "quadratic"),
-    "diffusion.prediction": ("eps", "x0", "v"),
-    "diffusion.loss": ("l2", "l1"),
-    "diffusion.variance": ("fixed_large", "fixed_small", "learned_range"),
-    "diffusion.loss_type": ("simple", "hybrid", "vlb"),
-    "diffusion.t_sampling": ("uniform", "importance"),
+    "diffusion.schedule": SCHEDULES,
+    "diffusion.prediction": PREDICTIONS,
+    "diffusion.loss": LOSSES,
+    "diffusion.variance": VARIANCES,
+    "diffusion.loss_type": LOSS_TYPES,
+    "diffusion.t_sampling": T_SAMPLING,
     "train.mixed_precision": ("no", "bf16", "fp16"),
 }
 _POSITIVE = (
@@ -205,17 +219,22 @@ def _section_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _section_classes() -> dict[str, type]:
+    return {s: _section_types(Config)[s] for s in SECTIONS}
+
+
+def _all_keys() -> list[str]:
+    """Every config key, ``section.field``, in declaration order, then ``version``."""
+    return [f"{s}.{f.name}" for s, cls in _section_classes().items() for f in dataclasses.fields(cls)] + ["version"]
+
+
 def _apply(cfg: Config, key: str, value: Any, source: str) -> None:
-    sections = {f.name: f for f in dataclasses.fields(Config)}
-    all_keys = [
-        f"{s}.{f.name}" for s in ("data", "model", "diffusion", "train")
-        for f in dataclasses.fields(type(getattr(cfg, s)))
-    ] + ["version"]
     if key == "version":
         cfg.version = _coerce(value, int, key, source)
         return
+    all_keys = _all_keys()
     parts = key.split(".")
-    if len(parts) != 2 or parts[0] not in sections or key not in all_keys:
+    if key not in all_keys:
         raise ConfigError(f"{source}: unknown config key '{key}'{_suggest(key, all_keys)}")
     section = getattr(cfg, parts[0])
     typ = _section_types(type(section))[parts[1]]
@@ -227,8 +246,8 @@ def _flatten(d: dict, source: str, prefix: str = "") -> dict[str, Any]:
     for k, v in d.items():
         name = f"{prefix}{k}"
         if isinstance(v, dict) and prefix == "":
-            if k not in ("data", "model", "diffusion", "train"):
-                valid = ["data", "model", "diffusion", "train", "version"]
+            if k not in SECTIONS:
+                valid = [*SECTIONS, "version"]
                 raise ConfigError(f"{source}: unknown config section '{k}'{_suggest(k, valid)}")
             flat.update(_flatten(v, source, prefix=f"{k}."))
         else:
@@ -251,33 +270,56 @@ def resolve_config_path(name_or_path: str) -> Path:
     )
 
 
-def parse_value(text: str) -> Any:
-    """Parse the right-hand side of a ``key=value`` override with YAML rules."""
+def _yaml_error(source: str, e: yaml.YAMLError, column_offset: int = 0) -> ConfigError:
+    """One line: ``source: line L, column C: problem`` (1-based, as editors count)."""
+    mark = getattr(e, "problem_mark", None)  # only MarkedYAMLError has one
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    if mark is None:
+        return ConfigError(f"{source}: not valid YAML ({problem})")
+    column = mark.column + 1 + (column_offset if mark.line == 0 else 0)
+    return ConfigError(f"{source}: line {mark.line + 1}, column {column}: {problem}")
+
+
+def parse_value(text: str, source: str = "command line", column_offset: int = 0) -> Any:
+    """Parse the right-hand side of a ``key=value`` override with YAML rules.
+
+    Text that is not valid YAML raises a :class:`ConfigError` naming ``source`` and the
+    column (counted from ``column_offset``, e.g. the length of ``key=``).
+    """
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+    except yaml.YAMLError as e:
+        raise _yaml_error(source, e, column_offset) from None
+
+
+def _load_file(cfg: Config, file: Path) -> None:
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise _yaml_error(str(file), e) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: expected a mapping of sections ({', '.join(SECTIONS)})")
+    for key, value in _flatten(raw, str(file)).items():
+        _apply(cfg, key, value, str(file))
+
+
+def _apply_override(cfg: Config, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value, e.g. train.steps=1000")
+    key, text = item.split("=", 1)
+    value = parse_value(text, f"command line: {item}", column_offset=len(key) + 1)
+    _apply(cfg, key.strip(), value, "command line")
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """Build a validated :class:`Config` from a YAML file and ``key=value`` overrides."""
     cfg = Config()
-    if path is not None:
-        file = resolve_config_path(path)
-        try:
-            raw = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{file}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{file}: expected a mapping of sections (data, model, diffusion, train)")
-        for key, value in _flatten(raw, str(file)).items():
-            _apply(cfg, key, value, str(file))
+    file = resolve_config_path(path) if path is not None else None
+    if file is not None:
+        _load_file(cfg, file)
     for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key=value, e.g. train.steps=1000")
-        key, text = item.split("=", 1)
-        _apply(cfg, key.strip(), parse_value(text), "command line")
-    sources = ([str(resolve_config_path(path))] if path is not None else []) + (["command line"] if overrides else [])
+        _apply_override(cfg, item)
+    sources = ([str(file)] if file is not None else []) + (["command line"] if overrides else [])
     validate(cfg, source=" + ".join(sources) or "config")
     return cfg
 
@@ -299,8 +341,7 @@ def validate(cfg: Config, source: str = "config") -> None:
             f"{source}: 'version': config version {cfg.version} is not supported by this ddpmlab (it reads "
             f"version {CONFIG_VERSION}); the config was written by {made_by}"
         )
-    flat = {f"{s}.{k}": v for s in ("data", "model", "diffusion", "train")
-            for k, v in dataclasses.asdict(getattr(cfg, s)).items()}
+    flat = {f"{s}.{k}": v for s in SECTIONS for k, v in dataclasses.asdict(getattr(cfg, s)).items()}
     for key, choices in _CHOICES.items():
         if flat[key] not in choices:
             raise ConfigError(f"{source}: '{key}' is {flat[key]!r}; choose one of {', '.join(choices)}")
@@ -359,7 +400,7 @@ def validate(cfg: Config, source: str = "config") -> None:
 
 
 def _validate_likelihood(diff: DiffusionConfig, source: str) -> None:
-    """Cross-checks of the learned-variance / VLB keys (issue 6)."""
+    """Cross-checks of the learned-variance / VLB keys (Nichol & Dhariwal 2021, Sec. 3.1-3.3)."""
     if diff.vlb_weight < 0:
         raise ConfigError(f"{source}: 'diffusion.vlb_weight' must be >= 0, got {diff.vlb_weight}")
     if diff.min_snr_gamma is not None and not diff.min_snr_gamma > 0:
@@ -379,5 +420,69 @@ def _validate_likelihood(diff: DiffusionConfig, source: str) -> None:
                           "set it to null")
 
 
+def format_config(cfg: Config) -> str:
+    """The resolved config as YAML text (what ``save_config`` writes; :func:`load_config` reads it back)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: Config, path: Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(format_config(cfg))
+
+
+# ---------------------------------------------------------------- the keys as text
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Each field's ``#`` comments in the class source: the comment-only lines just above it, then its own."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source (e.g. a frozen install): no meanings
+        return {}
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    comments = {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT}
+    lines = source.splitlines()
+    out = {}
+    for node in ast.parse(source).body[0].body:
+        if not isinstance(node, ast.AnnAssign):
+            continue
+        first = node.lineno
+        while first - 1 in comments and lines[first - 2].lstrip().startswith("#"):
+            first -= 1
+        texts = [comments[n] for n in range(first, node.end_lineno + 1) if n in comments]
+        out[node.target.id] = " ".join(texts)
+    return out
+
+
+def _type_name(typ: Any) -> str:
+    if typing.get_origin(typ) is typing.Union:  # Optional[X]
+        (inner,) = [a for a in typing.get_args(typ) if a is not type(None)]
+        return f"{_type_name(inner)}|null"
+    return "list" if typing.get_origin(typ) is list else getattr(typ, "__name__", str(typ))
+
+
+def _yaml_value(value: Any) -> str:
+    """A value as one line of YAML flow style: ``[32, 32]``, ``null``, ``true``, ``'no'``."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("...\n").strip()
+
+
+def _describe_rows(cfg: Config) -> list[tuple[str, str, str, str]]:
+    """(key, type, value, meaning) of every key of ``cfg``, in declaration order."""
+    rows = []
+    for section, cls in _section_classes().items():
+        meanings, types = _field_comments(cls), _section_types(cls)
+        for f in dataclasses.fields(cls):
+            value = _yaml_value(getattr(getattr(cfg, section), f.name))
+            rows.append((f"{section}.{f.name}", _type_name(types[f.name]), value, meanings.get(f.name, "")))
+    version_meaning = f"config format version (this ddpmlab reads {CONFIG_VERSION})"
+    return rows + [("version", "int", _yaml_value(cfg.version), version_meaning)]
+
+
+def describe_config(cfg: Optional[Config] = None) -> str:
+    """Every config key, one line each: ``section.key  type  default  meaning``.
+
+    Defaults are those of ``cfg`` (e.g. a bundled config), else the dataclass defaults;
+    meanings are the field comments of the dataclasses.
+    """
+    rows = _describe_rows(cfg if cfg is not None else Config())
+    widths = [max(len(r[k]) for r in rows) for k in range(3)]
+    lines = ("  ".join(r[k].ljust(widths[k]) for k in range(3)) + "  " + r[3] for r in rows)
+    return "".join(line.rstrip() + "\n" for line in lines)

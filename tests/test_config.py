@@ -1,8 +1,11 @@
 """Config files and overrides: defaults are the paper's, bad input is refused by name."""
 
-import pytest
+import dataclasses
 
-from ddpmlab.config import Config, load_config
+import pytest
+import yaml
+
+from ddpmlab.config import Config, config_from_dict, describe_config, format_config, load_config
 from ddpmlab.errors import ConfigError
 
 
@@ -15,10 +18,86 @@ def test_defaults_are_the_papers_values():
     assert (c.train.lr, c.train.batch_size, c.train.ema_decay, c.train.grad_clip) == (2e-4, 128, 0.9999, 1.0)
 
 
-@pytest.mark.parametrize("name", ["mnist", "toy2d", "cifar10"])
-def test_bundled_configs_load(name):
+BUNDLED = {  # a few keys of each bundled config, as the files state them
+    "mnist": {"data.dataset": "mnist", "model.base_channels": 32, "model.channel_mults": [1, 2, 2],
+              "train.steps": 1400, "train.sample_sampler": "ddpm", "train.mixed_precision": "no"},
+    "toy2d": {"data.dataset": "toy", "model.kind": "mlp", "model.hidden": 128, "train.steps": 3000,
+              "train.sample_steps": 1000, "diffusion.variance": "fixed_large"},
+    "toy2d_learned": {"model.kind": "mlp", "diffusion.variance": "learned_range", "diffusion.loss_type": "hybrid",
+                      "diffusion.vlb_weight": 0.001, "train.sample_steps": 50},
+    "cifar10": {"data.dataset": "folder", "data.path": "data/cifar10/train", "model.base_channels": 128,
+                "train.steps": 800000, "train.lr": 2e-4},
+}
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_configs_load_to_their_values(name):
     cfg = load_config(name)
-    assert cfg.version == 1
+    got = {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in BUNDLED[name]}
+    assert got == BUNDLED[name]
+
+
+# the config.yaml of a run directory written by a version-1 ddpmlab (abridged: unnamed keys default)
+SAVED_RUN_CONFIG = """\
+data:
+  dataset: toy
+  toy: moons
+model:
+  kind: mlp
+  hidden: 64
+diffusion:
+  schedule: cosine
+  num_timesteps: 200
+train:
+  steps: 10
+  sample_steps: 20
+  mixed_precision: 'no'
+version: 1
+"""
+
+
+def test_a_run_config_saved_as_version_1_still_loads(tmp_path):
+    """Old run directories must keep resuming: bumping CONFIG_VERSION without reading version 1 fails here."""
+    f = tmp_path / "config.yaml"
+    f.write_text(SAVED_RUN_CONFIG)
+    cfg = load_config(str(f))
+    assert (cfg.version, cfg.data.toy, cfg.model.hidden, cfg.diffusion.schedule, cfg.train.sample_steps) == \
+        (1, "moons", 64, "cosine", 20)
+
+
+def test_a_config_file_older_than_version_1_is_refused(tmp_path):
+    f = tmp_path / "old.yaml"
+    f.write_text(SAVED_RUN_CONFIG.replace("version: 1", "version: 0"))
+    with pytest.raises(ConfigError) as e:
+        load_config(str(f))
+    assert str(e.value).startswith(f"{f}: 'version': config version 0 is not supported")
+    assert "written by an older ddpmlab" in str(e.value)
+
+
+def test_describe_config_lists_every_key_with_type_and_default():
+    text = describe_config()
+    rows = {line.split()[0]: line.split() for line in text.splitlines()}
+    for section in ("data", "model", "diffusion", "train"):
+        for f in dataclasses.fields(getattr(Config(), section)):
+            assert f"{section}.{f.name}" in rows
+    assert set(rows) == {f"{s}.{f.name}" for s in ("data", "model", "diffusion", "train")
+                         for f in dataclasses.fields(getattr(Config(), s))} | {"version"}
+    assert rows["train.steps"][:3] == ["train.steps", "int", "800000"]
+    assert rows["model.num_classes"][:3] == ["model.num_classes", "int|null", "null"]
+    assert rows["data.image_size"][1:4] == ["list", "[32,", "32]"]
+    assert "linear | cosine" in text  # a field comment as the meaning
+
+
+def test_describe_config_shows_the_values_of_a_given_config():
+    rows = {line.split()[0]: line.split() for line in describe_config(load_config("mnist")).splitlines()}
+    assert rows["train.steps"][:3] == ["train.steps", "int", "1400"]
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_format_config_round_trips(name):
+    cfg = load_config(name, ["model.num_classes=null", "train.name='x: #y'", "train.lr=3e-4"]
+                      if name == "mnist" else [])
+    assert config_from_dict(yaml.safe_load(format_config(cfg))) == cfg
 
 
 def test_overrides_parse_yaml_values():

@@ -72,3 +72,21 @@ def test_resuming_a_run_written_by_a_newer_version_is_refused(tmp_path, capsys):
     assert main(["train", "--resume", str(run)]) == 2
     err = capsys.readouterr().err
     assert f"{run}/config.yaml: 'version': config version 2" in err and "upgrade ddpmlab" in err
+
+
+def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path):
+    f = tmp_path / "my.yaml"
+    f.write_text("train:\n  steps: 3\n  lr: a: b\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(f))
+    assert str(e.value) == f"{f}: line 3, column 8: mapping values are not allowed here"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.lr=[", "command line: train.lr=[: line 1, column 11: expected the node content, but found '<stream end>'"),
+    ("data.path=@x", "command line: data.path=@x: line 1, column 11: found character '@' that cannot start any token"),
+])
+def test_an_override_that_is_not_yaml_names_the_item_and_column(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("mnist", [override])
+    assert str(e.value) == message

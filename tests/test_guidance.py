@@ -142,6 +142,40 @@ def test_repaint_keeps_the_known_part_and_fills_the_hole_with_the_gaussian_condi
     assert err[1][0] > 2 * err[10][0] and err[1][1] > 2 * err[10][1], err
 
 
+class _HeadGivingFixedVariance:
+    """The exact denoiser with a 'variance head' whose log sigma^2 is beta_t or beta_tilde_t of
+    the sampler's (respaced) schedule: a learned-variance model whose answer is known."""
+
+    def __init__(self, predict, fixed: str):
+        self.predict, self.fixed = predict, fixed
+
+    def __call__(self, x, t):
+        return self.predict(x, t)
+
+    def with_log_variance(self, x, t, schedule, index):
+        eps, x0 = self.predict(x, t)
+        table = schedule.betas if self.fixed == "fixed_large" else schedule.posterior_variance
+        return eps, x0, table[index].log().reshape(-1, 1).expand_as(x)
+
+
+@pytest.mark.parametrize("fixed", ["fixed_large", "fixed_small"])
+def test_repaint_with_a_learned_variance_steps_with_the_variance_head(fixed):
+    """RePaint with variance learned_range uses the model's variance, not a fixed one: a head that
+    returns beta_t reproduces fixed_large bit for bit, one that returns beta_tilde_t fixed_small."""
+    exact = ModelPredictor(ExactDenoiser(GAUSS, S), S)
+
+    def run(predict, variance):
+        g = torch.Generator().manual_seed(3)
+        x_T = torch.randn(64, D, generator=g, dtype=torch.float64)
+        return repaint(predict, S, x_T, 50, x0_known=X0.expand(64, D), mask=HOLE, generator=g,
+                       jump_length=5, jump_n_sample=2, variance=variance)
+
+    learned = run(_HeadGivingFixedVariance(exact, fixed), "learned_range")
+    other = "fixed_small" if fixed == "fixed_large" else "fixed_large"
+    assert torch.allclose(learned, run(exact, fixed), atol=1e-12)
+    assert not torch.allclose(learned, run(exact, other), atol=1e-3)
+
+
 # ---------------------------------------------------------------- image-to-image (SDEdit)
 
 G3 = Gaussian([0.5, -0.5, 0.0], [[0.3, 0.2, 0.0], [0.2, 0.3, 0.1], [0.0, 0.1, 0.2]])

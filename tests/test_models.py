@@ -4,9 +4,10 @@ import pytest
 import torch
 from _util import perturb
 
-from ddpmlab.config import Config
+from ddpmlab.config import BUNDLED_DIR, Config, load_config
 from ddpmlab.errors import ConfigError
 from ddpmlab.models import MLPDenoiser, UNet, build_model, count_parameters
+from ddpmlab.models.fast_ops import FastDropout
 
 TINY = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
             dropout=0.0, norm_groups=8, image_size=(16, 16))
@@ -131,6 +132,7 @@ def test_build_model_rejects_mnist_with_four_levels_but_accepts_three():
     with pytest.raises(ConfigError, match=r"data\.image_size=\[28, 28\]"):
         build_model(cfg)
     cfg.model.base_channels, cfg.model.channel_mults, cfg.model.norm_groups = 8, [1, 2, 2], 4
+    cfg.model.attention_resolutions = [14]  # the default [16] names no level of a 28-pixel UNet
     model = build_model(cfg, out_channels_multiplier=2)
     assert model.in_channels == 1 and model.out_channels == 2 and model.image_size == (28, 28)
 
@@ -169,8 +171,36 @@ def test_mlp_time_and_class_change_output_and_batch_independence():
 
 
 def test_bundled_cifar10_yaml_builds_the_papers_35_7M_model():
-    from ddpmlab.config import load_config
-    from ddpmlab.models import build_model
-
     n = count_parameters(build_model(load_config("cifar10")))
     assert n == CIFAR10_DIFFUSERS_PARAMS and abs(n - 35.7e6) < 0.1e6
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in BUNDLED_DIR.glob("*.yaml")))
+def test_every_bundled_config_builds(name):
+    assert count_parameters(build_model(load_config(name))) > 0
+
+
+def test_attention_goes_to_the_levels_whose_feature_map_height_is_listed():
+    model = UNet(in_channels=3, **{**TINY, "num_res_blocks": 2, "image_size": (16, 24)})  # heights 16, 8
+    assert [len(level.attn) for level in model.down] == [0, 2]
+    assert [len(level.attn) for level in model.up] == [3, 0]  # up[0] is the deepest level
+    assert isinstance(model.down[0].res[0].dropout, FastDropout)
+
+
+@pytest.mark.parametrize("resolutions, culprit", [((24,), "24 matches"), ((12, 8, 3), "12, 3 match")])
+def test_attention_resolution_matching_no_level_raises_config_error_naming_the_levels(resolutions, culprit):
+    # 32 x 24 images, three levels: heights 32, 16, 8 (24 and 12 are widths, not heights)
+    with pytest.raises(ConfigError) as e:
+        UNet(in_channels=3, **{**TINY, "channel_mults": (1, 2, 2), "image_size": (32, 24),
+                                "attention_resolutions": resolutions})
+    msg = str(e.value)
+    assert msg.startswith(f"model.attention_resolutions: {culprit} no level of the UNet") and "\n" not in msg
+    assert "heights 32, 16, 8" in msg and "choose from those" in msg
+
+
+def test_build_model_rejects_attention_resolutions_the_data_does_not_have():
+    cfg = load_config("mnist", ["model.attention_resolutions=[7,16]"])
+    with pytest.raises(ConfigError, match=r"model\.attention_resolutions: 16 matches no level.*heights 28, 14, 7"):
+        build_model(cfg)
+    cfg.model.attention_resolutions = []
+    assert isinstance(build_model(cfg), UNet)

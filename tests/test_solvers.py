@@ -9,7 +9,7 @@ import torch
 from ddpmlab.diffusion.analytic import ExactDenoiser, GaussianMixture
 from ddpmlab.diffusion.schedules import NoiseSchedule, abar_of_t, log_sigmas, select_timesteps, sigma_of_t, t_of_sigma
 from ddpmlab.errors import ConfigError
-from ddpmlab.evaluate.bench import SamplerSpec, bench_analytic, markdown_table, mixture2d, parse_nfes, save, sliced_w2
+from ddpmlab.evaluate.bench import BenchEntry, bench_analytic, markdown_table, mixture2d, parse_nfes, save, sliced_w2
 from ddpmlab.samplers import ModelPredictor, solvers
 from ddpmlab.samplers.langevin import langevin_step
 from ddpmlab.samplers.registry import SAMPLERS, check_timesteps_name, get_sampler
@@ -291,12 +291,14 @@ def test_unknown_names_in_the_cli_are_one_line_errors(capsys):
     assert "unknown schedule 'logsrn'; did you mean 'logsnr'" in capsys.readouterr().err
     assert main(["bench", "samplers", "--analytic", "mixture2d", "--samplers", "ddim,dpm"]) == 2
     assert "unknown sampler 'dpm'" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="--nfe"):
-        parse_nfes("5,x")
+    with pytest.raises(ConfigError, match="^--nfe must be"):  # the caller's name for the option
+        parse_nfes("5,x", "--nfe")
+    assert main(["bench", "samplers", "--analytic", "mixture2d", "--nfe", "5,x"]) == 2
+    assert "--nfe must be a comma-separated list" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="ddim takes uniform"):
-        SamplerSpec.parse("ddim:karras")
+        BenchEntry.parse("ddim:karras")
     with pytest.raises(ConfigError, match="deterministic"):
-        SamplerSpec.parse("pc:optimized")
+        BenchEntry.parse("pc:optimized")
     with pytest.raises(ConfigError, match="deterministic"):
         optimize_timesteps(_predict(GAUSS), SCHEDULE, SAMPLERS["euler"], 5, _noise(4, 3), s_churn=1.0)
 
@@ -312,7 +314,7 @@ def test_sliced_w2_of_a_translation_is_its_length_over_sqrt_d():
 
 
 def test_bench_ranks_samplers_against_exact_samples(tmp_path):
-    specs = [SamplerSpec.parse(s) for s in ("ddim", "dpmpp_3m:logsnr")]
+    specs = [BenchEntry.parse(s) for s in ("ddim", "dpmpp_3m:logsnr")]
     res = bench_analytic("mixture2d", specs, [3, 25], n=3000, log=lambda s: None)
     assert res.floor > 0
     for label in ("ddim", "dpmpp_3m:logsnr"):

@@ -243,6 +243,24 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    @property
+    def largest_original(self) -> Optional[tuple[int, int]]:
+        """``(width, height)`` of the largest file (most pixels, EXIF-rotated), before the resize to ``image_size``.
+
+        Read from the file headers (a few threads) each time it is asked; None when none can be read.
+        """
+        def stored_size(path: str) -> Optional[tuple[int, int]]:
+            try:
+                with Image.open(path) as img:
+                    w, h = img.size
+                    return (h, w) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)  # 90-degree turns
+            except Exception:  # noqa: BLE001 - changed since the scan: it does not count
+                return None
+
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            sizes = [s for s in pool.map(stored_size, self.files) if s is not None]
+        return max(sizes, key=lambda s: s[0] * s[1], default=None)
+
     def get_uint8(self, index: int) -> np.ndarray:
         """Image ``index`` as uint8 ``(H, W, C)`` (after conversion, resize and crop)."""
         if self.arrays is not None:

@@ -13,9 +13,10 @@ expressions.  Functions here return the *mean over dimensions* in nats, shape (B
 is the paper's t = 1), as everywhere in ddpmlab.
 
 The reverse variance Sigma_theta(x_t, t) = sigma_t^2 I comes in three kinds
-(``diffusion.variance``): ``fixed_large`` (beta_t, Ho et al.'s CIFAR-10 choice),
-``fixed_small`` (beta_tilde_t) and ``learned_range`` (Nichol & Dhariwal 2021, Eq. 15:
-the network outputs v and log sigma^2 = v log beta_t + (1 - v) log beta_tilde_t).
+(``diffusion.variance``, :data:`ddpmlab.diffusion.reverse.VARIANCES`): ``fixed_large``
+(beta_t, Ho et al.'s CIFAR-10 choice), ``fixed_small`` (beta_tilde_t) and ``learned_range``
+(Nichol & Dhariwal 2021, Eq. 15: the network outputs v and
+log sigma^2 = v log beta_t + (1 - v) log beta_tilde_t).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from ddpmlab.diffusion.process import q_mean_variance, q_posterior
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import DDPMError
 
-VARIANCES = ("fixed_large", "fixed_small", "learned_range")
 DECODERS = ("discretized", "continuous")
 LN2 = math.log(2.0)
 EIGHT_BIT = 2.0 / 255.0  # bin width of 8-bit data scaled to [-1, 1] by x / 127.5 - 1
@@ -94,20 +94,6 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
     narrow = (upper - lower) < 1e-4
     midpoint = gaussian_log_likelihood(x, mean, log_var) + math.log(bin_width)
     return torch.where(narrow, midpoint, exact)
-
-
-# ---------------------------------------------------------------- the reverse process
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ---------------------------------------------------------------- the terms of the bound
@@ -184,5 +170,3 @@ def data_decoder(cfg) -> Tuple[str, Optional[float]]:
     if dataset == "digits":
         return "discretized", 2.0 / 16.0
     return "discretized", EIGHT_BIT
-
-

@@ -172,8 +172,11 @@ class DiffusionObjective:
     ``vlb``: L_vlb alone.  A one-sample estimate of L_vlb - L_T is T * L_t at the drawn t
     (the prior L_T has no parameters); like improved-diffusion, L_t is in bits/dim, so
     lambda = 0.001 at T = 1000 adds L_t itself.
-    ``gather`` (e.g. ``accelerator.gather``) collects t and losses of all processes so
-    that every process keeps the same importance-sampling history.
+    With importance sampling of t, every call of one optimizer step (each micro-batch)
+    weights its terms by the p_t the step's t were drawn from; :meth:`end_step`, once per
+    optimizer step, then pushes the step's t and L_t into the history.  ``gather`` (e.g.
+    ``accelerator.gather``) collects them from all processes in global-batch order, so
+    every process keeps the same history.
     """
 
     def __init__(self, schedule: NoiseSchedule, *, prediction: str = "eps", loss: str = "l2",
@@ -189,14 +192,14 @@ class DiffusionObjective:
         self.gather = gather or (lambda x: x)
         T = schedule.num_timesteps
         self.t_sampler = ImportanceTimesteps(T) if t_sampling == "importance" else UniformTimesteps(T)
+        self._step_terms: list = []  # (t, L_t) of this optimizer step's micro-batches, for end_step
 
     @classmethod
     def from_config(cls, cfg, schedule: NoiseSchedule, gather: Optional[Callable] = None) -> "DiffusionObjective":
         d = cfg.diffusion
         decoder, bin_width = data_decoder(cfg)
-        return cls(schedule, prediction=d.prediction, loss=d.loss, loss_type=getattr(d, "loss_type", "simple"),
-                   variance=getattr(d, "variance", "fixed_large"), vlb_weight=getattr(d, "vlb_weight", 0.001),
-                   min_snr_gamma=getattr(d, "min_snr_gamma", None), t_sampling=getattr(d, "t_sampling", "uniform"),
+        return cls(schedule, prediction=d.prediction, loss=d.loss, loss_type=d.loss_type, variance=d.variance,
+                   vlb_weight=d.vlb_weight, min_snr_gamma=d.min_snr_gamma, t_sampling=d.t_sampling,
                    decoder=decoder, bin_width=bin_width, gather=gather)
 
     def sample_timesteps(self, batch: int, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -230,11 +233,23 @@ class DiffusionObjective:
             losses = losses + self.vlb_weight * T * vb
         elif self.loss_type == "vlb":
             vb = self.vlb_terms(_f32(x0), _f32(x_t), t, pred, v_raw)
-            weights = self.t_sampler.weights(t)  # 1 / (T p_t), computed before this batch updates p
+            weights = self.t_sampler.weights(t)  # 1 / (T p_t): the p_t this step's t were drawn from
             if isinstance(self.t_sampler, ImportanceTimesteps):
-                self.t_sampler.update(self.gather(t.contiguous()), self.gather(vb.detach().contiguous()))
-            losses = T * vb * weights
+                self._step_terms.append((t.detach(), vb.detach()))
+            losses = T * vb * weights  # Nichol & Dhariwal 2021, Eq. 18: E_{t~p}[w_t L_t] = mean_t L_t
         return losses.mean()
+
+    def end_step(self) -> None:
+        """Push the t and L_t of this optimizer step (all micro-batches, all processes) into the history.
+
+        Call it once per optimizer step, after its last micro-batch, on every process (it gathers).
+        """
+        if not self._step_terms:
+            return
+        t = torch.cat([t for t, _ in self._step_terms])
+        vb = torch.cat([vb for _, vb in self._step_terms])
+        self._step_terms = []
+        self.t_sampler.update(self.gather(t.contiguous()), self.gather(vb.contiguous()))
 
     def state_dict(self) -> dict:
         """What resume needs (the importance-sampling history), JSON-serialisable."""

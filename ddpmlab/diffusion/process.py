@@ -52,6 +52,7 @@ def q_posterior(s: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, i: torch.
 
 
 def eps_from_x0(s: NoiseSchedule, x_t: torch.Tensor, i: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    # Ho et al. 2020, Eq. 4 reparameterised, solved for eps
     abar = abar_at(s, i, x_t)
     return (x_t - abar.sqrt() * x0) / (1.0 - abar).sqrt()
 
@@ -69,13 +70,15 @@ def v_target(s: NoiseSchedule, x0: torch.Tensor, i: torch.Tensor, eps: torch.Ten
 
 
 def x0_eps_from_v(s: NoiseSchedule, x_t: torch.Tensor, i: torch.Tensor, v: torch.Tensor):
+    # Salimans & Ho 2022, Sec. 4: x_0 = sqrt(abar) x_t - sqrt(1 - abar) v, eps = sqrt(1 - abar) x_t + sqrt(abar) v
     abar = abar_at(s, i, x_t)
     a, b = abar.sqrt(), (1.0 - abar).sqrt()
     return a * x_t - b * v, b * x_t + a * v
 
 
 def score_from_eps(s: NoiseSchedule, x_t: torch.Tensor, i: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    # grad log q(x_t) = -eps / sqrt(1 - abar_t)  (Song et al. 2021, Eq. 7 / seed 000)
+    # score of q(x_t | x_0) (Ho et al. 2020, Eq. 4): -(x_t - sqrt(abar_t) x_0) / (1 - abar_t)
+    # = -eps / sqrt(1 - abar_t), the target of Song et al. 2021, Eq. 7
     return -eps / extract(1.0 - s.alphas_cumprod, i, x_t).sqrt()
 
 

@@ -8,7 +8,13 @@ import torch
 
 from ddpmlab.diffusion.process import extract, q_posterior
 from ddpmlab.diffusion.schedules import NoiseSchedule
-from ddpmlab.errors import DDPMError
+from ddpmlab.errors import ConfigError, DDPMError
+
+# the reverse variance sigma_t^2, one vocabulary for config (diffusion.variance) and samplers:
+# beta_t (Ho et al. 2020, Sec. 3.2, "fixed_large"), the posterior beta_tilde_t ("fixed_small"),
+# or the model's variance head (Nichol & Dhariwal 2021, Eq. 15, "learned_range")
+VARIANCES = ("fixed_large", "fixed_small", "learned_range")
+VARIANCE_ALIASES = {"beta": "fixed_large", "posterior": "fixed_small", "learned": "learned_range"}
 
 
 def split_output(out: torch.Tensor, x_t: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -25,6 +31,37 @@ def split_output(out: torch.Tensor, x_t: torch.Tensor) -> Tuple[torch.Tensor, Op
     raise ValueError(f"model output of shape {tuple(out.shape)} does not fit x_t of shape {tuple(x_t.shape)}")
 
 
+def variance_name(name: str, where: str = "variance") -> str:
+    """The canonical name of a reverse variance (``beta``, ``posterior``, ``learned`` are aliases)."""
+    canonical = VARIANCE_ALIASES.get(name, name)
+    if canonical not in VARIANCES:
+        raise ConfigError(f"{where}: unknown variance '{name}'; choose one of {', '.join(VARIANCES)} "
+                          f"(or {', '.join(f'{a} = {c}' for a, c in VARIANCE_ALIASES.items())})")
+    return canonical
+
+
+def ancestral_step(s: NoiseSchedule, x_t: torch.Tensor, i: int, x0: torch.Tensor, variance: str,
+                   log_var: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x_{t-1} ~ p(x_{t-1} | x_t) = N(mu_tilde(x_t, x0), sigma_t^2 I) at entry ``i`` of ``s``.
+
+    Ho et al. 2020, Eq. 7 with x_0 predicted (Eq. 11 when x0 is unclipped), Algorithm 2:
+    sigma_t^2 = beta_t ("fixed_large"), beta_tilde_t ("fixed_small"), or exp(``log_var``) of a
+    variance head ("learned_range").  Entry 0 returns the mean (no noise at the last step).
+    x_t, x0, noise, log_var: (B, ...).
+    """
+    idx = torch.full((x_t.shape[0],), i, dtype=torch.long)
+    mean, post_var, _ = q_posterior(s, x0, x_t, idx)
+    if i == 0:
+        return mean
+    if variance == "learned_range":
+        if log_var is None:
+            raise DDPMError("the learned variance needs the model's log-variance (a model trained with "
+                            "diffusion.variance=learned_range)")
+        var = torch.exp(log_var)
+    else:
+        var = extract(s.betas, idx, x_t) if variance == "fixed_large" else post_var
+    return mean + var.sqrt() * noise
+
 
 def fixed_log_variance(s: NoiseSchedule, i: torch.Tensor, like: torch.Tensor, variance: str) -> torch.Tensor:
     """log sigma_t^2 of a fixed variance, broadcast like ``like`` (Ho et al. 2020, Sec. 3.2)."""
@@ -35,7 +72,6 @@ def fixed_log_variance(s: NoiseSchedule, i: torch.Tensor, like: torch.Tensor, va
             else torch.log(s.betas)
         return extract(log_beta, i, like)
     raise ValueError(f"unknown fixed variance '{variance}'; choose fixed_small or fixed_large")
-
 
 
 def learned_log_variance(s: NoiseSchedule, i: torch.Tensor, v_raw: torch.Tensor) -> torch.Tensor:
@@ -51,13 +87,11 @@ def learned_log_variance(s: NoiseSchedule, i: torch.Tensor, v_raw: torch.Tensor)
     return v * max_log + (1.0 - v) * min_log
 
 
-
 def interpolation_for(s: NoiseSchedule, i: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     """The raw output v_raw in :func:`learned_log_variance` that gives ``log_var`` (its inverse)."""
     max_log = extract(torch.log(s.betas), i, log_var)
     min_log = extract(s.posterior_log_variance_clipped, i, log_var)
     return 2.0 * (log_var - min_log) / (max_log - min_log) - 1.0
-
 
 
 def reverse_log_variance(s: NoiseSchedule, i: torch.Tensor, like: torch.Tensor, variance: str,
@@ -71,7 +105,6 @@ def reverse_log_variance(s: NoiseSchedule, i: torch.Tensor, like: torch.Tensor, 
     return fixed_log_variance(s, i, like, variance)
 
 
-
 def p_mean_log_variance(s: NoiseSchedule, x_t: torch.Tensor, i: torch.Tensor, x0: torch.Tensor, variance: str,
                         v_raw: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean and log-variance of p_theta(x_{t-1} | x_t) from the predicted x_0.
@@ -80,10 +113,4 @@ def p_mean_log_variance(s: NoiseSchedule, x_t: torch.Tensor, i: torch.Tensor, x0
     """
     mean, _, _ = q_posterior(s, x0, x_t, i)
     return mean, reverse_log_variance(s, i, x_t, variance, v_raw)
-
-
-
-def ddpm_sampler_variance(variance: str) -> str:
-    """The ancestral sampler's ``variance`` option matching a run's ``diffusion.variance``."""
-    return {"fixed_large": "beta", "fixed_small": "posterior", "learned_range": "learned"}[variance]
 

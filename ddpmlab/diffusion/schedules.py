@@ -28,13 +28,14 @@ def quadratic_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) ->
 
 
 def sigmoid_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    # betas follow a sigmoid over [-6, 6] between beta_start and beta_end (seed 004)
+    # beta_t = beta_start + (beta_end - beta_start) sigmoid(x_t), x_t evenly spaced over [-6, 6]:
+    # slow at both ends, fastest in the middle
     s = torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64))
     return beta_start + (beta_end - beta_start) * s
 
 
 def tanh_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    # betas follow a tanh ramp over [-3, 3] between beta_start and beta_end (seed 004)
+    # a tanh ramp over [-3, 3], rescaled so that beta_1 = beta_start and beta_T = beta_end exactly
     s = (torch.tanh(torch.linspace(-3, 3, T, dtype=torch.float64)) + 1) / 2
     s = (s - s[0]) / (s[-1] - s[0])
     return beta_start + (beta_end - beta_start) * s
@@ -136,7 +137,7 @@ class NoiseSchedule:
         New betas are ``1 - alpha_bar[s_i] / alpha_bar[s_{i-1}]`` so that alpha_bar at
         each kept step is unchanged; the model is still called with the original index.
         """
-        idx = torch.as_tensor(sorted(set(int(t) for t in use_timesteps)), dtype=torch.long)
+        idx = torch.as_tensor(sorted({int(t) for t in use_timesteps}), dtype=torch.long)
         if len(idx) == 0 or idx[0] < 0 or idx[-1] >= self.num_timesteps:
             raise ValueError(f"respaced timesteps must lie in [0, {self.num_timesteps - 1}]")
         abar = self.alphas_cumprod[idx]

@@ -6,13 +6,31 @@
 * :mod:`.reference` - reference statistics cached by dataset content and extractor;
 * :mod:`.toy` - sliced Wasserstein distance and MMD for 2-D runs;
 * :mod:`.run` - the metric registry, ``evaluate_run`` (``ddpm eval``) and the JSON results;
-* :mod:`.monitor` - evaluation and TensorBoard logging during training.
+* :mod:`.nll` - the variational bound in bits/dim on held-out data (``ddpm eval --metrics nll``);
+* :mod:`.classifier` - the shipped MNIST classifier;
+* :mod:`.bench` - sampler error against NFE (``ddpm bench samplers``);
+* :mod:`.log` - the evaluation log a run writes during training (RUN/eval.csv).
 """
 
-from ddpmlab.evaluate.features import EXTRACTORS, Extractor, build_extractor, classifier_extractor, extract, inception_extractor
+from ddpmlab.evaluate.features import (
+    EXTRACTORS,
+    Extractor,
+    build_extractor,
+    classifier_extractor,
+    extract,
+    inception_extractor,
+)
 from ddpmlab.evaluate.metrics import feature_sums, fid, inception_score, kid, precision_recall
 from ddpmlab.evaluate.reference import default_cache_dir, reference_statistics
-from ddpmlab.evaluate.run import METRICS, EvalContext, EvalSettings, evaluate_model, evaluate_run, format_results, register_metric
+from ddpmlab.evaluate.run import (
+    METRICS,
+    EvalContext,
+    EvalSettings,
+    evaluate_model,
+    evaluate_run,
+    format_results,
+    register_metric,
+)
 from ddpmlab.evaluate.toy import mmd_rbf, sliced_wasserstein
 
 __all__ = [

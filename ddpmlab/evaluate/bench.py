@@ -17,6 +17,7 @@ error is reported as a multiple of that floor (1.0 = indistinguishable at this n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -24,16 +25,16 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
-from ddpmlab.data import data_shape
 from ddpmlab.diffusion.analytic import ExactDenoiser, GaussianMixture
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import ConfigError, DDPMError
 from ddpmlab.evaluate.toy import sliced_wasserstein
-from ddpmlab.io.checkpoint import load_model
+from ddpmlab.runs import draw_samples, load_run, plan_sampling
 from ddpmlab.samplers import ModelPredictor
-from ddpmlab.samplers.generate import generate
-from ddpmlab.samplers.registry import SAMPLERS, check_timesteps_name, get_sampler
+from ddpmlab.samplers.registry import SAMPLERS, get_spec
 from ddpmlab.samplers.steps import optimize_timesteps
 
 DEFAULT_NFE = (5, 10, 20, 50)
@@ -70,17 +71,16 @@ def sliced_w2(x: torch.Tensor, y: torch.Tensor, projections: int = 512, seed: in
 
 
 @dataclass
-class SamplerSpec:
-    """``name`` or ``name:timesteps`` (e.g. ``unipc:optimized``) as given on the command line."""
+class BenchEntry:
+    """One row of the benchmark: ``name`` or ``name:timesteps`` (e.g. ``unipc:optimized``)."""
 
     name: str
     timesteps: Optional[str] = None
 
     @classmethod
-    def parse(cls, text: str) -> "SamplerSpec":
+    def parse(cls, text: str, where: str = "samplers") -> "BenchEntry":
         name, _, ts = text.strip().partition(":")
-        get_sampler(name)
-        check_timesteps_name(name, ts or None, where=f"--samplers {text.strip()}")
+        get_spec(name, f"{where} {text.strip()}").check_step_schedule(ts or None, f"{where} {text.strip()}")
         return cls(name, ts or None)
 
     @property
@@ -88,9 +88,7 @@ class SamplerSpec:
         return self.name + (f":{self.timesteps}" if self.timesteps else "")
 
     def options(self) -> dict:
-        if self.timesteps is None:
-            return {}
-        return {"spacing": self.timesteps} if self.name in ("ddim", "ddpm") else {"timesteps": self.timesteps}
+        return get_spec(self.name).schedule_option(self.timesteps)
 
 
 @dataclass
@@ -107,21 +105,21 @@ class BenchResult:
         return self.errors[label][nfe] / self.floor
 
 
-def parse_nfes(text: str) -> List[int]:
+def parse_nfes(text: str, where: str = "nfe") -> List[int]:
     try:
         nfes = sorted({int(v) for v in text.split(",") if v.strip()})
     except ValueError:
-        raise ConfigError(f"--nfe must be a comma-separated list of integers, got '{text}'") from None
+        raise ConfigError(f"{where} must be a comma-separated list of integers, got '{text}'") from None
     if not nfes or nfes[0] < 1:
-        raise ConfigError(f"--nfe values must be >= 1, got '{text}'")
+        raise ConfigError(f"{where} values must be >= 1, got '{text}'")
     return nfes
 
 
-SampleFn = Callable[[SamplerSpec, int, dict], torch.Tensor]
+SampleFn = Callable[[BenchEntry, int, dict], torch.Tensor]
 
 
 def run_bench(target: str, sample: SampleFn, reference: torch.Tensor, floor_sets: Sequence[torch.Tensor],
-              specs: Sequence[SamplerSpec], nfes: Sequence[int], calibrate: Optional[Callable] = None,
+              specs: Sequence[BenchEntry], nfes: Sequence[int], calibrate: Optional[Callable] = None,
               log: Callable[[str], None] = print) -> BenchResult:
     """Distances for every spec and NFE.  sample(spec, nfe, options) -> (n, ...) samples;
     calibrate(spec, nfe) -> timesteps tensor, for the ``optimized`` schedule.  The floor is the mean
@@ -142,17 +140,17 @@ def run_bench(target: str, sample: SampleFn, reference: torch.Tensor, floor_sets
 
 
 def _calibrator(predict, schedule: NoiseSchedule, x_cal: torch.Tensor) -> Callable:
-    def calibrate(spec: SamplerSpec, nfe: int) -> torch.Tensor:
+    def calibrate(spec: BenchEntry, nfe: int) -> torch.Tensor:
         return optimize_timesteps(predict, schedule, SAMPLERS[spec.name], nfe, x_cal)
 
     return calibrate
 
 
-def bench_analytic(name: str, specs: Sequence[SamplerSpec], nfes: Sequence[int], n: int = 20000,
+def bench_analytic(name: str, specs: Sequence[BenchEntry], nfes: Sequence[int], n: int = 20000,
                    seed: int = 0, floor_pairs: int = 8, log: Callable[[str], None] = print) -> BenchResult:
     """Samplers driven by the exact eps* of an analytic mixture, against exact samples."""
     if name not in ANALYTIC_TARGETS:
-        raise ConfigError(f"--analytic: unknown target '{name}'; choose one of {', '.join(ANALYTIC_TARGETS)}")
+        raise ConfigError(f"unknown analytic target '{name}'; choose one of {', '.join(ANALYTIC_TARGETS)}")
     mix = ANALYTIC_TARGETS[name]()
     schedule = NoiseSchedule.make("linear", 1000)
     predict = ModelPredictor(ExactDenoiser(mix, schedule), schedule, "eps")
@@ -161,7 +159,7 @@ def bench_analytic(name: str, specs: Sequence[SamplerSpec], nfes: Sequence[int],
     reference = mix.sample(n, torch.Generator().manual_seed(seed + 1))
     floor_sets = [mix.sample(n, torch.Generator().manual_seed(seed + 100 + k)) for k in range(floor_pairs)]
 
-    def sample(spec: SamplerSpec, nfe: int, options: dict) -> torch.Tensor:
+    def sample(spec: BenchEntry, nfe: int, options: dict) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed + 4)
         return SAMPLERS[spec.name](predict, schedule, x_T, nfe, generator=g, **options)
 
@@ -169,32 +167,37 @@ def bench_analytic(name: str, specs: Sequence[SamplerSpec], nfes: Sequence[int],
     return run_bench(name, sample, reference, floor_sets, specs, nfes, _calibrator(predict, schedule, x_cal), log)
 
 
-def bench_run(run_dir, specs: Sequence[SamplerSpec], nfes: Sequence[int], n: int = 256, seed: int = 0,
-              reference_steps: int = 1000, batch_size: int = 256, device: str = "cpu", weights: str = "ema",
-              log: Callable[[str], None] = print) -> BenchResult:
-    """Samplers on a trained run against a ``reference_steps`` ancestral run from the same noise seeds."""
-    cfg, model = load_model(run_dir, weights, device)
-    schedule = NoiseSchedule.from_config(cfg.diffusion)
-    shape = data_shape(cfg)
-    clip = 1.0 if len(shape) == 3 else None
-    if not 1 <= reference_steps <= schedule.num_timesteps:
-        raise ConfigError(f"--reference-steps must be between 1 and {schedule.num_timesteps}, got {reference_steps}")
-    common = dict(prediction=cfg.diffusion.prediction, clip_x0=clip, batch_size=batch_size, device=device,
-                  progress=False)
+def bench_run(run_dir, specs: Sequence[BenchEntry], nfes: Sequence[int], n: int = 256, seed: int = 0,
+              reference_steps: int = 1000, batch_size: int = 256, device="auto", weights: str = "ema",
+              log: Callable[[str], None] = print, names: Optional[Dict[str, str]] = None) -> BenchResult:
+    """Samplers on a trained run against a ``reference_steps`` ancestral run from the same noise seeds.
+
+    Every sampler call is planned by the run layer (the run's own variance, class labels of a
+    conditional run cycling through the classes); ``names`` maps options to the caller's names.
+    """
+    names = names or {}
+    run = load_run(run_dir, weights, device, where=names.get("weights", "weights"))
+
+    def draw(sampler: str, steps: int, draw_seed: int, options: Optional[dict] = None) -> torch.Tensor:
+        plan = plan_sampling(run, sampler, steps, n, cycle_classes=True, names=names, log=lambda m: None)
+        plan = dataclasses.replace(plan, options={**plan.options, **(options or {})})
+        return draw_samples(run, plan, n, seed=draw_seed, batch_size=batch_size, progress=False)
+
+    ref_names = {**names, "steps": names.get("reference_steps", "reference_steps")}
+    plan_sampling(run, "ddpm", reference_steps, n, names=ref_names, log=lambda m: None)  # checks the steps
     log(f"reference: {n} samples, ddpm with {reference_steps} steps (twice, for the floor)")
-    reference = generate(model, schedule, shape, n, sampler="ddpm", steps=reference_steps, seed=seed, **common)
-    floor_set = generate(model, schedule, shape, n, sampler="ddpm", steps=reference_steps, seed=seed + 10_000,
-                         **common)
-    predict = ModelPredictor(model, schedule, cfg.diffusion.prediction, clip_x0=clip)
+    reference = draw("ddpm", reference_steps, seed)
+    floor_set = draw("ddpm", reference_steps, seed + 10_000)
+    predict = ModelPredictor(run.model, run.schedule, run.cfg.diffusion.prediction, clip_x0=run.clip_x0)
     gen = torch.Generator().manual_seed(seed + 20_000)
-    x_cal = torch.randn((min(n, batch_size), *shape), generator=gen).to(device)
+    x_cal = torch.randn((min(n, batch_size), *run.shape), generator=gen).to(run.device)
 
-    def sample(spec: SamplerSpec, nfe: int, options: dict) -> torch.Tensor:
-        return generate(model, schedule, shape, n, sampler=spec.name, steps=nfe, seed=seed, **common, **options)
+    def sample(spec: BenchEntry, nfe: int, options: dict) -> torch.Tensor:
+        return draw(spec.name, nfe, seed, options)
 
-    log(f"{run_dir}: error / floor per NFE {list(nfes)}")
-    return run_bench(str(run_dir), sample, reference, [floor_set], specs, nfes,
-                     _calibrator(predict, schedule, x_cal), log)
+    log(f"{run.dir}: error / floor per NFE {list(nfes)}")
+    return run_bench(str(run.dir), sample, reference, [floor_set], specs, nfes,
+                     _calibrator(predict, run.schedule, x_cal), log)
 
 
 def markdown_table(res: BenchResult) -> str:
@@ -214,20 +217,15 @@ def markdown_table(res: BenchResult) -> str:
 
 
 def plot(res: BenchResult, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
+    fig = Figure(figsize=(6, 4.5), dpi=110)
+    ax = fig.subplots()
     for label, errs in res.errors.items():
         ax.plot(res.nfes, [errs[k] for k in res.nfes], marker="o", label=label)
     ax.axhline(res.floor, color="0.4", ls="--", lw=1, label="two-sample floor")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(res.nfes, [str(k) for k in res.nfes])
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("model evaluations (NFE)")
     ax.set_ylabel("sliced W2 to reference")
     ax.set_title(f"sampler error vs NFE: {Path(res.target).name}")
@@ -235,7 +233,6 @@ def plot(res: BenchResult, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 

@@ -12,7 +12,7 @@ An :class:`Extractor` maps images in the data's scale ([-1, 1], (B, C, H, W)) to
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Optional, Tuple, Union
+from typing import Dict, Iterable, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -36,13 +36,14 @@ class Extractor(nn.Module):
     """
 
     def __init__(self, net: nn.Module, name: str, identity: str, num_features: int,
-                 input_shape: Optional[Tuple[int, int, int]] = None):
+                 input_shape: Optional[Tuple[int, int, int]] = None, hint: str = ""):
         super().__init__()
         self.net = net.eval().requires_grad_(False)
         self.name = name
         self.identity = identity
         self.num_features = num_features  # torchmetrics reads this for custom extractors
         self.input_shape = input_shape
+        self.hint = hint  # what to do with other images, in the caller's words
 
     def train(self, mode: bool = True) -> "Extractor":
         return super().train(False)  # locked in eval mode
@@ -50,8 +51,7 @@ class Extractor(nn.Module):
     def check(self, x: torch.Tensor) -> None:
         if self.input_shape is not None and tuple(x.shape[1:]) != tuple(self.input_shape):
             raise DDPMError(f"the '{self.name}' extractor needs images of shape {self.input_shape}, got "
-                            f"{tuple(x.shape[1:])}; use --extractor inception --inception-weights PATH "
-                            "for other images")
+                            f"{tuple(x.shape[1:])}{self.hint}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check(x)
@@ -70,23 +70,32 @@ def classifier_extractor(device: Union[str, torch.device] = "cpu") -> Extractor:
                      input_shape=(1, 28, 28))
 
 
-def inception_extractor(weights: Optional[Union[str, Path]], device: Union[str, torch.device] = "cpu") -> Extractor:
+def inception_extractor(weights: Optional[Union[str, Path]], device: Union[str, torch.device] = "cpu",
+                        where: str = "inception weights") -> Extractor:
     """The FID Inception-v3 network from a local weights file (2048 features, 1008 logits)."""
-    net, digest = load_fid_inception(weights)
+    net, digest = load_fid_inception(weights, where)
     return Extractor(net.to(device), "inception", f"inception-v3-fid-{digest[:16]}", 2048)
 
 
 def build_extractor(name: str, sample_shape: Tuple[int, ...], inception_weights: Optional[str] = None,
-                    device: Union[str, torch.device] = "cpu") -> Extractor:
-    """The extractor called ``name`` for images of ``sample_shape`` (C, H, W)."""
+                    device: Union[str, torch.device] = "cpu", names: Optional[Dict[str, str]] = None) -> Extractor:
+    """The extractor called ``name`` for images of ``sample_shape`` (C, H, W).
+
+    ``names`` maps 'extractor' and 'inception_weights' to how the caller sets them (for messages).
+    """
+    names = names or {}
     if name not in EXTRACTORS:
-        raise DDPMError(f"--extractor '{name}' is unknown; choose one of {', '.join(EXTRACTORS)}")
+        raise DDPMError(f"{names.get('extractor', 'extractor')} '{name}' is unknown; choose one of "
+                        f"{', '.join(EXTRACTORS)}")
     if name == "inception":
-        return inception_extractor(inception_weights, device)
+        return inception_extractor(inception_weights, device, names.get("inception_weights", "inception_weights"))
+    hint = f"; for other images use the Inception extractor ({names.get('inception_weights', 'inception_weights')})"
     if tuple(sample_shape) != (1, 28, 28):
-        raise DDPMError(f"the classifier extractor is for 1x28x28 digits, these images are {tuple(sample_shape)}; "
-                        "use --extractor inception --inception-weights PATH")
-    return classifier_extractor(device)
+        raise DDPMError(f"the classifier extractor is for 1x28x28 digits, these images are {tuple(sample_shape)}"
+                        + hint)
+    extractor = classifier_extractor(device)
+    extractor.hint = hint
+    return extractor
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ def feature_sums(features: torch.Tensor) -> Dict[str, torch.Tensor]:
     return {"sum": f.sum(0), "cov_sum": f.T @ f, "n": torch.tensor(float(len(f)), dtype=torch.float64)}
 
 
-def check_fid_samples(n: int, num_features: int, what: str = "samples", option: str = "--n") -> None:
+def check_fid_samples(n: int, num_features: int, what: str = "samples", option: str = "n") -> None:
     # the sample covariance of n points has rank <= n - 1: it needs n > D to be full rank
     if n <= num_features:
         raise DDPMError(f"FID with {num_features}-dimensional features needs more than {num_features} {what} "
@@ -73,7 +73,7 @@ def kid(real_features: torch.Tensor, fake_features: torch.Tensor, subsets: int =
 
     m = min(subset_size, len(real_features), len(fake_features))
     if m < 2:
-        raise DDPMError(f"KID needs at least 2 samples in each set, got {len(fake_features)}; raise --n")
+        raise DDPMError(f"KID needs at least 2 samples in each set, got {len(fake_features)}; draw more samples")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "saves all features in a buffer": we know
         metric = KernelInceptionDistance(feature=_Identity(fake_features.shape[1]), subsets=subsets, subset_size=m)
@@ -91,7 +91,7 @@ def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 0) -> Tu
 
     if len(logits) < 2 * splits:
         raise DDPMError(f"the Inception Score needs at least {2 * splits} samples ({splits} splits), "
-                        f"got {len(logits)}; raise --n")
+                        f"got {len(logits)}; draw more samples")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "saves all features in a buffer": we know
         metric = InceptionScore(feature=_Identity(logits.shape[1]), splits=splits)
@@ -129,7 +129,7 @@ def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, k
     manifold, recall the fraction of real points inside the generated one.
     """
     if min(len(real_features), len(fake_features)) <= k:
-        raise DDPMError(f"precision/recall with k={k} needs more than {k} samples per set; raise --n")
+        raise DDPMError(f"precision/recall with k={k} needs more than {k} samples per set; draw more samples")
     real, fake = real_features.double(), fake_features.double()
     precision = _inside_manifold(fake, real, _kth_neighbour_radius(real, k)).double().mean()
     recall = _inside_manifold(real, fake, _kth_neighbour_radius(fake, k)).double().mean()

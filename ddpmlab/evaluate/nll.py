@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from matplotlib.figure import Figure
 
 from ddpmlab.data import build_dataset, load_digits, load_mnist, make_toy
 from ddpmlab.diffusion.likelihood import LN2, check_decoder_data, prior_kl, vlb_term
@@ -23,8 +24,8 @@ from ddpmlab.diffusion.process import eps_x0_from_output, q_sample
 from ddpmlab.diffusion.reverse import p_mean_log_variance, split_output
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import DDPMError
-from ddpmlab.io.checkpoint import load_model
 from ddpmlab.progress import progress_bar
+from ddpmlab.runs import load_run
 
 # reverse(x_t, i) -> (mean, log_var) of p(x_{t-1} | x_t); i: (B,) entries of the schedule
 Reverse = Callable[[torch.Tensor, torch.Tensor], tuple]
@@ -151,11 +152,6 @@ def summarize(terms: torch.Tensor, prior: torch.Tensor, decoder: str = "discreti
 
 def save_nll_report(result: NLLResult, out_dir, extra: Optional[dict] = None) -> tuple[Path, Path]:
     """Write ``nll.json`` (numbers and settings) and ``nll_vs_t.png`` (the terms against t)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     js = out_dir / "nll.json"
@@ -169,7 +165,8 @@ def save_nll_report(result: NLLResult, out_dir, extra: Optional[dict] = None) ->
         vals = torch.cat([per_t[:1], torch.stack([per_t[a:a + k].sum() / min(k, len(per_t) - a) for a in starts])])
     else:
         tt, vals = t, per_t
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    fig = Figure(figsize=(10, 4), dpi=100)
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(tt.numpy(), vals.abs().numpy(), lw=1)
     ax1.set_yscale("log")
     ax1.set_xlabel("t")
@@ -183,7 +180,6 @@ def save_nll_report(result: NLLResult, out_dir, extra: Optional[dict] = None) ->
     fig.tight_layout()
     png = out_dir / "nll_vs_t.png"
     fig.savefig(png)
-    plt.close(fig)
     return js, png
 
 
@@ -209,20 +205,19 @@ def nll_test_data(cfg, n: Optional[int] = None) -> tuple[torch.Tensor, str]:
 
 
 def evaluate_nll(run_dir, *, n: Optional[int] = None, decoder: str = "discretized", bin_width: Optional[float] = None,
-                 t_stride: int = 1, batch_size: int = 250, seed: int = 0, weights: str = "ema", device="cpu",
+                 t_stride: int = 1, batch_size: int = 250, seed: int = 0, weights: str = "ema", device="auto",
                  progress: bool = True) -> tuple[NLLResult, Path, Path]:
-    """``ddpm eval RUN --metrics nll``: the bound on held-out data, written to RUN/eval/nll.{json,png}."""
-    cfg, model = load_model(run_dir, weights, device)
+    """The bound of a run's newest checkpoint on held-out data, written to RUN/eval/nll.{json,png}."""
+    run = load_run(run_dir, weights, device)
+    cfg = run.cfg
     x, what = nll_test_data(cfg, n)
-    schedule = NoiseSchedule.from_config(cfg.diffusion)
-    is_image = x.ndim == 4
-    result = nll_bits_per_dim(model, schedule, x, prediction=cfg.diffusion.prediction,
+    result = nll_bits_per_dim(run.model, run.schedule, x, prediction=cfg.diffusion.prediction,
                               variance=cfg.diffusion.variance, decoder=decoder, bin_width=bin_width,
-                              clip_x0=1.0 if is_image else None, t_stride=t_stride, batch_size=batch_size,
-                              seed=seed, device=device, progress=progress)
-    extra = {"run_dir": str(run_dir), "data": what, "weights": weights, "variance": cfg.diffusion.variance,
-             "loss_type": cfg.diffusion.loss_type, "seed": seed}
-    js, png = save_nll_report(result, Path(run_dir) / "eval", extra)
+                              clip_x0=run.clip_x0, t_stride=t_stride, batch_size=batch_size,
+                              seed=seed, device=run.device, progress=progress)
+    extra = {"run_dir": str(run.dir), "data": what, "weights": weights, "checkpoint": run.checkpoint,
+             "variance": cfg.diffusion.variance, "loss_type": cfg.diffusion.loss_type, "seed": seed}
+    js, png = save_nll_report(result, run.folder("eval"), extra)
     return result, js, png
 
 

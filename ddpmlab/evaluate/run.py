@@ -23,18 +23,13 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from ddpmlab.data import build_dataset, make_toy
-from ddpmlab.diffusion.reverse import ddpm_sampler_variance
-from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import DDPMError
 from ddpmlab.evaluate import metrics as M
 from ddpmlab.evaluate.features import Extractor, batches, build_extractor, extract
 from ddpmlab.evaluate.reference import Reference, reference_statistics, without
 from ddpmlab.evaluate.toy import mmd_rbf, sliced_wasserstein
-from ddpmlab.io.checkpoint import latest_checkpoint, list_checkpoints, load_run_config, require_run_dir
-from ddpmlab.models import build_model
-from ddpmlab.samplers.generate import generate
-from ddpmlab.samplers.guidance import ClassifierFreeGuidance
-from ddpmlab.samplers.registry import get_sampler
+from ddpmlab.runs import Run, SamplingPlan, draw_samples, load_run, plan_sampling
+from ddpmlab.samplers.registry import get_spec
 
 
 @dataclass
@@ -44,8 +39,9 @@ class EvalSettings:
     metrics: List[str] = field(default_factory=list)  # empty: the defaults for the data kind
     n: int = 1000
     sampler: str = "ddim"
-    steps: Optional[int] = None  # default: T for ddpm, 50 otherwise
+    steps: Optional[int] = None  # default: the sampler's own (ddpm: T, others 50)
     sampler_options: Dict[str, object] = field(default_factory=dict)
+    timesteps: Optional[str] = None  # step schedule (default: the sampler's own)
     guidance: Optional[float] = None  # classifier-free guidance scale (conditional runs)
     seed: int = 0
     batch_size: int = 256
@@ -80,8 +76,9 @@ class EvalContext:
 
     def __init__(self, cfg, model, schedule, dataset, settings: EvalSettings, device, progress: bool = True,
                  extractor: Optional[Extractor] = None, reference: Optional[Reference] = None,
-                 cache_dir: Optional[str] = None, use_cache: bool = True, n_option: str = "--n"):
-        self.n_option = n_option  # how the user sets n, for error messages
+                 cache_dir: Optional[str] = None, use_cache: bool = True, names: Optional[Dict[str, str]] = None):
+        # how the caller sets each option (e.g. {"n": "--n"} or {"n": "train.eval_n"}), for messages
+        self.names = dict(names or {})
         self.cfg, self.model, self.schedule, self.dataset = cfg, model, schedule, dataset
         self.s, self.device, self.progress = settings, torch.device(device), progress
         self.cache_dir, self.use_cache = cache_dir, use_cache
@@ -94,10 +91,20 @@ class EvalContext:
     def is_image(self) -> bool:
         return bool(self.dataset.is_image)
 
+    def name(self, option: str) -> str:
+        return self.names.get(option, option)
+
+    @cached_property
+    def plan(self) -> SamplingPlan:
+        """The sampler call (default steps, the run's variance, guidance) as every front end makes it."""
+        s = self.s
+        return plan_sampling(Run(self.cfg, self.model, self.schedule, self.device), s.sampler, s.steps, s.n,
+                             timesteps=s.timesteps, options=s.sampler_options, guidance=s.guidance, seed=s.seed,
+                             cycle_classes=True, names=self.names, log=lambda m: None)
+
     @property
     def steps(self) -> int:
-        s = self.s
-        return s.steps if s.steps is not None else (self.schedule.num_timesteps if s.sampler == "ddpm" else 50)
+        return self.plan.steps
 
     @property
     def num_classes(self) -> int:
@@ -105,16 +112,11 @@ class EvalContext:
 
     @cached_property
     def samples(self):
-        """(x (n, *shape), labels (n,) or None): samples of the model."""
-        s, model = self.s, self.model
-        labels = torch.arange(s.n) % self.num_classes if self.num_classes else None
-        if s.guidance is not None:
-            model = ClassifierFreeGuidance(model, None, s.guidance)
-        x = generate(model, self.schedule, self.dataset.sample_shape, s.n, sampler=s.sampler, steps=self.steps,
-                     prediction=self.cfg.diffusion.prediction, clip_x0=1.0 if self.is_image else None,
-                     batch_size=s.batch_size, seed=s.seed, device=self.device, labels=labels,
-                     progress=self.progress, **s.sampler_options)
-        return x, labels
+        """(x (n, *shape), labels (n,) or None): samples of the model; conditional runs cycle the classes."""
+        s, plan = self.s, self.plan
+        run = Run(self.cfg, self.model, self.schedule, self.device)
+        x = draw_samples(run, plan, s.n, seed=s.seed, batch_size=s.batch_size, progress=self.progress)
+        return x, plan.labels
 
     @property
     def baseline_n(self) -> int:
@@ -153,7 +155,7 @@ class EvalContext:
     @cached_property
     def extractor(self) -> Extractor:
         return build_extractor(self.s.extractor, tuple(self.dataset.sample_shape), self.s.inception_weights,
-                               self.device)
+                               self.device, self.names)
 
     @cached_property
     def reference(self) -> Reference:
@@ -220,10 +222,11 @@ def _pr(ctx: EvalContext, which: str) -> dict:
 
 def _acc(ctx: EvalContext, which: str) -> dict:
     if not ctx.num_classes:
-        raise DDPMError("--metrics acc (classifier accuracy of conditional samples) needs a class-conditional "
-                        "run (model.num_classes); drop 'acc' for this run")
+        raise DDPMError(f"{ctx.name('metrics')}: acc (classifier accuracy of conditional samples) needs a "
+                        "class-conditional run (model.num_classes); drop 'acc' for this run")
     if ctx.s.extractor != "classifier":
-        raise DDPMError("--metrics acc needs --extractor classifier (the digit classifier decides the class)")
+        raise DDPMError(f"{ctx.name('metrics')}: acc needs the classifier extractor (the digit classifier "
+                        "decides the class)")
     return {"acc": M.class_accuracy(ctx.logits(which), ctx.points(which)[1])}
 
 
@@ -251,15 +254,16 @@ def default_metrics(is_image: bool, conditional: bool, extractor: str) -> List[s
     return ["fid", "kid", "is", "pr"] + (["acc"] if conditional and extractor == "classifier" else [])
 
 
-def check_metrics(names: List[str], is_image: bool) -> None:
+def check_metrics(names: List[str], is_image: bool, where: str = "metrics") -> None:
+    """DDPMError (naming the caller's option ``where``) for a metric that is unknown or not for this data."""
     for name in names:
         if name not in METRICS:
-            raise DDPMError(f"--metrics: unknown metric '{name}'; available: {', '.join(METRICS)}")
+            raise DDPMError(f"{where}: unknown metric '{name}'; available: {', '.join(METRICS)}")
         kind = METRICS[name].kind
         if kind != "any" and (kind == "image") != is_image:
             data = "images" if kind == "image" else "2-D points"
             fits = ", ".join(default_metrics(is_image, False, "classifier"))
-            raise DDPMError(f"--metrics: '{name}' is for {data}; this run's data are "
+            raise DDPMError(f"{where}: '{name}' is for {data}; this run's data are "
                             f"{'images' if is_image else '2-D points'} (use {fits})")
 
 
@@ -267,11 +271,11 @@ def evaluate_model(ctx: EvalContext) -> dict:
     """All requested metrics of ``ctx``: {"metrics": {...}, "data_baseline": {...}, ...}."""
     s = ctx.s
     names = s.metrics or default_metrics(ctx.is_image, bool(ctx.num_classes), s.extractor)
-    check_metrics(names, ctx.is_image)
+    check_metrics(names, ctx.is_image, ctx.name("metrics"))
     if s.n < 2:
-        raise DDPMError(f"{ctx.n_option} must be at least 2, got {s.n}")
+        raise DDPMError(f"{ctx.name('n')} must be at least 2, got {s.n}")
     if ctx.is_image and "fid" in names:
-        M.check_fid_samples(s.n, ctx.extractor.num_features, option=ctx.n_option)
+        M.check_fid_samples(s.n, ctx.extractor.num_features, option=ctx.name("n"))
     t0 = time.time()
     results, baseline, notes = {}, {}, []
     for name in names:
@@ -327,44 +331,22 @@ def format_results(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _run_sampler_options(cfg, s: EvalSettings) -> dict:
-    """DDPM samples use the run's own variance unless --variance says otherwise."""
-    opts = dict(s.sampler_options)
-    if s.sampler == "ddpm" and "variance" not in opts and getattr(cfg.diffusion, "variance", None):
-        try:
-            opts["variance"] = ddpm_sampler_variance(cfg.diffusion.variance)
-        except (ImportError, KeyError):
-            pass
-    return opts
+def evaluate_run(run_dir, settings: EvalSettings, device="auto", *, cache_dir: Optional[str] = None,
+                 use_cache: bool = True, progress: bool = True, out: Optional[Path] = None,
+                 names: Optional[Dict[str, str]] = None):
+    """Evaluate the newest loadable checkpoint of ``run_dir``; save and return (results, JSON path).
 
-
-def evaluate_run(run_dir, settings: EvalSettings, device="cpu", *, cache_dir: Optional[str] = None,
-                 use_cache: bool = True, progress: bool = True, out: Optional[Path] = None):
-    """Evaluate the newest checkpoint of ``run_dir``; save and return (results, JSON path)."""
-    run_dir = require_run_dir(run_dir)
-    get_sampler(settings.sampler)  # fail fast on a bad name
-    cfg = load_run_config(run_dir)
-    ckpts = list_checkpoints(run_dir)
-    if not ckpts:
-        raise DDPMError(f"run '{run_dir}' has no checkpoint yet; train it first (ddpm train --resume {run_dir})")
-    wfile = f"{settings.weights}.safetensors"
-    if not (ckpts[0] / wfile).is_file():
-        other = "model" if settings.weights == "ema" else "ema"
-        raise DDPMError(f"run '{run_dir}': checkpoint {ckpts[0].name} has no {settings.weights.upper()} weights "
-                        f"({wfile} is missing); evaluate the other weights with --weights {other}")
-    ckpt_path, ckpt = latest_checkpoint(run_dir)
-    model = build_model(cfg)
-    model.load_state_dict(ckpt[settings.weights])
-    model = model.to(device).eval()
-    schedule = NoiseSchedule.from_config(cfg.diffusion)
-    T = schedule.num_timesteps
-    if settings.steps is not None and not 1 <= settings.steps <= T:
-        raise DDPMError(f"--steps must be between 1 and {T} (the model's num_timesteps), got {settings.steps}")
-    settings = dataclasses.replace(settings, sampler_options=_run_sampler_options(cfg, settings))
-    ctx = EvalContext(cfg, model, schedule, build_dataset(cfg), settings, device, progress,
-                      cache_dir=cache_dir, use_cache=use_cache)
+    ``names`` maps settings (n, metrics, steps, weights, ...) to how the caller sets them, for messages.
+    """
+    names = names or {}
+    get_spec(settings.sampler, names.get("sampler", "sampler"))  # fail fast on a bad name
+    run = load_run(run_dir, settings.weights, device, where=names.get("weights", "weights"))
+    ctx = EvalContext(run.cfg, run.model, run.schedule, build_dataset(run.cfg), settings, run.device, progress,
+                      cache_dir=cache_dir, use_cache=use_cache, names=names)
+    ctx.plan  # noqa: B018 - bad steps or options fail before any work
     results = evaluate_model(ctx)
-    results["run"] = {"run_dir": str(run_dir), "checkpoint": ckpt_path.name, "step": int(ckpt["step"]),
-                      "weights": settings.weights, "device": str(device)}
-    path = Path(out) if out else result_path(run_dir, int(ckpt["step"]), settings, ctx.steps)
+    step = int(run.checkpoint.split("_")[-1])
+    results["run"] = {"run_dir": str(run.dir), "checkpoint": run.checkpoint, "step": step,
+                      "weights": settings.weights, "device": str(run.device)}
+    path = Path(out) if out else result_path(run.dir, step, settings, ctx.steps)
     return results, save_results(results, path)

@@ -20,10 +20,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
+import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ddpmlab.config import Config, config_from_dict
@@ -51,8 +54,6 @@ def require_run_dir(path) -> Path:
 
 
 def load_run_config(run_dir) -> Config:
-    import yaml
-
     run_dir = require_run_dir(run_dir)
     raw = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}
     return config_from_dict(raw, source=str(run_dir / CONFIG_FILE))
@@ -149,8 +150,6 @@ def save_checkpoint(run_dir: Path, step: int, model_sd: dict, ema_sd: dict, opt_
     ``step_N``: a crash or a full disk mid-save leaves every earlier checkpoint as it was,
     and a failed write raises :class:`CheckpointError` saying which checkpoint is intact.
     """
-    from safetensors import SafetensorError
-
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
@@ -216,28 +215,47 @@ def find_checkpoint(run_dir) -> Tuple[Optional[Path], Optional[dict], list]:
 
 def latest_checkpoint(run_dir) -> Optional[Tuple[Path, dict]]:
     """The newest loadable checkpoint of a run, skipping (and reporting) damaged ones."""
-    import warnings
-
     path, ckpt, skipped = find_checkpoint(run_dir)
     for bad, reason in skipped:
         warnings.warn(f"checkpoint {bad} is damaged ({reason}); trying an older one")
     return None if path is None else (path, ckpt)
 
 
-def load_weights(run_dir, which: str = "ema") -> Dict[str, torch.Tensor]:
-    """Weights of a run's newest checkpoint: ``which`` is 'ema' or 'model'."""
+def newest_weights(run_dir, which: str = "ema", where: str = "weights") -> Tuple[Path, Dict[str, torch.Tensor]]:
+    """(checkpoint folder, ``which`` weights) of a run's newest loadable checkpoint.
+
+    ``which`` is 'ema' or 'model'; DDPMError says why there is none: no checkpoint yet, every
+    one damaged (each named with its reason), or the newest lacking ``which`` (``where`` names
+    the caller's option, so the message can say how to pick the other weights).
+    """
     run_dir = require_run_dir(run_dir)
-    found = latest_checkpoint(run_dir)
-    if found is None:
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
         raise DDPMError(f"run '{run_dir}' has no checkpoint yet; train it first (ddpm train --resume {run_dir})")
-    return found[1][which]
+    other = "model" if which == "ema" else "ema"
+    if not (ckpts[0] / f"{which}.safetensors").is_file() and (ckpts[0] / f"{other}.safetensors").is_file():
+        kind = {"ema": "EMA", "model": "raw (model)"}.get(which, which)
+        raise DDPMError(f"run '{run_dir}': checkpoint {ckpts[0].name} has no {kind} weights ({which}.safetensors "
+                        f"is missing); use the other weights ({where} {other})")
+    path, ckpt, skipped = find_checkpoint(run_dir)
+    if path is None:
+        damaged = "; ".join(f"{p.name} is damaged ({reason})" for p, reason in skipped)
+        raise DDPMError(f"run '{run_dir}' has no loadable checkpoint: {damaged}")
+    for bad, reason in skipped:
+        warnings.warn(f"checkpoint {bad} is damaged ({reason}); using {path.name}")
+    return path, ckpt[which]
+
+
+def load_weights(run_dir, which: str = "ema") -> Dict[str, torch.Tensor]:
+    """Weights of a run's newest loadable checkpoint: ``which`` is 'ema' or 'model'."""
+    return newest_weights(run_dir, which)[1]
 
 
 def load_model(run_dir, which: str = "ema", device="cpu", weights_file=None):
     """(config, model in eval mode) of a trained run, with its ``which`` weights.
 
     ``weights_file``: load these weights instead (safetensors, or a PyTorch state dict read
-    with ``torch.load(weights_only=True)``; see :func:`ddpmlab.training.guard.load_state_dict_file`).
+    with ``torch.load(weights_only=True)``; see :func:`ddpmlab.io.weights.load_state_dict_file`).
     """
     cfg = load_run_config(run_dir)
     model = build_model(cfg)
@@ -269,6 +287,4 @@ def restore_training_state(path: Path, ckpt: dict, model, ema, opt) -> None:
 
 def save_run_config(cfg: Config, run_dir) -> None:
     """Write the resolved config of a run atomically (a crash never leaves half a config.yaml)."""
-    import yaml
-
     atomic_write_text(Path(run_dir) / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

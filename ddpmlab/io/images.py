@@ -1,9 +1,9 @@
-"""Inpainting and image-to-image on a trained model: read the picture and mask, sample, lay out.
+"""Pictures in and out with Pillow: sample grids and single PNGs, input pictures and masks.
 
-The sampling itself lives in :mod:`ddpmlab.samplers.inpaint` (RePaint, SDEdit); this module
-does what a user's files need: Pillow loading with the model's channels, size checks (an
-image is resized only when asked), batching with per-batch seeds, and the side-by-side grid
-(input, mask, results).  Mask convention: white (> 50 % grey) = fill, black = keep.
+Inputs for editing (:mod:`ddpmlab.samplers.editing`: RePaint, SDEdit) are read with the
+model's channels and checked for its size (an image is resized only when asked); the
+side-by-side row is input, mask, results.  Mask convention: white (> 50 % grey) = fill,
+black = keep.  Images are (C, H, W) or (B, C, H, W) in [-1, 1], written as 8-bit.
 """
 
 from __future__ import annotations
@@ -48,32 +48,37 @@ def _fit(img: Image.Image, size: Tuple[int, int], resample) -> Image.Image:
     return img.resize((w, h), resample, box=box)
 
 
-def _check_size(img: Image.Image, path, what: str, size: Tuple[int, int]) -> None:
+def _check_size(img: Image.Image, path, what: str, size: Tuple[int, int], resize_option: str) -> None:
     h, w = size
     if img.size != (w, h):
         raise DDPMError(f"{what} '{path}' is {img.size[0]}x{img.size[1]} pixels but the model's images are "
-                        f"{w}x{h} (width x height); pass --resize to scale and center-crop it, or give a "
+                        f"{w}x{h} (width x height); use {resize_option} to scale and center-crop it, or give a "
                         f"{w}x{h} file")
 
 
-def load_picture(path, shape: Sequence[int], resize: bool = False, what: str = "--image") -> torch.Tensor:
-    """An image file as the model's input: (C, H, W) float32 in [-1, 1] for shape = (C, H, W)."""
+def load_picture(path, shape: Sequence[int], resize: bool = False, what: str = "image",
+                 resize_option: str = "resize=True") -> torch.Tensor:
+    """An image file as the model's input: (C, H, W) float32 in [-1, 1] for shape = (C, H, W).
+
+    ``what`` and ``resize_option`` name the caller's options in the messages.
+    """
     c, h, w = shape
     img = _to_mode(_open(path, what), _MODES[c])
     if resize:
         img = _fit(img, (h, w), Image.Resampling.BICUBIC)
-    _check_size(img, path, what, (h, w))
+    _check_size(img, path, what, (h, w), resize_option)
     arr = np.array(img, dtype=np.uint8)
     return from_uint8(arr if arr.ndim == 3 else arr[:, :, None])
 
 
-def load_mask(path, size: Sequence[int], resize: bool = False, what: str = "--mask") -> torch.Tensor:
+def load_mask(path, size: Sequence[int], resize: bool = False, what: str = "mask",
+              resize_option: str = "resize=True") -> torch.Tensor:
     """A mask file as (1, H, W) float32: 1 where the pixel is > 50 % grey (fill), 0 elsewhere (keep)."""
     h, w = size
     img = _to_mode(_open(path, what), "L")
     if resize:
         img = _fit(img, (h, w), Image.Resampling.NEAREST)
-    _check_size(img, path, what, (h, w))
+    _check_size(img, path, what, (h, w), resize_option)
     mask = torch.from_numpy(np.array(img, dtype=np.uint8) > 127).float()[None]
     if not mask.any():
         raise DDPMError(f"{what} '{path}' has no white pixels, so there is nothing to fill "
@@ -129,3 +134,15 @@ def save_grid(images: torch.Tensor, path, nrow: Optional[int] = None, scale: int
     path.parent.mkdir(parents=True, exist_ok=True)
     grid_image(images, nrow, scale).save(path)
     return path
+
+
+def save_images(images: torch.Tensor, folder, start: int = 0) -> list:
+    """One PNG per image of (B, C, H, W) in [-1, 1]: folder/000000.png, 000001.png, ..."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, arr in enumerate(to_uint8(images), start=start):
+        path = folder / f"{i:06d}.png"
+        Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(path)
+        paths.append(path)
+    return paths

@@ -1,48 +1,7 @@
 """Denoiser networks: the DDPM UNet for images and a residual MLP for 2D toy data."""
 
-from __future__ import annotations
-
-from typing import Optional
-
-from torch import nn
-
-from ddpmlab.config import Config
-from ddpmlab.data import data_shape
+from ddpmlab.models.build import build_model, count_parameters
 from ddpmlab.models.mlp import MLPDenoiser
 from ddpmlab.models.unet import UNet, timestep_embedding
 
 __all__ = ["UNet", "MLPDenoiser", "build_model", "count_parameters", "timestep_embedding"]
-
-
-def build_model(cfg: Config, out_channels_multiplier: Optional[int] = None) -> nn.Module:
-    """The denoiser for ``cfg``: a UNet (model.kind 'unet') or an MLPDenoiser on 2D points ('mlp').
-
-    The output has ``out_channels_multiplier`` times the data channels; by default 2 when
-    ``diffusion.variance`` is learned_range (eps and the variance head), else 1.
-    Raises ConfigError when the model does not fit the data.
-    """
-    if out_channels_multiplier is None:
-        out_channels_multiplier = 2 if getattr(cfg.diffusion, "variance", None) == "learned_range" else 1
-    m = cfg.model
-    if m.kind == "mlp":
-        return MLPDenoiser(dim=2, hidden=m.hidden, num_layers=m.num_layers, time_embed_dim=m.time_embed_dim,
-                           num_classes=m.num_classes, out_dim=2 * out_channels_multiplier)
-    channels, height, width = data_shape(cfg)
-    return UNet(
-        in_channels=channels,
-        out_channels=channels * out_channels_multiplier,
-        base_channels=m.base_channels,
-        channel_mults=tuple(m.channel_mults),
-        num_res_blocks=m.num_res_blocks,
-        attention_resolutions=tuple(m.attention_resolutions),
-        dropout=m.dropout,
-        num_heads=m.num_heads,
-        norm_groups=m.norm_groups,
-        num_classes=m.num_classes,
-        image_size=(height, width),
-    )
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters (all of them, trainable or not)."""
-    return sum(p.numel() for p in model.parameters())

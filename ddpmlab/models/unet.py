@@ -15,6 +15,9 @@ Same layout as the paper's TensorFlow code and as diffusers' ``UNet2DModel`` bui
     up[k].attn[j]            up[k] is level L-1-k, deepest first, as diffusers' up_blocks)
     up[k].upsample           nearest x2 + 3x3 conv (not on level 0; None there)
     norm_out, conv_out       GroupNorm -> SiLU -> 3x3 conv to out_channels
+
+Dropout, attention and upsampling run through :mod:`ddpmlab.models.fast_ops`, which computes
+the same functions faster on a CPU.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpmlab.errors import ConfigError
+from ddpmlab.models.fast_ops import FastDropout, attention, upsample_conv
 
 NORM_EPS = 1e-6  # as the paper's code (tf.contrib group_norm) and google/ddpm-* configs
 
@@ -38,45 +42,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, *
     [sin(t * w_k), cos(t * w_k)] with w_k = max_period^(-k / (dim/2 - shift)), as in the DDPM code
     (shift=1). ``shift=0`` and ``flip=True`` ([cos, sin]) give the variant of diffusers' defaults.
     """
-    half = dim // 2
+    half = dim // 2  # Vaswani et al. 2017, Sec. 3.5, sines and cosines in two halves rather than interleaved
     k = torch.arange(half, dtype=torch.float32, device=t.device)
     freqs = torch.exp(-math.log(max_period) * k / max(half - shift, 1))
     args = t.float()[:, None] * freqs[None, :]
     emb = torch.cat([torch.cos(args), torch.sin(args)] if flip else [torch.sin(args), torch.cos(args)], dim=1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout (zero with probability p, scale the rest by 1 / (1 - p)), faster on a CPU.
-
-    On a CPU the keep-mask is cut from 64-bit random integers, four 16-bit draws from each
-    (:func:`cpu_dropout_mask`): torch draws one random number per element serially, so this is
-    ~3x faster than the ``torch.rand``/``bernoulli_`` of nn.Dropout (whose masks took 4-5 % of a
-    bf16 CIFAR-10 training step).  GPUs keep torch's fused dropout kernel.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu":
-            return super().forward(x)
-        return x * cpu_dropout_mask(x.shape, self.p, x.dtype)
-
-
-DROPOUT_LEVELS = 2**16
-
-
-def cpu_dropout_mask(shape, p: float, dtype: torch.dtype) -> torch.Tensor:
-    """Dropout multiplier of ``shape``: 0 with probability p, else 1 / (1 - p), from 16-bit random integers.
-
-    p is rounded to a multiple of 2^-16 (0.1 -> 0.1000061) and the kept units are scaled by
-    1 / (1 - rounded p), so the output's expectation is exactly the input.
-    """
-    n = math.prod(shape)
-    dropped = round(p * DROPOUT_LEVELS)  # of the 2^16 equally likely 16-bit values, this many drop the unit
-    if dropped >= DROPOUT_LEVELS:
-        return torch.zeros(shape, dtype=dtype)
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None).view(torch.int16)[:n]
-    keep = bits.view(shape) >= dropped - DROPOUT_LEVELS // 2  # int16 is uniform on [-2^15, 2^15)
-    return keep.to(dtype).mul_(DROPOUT_LEVELS / (DROPOUT_LEVELS - dropped))
 
 
 def _norm(channels: int, groups: int, eps: float = NORM_EPS) -> nn.GroupNorm:
@@ -92,7 +63,7 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_dim, out_ch)
         self.norm2 = _norm(out_ch, groups, eps)
-        self.dropout = Dropout(dropout)
+        self.dropout = FastDropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
@@ -117,28 +88,9 @@ class AttnBlock(nn.Module):
         b, c, hgt, wid = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         q, k, v = self.qkv(tokens).view(b, -1, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = attention(q, k, v)  # (B, heads, HW, d)
+        out = attention(q, k, v)  # softmax(q k^T / sqrt(d)) v (Vaswani et al. 2017, Eq. 1): (B, heads, HW, d)
         out = self.proj_out(out.transpose(1, 2).reshape(b, -1, c))
         return x + out.transpose(1, 2).reshape(b, c, hgt, wid)
-
-
-MATMUL_ATTENTION_MAX_TOKENS = 1024  # beyond, the (N, N) scores get large: use SDPA's memory-efficient kernels
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v for q, k, v: (B, heads, N, d) -> (B, heads, N, d).
-
-    On GPUs and for long sequences: torch's fused scaled_dot_product_attention.  On a CPU with
-    N <= 1024 two plain matrix products are faster (2.7x forward + backward in bf16 at N=256,
-    d=256 on an AVX512-BF16 CPU; equal in fp32): SDPA's CPU flash kernel runs its bf16 products
-    far below the GEMM library's speed.  The softmax stays in the scores' dtype: torch's kernel
-    accumulates bf16 in float32 (a cast to float32 and back cost ~1 % of a bf16 CIFAR-10 step).
-    """
-    n, d = q.shape[-2], q.shape[-1]
-    if q.device.type != "cpu" or n > MATMUL_ATTENTION_MAX_TOKENS:
-        return F.scaled_dot_product_attention(q, k, v)
-    weights = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * d**-0.5, dim=-1)  # (B, heads, N, N)
-    return torch.matmul(weights, v)
 
 
 class Downsample(nn.Module):
@@ -160,42 +112,16 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     """Nearest-neighbour x2 then 3x3 conv: (B, C, H, W) -> (B, C, 2H, 2W).
 
-    On large maps the same function is computed in 16/36 of the multiply-adds: an output
-    pixel of parity (a, b) sees only 2 x 2 distinct source pixels, so conv3x3(up2(x)) is four
-    2x2 convs of x whose kernels sum the 3x3 taps that hit the same source pixel
-    (see :func:`subpixel_kernels`), interleaved.  The parameters are the 3x3 conv's either way.
+    Computed by :func:`ddpmlab.models.fast_ops.upsample_conv` (four 2x2 convs on large CPU maps,
+    the same function); the parameters are the 3x3 conv's either way.
     """
-
-    SUBPIXEL_MIN_PIXELS = 256  # below 16x16 sources the four small convs cost more than they save (CPU)
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2] * x.shape[-1] < self.SUBPIXEL_MIN_PIXELS:
-            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        b, _, h, w = x.shape
-        co = self.conv.out_channels
-        # one conv for the four parities on x padded by 1: y[:, (a, b)] at (i + a, j + b) is output (2i + a, 2j + b)
-        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), subpixel_kernels(self.conv.weight), self.conv.bias.repeat(4))
-        y = y.view(b, 2, 2, co, h + 1, w + 1)
-        rows = [torch.stack([y[:, a, c, :, a:a + h, c:c + w] for c in (0, 1)], -1) for a in (0, 1)]  # (B, C, H, W, 2)
-        return torch.stack(rows, 3).reshape(b, co, 2 * h, 2 * w)
-
-
-def subpixel_kernels(weight: torch.Tensor) -> torch.Tensor:
-    """3x3 kernels (O, I, 3, 3) of a conv after nearest x2 upsampling -> the 2x2 kernels (4 O, I, 2, 2) on the source.
-
-    Along one axis an even output row 2i reads upsampled rows 2i-1, 2i, 2i+1 = source rows i-1, i, i
-    (taps w0 | w1 + w2); an odd row 2i+1 reads source rows i, i, i+1 (taps w0 + w1 | w2).
-    Order of the 4 O blocks: parities (row, col) = (0, 0), (0, 1), (1, 0), (1, 1).
-    """
-    def fold(k: torch.Tensor, dim: int):
-        k0, k1, k2 = k.unbind(dim)
-        return torch.stack([k0, k1 + k2], dim), torch.stack([k0 + k1, k2], dim)
-
-    return torch.cat([kc for kr in fold(weight, 2) for kc in fold(kr, 3)], 0)
+        return upsample_conv(x, self.conv.weight, self.conv.bias)
 
 
 class Level(nn.Module):
@@ -210,6 +136,8 @@ class Level(nn.Module):
 
 
 class MidBlock(nn.Module):
+    """ResBlock -> AttnBlock -> ResBlock at the lowest resolution: (B, C, H, W), (B, temb) -> (B, C, H, W)."""
+
     def __init__(self, ch: int, temb_dim: int, dropout: float, num_heads: int, groups: int, eps: float = NORM_EPS):
         super().__init__()
         self.res1 = ResBlock(ch, ch, temb_dim, dropout, groups, eps)
@@ -220,9 +148,7 @@ class MidBlock(nn.Module):
         return self.res2(self.attn(self.res1(h, temb)), temb)
 
 
-def _check_config(base, mults, groups, num_heads, image_size, head_dim=None) -> None:
-    levels = len(mults)
-    channels = sorted({base} | {base * m for m in mults})
+def _check_norm_groups(channels: list, base: int, mults: tuple, groups: int) -> None:
     for c in channels:
         if c % groups:
             g = math.gcd(*channels)
@@ -232,6 +158,9 @@ def _check_config(base, mults, groups, num_heads, image_size, head_dim=None) -> 
                 f"(model.base_channels={base}, model.channel_mults={list(mults)} give channels {channels}); "
                 f"set model.norm_groups to a divisor of {g} (e.g. {ok}) or change model.base_channels"
             )
+
+
+def _check_heads(channels: list, num_heads: int, head_dim: Optional[int]) -> None:
     for c in channels:
         if head_dim is not None and c % head_dim:
             raise ValueError(f"attention_head_dim={head_dim} does not divide the {c}-channel attention inputs")
@@ -240,7 +169,10 @@ def _check_config(base, mults, groups, num_heads, image_size, head_dim=None) -> 
                 f"model.num_heads={num_heads} does not divide the {c}-channel attention inputs; "
                 f"choose model.num_heads dividing all of {channels}"
             )
-    factor = 2 ** (levels - 1)
+
+
+def _check_image_size(mults: tuple, image_size: tuple) -> None:
+    levels, factor = len(mults), 2 ** (len(mults) - 1)
     if any(s % factor for s in image_size):
         h, w = image_size
         max_levels = 1 + min((s & -s).bit_length() - 1 for s in image_size)  # 2-adic valuation
@@ -250,6 +182,81 @@ def _check_config(base, mults, groups, num_heads, image_size, head_dim=None) -> 
             f"(e.g. {[factor * -(-s // factor) for s in (h, w)]}); with {[h, w]} use at most "
             f"{max_levels} entries in model.channel_mults (e.g. {[1] + [2] * (max_levels - 1)})"
         )
+
+
+def level_heights(image_size: Sequence[int], num_levels: int) -> list:
+    """Feature-map height of each UNet level, level 0 (full size) first: what attention_resolutions names."""
+    return [image_size[0] // 2**i for i in range(num_levels)]
+
+
+def _check_attention_resolutions(resolutions: Sequence[int], mults: tuple, image_size: tuple) -> None:
+    heights = level_heights(image_size, len(mults))
+    unknown = [r for r in resolutions if r not in heights]
+    if unknown:
+        verb = "matches" if len(unknown) == 1 else "match"
+        raise ConfigError(
+            f"model.attention_resolutions: {', '.join(map(str, unknown))} {verb} no level of the UNet; "
+            f"its levels have feature-map heights {', '.join(map(str, heights))} (data.image_size height "
+            f"{image_size[0]}, halved per level of model.channel_mults={list(mults)}); choose from those, "
+            f"or [] for attention in the middle block only"
+        )
+
+
+def _check_config(base, mults, groups, num_heads, image_size, head_dim=None, attention_resolutions=()) -> None:
+    """ConfigError naming the config keys when the UNet cannot be built for these settings."""
+    channels = sorted({base} | {base * m for m in mults})
+    _check_norm_groups(channels, base, mults, groups)
+    _check_heads(channels, num_heads, head_dim)
+    _check_image_size(mults, image_size)
+    _check_attention_resolutions(attention_resolutions, mults, image_size)
+
+
+class _Blocks:
+    """Makes the UNet's ResBlocks, AttnBlocks and middle block with its shared settings."""
+
+    def __init__(self, temb_dim: int, dropout: float, groups: int, eps: float, num_heads: int,
+                 head_dim: Optional[int]):
+        self.temb_dim, self.dropout, self.groups, self.eps = temb_dim, dropout, groups, eps
+        self.num_heads, self.head_dim = num_heads, head_dim
+
+    def heads(self, channels: int) -> int:
+        return self.num_heads if self.head_dim is None else channels // self.head_dim
+
+    def res(self, in_ch: int, out_ch: int) -> ResBlock:
+        return ResBlock(in_ch, out_ch, self.temb_dim, self.dropout, self.groups, self.eps)
+
+    def attn(self, channels: int) -> AttnBlock:
+        return AttnBlock(channels, self.heads(channels), self.groups, self.eps)
+
+    def mid(self, channels: int) -> MidBlock:
+        return MidBlock(channels, self.temb_dim, self.dropout, self.heads(channels), self.groups, self.eps)
+
+
+def _down_path(make: _Blocks, base: int, widths: list, attn_at: list, num_res_blocks: int,
+               padding: int) -> tuple[nn.ModuleList, list]:
+    """The encoder levels 0..L-1 and the channels of the skip connections they leave, in order."""
+    ch, skips, down = base, [base], nn.ModuleList()  # conv_in's output is the first skip
+    for i, out in enumerate(widths):
+        blocks = [make.res(ch if j == 0 else out, out) for j in range(num_res_blocks)]
+        ch = out
+        skips += [ch] * num_res_blocks
+        last = i == len(widths) - 1
+        down.append(Level(blocks, [make.attn(ch) for _ in blocks] if attn_at[i] else [],
+                          downsample=None if last else Downsample(ch, padding)))
+        skips += [] if last else [ch]
+    return down, skips
+
+
+def _up_path(make: _Blocks, widths: list, attn_at: list, num_res_blocks: int, skips: list) -> nn.ModuleList:
+    """The decoder levels L-1..0, each ResBlock taking one skip (popped from ``skips``, last first)."""
+    ch, up = widths[-1], nn.ModuleList()
+    for i in reversed(range(len(widths))):
+        out = widths[i]
+        blocks = [make.res((ch if j == 0 else out) + skips.pop(), out) for j in range(num_res_blocks + 1)]
+        ch = out
+        up.append(Level(blocks, [make.attn(ch) for _ in blocks] if attn_at[i] else [],
+                        upsample=Upsample(ch) if i > 0 else None))
+    return up
 
 
 class UNet(nn.Module):
@@ -283,7 +290,8 @@ class UNet(nn.Module):
     ):
         super().__init__()
         image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        _check_config(base_channels, tuple(channel_mults), norm_groups, num_heads, image_size, attention_head_dim)
+        _check_config(base_channels, tuple(channel_mults), norm_groups, num_heads, image_size, attention_head_dim,
+                      tuple(attention_resolutions))
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
         self.base_channels = base_channels
@@ -292,39 +300,18 @@ class UNet(nn.Module):
         self.num_levels = len(channel_mults)
         self.time_shift, self.time_flip = time_shift, time_flip
         temb_dim = 4 * base_channels
-        heads = lambda c: num_heads if attention_head_dim is None else c // attention_head_dim  # noqa: E731
-        res = lambda i, o: ResBlock(i, o, temb_dim, dropout, norm_groups, norm_eps)  # noqa: E731
-        attn = lambda c: AttnBlock(c, heads(c), norm_groups, norm_eps)  # noqa: E731
+        make = _Blocks(temb_dim, dropout, norm_groups, norm_eps, num_heads, attention_head_dim)
+        widths = [base_channels * m for m in channel_mults]
+        attn_at = [h in attention_resolutions for h in level_heights(image_size, self.num_levels)]
 
         self.time_embed = nn.Sequential(nn.Linear(base_channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         self.class_embed = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
-
-        ch, skips, self.down = base_channels, [base_channels], nn.ModuleList()
-        for i, mult in enumerate(channel_mults):
-            out, use_attn = base_channels * mult, image_size[0] // 2**i in attention_resolutions
-            blocks = [res(ch if j == 0 else out, out) for j in range(num_res_blocks)]
-            ch = out
-            skips += [ch] * num_res_blocks
-            last = i == self.num_levels - 1
-            self.down.append(Level(blocks, [attn(ch) for _ in blocks] if use_attn else [],
-                                   downsample=None if last else Downsample(ch, downsample_padding)))
-            skips += [] if last else [ch]
-
-        self.mid = MidBlock(ch, temb_dim, dropout, heads(ch), norm_groups, norm_eps)
-
-        self.up = nn.ModuleList()
-        for i in reversed(range(self.num_levels)):
-            out, use_attn = base_channels * channel_mults[i], image_size[0] // 2**i in attention_resolutions
-            blocks = []
-            for _ in range(num_res_blocks + 1):
-                blocks.append(res(ch + skips.pop(), out))
-                ch = out
-            self.up.append(Level(blocks, [attn(ch) for _ in blocks] if use_attn else [],
-                                 upsample=Upsample(ch) if i > 0 else None))
-
-        self.norm_out = _norm(ch, norm_groups, norm_eps)
-        self.conv_out = nn.Conv2d(ch, self.out_channels, 3, padding=1)
+        self.down, skips = _down_path(make, base_channels, widths, attn_at, num_res_blocks, downsample_padding)
+        self.mid = make.mid(widths[-1])
+        self.up = _up_path(make, widths, attn_at, num_res_blocks, skips)
+        self.norm_out = _norm(widths[0], norm_groups, norm_eps)
+        self.conv_out = nn.Conv2d(widths[0], self.out_channels, 3, padding=1)
         self._init_weights()
 
     def _init_weights(self) -> None:

@@ -12,51 +12,48 @@ from typing import Optional
 
 import torch
 
-from ddpmlab.diffusion.process import extract, q_posterior
+from ddpmlab.diffusion.reverse import ancestral_step, variance_name
 from ddpmlab.diffusion.schedules import NoiseSchedule, select_timesteps
 from ddpmlab.errors import ConfigError
 from ddpmlab.samplers.base import Callback, randn_like
 
-VARIANCES = ("beta", "posterior", "learned")
+
+def respaced(schedule: NoiseSchedule, steps: Optional[int], spacing: str = "uniform") -> NoiseSchedule:
+    """``schedule`` on ``steps`` of its timesteps (Nichol & Dhariwal 2021, Sec. 4); itself for None or T."""
+    T = schedule.num_timesteps
+    return schedule if steps is None or steps == T else schedule.respace(select_timesteps(T, steps, spacing))
+
+
+def predict_step(predict, s: NoiseSchedule, x: torch.Tensor, i: int, variance: str):
+    """(eps, x0, log sigma^2 or None) of the model at entry ``i`` of the (respaced) schedule ``s``."""
+    t = s.timesteps[i].to(x.device)
+    if variance != "learned_range":
+        return (*predict(x, t), None)
+    if not hasattr(predict, "with_log_variance"):
+        raise ConfigError("DDPM variance 'learned_range' needs a ModelPredictor around a model with a variance head")
+    idx = torch.full((x.shape[0],), i, dtype=torch.long)
+    return predict.with_log_variance(x, t, schedule=s, index=idx)
 
 
 @torch.no_grad()
 def ddpm(predict, schedule: NoiseSchedule, x_T: torch.Tensor, steps: Optional[int] = None, *,
          generator: Optional[torch.Generator] = None, callback: Callback = None,
-         variance: str = "beta", spacing: str = "uniform") -> torch.Tensor:
+         variance: str = "fixed_large", spacing: str = "uniform") -> torch.Tensor:
     """Ancestral sampling of p(x_{t-1} | x_t) = N(mu_theta, sigma_t^2 I), x_T: (B, ...) -> x_0.
 
-    variance: "beta" (sigma_t^2 = beta_t) or "posterior" (sigma_t^2 = beta_tilde_t), the two
-    fixed choices of Ho et al. 2020, Sec. 3.2, or "learned" (the model's variance head,
-    Nichol & Dhariwal 2021, Eq. 15; ``predict.with_log_variance``).  With steps < T the
-    schedule is respaced (Nichol & Dhariwal 2021) and all variances are those of the
-    respaced process: the learned one interpolates between its beta and beta_tilde.
+    variance: "fixed_large" (sigma_t^2 = beta_t) or "fixed_small" (sigma_t^2 = beta_tilde_t),
+    the two fixed choices of Ho et al. 2020, Sec. 3.2, or "learned_range" (the model's
+    variance head, Nichol & Dhariwal 2021, Eq. 15; ``predict.with_log_variance``); "beta",
+    "posterior" and "learned" are the same three.  With steps < T the schedule is respaced
+    and all variances are those of the respaced process.
     """
-    if variance not in VARIANCES:
-        raise ConfigError(f"unknown DDPM variance '{variance}'; choose one of {', '.join(VARIANCES)}")
-    if variance == "learned" and not hasattr(predict, "with_log_variance"):
-        raise ConfigError("DDPM variance 'learned' needs a ModelPredictor around a model with a variance head")
-    T = schedule.num_timesteps
-    s = schedule if steps is None or steps == T else schedule.respace(select_timesteps(T, steps, spacing))
+    variance = variance_name(variance)
+    s = respaced(schedule, steps, spacing)
     x = x_T
-    n = s.num_timesteps
-    for k, i in enumerate(range(n - 1, -1, -1)):
-        t = s.timesteps[i].to(x.device)
-        idx = torch.full((x.shape[0],), i, dtype=torch.long)
-        if variance == "learned":
-            eps, x0, log_var = predict.with_log_variance(x, t, schedule=s, index=idx)
-        else:
-            eps, x0 = predict(x, t)
-        # Ho et al. 2020, Eq. 7 with x_0 predicted (equal to Eq. 11 when x0 is unclipped)
-        mean, post_var, _ = q_posterior(s, x0, x, idx)
-        if i > 0:
-            if variance == "learned":
-                var = torch.exp(log_var)
-            else:
-                var = extract(s.betas, idx, x) if variance == "beta" else post_var
-            x = mean + var.sqrt() * randn_like(x, generator)
-        else:
-            x = mean
+    for k, i in enumerate(range(s.num_timesteps - 1, -1, -1)):
+        eps, x0, log_var = predict_step(predict, s, x, i, variance)
+        noise = randn_like(x, generator) if i > 0 else None
+        x = ancestral_step(s, x, i, x0, variance, log_var, noise)  # Ho et al. 2020, Alg. 2, line 4
         if callback is not None:
             callback(k, x, x0)
     return x

@@ -16,11 +16,12 @@ from typing import Callable, List, Optional
 
 import torch
 
-from ddpmlab.diffusion.process import extract, q_posterior, q_sample
-from ddpmlab.diffusion.schedules import NoiseSchedule, select_timesteps
+from ddpmlab.diffusion.process import extract, q_sample
+from ddpmlab.diffusion.reverse import ancestral_step, variance_name
+from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import ConfigError, DDPMError
-from ddpmlab.progress import progress_bar
-from ddpmlab.samplers.ancestral import VARIANCES
+from ddpmlab.progress import SampleBar
+from ddpmlab.samplers.ancestral import predict_step, respaced
 from ddpmlab.samplers.base import Callback, ModelPredictor, randn_like
 from ddpmlab.samplers.registry import get_sampler
 
@@ -54,16 +55,11 @@ def repaint_nfe(n: int, jump_length: int = 10, jump_n_sample: int = 10) -> int:
     return sum(1 for a, b in zip(times, times[1:]) if b < a)
 
 
-def _respaced(schedule: NoiseSchedule, steps: Optional[int], spacing: str) -> NoiseSchedule:
-    T = schedule.num_timesteps
-    return schedule if steps is None or steps == T else schedule.respace(select_timesteps(T, steps, spacing))
-
-
 @torch.no_grad()
 def repaint(predict, schedule: NoiseSchedule, x_T: torch.Tensor, steps: Optional[int] = None, *,
             x0_known: torch.Tensor, mask: torch.Tensor, generator: Optional[torch.Generator] = None,
             callback: Callback = None, jump_length: int = 10, jump_n_sample: int = 10,
-            variance: str = "beta", spacing: str = "uniform") -> torch.Tensor:
+            variance: str = "fixed_large", spacing: str = "uniform") -> torch.Tensor:
     """Fill the region ``mask == 1`` of ``x0_known`` (B, ...) starting from noise x_T (B, ...).
 
     ``mask`` broadcasts against x_T (e.g. (1, 1, H, W) for images) and is 1 where to fill,
@@ -71,9 +67,8 @@ def repaint(predict, schedule: NoiseSchedule, x_T: torch.Tensor, steps: Optional
     region of the result equals ``x0_known`` exactly (the last step draws it from
     q(x_0 | x_0)).  ``jump_length=1, jump_n_sample=U`` is Algorithm 1 with U resamplings.
     """
-    if variance not in VARIANCES:
-        raise ConfigError(f"unknown DDPM variance '{variance}'; choose one of {', '.join(VARIANCES)}")
-    s = _respaced(schedule, steps, spacing)
+    variance = variance_name(variance)
+    s = respaced(schedule, steps, spacing)
     keep = 1.0 - mask.to(x_T.dtype)
     x0_known = x0_known.to(x_T.dtype)
     x, k = x_T, 0
@@ -89,12 +84,8 @@ def repaint(predict, schedule: NoiseSchedule, x_T: torch.Tensor, steps: Optional
         abar_prev = extract(s.alphas_cumprod_prev, idx, x)
         known = x0_known if i == 0 else abar_prev.sqrt() * x0_known + (1 - abar_prev).sqrt() * randn_like(x, generator)
         # unknown part: one ancestral step of the model (Alg. 1, line 7; Ho et al. 2020, Eq. 7)
-        eps, x0 = predict(x, s.timesteps[i].to(x.device))
-        mean, post_var, _ = q_posterior(s, x0, x, idx)
-        unknown = mean
-        if i > 0:
-            var = extract(s.betas, idx, x) if variance == "beta" else post_var
-            unknown = mean + var.sqrt() * randn_like(x, generator)
+        eps, x0, log_var = predict_step(predict, s, x, i, variance)
+        unknown = ancestral_step(s, x, i, x0, variance, log_var, randn_like(x, generator) if i > 0 else None)
         x = keep * known + (1.0 - keep) * unknown  # Alg. 1, line 8
         if callback is not None:
             callback(k, x, x0)
@@ -141,26 +132,27 @@ def _batches(n: int, batch_size: int):
 @torch.no_grad()
 def inpaint(model, schedule: NoiseSchedule, image: torch.Tensor, mask: torch.Tensor, n: int = 4, *,
             prediction: str = "eps", clip_x0: Optional[float] = 1.0, labels: Optional[torch.Tensor] = None,
-            steps: Optional[int] = 250, jump_length: int = 10, jump_n_sample: int = 10, variance: str = "beta",
-            seed: int = 0, batch_size: int = 64, device=None, progress: bool = True) -> torch.Tensor:
+            steps: Optional[int] = 250, jump_length: int = 10, jump_n_sample: int = 10, variance: str = "fixed_large",
+            spacing: str = "uniform", seed: int = 0, batch_size: int = 64, device=None,
+            progress: bool = True) -> torch.Tensor:
     """``n`` fillings of the white region of ``mask`` (1, H, W) in ``image`` (C, H, W): (n, C, H, W) on the CPU.
 
     RePaint with ``steps`` respaced steps and resampling jumps; batch b starts from seed + b.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     nfe = repaint_nfe(steps or schedule.num_timesteps, jump_length, jump_n_sample)
-    n_batches = (n + batch_size - 1) // batch_size
-    bar = progress_bar(progress, total=n_batches * nfe, desc=f"inpainting (RePaint, {nfe} steps)", leave=False)
+    bar = SampleBar(progress, n, nfe, f"inpainting (RePaint, {nfe} steps)")
     out = []
     try:
         for b, start, m in _batches(n, batch_size):
+            bar.start_batch(m)
             gen = torch.Generator(device="cpu").manual_seed(seed + b)
             x_T = torch.randn((m, *image.shape), generator=gen).to(device)
             y = None if labels is None else labels[start:start + m].to(device)
             predict = ModelPredictor(model, schedule, prediction, y=y, clip_x0=clip_x0)
             x = repaint(predict, schedule, x_T, steps, x0_known=image.to(device).expand(m, *image.shape),
-                        mask=mask.to(device)[None], generator=gen, callback=lambda *a: bar.update(1),
-                        jump_length=jump_length, jump_n_sample=jump_n_sample, variance=variance)
+                        mask=mask.to(device)[None], generator=gen, callback=bar.step,
+                        jump_length=jump_length, jump_n_sample=jump_n_sample, variance=variance, spacing=spacing)
             out.append(x.float().cpu())
     finally:
         bar.close()
@@ -180,18 +172,17 @@ def img2img(model, schedule: NoiseSchedule, image: torch.Tensor, strength: float
     device = torch.device(device) if device is not None else next(model.parameters()).device
     n0 = strength_to_steps(strength, schedule.num_timesteps)
     total = 0 if n0 == 0 else (n0 if steps is None else min(steps, n0))
-    n_batches = (n + batch_size - 1) // batch_size
-    bar = progress_bar(progress and total > 0, total=n_batches * total, desc=f"img2img ({sampler}, {total} steps)",
-                       leave=False)
+    bar = SampleBar(progress and total > 0, n, total, f"img2img ({sampler}, {total} steps)")
     out = []
     try:
         for b, start, m in _batches(n, batch_size):
+            bar.start_batch(m)
             gen = torch.Generator(device="cpu").manual_seed(seed + b)
             y = None if labels is None else labels[start:start + m].to(device)
             predict = ModelPredictor(model, schedule, prediction, y=y, clip_x0=clip_x0)
             x_in = image.to(device).expand(m, *image.shape).clone()
             x = sdedit(fn, predict, schedule, x_in, strength, steps, generator=gen,
-                       callback=lambda *a: bar.update(1), **options)
+                       callback=bar.step, **options)
             out.append(x.float().cpu())
     finally:
         bar.close()

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 
 from ddpmlab.diffusion.schedules import NoiseSchedule
-from ddpmlab.progress import progress_bar
+from ddpmlab.progress import SampleBar
 from ddpmlab.samplers.base import ModelPredictor
 from ddpmlab.samplers.registry import get_sampler
 from ddpmlab.samplers.steps import levels_for
@@ -31,17 +31,18 @@ def generate(model, schedule: NoiseSchedule, shape: Sequence[int], n: int, *, sa
     out = []
     n_batches = (n + batch_size - 1) // batch_size
     levels = levels_for(fn, steps, **options)  # callbacks per batch: one per noise level (Heun, pc: < steps)
-    bar = progress_bar(progress, total=n_batches * levels, desc=f"sampling ({sampler}, {steps} steps)", leave=False)
+    bar = SampleBar(progress, n, levels, f"sampling ({sampler}, {steps} steps)")
     try:
         for b in range(n_batches):
             m = min(batch_size, n - b * batch_size)
+            bar.start_batch(m)
             gen = torch.Generator(device="cpu").manual_seed(seed + b)
             x_T = torch.randn((m, *shape), generator=gen).to(device)
             y = None if labels is None else labels[b * batch_size: b * batch_size + m].to(device)
             predict = ModelPredictor(model, schedule, prediction, y=y, clip_x0=clip_x0)
 
             def cb(k, x, x0):
-                bar.update(1)
+                bar.step()
                 if callback is not None:
                     callback(k, x, x0)
 

@@ -15,7 +15,7 @@ sampler gets guidance through the unchanged :class:`~ddpmlab.samplers.base.Model
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -63,7 +63,7 @@ class ClassifierFreeGuidance(nn.Module):
         """x_t: (B, ...), t: (B,) or scalar, y: (B,) class indices -> the guided output (B, ...)."""
         y = self.y if y is None else y
         if y is None:
-            raise DDPMError("classifier-free guidance needs class labels y; pass --class")
+            raise DDPMError("classifier-free guidance needs class labels y: give them to the call or the wrapper")
         b = x_t.shape[0]
         y = torch.as_tensor(y, device=x_t.device).long().reshape(-1).expand(b)
         null = torch.full_like(y, self.num_classes)
@@ -87,11 +87,11 @@ def guided(model: nn.Module, y: Optional[torch.Tensor] = None, scale: float = 1.
     return ClassifierFreeGuidance(model, y, scale)
 
 
-def check_labels(model, labels: torch.Tensor) -> None:
-    """Raise DDPMError unless every label lies in [0, num_classes) of ``model``."""
+def check_labels(model, labels: torch.Tensor, where: str = "class") -> None:
+    """Raise DDPMError (naming the caller's option ``where``) unless every label lies in [0, num_classes)."""
     k = num_classes_of(model)
     if not k:
-        raise DDPMError("--class needs a class-conditional model (trained with model.num_classes); "
+        raise DDPMError(f"{where} needs a class-conditional model (trained with model.num_classes); "
                         "this run is unconditional")
     bad = labels[(labels < 0) | (labels >= k)]
     if len(bad):
@@ -99,26 +99,29 @@ def check_labels(model, labels: torch.Tensor) -> None:
 
 
 def conditioning(model: nn.Module, n: int, label: Optional[int] = None, guidance: Optional[float] = None,
-                 label_dropout: Optional[float] = None):
+                 label_dropout: Optional[float] = None, names: Optional[Dict[str, str]] = None):
     """(model, labels) for sampling ``n`` images of class ``label`` with guidance ``guidance``.
 
     No label and no guidance: the model unchanged and labels None (unconditional, or the "no
     label" row of a conditional model).  A label alone: conditional sampling.  Guidance
     without a label: labels cycle through all classes (0, 1, ..., K-1, 0, ...).
     ``label_dropout`` is the training value from the run's config: 0 means the model never
-    saw the "no label" row, so a guidance scale other than 1 is refused.
+    saw the "no label" row, so a guidance scale other than 1 is refused.  ``names`` maps
+    'class' and 'guidance' to how the caller sets them, for the messages.
     """
+    names = names or {}
+    g_opt = names.get("guidance", "guidance")
     if label is None and guidance is None:
         return model, None
     k = num_classes_of(model)
     if guidance is not None and not k:
-        raise DDPMError("--guidance needs a class-conditional model (trained with model.num_classes); "
+        raise DDPMError(f"{g_opt} needs a class-conditional model (trained with model.num_classes); "
                         "this run is unconditional")
     labels = torch.full((n,), label, dtype=torch.long) if label is not None else torch.arange(n) % k
-    check_labels(model, labels)
+    check_labels(model, labels, names.get("class", "class"))
     if guidance is None:
         return model, labels
     if guidance != 1.0 and label_dropout is not None and label_dropout <= 0:
-        raise DDPMError("--guidance needs a model trained with label dropout (train.label_dropout > 0): "
-                        "this run never learned the unconditional case; use --guidance 1 or retrain")
+        raise DDPMError(f"{g_opt} needs a model trained with label dropout (train.label_dropout > 0): "
+                        f"this run never learned the unconditional case; use {g_opt} 1 or retrain")
     return guided(model, scale=guidance), labels

@@ -1,9 +1,17 @@
-"""Samplers by name."""
+"""Samplers by name: one :class:`SamplerSpec` per sampler says what it takes.
+
+``SAMPLER_SPECS["ddim"]`` holds the function, the options it accepts, how its step schedule
+is given (``spacing=`` with the integer spacings of Ho et al. / DDIM, or ``timesteps=`` with
+any schedule of :mod:`ddpmlab.samplers.steps`), whether it draws fresh noise, and its default
+number of steps.  Every front end (command line, run layer, evaluation, benchmarks) asks
+the spec instead of comparing sampler names.  ``SAMPLERS[name]`` is the bare function.
+"""
 
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Dict, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -13,67 +21,124 @@ from ddpmlab.samplers.ancestral import ddim, ddpm
 from ddpmlab.samplers.base import ModelPredictor
 from ddpmlab.samplers.langevin import pc
 from ddpmlab.samplers.solvers import dpmpp_2m, dpmpp_3m, euler, heun, unipc
-from ddpmlab.samplers.steps import STEP_SCHEDULES, optimize_timesteps
+from ddpmlab.samplers.steps import STEP_SCHEDULES, levels_for, optimize_timesteps
 
-SAMPLERS: Dict[str, Callable] = {
-    "ddpm": ddpm,
-    "ddim": ddim,
-    "dpmpp_2m": dpmpp_2m,
-    "dpmpp_3m": dpmpp_3m,
-    "unipc": unipc,
-    "euler": euler,
-    "heun": heun,
-    "pc": pc,
-}
+INTEGER_SPACINGS = ("uniform", "leading", "trailing")  # what ddpm / ddim take as `spacing`
+SPACING, TIMESTEPS = "spacing", "timesteps"  # the two ways a step schedule is passed
 
 
+@dataclass(frozen=True)
+class SamplerSpec:
+    """What one sampler takes.
 
-def get_sampler(name: str) -> Callable:
-    if name not in SAMPLERS:
-        close = difflib.get_close_matches(name, list(SAMPLERS), n=1)
+    ``schedule_kind``: SPACING (integer spacings, ``spacing=``) or TIMESTEPS (any step
+    schedule, ``timesteps=``); ``options``: its other keyword options; ``default_steps``:
+    None means every timestep of the schedule it runs on (T, or t0 for image-to-image).
+    """
+
+    name: str
+    fn: Callable
+    schedule_kind: str
+    options: Tuple[str, ...]
+    stochastic: bool
+    default_steps: Optional[int]
+    summary: str
+
+    def steps_for(self, n: int, steps: Optional[int] = None) -> int:
+        """The steps to run on a schedule of ``n`` timesteps: ``steps``, or the default."""
+        if steps is not None:
+            return steps
+        return n if self.default_steps is None else min(self.default_steps, n)
+
+    def levels(self, steps: int, **options) -> int:
+        """Noise levels (callbacks) of a run with ``steps`` model evaluations."""
+        return levels_for(self.fn, steps, **options)
+
+    @property
+    def step_schedules(self) -> Tuple[str, ...]:
+        return INTEGER_SPACINGS if self.schedule_kind == SPACING else tuple(STEP_SCHEDULES)
+
+    def check_step_schedule(self, name: Optional[str], where: str = "timesteps") -> None:
+        """ConfigError naming ``where`` unless ``name`` is a step schedule this sampler can use."""
+        if name is None:
+            return
+        if name not in STEP_SCHEDULES:
+            close = difflib.get_close_matches(name, list(STEP_SCHEDULES), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{where}: unknown schedule '{name}'{hint} (available: {', '.join(STEP_SCHEDULES)})")
+        if name == "optimized" and self.stochastic:
+            raise ConfigError(f"{where}: 'optimized' is fitted to deterministic solvers; {self.name} takes the "
+                              "other schedules")
+        if name not in self.step_schedules:
+            raise ConfigError(f"{where}: {self.name} takes {', '.join(self.step_schedules)}, not '{name}'; for "
+                              "other step schedules use euler (DDIM on any schedule) or a higher-order solver")
+
+    def schedule_option(self, name: Optional[str]) -> dict:
+        """The keyword that gives this sampler step schedule ``name`` ({} for its own default)."""
+        return {} if name is None else {self.schedule_kind: name}
+
+    def check_options(self, options: dict, where: Optional[Dict[str, str]] = None) -> None:
+        """ConfigError for an option this sampler does not take (``where`` maps keys to the caller's names)."""
+        where = where or {}
+        for key in options:
+            if key not in self.options and key != self.schedule_kind:
+                takes = ", ".join(where.get(k, k) for k in self.options) or "no other options"
+                raise ConfigError(f"{where.get(key, key)} does not apply to sampler {self.name} (it takes: {takes})")
+
+
+def _spec(fn: Callable, kind: str, options: Sequence[str], stochastic: bool, default_steps: Optional[int],
+          summary: str) -> SamplerSpec:
+    return SamplerSpec(fn.__name__, fn, kind, tuple(options), stochastic, default_steps, summary)
+
+
+SAMPLER_SPECS: Dict[str, SamplerSpec] = {s.name: s for s in [
+    _spec(ddpm, SPACING, ["variance"], True, None, "ancestral sampling, Ho et al. 2020, Alg. 2"),
+    _spec(ddim, SPACING, ["eta"], False, 50, "DDIM, Song et al. 2021 (eta > 0 adds noise)"),
+    _spec(dpmpp_2m, TIMESTEPS, ["lower_order_final"], False, 50, "DPM-Solver++(2M), Lu et al. 2022"),
+    _spec(dpmpp_3m, TIMESTEPS, ["lower_order_final"], False, 50, "DPM-Solver++(3M)"),
+    _spec(unipc, TIMESTEPS, ["order", "lower_order_final"], False, 50, "UniPC, Zhao et al. 2023"),
+    _spec(euler, TIMESTEPS, ["s_churn", "s_tmin", "s_tmax", "s_noise"], False, 50, "Euler, Karras et al. 2022"),
+    _spec(heun, TIMESTEPS, ["s_churn", "s_tmin", "s_tmax", "s_noise"], False, 50, "Heun, Karras et al. 2022, Alg. 2"),
+    _spec(pc, TIMESTEPS, ["snr", "corrector_steps", "predictor"], True, 50,
+          "predictor-corrector with Langevin steps, Song et al. 2021"),
+]}
+SAMPLERS: Dict[str, Callable] = {name: s.fn for name, s in SAMPLER_SPECS.items()}
+
+
+def get_spec(name: str, where: str = "sampler") -> SamplerSpec:
+    """The spec of sampler ``name``; ConfigError (naming ``where``) with the closest name otherwise."""
+    if name not in SAMPLER_SPECS:
+        close = difflib.get_close_matches(name, list(SAMPLER_SPECS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown sampler '{name}'{hint} (available: {', '.join(SAMPLERS)})")
-    return SAMPLERS[name]
+        raise ConfigError(f"{where}: unknown sampler '{name}'{hint} (available: {', '.join(SAMPLER_SPECS)})")
+    return SAMPLER_SPECS[name]
 
 
-INTEGER_SPACINGS = ("uniform", "leading", "trailing")  # what ddpm / ddim (ancestral.py) take as `spacing`
+def get_sampler(name: str, where: str = "sampler") -> Callable:
+    return get_spec(name, where).fn
 
 
-def check_timesteps_name(sampler: str, name: Optional[str], where: str = "--timesteps") -> None:
+def check_timesteps_name(sampler: str, name: Optional[str], where: str = "timesteps") -> None:
     """Fail fast on a step schedule the sampler cannot use (``where`` names the option in the message)."""
-    if name is None:
-        return
-    if name not in STEP_SCHEDULES:
-        close = difflib.get_close_matches(name, list(STEP_SCHEDULES), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"{where}: unknown schedule '{name}'{hint} (available: {', '.join(STEP_SCHEDULES)})")
-    if sampler == "pc" and name == "optimized":
-        raise ConfigError(f"{where}: 'optimized' is fitted to deterministic solvers; pc takes the other schedules")
-    if sampler in ("ddpm", "ddim") and name not in INTEGER_SPACINGS:
-        raise ConfigError(f"{where}: {sampler} takes {', '.join(INTEGER_SPACINGS)}, not '{name}'; for other step "
-                          "schedules use euler (DDIM on any schedule) or a higher-order solver")
+    get_spec(sampler).check_step_schedule(name, where)
 
 
 def timesteps_options(sampler: str, name: Optional[str], model, schedule: NoiseSchedule, shape: Sequence[int],
                       steps: int, *, prediction: str = "eps", clip_x0: Optional[float] = None, device="cpu",
                       y: Optional[torch.Tensor] = None, seed: int = 0, calibration: int = 256,
-                      log: Callable[[str], None] = print) -> dict:
-    """The sampler option for step schedule ``name``: {"spacing": ...} for ddpm/ddim, {"timesteps": ...}
-    for the solvers; ``optimized`` is computed here on ``calibration`` noise samples drawn with
-    seed + 20000 (never the sampling noise).  x shapes: (B, *shape)."""
-    check_timesteps_name(sampler, name)
-    if name is None:
-        return {}
-    if sampler in ("ddpm", "ddim"):
-        return {"spacing": name}
+                      log: Callable[[str], None] = print, where: str = "timesteps") -> dict:
+    """The sampler option for step schedule ``name`` ({"spacing": ...} or {"timesteps": ...});
+    ``optimized`` is computed here on ``calibration`` noise samples drawn with seed + 20000
+    (never the sampling noise).  x shapes: (B, *shape)."""
+    spec = get_spec(sampler)
+    spec.check_step_schedule(name, where)
     if name != "optimized":
-        return {"timesteps": name}
-
+        return spec.schedule_option(name)
     calibration = calibration if y is None else min(calibration, len(y))
     x_cal = torch.randn((calibration, *shape), generator=torch.Generator().manual_seed(seed + 20_000)).to(device)
     predict = ModelPredictor(model, schedule, prediction, y=None if y is None else y[:calibration].to(device),
                              clip_x0=clip_x0)
     log(f"optimising the {steps}-NFE step schedule of {sampler} on {calibration} calibration samples ...")
-    ts = optimize_timesteps(predict, schedule, SAMPLERS[sampler], steps, x_cal)
+    ts = optimize_timesteps(predict, schedule, spec.fn, steps, x_cal)
     log("timesteps: " + ", ".join(f"{t:.1f}" for t in ts.tolist()))
     return {"timesteps": ts}

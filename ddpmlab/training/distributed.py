@@ -10,10 +10,12 @@ is the same for every N and k up to float rounding (the order of the sums change
 
 from __future__ import annotations
 
-import os
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
+from accelerate import PartialState
+from accelerate.state import AcceleratorState
+from accelerate.utils import broadcast_object_list
 
 from ddpmlab.errors import ConfigError
 
@@ -45,25 +47,33 @@ def use_cpu(device: str) -> bool:
     return device == "cpu" or (device == "auto" and not torch.cuda.is_available() and not mps)
 
 
-def reset_accelerator_state() -> None:
-    """Forget the precision of an earlier Accelerator in this process (the process group stays)."""
-    from accelerate.state import AcceleratorState
+def forget_accelerator_precision() -> None:
+    """Forget the mixed precision of an earlier Accelerator in this process (the process group stays).
 
+    Accelerate keeps one AcceleratorState per process and refuses a second Accelerator with
+    another ``mixed_precision`` ("restart your runtime").  It has no public way to start
+    over, so this is the one place that calls its private ``AcceleratorState._reset_state``
+    (what Accelerate's own test cases do between tests); without it (a future version) a
+    second train() in one process must use the same precision as the first.
+    """
     if hasattr(AcceleratorState, "_reset_state"):
         AcceleratorState._reset_state()
 
 
-def agree_on(value, cfg):
-    """Rank 0's ``value`` on every process (e.g. a run name from its clock); ``value`` itself with one process.
+def process_state(device: str = "auto") -> PartialState:
+    """This process among the training processes: ``.is_main_process``, ``.process_index``, ``.num_processes``.
 
-    Called before the Accelerator exists, so it sets up Accelerate's process group itself.
+    Accelerate's public PartialState, usable before the Accelerator exists (under torchrun /
+    accelerate launch the first call sets up the process group, over gloo when ``device``,
+    train.device, means the CPU); the Accelerator created later shares it, later calls return it.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return value
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
+    return PartialState(cpu=use_cpu(device))
 
-    PartialState(cpu=use_cpu(cfg.train.device))
+
+def agree_on(value, device: str):
+    """Rank 0's ``value`` on every process (e.g. a run name from its clock); ``value`` itself with one process."""
+    if process_state(device).num_processes <= 1:
+        return value
     return broadcast_object_list([value], from_process=0)[0]
 
 
@@ -101,7 +111,3 @@ def load_scaler_state(accelerator, state: dict) -> None:
     if scaler is not None and state.get("grad_scaler"):
         scaler.load_state_dict(state["grad_scaler"])
 
-
-def is_main_rank() -> bool:
-    """True in the process that owns the run directory (rank 0 under torchrun / accelerate launch)."""
-    return os.environ.get("RANK", "0") == "0"

@@ -1,14 +1,10 @@
-"""Reliability helpers for the trainer: the run lock, the non-finite step guard, safe weight loading.
+"""Non-finite training steps never reach the weights.
 
-* :class:`RunLock` - ``RUN/.lock`` (pid, host, process start time) created with
-  ``O_CREAT | O_EXCL``: a second ``ddpm train`` on the same run refuses; a lock left
-  by a dead process on this host (SIGKILL, OOM killer, power loss) is taken over with
-  a message.
 * :class:`BadStepGuard` - a step whose loss or gradient norm is NaN/inf never reaches
   the weights (no optimizer step, no EMA update); it is counted, and after
   ``train.max_bad_steps`` such steps in a row the run stops with a clear message.
-* :func:`load_state_dict_file` - user-supplied weights only from safetensors or from
-  ``torch.load(weights_only=True)``: a pickle that would run code is refused.
+* :func:`optimizer_step` - applies a checked step, and lets an fp16 loss scaler see every
+  step so that it can lower its scale after an overflow.
 """
 
 from __future__ import annotations
@@ -20,17 +16,6 @@ import torch
 from ddpmlab.errors import DDPMError
 from ddpmlab.io.checkpoint import list_checkpoints
 
-# ----------------------------------------------------------------------------- run lock
-
-
-
-
-
-
-
-
-
-# ----------------------------------------------------------------------------- non-finite steps
 
 class BadStepGuard:
     """Counts steps with a non-finite loss or gradient norm; stops the run after too many in a row.
@@ -95,13 +80,3 @@ def optimizer_step(accelerator, opt, ok: bool) -> bool:
     if ok:
         opt.step()
     return ok
-
-
-# ----------------------------------------------------------------------------- safe weight loading
-
-
-
-
-
-
-

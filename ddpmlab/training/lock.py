@@ -14,7 +14,6 @@ from ddpmlab.errors import DDPMError
 LOCK_FILE = ".lock"
 
 
-
 def _proc_start_time(pid: int) -> Optional[str]:
     """The kernel's start time of ``pid`` (Linux /proc, field 22), to detect a reused pid."""
     try:
@@ -23,7 +22,6 @@ def _proc_start_time(pid: int) -> Optional[str]:
         return None
     fields = stat.rsplit(")", 1)[-1].split()
     return fields[19] if len(fields) > 19 else None
-
 
 
 def _pid_alive(pid: int, started: Optional[str]) -> bool:
@@ -46,7 +44,6 @@ def _pid_alive(pid: int, started: Optional[str]) -> bool:
         pass
     now = _proc_start_time(pid)
     return not (started and now and now != started)  # same pid, other process: the holder is gone
-
 
 
 class RunLock:
@@ -148,4 +145,3 @@ class RunLock:
                     self.path.parent.rmdir()  # only if empty: a run that wrote nothing leaves no folder
         except (OSError, ValueError):
             pass
-

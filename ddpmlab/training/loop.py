@@ -2,7 +2,7 @@
 
 One process or many (``accelerate launch`` / ``torchrun``): each process draws its
 slice of the global batch (in ``train.grad_accum_steps`` micro-batches, see
-:mod:`ddpmlab.distributed`).  Everything random in a step is derived from ``(seed, step)``
+:mod:`ddpmlab.training.distributed`).  Everything random in a step is derived from ``(seed, step)``
 (data order, t, noise: the same for any number of processes) and the rank (dropout,
 label dropout), so a run resumed from a checkpoint continues bit for bit as if it had
 never stopped.
@@ -13,18 +13,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import shlex
 import signal
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
+from accelerate import Accelerator
 
 from ddpmlab.config import Config, save_config, validate
 from ddpmlab.data import build_dataset
 from ddpmlab.diffusion.objectives import DiffusionObjective
-from ddpmlab.diffusion.reverse import ddpm_sampler_variance
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import ConfigError, DDPMError
 from ddpmlab.io.checkpoint import (
@@ -38,7 +40,7 @@ from ddpmlab.io.checkpoint import (
 )
 from ddpmlab.models import build_model, count_parameters
 from ddpmlab.progress import progress_bar
-from ddpmlab.samplers.generate import generate
+from ddpmlab.runs import Output, Run, draw_samples, plan_sampling
 from ddpmlab.samplers.guidance import drop_labels
 from ddpmlab.samplers.registry import get_sampler
 from ddpmlab.training.allocator import keep_freed_memory
@@ -47,17 +49,17 @@ from ddpmlab.training.distributed import (
     check_batch_split,
     check_mixed_precision,
     draw_t_and_noise,
-    is_main_rank,
+    forget_accelerator_precision,
     load_scaler_state,
     micro_batches,
-    reset_accelerator_state,
+    process_state,
     scaler_state,
     use_cpu,
 )
 from ddpmlab.training.guard import BadStepGuard, optimizer_step
 from ddpmlab.training.lock import LOCK_FILE, RunLock
 from ddpmlab.training.monitor import TrainingMonitor
-from ddpmlab.viz import save_grid, save_scatter
+from ddpmlab.viz.samples import save_samples
 
 # keys a resumed run may change; everything else must match the stored config
 RESUME_MUTABLE = {
@@ -123,7 +125,8 @@ def learning_rate(cfg: Config, step: int) -> float:
 
 def new_run_dir(cfg: Config) -> Path:
     # several processes must agree on the folder: rank 0's clock names it
-    name = cfg.train.name or agree_on(f"{cfg.data.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}", cfg)
+    name = cfg.train.name or agree_on(f"{cfg.data.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}",
+                                     cfg.train.device)
     run_dir = Path(cfg.train.out_dir) / name
     if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):  # rank 0 may hold the lock
         raise DDPMError(
@@ -157,20 +160,6 @@ def resume_config(run_dir, overrides_cfg: Optional[Config], changed_keys: list, 
     return stored
 
 
-def _make_accelerator(cfg: Config):
-    from accelerate import Accelerator
-
-    dev = cfg.train.device
-    if dev not in ("auto", "cpu", "cuda", "mps"):
-        raise ConfigError(f"train.device '{dev}' not understood; use auto, cpu, cuda or mps "
-                          "(pick a GPU with CUDA_VISIBLE_DEVICES)")
-    if dev == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA GPU is visible; use train.device=auto or cpu")
-    check_mixed_precision(cfg.train.mixed_precision, dev)
-    reset_accelerator_state()  # a second train() in one process may use another precision
-    return Accelerator(cpu=use_cpu(dev), mixed_precision=cfg.train.mixed_precision)
-
-
 class _StopFlag:
     """Turns SIGINT/SIGTERM into a request to save and stop after the current step."""
 
@@ -196,196 +185,339 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _sampler_options(cfg) -> dict:
-    """DDPM samples use the run's own variance (learned_range: the variance head)."""
-    if cfg.train.sample_sampler != "ddpm":
-        return {}
-    return {"variance": ddpm_sampler_variance(cfg.diffusion.variance)}
-
-
 def _write_samples(cfg, ema, schedule, dataset, run_dir: Path, tag: str, device) -> Path:
-    n = cfg.train.sample_n
-    labels = None
-    if cfg.model.num_classes:
-        labels = torch.arange(n) % cfg.model.num_classes
-    x = generate(ema, schedule, dataset.sample_shape, n, sampler=cfg.train.sample_sampler,
-                 steps=cfg.train.sample_steps, prediction=cfg.diffusion.prediction,
-                 clip_x0=1.0 if dataset.is_image else None, seed=cfg.train.seed, device=device,
-                 labels=labels, progress=False, **_sampler_options(cfg))
-    out = run_dir / "samples" / f"{tag}.png"
-    if dataset.is_image:
-        scale = max(1, 128 // max(dataset.sample_shape[1:]))
-        return save_grid(x, out, scale=min(scale, 4))
-    ref = torch.stack([dataset[i][0] for i in range(min(len(dataset), 2000))])
-    return save_scatter(x, out, reference=ref, title=f"samples at {tag}")
+    """RUN/samples/<tag>.png from the EMA weights, planned as every front end plans a sampler call
+    (the run's own variance for ddpm; a conditional run's samples cycle through the classes)."""
+    run = Run(cfg, ema, schedule, torch.device(device), run_dir)
+    names = {"sampler": "train.sample_sampler", "steps": "train.sample_steps"}
+    plan = plan_sampling(run, cfg.train.sample_sampler, cfg.train.sample_steps, cfg.train.sample_n,
+                         seed=cfg.train.seed, cycle_classes=True, names=names, log=lambda m: None)
+    x = draw_samples(run, plan, cfg.train.sample_n, seed=cfg.train.seed, progress=False)
+    ref = None if dataset.is_image else torch.stack([dataset[i][0] for i in range(min(len(dataset), 2000))])
+    output = Output(run_dir / "samples" / f"{tag}.png", is_folder=False)
+    return save_samples(run, x, output, title=f"samples at {tag}", reference=ref)[0]
 
 
-def train(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, progress: bool = True,
-          fault_hook=None) -> Path:
+def train(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, progress: bool = True) -> Path:
     """Train a denoiser as configured; return the run directory.
 
     ``resume=True`` continues ``run_dir`` from its newest loadable checkpoint.
-    ``fault_hook(step, loss)`` (tests) may replace the loss of a step.
     The run directory is locked (RUN/.lock) while training: a second process refuses.
     """
-    get_sampler(cfg.train.sample_sampler)  # a bad name fails now, not after the last step
+    get_sampler(cfg.train.sample_sampler, where="train.sample_sampler")  # fails now, not after the last step
     run_dir = require_run_dir(run_dir) if resume else Path(run_dir) if run_dir is not None else new_run_dir(cfg)
-    with RunLock(run_dir, enabled=is_main_rank()):
-        return _train(cfg, run_dir, resume, progress, fault_hook)
+    with RunLock(run_dir, enabled=process_state(cfg.train.device).is_main_process):
+        return run_loop(set_up(cfg, run_dir, resume, progress))
 
 
-def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, fault_hook) -> Path:
+@dataclass
+class TrainState:
+    """What the training loop carries: the set-up's objects and the log window since the last row."""
+
+    cfg: Config
+    run_dir: Path
+    accelerator: Accelerator
+    main: bool  # the process that owns the run directory (logs, samples, checkpoints)
+    dataset: torch.utils.data.Dataset
+    schedule: NoiseSchedule
+    model: torch.nn.Module  # as prepared by Accelerate (wrapped for several processes)
+    raw_model: torch.nn.Module  # the same weights, unwrapped: the EMA's source, the checkpoint's
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    objective: DiffusionObjective
+    start: int
+    loader: Optional[torch.utils.data.DataLoader] = None
+    bar: Any = None
+    guard: Optional[BadStepGuard] = None
+    monitor: Optional[TrainingMonitor] = None
+    losses: list = field(default_factory=list)  # losses of the good steps since the last log row
+    t0: float = 0.0
+    t_last: float = 0.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # this process's loss of the step (the mean over its micro-batches)
+    lr: float
+    grad_norm: torch.Tensor  # before clipping
+    ok: bool  # the weights changed (False: a non-finite loss or gradient, skipped)
+
+
+def run_loop(s: TrainState) -> Path:
+    """Algorithm 1's repeat ... until converged: one train_step per batch, then the end-of-step work."""
+    log_path = s.run_dir / "log.csv"
+    with _StopFlag() as stop, open(log_path, "a", newline="") if s.main else contextlib.nullcontext() as log:
+        if s.main and s.start == 0:
+            csv.writer(log).writerow(LOG_FIELDS)
+        s.model.train()
+        for step, (x0, y) in enumerate(s.loader, start=s.start):
+            result = train_step(s, step, x0, y)
+            if after_step(s, step + 1, result, log, stop):
+                return s.run_dir
+    finish(s)
+    return s.run_dir
+
+
+def train_step(s: TrainState, step: int, x0: torch.Tensor, y: torch.Tensor) -> StepResult:
+    """One optimizer step of Algorithm 1 (Ho et al. 2020) on this process's rows of the global batch."""
+    cfg, acc = s.cfg, s.accelerator
+    own, shared = step_generators(cfg.train.seed, step, acc.process_index, s.device)
+    x0 = x0.to(s.device, non_blocking=True)  # Algorithm 1, line 2: x_0 ~ q(x_0)
+    y = y.to(s.device) if cfg.model.num_classes else None
+    # lines 3-4: t ~ Uniform({1..T}) (or importance-sampled) and eps ~ N(0, I) for the global batch
+    t, noise = draw_t_and_noise(s.objective.sample_timesteps, x0, cfg.train.batch_size, acc.process_index, shared)
+    if y is not None:  # classifier-free guidance: some labels become "no label"
+        y = drop_labels(y, cfg.train.label_dropout, cfg.model.num_classes, generator=own)
+    lr = learning_rate(cfg, step)
+    for g in s.opt.param_groups:
+        g["lr"] = lr
+    loss = backward_micro_batches(s, x0, t, noise, y)  # line 5: the gradient of the loss, then the step
+    # clip at train.grad_clip (0: only measure); a NaN/inf loss or gradient never reaches the weights
+    grad_norm = acc.clip_grad_norm_(s.model.parameters(), cfg.train.grad_clip or float("inf"))
+    ok = optimizer_step(acc, s.opt, s.guard.check(step, loss, grad_norm, acc))
+    s.opt.zero_grad(set_to_none=True)
+    done = step + 1
+    if ok and done % cfg.train.ema_every == 0:
+        ema_update(s.ema, s.raw_model, 0.0 if done <= cfg.train.ema_start else cfg.train.ema_decay)
+    return StepResult(loss, lr, grad_norm, ok)
+
+
+def step_generators(seed: int, step: int, rank: int, device) -> tuple:
+    """Seed everything random in a step from (seed, step, rank), so a resumed run continues exactly.
+
+    Seeds torch's global generator (dropout) and returns this process's own generator (label
+    dropout) and the one every process shares (t and noise of the global batch).
+    """
+    own_seed = (seed * 1_000_003 + step) * 4099 + rank
+    torch.manual_seed(own_seed)
+    own = torch.Generator(device=device).manual_seed(own_seed)
+    return own, torch.Generator(device=device).manual_seed(own_seed - rank)
+
+
+def backward_micro_batches(s: TrainState, x0, t, noise, y) -> torch.Tensor:
+    """Backward of the loss in train.grad_accum_steps micro-batches; returns the step's loss (detached)."""
+    acc, k = s.accelerator, s.cfg.train.grad_accum_steps
+    loss = torch.zeros((), device=s.device)
+    for j, (xj, tj, nj, yj) in enumerate(micro_batches(k, x0, t, noise, y)):
+        # gradient accumulation: the mean of k micro-batch losses; all-reduce after the last only
+        with acc.no_sync(s.model) if j < k - 1 else contextlib.nullcontext():
+            with acc.autocast():
+                part = s.objective(s.model, xj, t=tj, noise=nj, y=yj) / k
+            acc.backward(part)
+        loss = loss + part.detach()
+    s.objective.end_step()  # importance sampling: the history learns this step's t once, after all k
+    return loss
+
+
+def after_step(s: TrainState, done: int, r: StepResult, log, stop: _StopFlag) -> bool:
+    """End-of-step work after step ``done``: log row, sample grid, evaluation, checkpoint; True: stop now."""
+    t = s.cfg.train
+    if r.ok:
+        s.losses.append(r.loss)
+    s.bar.update(1)
+    if done % t.log_every == 0 or done == t.steps:
+        write_log_row(s, log, done, r)
+    if t.sample_every and done % t.sample_every == 0 and s.main and done < t.steps:
+        png = _write_samples(s.cfg, s.ema, s.schedule, s.dataset, s.run_dir, f"step_{done:07d}", s.device)
+        s.monitor.image_file("samples", png, done)
+    if s.main:
+        s.monitor.maybe_evaluate(done, s.ema, s.schedule, final=done == t.steps)
+    stopping = stop.signal is not None
+    if done % t.save_every == 0 or done == t.steps or stopping:
+        save_state(s, done)
+    if stopping:
+        s.bar.close()
+        if s.main:
+            s.monitor.close()
+            print(f"received {stop.signal}: saved checkpoint at step {done}; "
+                  f"continue with `ddpm train --resume {s.run_dir}`")
+    return stopping
+
+
+def write_log_row(s: TrainState, log, done: int, r: StepResult) -> None:
+    """A row of RUN/log.csv (and TensorBoard): the mean loss over all processes since the last row."""
+    mean_loss = s.accelerator.reduce(torch.stack(s.losses).mean(), "mean").item() if s.losses else float("nan")
+    skipped = s.guard.take_since_log()
+    now = time.time()
+    rate = (len(s.losses) + skipped) / max(now - s.t_last, 1e-9)
+    s.losses, s.t_last = [], now
+    s.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{r.lr:.2e}", refresh=False)
+    if s.main:
+        grad_norm = float(r.grad_norm)
+        csv.writer(log).writerow([done, f"{mean_loss:.6f}", f"{r.lr:.6g}", f"{grad_norm:.4f}", f"{rate:.3f}",
+                                  f"{now - s.t0:.1f}", skipped])
+        log.flush()
+        s.monitor.scalars(done, {"train/loss": mean_loss, "train/lr": r.lr, "train/grad_norm": grad_norm,
+                                 "train/it_per_s": rate})
+
+
+def save_state(s: TrainState, done: int) -> None:
+    """The checkpoint of step ``done``: weights, EMA, optimizer, the objective's and the loss scaler's state."""
+    _save(s.accelerator, s.run_dir, done, s.raw_model, s.ema, s.opt,
+          {"objective": s.objective.state_dict(), **scaler_state(s.accelerator)}, keep=s.cfg.train.keep_checkpoints)
+
+
+def finish(s: TrainState) -> None:
+    """After the last step: the final samples (EMA), the summary and what to try next."""
+    s.bar.close()
+    if s.main:
+        steps = s.cfg.train.steps
+        path = _write_samples(s.cfg, s.ema, s.schedule, s.dataset, s.run_dir, "final", s.device)
+        s.monitor.image_file("samples", path, steps)
+        s.monitor.close()
+        print(f"done: {steps} steps in {time.time() - s.t0:.0f} s; samples (EMA) -> {path}"
+              + (f"; {s.guard.total} steps skipped (non-finite loss or gradient)" if s.guard.total else ""))
+        print(next_commands(s.run_dir))
+    s.accelerator.wait_for_everyone()
+
+
+def next_commands(run_dir: Path) -> str:
+    """The commands to try on a finished run."""
+    run = shlex.quote(str(run_dir))
+    return "\n".join(["next:", f"  ddpm sample {run} --sampler ddim --steps 50", f"  ddpm eval {run}",
+                      f"  ddpm viz loss {run}"])
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def set_up(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> TrainState:
+    """Accelerator, data, run folder, model / EMA / optimizer (restored on resume), objective and batches."""
     accelerator = _make_accelerator(cfg)
-    device = accelerator.device
-    if device.type == "cpu" and cfg.train.keep_freed_memory:
+    if accelerator.device.type == "cpu" and cfg.train.keep_freed_memory:
         keep_freed_memory()
-    main = accelerator.is_main_process
-    # the data first: a missing or unusable dataset must not leave a config in a new run folder
+    main = process_state(cfg.train.device).is_main_process
+    dataset = load_data(cfg)  # the data first: a missing or unusable dataset must not leave a run folder
+    if main:
+        print(describe_data(cfg, dataset))
+    if not resume:
+        _create_run_dir(cfg, run_dir, accelerator, main)
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
+    model, ema, opt = build_model_ema_optimizer(cfg, accelerator.device)
+    start, objective_state = _restore(cfg, run_dir, accelerator, main, model, ema, opt) if resume else (0, None)
+    model, opt = accelerator.prepare(model, opt)
+    ema.to(accelerator.device)
+    # the loss of diffusion.loss_type; its state (importance-sampling history) is checkpointed
+    objective = DiffusionObjective.from_config(cfg, schedule, gather=accelerator.gather)
+    objective.load_state_dict(objective_state)
+    s = TrainState(cfg, run_dir, accelerator, main, dataset, schedule, model, accelerator.unwrap_model(model),
+                   ema, opt, objective, start)
+    if main:
+        _trim_log(run_dir / "log.csv", start)
+    s.loader = _make_loader(s)
+    if main and start == 0:
+        print(f"run {run_dir}: {count_parameters(s.raw_model) / 1e6:.2f}M parameters, {len(dataset)} examples, "
+              f"{cfg.train.steps} steps on {s.device} x{accelerator.num_processes}")
+    _start_reporting(s, progress)
+    return s
+
+
+def _make_accelerator(cfg: Config) -> Accelerator:
+    dev = cfg.train.device
+    if dev not in ("auto", "cpu", "cuda", "mps"):
+        raise ConfigError(f"train.device '{dev}' not understood; use auto, cpu, cuda or mps "
+                          "(pick a GPU with CUDA_VISIBLE_DEVICES)")
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA GPU is visible; use train.device=auto or cpu")
+    check_mixed_precision(cfg.train.mixed_precision, dev)
+    forget_accelerator_precision()  # a second train() in one process may use another precision
+    return Accelerator(cpu=use_cpu(dev), mixed_precision=cfg.train.mixed_precision)
+
+
+def load_data(cfg: Config) -> torch.utils.data.Dataset:
+    """The training data of ``cfg.data``, checked against model.num_classes."""
     dataset = build_dataset(cfg)
-    if cfg.model.num_classes and not dataset.num_classes:
-        raise ConfigError(f"model.num_classes is {cfg.model.num_classes} but the data ({cfg.data.dataset}"
+    n = cfg.model.num_classes
+    if n and not dataset.num_classes:
+        raise ConfigError(f"model.num_classes is {n} but the data ({cfg.data.dataset}"
                           f"{' ' + str(cfg.data.path) if cfg.data.path else ''}) has no labels; put the images "
                           "in one sub-folder per class or set model.num_classes=null")
-    if cfg.model.num_classes and dataset.num_classes and cfg.model.num_classes < dataset.num_classes:
-        raise ConfigError(f"model.num_classes ({cfg.model.num_classes}) is smaller than the dataset's "
-                          f"{dataset.num_classes} classes")
-    if not resume:  # train() resolved run_dir (resume: an existing run; else new and empty but for the lock)
-        if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
-            raise DDPMError(f"run directory '{run_dir}' is not empty; resume it with --resume or choose another")
-        accelerator.wait_for_everyone()
-        if main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / CONFIG_FILE)
-    schedule = NoiseSchedule.from_config(cfg.diffusion)
+    if n and n < dataset.num_classes:
+        raise ConfigError(f"model.num_classes ({n}) is smaller than the dataset's {dataset.num_classes} classes")
+    return dataset
+
+
+def describe_data(cfg: Config, dataset) -> str:
+    """The run's first line: what it trains on, and at which size (width x height)."""
+    d = cfg.data
+    if d.dataset == "toy":
+        noise = f", noise {d.toy_noise}" if d.toy_noise else ""
+        return f"data: {len(dataset):,} points of the 2-D toy distribution {d.toy}{noise}"
+    c, h, w = dataset.sample_shape
+    channels = f"{c} channel{'s' if c != 1 else ''}"
+    classes = f", {dataset.num_classes} classes" if d.dataset == "folder" and dataset.num_classes else ""
+    if d.dataset != "folder":
+        return f"data: the bundled {d.dataset} ({len(dataset):,} images of {w}x{h}, {channels}; split {d.split})"
+    line = f"data: {len(dataset):,} images from {dataset.root}{classes}, resized and center-cropped to {w}x{h}, " \
+           f"{channels}"
+    big = dataset.largest_original
+    if big is not None and (big[0] > w or big[1] > h):
+        line += f" (originals up to {big[0]}x{big[1]}: set data.image_size to train at a higher resolution)"
+    return line
+
+
+def _create_run_dir(cfg: Config, run_dir: Path, accelerator: Accelerator, main: bool) -> None:
+    """A new run's folder with its config.yaml (train() resolved it: new, or empty but for the lock)."""
+    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+        raise DDPMError(f"run directory '{run_dir}' is not empty; resume it with --resume or choose another")
+    accelerator.wait_for_everyone()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / CONFIG_FILE)
+
+
+def build_model_ema_optimizer(cfg: Config, device: torch.device) -> tuple:
+    """The denoiser (seeded by train.seed), its EMA copy and AdamW."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)  # learned variance (diffusion.variance): twice the output channels
     ema = copy.deepcopy(model).requires_grad_(False)
     # fused: one pass over each tensor instead of ~10 (5-10 % of a CPU step); resumes keep the stored choice
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
                             weight_decay=cfg.train.weight_decay, fused=device.type in ("cpu", "cuda"))
+    return model, ema, opt
 
+
+def _restore(cfg: Config, run_dir: Path, accelerator: Accelerator, main: bool, model, ema, opt) -> tuple:
+    """Load the newest loadable checkpoint of a resumed run; (its step, the objective's state)."""
     start, objective_state = 0, None
-    if resume:
-        ckpt_path, ckpt, skipped = find_checkpoint(run_dir)  # newest loadable, damaged ones listed
-        if ckpt is not None:
-            restore_training_state(ckpt_path, ckpt, model, ema, opt)
-            start = ckpt["step"]
-            objective_state = ckpt["state"].get("objective")
-            load_scaler_state(accelerator, ckpt["state"])  # fp16: the loss scale continues
-        if main:
-            _report_resume(run_dir, ckpt_path, start, skipped)
-            save_run_config(cfg, run_dir)  # the resolved config, with any changes of this resume
-    model, opt = accelerator.prepare(model, opt)
-    ema.to(device)
-    # the loss of diffusion.loss_type; its state (importance-sampling history) is checkpointed
-    objective = DiffusionObjective.from_config(cfg, schedule, gather=accelerator.gather)
-    objective.load_state_dict(objective_state)
-    raw_model = accelerator.unwrap_model(model)
-
-    log_path = run_dir / "log.csv"
+    ckpt_path, ckpt, skipped = find_checkpoint(run_dir)  # newest loadable, damaged ones listed
+    if ckpt is not None:
+        restore_training_state(ckpt_path, ckpt, model, ema, opt)
+        start = ckpt["step"]
+        objective_state = ckpt["state"].get("objective")
+        load_scaler_state(accelerator, ckpt["state"])  # fp16: the loss scale continues
     if main:
-        _trim_log(log_path, start)
+        _report_resume(run_dir, ckpt_path, start, skipped)
+        save_run_config(cfg, run_dir)  # the resolved config, with any changes of this resume
+    return start, objective_state
 
-    check_batch_split(cfg.train.batch_size, accelerator.num_processes, cfg.train.grad_accum_steps)
-    sampler = StepBatchSampler(len(dataset), cfg.train.batch_size, start, cfg.train.steps, cfg.train.seed,
-                               accelerator.process_index, accelerator.num_processes)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                                         pin_memory=device.type == "cuda")
-    if main and start == 0:
-        print(f"run {run_dir}: {count_parameters(raw_model) / 1e6:.2f}M parameters, {len(dataset)} examples, "
-              f"{cfg.train.steps} steps on {device} x{accelerator.num_processes}")
 
-    bar = progress_bar(progress and main, total=cfg.train.steps, initial=start, desc="training")
-    losses, t0, t_last, step = [], time.time(), time.time(), start
-    grad_norm = torch.tensor(0.0)
-    guard = BadStepGuard(cfg.train.max_bad_steps, say=_say(bar) if main else (lambda m: None), run_dir=run_dir)
+def _make_loader(s: TrainState) -> torch.utils.data.DataLoader:
+    """This process's batches of steps start..train.steps-1 (see StepBatchSampler)."""
+    t, acc = s.cfg.train, s.accelerator
+    check_batch_split(t.batch_size, acc.num_processes, t.grad_accum_steps)
+    sampler = StepBatchSampler(len(s.dataset), t.batch_size, s.start, t.steps, t.seed, acc.process_index,
+                               acc.num_processes)
+    return torch.utils.data.DataLoader(s.dataset, batch_sampler=sampler, num_workers=s.cfg.data.num_workers,
+                                       pin_memory=s.device.type == "cuda")
+
+
+def _start_reporting(s: TrainState, progress: bool) -> None:
+    """The progress bar, the non-finite step guard and (main process) TensorBoard and evaluation."""
+    s.bar = progress_bar(progress and s.main, total=s.cfg.train.steps, initial=s.start, desc="training")
+    say = _say(s.bar) if s.main else (lambda m: None)
+    s.guard = BadStepGuard(s.cfg.train.max_bad_steps, say=say, run_dir=s.run_dir)
     # TensorBoard and evaluation every train.eval_every steps (main process only)
-    monitor = TrainingMonitor(cfg, run_dir, dataset, start, device, say=_say(bar)) if main else None
-    with _StopFlag() as stop, open(log_path, "a", newline="") if main else _Null() as logf:
-        writer = csv.writer(logf) if main else None
-        if main and start == 0:
-            writer.writerow(LOG_FIELDS)
-        model.train()
-        for step, (x0, y) in enumerate(loader, start=start):
-            # everything random in this step follows from (seed, step, rank): exact resume
-            seed = (cfg.train.seed * 1_000_003 + step) * 4099 + accelerator.process_index
-            torch.manual_seed(seed)
-            gen = torch.Generator(device=device).manual_seed(seed)
-            x0 = x0.to(device, non_blocking=True)
-            y = y.to(device) if cfg.model.num_classes else None
-            # t and noise are drawn for the global batch from (seed, step) alone; this process keeps its rows
-            shared = torch.Generator(device=device).manual_seed(seed - accelerator.process_index)
-            t, noise = draw_t_and_noise(objective.sample_timesteps, x0, cfg.train.batch_size,
-                                        accelerator.process_index, shared)
-            if y is not None:  # classifier-free guidance: some labels become "no label"
-                y = drop_labels(y, cfg.train.label_dropout, cfg.model.num_classes, generator=gen)
-            lr = learning_rate(cfg, step)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            loss, k = torch.zeros((), device=device), cfg.train.grad_accum_steps
-            for j, (xj, tj, nj, yj) in enumerate(micro_batches(k, x0, t, noise, y)):
-                # gradient accumulation: the mean of k micro-batch losses; all-reduce after the last only
-                with accelerator.no_sync(model) if j < k - 1 else contextlib.nullcontext():
-                    with accelerator.autocast():
-                        part = objective(model, xj, t=tj, noise=nj, y=yj) / k
-                    if fault_hook is not None:
-                        part = fault_hook(step, part)
-                    accelerator.backward(part)
-                loss = loss + part.detach()
-            # clip at train.grad_clip (0: only measure); a NaN/inf loss or gradient never reaches the weights
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
-            ok = optimizer_step(accelerator, opt, guard.check(step, loss, grad_norm, accelerator))
-            opt.zero_grad(set_to_none=True)
-            done = step + 1
-            if ok and done % cfg.train.ema_every == 0:
-                ema_update(ema, raw_model, 0.0 if done <= cfg.train.ema_start else cfg.train.ema_decay)
-            if ok:
-                losses.append(loss.detach())
-            bar.update(1)
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                mean_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item() if losses else float("nan")
-                skipped_steps = guard.take_since_log()
-                now = time.time()
-                rate = (len(losses) + skipped_steps) / max(now - t_last, 1e-9)
-                losses, t_last = [], now
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-                if main:
-                    writer.writerow([done, f"{mean_loss:.6f}", f"{lr:.6g}", f"{float(grad_norm):.4f}",
-                                     f"{rate:.3f}", f"{now - t0:.1f}", skipped_steps])
-                    logf.flush()
-                    monitor.scalars(done, {"train/loss": mean_loss, "train/lr": lr,
-                                           "train/grad_norm": float(grad_norm), "train/it_per_s": rate})
-            if cfg.train.sample_every and done % cfg.train.sample_every == 0 and main and done < cfg.train.steps:
-                png = _write_samples(cfg, ema, schedule, dataset, run_dir, f"step_{done:07d}", device)
-                monitor.image_file("samples", png, done)
-            if main:
-                monitor.maybe_evaluate(done, ema, schedule, final=done == cfg.train.steps)
-            stopping = stop.signal is not None
-            if done % cfg.train.save_every == 0 or done == cfg.train.steps or stopping:
-                _save(accelerator, run_dir, done, raw_model, ema, opt,
-                      {"objective": objective.state_dict(), **scaler_state(accelerator)},
-                      keep=cfg.train.keep_checkpoints)
-            if stopping:
-                bar.close()
-                if main:
-                    monitor.close()
-                    print(f"received {stop.signal}: saved checkpoint at step {done}; "
-                          f"continue with `ddpm train --resume {run_dir}`")
-                return run_dir
-    bar.close()
-    if main:
-        path = _write_samples(cfg, ema, schedule, dataset, run_dir, "final", device)
-        monitor.image_file("samples", path, cfg.train.steps)
-        monitor.close()
-        print(f"done: {cfg.train.steps} steps in {time.time() - t0:.0f} s; samples (EMA) -> {path}"
-              + (f"; {guard.total} steps skipped (non-finite loss or gradient)" if guard.total else ""))
-    accelerator.wait_for_everyone()
-    return run_dir
+    s.monitor = TrainingMonitor(s.cfg, s.run_dir, s.dataset, s.start, s.device, say=say) if s.main else None
+    s.t0 = s.t_last = time.time()
 
 
 def _save(accelerator, run_dir, step, model, ema, opt, extra=None, keep: int = 3) -> None:
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if process_state().is_main_process:
         save_checkpoint(run_dir, step, model.state_dict(), ema.state_dict(), opt.state_dict(), extra=extra,
                         keep=keep)
     accelerator.wait_for_everyone()
@@ -420,10 +552,3 @@ def _say(bar):
     """Print a line without breaking the progress bar."""
     return lambda message: bar.write(message) if hasattr(bar, "write") else print(message)
 
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -27,16 +27,19 @@ from ddpmlab.evaluate.run import (
 )
 
 TB_DIR = "tensorboard"
+# how a run sets each evaluation option, for the messages of ddpmlab.evaluate
+EVAL_OPTION_NAMES = {"metrics": "train.eval_metrics", "n": "train.eval_n", "sampler": "train.eval_sampler",
+                     "steps": "train.eval_steps", "extractor": "train.eval_inception_weights",
+                     "inception_weights": "train.eval_inception_weights"}
 
 
 def eval_settings(cfg) -> EvalSettings:
     """The evaluation a run does every ``train.eval_every`` steps, from its train.eval_* keys."""
     t = cfg.train
-    weights = getattr(t, "eval_inception_weights", None)
-    return EvalSettings(metrics=list(getattr(t, "eval_metrics", []) or []), n=int(getattr(t, "eval_n", 500)),
-                        sampler=getattr(t, "eval_sampler", "ddim"), steps=int(getattr(t, "eval_steps", 50)),
-                        seed=t.seed, extractor="inception" if weights else "classifier", inception_weights=weights,
-                        baseline=False)
+    weights = t.eval_inception_weights
+    return EvalSettings(metrics=list(t.eval_metrics or []), n=int(t.eval_n), sampler=t.eval_sampler,
+                        steps=int(t.eval_steps), seed=t.seed, extractor="inception" if weights else "classifier",
+                        inception_weights=weights, baseline=False)
 
 
 class TrainingMonitor:
@@ -46,12 +49,12 @@ class TrainingMonitor:
                  say=print):
         self.say = say
         self.cfg, self.run_dir, self.dataset, self.device = cfg, Path(run_dir), dataset, device
-        self.every = int(getattr(cfg.train, "eval_every", 0) or 0)
+        self.every = cfg.train.eval_every
         self.settings = eval_settings(cfg)
         self.progress = progress
         self._extractor = self._reference = None
         self.writer = None
-        if getattr(cfg.train, "tensorboard", True):
+        if cfg.train.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.run_dir / TB_DIR), purge_step=start_step or None, flush_secs=20)
@@ -61,20 +64,17 @@ class TrainingMonitor:
 
     def _check(self) -> None:
         """Refuse at the start, not after hours of training, an evaluation that cannot run."""
-        s = self.settings
+        s, names = self.settings, EVAL_OPTION_NAMES
         try:
             image = self.dataset.is_image
-            check_metrics(s.metrics or default_metrics(image, False, s.extractor), image)
-            if self.dataset.is_image:
+            check_metrics(s.metrics or default_metrics(image, False, s.extractor), image, where=names["metrics"])
+            if image:
                 self._extractor = build_extractor(s.extractor, tuple(self.dataset.sample_shape), s.inception_weights,
-                                                  self.device)
+                                                  self.device, names=names)
                 if "fid" in (s.metrics or ["fid"]):
-                    check_fid_samples(s.n, self._extractor.num_features, option="train.eval_n")
+                    check_fid_samples(s.n, self._extractor.num_features, option=names["n"])
         except DDPMError as e:
-            msg = str(e).replace("--metrics", "train.eval_metrics").replace("--extractor inception "
-                                                                            "--inception-weights PATH",
-                                                                            "train.eval_inception_weights=PATH")
-            raise ConfigError(f"train.eval_every: {msg}") from None
+            raise ConfigError(f"train.eval_every: {e}") from None
 
     def scalars(self, step: int, values: Dict[str, float]) -> None:
         if self.writer is not None:
@@ -95,7 +95,7 @@ class TrainingMonitor:
         if not self.every or (step % self.every and not final):
             return None
         ctx = EvalContext(self.cfg, model, schedule, self.dataset, self.settings, self.device, self.progress,
-                          extractor=self._extractor, reference=self._reference, n_option="train.eval_n")
+                          extractor=self._extractor, reference=self._reference, names=EVAL_OPTION_NAMES)
         results = evaluate_model(ctx)
         if self.dataset.is_image:
             self._reference = ctx.reference  # computed (or read from the cache) once per run
@@ -109,9 +109,3 @@ class TrainingMonitor:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-
-
-
-
-
-

@@ -7,14 +7,14 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from ddpmlab.diffusion.process import q_sample
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import DDPMError
 from ddpmlab.io.images import grid_image
 from ddpmlab.samplers.generate import generate
-from ddpmlab.viz.images import pyplot, save_figure, save_gif
+from ddpmlab.viz.images import new_figure, save_figure, save_gif
 
 DEFAULT_TS = (0, 50, 100, 200, 300, 500, 700, 999)
 
@@ -46,8 +46,7 @@ def save_forward_strip(x0: torch.Tensor, schedule: NoiseSchedule, path, ts: Sequ
     ts = check_timesteps(ts, schedule.num_timesteps)
     xs = forward_steps(x0, schedule, ts, seed)  # (K, B, C, H, W)
     k, b = xs.shape[:2]
-    plt = pyplot()
-    fig, axes = plt.subplots(b, k, figsize=(1.1 * k, 1.1 * b + 0.4), dpi=100, squeeze=False)
+    fig, axes = new_figure((1.1 * k, 1.1 * b + 0.4), dpi=100, nrows=b, ncols=k, squeeze=False)
     abar = schedule.alphas_cumprod
     for c, t in enumerate(ts):
         axes[0, c].set_title(f"t={t}\n" + r"$\sqrt{\bar\alpha_t}$" + f"={abar[t].sqrt():.2f}", fontsize=7)
@@ -105,8 +104,6 @@ def record_trajectory(model, schedule: NoiseSchedule, shape: Sequence[int], n: i
 
 def _labelled(img: Image.Image, text: str) -> Image.Image:
     """img with a white band of text on top (Pillow's built-in font)."""
-    from PIL import ImageDraw
-
     out = Image.new("L", (img.width, img.height + 14), 255)
     out.paste(img.convert("L"), (0, 14))
     ImageDraw.Draw(out).text((2, 1), text, fill=0)
@@ -132,9 +129,8 @@ def save_reverse_strip(xs: torch.Tensor, x0s: torch.Tensor, ks: Sequence[int], p
     """Stills along sampling: for each of ``rows`` samples one row of x_t and one of predicted x0."""
     idx = np.unique(np.linspace(0, len(ks) - 1, min(stills, len(ks))).round().astype(int))
     rows = min(rows, xs.shape[1])
-    plt = pyplot()
-    fig, axes = plt.subplots(2 * rows, len(idx), figsize=(1.1 * len(idx), 2.3 * rows + 0.3), dpi=100,
-                             squeeze=False)
+    fig, axes = new_figure((1.1 * len(idx), 2.3 * rows + 0.3), dpi=100, nrows=2 * rows, ncols=len(idx),
+                           squeeze=False)
     for c, j in enumerate(idx):
         axes[0, c].set_title(f"step {ks[j]}/{total_steps}", fontsize=7)
         for r in range(rows):

@@ -1,36 +1,38 @@
-"""Pixels out: sample grids, 2D scatter plots, GIF animations, matplotlib figures as arrays."""
+"""Pixels out: sample grids, 2D scatter plots, GIF animations, matplotlib figures as arrays.
+
+Figures use matplotlib's object-oriented API (:func:`new_figure`): each one draws on its own
+Agg canvas, so neither pyplot's figure list nor the process's backend (a notebook's, say)
+is touched.
+"""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from PIL import Image
 
 
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (no display needed)."""
-    import matplotlib
+def new_figure(figsize: tuple[float, float], dpi: float = 100, nrows: int = 1, ncols: int = 1,
+               **subplots_kw) -> tuple[Figure, Any]:
+    """A figure on its own Agg canvas and its axes (``Figure.subplots(nrows, ncols, **subplots_kw)``).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-
-
-
-
+    Needs no display, no pyplot and no backend switch; the figure is freed with its last reference.
+    """
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, **subplots_kw)
 
 
 def save_scatter(points: torch.Tensor, path, reference: Optional[torch.Tensor] = None,
                  title: str = "samples") -> Path:
     """Scatter plot of 2D points (N, 2), optionally over reference data in grey."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    fig, ax = new_figure((5, 5), dpi=100)
     if reference is not None:
         ref = reference.cpu().numpy()
         ax.scatter(ref[:, 0], ref[:, 1], s=2, c="0.75", label="data")
@@ -42,20 +44,17 @@ def save_scatter(points: torch.Tensor, path, reference: Optional[torch.Tensor] =
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
-def figure_array(fig) -> np.ndarray:
-    """The pixels of a drawn matplotlib figure: uint8 (H, W, 3)."""
+def figure_array(fig: Figure) -> np.ndarray:
+    """The pixels of a matplotlib figure with an Agg canvas (:func:`new_figure`), drawn now: uint8 (H, W, 3)."""
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
-def save_figure(fig, path) -> Path:
-    """Save and close a figure; PNGs get an adaptive 256-colour palette (a third of the bytes)."""
-    import io
-
+def save_figure(fig: Figure, path) -> Path:
+    """Save a figure; PNGs get an adaptive 256-colour palette (a third of the bytes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() != ".png":
@@ -64,7 +63,6 @@ def save_figure(fig, path) -> Path:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", bbox_inches="tight")
         Image.open(buf).convert("RGB").quantize(colors=256).save(path, optimize=True)
-    pyplot().close(fig)
     return path
 
 

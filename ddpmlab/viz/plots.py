@@ -10,14 +10,13 @@ import numpy as np
 
 from ddpmlab.diffusion.schedules import SCHEDULES, NoiseSchedule
 from ddpmlab.errors import DDPMError
-from ddpmlab.viz.images import pyplot, save_figure
+from ddpmlab.viz.images import new_figure, save_figure
 
 
 def plot_schedules(path, names: Sequence[str] = SCHEDULES, T: int = 1000, beta_start: float = 1e-4,
                    beta_end: float = 0.02) -> Path:
     """beta_t, alpha_bar_t and log-SNR(t) = log(alpha_bar / (1 - alpha_bar)) against t, one line per schedule."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=100)
+    fig, axes = new_figure((13, 3.6), dpi=100, ncols=3)
     t = np.arange(T)
     for name in names:
         s = NoiseSchedule.make(name, T, beta_start, beta_end)
@@ -68,8 +67,7 @@ def plot_loss(run_dirs: Sequence, path, smooth: float = 0.8) -> Path:
         ev = Path(run) / "eval.csv"
         logs.append((Path(run).name, cols, _read_csv(ev) if ev.is_file() else {}))
     metrics = sorted({k for _, _, e in logs for k in e if k != "step"})
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 1 + len(metrics), figsize=(5.5 * (1 + len(metrics)), 3.8), dpi=100, squeeze=False)
+    fig, axes = new_figure((5.5 * (1 + len(metrics)), 3.8), dpi=100, ncols=1 + len(metrics), squeeze=False)
     ax = axes[0, 0]
     for i, (name, cols, _) in enumerate(logs):
         color = f"C{i}"

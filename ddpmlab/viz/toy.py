@@ -10,7 +10,7 @@ import torch
 
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.viz.diffusion import forward_steps, record_trajectory
-from ddpmlab.viz.images import figure_array, pyplot, save_figure, save_gif
+from ddpmlab.viz.images import figure_array, new_figure, save_figure, save_gif
 
 LIM = 3.0  # toy sets are standardised: +-3 holds the data and the N(0, I) end of the diffusion
 
@@ -32,8 +32,7 @@ def _scatter(ax, points: torch.Tensor, title: str, color: str = "tab:blue",
 
 def _panels(sets: Sequence[torch.Tensor], titles: Sequence[str], path, color: str,
             reference: Optional[torch.Tensor] = None) -> Path:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(sets), figsize=(1.9 * len(sets), 2.1), dpi=100, squeeze=False)
+    fig, axes = new_figure((1.9 * len(sets), 2.1), dpi=100, ncols=len(sets), squeeze=False)
     for ax, pts, title in zip(axes[0], sets, titles):
         _scatter(ax, pts, title, color, reference)
     fig.subplots_adjust(wspace=0.05)
@@ -67,8 +66,7 @@ def save_toy_animation(data: torch.Tensor, schedule: NoiseSchedule, xs: torch.Te
     T = schedule.num_timesteps
     ts = np.unique(np.geomspace(1, T, forward_frames).round().astype(int) - 1)
     frames: List[np.ndarray] = []
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(3, 3), dpi=70)
+    fig, ax = new_figure((3, 3), dpi=70)
     for t, pts in zip(ts, forward_steps(data, schedule, ts.tolist(), seed)):
         ax.clear()
         _scatter(ax, pts, f"forward q(x_t | x_0), t={t}", "tab:orange")
@@ -77,7 +75,6 @@ def save_toy_animation(data: torch.Tensor, schedule: NoiseSchedule, xs: torch.Te
         ax.clear()
         _scatter(ax, x, f"reverse, step {k}/{total_steps}", "tab:blue")
         frames.append(figure_array(fig))
-    plt.close(fig)
     return save_gif(frames, path, duration_ms=duration_ms, hold_last_ms=1500)
 
 

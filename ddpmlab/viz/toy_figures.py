@@ -1,7 +1,7 @@
-"""Figures of the seed-004 toy experiment: the forward and reverse process of 2-D data.
+"""Scatter-panel figures of 2-D data under the forward and the reverse process.
 
-``forward_reverse_points`` collects q(x_t) of data points and the states of an ancestral
-sampler at the same timesteps; ``save_panels`` draws rows of scatter panels.
+``forward_points`` collects q(x_t) of data points, ``reverse_points`` the states of an
+ancestral sampler at matching timesteps; ``save_panels`` draws rows of scatter panels.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from ddpmlab.diffusion.process import q_sample
 from ddpmlab.diffusion.schedules import NoiseSchedule, select_timesteps
 from ddpmlab.samplers import ModelPredictor
 from ddpmlab.samplers.registry import SAMPLERS
+from ddpmlab.viz.images import new_figure
 
 
 def forward_points(schedule: NoiseSchedule, x0: torch.Tensor, ts: Sequence[int],
@@ -53,13 +54,8 @@ def reverse_points(model, schedule: NoiseSchedule, n: int, steps: int, variance:
 
 def save_panels(rows: Sequence[tuple], path, reference: Optional[torch.Tensor] = None, lim: float = 3.0) -> Path:
     """rows: [(row title, [(panel label, points (N, 2)), ...]), ...] -> one PNG of scatter panels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ncol = max(len(panels) for _, panels in rows)
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(2.2 * ncol, 2.4 * len(rows)), dpi=100, squeeze=False)
+    fig, axes = new_figure((2.2 * ncol, 2.4 * len(rows)), dpi=100, nrows=len(rows), ncols=ncol, squeeze=False)
     for r, (title, panels) in enumerate(rows):
         for c in range(ncol):
             ax = axes[r][c]
@@ -82,5 +78,4 @@ def save_panels(rows: Sequence[tuple], path, reference: Optional[torch.Tensor] =
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path

@@ -1,0 +1,56 @@
+"""The denoiser a config describes, and its size."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from ddpmlab.config import Config
+from ddpmlab.data import data_shape
+from ddpmlab.models.mlp import MLPDenoiser
+from ddpmlab.models.unet import UNet
+
+
+def build_model(cfg: Config, out_channels_multiplier: Optional[int] = None) -> nn.Module:
+    """The denoiser for ``cfg``: a UNet (model.kind 'unet') or an MLPDenoiser on 2D points ('mlp').
+
+    The output has ``out_channels_multiplier`` times the data channels; by default 2 when
+    ``diffusion.variance`` is learned_range (eps and the variance head), else 1.
+    Raises ConfigError when the model does not fit the data (e.g. model.attention_resolutions
+    naming a height no UNet level has).
+    """
+    if out_channels_multiplier is None:
+        out_channels_multiplier = 2 if cfg.diffusion.variance == "learned_range" else 1
+    if cfg.model.kind == "mlp":
+        return _mlp(cfg, out_channels_multiplier)
+    return _unet(cfg, out_channels_multiplier)
+
+
+def _mlp(cfg: Config, out_channels_multiplier: int) -> MLPDenoiser:
+    m = cfg.model
+    return MLPDenoiser(dim=2, hidden=m.hidden, num_layers=m.num_layers, time_embed_dim=m.time_embed_dim,
+                       num_classes=m.num_classes, out_dim=2 * out_channels_multiplier)
+
+
+def _unet(cfg: Config, out_channels_multiplier: int) -> UNet:
+    m = cfg.model
+    channels, height, width = data_shape(cfg)
+    return UNet(
+        in_channels=channels,
+        out_channels=channels * out_channels_multiplier,
+        base_channels=m.base_channels,
+        channel_mults=tuple(m.channel_mults),
+        num_res_blocks=m.num_res_blocks,
+        attention_resolutions=tuple(m.attention_resolutions),
+        dropout=m.dropout,
+        num_heads=m.num_heads,
+        norm_groups=m.norm_groups,
+        num_classes=m.num_classes,
+        image_size=(height, width),
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (all of them, trainable or not)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,195 @@
+"""The front ends agree through the run layer: outputs, devices, options and messages.
+
+Every fault here is answered with a correct output or one line on stderr, never a traceback.
+"""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpmlab.cli import build_parser, main
+from ddpmlab.config import load_config
+from ddpmlab.errors import ConfigError
+from ddpmlab.progress import SampleBar
+from ddpmlab.runs import load_run, plan_sampling, resolve_device, resolve_output
+from ddpmlab.samplers.registry import SAMPLER_SPECS
+
+TINY = ["train.steps=4", "train.batch_size=8", "model.base_channels=8", "model.norm_groups=4",
+        "model.channel_mults=[1,2]", "model.attention_resolutions=[]", "train.sample_n=4",
+        "train.sample_steps=2", "train.log_every=2", "train.save_every=2"]
+
+
+def _err(capsys, argv):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    assert main(["train", "data.dataset=digits", f"train.out_dir={root}", "train.name=r", "--no-progress",
+                 *TINY]) == 0
+    return root / "r"
+
+
+def test_sample_out_as_folder_writes_one_png_per_sample_and_the_grid(run, tmp_path, capsys):
+    for out in (f"{tmp_path / 'a'}/", str(tmp_path / "b")):  # a trailing slash, or a name without extension
+        assert main(["sample", str(run), "--n", "3", "--steps", "2", "--out", out, "--npz", "--no-progress"]) == 0
+        folder = tmp_path / out.rstrip("/").split("/")[-1]
+        singles = sorted(p.name for p in folder.glob("0*.png"))
+        assert singles == ["000000.png", "000001.png", "000002.png"]
+        assert (folder / "grid.png").is_file()
+        raw = np.load(folder / "samples.npz")["samples"]
+        one = np.asarray(Image.open(folder / "000001.png"), dtype=np.float32)
+        assert np.array_equal(one, np.round((np.clip(raw[1, 0], -1, 1) + 1) * 127.5))  # the PNG is the sample
+    capsys.readouterr()
+
+
+def test_sample_out_with_an_unknown_extension_fails_before_sampling(run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("ddpmlab.cli.draw_samples", lambda *a, **k: pytest.fail("sampled before checking --out"))
+    rc, err = _err(capsys, ["sample", str(run), "--out", str(tmp_path / "grid.xyz")])
+    assert rc == 2 and "unknown picture extension '.xyz'" in err and len(err.splitlines()) == 1
+
+
+def test_raw_samples_are_written_before_the_picture(run, tmp_path, capsys, monkeypatch):
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("ddpmlab.cli.save_samples", broken)
+    with pytest.raises(OSError):
+        main(["sample", str(run), "--n", "2", "--steps", "2", "--out", str(tmp_path / "g.png"), "--npz"])
+    assert np.load(tmp_path / "g.npz")["samples"].shape == (2, 1, 8, 8)
+    capsys.readouterr()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer of a machine without a CUDA GPU")
+def test_an_absent_device_is_one_line_in_every_sampling_command(run, tmp_path, capsys):
+    img = tmp_path / "in.png"
+    Image.new("L", (8, 8), 128).save(img)
+    Image.new("L", (8, 8), 255).save(tmp_path / "mask.png")
+    commands = [["sample", str(run)], ["eval", str(run)], ["viz", "grid", str(run)], ["viz", "reverse", str(run)],
+                ["img2img", str(run), "--image", str(img)],
+                ["inpaint", str(run), "--image", str(img), "--mask", str(tmp_path / "mask.png")],
+                ["bench", "samplers", str(run)]]
+    for argv in commands:
+        rc, err = _err(capsys, [*argv, "--device", "cuda"])
+        assert rc == 2 and "--device: 'cuda' but no CUDA GPU is visible" in err and len(err.splitlines()) == 1, argv
+        rc, err = _err(capsys, [*argv, "--device", "gpu"])
+        assert rc == 2 and "--device: unknown device 'gpu'" in err and "cuda:N" in err, argv
+
+
+def test_resolve_device_refuses_what_is_not_there():
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    assert resolve_device("CPU") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="where-it-is: unknown device 'cuda:x'"):
+        resolve_device("cuda:x", "where-it-is")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
+            resolve_device("cuda:0")
+
+
+def test_train_option_instead_of_a_config_key_gets_the_subcommand_usage_and_a_hint(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--steps", "100"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "usage: ddpm train" in err
+    assert "config keys are written key=value: did you mean train.steps=100?" in err
+    with pytest.raises(SystemExit):
+        main(["train", "--base-channels=64"])
+    assert "did you mean model.base_channels=64?" in capsys.readouterr().err
+
+
+def test_train_help_lists_every_config_key_and_print_config_shows_the_resolved_config(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    cfg = load_config("mnist")
+    for section, keys in cfg.to_dict().items():
+        for key in keys if isinstance(keys, dict) else []:
+            assert f"{section}.{key}" in out, f"{section}.{key} missing from ddpm train --help"
+    assert main(["train", "--print-config", "train.steps=123", "model.base_channels=48"]) == 0
+    printed = capsys.readouterr().out
+    assert "steps: 123" in printed and "base_channels: 48" in printed
+    assert load_config("mnist", ["train.steps=123"]).train.steps == 123  # printed, nothing trained
+
+
+def test_every_sampling_command_takes_timesteps_batch_size_and_no_progress():
+    parser = build_parser()
+    commands = [["sample", "R"], ["img2img", "R", "--image", "x.png"], ["eval", "R"], ["viz", "grid", "R"],
+                ["viz", "reverse", "R"], ["viz", "toy", "R"], ["inpaint", "R", "--image", "x", "--mask", "m"],
+                ["bench", "samplers", "R"]]
+    for argv in commands:
+        args = parser.parse_args([*argv, "--timesteps", "uniform", "--batch-size", "7", "--no-progress"]
+                                 if argv[0] != "bench" else [*argv, "--batch-size", "7", "--no-progress"])
+        assert args.batch_size == 7 and args.no_progress, argv
+        assert argv[0] == "bench" or args.timesteps == "uniform", argv
+
+
+def test_the_batch_size_default_is_shown_in_the_help(capsys):
+    for sub in (["sample"], ["eval"], ["viz", "grid"], ["inpaint"]):
+        with pytest.raises(SystemExit):
+            main([*sub, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert "--batch-size BATCH_SIZE samples per batch (default" in out, sub
+
+
+def test_one_variance_vocabulary_aliases_give_the_same_samples(run, tmp_path, capsys):
+    outs = {}
+    for name in ("fixed_small", "posterior"):
+        out = tmp_path / f"{name}.png"
+        assert main(["sample", str(run), "--sampler", "ddpm", "--steps", "3", "--n", "2", "--variance", name,
+                     "--out", str(out), "--npz", "--no-progress"]) == 0
+        outs[name] = np.load(out.with_suffix(".npz"))["samples"]
+    assert np.array_equal(outs["fixed_small"], outs["posterior"])
+    rc, err = _err(capsys, ["sample", str(run), "--sampler", "ddpm", "--variance", "wide"])
+    assert rc == 2 and "--variance: unknown variance 'wide'" in err and "fixed_large" in err
+    rc, err = _err(capsys, ["sample", str(run), "--sampler", "dpmpp_2m", "--eta", "1"])
+    assert rc == 2 and "--eta does not apply to sampler dpmpp_2m" in err
+
+
+def test_the_ancestral_sampler_defaults_to_the_runs_variance(run):
+    r = load_run(run, device="cpu")
+    assert plan_sampling(r, "ddpm", 3).options["variance"] == r.cfg.diffusion.variance
+    assert plan_sampling(r, "ddpm", 3, options={"variance": "beta"}).options["variance"] == "fixed_large"
+    assert "variance" not in plan_sampling(r, "ddim", 3).options
+    assert plan_sampling(r, "ddpm").steps == r.T and plan_sampling(r, "ddim").steps == 50
+
+
+def test_every_sampler_spec_names_options_its_function_takes():
+    import inspect
+
+    for name, spec in SAMPLER_SPECS.items():
+        params = inspect.signature(spec.fn).parameters
+        assert spec.schedule_kind in params, name
+        assert all(o in params for o in spec.options), name
+
+
+def test_a_run_whose_only_checkpoint_is_damaged_says_so(tmp_path, capsys):
+    root = tmp_path / "runs"
+    assert main(["train", "data.dataset=digits", f"train.out_dir={root}", "train.name=d", "--no-progress",
+                 *TINY[:-1], "train.save_every=4"]) == 0
+    ckpt = root / "d" / "checkpoints" / "step_0000004"
+    (ckpt / "state.json").write_text("{not json")
+    rc, err = _err(capsys, ["sample", str(root / "d")])
+    assert rc == 2 and "has no loadable checkpoint: step_0000004 is damaged (JSONDecodeError" in err
+    assert "no checkpoint yet" not in err and len(err.splitlines()) == 1
+
+
+def test_resolve_output_tells_files_from_folders(tmp_path):
+    (tmp_path / "exists").mkdir()
+    assert resolve_output(None, tmp_path / "d.png").picture == tmp_path / "d.png"
+    assert resolve_output(tmp_path / "exists", tmp_path / "d.png").is_folder
+    out = resolve_output(str(tmp_path / "x.jpg"), tmp_path / "d.png")
+    assert not out.is_folder and out.raw == tmp_path / "x.npz"
+
+
+def test_sample_bar_counts_samples_not_steps():
+    bar = SampleBar(True, 8, 4, "test")
+    for m in (5, 3):
+        bar.start_batch(m)
+        for _ in range(4):
+            bar.step()
+    assert bar.bar.total == 8 and round(bar.bar.n, 6) == 8
+    bar.close()
