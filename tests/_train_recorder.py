@@ -14,6 +14,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 import ddpmlab.training.loop as train_module
+import ddpmlab.training.setup as setup_module
 from ddpmlab.cli import main
 
 RANK = int(os.environ.get("RANK", "0"))
@@ -21,7 +22,7 @@ _seen: list = []
 _save = train_module._save
 
 
-class RecordingSampler(train_module.StepBatchSampler):
+class RecordingSampler(setup_module.StepBatchSampler):
     def __iter__(self):
         for batch in super().__iter__():
             _seen.append(batch)
@@ -37,7 +38,7 @@ def recording_save(accelerator, run_dir, step, model, ema, opt, *args, **kwargs)
     return _save(accelerator, run_dir, step, model, ema, opt, *args, **kwargs)
 
 
-train_module.StepBatchSampler = RecordingSampler
+setup_module.StepBatchSampler = RecordingSampler
 train_module._save = recording_save
 
 if __name__ == "__main__":

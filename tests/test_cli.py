@@ -1,5 +1,6 @@
 """The command line: help texts, and bad input answered with one line that names the culprit."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -8,7 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ddpmlab.cli import main
+from ddpmlab.cli import build_parser, main
+from ddpmlab.samplers.registry import SAMPLER_SPECS, STEP_SCHEDULES
 
 TINY = ["train.steps=4", "train.batch_size=8", "model.base_channels=8", "model.norm_groups=4",
         "model.channel_mults=[1,2]", "model.attention_resolutions=[]", "train.sample_n=4",
@@ -21,15 +23,31 @@ def _err(capsys, argv):
     return rc, err
 
 
-def test_help_lists_the_subcommands(capsys):
+def _commands(parser, prefix="ddpm"):
+    """(name, parser) of every command and sub-command below ``parser``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield f"{prefix} {name}", sub
+                yield from _commands(sub, f"{prefix} {name}")
+
+
+def test_every_option_of_every_command_has_a_help_text(capsys):
+    missing = [f"{name} {'/'.join(a.option_strings) or a.dest}" for name, sub in _commands(build_parser())
+               for a in sub._actions if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))
+               and not a.help]
+    assert missing == []
+    for name, sub in _commands(build_parser()):
+        with pytest.raises(SystemExit) as e:
+            main([*name.split()[1:], "--help"])
+        assert e.value.code == 0 and capsys.readouterr().out.startswith(f"usage: {name}")
+
+
+def test_sampling_help_names_every_sampler_and_step_schedule(capsys):
     with pytest.raises(SystemExit):
-        main(["--help"])
-    out = capsys.readouterr().out
-    assert "train" in out and "sample" in out
-    for sub in ("train", "sample"):
-        with pytest.raises(SystemExit):
-            main([sub, "--help"])
-        assert "usage: ddpm " + sub in capsys.readouterr().out
+        main(["sample", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(name in out for name in SAMPLER_SPECS) and all(name in out for name in STEP_SCHEDULES)
 
 
 def test_missing_data_folder(capsys, tmp_path):

@@ -48,7 +48,8 @@ def test_sample_out_as_folder_writes_one_png_per_sample_and_the_grid(run, tmp_pa
 
 
 def test_sample_out_with_an_unknown_extension_fails_before_sampling(run, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("ddpmlab.cli.draw_samples", lambda *a, **k: pytest.fail("sampled before checking --out"))
+    monkeypatch.setattr("ddpmlab.cli.commands.draw_samples",
+                        lambda *a, **k: pytest.fail("sampled before checking --out"))
     rc, err = _err(capsys, ["sample", str(run), "--out", str(tmp_path / "grid.xyz")])
     assert rc == 2 and "unknown picture extension '.xyz'" in err and len(err.splitlines()) == 1
 
@@ -57,7 +58,7 @@ def test_raw_samples_are_written_before_the_picture(run, tmp_path, capsys, monke
     def broken(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("ddpmlab.cli.save_samples", broken)
+    monkeypatch.setattr("ddpmlab.cli.commands.save_samples", broken)
     with pytest.raises(OSError):
         main(["sample", str(run), "--n", "2", "--steps", "2", "--out", str(tmp_path / "g.png"), "--npz"])
     assert np.load(tmp_path / "g.npz")["samples"].shape == (2, 1, 8, 8)

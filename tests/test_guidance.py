@@ -384,10 +384,11 @@ def test_cli_sample_with_class_and_guidance(tmp_path, capsys):
 def digits_run(tmp_path_factory):
     """A class-conditional 8x8-digits UNet trained for 250 steps with label dropout 0.2 (~15 s)."""
     import ddpmlab.training.loop as train_mod
+    import ddpmlab.training.setup as setup_mod
     from ddpmlab.config import load_config
 
     seen = []  # the labels the network sees in training
-    real_build = train_mod.build_model
+    real_build = setup_mod.build_model
 
     def record(module, args, kwargs):
         if module.training:
@@ -409,7 +410,7 @@ def digits_run(tmp_path_factory):
         "train.sample_n=10", "train.sample_steps=2", "train.sample_sampler=ddim", "train.log_every=50",
         f"train.out_dir={root}", "train.name=cond"])
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_mod, "build_model", spy)
+        mp.setattr(setup_mod, "build_model", spy)
         run = train_mod.train(cfg, progress=False)
     torch.set_num_threads(n)
     return run, torch.cat(seen)

@@ -149,7 +149,8 @@ VLB_IS = ["diffusion.variance=learned_range", "diffusion.loss_type=vlb", "diffus
 def test_resumed_importance_sampling_run_is_bit_identical(tmp_path):
     from safetensors.torch import load_file
 
-    from ddpmlab.training.loop import resume_config, train
+    from ddpmlab.training.loop import train
+    from ddpmlab.training.setup import resume_config
 
     # T = 50 and 128 per batch: the history is full (warm) before the stop at step 10
     train(_toy_cfg(tmp_path, "straight", 20, VLB_IS), progress=False)

@@ -97,7 +97,3 @@ def build_dataset(cfg):
             size = size * 2
         return ImageFolderDataset(d.path, tuple(size), d.channels)
     raise DataError(f"data.dataset: unknown dataset '{d.dataset}'; choose one of {', '.join(DATASETS)}")
-
-
-
-

@@ -113,4 +113,3 @@ def p_mean_log_variance(s: NoiseSchedule, x_t: torch.Tensor, i: torch.Tensor, x0
     """
     mean, _, _ = q_posterior(s, x0, x_t, i)
     return mean, reverse_log_variance(s, i, x_t, variance, v_raw)
-

@@ -61,8 +61,6 @@ class Extractor(nn.Module):
         return self.net.classify(self(x))
 
 
-
-
 def classifier_extractor(device: Union[str, torch.device] = "cpu") -> Extractor:
     """The shipped MNIST classifier as an extractor (128 features, 10 logits, 1x28x28 input)."""
     net = load_mnist_classifier(device)

@@ -139,4 +139,3 @@ def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, k
 def class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of samples that the classifier assigns to the class they were generated for."""
     return float((logits.argmax(1) == labels.to(logits.device)).double().mean())
-

@@ -86,12 +86,6 @@ def load_mask(path, size: Sequence[int], resize: bool = False, what: str = "mask
     return mask
 
 
-
-
-
-
-
-
 def comparison_row(image: torch.Tensor, results: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One row for :func:`ddpmlab.viz.save_grid`: input, mask (white = filled) if any, results: (k, C, H, W)."""
     c = image.shape[0]

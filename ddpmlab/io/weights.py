@@ -15,11 +15,9 @@ from ddpmlab.errors import DDPMError
 _SAFE_SUFFIXES = (".safetensors",)
 
 
-
 def _pickle_culprit(message: str) -> str:
     m = re.search(r"Unsupported (global: GLOBAL \S+|operand \S+|class \S+)", message)
     return m.group(1).rstrip(".") if m else message.strip().splitlines()[0][:120]
-
 
 
 def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
@@ -57,7 +55,6 @@ def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
         raise DDPMError(f"weights file '{path}' could not be read as safetensors or a PyTorch state dict "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     return _unwrap_state_dict(obj, path)
-
 
 
 def _unwrap_state_dict(obj, path: Path) -> Dict[str, torch.Tensor]:

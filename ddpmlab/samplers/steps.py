@@ -188,9 +188,3 @@ def levels_for(sampler: Callable, steps: int, **options) -> int:
     solver spends more than one evaluation per level, e.g. Heun)."""
     levels = getattr(sampler, "levels", None)
     return levels(steps, **options) if levels is not None else steps
-
-
-
-
-
-

@@ -110,4 +110,3 @@ def load_scaler_state(accelerator, state: dict) -> None:
     scaler = getattr(accelerator, "scaler", None)
     if scaler is not None and state.get("grad_scaler"):
         scaler.load_state_dict(state["grad_scaler"])
-

@@ -11,101 +11,36 @@ never stopped.
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
 import shlex
 import signal
 import time
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
-from accelerate import Accelerator
 
-from ddpmlab.config import Config, save_config, validate
-from ddpmlab.data import build_dataset
-from ddpmlab.diffusion.objectives import DiffusionObjective
-from ddpmlab.diffusion.schedules import NoiseSchedule
-from ddpmlab.errors import ConfigError, DDPMError
+from ddpmlab.config import Config
 from ddpmlab.io.checkpoint import (
-    CONFIG_FILE,
-    find_checkpoint,
-    load_run_config,
     require_run_dir,
-    restore_training_state,
     save_checkpoint,
-    save_run_config,
 )
-from ddpmlab.models import build_model, count_parameters
-from ddpmlab.progress import progress_bar
 from ddpmlab.runs import Output, Run, draw_samples, plan_sampling
 from ddpmlab.samplers.guidance import drop_labels
 from ddpmlab.samplers.registry import get_sampler
-from ddpmlab.training.allocator import keep_freed_memory
 from ddpmlab.training.distributed import (
-    agree_on,
-    check_batch_split,
-    check_mixed_precision,
     draw_t_and_noise,
-    forget_accelerator_precision,
-    load_scaler_state,
     micro_batches,
     process_state,
     scaler_state,
-    use_cpu,
 )
-from ddpmlab.training.guard import BadStepGuard, optimizer_step
-from ddpmlab.training.lock import LOCK_FILE, RunLock
-from ddpmlab.training.monitor import TrainingMonitor
+from ddpmlab.training.guard import optimizer_step
+from ddpmlab.training.lock import RunLock
+from ddpmlab.training.setup import TrainState, new_run_dir, set_up
 from ddpmlab.viz.samples import save_samples
 
-# keys a resumed run may change; everything else must match the stored config
-RESUME_MUTABLE = {
-    "train.steps", "train.log_every", "train.sample_every", "train.save_every", "train.sample_n",
-    "train.sample_steps", "train.sample_sampler", "train.device", "data.num_workers",
-    "train.keep_checkpoints", "train.max_bad_steps", "train.grad_accum_steps",
-    "train.eval_every", "train.eval_n", "train.eval_metrics", "train.eval_sampler", "train.eval_steps",
-    "train.eval_inception_weights", "train.tensorboard", "train.keep_freed_memory",
-}
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "it_per_s", "time_s", "skipped"]
-
-
-class StepBatchSampler(torch.utils.data.Sampler):
-    """Index batches for steps ``start..steps-1``: epoch e is a permutation seeded by (seed, e).
-
-    Each process takes its ``rank``-th slice of the global batch, so data order depends
-    only on the step, never on how often the run was stopped and resumed.
-    """
-
-    def __init__(self, n: int, global_batch: int, start: int, steps: int, seed: int, rank: int = 0,
-                 world: int = 1):
-        if global_batch % world:
-            raise ConfigError(f"train.batch_size ({global_batch}) must be divisible by the number of processes ({world})")
-        self.n, self.gb, self.start, self.steps = n, global_batch, start, steps
-        self.seed, self.rank, self.world = seed, rank, world
-
-    def __len__(self) -> int:
-        return max(self.steps - self.start, 0)
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=g)
-
-    def __iter__(self):
-        per = self.gb // self.world
-        per_epoch = max(self.n // self.gb, 1)
-        epoch_perm = (None, None)  # one permutation per epoch, not per step (randperm(1M) takes ~0.1 s)
-        for step in range(self.start, self.steps):
-            epoch, k = divmod(step, per_epoch)
-            if epoch_perm[0] != epoch:
-                epoch_perm = (epoch, self._perm(epoch))
-            perm = epoch_perm[1]
-            if self.n < self.gb:  # tiny datasets: draw with repetition
-                perm = perm.repeat((self.gb + self.n - 1) // self.n)
-            batch = perm[k * self.gb:(k + 1) * self.gb]
-            yield batch[self.rank * per:(self.rank + 1) * per].tolist()
 
 
 @torch.no_grad()
@@ -121,43 +56,6 @@ def learning_rate(cfg: Config, step: int) -> float:
     # linear warm-up over train.warmup_steps, then constant (Ho et al. 2020, App. B)
     w = cfg.train.warmup_steps
     return cfg.train.lr * min(1.0, (step + 1) / w) if w > 0 else cfg.train.lr
-
-
-def new_run_dir(cfg: Config) -> Path:
-    # several processes must agree on the folder: rank 0's clock names it
-    name = cfg.train.name or agree_on(f"{cfg.data.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}",
-                                     cfg.train.device)
-    run_dir = Path(cfg.train.out_dir) / name
-    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):  # rank 0 may hold the lock
-        raise DDPMError(
-            f"run directory '{run_dir}' already exists and is not empty; continue it with "
-            f"`ddpm train --resume {run_dir}` or pick another train.name"
-        )
-    return run_dir
-
-
-def resume_config(run_dir, overrides_cfg: Optional[Config], changed_keys: list, force: bool = False) -> Config:
-    """The stored config of ``run_dir`` with the allowed overrides applied.
-
-    Keys outside RESUME_MUTABLE are refused unless ``force`` (then each change is announced).
-    """
-    stored = load_run_config(run_dir)
-    bad = [k for k in changed_keys if k not in RESUME_MUTABLE]
-    if bad and not force:
-        raise ConfigError(
-            f"cannot change {', '.join(bad)} when resuming {run_dir} (the run was trained with "
-            f"its stored {CONFIG_FILE}); only {', '.join(sorted(RESUME_MUTABLE))} may change "
-            "(add --force to change it anyway)"
-        )
-    if overrides_cfg is not None:
-        for key in changed_keys:
-            section, name = key.split(".")
-            old, new = getattr(getattr(stored, section), name), getattr(getattr(overrides_cfg, section), name)
-            if key in bad and old != new:
-                print(f"warning: --force: {key} changes from {old!r} to {new!r} in the middle of {run_dir}")
-            setattr(getattr(stored, section), name, new)
-    validate(stored, source=f"{run_dir}/{CONFIG_FILE} + command line")
-    return stored
 
 
 class _StopFlag:
@@ -208,35 +106,6 @@ def train(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, pro
     run_dir = require_run_dir(run_dir) if resume else Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     with RunLock(run_dir, enabled=process_state(cfg.train.device).is_main_process):
         return run_loop(set_up(cfg, run_dir, resume, progress))
-
-
-@dataclass
-class TrainState:
-    """What the training loop carries: the set-up's objects and the log window since the last row."""
-
-    cfg: Config
-    run_dir: Path
-    accelerator: Accelerator
-    main: bool  # the process that owns the run directory (logs, samples, checkpoints)
-    dataset: torch.utils.data.Dataset
-    schedule: NoiseSchedule
-    model: torch.nn.Module  # as prepared by Accelerate (wrapped for several processes)
-    raw_model: torch.nn.Module  # the same weights, unwrapped: the EMA's source, the checkpoint's
-    ema: torch.nn.Module
-    opt: torch.optim.Optimizer
-    objective: DiffusionObjective
-    start: int
-    loader: Optional[torch.utils.data.DataLoader] = None
-    bar: Any = None
-    guard: Optional[BadStepGuard] = None
-    monitor: Optional[TrainingMonitor] = None
-    losses: list = field(default_factory=list)  # losses of the good steps since the last log row
-    t0: float = 0.0
-    t_last: float = 0.0
-
-    @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
 
 
 @dataclass
@@ -384,136 +253,6 @@ def next_commands(run_dir: Path) -> str:
 
 # ----------------------------------------------------------------------------- set-up
 
-def set_up(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> TrainState:
-    """Accelerator, data, run folder, model / EMA / optimizer (restored on resume), objective and batches."""
-    accelerator = _make_accelerator(cfg)
-    if accelerator.device.type == "cpu" and cfg.train.keep_freed_memory:
-        keep_freed_memory()
-    main = process_state(cfg.train.device).is_main_process
-    dataset = load_data(cfg)  # the data first: a missing or unusable dataset must not leave a run folder
-    if main:
-        print(describe_data(cfg, dataset))
-    if not resume:
-        _create_run_dir(cfg, run_dir, accelerator, main)
-    schedule = NoiseSchedule.from_config(cfg.diffusion)
-    model, ema, opt = build_model_ema_optimizer(cfg, accelerator.device)
-    start, objective_state = _restore(cfg, run_dir, accelerator, main, model, ema, opt) if resume else (0, None)
-    model, opt = accelerator.prepare(model, opt)
-    ema.to(accelerator.device)
-    # the loss of diffusion.loss_type; its state (importance-sampling history) is checkpointed
-    objective = DiffusionObjective.from_config(cfg, schedule, gather=accelerator.gather)
-    objective.load_state_dict(objective_state)
-    s = TrainState(cfg, run_dir, accelerator, main, dataset, schedule, model, accelerator.unwrap_model(model),
-                   ema, opt, objective, start)
-    if main:
-        _trim_log(run_dir / "log.csv", start)
-    s.loader = _make_loader(s)
-    if main and start == 0:
-        print(f"run {run_dir}: {count_parameters(s.raw_model) / 1e6:.2f}M parameters, {len(dataset)} examples, "
-              f"{cfg.train.steps} steps on {s.device} x{accelerator.num_processes}")
-    _start_reporting(s, progress)
-    return s
-
-
-def _make_accelerator(cfg: Config) -> Accelerator:
-    dev = cfg.train.device
-    if dev not in ("auto", "cpu", "cuda", "mps"):
-        raise ConfigError(f"train.device '{dev}' not understood; use auto, cpu, cuda or mps "
-                          "(pick a GPU with CUDA_VISIBLE_DEVICES)")
-    if dev == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA GPU is visible; use train.device=auto or cpu")
-    check_mixed_precision(cfg.train.mixed_precision, dev)
-    forget_accelerator_precision()  # a second train() in one process may use another precision
-    return Accelerator(cpu=use_cpu(dev), mixed_precision=cfg.train.mixed_precision)
-
-
-def load_data(cfg: Config) -> torch.utils.data.Dataset:
-    """The training data of ``cfg.data``, checked against model.num_classes."""
-    dataset = build_dataset(cfg)
-    n = cfg.model.num_classes
-    if n and not dataset.num_classes:
-        raise ConfigError(f"model.num_classes is {n} but the data ({cfg.data.dataset}"
-                          f"{' ' + str(cfg.data.path) if cfg.data.path else ''}) has no labels; put the images "
-                          "in one sub-folder per class or set model.num_classes=null")
-    if n and n < dataset.num_classes:
-        raise ConfigError(f"model.num_classes ({n}) is smaller than the dataset's {dataset.num_classes} classes")
-    return dataset
-
-
-def describe_data(cfg: Config, dataset) -> str:
-    """The run's first line: what it trains on, and at which size (width x height)."""
-    d = cfg.data
-    if d.dataset == "toy":
-        noise = f", noise {d.toy_noise}" if d.toy_noise else ""
-        return f"data: {len(dataset):,} points of the 2-D toy distribution {d.toy}{noise}"
-    c, h, w = dataset.sample_shape
-    channels = f"{c} channel{'s' if c != 1 else ''}"
-    classes = f", {dataset.num_classes} classes" if d.dataset == "folder" and dataset.num_classes else ""
-    if d.dataset != "folder":
-        return f"data: the bundled {d.dataset} ({len(dataset):,} images of {w}x{h}, {channels}; split {d.split})"
-    line = f"data: {len(dataset):,} images from {dataset.root}{classes}, resized and center-cropped to {w}x{h}, " \
-           f"{channels}"
-    big = dataset.largest_original
-    if big is not None and (big[0] > w or big[1] > h):
-        line += f" (originals up to {big[0]}x{big[1]}: set data.image_size to train at a higher resolution)"
-    return line
-
-
-def _create_run_dir(cfg: Config, run_dir: Path, accelerator: Accelerator, main: bool) -> None:
-    """A new run's folder with its config.yaml (train() resolved it: new, or empty but for the lock)."""
-    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
-        raise DDPMError(f"run directory '{run_dir}' is not empty; resume it with --resume or choose another")
-    accelerator.wait_for_everyone()
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / CONFIG_FILE)
-
-
-def build_model_ema_optimizer(cfg: Config, device: torch.device) -> tuple:
-    """The denoiser (seeded by train.seed), its EMA copy and AdamW."""
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg)  # learned variance (diffusion.variance): twice the output channels
-    ema = copy.deepcopy(model).requires_grad_(False)
-    # fused: one pass over each tensor instead of ~10 (5-10 % of a CPU step); resumes keep the stored choice
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
-                            weight_decay=cfg.train.weight_decay, fused=device.type in ("cpu", "cuda"))
-    return model, ema, opt
-
-
-def _restore(cfg: Config, run_dir: Path, accelerator: Accelerator, main: bool, model, ema, opt) -> tuple:
-    """Load the newest loadable checkpoint of a resumed run; (its step, the objective's state)."""
-    start, objective_state = 0, None
-    ckpt_path, ckpt, skipped = find_checkpoint(run_dir)  # newest loadable, damaged ones listed
-    if ckpt is not None:
-        restore_training_state(ckpt_path, ckpt, model, ema, opt)
-        start = ckpt["step"]
-        objective_state = ckpt["state"].get("objective")
-        load_scaler_state(accelerator, ckpt["state"])  # fp16: the loss scale continues
-    if main:
-        _report_resume(run_dir, ckpt_path, start, skipped)
-        save_run_config(cfg, run_dir)  # the resolved config, with any changes of this resume
-    return start, objective_state
-
-
-def _make_loader(s: TrainState) -> torch.utils.data.DataLoader:
-    """This process's batches of steps start..train.steps-1 (see StepBatchSampler)."""
-    t, acc = s.cfg.train, s.accelerator
-    check_batch_split(t.batch_size, acc.num_processes, t.grad_accum_steps)
-    sampler = StepBatchSampler(len(s.dataset), t.batch_size, s.start, t.steps, t.seed, acc.process_index,
-                               acc.num_processes)
-    return torch.utils.data.DataLoader(s.dataset, batch_sampler=sampler, num_workers=s.cfg.data.num_workers,
-                                       pin_memory=s.device.type == "cuda")
-
-
-def _start_reporting(s: TrainState, progress: bool) -> None:
-    """The progress bar, the non-finite step guard and (main process) TensorBoard and evaluation."""
-    s.bar = progress_bar(progress and s.main, total=s.cfg.train.steps, initial=s.start, desc="training")
-    say = _say(s.bar) if s.main else (lambda m: None)
-    s.guard = BadStepGuard(s.cfg.train.max_bad_steps, say=say, run_dir=s.run_dir)
-    # TensorBoard and evaluation every train.eval_every steps (main process only)
-    s.monitor = TrainingMonitor(s.cfg, s.run_dir, s.dataset, s.start, s.device, say=say) if s.main else None
-    s.t0 = s.t_last = time.time()
-
 
 def _save(accelerator, run_dir, step, model, ema, opt, extra=None, keep: int = 3) -> None:
     accelerator.wait_for_everyone()
@@ -521,34 +260,3 @@ def _save(accelerator, run_dir, step, model, ema, opt, extra=None, keep: int = 3
         save_checkpoint(run_dir, step, model.state_dict(), ema.state_dict(), opt.state_dict(), extra=extra,
                         keep=keep)
     accelerator.wait_for_everyone()
-
-
-def _trim_log(log_path: Path, step: int) -> None:
-    """Drop log rows written after the checkpoint we resume from (a crash may leave them)."""
-    if not log_path.exists() or step == 0:
-        if step == 0 and log_path.exists():
-            log_path.unlink()
-        return
-    rows = list(csv.reader(log_path.open()))
-    kept = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
-    tmp = log_path.with_name(f".{log_path.name}.tmp")  # replaced atomically: a crash keeps the old log
-    with tmp.open("w", newline="") as f:
-        csv.writer(f).writerows(kept)
-    tmp.replace(log_path)
-
-
-def _report_resume(run_dir: Path, ckpt_path: Optional[Path], start: int, skipped: list) -> None:
-    """Say which checkpoint a resume picked and which damaged ones it skipped."""
-    for bad, reason in skipped:
-        print(f"warning: skipping damaged checkpoint {bad.name} ({reason})")
-    if ckpt_path is None:
-        print(f"resuming {run_dir}: no loadable checkpoint, starting from step 0")
-    else:
-        print(f"resuming {run_dir} from {ckpt_path.name} (step {start})"
-              + (f", the newest loadable one ({len(skipped)} damaged skipped)" if skipped else ""))
-
-
-def _say(bar):
-    """Print a line without breaking the progress bar."""
-    return lambda message: bar.write(message) if hasattr(bar, "write") else print(message)
-

@@ -19,8 +19,8 @@ and two measurements:
 plus the forward / reverse figures (forward_reverse_<set>.png).  Results go to
 OUT/results.json and a table on stdout.
 
-    python benchmarks/seed004_learned_variance.py                 # ~25 min on 2 CPU cores
-    python benchmarks/seed004_learned_variance.py --steps 500 --datasets moons   # a quick look
+    python benchmarks/learned_variance_toy.py                 # ~25 min on 2 CPU cores
+    python benchmarks/learned_variance_toy.py --steps 500 --datasets moons   # a quick look
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def main() -> None:
     p.add_argument("--n-samples", type=int, default=10000, help="samples (and fresh data points) per set")
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="runs/seed004")
+    p.add_argument("--out", default="runs/learned-variance-toy")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -1,0 +1,60 @@
+"""The ``ddpm`` command line: ``main`` parses, runs one command and turns library errors into one line.
+
+* :mod:`.parser` - every subcommand, its options and help texts;
+* :mod:`.commands` - what each subcommand does: read the arguments, call the library, print.
+
+Every rule about runs and sampling lives in :mod:`ddpmlab.runs`, not here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ddpmlab.cli.commands import option_hint
+from ddpmlab.cli.parser import build_parser
+from ddpmlab.errors import DDPMError
+from ddpmlab.training.allocator import keep_freed_memory
+
+
+def _format_warning(message, category, filename, lineno, line=None, _default=warnings.formatwarning) -> str:
+    """ddpmlab's own warnings (skipped images, damaged checkpoints) as plain 'warning: ...' lines."""
+    if f"{Path(__file__).parent.parent}" in str(filename):  # the ddpmlab package
+        return f"warning: {message}\n"
+    return _default(message, category, filename, lineno, line)
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]):
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come before or after options: collect the ones argparse left
+    if extra and getattr(args, "overrides", None) is not None and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        sub = getattr(args, "parser", parser)
+        words = list(sys.argv[1:] if argv is None else argv)
+        hint = option_hint([w for w in words if w in extra or not w.startswith("-")], extra) \
+            if args.command == "train" else ""
+        sub.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = _parse(parser, argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    warnings.formatwarning = _format_warning
+    if args.command != "train":  # train decides by train.keep_freed_memory and the device
+        keep_freed_memory()  # CPU sampling and evaluation reuse freed memory (ddpmlab.training.allocator)
+    try:
+        return args.func(args)
+    except DDPMError as e:
+        print(f"ddpm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,318 @@
+"""What each ``ddpm`` subcommand does: read its arguments, call the library, say what it wrote.
+
+Every rule about runs and sampling (device, loading, default steps, the run's variance, which
+options a sampler takes, output paths) lives in :mod:`ddpmlab.runs`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import List, Sequence
+
+import torch
+
+from ddpmlab.config import Config, format_config, load_config
+from ddpmlab.data.check import check_folder
+from ddpmlab.diffusion.reverse import variance_name
+from ddpmlab.errors import DDPMError
+from ddpmlab.evaluate import METRICS, EvalSettings, bench, evaluate_run, format_results
+from ddpmlab.evaluate.nll import evaluate_nll, format_nll
+from ddpmlab.io.checkpoint import require_run_dir
+from ddpmlab.io.diffusers_bridge import export_diffusers
+from ddpmlab.io.images import comparison_row, load_mask, load_picture, save_grid, save_images
+from ddpmlab.runs import (
+    Run,
+    SamplingPlan,
+    condition_tag,
+    draw_samples,
+    grid_scale,
+    load_diffusers_run,
+    load_run,
+    plan_sampling,
+    resolve_device,
+    resolve_output,
+    write_raw,
+)
+from ddpmlab.samplers.editing import img2img, inpaint, strength_to_steps
+from ddpmlab.samplers.guidance import conditioning
+from ddpmlab.samplers.registry import get_spec
+from ddpmlab.training.loop import train
+from ddpmlab.training.setup import resume_config
+from ddpmlab.viz import commands as viz
+from ddpmlab.viz.samples import save_samples
+
+# how a user sets each option on the command line, for the library's messages
+NAMES = {"sampler": "--sampler", "steps": "--steps", "timesteps": "--timesteps", "eta": "--eta",
+         "variance": "--variance", "class": "--class", "guidance": "--guidance", "weights": "--weights",
+         "n": "--n", "metrics": "--metrics", "extractor": "--extractor",
+         "inception_weights": "--inception-weights PATH", "reference_steps": "--reference-steps"}
+EVAL_METRICS = ("nll",)  # metrics with their own code path; the others come from ddpmlab.evaluate.METRICS
+
+
+# ------------------------------------------------------------------------------ train
+
+def cmd_train(args) -> int:
+    if args.resume:
+        run_dir = require_run_dir(args.resume)
+        if args.config:
+            raise DDPMError("--config cannot be combined with --resume (the run keeps its stored config.yaml)")
+        over = load_config(None, args.overrides) if args.overrides else None
+        keys = [o.split("=", 1)[0].strip() for o in args.overrides]
+        cfg = resume_config(run_dir, over, keys, force=args.force)
+    elif args.force:
+        raise DDPMError("--force only applies with --resume RUN_DIR (to change a stored config key)")
+    else:
+        run_dir, cfg = None, load_config(args.config or "mnist", args.overrides)
+    if args.print_config:
+        print(format_config(cfg), end="")
+        return 0
+    try:
+        train(cfg, run_dir=run_dir, resume=run_dir is not None, progress=not args.no_progress)
+    except torch.OutOfMemoryError:
+        raise DDPMError(
+            f"out of GPU memory with train.batch_size={cfg.train.batch_size}; the last checkpoint is intact. "
+            "Start a new run with a smaller train.batch_size or model (model.base_channels), or "
+            "train.mixed_precision=bf16") from None
+    return 0
+
+
+def _config_keys() -> List[str]:
+    return [f"{section}.{key}" for section, keys in Config().to_dict().items() if isinstance(keys, dict)
+            for key in keys]
+
+
+def option_hint(words: Sequence[str], unknown: Sequence[str]) -> str:
+    """For `ddpm train --steps 100`: 'config keys are written key=value: did you mean train.steps=100?'.
+
+    ``words``: the command line (the value may follow the option); ``unknown``: what argparse left.
+    """
+    keys = _config_keys()
+    for i, word in enumerate(words):
+        if not word.startswith("--") or word not in unknown:
+            continue
+        name, _, value = word[2:].partition("=")
+        if not value and i + 1 < len(words) and not words[i + 1].startswith("-") and "=" not in words[i + 1]:
+            value = words[i + 1]
+        name = name.replace("-", "_")
+        exact = [k for k in keys if k == name or k.split(".", 1)[1] == name]
+        close = exact or difflib.get_close_matches(name, keys, n=1) or difflib.get_close_matches(
+            name, [k.split(".", 1)[1] for k in keys], n=1)
+        if close:
+            key = next(k for k in keys if k == close[0] or k.split(".", 1)[1] == close[0])
+            return f"; config keys are written key=value: did you mean {key}={value or '...'}?"
+    return ""
+
+
+# ------------------------------------------------------------------------------ sampling commands
+
+def _device(args) -> torch.device:
+    return resolve_device(args.device, "--device")
+
+
+def _check_n(n: int) -> None:
+    if n < 1:
+        raise DDPMError(f"--n must be at least 1, got {n}")
+
+
+def _plan(args, run: Run, n: int, **kwargs) -> SamplingPlan:
+    """The sampler call the sampling options of ``args`` ask for (see :func:`ddpmlab.runs.plan_sampling`)."""
+    options = {"eta": getattr(args, "eta", None), "variance": getattr(args, "variance", None)}
+    return plan_sampling(run, args.sampler, args.steps, n, timesteps=args.timesteps, options=options,
+                         label=getattr(args, "label", None), guidance=getattr(args, "guidance", None), seed=args.seed,
+                         names=NAMES, **kwargs)
+
+
+def _fail_fast(args) -> None:
+    """A bad sampler or step-schedule name fails before anything is loaded."""
+    get_spec(args.sampler, "--sampler").check_step_schedule(args.timesteps, "--timesteps")
+    if getattr(args, "variance", None) is not None:
+        variance_name(args.variance, "--variance")
+
+
+def cmd_sample(args) -> int:
+    _check_n(args.n)
+    _fail_fast(args)
+    if (args.run_dir is None) == (args.from_diffusers is None):
+        raise DDPMError("give either RUN_DIR (a ddpmlab run) or --from-diffusers FOLDER (a local diffusers model)")
+    if args.from_diffusers and args.weights_file:
+        raise DDPMError("--weights-file belongs to a ddpmlab run; --from-diffusers reads the folder's own weights")
+    device = _device(args)
+    run = (load_diffusers_run(args.from_diffusers, device) if args.from_diffusers else
+           load_run(args.run_dir, args.weights, device, weights_file=args.weights_file))
+    plan = _plan(args, run, args.n)
+    output = resolve_output(args.out, run.folder("samples") / f"{plan.tag(args.seed)}.png", "--out")
+    x = draw_samples(run, plan, args.n, seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress)
+    if args.npz:  # the raw samples first: a picture that cannot be written loses nothing
+        print(f"wrote {write_raw(x, output)} (samples: {tuple(x.shape)}, values in the data's scale)")
+    save_samples(run, x, output, title=plan.describe())
+    print(f"wrote {output.picture}" + (f" and {len(x)} PNG files (000000.png ...) beside it" if output.is_folder
+                                       else ""))
+    return 0
+
+
+def _image_run(args, command: str) -> Run:
+    _check_n(args.n)
+    run = load_run(args.run_dir, args.weights, _device(args))
+    if not run.is_image:
+        raise DDPMError(f"ddpm {command} works on image models; {args.run_dir} was trained on 2-D points")
+    return run
+
+
+def _write_row(run: Run, row: torch.Tensor, results: torch.Tensor, out, default: Path) -> Path:
+    """The comparison row (input, [mask,] results) as one PNG; for a folder also each result as a PNG."""
+    output = resolve_output(out, default, "--out")
+    save_grid(row, output.picture, nrow=len(row), scale=grid_scale(run.shape))
+    if output.is_folder:
+        save_images(results, output.path)
+    return output.picture
+
+
+def cmd_inpaint(args) -> int:
+    get_spec("ddpm").check_step_schedule(args.timesteps, "--timesteps")  # RePaint steps as ddpm does
+    run = _image_run(args, "inpaint")
+    if not 1 <= args.steps <= run.T:
+        raise DDPMError(f"--steps must be between 1 and {run.T} (the model's num_timesteps), got {args.steps}")
+    variance = variance_name(args.variance or run.cfg.diffusion.variance, "--variance")
+    image = load_picture(args.image, run.shape, args.resize, "--image", "--resize")
+    mask = load_mask(args.mask, run.shape[1:], args.resize, "--mask", "--resize")
+    model, labels = conditioning(run.model, args.n, args.label, args.guidance, run.cfg.train.label_dropout, NAMES)
+    x = inpaint(model, run.schedule, image, mask, args.n, prediction=run.cfg.diffusion.prediction, labels=labels,
+                steps=args.steps, jump_length=args.jump_length, jump_n_sample=args.jump_n_sample, variance=variance,
+                spacing=args.timesteps or "uniform", seed=args.seed, batch_size=args.batch_size, device=run.device,
+                progress=not args.no_progress)
+    tag = condition_tag(args.label, args.guidance)
+    default = run.folder("samples") / f"inpaint_{Path(args.image).stem}_seed{args.seed}{tag}.png"
+    path = _write_row(run, comparison_row(image, x, mask), x, args.out, default)
+    print(f"wrote {path} (input, mask, {args.n} inpaintings)")
+    return 0
+
+
+def cmd_img2img(args) -> int:
+    _fail_fast(args)
+    run = _image_run(args, "img2img")
+    n0 = strength_to_steps(args.strength, run.T)
+    plan = _plan(args, run, args.n, schedule_len=max(n0, 1))
+    image = load_picture(args.image, run.shape, args.resize, "--image", "--resize")
+    x = img2img(plan.model, run.schedule, image, args.strength, args.n, sampler=plan.sampler, steps=plan.steps,
+                prediction=run.cfg.diffusion.prediction, labels=plan.labels, seed=args.seed,
+                batch_size=args.batch_size, device=run.device, progress=not args.no_progress, **plan.options)
+    default = (run.folder("samples") / f"img2img_{Path(args.image).stem}_strength{args.strength:g}_"
+               f"seed{args.seed}{plan.condition_tag()}.png")
+    path = _write_row(run, comparison_row(image, x), x, args.out, default)
+    print(f"wrote {path} (input, {args.n} results; noised to t0 = {n0} of {run.T}, "
+          f"{min(plan.steps, n0)} {plan.sampler} steps back)")
+    return 0
+
+
+# ------------------------------------------------------------------------------ eval, bench, viz, export, data
+
+def cmd_eval(args) -> int:
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = [m for m in metrics if m not in EVAL_METRICS and m not in METRICS]
+    if unknown:
+        raise DDPMError(f"unknown metric(s) {', '.join(unknown)} in --metrics; choose from "
+                        f"{', '.join(EVAL_METRICS + tuple(METRICS))}")
+    device = _device(args)
+    if "nll" in metrics:
+        result, js, png = evaluate_nll(args.run_dir, n=args.n, decoder=args.decoder, bin_width=args.bin_width,
+                                       t_stride=args.t_stride, batch_size=args.batch_size, seed=args.seed,
+                                       weights=args.weights, device=device, progress=not args.no_progress)
+        print(format_nll(result))
+        print(f"wrote {js} and {png}")
+    quality = [m for m in metrics if m not in EVAL_METRICS]
+    if quality or not metrics:  # no --metrics: the sample-quality defaults of the data kind
+        _fail_fast(args)
+        _eval_sample_quality(args, quality, device)
+    return 0
+
+
+def _eval_sample_quality(args, metrics: List[str], device: torch.device) -> None:
+    """FID/KID/IS/precision-recall (images) or SWD/MMD (2-D) of samples, beside n data points."""
+    extractor = args.extractor or ("inception" if args.inception_weights else "classifier")
+    s = EvalSettings(metrics=metrics, n=args.n or 1000, sampler=args.sampler, steps=args.steps,
+                     sampler_options={"eta": args.eta, "variance": args.variance}, timesteps=args.timesteps,
+                     guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, extractor=extractor,
+                     inception_weights=args.inception_weights, weights=args.weights, baseline=not args.no_baseline)
+    results, path = evaluate_run(args.run_dir, s, device, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                                 progress=not args.no_progress, out=args.out, names=NAMES)
+    st, run = results["settings"], results["run"]
+    what = f", {results['extractor']['name']} features" if "extractor" in results else ""
+    print(f"{args.run_dir} ({run['checkpoint']}, {run['weights']}): {st['n']} samples, {st['sampler']} "
+          f"{st['steps']} steps, seed {st['seed']}{what}")
+    print(format_results(results))
+    print(f"wrote {path}")
+
+
+def cmd_bench(args) -> int:
+    entries = [bench.BenchEntry.parse(s, "--samplers") for s in args.samplers.split(",") if s.strip()]
+    nfes = bench.parse_nfes(args.nfe, "--nfe")
+    if (args.run_dir is None) == (args.analytic is None):
+        raise DDPMError("give either RUN_DIR (a trained run) or --analytic mixture2d|mixture64d")
+    if args.n is not None and args.n < 2:
+        raise DDPMError(f"--n must be at least 2, got {args.n}")
+    if args.analytic:
+        res = bench.bench_analytic(args.analytic, entries, nfes, n=args.n or 20000, seed=args.seed)
+        out = Path(args.out or f"runs/bench-{args.analytic}")
+    else:
+        res = bench.bench_run(args.run_dir, entries, nfes, n=args.n or 256, seed=args.seed,
+                              reference_steps=args.reference_steps, batch_size=args.batch_size,
+                              device=_device(args), weights=args.weights, names=NAMES)
+        out = Path(args.out or Path(args.run_dir) / "bench")
+    print(bench.markdown_table(res))
+    for path in bench.save(res, out):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_viz(args) -> int:
+    kind = args.viz_command
+    if kind == "forward":
+        ts = [int(t) for t in args.t.split(",")] if args.t else None
+        files = viz.viz_forward(args.run_dir, args.config, args.n, ts, args.seed, args.out)
+    elif kind == "schedules":
+        names = [s.strip() for s in args.schedules.split(",") if s.strip()]
+        files = viz.viz_schedules(names, args.T, args.beta_start, args.beta_end, args.out)
+    elif kind == "loss":
+        files = viz.viz_loss(args.run_dirs, args.smooth, args.out)
+    elif kind == "grid" and args.npz:
+        files = viz.grid_from_npz(args.npz, args.out)
+    elif kind == "toy" and not args.run_dir:
+        files = viz.viz_toy(None, None, args.config, args.n, args.seed, args.frames, args.out)
+    else:
+        files = _viz_sampling(args, kind)
+    for f in files:
+        print(f"wrote {f}")
+    return 0
+
+
+def _viz_sampling(args, kind: str) -> List[Path]:
+    """viz reverse / toy / grid of a run: the run, its sampler call, then the pictures."""
+    if not args.run_dir:
+        raise DDPMError(f"ddpm viz {kind} needs RUN_DIR" + (" (to sample) or --npz FILE" if kind == "grid" else ""))
+    _check_n(args.n)
+    _fail_fast(args)
+    run = load_run(args.run_dir, args.weights, _device(args))
+    plan = _plan(args, run, args.n, cycle_classes=True)
+    if kind == "reverse":
+        return viz.viz_reverse(run, plan, args.n, args.seed, args.frames, args.out)
+    if kind == "toy":
+        return viz.viz_toy(run, plan, None, args.n, args.seed, args.frames, args.out)
+    return viz.viz_grid(run, plan, args.n, args.seed, args.out, args.batch_size, not args.no_progress)
+
+
+def cmd_export(args) -> int:
+    require_run_dir(args.run_dir)
+    out = export_diffusers(args.run_dir, args.out, which=args.weights)
+    print(f"wrote {out}: load it with diffusers.DDPMPipeline.from_pretrained({str(out)!r})")
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    return check_folder(args.dir, tuple(args.image_size), args.channels, limit=args.limit)
+
+
+# ------------------------------------------------------------------------------ the parser
+
+
+# ------------------------------------------------------------------------------ main
