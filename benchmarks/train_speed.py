@@ -19,7 +19,7 @@ long-lived process glibc's adaptive thresholds end up keeping memory anyway, so 
 cannot show this; the fresh processes count the page faults a step takes.
 
 Attention: diffusers uses torch's scaled_dot_product_attention; ddpmlab too on GPUs, and on a
-CPU two plain matrix products (faster there, see ddpmlab.models.unet.attention).
+CPU two plain matrix products (faster there, see ddpmlab.models.fast_ops.attention).
 Variants run interleaved in rounds, so a busy machine slows all alike; the table shows the
 best round's images/s (as timeit: interference only slows a run down), the ratios to
 diffusers, the FLOP per image (forward + backward, counted by torch's FlopCounterMode) and

@@ -59,7 +59,7 @@ def cmd_train(args) -> int:
             raise DDPMError("--config cannot be combined with --resume (the run keeps its stored config.yaml)")
         over = load_config(None, args.overrides) if args.overrides else None
         keys = [o.split("=", 1)[0].strip() for o in args.overrides]
-        cfg = resume_config(run_dir, over, keys, force=args.force)
+        cfg = resume_config(run_dir, over, keys, force=args.force, force_option="--force")
     elif args.force:
         raise DDPMError("--force only applies with --resume RUN_DIR (to change a stored config key)")
     else:
@@ -269,7 +269,7 @@ def cmd_viz(args) -> int:
     kind = args.viz_command
     if kind == "forward":
         ts = [int(t) for t in args.t.split(",")] if args.t else None
-        files = viz.viz_forward(args.run_dir, args.config, args.n, ts, args.seed, args.out)
+        files = viz.viz_forward(args.run_dir, args.config, args.n, ts, args.seed, args.out, where="--t")
     elif kind == "schedules":
         names = [s.strip() for s in args.schedules.split(",") if s.strip()]
         files = viz.viz_schedules(names, args.T, args.beta_start, args.beta_end, args.out)

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Dict, Union
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ddpmlab.errors import DDPMError
@@ -68,8 +70,6 @@ class MNISTClassifier(nn.Module):
 
 def save_classifier(model: MNISTClassifier, path: Union[str, Path], metadata: Dict[str, object]) -> Path:
     """Write the weights as float16 safetensors (BatchNorm statistics too) with string metadata."""
-    from safetensors.torch import save_file
-
     sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,9 +80,6 @@ def save_classifier(model: MNISTClassifier, path: Union[str, Path], metadata: Di
 
 def load_classifier(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> MNISTClassifier:
     """A classifier from a safetensors file written by :func:`save_classifier`, in eval mode and frozen."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise DDPMError(f"classifier weights '{path}' not found; reinstall ddpmlab or run "

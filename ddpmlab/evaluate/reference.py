@@ -23,6 +23,8 @@ from typing import Dict, Optional, Union
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from ddpmlab.evaluate.features import Extractor, extract
 from ddpmlab.evaluate.metrics import feature_sums
@@ -91,9 +93,6 @@ def reference_key(fingerprint: str, extractor: Extractor, max_kept: int) -> str:
 
 
 def _load(path: Path) -> Optional[tuple]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
@@ -105,8 +104,6 @@ def _load(path: Path) -> Optional[tuple]:
 
 
 def _save(path: Path, sums: dict, features: torch.Tensor, index: torch.Tensor, meta: dict) -> None:
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({**{k: v.contiguous() for k, v in sums.items()}, "features": features.contiguous(),

@@ -280,8 +280,8 @@ def restore_training_state(path: Path, ckpt: dict, model, ema, opt) -> None:
     except (RuntimeError, ValueError, KeyError) as e:
         raise DDPMError(
             f"checkpoint {path} does not fit the model built from the run's {CONFIG_FILE} "
-            f"({' '.join(str(e).split())[:240]}); the architecture cannot change on resume, not even with "
-            "--force: start a new run instead"
+            f"({' '.join(str(e).split())[:240]}); the architecture cannot change on resume, not even when "
+            "forced: start a new run instead"
         ) from None
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 import re
 import warnings
 from pathlib import Path
 from typing import Dict, Union
 
 import torch
+from safetensors.torch import load_file
 
 from ddpmlab.errors import DDPMError
 
@@ -32,15 +34,11 @@ def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
     if not path.is_file():
         raise DDPMError(f"weights file '{path}' does not exist")
     if path.suffix.lower() in _SAFE_SUFFIXES:
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
             raise DDPMError(f"weights file '{path}' is not a valid safetensors file "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    import pickle
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # protocol notices of the restricted unpickler

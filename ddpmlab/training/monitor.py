@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
+from PIL import Image
 
 from ddpmlab.errors import ConfigError, DDPMError
 from ddpmlab.evaluate.features import build_extractor
@@ -85,8 +86,6 @@ class TrainingMonitor:
         """Show a PNG the trainer wrote (a sample grid or a scatter plot) in TensorBoard."""
         if self.writer is None or path is None or not Path(path).is_file():
             return
-        from PIL import Image
-
         arr = np.asarray(Image.open(path).convert("RGB"))
         self.writer.add_image(tag, arr, step, dataformats="HWC")
 

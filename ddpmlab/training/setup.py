@@ -104,10 +104,12 @@ def new_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def resume_config(run_dir, overrides_cfg: Optional[Config], changed_keys: list, force: bool = False) -> Config:
+def resume_config(run_dir, overrides_cfg: Optional[Config], changed_keys: list, force: bool = False,
+                  force_option: str = "force=True") -> Config:
     """The stored config of ``run_dir`` with the allowed overrides applied.
 
-    Keys outside RESUME_MUTABLE are refused unless ``force`` (then each change is announced).
+    Keys outside RESUME_MUTABLE are refused unless ``force`` (then each change is announced);
+    ``force_option`` is how the caller sets it, for the messages.
     """
     stored = load_run_config(run_dir)
     bad = [k for k in changed_keys if k not in RESUME_MUTABLE]
@@ -115,14 +117,14 @@ def resume_config(run_dir, overrides_cfg: Optional[Config], changed_keys: list, 
         raise ConfigError(
             f"cannot change {', '.join(bad)} when resuming {run_dir} (the run was trained with "
             f"its stored {CONFIG_FILE}); only {', '.join(sorted(RESUME_MUTABLE))} may change "
-            "(add --force to change it anyway)"
+            f"(add {force_option} to change it anyway)"
         )
     if overrides_cfg is not None:
         for key in changed_keys:
             section, name = key.split(".")
             old, new = getattr(getattr(stored, section), name), getattr(getattr(overrides_cfg, section), name)
             if key in bad and old != new:
-                print(f"warning: --force: {key} changes from {old!r} to {new!r} in the middle of {run_dir}")
+                print(f"warning: {force_option}: {key} changes from {old!r} to {new!r} in the middle of {run_dir}")
             setattr(getattr(stored, section), name, new)
     validate(stored, source=f"{run_dir}/{CONFIG_FILE} + command line")
     return stored

@@ -23,6 +23,7 @@ from ddpmlab.io.images import save_grid
 from ddpmlab.runs import Run, SamplingPlan, draw_samples, grid_scale, resolve_output
 from ddpmlab.viz.diffusion import (
     DEFAULT_TS,
+    check_timesteps,
     record_trajectory,
     save_forward_strip,
     save_reverse_gif,
@@ -52,12 +53,15 @@ def _trajectory(run: Run, plan: SamplingPlan, n: int, seed: int, frames: int):
 
 
 def viz_forward(run_dir=None, config: Optional[str] = None, n: int = 4, ts: Optional[Sequence[int]] = None,
-                seed: int = 0, out=None) -> List[Path]:
-    """Forward strip of ``n`` training images (or, for 2D data, the data set) at several t."""
+                seed: int = 0, out=None, where: str = "timesteps") -> List[Path]:
+    """Forward strip of ``n`` training images (or, for 2D data, the data set) at several t.
+
+    ``where`` names the caller's option for the timesteps in messages.
+    """
     cfg = _config(run_dir, config)
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     T = schedule.num_timesteps
-    ts = list(ts) if ts else [t for t in DEFAULT_TS if t < T - 1] + [T - 1]
+    ts = check_timesteps(ts, T, where) if ts else [t for t in DEFAULT_TS if t < T - 1] + [T - 1]
     ds = build_dataset(cfg)
     d = _out_dir(run_dir, out)
     if not ds.is_image:

@@ -33,10 +33,11 @@ def forward_steps(x0: torch.Tensor, schedule: NoiseSchedule, ts: Sequence[int], 
     return torch.stack(out)
 
 
-def check_timesteps(ts: Sequence[int], T: int) -> List[int]:
+def check_timesteps(ts: Sequence[int], T: int, where: str = "timesteps") -> List[int]:
+    """``ts`` as ints, or DDPMError (naming the caller's option ``where``) unless each lies in [0, T)."""
     bad = [t for t in ts if not 0 <= int(t) < T]
     if bad or not ts:
-        raise DDPMError(f"--t: timesteps must lie in [0, {T - 1}] (the schedule has T={T}), got {list(ts)}")
+        raise DDPMError(f"{where}: timesteps must lie in [0, {T - 1}] (the schedule has T={T}), got {list(ts)}")
     return [int(t) for t in ts]
 
 
