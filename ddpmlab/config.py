@@ -84,6 +84,11 @@ class DiffusionConfig:
     vlb_weight: float = 0.001  # lambda of the hybrid loss
     min_snr_gamma: Optional[float] = None  # min-SNR-gamma weighting of L_simple (Hang et al. 2023), e.g. 5.0
     t_sampling: str = "uniform"  # uniform | importance (importance: loss_type vlb only)
+    # rescale the betas so that alpha_bar_T = 0 (Lin et al. 2024): needs prediction v or x0
+    zero_terminal_snr: bool = False
+    # training noise eps + offset_noise * N(0, 1) per image and channel (Guttenberg 2023), e.g. 0.1:
+    # lets the model change an image's mean brightness; 0 is the paper's N(0, I)
+    offset_noise: float = 0.0
 
 
 @dataclass
@@ -92,6 +97,8 @@ class TrainConfig:
     batch_size: int = 128  # global batch (all processes together)
     lr: float = 2e-4  # AdamW learning rate after warm-up
     warmup_steps: int = 5000  # linear learning-rate warm-up
+    # after the warm-up: constant (Ho et al. 2020), or cosine / linear decay to 0 at train.steps
+    lr_schedule: str = "constant"
     weight_decay: float = 0.0  # AdamW weight decay
     adam_betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW [beta1, beta2]
     grad_clip: float = 1.0  # clip the gradient norm at this value (0: no clipping)
@@ -100,7 +107,9 @@ class TrainConfig:
     ema_every: int = 1  # update the EMA every k steps
     seed: int = 0  # seeds weights, batches, noise and samples
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    mixed_precision: str = "no"  # no | bf16 (CPU and CUDA) | fp16 (CUDA, with a loss scaler)
+    # auto: bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16
+    # or AMX), fp32 elsewhere | no (fp32) | bf16 (CPU and CUDA) | fp16 (CUDA, with a loss scaler)
+    mixed_precision: str = "auto"
     grad_accum_steps: int = 1  # split each process's share of train.batch_size into this many micro-batches
     # CPU (Linux): freed tensor memory stays in the process for the next step instead of going back
     # to the kernel (ddpmlab.training.allocator): no page faults per step; the process keeps its peak memory
@@ -152,7 +161,8 @@ _CHOICES = {
     "diffusion.variance": VARIANCES,
     "diffusion.loss_type": LOSS_TYPES,
     "diffusion.t_sampling": T_SAMPLING,
-    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "train.lr_schedule": ("constant", "cosine", "linear"),
 }
 _POSITIVE = (
     "data.toy_samples", "model.base_channels", "model.num_res_blocks", "model.num_heads",
@@ -162,7 +172,7 @@ _POSITIVE = (
     "train.grad_accum_steps", "train.eval_n", "train.eval_steps",
 )
 _NON_NEGATIVE = (
-    "data.num_workers", "data.toy_noise", "model.dropout", "train.lr", "train.warmup_steps",
+    "data.num_workers", "data.toy_noise", "model.dropout", "diffusion.offset_noise", "train.lr", "train.warmup_steps",
     "train.weight_decay", "train.grad_clip", "train.ema_start", "train.sample_every", "train.sample_n",
     "train.eval_every",
 )
@@ -405,6 +415,9 @@ def _validate_likelihood(diff: DiffusionConfig, source: str) -> None:
         raise ConfigError(f"{source}: 'diffusion.vlb_weight' must be >= 0, got {diff.vlb_weight}")
     if diff.min_snr_gamma is not None and not diff.min_snr_gamma > 0:
         raise ConfigError(f"{source}: 'diffusion.min_snr_gamma' must be > 0 or null, got {diff.min_snr_gamma}")
+    if diff.zero_terminal_snr and diff.prediction == "eps":
+        raise ConfigError(f"{source}: 'diffusion.zero_terminal_snr' needs diffusion.prediction v (or x0): at "
+                          "alpha_bar_T = 0 an eps prediction says nothing about x_0 (Lin et al. 2024)")
     learned = diff.variance == "learned_range"
     if learned and diff.loss_type == "simple":
         raise ConfigError(f"{source}: diffusion.variance=learned_range needs diffusion.loss_type hybrid or vlb "

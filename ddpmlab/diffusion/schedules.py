@@ -67,6 +67,18 @@ def make_betas(name: str, T: int = 1000, beta_start: float = 1e-4, beta_end: flo
     raise ConfigError(f"unknown schedule '{name}'; choose one of {', '.join(SCHEDULES)}")
 
 
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas (T,) rescaled so that alpha_bar_T = 0: x_T is pure noise (Lin et al. 2024, Algorithm 1).
+
+    sqrt(alpha_bar_t) is shifted so its last value is 0 and scaled so its first is unchanged;
+    beta_T becomes 1.  The model must predict v or x0 (eps says nothing about x_0 at t = T).
+    """
+    abar_sqrt = torch.cumprod(1.0 - torch.as_tensor(betas, dtype=torch.float64), 0).sqrt()
+    first, last = abar_sqrt[0].clone(), abar_sqrt[-1].clone()
+    abar = ((abar_sqrt - last) * first / (first - last)) ** 2
+    return 1.0 - torch.cat([abar[:1], abar[1:] / abar[:-1]])
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
     """The discrete forward process of a DDPM, all tensors (N,) float64.
@@ -122,7 +134,8 @@ class NoiseSchedule:
     @classmethod
     def from_config(cls, diffusion_cfg) -> "NoiseSchedule":
         d = diffusion_cfg
-        return cls.make(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
+        betas = make_betas(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
+        return cls.from_betas(rescale_zero_terminal_snr(betas) if d.zero_terminal_snr else betas)
 
     @property
     def num_timesteps(self) -> int:
@@ -174,9 +187,14 @@ def select_timesteps(T: int, steps: int, spacing: str = "uniform") -> torch.Tens
 # integer t; a fractional t is what the model's sinusoidal embedding is called with.
 
 
+# the largest noise level solvers see: alpha_bar = 2^-24 (sigma ~ 4096), where a zero-terminal-SNR
+# schedule has alpha_bar_T = 0 and sigma_T = inf (diffusers' solvers clip it the same way)
+MAX_LOG_SIGMA = 12 * math.log(2.0)
+
+
 def log_sigmas(schedule: NoiseSchedule) -> torch.Tensor:
-    """log sigma_t on the training grid, (T,) float64, increasing in t: -log_snr / 2."""
-    return -0.5 * schedule.log_snr
+    """log sigma_t on the training grid, (T,) float64, increasing in t: -log_snr / 2 (at most MAX_LOG_SIGMA)."""
+    return (-0.5 * schedule.log_snr).clamp(max=MAX_LOG_SIGMA)
 
 
 def sigma_of_t(schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:

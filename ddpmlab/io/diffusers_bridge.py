@@ -124,7 +124,7 @@ def unet2d_config(cfg: Config) -> dict:
                             "map: UNet2DModel fixes the head width, so every attention level must have the same "
                             "number of channels (or use model.num_heads=1)")
         head_dim = attn_widths.pop() // m.num_heads
-    variance = getattr(c.diffusion, "variance", "fixed_large")
+    variance = c.diffusion.variance
     return dict(
         sample_size=height if height == width else [height, width], in_channels=channels,
         out_channels=channels * (2 if variance == "learned_range" else 1),
@@ -144,8 +144,8 @@ def scheduler_config(cfg: Config) -> dict:
     betas = _our_betas(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
     conf = dict(num_train_timesteps=d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end,
                 prediction_type=PREDICTION_TO_DIFFUSERS[d.prediction],
-                variance_type=getattr(d, "variance", "fixed_large"), clip_sample=True, clip_sample_range=1.0,
-                timestep_spacing="leading")
+                variance_type=d.variance, clip_sample=True, clip_sample_range=1.0,
+                timestep_spacing="leading", rescale_betas_zero_snr=d.zero_terminal_snr)
     name = SCHEDULE_TO_DIFFUSERS.get(d.schedule)
     if name is not None and torch.allclose(_diffusers_betas(name, conf), betas, rtol=1e-5, atol=1e-8):
         conf["beta_schedule"] = name
@@ -278,8 +278,6 @@ def unet_kwargs_from_unet2d(conf: dict) -> dict:
 
 def diffusion_from_scheduler(conf: dict) -> dict:
     """ddpmlab diffusion config keys for a diffusers scheduler config (DDPM/DDIM/PNDM/... share them)."""
-    if conf.get("rescale_betas_zero_snr"):
-        raise DDPMError("scheduler rescale_betas_zero_snr=true does not map: ddpmlab's samplers need alpha_bar_T > 0")
     pred = conf.get("prediction_type", "epsilon")
     if pred not in PREDICTION_FROM_DIFFUSERS:
         raise DDPMError(f"scheduler prediction_type={pred!r} does not map; ddpmlab knows "
@@ -303,7 +301,8 @@ def diffusion_from_scheduler(conf: dict) -> dict:
         raise DDPMError(f"scheduler beta_schedule={name!r} does not map; ddpmlab knows "
                         f"{', '.join(SCHEDULE_FROM_DIFFUSERS)}")
     return dict(schedule=name, num_timesteps=T, beta_start=start, beta_end=end,
-                prediction=PREDICTION_FROM_DIFFUSERS[pred], variance=variance)
+                prediction=PREDICTION_FROM_DIFFUSERS[pred], variance=variance,
+                zero_terminal_snr=bool(conf.get("rescale_betas_zero_snr", False)))
 
 
 def load_diffusers_model(folder, device="cpu"):

@@ -78,16 +78,20 @@ def agree_on(value, device: str):
 
 
 def draw_t_and_noise(sample_timesteps: Callable, x0: torch.Tensor, global_batch: int, rank: int,
-                     generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+                     generator: torch.Generator, offset: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """t (n,) and eps like ``x0`` (n, ...) for this process's rows ``rank * n .. (rank + 1) * n`` of the global batch.
 
-    ``generator`` must be seeded identically on every process (by seed and step only).
+    ``generator`` must be seeded identically on every process (by seed and step only).  ``offset``
+    > 0 adds offset * N(0, 1) per image and channel of images (n, C, H, W) (offset noise).
     """
     n = x0.shape[0]
     rows = slice(rank * n, (rank + 1) * n)
     # Algorithm 1, lines 3-4: t ~ Uniform({1..T}), eps ~ N(0, I), for all B examples of the step
     t = sample_timesteps(global_batch, device=x0.device, generator=generator)[rows]
     noise = torch.randn((global_batch, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype)
+    if offset > 0 and x0.ndim == 4:  # Guttenberg 2023: a shift of each image's channel means
+        shape = (global_batch, x0.shape[1], 1, 1)
+        noise = noise + offset * torch.randn(shape, generator=generator, device=x0.device, dtype=x0.dtype)
     return t, noise[rows]
 
 

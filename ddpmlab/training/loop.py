@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import math
 import shlex
 import signal
 import time
@@ -53,9 +54,18 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def learning_rate(cfg: Config, step: int) -> float:
-    # linear warm-up over train.warmup_steps, then constant (Ho et al. 2020, App. B)
-    w = cfg.train.warmup_steps
-    return cfg.train.lr * min(1.0, (step + 1) / w) if w > 0 else cfg.train.lr
+    """The learning rate of step ``step`` (0-based): linear warm-up over train.warmup_steps, then
+    constant (Ho et al. 2020, App. B), or a cosine (Loshchilov & Hutter 2017) or linear decay to
+    0 at train.steps (train.lr_schedule)."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return t.lr
+    done = (step - t.warmup_steps) / max(t.steps - t.warmup_steps, 1)  # in [0, 1)
+    if t.lr_schedule == "cosine":
+        return t.lr * 0.5 * (1.0 + math.cos(math.pi * done))
+    return t.lr * (1.0 - done)
 
 
 class _StopFlag:
@@ -138,7 +148,8 @@ def train_step(s: TrainState, step: int, x0: torch.Tensor, y: torch.Tensor) -> S
     x0 = x0.to(s.device, non_blocking=True)  # Algorithm 1, line 2: x_0 ~ q(x_0)
     y = y.to(s.device) if cfg.model.num_classes else None
     # lines 3-4: t ~ Uniform({1..T}) (or importance-sampled) and eps ~ N(0, I) for the global batch
-    t, noise = draw_t_and_noise(s.objective.sample_timesteps, x0, cfg.train.batch_size, acc.process_index, shared)
+    t, noise = draw_t_and_noise(s.objective.sample_timesteps, x0, cfg.train.batch_size, acc.process_index, shared,
+                                cfg.diffusion.offset_noise)
     if y is not None:  # classifier-free guidance: some labels become "no label"
         y = drop_labels(y, cfg.train.label_dropout, cfg.model.num_classes, generator=own)
     lr = learning_rate(cfg, step)

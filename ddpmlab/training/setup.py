@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
@@ -44,6 +44,7 @@ from ddpmlab.training.distributed import (
 from ddpmlab.training.guard import BadStepGuard
 from ddpmlab.training.lock import LOCK_FILE
 from ddpmlab.training.monitor import TrainingMonitor
+from ddpmlab.training.precision import describe_precision, resolve_precision
 
 # keys a resumed run may change; everything else must match the stored config
 RESUME_MUTABLE = {
@@ -161,7 +162,7 @@ class TrainState:
 
 def set_up(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> TrainState:
     """Accelerator, data, run folder, model / EMA / optimizer (restored on resume), objective and batches."""
-    accelerator = _make_accelerator(cfg)
+    accelerator, precision = _make_accelerator(cfg)
     if accelerator.device.type == "cpu" and cfg.train.keep_freed_memory:
         keep_freed_memory()
     main = process_state(cfg.train.device).is_main_process
@@ -185,19 +186,23 @@ def set_up(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> TrainSta
     s.loader = _make_loader(s)
     if main and start == 0:
         print(f"run {run_dir}: {count_parameters(s.raw_model) / 1e6:.2f}M parameters, {len(dataset)} examples, "
-              f"{cfg.train.steps} steps on {s.device} x{accelerator.num_processes}")
+              f"{cfg.train.steps} steps on {s.device} x{accelerator.num_processes}, {precision}")
     _start_reporting(s, progress)
     return s
 
 
-def _make_accelerator(cfg: Config) -> Accelerator:
+def _make_accelerator(cfg: Config) -> Tuple[Accelerator, str]:
+    """The Accelerator of train.device and train.mixed_precision (auto resolved); and what precision, why."""
     dev = cfg.train.device
     resolve_device(dev, "train.device")  # an unknown or absent device: the message every command gives
     if ":" in dev:
         raise ConfigError(f"train.device '{dev}': pick the GPU with CUDA_VISIBLE_DEVICES=N and train.device=cuda")
-    check_mixed_precision(cfg.train.mixed_precision, dev)
+    device = resolve_device("cpu" if use_cpu(dev) else dev, "train.device")
+    precision, why = resolve_precision(cfg.train.mixed_precision, device.type)
+    check_mixed_precision(precision, dev)
     forget_accelerator_precision()  # a second train() in one process may use another precision
-    return Accelerator(cpu=use_cpu(dev), mixed_precision=cfg.train.mixed_precision)
+    accelerator = Accelerator(cpu=use_cpu(dev), mixed_precision=precision)
+    return accelerator, f"{describe_precision(precision)} ({why})"
 
 
 def load_data(cfg: Config) -> torch.utils.data.Dataset:
