@@ -58,6 +58,7 @@ from ddpmlab.diffusion.objectives import diffusion_loss
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.models import build_model
 from ddpmlab.training.allocator import keep_freed_memory
+from ddpmlab.training.precision import resolve_precision
 
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of this process; use with --threads 1)
 MODELS = {"cifar10": ["data.dataset=folder", "data.path=x", "data.image_size=[32,32]", "data.channels=3"],
@@ -314,9 +315,13 @@ def main(argv=None) -> int:
             f"{'GFLOP/img':>9} {'GFLOP/s':>8} {'% peak':>6} {'faults/step':>11}")
     print(head)
     print("-" * len(head))
+    auto, why = resolve_precision("auto", torch.device(args.device).type)
     for name, batch, label, rate, r32, r16, gf, gfs, pct, faults in rows:
-        print(f"{name:8} {batch:>5}  {label:28} {rate:7.2f} {r32:11.2f}x {r16:11.2f}x {gf:9.2f} {gfs:8.1f} {pct:5.0f}% "
-              f"{faults:11.0f}")
+        picked = label == ("ddpmlab best (bf16+fused)" if auto == "bf16" else "ddpmlab fp32")
+        print(f"{name:8} {batch:>5}  {label + (' <- auto' if picked else ''):28} {rate:7.2f} {r32:11.2f}x "
+              f"{r16:11.2f}x {gf:9.2f} {gfs:8.1f} {pct:5.0f}% {faults:11.0f}")
+    print(f"\n'<- auto': what `ddpm train` runs with train.mixed_precision=auto here: "
+          f"{'bf16' if auto == 'bf16' else 'fp32'} ({why}); `ddpm train` also fuses AdamW.")
     print("\n% peak: achieved GFLOP/s over the measured dense-product peak of the same precision (fp32 or bf16); "
           "'best': bf16 autocast + fused AdamW; faults/step: fewest minor page faults of a measured step (fresh "
           "pages from the kernel).")

@@ -105,6 +105,11 @@ class TrainConfig:
     ema_decay: float = 0.9999  # decay of the EMA of the weights that sampling uses
     ema_start: int = 0  # first step at which EMA updates (before: EMA copies the weights)
     ema_every: int = 1  # update the EMA every k steps
+    # power-function EMAs (Karras et al. 2024) of these relative widths, e.g. [0.05, 0.1]: their
+    # snapshots (RUN/ema/, every ema_snapshot_every steps; 0: at every checkpoint) let
+    # `ddpm ema RUN --sigma-rel S` build the EMA of any width after training
+    ema_profiles: list = field(default_factory=list)
+    ema_snapshot_every: int = 0
     seed: int = 0  # seeds weights, batches, noise and samples
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     # auto: bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16
@@ -174,6 +179,7 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "data.num_workers", "data.toy_noise", "model.dropout", "diffusion.offset_noise", "train.lr", "train.warmup_steps",
     "train.weight_decay", "train.grad_clip", "train.ema_start", "train.sample_every", "train.sample_n",
+    "train.ema_snapshot_every",
     "train.eval_every",
 )
 
@@ -406,6 +412,10 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: model.kind 'mlp' is for 2D toy data; set data.dataset=toy or model.kind=unet")
     if m.kind == "unet" and d.dataset == "toy":
         raise ConfigError(f"{source}: 2D toy data needs model.kind=mlp (the UNet is for images)")
+    bad = [s for s in t.ema_profiles if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < 0.2886]
+    if bad or len(set(t.ema_profiles)) != len(t.ema_profiles):
+        raise ConfigError(f"{source}: 'train.ema_profiles' must be distinct relative widths in (0, 0.2886), e.g. "
+                          f"[0.05, 0.1]; got {t.ema_profiles}")
     _validate_likelihood(diff, source)
 
 

@@ -15,9 +15,9 @@ sample grids) goes through here, so that they agree on:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -160,7 +160,6 @@ class SamplingPlan:
     timesteps: Optional[str] = None
     label: Optional[int] = None
     guidance: Optional[float] = None
-    notes: List[str] = field(default_factory=list)
 
     @property
     def sampler(self) -> str:
@@ -201,8 +200,8 @@ def plan_sampling(run: Run, sampler: str = "ddim", steps: Optional[int] = None, 
     n_sched = run.T if schedule_len is None else schedule_len
     steps = spec.steps_for(n_sched, steps)
     if not 1 <= steps <= n_sched:
-        raise ConfigError(f"{names.get('steps', 'steps')} must be between 1 and {n_sched} (the model's "
-                          f"num_timesteps{'' if schedule_len is None else ' below t0'}), got {steps}")
+        span = "the model's num_timesteps" if schedule_len is None else "the timesteps from t0 down"
+        raise ConfigError(f"{names.get('steps', 'steps')} must be between 1 and {n_sched} ({span}), got {steps}")
     given = {k: v for k, v in (options or {}).items() if v is not None}
     spec.check_options(given, names)
     if "variance" in spec.options:

@@ -83,7 +83,7 @@ def _toy_cfg(root, name, steps, *extra):
                                  "train.sample_n=16", "train.sample_steps=10", "train.sample_sampler=ddpm",
                                  "train.log_every=1", "model.hidden=32", "model.num_layers=1", "data.toy_samples=500",
                                  "diffusion.variance=learned_range", "diffusion.loss_type=vlb",
-                                 "diffusion.t_sampling=importance", *extra])
+                                 "diffusion.t_sampling=importance", "train.mixed_precision=no", *extra])
 
 
 def test_importance_sampling_step_with_grad_accumulation_equals_one_micro_batch(tmp_path):

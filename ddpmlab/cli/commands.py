@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import List, Sequence
 
 import torch
+from safetensors.torch import save_file
 
 from ddpmlab.config import Config, format_config, load_config
 from ddpmlab.data.check import check_folder
@@ -38,6 +39,7 @@ from ddpmlab.samplers.editing import img2img, inpaint, strength_to_steps
 from ddpmlab.samplers.guidance import conditioning
 from ddpmlab.samplers.registry import get_spec
 from ddpmlab.training.loop import train
+from ddpmlab.training.posthoc_ema import reconstruct
 from ddpmlab.training.setup import resume_config
 from ddpmlab.viz import commands as viz
 from ddpmlab.viz.samples import save_samples
@@ -299,6 +301,20 @@ def _viz_sampling(args, kind: str) -> List[Path]:
     if kind == "toy":
         return viz.viz_toy(run, plan, None, args.n, args.seed, args.frames, args.out)
     return viz.viz_grid(run, plan, args.n, args.seed, args.out, args.batch_size, not args.no_progress)
+
+
+def cmd_ema(args) -> int:
+    run_dir = require_run_dir(args.run_dir)
+    weights, step, coefs = reconstruct(run_dir, args.sigma_rel, args.step or 0)
+    load_run(run_dir, device="cpu").model.load_state_dict(weights)  # the weights fit the run's model
+    name = f"posthoc_sigma{args.sigma_rel:.3f}_step{step:07d}.safetensors"
+    out = Path(args.out) if args.out else run_dir / "ema" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(out))
+    print(f"wrote {out}: the power-function EMA with sigma_rel {args.sigma_rel:g} at step {step}, from "
+          f"{len(coefs)} snapshots")
+    print(f"sample it: ddpm sample {run_dir} --weights-file {out}")
+    return 0
 
 
 def cmd_export(args) -> int:

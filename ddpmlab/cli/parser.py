@@ -7,6 +7,7 @@ import argparse
 from ddpmlab.cli.commands import (
     cmd_bench,
     cmd_data_check,
+    cmd_ema,
     cmd_eval,
     cmd_export,
     cmd_img2img,
@@ -197,6 +198,18 @@ def _eval_parser(sub) -> None:
 
 
 def _export_and_data_parsers(sub) -> None:
+    em = sub.add_parser("ema", help="the EMA of any width after training (power-function EMA, EDM2)",
+                        description="Reconstruct the power-function EMA of relative width --sigma-rel (Karras et "
+                                    "al. 2024) from the snapshots a run trained with train.ema_profiles wrote to "
+                                    "RUN_DIR/ema/, and write its weights; sample them with ddpm sample RUN_DIR "
+                                    "--weights-file FILE.")
+    em.add_argument("run_dir", metavar="RUN_DIR", help="a run trained with train.ema_profiles")
+    em.add_argument("--sigma-rel", type=float, required=True, help="relative EMA width, e.g. 0.05 (in (0, 0.2886))")
+    em.add_argument("--step", type=int, default=None, help="the EMA at this step (default: the last snapshot)")
+    em.add_argument("--out", default=None,
+                    help="weights file (default RUN_DIR/ema/posthoc_sigma<S>_step<N>.safetensors)")
+    em.set_defaults(func=cmd_ema, parser=em)
+
     ex = sub.add_parser("export", help="write a run in another library's format (diffusers)",
                         description="Export a trained run. --format diffusers writes a folder that "
                                     "diffusers.DDPMPipeline.from_pretrained(OUT) loads (UNet2DModel + DDPMScheduler, "

@@ -121,10 +121,12 @@ def _remove_leftovers(root: Path) -> None:
 
 
 def _write_checkpoint_files(tmp: Path, step: int, model_sd: dict, ema_sd: dict, opt_sd: dict,
-                            extra: Optional[dict]) -> None:
+                            extra: Optional[dict], weights: Optional[Dict[str, dict]] = None) -> None:
     tmp.mkdir()
     save_file(_contiguous(model_sd), str(tmp / "model.safetensors"))
     save_file(_contiguous(ema_sd), str(tmp / "ema.safetensors"))
+    for name, sd in (weights or {}).items():  # further weights of the run, e.g. power-function EMAs
+        save_file(_contiguous(sd), str(tmp / f"{name}.safetensors"))
     opt_tensors, opt_meta = flatten_optimizer_state(opt_sd)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     state = {"step": step, "optimizer": opt_meta, **(extra or {})}
@@ -143,7 +145,7 @@ def _io_reason(e: Exception) -> str:
 
 
 def save_checkpoint(run_dir: Path, step: int, model_sd: dict, ema_sd: dict, opt_sd: dict,
-                    extra: Optional[dict] = None, keep: int = 3) -> Path:
+                    extra: Optional[dict] = None, keep: int = 3, weights: Optional[Dict[str, dict]] = None) -> Path:
     """Atomically write checkpoint ``step`` and point ``latest`` at it; keep the newest ``keep``.
 
     The files go to ``checkpoints/.step_N.tmp/``, are fsynced, and the folder is renamed to
@@ -156,7 +158,7 @@ def save_checkpoint(run_dir: Path, step: int, model_sd: dict, ema_sd: dict, opt_
     final, tmp, old = root / name, root / f".{name}.tmp", root / f".{name}.old"
     _remove_leftovers(root)
     try:
-        _write_checkpoint_files(tmp, step, model_sd, ema_sd, opt_sd, extra)
+        _write_checkpoint_files(tmp, step, model_sd, ema_sd, opt_sd, extra, weights)
         if final.exists():  # re-saving a step (e.g. after resuming past a damaged checkpoint)
             os.replace(final, old)
         os.replace(tmp, final)
@@ -198,6 +200,8 @@ def load_checkpoint(ckpt: Path) -> dict:
         "ema": load_file(str(ckpt / "ema.safetensors")),
         "optimizer": unflatten_optimizer_state(opt_tensors, state["optimizer"]),
         "state": state,
+        "weights": {p.stem: load_file(str(p)) for p in sorted(ckpt.glob("*.safetensors"))
+                    if p.stem not in ("model", "ema", "optimizer")},
     }
 
 

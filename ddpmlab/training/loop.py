@@ -38,6 +38,7 @@ from ddpmlab.training.distributed import (
 )
 from ddpmlab.training.guard import optimizer_step
 from ddpmlab.training.lock import RunLock
+from ddpmlab.training.posthoc_ema import save_snapshot
 from ddpmlab.training.setup import TrainState, new_run_dir, set_up
 from ddpmlab.viz.samples import save_samples
 
@@ -163,6 +164,8 @@ def train_step(s: TrainState, step: int, x0: torch.Tensor, y: torch.Tensor) -> S
     done = step + 1
     if ok and done % cfg.train.ema_every == 0:
         ema_update(s.ema, s.raw_model, 0.0 if done <= cfg.train.ema_start else cfg.train.ema_decay)
+    if ok and s.power_ema is not None:  # power-function EMAs: beta_t from the step count
+        s.power_ema.update(s.raw_model, done)
     return StepResult(loss, lr, grad_norm, ok)
 
 
@@ -209,6 +212,9 @@ def after_step(s: TrainState, done: int, r: StepResult, log, stop: _StopFlag) ->
     stopping = stop.signal is not None
     if done % t.save_every == 0 or done == t.steps or stopping:
         save_state(s, done)
+    if s.power_ema is not None and s.main and done % (t.ema_snapshot_every or t.save_every) == 0:
+        for sigma, copy_ in zip(s.power_ema.sigma_rels, s.power_ema.copies):
+            save_snapshot(s.run_dir, done, sigma, copy_.state_dict())
     if stopping:
         s.bar.close()
         if s.main:
@@ -238,7 +244,8 @@ def write_log_row(s: TrainState, log, done: int, r: StepResult) -> None:
 def save_state(s: TrainState, done: int) -> None:
     """The checkpoint of step ``done``: weights, EMA, optimizer, the objective's and the loss scaler's state."""
     _save(s.accelerator, s.run_dir, done, s.raw_model, s.ema, s.opt,
-          {"objective": s.objective.state_dict(), **scaler_state(s.accelerator)}, keep=s.cfg.train.keep_checkpoints)
+          {"objective": s.objective.state_dict(), **scaler_state(s.accelerator)}, keep=s.cfg.train.keep_checkpoints,
+          weights=s.power_ema.state_dicts() if s.power_ema is not None else None)
 
 
 def finish(s: TrainState) -> None:
@@ -265,9 +272,9 @@ def next_commands(run_dir: Path) -> str:
 # ----------------------------------------------------------------------------- set-up
 
 
-def _save(accelerator, run_dir, step, model, ema, opt, extra=None, keep: int = 3) -> None:
+def _save(accelerator, run_dir, step, model, ema, opt, extra=None, keep: int = 3, weights=None) -> None:
     accelerator.wait_for_everyone()
     if process_state().is_main_process:
         save_checkpoint(run_dir, step, model.state_dict(), ema.state_dict(), opt.state_dict(), extra=extra,
-                        keep=keep)
+                        keep=keep, weights=weights)
     accelerator.wait_for_everyone()

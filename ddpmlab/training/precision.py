@@ -42,7 +42,7 @@ def native_bf16_on_cpu(flags: Optional[Iterable[str]]) -> Tuple[bool, str]:
         return False, f"the {platform.machine() or 'CPU'}'s features could not be read"
     found = [f for f in NATIVE_BF16_FLAGS if f in set(flags)]
     if found:
-        return True, f"the CPU computes bf16 natively ({', '.join(found)})"
+        return True, f"the CPU computes bf16 natively: {', '.join(found)}"
     return False, "the CPU has no bf16 arithmetic (no avx512_bf16 or amx_bf16): bf16 would be emulated, far slower"
 
 

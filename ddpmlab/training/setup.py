@@ -44,6 +44,7 @@ from ddpmlab.training.distributed import (
 from ddpmlab.training.guard import BadStepGuard
 from ddpmlab.training.lock import LOCK_FILE
 from ddpmlab.training.monitor import TrainingMonitor
+from ddpmlab.training.posthoc_ema import PowerEMA
 from ddpmlab.training.precision import describe_precision, resolve_precision
 
 # keys a resumed run may change; everything else must match the stored config
@@ -52,7 +53,7 @@ RESUME_MUTABLE = {
     "train.sample_steps", "train.sample_sampler", "train.device", "data.num_workers",
     "train.keep_checkpoints", "train.max_bad_steps", "train.grad_accum_steps",
     "train.eval_every", "train.eval_n", "train.eval_metrics", "train.eval_sampler", "train.eval_steps",
-    "train.eval_inception_weights", "train.tensorboard", "train.keep_freed_memory",
+    "train.eval_inception_weights", "train.tensorboard", "train.keep_freed_memory", "train.ema_snapshot_every",
 }
 
 
@@ -147,6 +148,7 @@ class TrainState:
     opt: torch.optim.Optimizer
     objective: DiffusionObjective
     start: int
+    power_ema: Optional[PowerEMA] = None  # train.ema_profiles (None: none)
     loader: Optional[torch.utils.data.DataLoader] = None
     bar: Any = None
     guard: Optional[BadStepGuard] = None
@@ -173,14 +175,18 @@ def set_up(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> TrainSta
         _create_run_dir(cfg, run_dir, accelerator, main)
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     model, ema, opt = build_model_ema_optimizer(cfg, accelerator.device)
-    start, objective_state = _restore(cfg, run_dir, accelerator, main, model, ema, opt) if resume else (0, None)
+    power_ema = PowerEMA(model, cfg.train.ema_profiles) if cfg.train.ema_profiles else None
+    start, objective_state = (_restore(cfg, run_dir, accelerator, main, model, ema, opt, power_ema) if resume
+                              else (0, None))
     model, opt = accelerator.prepare(model, opt)
     ema.to(accelerator.device)
+    if power_ema is not None:
+        power_ema.to(accelerator.device)
     # the loss of diffusion.loss_type; its state (importance-sampling history) is checkpointed
     objective = DiffusionObjective.from_config(cfg, schedule, gather=accelerator.gather)
     objective.load_state_dict(objective_state)
     s = TrainState(cfg, run_dir, accelerator, main, dataset, schedule, model, accelerator.unwrap_model(model),
-                   ema, opt, objective, start)
+                   ema, opt, objective, start, power_ema)
     if main:
         _trim_log(run_dir / "log.csv", start)
     s.loader = _make_loader(s)
@@ -258,12 +264,15 @@ def build_model_ema_optimizer(cfg: Config, device: torch.device) -> tuple:
     return model, ema, opt
 
 
-def _restore(cfg: Config, run_dir: Path, accelerator: Accelerator, main: bool, model, ema, opt) -> tuple:
+def _restore(cfg: Config, run_dir: Path, accelerator: Accelerator, main: bool, model, ema, opt,
+             power_ema: Optional[PowerEMA] = None) -> tuple:
     """Load the newest loadable checkpoint of a resumed run; (its step, the objective's state)."""
     start, objective_state = 0, None
     ckpt_path, ckpt, skipped = find_checkpoint(run_dir)  # newest loadable, damaged ones listed
     if ckpt is not None:
         restore_training_state(ckpt_path, ckpt, model, ema, opt)
+        if power_ema is not None:
+            power_ema.load_state_dicts(ckpt["weights"])
         start = ckpt["step"]
         objective_state = ckpt["state"].get("objective")
         load_scaler_state(accelerator, ckpt["state"])  # fp16: the loss scale continues
