@@ -82,3 +82,13 @@ def test_new_figure_is_not_a_pyplot_figure_and_gives_its_pixels(foreign_backend)
     assert pixels.shape == (100, 150, 3) and pixels.dtype == np.uint8
     assert pixels.min() < 255  # something was drawn
     assert axes.shape == (1, 2) and foreign_backend.get_fignums() == []
+
+
+def test_a_far_outlier_does_not_shrink_the_scatter_plot(tmp_path):
+    """The frame follows the reference data: one sample at (6, 35) next to a unit-size data set
+    used to squash the plot into a thin strip; now it is counted in the legend instead."""
+    ref = torch.randn(500, 2, generator=torch.Generator().manual_seed(0))
+    with_outlier = torch.cat([ref[:200], torch.tensor([[6.0, 35.0]])])
+    sizes = [Image.open(images.save_scatter(x, tmp_path / f"{i}.png", reference=ref)).size
+             for i, x in enumerate([ref[:200], with_outlier])]
+    assert abs(sizes[0][0] - sizes[1][0]) <= 0.1 * sizes[0][0] and abs(sizes[0][1] - sizes[1][1]) <= 0.1 * sizes[0][1]

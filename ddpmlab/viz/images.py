@@ -31,13 +31,24 @@ def new_figure(figsize: tuple[float, float], dpi: float = 100, nrows: int = 1, n
 
 def save_scatter(points: torch.Tensor, path, reference: Optional[torch.Tensor] = None,
                  title: str = "samples") -> Path:
-    """Scatter plot of 2D points (N, 2), optionally over reference data in grey."""
+    """Scatter plot of 2D points (N, 2), optionally over reference data in grey.
+
+    With a reference the frame is the data's extent plus half of it on each side, so a few far
+    outliers cannot shrink the picture to a dot; how many samples fall outside is in the legend.
+    """
     fig, ax = new_figure((5, 5), dpi=100)
+    p = points.detach().cpu().double().numpy()
+    label = title
     if reference is not None:
-        ref = reference.cpu().numpy()
+        ref = reference.detach().cpu().double().numpy()
         ax.scatter(ref[:, 0], ref[:, 1], s=2, c="0.75", label="data")
-    p = points.cpu().numpy()
-    ax.scatter(p[:, 0], p[:, 1], s=2, c="tab:blue", label=title)
+        lo, hi = ref.min(0), ref.max(0)
+        lo, hi = lo - 0.5 * (hi - lo), hi + 0.5 * (hi - lo)
+        outside = int((~((p >= lo) & (p <= hi)).all(1)).sum())
+        ax.set_xlim(lo[0], hi[0])
+        ax.set_ylim(lo[1], hi[1])
+        label += f" ({outside} outside the frame)" if outside else ""
+    ax.scatter(p[:, 0], p[:, 1], s=2, c="tab:blue", label=label)
     ax.set_aspect("equal")
     ax.legend(loc="upper right", markerscale=4)
     ax.set_title(title)
