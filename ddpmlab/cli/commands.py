@@ -23,6 +23,7 @@ from ddpmlab.io.checkpoint import require_run_dir
 from ddpmlab.io.diffusers_bridge import export_diffusers
 from ddpmlab.io.images import comparison_row, load_mask, load_picture, save_grid, save_images
 from ddpmlab.runs import (
+    Output,
     Run,
     SamplingPlan,
     condition_tag,
@@ -161,9 +162,8 @@ def _image_run(args, command: str) -> Run:
     return run
 
 
-def _write_row(run: Run, row: torch.Tensor, results: torch.Tensor, out, default: Path) -> Path:
+def _write_row(run: Run, row: torch.Tensor, results: torch.Tensor, output: Output) -> Path:
     """The comparison row (input, [mask,] results) as one PNG; for a folder also each result as a PNG."""
-    output = resolve_output(out, default, "--out")
     save_grid(row, output.picture, nrow=len(row), scale=grid_scale(run.shape))
     if output.is_folder:
         save_images(results, output.path)
@@ -179,13 +179,14 @@ def cmd_inpaint(args) -> int:
     image = load_picture(args.image, run.shape, args.resize, "--image", "--resize")
     mask = load_mask(args.mask, run.shape[1:], args.resize, "--mask", "--resize")
     model, labels = conditioning(run.model, args.n, args.label, args.guidance, run.cfg.train.label_dropout, NAMES)
+    tag = condition_tag(args.label, args.guidance)
+    default = run.folder("samples") / f"inpaint_{Path(args.image).stem}_seed{args.seed}{tag}.png"
+    output = resolve_output(args.out, default, "--out")  # before sampling: a bad --out costs nothing
     x = inpaint(model, run.schedule, image, mask, args.n, prediction=run.cfg.diffusion.prediction, labels=labels,
                 steps=args.steps, jump_length=args.jump_length, jump_n_sample=args.jump_n_sample, variance=variance,
                 spacing=args.timesteps or "uniform", seed=args.seed, batch_size=args.batch_size, device=run.device,
                 progress=not args.no_progress)
-    tag = condition_tag(args.label, args.guidance)
-    default = run.folder("samples") / f"inpaint_{Path(args.image).stem}_seed{args.seed}{tag}.png"
-    path = _write_row(run, comparison_row(image, x, mask), x, args.out, default)
+    path = _write_row(run, comparison_row(image, x, mask), x, output)
     print(f"wrote {path} (input, mask, {args.n} inpaintings)")
     return 0
 
@@ -196,12 +197,13 @@ def cmd_img2img(args) -> int:
     n0 = strength_to_steps(args.strength, run.T)
     plan = _plan(args, run, args.n, schedule_len=max(n0, 1))
     image = load_picture(args.image, run.shape, args.resize, "--image", "--resize")
+    default = (run.folder("samples") / f"img2img_{Path(args.image).stem}_strength{args.strength:g}_"
+               f"seed{args.seed}{plan.condition_tag()}.png")
+    output = resolve_output(args.out, default, "--out")  # before sampling: a bad --out costs nothing
     x = img2img(plan.model, run.schedule, image, args.strength, args.n, sampler=plan.sampler, steps=plan.steps,
                 prediction=run.cfg.diffusion.prediction, labels=plan.labels, seed=args.seed,
                 batch_size=args.batch_size, device=run.device, progress=not args.no_progress, **plan.options)
-    default = (run.folder("samples") / f"img2img_{Path(args.image).stem}_strength{args.strength:g}_"
-               f"seed{args.seed}{plan.condition_tag()}.png")
-    path = _write_row(run, comparison_row(image, x), x, args.out, default)
+    path = _write_row(run, comparison_row(image, x), x, output)
     print(f"wrote {path} (input, {args.n} results; noised to t0 = {n0} of {run.T}, "
           f"{min(plan.steps, n0)} {plan.sampler} steps back)")
     return 0

@@ -178,22 +178,24 @@ def bench_run(run_dir, specs: Sequence[BenchEntry], nfes: Sequence[int], n: int 
     names = names or {}
     run = load_run(run_dir, weights, device, where=names.get("weights", "weights"))
 
-    def draw(sampler: str, steps: int, draw_seed: int, options: Optional[dict] = None) -> torch.Tensor:
-        plan = plan_sampling(run, sampler, steps, n, cycle_classes=True, names=names, log=lambda m: None)
-        plan = dataclasses.replace(plan, options={**plan.options, **(options or {})})
-        return draw_samples(run, plan, n, seed=draw_seed, batch_size=batch_size, progress=False)
+    def plan(sampler: str, steps: int, option_names: Dict[str, str] = names):
+        return plan_sampling(run, sampler, steps, n, cycle_classes=True, names=option_names, log=lambda m: None)
 
-    ref_names = {**names, "steps": names.get("reference_steps", "reference_steps")}
-    plan_sampling(run, "ddpm", reference_steps, n, names=ref_names, log=lambda m: None)  # checks the steps
+    def draw(p, draw_seed: int, options: Optional[dict] = None) -> torch.Tensor:
+        p = dataclasses.replace(p, options={**p.options, **(options or {})})
+        return draw_samples(run, p, n, seed=draw_seed, batch_size=batch_size, progress=False)
+
+    # a bad reference_steps is named as such in the message
+    ref_plan = plan("ddpm", reference_steps, {**names, "steps": names.get("reference_steps", "reference_steps")})
     log(f"reference: {n} samples, ddpm with {reference_steps} steps (twice, for the floor)")
-    reference = draw("ddpm", reference_steps, seed)
-    floor_set = draw("ddpm", reference_steps, seed + 10_000)
+    reference = draw(ref_plan, seed)
+    floor_set = draw(ref_plan, seed + 10_000)
     predict = ModelPredictor(run.model, run.schedule, run.cfg.diffusion.prediction, clip_x0=run.clip_x0)
     gen = torch.Generator().manual_seed(seed + 20_000)
     x_cal = torch.randn((min(n, batch_size), *run.shape), generator=gen).to(run.device)
 
     def sample(spec: BenchEntry, nfe: int, options: dict) -> torch.Tensor:
-        return draw(spec.name, nfe, seed, options)
+        return draw(plan(spec.name, nfe), seed, options)
 
     log(f"{run.dir}: error / floor per NFE {list(nfes)}")
     return run_bench(str(run.dir), sample, reference, [floor_set], specs, nfes,

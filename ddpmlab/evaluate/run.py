@@ -95,10 +95,14 @@ class EvalContext:
         return self.names.get(option, option)
 
     @cached_property
+    def run(self) -> Run:
+        return Run(self.cfg, self.model, self.schedule, self.device)
+
+    @cached_property
     def plan(self) -> SamplingPlan:
         """The sampler call (default steps, the run's variance, guidance) as every front end makes it."""
         s = self.s
-        return plan_sampling(Run(self.cfg, self.model, self.schedule, self.device), s.sampler, s.steps, s.n,
+        return plan_sampling(self.run, s.sampler, s.steps, s.n,
                              timesteps=s.timesteps, options=s.sampler_options, guidance=s.guidance, seed=s.seed,
                              cycle_classes=True, names=self.names, log=lambda m: None)
 
@@ -114,8 +118,7 @@ class EvalContext:
     def samples(self):
         """(x (n, *shape), labels (n,) or None): samples of the model; conditional runs cycle the classes."""
         s, plan = self.s, self.plan
-        run = Run(self.cfg, self.model, self.schedule, self.device)
-        x = draw_samples(run, plan, s.n, seed=s.seed, batch_size=s.batch_size, progress=self.progress)
+        x = draw_samples(self.run, plan, s.n, seed=s.seed, batch_size=s.batch_size, progress=self.progress)
         return x, plan.labels
 
     @property

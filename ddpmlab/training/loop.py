@@ -40,7 +40,7 @@ from ddpmlab.training.guard import optimizer_step
 from ddpmlab.training.lock import RunLock
 from ddpmlab.training.posthoc_ema import save_snapshot
 from ddpmlab.training.setup import TrainState, new_run_dir, set_up
-from ddpmlab.viz.samples import save_samples
+from ddpmlab.viz.samples import reference_points, save_samples
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "it_per_s", "time_s", "skipped"]
 
@@ -102,7 +102,7 @@ def _write_samples(cfg, ema, schedule, dataset, run_dir: Path, tag: str, device)
     plan = plan_sampling(run, cfg.train.sample_sampler, cfg.train.sample_steps, cfg.train.sample_n,
                          seed=cfg.train.seed, cycle_classes=True, names=names, log=lambda m: None)
     x = draw_samples(run, plan, cfg.train.sample_n, seed=cfg.train.seed, progress=False)
-    ref = None if dataset.is_image else torch.stack([dataset[i][0] for i in range(min(len(dataset), 2000))])
+    ref = None if dataset.is_image else reference_points(dataset)
     output = Output(run_dir / "samples" / f"{tag}.png", is_folder=False)
     return save_samples(run, x, output, title=f"samples at {tag}", reference=ref)[0]
 

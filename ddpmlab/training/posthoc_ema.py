@@ -144,12 +144,9 @@ def reconstruct(run_dir, sigma_rel: float, step: int = 0) -> Tuple[dict, int, to
     if not snaps:
         raise DDPMError(f"run '{run_dir}' has no EMA snapshot at or before step {step}")
     x = posthoc_weights([(t, gamma_of_sigma_rel(s)) for t, s, _ in snaps], step, gamma)
-    total = None
+    total, dtypes = {}, {}
     for coef, (_, _, path) in zip(x.tolist(), snaps):
-        state = load_file(str(path))
-        if total is None:
-            total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in state.items()}
-        for k, v in state.items():
-            total[k] += coef * v.double()
-    dtypes = load_file(str(snaps[0][2]))
-    return {k: v.to(dtypes[k].dtype) for k, v in total.items()}, step, x
+        for k, v in load_file(str(path)).items():
+            dtypes[k] = v.dtype
+            total[k] = total.get(k, 0.0) + coef * v.double()
+    return {k: v.to(dtypes[k]) for k, v in total.items()}, step, x

@@ -200,10 +200,9 @@ def set_up(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> TrainSta
 def _make_accelerator(cfg: Config) -> Tuple[Accelerator, str]:
     """The Accelerator of train.device and train.mixed_precision (auto resolved); and what precision, why."""
     dev = cfg.train.device
-    resolve_device(dev, "train.device")  # an unknown or absent device: the message every command gives
+    device = resolve_device(dev, "train.device")  # an unknown or absent device: the message every command gives
     if ":" in dev:
         raise ConfigError(f"train.device '{dev}': pick the GPU with CUDA_VISIBLE_DEVICES=N and train.device=cuda")
-    device = resolve_device("cpu" if use_cpu(dev) else dev, "train.device")
     precision, why = resolve_precision(cfg.train.mixed_precision, device.type)
     check_mixed_precision(precision, dev)
     forget_accelerator_precision()  # a second train() in one process may use another precision

@@ -31,7 +31,7 @@ from ddpmlab.viz.diffusion import (
 )
 from ddpmlab.viz.images import save_scatter
 from ddpmlab.viz.plots import plot_loss, plot_schedules
-from ddpmlab.viz.samples import reference_points, save_samples
+from ddpmlab.viz.samples import save_samples
 from ddpmlab.viz.toy import save_toy_animation, save_toy_data, save_toy_forward, save_toy_reverse, toy_trajectory
 
 
@@ -142,5 +142,4 @@ def viz_grid(run: Run, plan: SamplingPlan, n: int = 64, seed: int = 0, out=None,
     name = f"grid_{plan.sampler}{plan.steps}_seed{seed}.png"
     output = resolve_output(out if out and Path(out).suffix else None, _out_dir(run.dir, out) / name)
     x = draw_samples(run, plan, n, seed=seed, batch_size=batch_size, progress=progress)
-    ref = None if run.is_image else reference_points(run)
-    return save_samples(run, x, output, title="samples", reference=ref)
+    return save_samples(run, x, output, title="samples")

@@ -13,18 +13,18 @@ from ddpmlab.runs import Output, Run, grid_scale
 from ddpmlab.viz.images import save_scatter
 
 
-def reference_points(run: Run, n: int = 2000) -> torch.Tensor:
-    """Up to ``n`` points of a 2-D run's training data, (n, 2): the grey backdrop of its scatter plots."""
-    data = build_dataset(run.cfg)
+def reference_points(data, n: int = 2000) -> torch.Tensor:
+    """Up to ``n`` points of a 2-D dataset, (n, 2): the grey backdrop of a run's scatter plots."""
     return torch.stack([data[i][0] for i in range(min(len(data), n))])
 
 
 def save_samples(run: Run, x: torch.Tensor, output: Output, title: str = "samples",
                  reference: Optional[torch.Tensor] = None) -> List[Path]:
     """Pictures of samples x (n, *shape): the grid (or scatter plot) at ``output.picture``, and for a
-    folder output one PNG per image beside it.  Returns the files written."""
+    folder output one PNG per image beside it.  Returns the files written.  ``reference``: the
+    scatter plot's backdrop (default: the run's data, built from its config)."""
     if not run.is_image:
-        ref = reference if reference is not None else reference_points(run)
+        ref = reference if reference is not None else reference_points(build_dataset(run.cfg))
         return [save_scatter(x, output.picture, reference=ref, title=title)]
     files = [save_grid(x, output.picture, scale=grid_scale(run.shape))]
     if output.is_folder:
