@@ -1,0 +1,389 @@
+"""Distilling a diffusion run into a 1-8 step student: ``ddpm distill RUN --method progressive|consistency``.
+
+* progressive (Salimans & Ho 2022, Algorithm 2): rounds r = 0, 1, ...; in round r the teacher takes
+  2M = distill.teacher_steps / 2^r DDIM steps and the student learns to match two of them in one
+  (the x-target of :func:`~ddpmlab.samplers.student.progressive_target`, weighted by max(SNR, 1)).
+  The first teacher is the teacher run; each later one is the previous round's student (its EMA),
+  which also starts the new student, with a fresh optimizer.  It stops at distill.steps.
+* consistency (Song et al. 2023, Algorithm 2, with the pseudo-Huber loss, the inverse-step
+  weighting and the doubling curriculum of N of Song & Dhariwal 2023): the teacher's ODE step
+  (Heun, or Euler = DDIM) from sigma_{n+1} to sigma_n gives the target f_{theta^-}(x_hat_n, sigma_n)
+  of the student's f_theta(x_{n+1}, sigma_{n+1}); theta^- is an EMA of theta (distill.target_ema).
+
+The student run is a folder like a training run (config.yaml with the teacher's config plus the
+``distill`` section and ``diffusion.prediction`` = the student's, log.csv, TensorBoard events,
+safetensors checkpoints with the student, its EMA, the optimizer and the current teacher or target
+network).  Everything random in iteration k comes from (train.seed, k), so a resumed distillation
+continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import shlex
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ddpmlab.config import Config, config_from_dict, parse_value, save_config
+from ddpmlab.diffusion.schedules import NoiseSchedule
+from ddpmlab.errors import ConfigError, DDPMError
+from ddpmlab.io.checkpoint import (
+    CONFIG_FILE,
+    find_checkpoint,
+    load_run_config,
+    require_run_dir,
+    restore_training_state,
+    save_checkpoint,
+)
+from ddpmlab.progress import progress_bar
+from ddpmlab.runs import Output, Run, draw_samples, load_run, plan_sampling, resolve_device
+from ddpmlab.samplers.base import ModelPredictor
+from ddpmlab.samplers.guidance import drop_labels
+from ddpmlab.samplers.student import (
+    abar_of_level,
+    consistency_fn,
+    curriculum_n,
+    ddim_move,
+    default_huber_c,
+    karras_levels,
+    level_time,
+    ode_step,
+    progressive_target,
+    pseudo_huber,
+    sigma_range,
+    truncated_snr_weight,
+    ve_x0,
+)
+from ddpmlab.training.lock import RunLock
+from ddpmlab.training.loop import ema_update
+from ddpmlab.training.setup import _trim_log, load_data
+from ddpmlab.viz.samples import reference_points, save_samples
+
+DataFn = Callable[[int, torch.Generator], Tuple[torch.Tensor, Optional[torch.Tensor]]]
+LOG_FIELDS = ["step", "round", "loss", "lr", "it_per_s", "time_s"]
+# keys `ddpm distill` takes besides distill.*: how the student run is kept and where it goes
+TRAIN_KEYS = ("seed", "device", "name", "out_dir", "log_every", "save_every", "keep_checkpoints", "sample_n",
+              "tensorboard", "label_dropout")
+
+
+# ----------------------------------------------------------------------------- schedule of rounds
+
+def round_plan(cfg: Config) -> List[Tuple[int, int]]:
+    """[(student steps M, iterations)] of each round: progressive halves distill.teacher_steps down to
+    distill.steps; consistency is one round of distill.iterations[0] iterations."""
+    ds = cfg.distill
+    if ds.method == "consistency":
+        return [(ds.steps, ds.iterations[0])]
+    plan, m, r = [], ds.teacher_steps // 2, 0
+    while m >= ds.steps:
+        plan.append((m, ds.iterations[min(r, len(ds.iterations) - 1)]))
+        m, r = m // 2, r + 1
+    return plan
+
+
+def round_of(plan: List[Tuple[int, int]], k: int) -> Tuple[int, int]:
+    """(round, the iteration at which it starts) of iteration k."""
+    start = 0
+    for r, (_, n) in enumerate(plan):
+        if k < start + n:
+            return r, start
+        start += n
+    return len(plan) - 1, start - plan[-1][1]
+
+
+def iteration_generator(seed: int, k: int) -> torch.Generator:
+    """The generator of everything random in iteration k (data, labels, t, noise); dropout via the global seed."""
+    s = seed * 1_000_003 + k
+    torch.manual_seed(s)
+    return torch.Generator().manual_seed(s)
+
+
+# ----------------------------------------------------------------------------- the two losses
+
+def _student_predict(student: nn.Module, schedule: NoiseSchedule, prediction: str, y) -> ModelPredictor:
+    return ModelPredictor(student, schedule, prediction, y=y)
+
+
+def progressive_loss(student_predict, teacher_predict, schedule: NoiseSchedule, x0: torch.Tensor, m: int,
+                     gen: torch.Generator) -> torch.Tensor:
+    """Salimans & Ho 2022, Algorithm 2 for a student of m steps (teacher 2m): the weighted x-loss (scalar)."""
+    b, dev = x0.shape[0], x0.device
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    i = torch.randint(1, m + 1, (b,), generator=gen).to(torch.float64)  # t = i / m, i ~ Cat[1..m]
+    t, t1, t2 = (level_time(schedule, u) for u in (i / m, (i - 0.5) / m, (i - 1) / m))
+    a_t, a_1, a_2 = (abar_of_level(schedule, s).to(dev, x0.dtype).reshape(shape) for s in (t, t1, t2))
+    eps = torch.randn(x0.shape, generator=gen).to(dev, x0.dtype)
+    z = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
+    with torch.no_grad():  # two DDIM steps of the teacher: t -> t - 0.5/m -> t - 1/m
+        z1 = ddim_move(z, teacher_predict(z, t.to(dev))[1], a_t, a_1)
+        x1 = teacher_predict(z1, t1.clamp(min=0).to(dev))[1]
+        z2 = torch.where(a_1 >= 1, z1, ddim_move(z1, x1, a_1, a_2))
+        target = progressive_target(z, z2, a_t, a_2)
+    x_hat = student_predict(z, t.to(dev))[1]
+    w = truncated_snr_weight(a_t).reshape(-1)
+    return (w * (target - x_hat).pow(2).flatten(1).mean(1)).mean()
+
+
+def consistency_loss(student_predict, target_predict, teacher_predict, schedule: NoiseSchedule, x0: torch.Tensor,
+                     n_levels: int, cfg, gen: torch.Generator) -> torch.Tensor:
+    """Song et al. 2023, Algorithm 2 (consistency distillation) with the pseudo-Huber metric (scalar)."""
+    ds = cfg.distill
+    b, dev = x0.shape[0], x0.device
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    smin, smax = sigma_range(schedule)
+    sig = karras_levels(smin, smax, n_levels, ds.rho)  # increasing, (N,)
+    n = torch.randint(0, n_levels - 1, (b,), generator=gen)
+    s_lo, s_hi = sig[n].to(dev), sig[n + 1].to(dev)
+    z = torch.randn(x0.shape, generator=gen).to(dev, x0.dtype)
+    x_hi = x0 + s_hi.to(x0.dtype).reshape(shape) * z  # VE: x_{n+1} = x + sigma_{n+1} z
+    with torch.no_grad():
+        x_lo = ode_step(lambda x, s: ve_x0(teacher_predict, x, s), x_hi, s_hi, s_lo, ds.solver)
+        f_target = consistency_fn(target_predict, x_lo, s_lo, smin, ds.sigma_data)
+    f = consistency_fn(student_predict, x_hi, s_hi, smin, ds.sigma_data)
+    c = ds.huber_c if ds.huber_c is not None else default_huber_c(x0[0].numel())
+    w = 1.0 / (s_hi - s_lo) if ds.weighting == "inverse_step" else torch.ones_like(s_hi)
+    return (w.to(x0.dtype) * pseudo_huber(f, f_target, c)).mean()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@dataclasses.dataclass
+class _State:
+    cfg: Config
+    student: nn.Module
+    ema: nn.Module
+    opt: torch.optim.Optimizer
+    extra: nn.Module  # progressive: the current round's teacher; consistency: the target network theta^-
+    device: torch.device
+
+
+def _adam(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=cfg.distill.lr)
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).requires_grad_(False).eval()
+
+
+def distill(cfg: Config, teacher: nn.Module, teacher_prediction: str, student: nn.Module, schedule: NoiseSchedule,
+            data: DataFn, run_dir, *, resume: bool = False, progress: bool = True, stop_after: Optional[int] = None,
+            num_classes: int = 0, sample_reference: Optional[torch.Tensor] = None,
+            write_samples: bool = True) -> Path:
+    """Distill ``teacher`` (a denoiser ``model(x_t, t, y)`` of parameterisation ``teacher_prediction``) into
+    ``student`` as ``cfg.distill`` says; the run folder ``run_dir`` gets config, log, checkpoints, samples.
+
+    data(n, generator) -> (x0 (n, ...), labels (n,) or None): training examples.  ``resume``: continue
+    from the newest loadable checkpoint of ``run_dir``.  ``stop_after``: save and stop after this many
+    iterations in all (the rest on resume).  ``num_classes`` > 0: labels go to teacher and student,
+    dropped to "no label" with probability train.label_dropout (classifier-free guidance).
+    """
+    ds, run_dir = cfg.distill, Path(run_dir)
+    device = resolve_device(cfg.train.device, "train.device")
+    plan = round_plan(cfg)
+    total = sum(n for _, n in plan)
+    student = student.to(device).train()
+    teacher = _frozen(teacher).to(device)
+    s = _State(cfg, student, _frozen(student), _adam(cfg, student), _frozen(student), device)
+    if ds.method == "progressive":
+        s.extra = teacher
+    start = _restore(s, run_dir, teacher) if resume else _new_run_dir(cfg, run_dir)
+    log_path = run_dir / "log.csv"
+    _trim_log(log_path, start)
+    writer = _tensorboard(cfg, run_dir, start)
+    bar = progress_bar(progress, total=total, initial=start, desc=f"distilling ({ds.method})")
+    t0 = t_last = time.time()
+    losses: list = []
+    end = total if stop_after is None else min(stop_after, total)
+    with RunLock(run_dir), open(log_path, "a", newline="") as log:
+        if start == 0:
+            csv.writer(log).writerow(LOG_FIELDS)
+        for k in range(start, end):
+            r, r_start = round_of(plan, k)
+            if ds.method == "progressive" and k == r_start and r > 0:  # a new round: the student becomes the teacher
+                s.extra = _frozen(s.ema)
+                s.student.load_state_dict(s.ema.state_dict())
+                s.opt = _adam(cfg, s.student)
+            loss = _iteration(s, schedule, teacher, teacher_prediction, data, plan, r, k, total, num_classes)
+            done = k + 1
+            losses.append(loss)
+            bar.update(1)
+            if done % cfg.train.log_every == 0 or done == end:
+                now = time.time()
+                mean = float(torch.stack(losses).mean())
+                rate = len(losses) / max(now - t_last, 1e-9)
+                csv.writer(log).writerow([done, r, f"{mean:.6f}", f"{ds.lr:.6g}", f"{rate:.3f}", f"{now - t0:.1f}"])
+                log.flush()
+                bar.set_postfix(loss=f"{mean:.4f}", round=r, refresh=False)
+                if writer is not None:
+                    writer.add_scalar("distill/loss", mean, done)
+                    writer.add_scalar("distill/round", r, done)
+                losses, t_last = [], now
+            if done % cfg.train.save_every == 0 or done == end:
+                _save(s, run_dir, done, r)
+    bar.close()
+    if writer is not None:
+        writer.close()
+    if end == total and write_samples:
+        png = _final_samples(cfg, s.ema, schedule, device, run_dir, sample_reference)
+        print(f"done: {total} iterations in {time.time() - t0:.0f} s; samples ({ds.steps} student steps) -> {png}")
+        run = shlex.quote(str(run_dir))
+        print(f"next:\n  ddpm sample {run}\n  ddpm eval {run}")
+    return run_dir
+
+
+def _iteration(s: _State, schedule, teacher, teacher_prediction: str, data: DataFn, plan, r: int, k: int,
+               total: int, num_classes: int) -> torch.Tensor:
+    """One optimizer step of the student; returns its loss (detached)."""
+    cfg, ds = s.cfg, s.cfg.distill
+    gen = iteration_generator(cfg.train.seed, k)
+    x0, y = data(ds.batch_size, gen)
+    x0 = x0.to(s.device)
+    if num_classes and y is not None:
+        y = drop_labels(torch.as_tensor(y).long(), cfg.train.label_dropout, num_classes, generator=gen).to(s.device)
+    else:
+        y = None
+    student_predict = _student_predict(s.student, schedule, ds.prediction, y)
+    if ds.method == "progressive":
+        teacher_predict = ModelPredictor(s.extra, schedule, teacher_prediction if r == 0 else ds.prediction, y=y)
+        loss = progressive_loss(student_predict, teacher_predict, schedule, x0, plan[r][0], gen)
+        ema_k = k - round_of(plan, k)[1]
+    else:
+        teacher_predict = ModelPredictor(teacher, schedule, teacher_prediction, y=y)
+        target_predict = ModelPredictor(s.extra, schedule, ds.prediction, y=y)
+        n_levels = curriculum_n(k, total, ds.n_start, ds.n_end)
+        loss = consistency_loss(student_predict, target_predict, teacher_predict, schedule, x0, n_levels, cfg, gen)
+        ema_k = k
+    s.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    s.opt.step()
+    ema_update(s.ema, s.student, min(ds.ema_decay, (1 + ema_k) / (10 + ema_k)))
+    if ds.method == "consistency":
+        ema_update(s.extra, s.student, ds.target_ema)  # theta^- <- mu theta^- + (1 - mu) theta
+    return loss.detach()
+
+
+# ----------------------------------------------------------------------------- run folder, checkpoints
+
+def _new_run_dir(cfg: Config, run_dir: Path) -> int:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise DDPMError(f"run directory '{run_dir}' already exists and is not empty; continue it with "
+                        f"`ddpm distill --resume {run_dir}` or pick another train.name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / CONFIG_FILE)
+    return 0
+
+
+def _save(s: _State, run_dir: Path, done: int, r: int) -> None:
+    # the current teacher (progressive, after round 0) or target network travels with the checkpoint
+    extra = {} if s.cfg.distill.method == "progressive" and r == 0 else {"extra": s.extra.state_dict()}
+    save_checkpoint(run_dir, done, s.student.state_dict(), s.ema.state_dict(), s.opt.state_dict(),
+                    extra={"distill": {"round": r, "method": s.cfg.distill.method}}, keep=s.cfg.train.keep_checkpoints,
+                    weights=extra)
+
+
+def _restore(s: _State, run_dir: Path, teacher: nn.Module) -> int:
+    path, ckpt, skipped = find_checkpoint(run_dir)
+    for bad, reason in skipped:
+        print(f"warning: skipping damaged checkpoint {bad.name} ({reason})")
+    if ckpt is None:
+        print(f"resuming {run_dir}: no loadable checkpoint, starting from iteration 0")
+        return 0
+    restore_training_state(path, ckpt, s.student, s.ema, s.opt)
+    if "extra" in ckpt["weights"]:
+        s.extra.load_state_dict(ckpt["weights"]["extra"])
+    print(f"resuming {run_dir} from {path.name} (iteration {ckpt['step']})")
+    return ckpt["step"]
+
+
+def _tensorboard(cfg: Config, run_dir: Path, start: int):
+    if not cfg.train.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: log.csv only
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=start if start else None)
+
+
+def _final_samples(cfg: Config, ema: nn.Module, schedule, device, run_dir: Path, reference) -> Path:
+    run = Run(cfg, ema.eval(), schedule, device, run_dir)
+    plan = plan_sampling(run, "student", None, cfg.train.sample_n, seed=cfg.train.seed, cycle_classes=True,
+                         log=lambda m: None)
+    x = draw_samples(run, plan, cfg.train.sample_n, seed=cfg.train.seed, progress=False)
+    out = Output(run_dir / "samples" / "final.png", is_folder=False)
+    return save_samples(run, x, out, title=f"{cfg.distill.method} student, {plan.steps} steps",
+                        reference=reference)[0]
+
+
+# ----------------------------------------------------------------------------- from a teacher run
+
+def student_config(teacher_dir, method: str, steps: Optional[int], overrides: List[str]) -> Config:
+    """The config of a new student of the run ``teacher_dir``: its config, the ``distill`` section
+    (method, steps, key=value overrides of distill.* and a few train.* keys) and the student's prediction."""
+    teacher_dir = require_run_dir(teacher_dir)
+    tcfg = load_run_config(teacher_dir)
+    stage = getattr(tcfg, "stage", "diffusion")
+    if stage != "diffusion":
+        raise DDPMError(f"'{teacher_dir}' is a {stage} run, not a diffusion run: ddpm distill needs a run of "
+                        "`ddpm train` (a denoiser) as its teacher")
+    if tcfg.distill.teacher is not None:
+        raise DDPMError(f"'{teacher_dir}' is itself a distilled student (of {tcfg.distill.teacher}); distill its "
+                        "teacher instead")
+    d = tcfg.to_dict()
+    d["distill"].update(teacher=str(teacher_dir), method=method)
+    d["train"]["name"] = None  # the student's folder is its own, never the teacher's
+    if steps is not None:
+        d["distill"]["steps"] = steps
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value, e.g. distill.iterations=[1000]")
+        key, text = (p.strip() for p in item.split("=", 1))
+        section, _, name = key.partition(".")
+        if section not in ("distill", "train") or (section == "train" and name not in TRAIN_KEYS):
+            raise ConfigError(f"command line: {key} cannot change in a distillation (the student keeps its teacher's "
+                              f"model and diffusion); it takes distill.* and train.{{{','.join(TRAIN_KEYS)}}}")
+        d[section][name] = parse_value(text, f"command line: {item}", column_offset=len(key) + 1)
+    d["diffusion"]["prediction"] = d["distill"]["prediction"]  # how sampling reads the student's output
+    return config_from_dict(d, source=f"{teacher_dir}/{CONFIG_FILE} + command line")
+
+
+def _dataset_sampler(dataset) -> DataFn:
+    def draw(n: int, gen: torch.Generator):
+        idx = torch.randint(len(dataset), (n,), generator=gen).tolist()
+        items = [dataset[i] for i in idx]
+        x = torch.stack([torch.as_tensor(it[0]) for it in items]).float()
+        y = torch.as_tensor([int(it[1]) for it in items]) if len(items[0]) > 1 and items[0][1] is not None else None
+        return x, y
+
+    return draw
+
+
+def distill_run(teacher_dir=None, method: str = "progressive", steps: Optional[int] = None,
+                overrides: Optional[List[str]] = None, resume_dir=None, progress: bool = True) -> Path:
+    """``ddpm distill``: a new student run of ``teacher_dir`` (or ``resume_dir`` continued); its folder."""
+    if resume_dir is not None:
+        run_dir = require_run_dir(resume_dir)
+        cfg = load_run_config(run_dir)
+        if cfg.distill.teacher is None:
+            raise DDPMError(f"'{run_dir}' is not a distilled student (no distill.teacher in its {CONFIG_FILE}); "
+                            "continue a training run with ddpm train --resume")
+    else:
+        cfg = student_config(teacher_dir, method, steps, overrides or [])
+        name = cfg.train.name or (f"{Path(teacher_dir).name}-{method}{cfg.distill.steps}-"
+                                  f"{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        run_dir = Path(cfg.train.out_dir) / name if cfg.train.name else Path(teacher_dir).parent / name
+    teacher_run = load_run(cfg.distill.teacher, "ema", resolve_device(cfg.train.device, "train.device"))
+    dataset = load_data(teacher_run.cfg)
+    ref = None if teacher_run.is_image else reference_points(dataset)
+    print(f"distilling {cfg.distill.teacher} ({teacher_run.checkpoint}, EMA) into a {cfg.distill.steps}-step "
+          f"{cfg.distill.method} student: {run_dir}")
+    return distill(cfg, teacher_run.model, teacher_run.cfg.diffusion.prediction, copy.deepcopy(teacher_run.model),
+                   teacher_run.schedule, _dataset_sampler(dataset), run_dir, resume=resume_dir is not None,
+                   progress=progress, num_classes=teacher_run.num_classes, sample_reference=ref)
