@@ -1,0 +1,400 @@
+"""What each tab of the demo page does, without Gradio: the same run-layer calls as the ``ddpm`` commands.
+
+Every function here takes plain values (what the page's fields hold), checks them against the
+page's :class:`Limits`, calls :mod:`ddpmlab.runs`, :mod:`ddpmlab.samplers.editing` and
+:mod:`ddpmlab.viz` exactly as ``ddpm sample`` / ``inpaint`` / ``img2img`` / ``viz reverse`` do
+(same defaults, same batch sizes, same seeds), and writes its pictures into a fresh folder
+below ``out_root``.  So the page shows the pixels the command line writes for the same settings.
+Bad input raises :class:`~ddpmlab.errors.DDPMError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ddpmlab.config import format_config
+from ddpmlab.data import build_dataset
+from ddpmlab.diffusion.reverse import variance_name
+from ddpmlab.errors import DDPMError
+from ddpmlab.io.checkpoint import require_run_dir
+from ddpmlab.io.images import comparison_row, load_mask, load_picture, save_grid, save_images
+from ddpmlab.runs import (
+    Output,
+    Run,
+    SamplingPlan,
+    draw_samples,
+    grid_scale,
+    load_run,
+    plan_sampling,
+    resolve_output,
+    write_raw,
+)
+from ddpmlab.samplers.editing import img2img, inpaint, strength_to_steps
+from ddpmlab.samplers.guidance import conditioning
+from ddpmlab.viz import commands as viz
+from ddpmlab.viz.plots import plot_loss
+from ddpmlab.viz.samples import save_samples
+
+# batch sizes of the commands the tabs mirror (ddpm sample / viz: 256, ddpm inpaint / img2img: 64):
+# generate() seeds batch b with seed + b, so the same batch size gives the same pixels
+SAMPLE_BATCH, EDIT_BATCH = 256, 64
+# how the page names each option, for the library's messages
+NAMES = {"sampler": "sampler", "steps": "steps", "timesteps": "step schedule", "class": "class",
+         "guidance": "guidance scale", "weights": "weights", "n": "n"}
+RESIZE_OPTION = "the 'resize' box"
+POINTS_PER_SAMPLE = 100  # a 2-D run may draw this many points per image sample of --max-samples
+EDITOR_SIZE = 256  # the mask editor shows the image enlarged (nearest) to about this many pixels
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The largest request the page serves (``ddpm demo --max-samples / --max-steps``)."""
+
+    max_samples: int = 256
+    max_steps: int = 1000
+
+    def samples_for(self, run: Run) -> int:
+        """The most samples of ``run`` per request: --max-samples images, or POINTS_PER_SAMPLE times as many
+        2-D points (an MLP on points costs about what a few pixels of a UNet do)."""
+        return self.max_samples * (1 if run.is_image else POINTS_PER_SAMPLE)
+
+    def check(self, n: int, steps: Optional[int] = None, what: str = "samples", run: Optional[Run] = None) -> None:
+        cap = self.max_samples if run is None else self.samples_for(run)
+        if n > cap:
+            unit = "" if run is None or run.is_image else f" x {POINTS_PER_SAMPLE} for 2-D points"
+            raise DDPMError(f"n = {n} {what} is more than this page serves (at most {cap}: --max-samples "
+                            f"{self.max_samples}{unit}); ask for fewer")
+        if steps is not None and steps > self.max_steps:
+            raise DDPMError(f"steps = {steps} is more than this page serves (at most {self.max_steps}, "
+                            "set by ddpm demo --max-steps); ask for fewer")
+
+
+def as_int(value, name: str, minimum: Optional[int] = None) -> Optional[int]:
+    """A number field's value as an int (None stays None); '2.5' or 'abc' is refused naming the field."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise DDPMError(f"{name} must be a whole number, got {value!r}") from None
+    if not math.isfinite(f) or f != int(f):
+        raise DDPMError(f"{name} must be a whole number, got {value!r}")
+    if minimum is not None and int(f) < minimum:
+        raise DDPMError(f"{name} must be at least {minimum}, got {int(f)}")
+    return int(f)
+
+
+def as_float(value, name: str) -> Optional[float]:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise DDPMError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(f):
+        raise DDPMError(f"{name} must be a finite number, got {value!r}")
+    return f
+
+
+class Runs:
+    """The runs the page serves, each loaded once per weights kind (EMA or raw) on ``device``."""
+
+    def __init__(self, run_dirs: Sequence, device: torch.device, out_root=None):
+        if not run_dirs:
+            raise DDPMError("ddpm demo needs at least one RUN_DIR (a folder written by `ddpm train`)")
+        self.dirs = [str(require_run_dir(d)) for d in run_dirs]
+        self.device = device
+        self.out_root = Path(out_root) if out_root else Path(tempfile.mkdtemp(prefix="ddpm-demo-"))
+        self._cache: Dict[Tuple[str, str], Run] = {}
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def get(self, run_dir: Optional[str], weights: str = "ema") -> Run:
+        key = (str(run_dir or self.dirs[0]), weights or "ema")
+        if key[0] not in self.dirs:
+            raise DDPMError(f"run '{key[0]}' is not served by this page; choose one of {', '.join(self.dirs)}")
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = load_run(key[0], key[1], self.device, where="weights")
+            return self._cache[key]
+
+    def new_folder(self, kind: str) -> Path:
+        """A fresh output folder out_root/<n>-<kind>/ for one request."""
+        with self._lock:
+            self._count += 1
+            path = self.out_root / f"{self._count:05d}-{kind}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def _plan(run: Run, sampler: str, steps, timesteps: Optional[str], n: int, label, guidance, seed: int,
+          limits: Limits, **kwargs) -> SamplingPlan:
+    steps = as_int(steps, "steps")
+    limits.check(n, steps, run=run)
+    plan = plan_sampling(run, sampler, steps, n, timesteps=timesteps or None,
+                         options={"eta": None, "variance": None}, label=label, guidance=guidance, seed=seed,
+                         names=NAMES, log=lambda _msg: None, **kwargs)
+    limits.check(n, plan.steps, run=run)  # the sampler's default steps (ddpm: all T) count too
+    return plan
+
+
+def _condition(run: Run, label, guidance) -> Tuple[Optional[int], Optional[float]]:
+    label, guidance = as_int(label, "class"), as_float(guidance, "guidance scale")
+    if (label is not None or guidance is not None) and not run.num_classes:
+        what = "a guidance scale" if guidance is not None else "a class"
+        raise DDPMError(f"{what} needs a class-conditional run (trained with model.num_classes); "
+                        f"{run.dir} is unconditional: leave class and guidance scale empty")
+    return label, guidance
+
+
+@dataclass
+class SampleResult:
+    picture: Path
+    files: List[Path]
+    npz: Path
+    text: str
+    steps: int = 0
+    x: torch.Tensor = field(repr=False, default=None)
+
+
+def sample(runs: Runs, run_dir, *, sampler: str = "ddim", steps=50, timesteps: Optional[str] = None, seed=0,
+           n=16, label=None, guidance=None, weights: str = "ema", limits: Limits = Limits(),
+           progress: Optional[Callable[[float, str], None]] = None) -> SampleResult:
+    """``ddpm sample RUN --sampler S --steps K [--timesteps TS] --seed X --n N [--class C --guidance G]
+    --weights W --out FOLDER/ --npz``: FOLDER/grid.png (or the scatter plot), one PNG per image, samples.npz."""
+    n = as_int(n, "n", minimum=1)
+    seed = as_int(seed, "seed") or 0
+    run = runs.get(run_dir, weights)
+    label, guidance = _condition(run, label, guidance)
+    plan = _plan(run, sampler, steps, timesteps, n, label, guidance, seed, limits)
+    output = resolve_output(str(runs.new_folder("sample")) + "/", Path("unused.png"))
+    x = draw_samples(run, plan, n, seed=seed, batch_size=SAMPLE_BATCH, progress=False,
+                     callback=_step_counter(plan, n, progress, "sampling"))
+    npz = write_raw(x, output)
+    files = save_samples(run, x, output, title=plan.describe())
+    return SampleResult(output.picture, files[1:], npz, f"{n} samples: {plan.describe()}, seed {seed} "
+                        f"({run.weights} weights of {run.checkpoint})", plan.steps, x)
+
+
+def _step_counter(plan: SamplingPlan, n: int, progress, desc: str):
+    """A sampler callback that reports the fraction of steps done to ``progress(fraction, desc)``."""
+    if progress is None:
+        return None
+    total = max(1, plan.spec.levels(plan.steps, **plan.options) * math.ceil(n / SAMPLE_BATCH))
+    done = [0]
+
+    def callback(*_):
+        done[0] += 1
+        progress(min(done[0] / total, 1.0), desc)
+
+    return callback
+
+
+def compare(runs: Runs, run_dir, a: Tuple[str, object], b: Tuple[str, object], *, seed=0, n=16,
+            weights: str = "ema", limits: Limits = Limits(),
+            progress: Optional[Callable[[float, str], None]] = None) -> List[Tuple[Path, str]]:
+    """The same noise (seed) through two (sampler, steps) pairs: [(picture, caption with NFE and time)] * 2."""
+    out = []
+    for k, (sampler, steps) in enumerate((a, b)):
+        t0 = time.perf_counter()
+        res = sample(runs, run_dir, sampler=sampler, steps=steps, seed=seed, n=n, weights=weights, limits=limits,
+                     progress=None if progress is None else (lambda f, d, k=k: progress((k + f) / 2, d)))
+        nfe = res.steps  # one model evaluation per step (get_spec(sampler).levels counts noise levels)
+        out.append((res.picture, f"{sampler}, {res.steps} steps: NFE {nfe}, {time.perf_counter() - t0:.1f} s"))
+    return out
+
+
+def reverse(runs: Runs, run_dir, *, sampler: str = "ddim", steps=50, seed=0, frames=10, n=None,
+            weights: str = "ema", limits: Limits = Limits()) -> List[Path]:
+    """``ddpm viz reverse RUN --n 1`` (images: a GIF and a strip of x_t and predicted x0) or
+    ``ddpm viz toy RUN`` (2-D: the samples along the reverse process and an animation)."""
+    run = runs.get(run_dir, weights)
+    frames = as_int(frames, "frames", minimum=1)
+    n = as_int(n, "n", minimum=1) or (1 if run.is_image else min(2000, limits.samples_for(run)))
+    seed = as_int(seed, "seed") or 0
+    plan = _plan(run, sampler, steps, None, n, None, None, seed, limits, cycle_classes=True)
+    out = runs.new_folder("reverse")
+    if run.is_image:
+        gif, strip = viz.viz_reverse(run, plan, n, seed, frames, out)
+        return [strip, gif]
+    files = viz.viz_toy(run, plan, None, n, seed, frames, out)
+    return [files[2], files[3]]
+
+
+# ------------------------------------------------------------------------------ inpaint / img2img
+
+def _image_run(runs: Runs, run_dir, weights: str, command: str) -> Run:
+    run = runs.get(run_dir, weights)
+    if not run.is_image:
+        raise DDPMError(f"{command} works on image models; {run.dir} was trained on 2-D points")
+    return run
+
+
+def editor_scale(run: Run) -> int:
+    """The nearest-neighbour enlargement of the model's images in the mask editor."""
+    return max(1, EDITOR_SIZE // max(run.shape[1:]))
+
+
+def training_image(runs: Runs, run_dir, index, weights: str = "ema") -> Path:
+    """Training image ``index`` of the run's data as a PNG of the model's size (an input for editing)."""
+    run = _image_run(runs, run_dir, weights, "inpainting")
+    data = build_dataset(run.cfg)
+    i = as_int(index, "training image", minimum=0) or 0
+    if i >= len(data):
+        raise DDPMError(f"training image {i} does not exist: the run's data has {len(data)} images "
+                        f"(0..{len(data) - 1})")
+    return save_images(data[i][0][None], runs.new_folder("input"))[0]
+
+
+def read_input(runs: Runs, run_dir, path, resize: bool = False, weights: str = "ema") -> Tuple[Path, np.ndarray]:
+    """An uploaded picture as the model's input (exactly as ``ddpm inpaint --image`` reads it):
+    (PNG of the model's size, the same enlarged for the mask editor as uint8 RGB)."""
+    run = _image_run(runs, run_dir, weights, "inpainting")
+    if not path:
+        raise DDPMError("no input image: upload a picture or pick a training image first")
+    x = load_picture(path, run.shape, resize, "image", RESIZE_OPTION)
+    png = save_images(x[None], runs.new_folder("input"))[0]
+    return png, enlarged(png, editor_scale(run))
+
+
+def enlarged(png, scale: int) -> np.ndarray:
+    """A PNG as uint8 RGB (H*scale, W*scale, 3), nearest-neighbour enlarged (the editor's background)."""
+    img = Image.open(png).convert("RGB")
+    return np.array(img.resize((img.width * scale, img.height * scale), Image.NEAREST))
+
+
+def mask_from_layers(layers: Sequence[np.ndarray], size: Tuple[int, int], scale: int) -> Optional[torch.Tensor]:
+    """The brush strokes of the editor (RGBA layers of (H*scale, W*scale)) as a mask (1, H, W):
+    1 (fill) where strokes cover more than half of a pixel's block, 0 (keep) elsewhere; None without strokes."""
+    h, w = size
+    painted = None
+    for layer in layers or []:
+        arr = np.asarray(layer)
+        if arr.ndim != 3 or arr.shape[2] != 4:
+            continue
+        if arr.shape[:2] != (h * scale, w * scale):
+            raise DDPMError(f"the drawn mask is {arr.shape[1]}x{arr.shape[0]} pixels but the editor's image is "
+                            f"{w * scale}x{h * scale}; load the input image again, then draw")
+        alpha = arr[..., 3] > 0
+        painted = alpha if painted is None else painted | alpha
+    if painted is None or not painted.any():
+        return None
+    cover = painted.reshape(h, scale, w, scale).mean(axis=(1, 3))
+    mask = torch.from_numpy(cover > 0.5).float()[None]
+    if not mask.any():
+        raise DDPMError("the brush strokes cover no whole pixel of the model's image; draw a larger region")
+    return mask
+
+
+@dataclass
+class EditResult:
+    picture: Path
+    files: List[Path]
+    text: str
+    mask: Optional[torch.Tensor] = None
+
+
+def _write_row(run: Run, row: torch.Tensor, results: torch.Tensor, folder: Path) -> Tuple[Path, List[Path]]:
+    """As ``ddpm inpaint/img2img --out FOLDER/``: FOLDER/grid.png (the row) and one PNG per result."""
+    output = Output(folder, True)
+    picture = save_grid(row, output.picture, nrow=len(row), scale=grid_scale(run.shape))
+    return picture, save_images(results, output.path)
+
+
+def inpaint_image(runs: Runs, run_dir, image_png, *, layers=None, mask_file=None, resize: bool = False, n=4,
+                  steps=250, jump_length=10, jump_n_sample=10, seed=0, label=None, guidance=None,
+                  weights: str = "ema", limits: Limits = Limits(), progress: bool = False) -> EditResult:
+    """``ddpm inpaint RUN --image IMG --mask MASK --n N --steps K --jump-length J --jump-n-sample R --seed X``.
+
+    The mask is ``mask_file`` if given (read as ``--mask``: white = fill), else the editor's strokes."""
+    run = _image_run(runs, run_dir, weights, "inpainting")
+    n = as_int(n, "n", minimum=1)
+    steps, seed = as_int(steps, "RePaint steps"), as_int(seed, "seed") or 0
+    jump_length = as_int(jump_length, "jump length", minimum=1)
+    jump_n_sample = as_int(jump_n_sample, "jump n sample", minimum=1)
+    limits.check(n, steps, "inpaintings")
+    if steps is None or not 1 <= steps <= run.T:
+        raise DDPMError(f"RePaint steps must be between 1 and {run.T} (the model's num_timesteps), got {steps}")
+    label, guidance = _condition(run, label, guidance)
+    if not image_png:
+        raise DDPMError("no input image: upload a picture or pick a training image first")
+    image = load_picture(image_png, run.shape, False, "image", RESIZE_OPTION)
+    if mask_file:
+        mask = load_mask(mask_file, run.shape[1:], resize, "mask file", RESIZE_OPTION)
+    else:
+        mask = mask_from_layers(layers, run.shape[1:], editor_scale(run))
+        if mask is None:
+            raise DDPMError("no mask: paint the region to fill with the brush, or upload a mask file")
+    variance = variance_name(run.cfg.diffusion.variance, "variance")
+    model, labels = conditioning(run.model, n, label, guidance, run.cfg.train.label_dropout, NAMES)
+    x = inpaint(model, run.schedule, image, mask, n, prediction=run.cfg.diffusion.prediction, labels=labels,
+                steps=steps, jump_length=jump_length, jump_n_sample=jump_n_sample, variance=variance,
+                spacing="uniform", seed=seed, batch_size=EDIT_BATCH, device=run.device, progress=progress)
+    picture, files = _write_row(run, comparison_row(image, x, mask), x, runs.new_folder("inpaint"))
+    return EditResult(picture, files, f"input, mask, {n} inpaintings (RePaint, {steps} steps, jumps "
+                                      f"{jump_length} x {jump_n_sample}, seed {seed})", mask)
+
+
+def img2img_image(runs: Runs, run_dir, image_png, *, strength=0.5, sampler: str = "ddim", steps=50, n=4, seed=0,
+                  label=None, guidance=None, weights: str = "ema", limits: Limits = Limits(),
+                  progress: bool = False) -> EditResult:
+    """``ddpm img2img RUN --image IMG --strength S --sampler SA --steps K --n N --seed X``."""
+    run = _image_run(runs, run_dir, weights, "img2img")
+    n, seed = as_int(n, "n", minimum=1), as_int(seed, "seed") or 0
+    strength = as_float(strength, "strength")
+    n0 = strength_to_steps(0.5 if strength is None else strength, run.T)
+    label, guidance = _condition(run, label, guidance)
+    plan = _plan(run, sampler, steps, None, n, label, guidance, seed, limits, schedule_len=max(n0, 1))
+    if not image_png:
+        raise DDPMError("no input image: upload a picture or pick a training image first")
+    image = load_picture(image_png, run.shape, False, "image", RESIZE_OPTION)
+    x = img2img(plan.model, run.schedule, image, strength, n, sampler=plan.sampler, steps=plan.steps,
+                prediction=run.cfg.diffusion.prediction, labels=plan.labels, seed=seed, batch_size=EDIT_BATCH,
+                device=run.device, progress=progress, **plan.options)
+    picture, files = _write_row(run, comparison_row(image, x), x, runs.new_folder("img2img"))
+    return EditResult(picture, files, f"input, {n} results (SDEdit, noised to t0 = {n0} of {run.T}, "
+                                      f"{min(plan.steps, n0)} {plan.sampler} steps back, seed {seed})")
+
+
+# ------------------------------------------------------------------------------ the run tab
+
+def latest_eval(run_dir) -> Dict[str, str]:
+    """The last row of RUN/eval.csv ({} without one)."""
+    path = Path(run_dir) / "eval.csv"
+    if not path.is_file():
+        return {}
+    rows = [r for r in csv.DictReader(path.open()) if r.get("step")]
+    return dict(rows[-1]) if rows else {}
+
+
+def run_info(runs: Runs, run_dir, weights: str = "ema") -> Tuple[str, Optional[Path], str]:
+    """(markdown summary with the loaded checkpoint and the latest eval metrics, loss-curve PNG or None,
+    the resolved config as YAML)."""
+    run = runs.get(run_dir, weights)
+    kind = (f"images {'x'.join(map(str, run.shape))}" if run.is_image else "2-D points") + \
+        (f", {run.num_classes} classes" if run.num_classes else ", unconditional")
+    lines = [(f"**{run.dir}**: {run.cfg.model.kind} model on {run.cfg.data.dataset} ({kind}), T = {run.T}, "
+              f"{run.cfg.diffusion.prediction} prediction"),
+             f"loaded: {run.weights} weights of {run.checkpoint} on {run.device}"]
+    ev = latest_eval(run.dir)
+    if ev:
+        lines.append("latest eval (eval.csv): " + ", ".join(f"{k} {v}" for k, v in ev.items()))
+    else:
+        lines.append("no eval.csv yet (train.eval_every, or `ddpm eval`)")
+    try:
+        loss = plot_loss([run.dir], runs.new_folder("run") / "loss.png")
+    except DDPMError as e:
+        loss = None
+        lines.append(str(e))
+    return "\n\n".join(lines), loss, format_config(run.cfg)
