@@ -37,7 +37,8 @@ from ddpmlab.errors import ConfigError
 
 CONFIG_VERSION = 1
 BUNDLED_DIR = Path(__file__).parent / "configs"
-SECTIONS = ("data", "model", "diffusion", "train")
+SECTIONS = ("data", "model", "diffusion", "train", "autoencoder", "distill")
+STAGES = ("diffusion", "autoencoder")  # what a run trains: a denoiser (ddpm train) or ddpm train-autoencoder
 
 
 @dataclass
@@ -51,11 +52,16 @@ class DataConfig:
     toy_noise: float = 0.0  # std of Gaussian noise added to the toy points
     split: str = "all"  # all | train | test (bundled MNIST/digits: a fixed 90/10 split)
     num_workers: int = 0  # DataLoader worker processes (0: load in the training process)
+    # super-resolution (model.condition=low_res): [H, W] (or one number) of the low-res input, made
+    # from each training image on the fly
+    low_res: Optional[list] = None
+    downsample: str = "area"  # super-resolution: how the low-res input is made: area (block means) | bicubic
+    upsample: str = "bicubic"  # super-resolution: how it returns to the image size: bicubic | bilinear | nearest
 
 
 @dataclass
 class ModelConfig:
-    kind: str = "unet"  # unet | mlp
+    kind: str = "unet"  # unet | mlp | dit (diffusion transformer, Peebles & Xie 2023)
     base_channels: int = 128  # UNet channels at full resolution
     channel_mults: list = field(default_factory=lambda: [1, 2, 2, 2])  # per resolution; each after the 1st halves H, W
     num_res_blocks: int = 2  # residual blocks per resolution
@@ -67,6 +73,23 @@ class ModelConfig:
     hidden: int = 256  # MLP (2D toy data): hidden width
     num_layers: int = 4  # MLP: hidden layers
     time_embed_dim: int = 128  # MLP: size of the timestep embedding
+    # none | low_res: super-resolution, the upsampled low-res image (data.low_res) concatenated to x_t as
+    # extra input channels (SR3, Saharia et al. 2021); sample with `ddpm upscale RUN --image low.png`
+    condition: str = "none"
+    # latent diffusion (Rombach et al. 2022): a run of `ddpm train-autoencoder` or a local diffusers
+    # AutoencoderKL folder (e.g. Stable Diffusion's VAE); the denoiser then works on its latents
+    autoencoder: Optional[str] = None
+    # DiT size of Peebles & Xie 2023, Table 1: DiT-S/2 ... DiT-XL/8 (S, B, L, XL with patch 2, 4 or 8);
+    # sets dit_depth, dit_hidden, dit_heads and patch_size (null: give those four keys)
+    preset: Optional[str] = None
+    dit_depth: Optional[int] = None  # DiT: transformer blocks (null: from model.preset)
+    dit_hidden: Optional[int] = None  # DiT: token width (null: from model.preset)
+    dit_heads: Optional[int] = None  # DiT: attention heads (null: from model.preset)
+    patch_size: Optional[int] = None  # DiT: side p of the square patches, H*W/p^2 tokens (null: from model.preset)
+    mlp_ratio: float = 4.0  # DiT: MLP width / token width
+    # recompute activations in the backward pass (UNet ResBlocks/attention, DiT blocks):
+    # less memory, one more forward pass of each block per step
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -75,7 +98,10 @@ class DiffusionConfig:
     num_timesteps: int = 1000  # T, the steps of the forward process
     beta_start: float = 1e-4  # beta_1 (all schedules but cosine)
     beta_end: float = 0.02  # beta_T (all schedules but cosine)
-    prediction: str = "eps"  # eps | x0 | v
+    # eps | x0 | v | edm (the network inside EDM's preconditioning, Karras et al. 2022, with the
+    # loss weight 1 / c_out^2 that gives every noise level a unit-variance target)
+    prediction: str = "eps"
+    sigma_data: float = 0.5  # prediction edm: the data's standard deviation (EDM: 0.5 for images in [-1, 1])
     loss: str = "l2"  # l2 | l1
     # reverse variance sigma_t^2: beta_t (fixed_large), beta_tilde_t (fixed_small) or learned
     # between the two (learned_range, Nichol & Dhariwal 2021; doubles the model's output)
@@ -83,7 +109,11 @@ class DiffusionConfig:
     loss_type: str = "simple"  # simple (L_simple) | hybrid (L_simple + vlb_weight * L_vlb) | vlb
     vlb_weight: float = 0.001  # lambda of the hybrid loss
     min_snr_gamma: Optional[float] = None  # min-SNR-gamma weighting of L_simple (Hang et al. 2023), e.g. 5.0
-    t_sampling: str = "uniform"  # uniform | importance (importance: loss_type vlb only)
+    # uniform | importance (loss_type vlb only) | lognormal: ln sigma_t ~ N(lognormal_mean, lognormal_std^2),
+    # the nearest timestep taken (EDM's noise-level distribution, Karras et al. 2022, Sec. 5)
+    t_sampling: str = "uniform"
+    lognormal_mean: float = -1.2  # t_sampling lognormal: P_mean
+    lognormal_std: float = 1.2  # t_sampling lognormal: P_std
     # rescale the betas so that alpha_bar_T = 0 (Lin et al. 2024): needs prediction v or x0
     zero_terminal_snr: bool = False
     # training noise eps + offset_noise * N(0, 1) per image and channel (Guttenberg 2023), e.g. 0.1:
@@ -94,6 +124,10 @@ class DiffusionConfig:
 @dataclass
 class TrainConfig:
     steps: int = 800000  # optimiser steps
+    # wall-clock budget of the whole run (set-up, training, final samples) in minutes, or null: after
+    # 40 steps the measured speed fixes train.steps (at most its value above) so the run fits; the
+    # fitted steps go to RUN/config.yaml (resume continues them); a faster machine trains longer
+    minutes: Optional[float] = None
     batch_size: int = 128  # global batch (all processes together)
     lr: float = 2e-4  # AdamW learning rate after warm-up
     warmup_steps: int = 5000  # linear learning-rate warm-up
@@ -141,6 +175,58 @@ class TrainConfig:
     eval_steps: int = 50  # steps of that sampler
     eval_inception_weights: Optional[str] = None  # FID Inception-v3 weights file; default: the MNIST classifier
     tensorboard: bool = True  # event files in RUN/tensorboard (tensorboard --logdir runs)
+    # super-resolution: conditioning augmentation (Ho et al. 2022, Sec. 4.1), Gaussian noise of std
+    # s ~ U[0, cond_noise] per image added to the upsampled low-res input in training (0: none)
+    cond_noise: float = 0.0
+
+
+@dataclass
+class AutoencoderConfig:
+    """The first stage of latent diffusion (ddpm train-autoencoder; Rombach et al. 2022, App. G)."""
+
+    block_out_channels: list = field(default_factory=lambda: [32, 64, 64])  # per level; each after the 1st halves H, W
+    latent_channels: int = 4  # channels c of the latent z (B, c, H/f, W/f)
+    layers_per_block: int = 1  # residual blocks per level
+    norm_groups: int = 32  # GroupNorm groups (must divide every block_out_channels entry)
+    loss: str = "l1"  # reconstruction loss: l1 | l2
+    # weight of KL(q(z|x) || N(0, I)) summed over latent dims against the reconstruction loss summed
+    # over pixels (Rombach et al. 2022 use 1e-6)
+    kl_weight: float = 1e-6
+    discriminator: bool = False  # add a PatchGAN with hinge loss (Esser et al. 2021)
+    disc_start: int = 2000  # first step of the adversarial loss
+    disc_weight: float = 0.5  # its weight (times the adaptive weight, when disc_adaptive)
+    disc_adaptive: bool = True  # weight ||grad rec|| / ||grad adv|| at the decoder's last layer (Esser et al. Eq. 7)
+    disc_channels: int = 64  # PatchGAN channels of the first layer
+    disc_layers: int = 3  # PatchGAN stride-2 layers
+    holdout: float = 0.05  # fraction of the data held out of training, for the final reconstruction PSNR
+    stats_n: int = 4096  # training images encoded at the end for the latent mean / std (the scale factor)
+
+
+@dataclass
+class DistillConfig:
+    """A few-step student of a teacher run (ddpm distill; Salimans & Ho 2022, Song et al. 2023)."""
+
+    teacher: Optional[str] = None  # the teacher run folder (set by ddpm distill); null: the run is no student
+    method: str = "progressive"  # progressive (Salimans & Ho 2022) | consistency (Song et al. 2023)
+    steps: int = 4  # the student's sampling steps (progressive: a power of two, where the halving stops)
+    # the student's parameterisation: v | x0 (eps fails at few steps: Salimans & Ho 2022, Sec. 4)
+    prediction: str = "v"
+    # progressive: the teacher's DDIM steps in the first round (a power of two above distill.steps); rounds halve it
+    teacher_steps: int = 64
+    # progressive: iterations of each round (the last value repeats); consistency: the first value, in all
+    iterations: list = field(default_factory=lambda: [2000])
+    batch_size: int = 128  # examples per iteration
+    lr: float = 1e-4  # Adam learning rate (constant; progressive: the optimizer restarts each round)
+    ema_decay: float = 0.999  # EMA of the student's weights that sampling uses (warm-up min(decay, (1+k)/(10+k)))
+    solver: str = "heun"  # consistency: the teacher's ODE step from sigma_n+1 to sigma_n: heun | euler (DDIM)
+    target_ema: float = 0.95  # consistency: EMA decay of the target network theta^- (0: the student, stop-gradient)
+    n_start: int = 10  # consistency: discretisation N at the start of the curriculum (Song & Dhariwal 2023)
+    n_end: int = 80  # consistency: N at its end (N doubles in equal stages)
+    # consistency: weight of each pair: inverse_step (1 / (sigma_n+1 - sigma_n), Song & Dhariwal 2023) | uniform
+    weighting: str = "inverse_step"
+    sigma_data: float = 0.5  # consistency: sigma_data of c_skip (0.5 for images in [-1, 1])
+    rho: float = 7.0  # consistency: rho of the Karras noise levels
+    huber_c: Optional[float] = None  # consistency: pseudo-Huber c (null: 0.00054 sqrt(d), Song & Dhariwal 2023)
 
 
 @dataclass
@@ -149,17 +235,25 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     version: int = CONFIG_VERSION
+    stage: str = "diffusion"  # diffusion | autoencoder (written by ddpm train-autoencoder)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+# super-resolution (model.condition, data.downsample, data.upsample; ddpmlab.models.conditioned)
+CONDITIONS = ("none", "low_res")
+DOWNSAMPLE_MODES = ("area", "bicubic")
+UPSAMPLE_MODES = ("bicubic", "bilinear", "nearest")
+
 _CHOICES = {
     "data.dataset": ("mnist", "digits", "toy", "folder"),
     "data.toy": ("swiss_roll", "moons", "s_curve", "ring"),
     "data.split": ("all", "train", "test"),
-    "model.kind": ("unet", "mlp"),
+    "model.kind": ("unet", "mlp", "dit"),
     "diffusion.schedule": SCHEDULES,
     "diffusion.prediction": PREDICTIONS,
     "diffusion.loss": LOSSES,
@@ -168,6 +262,14 @@ _CHOICES = {
     "diffusion.t_sampling": T_SAMPLING,
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "train.lr_schedule": ("constant", "cosine", "linear"),
+    "distill.method": ("progressive", "consistency"),
+    "distill.prediction": ("v", "x0"),
+    "distill.solver": ("heun", "euler"),
+    "distill.weighting": ("inverse_step", "uniform"),
+    "model.condition": CONDITIONS,
+    "data.downsample": DOWNSAMPLE_MODES,
+    "data.upsample": UPSAMPLE_MODES,
+    "autoencoder.loss": ("l1", "l2"),
 }
 _POSITIVE = (
     "data.toy_samples", "model.base_channels", "model.num_res_blocks", "model.num_heads",
@@ -175,13 +277,74 @@ _POSITIVE = (
     "diffusion.num_timesteps", "train.steps", "train.batch_size", "train.ema_every",
     "train.log_every", "train.sample_steps", "train.save_every", "train.keep_checkpoints", "train.max_bad_steps",
     "train.grad_accum_steps", "train.eval_n", "train.eval_steps",
+    "autoencoder.latent_channels", "autoencoder.layers_per_block", "autoencoder.norm_groups",
+    "autoencoder.disc_channels", "autoencoder.disc_layers", "autoencoder.stats_n",
 )
 _NON_NEGATIVE = (
     "data.num_workers", "data.toy_noise", "model.dropout", "diffusion.offset_noise", "train.lr", "train.warmup_steps",
     "train.weight_decay", "train.grad_clip", "train.ema_start", "train.sample_every", "train.sample_n",
     "train.ema_snapshot_every",
-    "train.eval_every",
+    "train.eval_every", "train.cond_noise",
+    "autoencoder.kl_weight", "autoencoder.disc_start", "autoencoder.disc_weight", "autoencoder.holdout",
 )
+
+# Peebles & Xie 2023, Table 1: (depth N, hidden size d, heads) of each DiT size; each with patch 2, 4 or 8
+DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+DIT_PRESETS = {f"DiT-{size}/{p}": dict(dit_depth=n, dit_hidden=d, dit_heads=heads, patch_size=p)
+               for size, (n, d, heads) in DIT_SIZES.items() for p in (2, 4, 8)}
+_DIT_KEYS = ("dit_depth", "dit_hidden", "dit_heads", "patch_size")
+
+
+def dit_settings(m: "ModelConfig", source: str = "config") -> dict:
+    """The DiT's {dit_depth, dit_hidden, dit_heads, patch_size}: model.preset's, else the explicit keys."""
+    if m.preset is not None:
+        if m.preset not in DIT_PRESETS:
+            lower = {name.lower(): name for name in DIT_PRESETS}
+            close = difflib.get_close_matches(str(m.preset).lower(), list(lower), n=1, cutoff=0.5)
+            hint = f"did you mean '{lower[close[0]]}'? " if close else ""
+            raise ConfigError(f"{source}: unknown model.preset {m.preset!r}; {hint}choose one of "
+                              f"{', '.join(DIT_PRESETS)}")
+        preset = DIT_PRESETS[m.preset]
+        clash = [f"model.{k}={getattr(m, k)}" for k, v in preset.items() if getattr(m, k) not in (None, v)]
+        if clash:
+            sets = ", ".join(f"model.{k}={v}" for k, v in preset.items())
+            raise ConfigError(f"{source}: model.preset={m.preset} sets {sets}, but the config also gives "
+                              f"{', '.join(clash)}; drop model.preset to size the DiT by hand, or drop those keys")
+        return dict(preset)
+    missing = [f"model.{k}" for k in _DIT_KEYS if getattr(m, k) is None]
+    if missing:
+        raise ConfigError(f"{source}: model.kind=dit needs model.preset (one of {', '.join(DIT_PRESETS)}) or all "
+                          f"of {', '.join('model.' + k for k in _DIT_KEYS)}; missing {', '.join(missing)}")
+    return {k: getattr(m, k) for k in _DIT_KEYS}
+
+
+def _validate_dit(m: "ModelConfig", dataset: str, source: str) -> None:
+    """Checks of the DiT keys; writes the preset's sizes into the config, so that a saved run shows them."""
+    if m.kind != "dit":
+        given = [f"model.{k}" for k in ("preset",) + _DIT_KEYS if getattr(m, k) is not None]
+        if given:
+            raise ConfigError(f"{source}: {', '.join(given)} {'size' if len(given) > 1 else 'sizes'} a DiT, but "
+                              f"model.kind is {m.kind!r}; "
+                              "set model.kind=dit or drop them")
+        return
+    if dataset == "toy":
+        raise ConfigError(f"{source}: 2D toy data needs model.kind=mlp (the DiT is for images)")
+    sizes = dit_settings(m, source)
+    for key, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{source}: 'model.{key}' must be a positive integer, got {value!r}")
+    if not m.mlp_ratio > 0 or int(sizes["dit_hidden"] * m.mlp_ratio) < 1:
+        raise ConfigError(f"{source}: 'model.mlp_ratio' must be > 0 (4.0 in the paper), got {m.mlp_ratio}")
+    hidden, heads = sizes["dit_hidden"], sizes["dit_heads"]
+    if hidden % heads:
+        ok = [h for h in range(1, min(hidden, 32) + 1) if hidden % h == 0]
+        raise ConfigError(f"{source}: model.dit_heads={heads} does not divide model.dit_hidden={hidden} (each head "
+                          f"takes dit_hidden / dit_heads channels); choose dit_heads among {ok}")
+    if hidden % 4:
+        raise ConfigError(f"{source}: model.dit_hidden={hidden} must be a multiple of 4: the 2-D sin-cos position "
+                          "embedding gives each image axis dit_hidden / 2 channels of sines and cosines")
+    for key, value in sizes.items():
+        setattr(m, key, value)
 
 
 def _suggest(key: str, valid: list[str]) -> str:
@@ -241,12 +404,15 @@ def _section_classes() -> dict[str, type]:
 
 def _all_keys() -> list[str]:
     """Every config key, ``section.field``, in declaration order, then ``version``."""
-    return [f"{s}.{f.name}" for s, cls in _section_classes().items() for f in dataclasses.fields(cls)] + ["version"]
+    return [f"{s}.{f.name}" for s, cls in _section_classes().items() for f in dataclasses.fields(cls)] + ["version", "stage"]
 
 
 def _apply(cfg: Config, key: str, value: Any, source: str) -> None:
     if key == "version":
         cfg.version = _coerce(value, int, key, source)
+        return
+    if key == "stage":
+        cfg.stage = _coerce(value, str, key, source)
         return
     all_keys = _all_keys()
     parts = key.split(".")
@@ -263,7 +429,7 @@ def _flatten(d: dict, source: str, prefix: str = "") -> dict[str, Any]:
         name = f"{prefix}{k}"
         if isinstance(v, dict) and prefix == "":
             if k not in SECTIONS:
-                valid = [*SECTIONS, "version"]
+                valid = [*SECTIONS, "version", "stage"]
                 raise ConfigError(f"{source}: unknown config section '{k}'{_suggest(k, valid)}")
             flat.update(_flatten(v, source, prefix=f"{k}."))
         else:
@@ -385,6 +551,9 @@ def validate(cfg: Config, source: str = "config") -> None:
     if m.num_classes and d.dataset == "toy":
         raise ConfigError(f"{source}: 'model.num_classes' is set but 2D toy data has no labels; "
                           "set model.num_classes=null or use labelled data (mnist, digits, class sub-folders)")
+    if t.minutes is not None and (isinstance(t.minutes, bool) or not isinstance(t.minutes, (int, float))
+                                  or not t.minutes > 0):
+        raise ConfigError(f"{source}: 'train.minutes' must be a positive number of minutes or null, got {t.minutes}")
     if not 0.0 <= t.label_dropout < 1.0:
         raise ConfigError(f"{source}: 'train.label_dropout' must be in [0, 1), got {t.label_dropout}")
     if not 0.0 < diff.beta_start < diff.beta_end < 1.0:
@@ -412,11 +581,87 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: model.kind 'mlp' is for 2D toy data; set data.dataset=toy or model.kind=unet")
     if m.kind == "unet" and d.dataset == "toy":
         raise ConfigError(f"{source}: 2D toy data needs model.kind=mlp (the UNet is for images)")
+    _validate_dit(m, d.dataset, source)
     bad = [s for s in t.ema_profiles if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < 0.2886]
     if bad or len(set(t.ema_profiles)) != len(t.ema_profiles):
         raise ConfigError(f"{source}: 'train.ema_profiles' must be distinct relative widths in (0, 0.2886), e.g. "
                           f"[0.05, 0.1]; got {t.ema_profiles}")
     _validate_likelihood(diff, source)
+    _validate_distill(cfg.distill, diff.num_timesteps, source)
+    _validate_condition(cfg, source)
+    _validate_autoencoder(cfg, source)
+
+
+def _validate_condition(cfg: Config, source: str) -> None:
+    """Cross-checks of super-resolution (model.condition, data.low_res, train.cond_noise; SR3, Saharia et al. 2021)."""
+    d, m = cfg.data, cfg.model
+    if m.condition == "none":
+        return
+    if d.dataset == "toy":
+        raise ConfigError(f"{source}: model.condition={m.condition} is for images; 2D toy data has no low-res "
+                          "version (set model.condition=none)")
+    if d.low_res is None:
+        raise ConfigError(f"{source}: model.condition=low_res needs 'data.low_res', the size of the low-res input "
+                          "(e.g. data.low_res=7 for 7x7 -> 28x28)")
+    if len(d.low_res) == 1:
+        d.low_res = [d.low_res[0], d.low_res[0]]
+    if len(d.low_res) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in d.low_res):
+        raise ConfigError(f"{source}: 'data.low_res' must be [H, W] (or one number) with positive integers, "
+                          f"got {d.low_res}")
+    if cfg.train.eval_every:
+        raise ConfigError(f"{source}: train.eval_every scores unconditional samples; a super-resolution run "
+                          "(model.condition=low_res) is scored after training by `ddpm eval RUN` (PSNR, SSIM, "
+                          "FID of upscales): set train.eval_every=0")
+    if getattr(m, "autoencoder", None):
+        raise ConfigError(f"{source}: model.condition=low_res works on pixels; it cannot be combined with latent "
+                          "diffusion (model.autoencoder): set one of them")
+
+
+def _validate_autoencoder(cfg: Config, source: str) -> None:
+    """The autoencoder section and model.autoencoder (latent diffusion, Rombach et al. 2022)."""
+    a = cfg.autoencoder
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"{source}: 'stage' is {cfg.stage!r}; choose one of {', '.join(STAGES)}")
+    if not a.block_out_channels or any(isinstance(c, bool) or not isinstance(c, int) or c <= 0
+                                       for c in a.block_out_channels):
+        raise ConfigError(f"{source}: 'autoencoder.block_out_channels' must be a list of positive integers, "
+                          f"e.g. [32, 64, 64], got {a.block_out_channels}")
+    if not 0.0 <= a.holdout < 1.0:
+        raise ConfigError(f"{source}: 'autoencoder.holdout' must be in [0, 1), got {a.holdout}")
+    if cfg.data.dataset == "toy" and (cfg.stage == "autoencoder" or cfg.model.autoencoder):
+        raise ConfigError(f"{source}: autoencoders are for images; 2D toy data (data.dataset=toy) has none")
+
+
+def _validate_distill(ds: DistillConfig, T: int, source: str) -> None:
+    """Checks of the distill keys (ddpm distill)."""
+    for key in ("steps", "teacher_steps", "batch_size", "n_start"):
+        value = getattr(ds, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{source}: 'distill.{key}' must be a positive integer, got {value!r}")
+    for key in ("lr", "sigma_data", "rho"):
+        if not getattr(ds, key) > 0:
+            raise ConfigError(f"{source}: 'distill.{key}' must be > 0, got {getattr(ds, key)}")
+    for key in ("ema_decay", "target_ema"):
+        if not 0.0 <= getattr(ds, key) < 1.0:
+            raise ConfigError(f"{source}: 'distill.{key}' must be in [0, 1), got {getattr(ds, key)}")
+    if not ds.iterations or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ds.iterations):
+        raise ConfigError(f"{source}: 'distill.iterations' must be a list of positive integers (one per round), "
+                          f"got {ds.iterations}")
+    if ds.huber_c is not None and not ds.huber_c > 0:
+        raise ConfigError(f"{source}: 'distill.huber_c' must be > 0 or null, got {ds.huber_c}")
+    if ds.n_end < ds.n_start:
+        raise ConfigError(f"{source}: 'distill.n_end' ({ds.n_end}) must be >= distill.n_start ({ds.n_start})")
+    if ds.method != "progressive" or ds.teacher is None:  # a plain run's defaults fit any T
+        return
+    for key in ("steps", "teacher_steps"):
+        n = getattr(ds, key)
+        if n & (n - 1):
+            lo = 1 << (n.bit_length() - 1)
+            raise ConfigError(f"{source}: progressive distillation halves the steps each round, so 'distill.{key}' "
+                              f"must be a power of two; got {n} (try {lo} or {2 * lo})")
+    if not ds.steps < ds.teacher_steps <= T:
+        raise ConfigError(f"{source}: 'distill.teacher_steps' ({ds.teacher_steps}) must lie above distill.steps "
+                          f"({ds.steps}) and at most diffusion.num_timesteps ({T})")
 
 
 def _validate_likelihood(diff: DiffusionConfig, source: str) -> None:
@@ -435,6 +680,16 @@ def _validate_likelihood(diff: DiffusionConfig, source: str) -> None:
     if diff.loss_type == "hybrid" and not learned:
         raise ConfigError(f"{source}: diffusion.loss_type=hybrid trains only a learned variance; set "
                           "diffusion.variance=learned_range or use loss_type=simple")
+    if diff.prediction == "edm" and not diff.sigma_data > 0:
+        raise ConfigError(f"{source}: 'diffusion.sigma_data' must be > 0, got {diff.sigma_data}")
+    if diff.prediction == "edm" and diff.min_snr_gamma is not None:
+        raise ConfigError(f"{source}: diffusion.prediction=edm brings its own loss weight (1 / c_out^2); "
+                          "set diffusion.min_snr_gamma=null")
+    if diff.t_sampling == "lognormal" and not diff.lognormal_std > 0:
+        raise ConfigError(f"{source}: 'diffusion.lognormal_std' must be > 0, got {diff.lognormal_std}")
+    if diff.t_sampling == "lognormal" and diff.loss_type == "vlb":
+        raise ConfigError(f"{source}: diffusion.t_sampling=lognormal reweights L_simple; loss_type=vlb needs "
+                          "t_sampling uniform or importance")
     if diff.t_sampling == "importance" and diff.loss_type != "vlb":
         raise ConfigError(f"{source}: diffusion.t_sampling=importance is for loss_type=vlb "
                           f"(got loss_type={diff.loss_type}); use t_sampling=uniform")

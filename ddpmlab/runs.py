@@ -7,6 +7,8 @@ sample grids) goes through here, so that they agree on:
   that is not there is refused in one line);
 * loading a run (:func:`load_run`: config, weights of the newest loadable checkpoint,
   schedule, sample shape) or a local diffusers folder (:func:`load_diffusers_run`);
+* latent runs (``model.autoencoder``, Rombach et al. 2022): the run carries the autoencoder's
+  decoder (:func:`load_autoencoder`), so every front end's samples come back as pixels;
 * a sampler call (:func:`plan_sampling`: default steps, the run's own reverse variance,
   the step schedule, which options apply to which sampler, class labels and guidance);
 * where the results go (:func:`resolve_output`, :func:`write_raw`): the raw samples are
@@ -15,6 +17,8 @@ sample grids) goes through here, so that they agree on:
 
 from __future__ import annotations
 
+import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
@@ -25,20 +29,25 @@ from PIL import Image
 from torch import nn
 
 from ddpmlab.config import Config
-from ddpmlab.data import data_shape
+from ddpmlab.data import data_shape, image_shape
+from ddpmlab.data.latents import LATENTS_FILE, describe_autoencoder, file_sha256
 from ddpmlab.diffusion.reverse import variance_name
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import ConfigError, DDPMError
-from ddpmlab.io.checkpoint import load_run_config, newest_weights, require_run_dir
+from ddpmlab.io.checkpoint import list_checkpoints, load_run_config, newest_weights, require_run_dir
 from ddpmlab.io.diffusers_bridge import load_diffusers_model
 from ddpmlab.io.weights import load_state_dict_file
 from ddpmlab.models import build_model
+from ddpmlab.models.autoencoder import LatentCodec, build_autoencoder, load_diffusers_vae
+from ddpmlab.models.conditioned import bind_condition
 from ddpmlab.samplers.generate import generate
-from ddpmlab.samplers.guidance import conditioning
+from ddpmlab.samplers.guidance import conditioning, guided
 from ddpmlab.samplers.registry import SamplerSpec, get_spec, timesteps_options
+from ddpmlab.samplers.student import check_student_steps
 
 DEVICE_KINDS = ("cpu", "cuda", "mps")
 WEIGHTS = ("ema", "model")
+RECOMMENDATION_FILE = "recommended_samplers.json"  # RUN/<this>: written by `ddpm bench samplers RUN`
 
 
 def resolve_device(name: str = "auto", where: str = "device") -> torch.device:
@@ -80,11 +89,25 @@ class Run:
     dir: Optional[Path] = None
     checkpoint: str = ""
     weights: str = "ema"
+    codec: Optional[LatentCodec] = None  # latent runs: the autoencoder (loaded from model.autoencoder when None)
+
+    def __post_init__(self):
+        if self.codec is None and self.cfg.model.autoencoder:
+            self.codec = load_autoencoder(self.cfg.model.autoencoder, self.device)
 
     @property
     def shape(self) -> tuple:
-        """The shape of one sample: (C, H, W) for images, (2,) for 2-D points."""
+        """The shape of one sample the denoiser draws: (C, H, W) for images, (2,) for 2-D points, (c, h, w) latents."""
         return data_shape(self.cfg)
+
+    @property
+    def image_shape(self) -> tuple:
+        """The shape of one result of :func:`draw_samples`: the pixels a latent run decodes to, else :attr:`shape`."""
+        return image_shape(self.cfg)
+
+    @property
+    def is_latent(self) -> bool:
+        return self.codec is not None
 
     @property
     def is_image(self) -> bool:
@@ -101,7 +124,7 @@ class Run:
     @property
     def clip_x0(self) -> Optional[float]:
         """Predicted x0 is clamped to the data range [-1, 1] for images (Ho et al.'s sampler), not for points."""
-        return 1.0 if self.is_image else None
+        return 1.0 if self.is_image and not self.is_latent else None  # latents have no fixed range
 
     def folder(self, kind: str) -> Path:
         """RUN/<kind> (samples, viz, eval, bench); ./<kind> without a run folder."""
@@ -119,6 +142,10 @@ def load_run(run_dir, weights: str = "ema", device="auto", weights_file=None, wh
     device = device if isinstance(device, torch.device) else resolve_device(device)
     run_dir = require_run_dir(run_dir)
     cfg = load_run_config(run_dir)
+    if cfg.stage == "autoencoder":
+        raise DDPMError(f"'{run_dir}' is an autoencoder run (ddpm train-autoencoder), not a diffusion model; train "
+                        f"latent diffusion on it with `ddpm train --config mnist_latent model.autoencoder={run_dir}`")
+    _locate_autoencoder(cfg, run_dir)
     model = build_model(cfg)
     if weights_file is None:
         path, state = newest_weights(run_dir, weights, where)
@@ -131,8 +158,80 @@ def load_run(run_dir, weights: str = "ema", device="auto", weights_file=None, wh
             raise DDPMError(f"weights file '{weights_file}' does not fit the model of run '{run_dir}' "
                             f"({' '.join(str(e).split())[:300]})") from None
         source = str(weights_file)
-    return Run(cfg, model.to(device).eval(), NoiseSchedule.from_config(cfg.diffusion), device, run_dir, source,
-               weights)
+    run = Run(cfg, model.to(device).eval(), NoiseSchedule.from_config(cfg.diffusion), device, run_dir, source,
+              weights)
+    check_latent_run(run)
+    return run
+
+
+def _locate_autoencoder(cfg: Config, run_dir: Path) -> None:
+    """A latent run's model.autoencoder, relative to where it was trained: if it is not found from here,
+    the absolute path stored in RUN/latents.json at training time."""
+    ae = cfg.model.autoencoder
+    stored = Path(run_dir) / LATENTS_FILE
+    if not ae or Path(ae).expanduser().exists() or not stored.is_file():
+        return
+    cfg.model.autoencoder = json.loads(stored.read_text()).get("autoencoder", ae)
+
+
+_CODECS: Dict[tuple, LatentCodec] = {}
+
+
+def _codec_key(folder: Path, weights_file: Path, device: torch.device) -> Optional[tuple]:
+    if not weights_file.is_file():
+        return None
+    return (str(folder.resolve()), str(weights_file), weights_file.stat().st_mtime_ns, str(device))
+
+
+def load_autoencoder(path, device="auto") -> LatentCodec:
+    """The :class:`LatentCodec` of ``model.autoencoder``: an autoencoder run's EMA weights of its newest
+    checkpoint (scale and shift from its autoencoder.json), or a local diffusers AutoencoderKL folder (its
+    config's scaling_factor and shift_factor).  Loaded once per weights file and device."""
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    src = describe_autoencoder(path)
+    if src.kind == "run":
+        newest = list_checkpoints(src.path)[:1]
+        key = _codec_key(src.path, newest[0] / "ema.safetensors", device) if newest else None
+        if key in _CODECS:  # the sample grids of training build a Run each time: no reloading
+            return _CODECS[key]
+        ckpt, state = newest_weights(src.path, "ema", "model.autoencoder")
+        weights_file = ckpt / "ema.safetensors"
+    else:
+        state = None
+        weights_file = next(src.path / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+                            if (src.path / n).is_file())
+    key = _codec_key(src.path, weights_file, device)
+    if key in _CODECS:
+        return _CODECS[key]
+    if src.kind == "run":
+        a = load_run_config(src.path).autoencoder
+        autoencoder = build_autoencoder(src.in_channels, a.block_out_channels, a.latent_channels, a.layers_per_block,
+                                        a.norm_groups)
+        autoencoder.load_state_dict(state)
+    else:
+        autoencoder = load_diffusers_vae(src.path)
+    identity = f"{src.kind}|{file_sha256(weights_file)}|scale={src.scale!r}|shift={src.shift!r}"
+    codec = LatentCodec(autoencoder.to(device), src.scale, src.shift, identity, str(src.path))
+    _CODECS.clear()  # one autoencoder at a time stays loaded
+    _CODECS[key] = codec
+    return codec
+
+
+def check_latent_run(run: Run) -> None:
+    """Warn when a latent run's autoencoder is no longer the one it was trained with (RUN/latents.json)."""
+    stored = run.dir / LATENTS_FILE if run.dir is not None else None
+    if run.codec is None or stored is None or not stored.is_file():
+        return
+    if json.loads(stored.read_text()).get("identity") != run.codec.identity:
+        warnings.warn(f"run '{run.dir}' was trained on the latents of another version of the autoencoder "
+                      f"{run.codec.source} (its weights or scale changed since); its samples may be poor")
+
+
+def require_pixel_run(run: Run, what: str) -> None:
+    """Editing (inpainting, img2img) works in pixel space; a latent run is refused in one line."""
+    if run.is_latent:
+        raise DDPMError(f"{what} is not supported for latent runs yet ({run.dir or run.checkpoint} diffuses the "
+                        f"latents of model.autoencoder {run.cfg.model.autoencoder}); use a pixel-space run")
 
 
 def load_diffusers_run(folder, device="auto") -> Run:
@@ -160,6 +259,7 @@ class SamplingPlan:
     timesteps: Optional[str] = None
     label: Optional[int] = None
     guidance: Optional[float] = None
+    cond: Optional[torch.Tensor] = None  # (n, C, H, W): an image-conditioned run's conditioning (super-resolution)
 
     @property
     def sampler(self) -> str:
@@ -179,41 +279,128 @@ class SamplingPlan:
         return f"{self.sampler}, {self.steps} steps{extra}"
 
 
-def plan_sampling(run: Run, sampler: str = "ddim", steps: Optional[int] = None, n: int = 1, *,
+def default_sampler(cfg: Config) -> str:
+    """The sampler a run samples with when none is named: 'student' for a distilled student, else 'ddim'."""
+    return "student" if getattr(cfg, "distill", None) is not None and cfg.distill.teacher else "ddim"
+
+
+def _student_steps(run: Run, steps: Optional[int], timesteps: Optional[str], names: Dict[str, str]) -> tuple:
+    """(steps, sampler options) of the student sampler on ``run``: its distilled steps unless ``steps``."""
+    ds = run.cfg.distill
+    if not ds.teacher:
+        raise ConfigError(f"{names.get('sampler', 'sampler')} student samples a distilled student (ddpm distill); "
+                          f"{run.dir or 'this run'} is a diffusion run: use ddim, dpmpp_2m, ...")
+    if timesteps is not None:
+        raise ConfigError(f"{names.get('timesteps', 'timesteps')}: the student sampler uses the grid it was "
+                          "distilled on; drop it")
+    steps = ds.steps if steps is None else steps
+    check_student_steps(ds.method, steps, ds.steps, names.get("steps", "steps"))
+    return steps, {"method": ds.method, "distilled_steps": ds.steps, "sigma_data": ds.sigma_data, "rho": ds.rho}
+
+
+def read_recommendation(run_dir) -> Optional[dict]:
+    """RUN/recommended_samplers.json as a dict ({"by_nfe": {10: {"sampler": ..., "timesteps": ...}}, ...}) or None."""
+    path = Path(run_dir) / RECOMMENDATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        by_nfe = {int(k): v for k, v in data["by_nfe"].items()}
+        for entry in by_nfe.values():
+            get_spec(entry["sampler"]).check_step_schedule(entry.get("timesteps"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError) as e:
+        warnings.warn(f"ignoring {path}: {type(e).__name__}: {e}; run ddpm bench samplers {run_dir} again")
+        return None
+    return {**data, "by_nfe": by_nfe}
+
+
+def recommended_sampler(run: Run, steps: Optional[int] = None,
+                        timesteps: Optional[str] = None) -> Optional[tuple]:
+    """(sampler, timesteps, nfe) that ``ddpm bench samplers`` found best for this run, or None.
+
+    With ``steps``: the recommendation for the largest benchmarked NFE <= steps (the smallest
+    NFE if all are larger); without: the NFE whose best error was lowest (fewer NFE on a tie).
+    A recommendation that cannot use the caller's ``timesteps`` is not taken.
+    """
+    rec = read_recommendation(run.dir) if run.dir is not None else None
+    if not rec or not rec["by_nfe"]:
+        return None
+    by = rec["by_nfe"]
+    if steps is None:
+        nfe = min(by, key=lambda k: (by[k].get("error_ratio", float("inf")), k))
+    else:
+        nfe = max((k for k in by if k <= steps), default=min(by))
+    entry = by[nfe]
+    if timesteps is not None and timesteps not in get_spec(entry["sampler"]).step_schedules:
+        return None
+    return entry["sampler"], entry.get("timesteps"), nfe
+
+
+def plan_sampling(run: Run, sampler: Optional[str] = "ddim", steps: Optional[int] = None, n: int = 1, *,
                   timesteps: Optional[str] = None, options: Optional[dict] = None, label: Optional[int] = None,
                   guidance: Optional[float] = None, seed: int = 0, schedule_len: Optional[int] = None,
                   cycle_classes: bool = False, names: Optional[Dict[str, str]] = None,
-                  log: Callable[[str], None] = print) -> SamplingPlan:
+                  log: Callable[[str], None] = print, cond: Optional[torch.Tensor] = None) -> SamplingPlan:
     """The sampler call for ``n`` samples of ``run``, every rule in one place.
 
+    sampler: None means the run's recommendation (:func:`recommended_sampler`), else its default.
     steps: default the sampler's own (ddpm: all ``schedule_len`` timesteps, default T; others 50),
     checked against the schedule.  options: the caller's explicit sampler options (None values
     are dropped); one that the sampler does not take is refused.  The ancestral sampler's
     variance defaults to the run's ``diffusion.variance``.  Class labels: ``label`` for all; with
     guidance and no label, or with ``cycle_classes`` on a conditional run, 0, 1, ..., K-1, 0, ...;
     otherwise none (a conditional run's "no label" row).  ``names`` maps option names to the
-    caller's (e.g. {"steps": "--steps"}) for the messages.
+    caller's (e.g. {"steps": "--steps"}) for the messages.  ``cond``: what an image-conditioned run
+    (model.condition) is conditioned on, (n or 1, C, H, W) at the image size (sample i gets row i).
     """
     names = names or {}
-    spec = get_spec(sampler, names.get("sampler", "sampler"))
+    rec = recommended_sampler(run, steps, timesteps) if sampler is None else None
+    if rec is not None:  # no sampler named: what `ddpm bench samplers RUN` found best for this run
+        sampler, timesteps, steps = rec[0], timesteps or rec[1], rec[2] if steps is None else steps
+        log(f"sampler: {sampler}{' with ' + timesteps + ' timesteps' if timesteps else ''}, {steps} steps, as "
+            f"recommended by ddpm bench samplers ({run.dir / RECOMMENDATION_FILE}; name --sampler to override)")
+    spec = get_spec(default_sampler(run.cfg) if sampler is None else sampler, names.get("sampler", "sampler"))
     spec.check_step_schedule(timesteps, names.get("timesteps", "timesteps"))
     n_sched = run.T if schedule_len is None else schedule_len
+    student_options = {}
+    if spec.name == "student":  # a distilled student: its own grid, at most its distilled steps (progressive)
+        steps, student_options = _student_steps(run, steps, timesteps, names)
     steps = spec.steps_for(n_sched, steps)
     if not 1 <= steps <= n_sched:
         span = "the model's num_timesteps" if schedule_len is None else "the timesteps from t0 down"
         raise ConfigError(f"{names.get('steps', 'steps')} must be between 1 and {n_sched} ({span}), got {steps}")
     given = {k: v for k, v in (options or {}).items() if v is not None}
     spec.check_options(given, names)
+    given.update(student_options)
     if "variance" in spec.options:
         given["variance"] = variance_name(given.get("variance", run.cfg.diffusion.variance),
                                           names.get("variance", "variance"))
-    model, labels = conditioning(run.model, n, label, guidance, run.cfg.train.label_dropout, names)
+    cond = _check_condition(run, cond, n)
+    net = run.model if cond is None else bind_condition(run.model, cond)
+    model, labels = conditioning(net, n, label, guidance, run.cfg.train.label_dropout, names)
     if labels is None and cycle_classes and run.num_classes:
         labels = torch.arange(n) % run.num_classes
     given.update(timesteps_options(spec.name, timesteps, model, run.schedule, run.shape, steps,
                                    prediction=run.cfg.diffusion.prediction, clip_x0=run.clip_x0, device=run.device,
                                    y=labels, seed=seed, log=log, where=names.get("timesteps", "timesteps")))
-    return SamplingPlan(spec, steps, given, model, labels, timesteps, label, guidance)
+    return SamplingPlan(spec, steps, given, model, labels, timesteps, label, guidance, cond)
+
+
+def _check_condition(run: Run, cond: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
+    """``cond`` as (n, C, H, W) for an image-conditioned run (one row is repeated n times); refused otherwise."""
+    kind = run.cfg.model.condition
+    if cond is None:
+        if kind != "none":
+            raise ConfigError(f"{run.dir or 'this run'} is a super-resolution run (model.condition={kind}): it "
+                              f"samples from a low-res picture; use `ddpm upscale {run.dir or 'RUN'} --image low.png`")
+        return None
+    if kind == "none":
+        raise ConfigError(f"{run.dir or 'this run'} is not image-conditioned (model.condition=none): it takes no "
+                          "conditioning image")
+    if cond.ndim != 4 or cond.shape[0] not in (1, n) or tuple(cond.shape[1:]) != tuple(run.shape):
+        raise ConfigError(f"the conditioning has shape {tuple(cond.shape)}; this run needs ({n} or 1, "
+                          f"{', '.join(map(str, run.shape))}) for {n} samples")
+    return cond.expand(n, *cond.shape[1:]).float().cpu()
 
 
 def draw_samples(run: Run, plan: SamplingPlan, n: int, *, seed: int = 0, batch_size: int = 256,
@@ -223,9 +410,34 @@ def draw_samples(run: Run, plan: SamplingPlan, n: int, *, seed: int = 0, batch_s
         raise ConfigError(f"the number of samples must be at least 1, got {n}")
     if batch_size < 1:
         raise ConfigError(f"the batch size must be at least 1, got {batch_size}")
-    return generate(plan.model, run.schedule, run.shape, n, sampler=plan.sampler, steps=plan.steps,
-                    prediction=run.cfg.diffusion.prediction, clip_x0=run.clip_x0, batch_size=batch_size, seed=seed,
-                    device=run.device, labels=plan.labels, progress=progress, callback=callback, **plan.options)
+    if plan.cond is None:
+        x = generate(plan.model, run.schedule, run.shape, n, sampler=plan.sampler, steps=plan.steps,
+                     prediction=run.cfg.diffusion.prediction, clip_x0=run.clip_x0, batch_size=batch_size, seed=seed,
+                     device=run.device, labels=plan.labels, progress=progress, callback=callback, **plan.options)
+    else:
+        x = _draw_conditioned(run, plan, n, seed, batch_size, progress, callback)
+    if run.codec is not None:  # latent diffusion: x_0 is a latent; the decoder gives the pixels
+        x = torch.cat([run.codec.decode(z.to(run.device)).cpu() for z in x.split(batch_size)])
+    return x
+
+
+def _draw_conditioned(run: Run, plan: SamplingPlan, n: int, seed: int, batch_size: int, progress: bool,
+                      callback) -> torch.Tensor:
+    """draw_samples of an image-conditioned run: batch b (noise seed + b, as generate's batches) binds its
+    own rows of plan.cond to the network, guided as planned (the rule of samplers.guidance.conditioning)."""
+    if len(plan.cond) != n:
+        raise ConfigError(f"the plan was made for {len(plan.cond)} samples (its conditioning), not {n}")
+    out = []
+    for b, start in enumerate(range(0, n, batch_size)):
+        rows = slice(start, min(start + batch_size, n))
+        net = bind_condition(run.model, plan.cond[rows].to(run.device))
+        net = net if plan.guidance is None else guided(net, scale=plan.guidance)
+        labels = None if plan.labels is None else plan.labels[rows]
+        out.append(generate(net, run.schedule, run.shape, rows.stop - start, sampler=plan.sampler, steps=plan.steps,
+                            prediction=run.cfg.diffusion.prediction, clip_x0=run.clip_x0, batch_size=batch_size,
+                            seed=seed + b, device=run.device, labels=labels, progress=progress, callback=callback,
+                            **plan.options))
+    return torch.cat(out)
 
 
 def grid_scale(shape: Sequence[int]) -> int:

@@ -19,6 +19,7 @@ LAYERS = [
     {"evaluate"},
     {"viz"},
     {"training"},
+    {"demo"},  # the web page: a front end over runs, samplers and viz; cli imports it
     {"cli", "__main__"},
     {"checkpoint", "schedules"},  # re-exports of moved modules for users' scripts; nothing imports them
 ]

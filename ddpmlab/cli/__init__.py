@@ -48,7 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 0
     warnings.formatwarning = _format_warning
-    if args.command != "train":  # train decides by train.keep_freed_memory and the device
+    if args.command not in ("train", "train-autoencoder"):  # these decide by train.keep_freed_memory and the device
         keep_freed_memory()  # CPU sampling and evaluation reuse freed memory (ddpmlab.training.allocator)
     try:
         return args.func(args)

@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from ddpmlab.config import Config, format_config, load_config
+from ddpmlab.data import to_uint8
 from ddpmlab.data.check import check_folder
+from ddpmlab.demo import serve as serve_demo
 from ddpmlab.diffusion.reverse import variance_name
 from ddpmlab.errors import DDPMError
 from ddpmlab.evaluate import METRICS, EvalSettings, bench, evaluate_run, format_results
 from ddpmlab.evaluate.nll import evaluate_nll, format_nll
-from ddpmlab.io.checkpoint import require_run_dir
+from ddpmlab.evaluate.superres import evaluate_superres, format_superres, save_superres
+from ddpmlab.io.checkpoint import load_run_config, require_run_dir
 from ddpmlab.io.diffusers_bridge import export_diffusers
 from ddpmlab.io.images import comparison_row, load_mask, load_picture, save_grid, save_images
+from ddpmlab.models.conditioned import condition_from_low_res, upsample
 from ddpmlab.runs import (
     Output,
     Run,
@@ -32,6 +37,7 @@ from ddpmlab.runs import (
     load_diffusers_run,
     load_run,
     plan_sampling,
+    require_pixel_run,
     resolve_device,
     resolve_output,
     write_raw,
@@ -39,6 +45,8 @@ from ddpmlab.runs import (
 from ddpmlab.samplers.editing import img2img, inpaint, strength_to_steps
 from ddpmlab.samplers.guidance import conditioning
 from ddpmlab.samplers.registry import get_spec
+from ddpmlab.training.autoencoder import train_autoencoder
+from ddpmlab.training.distill import distill_run
 from ddpmlab.training.loop import train
 from ddpmlab.training.posthoc_ema import reconstruct
 from ddpmlab.training.setup import resume_config
@@ -48,7 +56,7 @@ from ddpmlab.viz.samples import save_samples
 # how a user sets each option on the command line, for the library's messages
 NAMES = {"sampler": "--sampler", "steps": "--steps", "timesteps": "--timesteps", "eta": "--eta",
          "variance": "--variance", "class": "--class", "guidance": "--guidance", "weights": "--weights",
-         "n": "--n", "metrics": "--metrics", "extractor": "--extractor",
+         "n": "--n", "threshold": "--threshold", "metrics": "--metrics", "extractor": "--extractor",
          "inception_weights": "--inception-weights PATH", "reference_steps": "--reference-steps"}
 EVAL_METRICS = ("nll",)  # metrics with their own code path; the others come from ddpmlab.evaluate.METRICS
 
@@ -56,6 +64,16 @@ EVAL_METRICS = ("nll",)  # metrics with their own code path; the others come fro
 # ------------------------------------------------------------------------------ train
 
 def cmd_train(args) -> int:
+    """ddpm train: a diffusion run, or the autoencoder of latent diffusion where the config says stage: autoencoder."""
+    return _train_command(args, "mnist", stage=None)
+
+
+def cmd_train_autoencoder(args) -> int:
+    """The first stage of latent diffusion: as cmd_train, but the run trains cfg.autoencoder."""
+    return _train_command(args, "mnist_autoencoder", stage="autoencoder")
+
+
+def _train_command(args, default_config: str, stage) -> int:
     if args.resume:
         run_dir = require_run_dir(args.resume)
         if args.config:
@@ -63,12 +81,19 @@ def cmd_train(args) -> int:
         over = load_config(None, args.overrides) if args.overrides else None
         keys = [o.split("=", 1)[0].strip() for o in args.overrides]
         cfg = resume_config(run_dir, over, keys, force=args.force, force_option="--force")
+        if stage == "autoencoder" and cfg.stage != "autoencoder":
+            raise DDPMError(f"{run_dir} is a diffusion run, not an autoencoder run; continue it with "
+                            f"`ddpm train --resume {run_dir}`")
     elif args.force:
         raise DDPMError("--force only applies with --resume RUN_DIR (to change a stored config key)")
     else:
-        run_dir, cfg = None, load_config(args.config or "mnist", args.overrides)
+        run_dir, cfg = None, load_config(args.config or default_config, args.overrides)
+        cfg.stage = stage or cfg.stage
     if args.print_config:
         print(format_config(cfg), end="")
+        return 0
+    if cfg.stage == "autoencoder":
+        train_autoencoder(cfg, run_dir=run_dir, resume=run_dir is not None, progress=not args.no_progress)
         return 0
     try:
         train(cfg, run_dir=run_dir, resume=run_dir is not None, progress=not args.no_progress)
@@ -77,6 +102,17 @@ def cmd_train(args) -> int:
             f"out of GPU memory with train.batch_size={cfg.train.batch_size}; the last checkpoint is intact. "
             "Start a new run with a smaller train.batch_size or model (model.base_channels), or "
             "train.mixed_precision=bf16") from None
+    return 0
+
+
+def cmd_distill(args) -> int:
+    """ddpm distill RUN --method M --steps K [key=value ...], or --resume STUDENT_RUN."""
+    if (args.run_dir is None) == (args.resume is None):
+        raise DDPMError("give either RUN (the teacher run to distill) or --resume STUDENT_RUN")
+    if args.resume and (args.overrides or args.steps is not None):
+        raise DDPMError("--resume continues a distillation with its stored config.yaml; drop --steps and key=value")
+    distill_run(args.run_dir, args.method, args.steps, args.overrides, resume_dir=args.resume,
+                progress=not args.no_progress)
     return 0
 
 
@@ -120,7 +156,8 @@ def _check_n(n: int) -> None:
 
 def _plan(args, run: Run, n: int, **kwargs) -> SamplingPlan:
     """The sampler call the sampling options of ``args`` ask for (see :func:`ddpmlab.runs.plan_sampling`)."""
-    options = {"eta": getattr(args, "eta", None), "variance": getattr(args, "variance", None)}
+    options = {"eta": getattr(args, "eta", None), "variance": getattr(args, "variance", None),
+               "threshold": getattr(args, "threshold", None)}
     return plan_sampling(run, args.sampler, args.steps, n, timesteps=args.timesteps, options=options,
                          label=getattr(args, "label", None), guidance=getattr(args, "guidance", None), seed=args.seed,
                          names=NAMES, **kwargs)
@@ -128,7 +165,8 @@ def _plan(args, run: Run, n: int, **kwargs) -> SamplingPlan:
 
 def _fail_fast(args) -> None:
     """A bad sampler or step-schedule name fails before anything is loaded."""
-    get_spec(args.sampler, "--sampler").check_step_schedule(args.timesteps, "--timesteps")
+    if args.sampler is not None:  # None (ddpm sample): the run's recommendation, checked once it is loaded
+        get_spec(args.sampler, "--sampler").check_step_schedule(args.timesteps, "--timesteps")
     if getattr(args, "variance", None) is not None:
         variance_name(args.variance, "--variance")
 
@@ -159,12 +197,13 @@ def _image_run(args, command: str) -> Run:
     run = load_run(args.run_dir, args.weights, _device(args))
     if not run.is_image:
         raise DDPMError(f"ddpm {command} works on image models; {args.run_dir} was trained on 2-D points")
+    require_pixel_run(run, f"ddpm {command}")
     return run
 
 
 def _write_row(run: Run, row: torch.Tensor, results: torch.Tensor, output: Output) -> Path:
     """The comparison row (input, [mask,] results) as one PNG; for a folder also each result as a PNG."""
-    save_grid(row, output.picture, nrow=len(row), scale=grid_scale(run.shape))
+    save_grid(row, output.picture, nrow=len(row), scale=grid_scale(run.image_shape))
     if output.is_folder:
         save_images(results, output.path)
     return output.picture
@@ -209,6 +248,54 @@ def cmd_img2img(args) -> int:
     return 0
 
 
+def _save_picture(image: torch.Tensor, path: Path) -> Path:
+    """One image (C, H, W) in [-1, 1] as an 8-bit picture of exactly H x W pixels."""
+    arr = to_uint8(image[None])[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(path)
+    return path
+
+
+def _picture_size(path) -> Optional[Tuple[int, int]]:
+    """(width, height) of a picture file, None when it cannot be read (load_picture then says why)."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, ValueError):
+        return None
+
+
+def cmd_upscale(args) -> int:
+    """Super-resolution: the run's upscales of a low-res picture (SR3 sampling, Saharia et al. 2021)."""
+    _check_n(args.n)
+    _fail_fast(args)
+    run = load_run(args.run_dir, args.weights, _device(args))
+    if run.cfg.model.condition == "none":
+        raise DDPMError(f"ddpm upscale needs a super-resolution run (trained with model.condition=low_res); "
+                        f"{args.run_dir} is not one: sample it with `ddpm sample {args.run_dir}`")
+    c, h, w = run.shape
+    lh, lw = run.cfg.data.low_res
+    size = _picture_size(args.image)
+    if size is not None and size != (lw, lh):
+        raise DDPMError(f"--image '{args.image}' is {size[0]}x{size[1]} pixels but {args.run_dir} upscales "
+                        f"{lw}x{lh} pictures (data.low_res, width x height) to {w}x{h}; give a {lw}x{lh} picture")
+    low = load_picture(args.image, (c, lh, lw), what="--image")[None]
+    plan = _plan(args, run, args.n, cond=condition_from_low_res(low, run.cfg, (h, w)))
+    default = run.folder("samples") / f"upscale_{Path(args.image).stem}_{plan.tag(args.seed)}.png"
+    output = resolve_output(args.out, default, "--out")  # before sampling: a bad --out costs nothing
+    x = draw_samples(run, plan, args.n, seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress)
+    if output.is_folder or args.n > 1:  # a row: the input (nearest pixels), then the upscales
+        save_grid(torch.cat([upsample(low, (h, w), "nearest"), x]), output.picture, nrow=args.n + 1,
+                  scale=grid_scale(run.shape))
+        if output.is_folder:
+            save_images(x, output.path)
+    else:  # one upscale: the picture itself, at the run's image size
+        _save_picture(x[0], output.picture)
+    what = f"{w}x{h} upscale{'s' if args.n > 1 else ''} of the {lw}x{lh} {args.image}"
+    print(f"wrote {output.picture} ({args.n} {what}; {plan.describe()})")
+    return 0
+
+
 # ------------------------------------------------------------------------------ eval, bench, viz, export, data
 
 def cmd_eval(args) -> int:
@@ -218,6 +305,8 @@ def cmd_eval(args) -> int:
         raise DDPMError(f"unknown metric(s) {', '.join(unknown)} in --metrics; choose from "
                         f"{', '.join(EVAL_METRICS + tuple(METRICS))}")
     device = _device(args)
+    if load_run_config(require_run_dir(args.run_dir)).model.condition != "none":
+        return _eval_superres(args, metrics, device)  # super-resolution: PSNR, SSIM, FID of upscales
     if "nll" in metrics:
         result, js, png = evaluate_nll(args.run_dir, n=args.n, decoder=args.decoder, bin_width=args.bin_width,
                                        t_stride=args.t_stride, batch_size=args.batch_size, seed=args.seed,
@@ -231,11 +320,35 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _eval_superres(args, metrics: List[str], device: torch.device) -> int:
+    """A super-resolution run: its upscales of held-out low-res images against the truth, beside bicubic."""
+    if metrics:
+        raise DDPMError(f"--metrics {args.metrics}: a super-resolution run is scored by PSNR, SSIM and FID of its "
+                        "upscales (all of them, always); drop --metrics")
+    _fail_fast(args)
+    run = load_run(args.run_dir, args.weights, device)
+    extractor = args.extractor or ("inception" if args.inception_weights else "classifier")
+    results, examples = evaluate_superres(
+        run, args.n or 500, args.sampler, args.steps, seed=args.seed, batch_size=args.batch_size,
+        options={"eta": args.eta, "variance": args.variance}, timesteps=args.timesteps, extractor=extractor,
+        inception_weights=args.inception_weights, progress=not args.no_progress, names=NAMES)
+    st, d = results["settings"], results["data"]
+    tag = f"{run.checkpoint}_{args.weights}_{st['sampler']}{st['steps']}_n{d['n']}_seed{st['seed']}"
+    js, png = save_superres(results, examples, args.out or run.folder("eval") / f"superres_{tag}.json")
+    print(f"{args.run_dir} ({run.checkpoint}, {args.weights}): {d['n']} upscales {d['low_res'][1]}x"
+          f"{d['low_res'][0]} -> {d['high_res'][1]}x{d['high_res'][0]} of {d['images']}, {st['sampler']} "
+          f"{st['steps']} steps, seed {st['seed']}")
+    print(format_superres(results))
+    print(f"wrote {js} and {png}")
+    return 0
+
+
 def _eval_sample_quality(args, metrics: List[str], device: torch.device) -> None:
     """FID/KID/IS/precision-recall (images) or SWD/MMD (2-D) of samples, beside n data points."""
     extractor = args.extractor or ("inception" if args.inception_weights else "classifier")
     s = EvalSettings(metrics=metrics, n=args.n or 1000, sampler=args.sampler, steps=args.steps,
-                     sampler_options={"eta": args.eta, "variance": args.variance}, timesteps=args.timesteps,
+                     sampler_options={"eta": args.eta, "variance": args.variance,
+                                      "threshold": getattr(args, "threshold", None)}, timesteps=args.timesteps,
                      guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, extractor=extractor,
                      inception_weights=args.inception_weights, weights=args.weights, baseline=not args.no_baseline)
     results, path = evaluate_run(args.run_dir, s, device, cache_dir=args.cache_dir, use_cache=not args.no_cache,
@@ -266,6 +379,11 @@ def cmd_bench(args) -> int:
     print(bench.markdown_table(res))
     for path in bench.save(res, out):
         print(f"wrote {path}")
+    if args.run_dir:
+        path = bench.save_recommendation(res, args.run_dir)
+        best = ", ".join(f"{k}: {v['sampler']}" + (f":{v['timesteps']}" if v["timesteps"] else "")
+                         for k, v in bench.recommendation(res)["by_nfe"].items())
+        print(f"wrote {path} (best per NFE: {best}); ddpm sample {args.run_dir} without --sampler uses it")
     return 0
 
 
@@ -320,14 +438,26 @@ def cmd_ema(args) -> int:
 
 
 def cmd_export(args) -> int:
-    require_run_dir(args.run_dir)
+    if load_run_config(require_run_dir(args.run_dir)).model.condition != "none":
+        raise DDPMError(f"{args.run_dir} is a super-resolution run (model.condition=low_res); diffusers' "
+                        "DDPMPipeline has no low-res input, so it is not exported")
     out = export_diffusers(args.run_dir, args.out, which=args.weights)
+    if (out / "transformer").is_dir():  # a DiT: no pipeline without a VAE
+        print(f"wrote {out}: load it with diffusers.DiTTransformer2DModel.from_pretrained({str(out / 'transformer')!r})"
+              f" and DDPMScheduler.from_pretrained({str(out / 'scheduler')!r}) (DiTPipeline needs a VAE)")
+        return 0
     print(f"wrote {out}: load it with diffusers.DDPMPipeline.from_pretrained({str(out)!r})")
     return 0
 
 
 def cmd_data_check(args) -> int:
     return check_folder(args.dir, tuple(args.image_size), args.channels, limit=args.limit)
+
+
+def cmd_demo(args) -> int:
+    serve_demo(args.run_dirs, host=args.host, port=args.port, max_samples=args.max_samples, max_steps=args.max_steps,
+               queue_size=args.queue_size, device=args.device, out_root=args.out)
+    return 0
 
 
 # ------------------------------------------------------------------------------ the parser

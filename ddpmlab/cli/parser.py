@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
 from ddpmlab.cli.commands import (
     cmd_bench,
     cmd_data_check,
+    cmd_demo,
+    cmd_distill,
     cmd_ema,
     cmd_eval,
     cmd_export,
@@ -14,6 +17,8 @@ from ddpmlab.cli.commands import (
     cmd_inpaint,
     cmd_sample,
     cmd_train,
+    cmd_train_autoencoder,
+    cmd_upscale,
     cmd_viz,
 )
 from ddpmlab.config import describe_config
@@ -42,9 +47,11 @@ def _run_options(p: argparse.ArgumentParser, batch_size: int, seed: bool = True)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _sampling_options(p: argparse.ArgumentParser, sampler: str = "ddim", conditional: bool = True) -> None:
-    """The options of one sampler call (see ddpmlab.runs.plan_sampling)."""
-    p.add_argument("--sampler", default=sampler, help=f"one of: {SAMPLERS_HELP} (default {sampler})")
+def _sampling_options(p: argparse.ArgumentParser, sampler: Optional[str] = "ddim", conditional: bool = True) -> None:
+    """The options of one sampler call (see ddpmlab.runs.plan_sampling); sampler None: the run's recommendation."""
+    default = (f"default {sampler}" if sampler else "default: the best per NFE that `ddpm bench samplers RUN` "
+               "recorded in RUN/recommended_samplers.json, else ddim")
+    p.add_argument("--sampler", default=sampler, help=f"one of: {SAMPLERS_HELP} ({default})")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps = model evaluations (default: all timesteps for ddpm, 50 otherwise)")
     p.add_argument("--timesteps", default=None, metavar="NAME",
@@ -53,6 +60,9 @@ def _sampling_options(p: argparse.ArgumentParser, sampler: str = "ddim", conditi
                         "sampler's own (ddim: uniform, dpmpp/unipc: logsnr, euler/heun: karras)")
     p.add_argument("--eta", type=float, default=None, help="DDIM noise: 0 deterministic (default), 1 DDPM-like")
     p.add_argument("--variance", default=None, help=VARIANCE_HELP)
+    p.add_argument("--threshold", type=float, default=None, metavar="P",
+                   help="dynamic thresholding of predicted x0 at percentile P, e.g. 0.995 (Saharia et al. 2022); "
+                        "replaces the clip to [-1, 1]")
     if conditional:
         p.add_argument("--class", dest="label", type=int, default=None, help="class label (conditional models)")
         p.add_argument("--guidance", type=float, default=None, metavar="SCALE",
@@ -78,6 +88,30 @@ def _train_parser(sub) -> None:
     t.set_defaults(func=cmd_train, parser=t)
 
 
+def _train_autoencoder_parser(sub) -> None:
+    keys = "".join(line + "\n" for line in describe_config().splitlines()
+                   if line.startswith(("autoencoder.", "data.", "train.")))
+    t = sub.add_parser(
+        "train-autoencoder", help="train the autoencoder of latent diffusion (first stage, Rombach et al. 2022)",
+        description="Train a KL-regularised autoencoder (diffusers' AutoencoderKL; Rombach et al. 2022) on the\n"
+                    "images of data.*, with the recipe of train.* and the network and loss of autoencoder.*\n"
+                    "(L1/L2 reconstruction + autoencoder.kl_weight * KL; optional PatchGAN,\n"
+                    "autoencoder.discriminator).\n"
+                    "At the end it writes RUN/autoencoder.json: reconstruction PSNR on held-out images, latent\n"
+                    "mean/std and the scale factor 1/std. Then train diffusion on its latents:\n"
+                    "  ddpm train --config mnist_latent model.autoencoder=RUN\n"
+                    "Default config: mnist_autoencoder (writes runs/mnist-autoencoder).",
+        epilog="Config keys (section.key, type, default):\n" + keys,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--config", help="YAML file or bundled config name; default: mnist_autoencoder")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue this autoencoder run from its newest checkpoint")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--force", action="store_true", help="with --resume: allow changing stored config keys")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=500")
+    t.set_defaults(func=cmd_train_autoencoder, parser=t)
+
+
 def _sample_parser(sub) -> None:
     s = sub.add_parser("sample", help="draw samples from a trained run",
                        description="Sample a trained run and write a PNG grid (images) or a scatter plot (2D data).")
@@ -86,7 +120,7 @@ def _sample_parser(sub) -> None:
                    help="sample a local diffusers UNet2DModel + scheduler folder instead of a run (e.g. a downloaded "
                         "google/ddpm-cifar10-32; nothing is downloaded); output goes to ./samples/")
     s.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
-    _sampling_options(s)
+    _sampling_options(s, sampler=None)
     _run_options(s, batch_size=256)
     s.add_argument("--weights-file", metavar="FILE",
                    help="use these weights with RUN_DIR's config: .safetensors, or a PyTorch state dict "
@@ -139,6 +173,35 @@ def _editing_parsers(sub) -> None:
     ii.set_defaults(func=cmd_img2img, parser=ii)
 
 
+UPSCALE_HELP = """Upscale a low-resolution picture with a super-resolution run (SR3, Saharia et al. 2021):
+trained with model.condition=low_res, e.g. `ddpm train --config mnist_sr` (7x7 -> 28x28 digits).
+The picture must have the run's data.low_res size; it is upsampled by the run's data.upsample
+and given to the denoiser beside x_t at every step of the sampler.
+
+Output: one upscale (--n 1, the default) is written as a picture of the run's image size;
+several (--n K) or a folder --out as one row: the input (nearest pixels), then the K upscales
+(a folder also gets one PNG per upscale).
+
+Examples:
+  ddpm upscale runs/mnist-sr-... --image low.png --out up.png
+  ddpm upscale runs/mnist-sr-... --image low.png --n 8 --sampler ddpm --steps 250 --seed 1
+"""
+
+
+def _upscale_parser(sub) -> None:
+    u = sub.add_parser("upscale", help="upscale a low-res picture with a super-resolution run (SR3)",
+                       description=UPSCALE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    u.add_argument("run_dir", metavar="RUN_DIR", help="a run trained with model.condition=low_res")
+    u.add_argument("--image", required=True, help="the low-res picture (PNG, JPEG, ...), of the run's data.low_res "
+                                                  "size; converted to the run's channels")
+    u.add_argument("--n", type=int, default=1, help="upscales of the picture, each from its own noise (default 1)")
+    _sampling_options(u)
+    _run_options(u, batch_size=64)
+    u.add_argument("--out", help="a picture file or a folder (default RUN_DIR/samples/upscale_<image>_<sampler>_"
+                                 "<steps>steps_seed<seed>.png)")
+    u.set_defaults(func=cmd_upscale, parser=u)
+
+
 EVAL_HELP = """Evaluate a trained run (its newest checkpoint, EMA weights by default).
 
 Sample quality (the default): draw --n samples, extract features once with the extractor in
@@ -157,6 +220,11 @@ everything needed to reproduce them.
 nll: the variational bound (Ho et al. 2020, Eq. 5) on held-out data in bits/dim, with its
 terms (prior L_T, decoder L_0, sum of KL terms), written to RUN_DIR/eval/nll.json and
 nll_vs_t.png.
+
+Super-resolution runs (model.condition=low_res) are scored instead on --n held-out images
+(default 500, the MNIST test split): their low-res versions are upscaled by the model and by
+bicubic interpolation, and both are compared with the true images by PSNR, SSIM (Wang et al.
+2004) and classifier FID; written to RUN_DIR/eval/superres_*.json, with a picture of examples.
 
 Examples:
   ddpm eval runs/mnist-...                        classifier FID/KID/IS/PR of 1000 DDIM-50 samples
@@ -213,7 +281,9 @@ def _export_and_data_parsers(sub) -> None:
     ex = sub.add_parser("export", help="write a run in another library's format (diffusers)",
                         description="Export a trained run. --format diffusers writes a folder that "
                                     "diffusers.DDPMPipeline.from_pretrained(OUT) loads (UNet2DModel + DDPMScheduler, "
-                                    "safetensors); options UNet2DModel cannot express are refused by name.")
+                                    "safetensors); a DiT run (model.kind dit) is written as OUT/transformer "
+                                    "(DiTTransformer2DModel) + OUT/scheduler; options diffusers cannot express are "
+                                    "refused by name.")
     ex.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `ddpm train`")
     ex.add_argument("out", metavar="OUT", help="new output folder")
     ex.add_argument("--format", default="diffusers", choices=["diffusers"], help="output format (default diffusers)")
@@ -347,12 +417,58 @@ def _bench_parser(sub) -> None:
     bs.set_defaults(func=cmd_bench, parser=bs)
 
 
+def _demo_parser(sub) -> None:
+    d = sub.add_parser("demo", help="a local web page to sample, inspect and edit runs (needs ddpmlab[demo])",
+                       description="Serve a Gradio page over one or more trained runs: sample (grid and downloads), "
+                                   "the reverse process, inpainting (RePaint) and img2img (SDEdit) with a brush, two "
+                                   "samplers on the same noise, and each run's config, loss and eval metrics. The "
+                                   "page makes the same library calls as ddpm sample / inpaint / img2img / viz, so "
+                                   "the same settings and seed give the same pixels. Install: pip install "
+                                   "'ddpmlab[demo]'.")
+    d.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="runs written by `ddpm train` (a picker on the page)")
+    d.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    d.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    d.add_argument("--max-samples", type=int, default=256,
+                   help="largest n one request may ask for (default 256); bigger requests are refused")
+    d.add_argument("--max-steps", type=int, default=1000,
+                   help="most sampling steps one request may ask for (default 1000); more are refused")
+    d.add_argument("--queue-size", type=int, default=16,
+                   help="requests that may wait (default 16); sampling runs one request at a time")
+    d.add_argument("--device", default="auto", help="auto (default: cuda, mps or cpu), cpu, cuda, cuda:N or mps")
+    d.add_argument("--out", default=None, help="folder for the pictures the page writes (default: a new temp folder)")
+    d.set_defaults(func=cmd_demo, parser=d)
+
+
+def _distill_parser(sub) -> None:
+    d = sub.add_parser(
+        "distill", help="distill a run into a 1-8 step student (progressive or consistency)",
+        description="Distill the EMA weights of RUN into a few-step student in a new run folder beside it.\n"
+                    "progressive (Salimans & Ho 2022): rounds halve distill.teacher_steps DDIM steps down to --steps\n"
+                    "(a power of two); consistency (Song et al. 2023): one consistency function, sampled in --steps\n"
+                    "(or any number of) steps. The student samples with ddpm sample STUDENT_RUN (sampler student).\n"
+                    "Keys: distill.* and train.{seed,device,name,out_dir,log_every,save_every,...} as key=value.",
+        epilog="Examples:\n  ddpm distill runs/mnist-... --method progressive --steps 4 distill.iterations=[1000]\n"
+               "  ddpm distill runs/toy-... --method consistency --steps 1\n"
+               "  ddpm distill --resume runs/mnist-...-progressive4-...",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("run_dir", metavar="RUN", nargs="?", help="the teacher: a folder written by `ddpm train`")
+    d.add_argument("--method", default="progressive", choices=["progressive", "consistency"],
+                   help="progressive (default) or consistency")
+    d.add_argument("--steps", type=int, default=None, help="the student's sampling steps (default distill.steps, 4)")
+    d.add_argument("--resume", metavar="STUDENT_RUN", help="continue this distillation from its newest checkpoint")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. distill.iterations=[2000,1000]")
+    d.set_defaults(func=cmd_distill, parser=d)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ddpm", description="ddpmlab: train, sample and study denoising diffusion probabilistic models.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_train_parser, _sample_parser, _editing_parsers, _eval_parser, _export_and_data_parsers,
-                _viz_parser, _bench_parser):
+    for add in (_train_parser, _train_autoencoder_parser, _sample_parser, _editing_parsers, _upscale_parser,
+                _eval_parser,
+                _export_and_data_parsers,
+                _viz_parser, _bench_parser, _demo_parser, _distill_parser):
         add(sub)
     return p

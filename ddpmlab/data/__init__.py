@@ -13,11 +13,12 @@ import torch
 
 from ddpmlab.data.bundled import load_digits, load_mnist, split_indices
 from ddpmlab.data.images import IMAGE_EXTENSIONS, ImageFolderDataset, from_uint8, load_image, to_uint8
+from ddpmlab.data.latents import latent_shape
 from ddpmlab.data.toy import TOY_NAMES, make_toy
 from ddpmlab.errors import DataError
 
 __all__ = [
-    "InMemoryDataset", "TensorDataset", "ImageFolderDataset", "build_dataset", "data_shape",
+    "InMemoryDataset", "TensorDataset", "ImageFolderDataset", "build_dataset", "data_shape", "image_shape",
     "load_mnist", "load_digits", "make_toy", "load_image", "split_indices", "to_uint8", "from_uint8",
     "IMAGE_EXTENSIONS", "TOY_NAMES", "DATASETS",
 ]
@@ -61,7 +62,15 @@ TensorDataset = InMemoryDataset  # the name used in the design notes
 
 
 def data_shape(cfg) -> tuple:
-    """The shape of one sample for ``cfg.data`` without loading any data."""
+    """The shape of one sample the denoiser sees, without loading any data: :func:`image_shape`, or for a
+    latent run (``model.autoencoder``) the autoencoder's latent shape (c, H/f, W/f)."""
+    if getattr(cfg.model, "autoencoder", None):
+        return latent_shape(cfg, image_shape(cfg))
+    return image_shape(cfg)
+
+
+def image_shape(cfg) -> tuple:
+    """The shape of one example of ``cfg.data`` (pixels of images, (2,) for points)."""
     d = cfg.data
     if d.dataset == "mnist":
         return (1, 28, 28)

@@ -14,13 +14,13 @@ from typing import Callable, Optional
 import torch
 
 from ddpmlab.diffusion.likelihood import LN2, data_decoder, vlb_term
-from ddpmlab.diffusion.process import eps_x0_from_output, q_sample, training_target
+from ddpmlab.diffusion.process import edm_coefficients, eps_x0_from_output, q_sample, training_target
 from ddpmlab.diffusion.reverse import p_mean_log_variance, split_output
 from ddpmlab.diffusion.schedules import NoiseSchedule
 
 LOSSES = ("l2", "l1")
 LOSS_TYPES = ("simple", "hybrid", "vlb")
-T_SAMPLING = ("uniform", "importance")
+T_SAMPLING = ("uniform", "importance", "lognormal")
 
 
 def sample_timesteps(batch: int, T: int, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -72,6 +72,17 @@ def min_snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float, predi
     return w.float()
 
 
+def edm_weight(schedule: NoiseSchedule, t: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """EDM's loss weight lambda(sigma) = 1 / c_out^2 (Karras et al. 2022, Table 1) per example (B,), float32.
+
+    On the x0 error of the preconditioned denoiser it makes the loss ||F - F_target||^2 of the
+    network inside; on the eps error it is the factor (sigma^2 + sd^2) / sd^2, since
+    ||x0_hat - x0||^2 = sigma^2 ||eps_hat - eps||^2 with sigma^2 = (1 - abar) / abar.
+    """
+    c_out = edm_coefficients(schedule, t, torch.zeros(t.shape[0], dtype=torch.float64), sigma_data)[2]
+    return c_out.reshape(-1).pow(-2).float()
+
+
 def _f32(x: torch.Tensor) -> torch.Tensor:
     """At least float32 (autocast may hand over bf16/fp16; float64 stays)."""
     return x if x.dtype == torch.float64 else x.float()
@@ -99,6 +110,27 @@ class UniformTimesteps:
 
     def load_state_dict(self, state: Optional[dict]) -> None:
         pass
+
+
+class LogNormalTimesteps(UniformTimesteps):
+    """t whose noise level sigma_t = sqrt((1 - abar_t) / abar_t) is nearest to a draw of
+    ln sigma ~ N(mean, std^2): EDM's training distribution (Karras et al. 2022, Sec. 5) on the
+    discrete schedule (noise levels beyond the schedule's ends go to its first or last t)."""
+
+    def __init__(self, schedule: NoiseSchedule, mean: float = -1.2, std: float = 1.2):
+        super().__init__(schedule.num_timesteps)
+        abar = schedule.alphas_cumprod.double()
+        self.log_sigma = 0.5 * (torch.log1p(-abar) - torch.log(abar))  # increasing in t
+        self.mean, self.std = mean, std
+
+    def sample(self, batch: int, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        z = torch.randn(batch, generator=generator, device=generator.device if generator is not None else None,
+                        dtype=torch.float64)
+        target = (self.mean + self.std * z).cpu()
+        ls = self.log_sigma
+        hi = torch.searchsorted(ls, target).clamp(1, len(ls) - 1)
+        nearer_lo = (target - ls[hi - 1]).abs() <= (ls[hi] - target).abs()
+        return torch.where(nearer_lo, hi - 1, hi).to(device)
 
 
 class ImportanceTimesteps(UniformTimesteps):
@@ -183,7 +215,8 @@ class DiffusionObjective:
                  loss_type: str = "simple", variance: str = "fixed_large", vlb_weight: float = 0.001,
                  min_snr_gamma: Optional[float] = None, t_sampling: str = "uniform",
                  decoder: str = "discretized", bin_width: Optional[float] = 2.0 / 255.0,
-                 gather: Optional[Callable] = None):
+                 gather: Optional[Callable] = None, sigma_data: float = 0.5,
+                 lognormal: tuple = (-1.2, 1.2)):
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"unknown loss_type '{loss_type}'; choose one of {', '.join(LOSS_TYPES)}")
         self.schedule, self.prediction, self.loss, self.loss_type = schedule, prediction, loss, loss_type
@@ -191,7 +224,13 @@ class DiffusionObjective:
         self.decoder, self.bin_width = decoder, bin_width
         self.gather = gather or (lambda x: x)
         T = schedule.num_timesteps
-        self.t_sampler = ImportanceTimesteps(T) if t_sampling == "importance" else UniformTimesteps(T)
+        self.sigma_data = sigma_data
+        if t_sampling == "importance":
+            self.t_sampler = ImportanceTimesteps(T)
+        elif t_sampling == "lognormal":
+            self.t_sampler = LogNormalTimesteps(schedule, *lognormal)
+        else:
+            self.t_sampler = UniformTimesteps(T)
         self._step_terms: list = []  # (t, L_t) of this optimizer step's micro-batches, for end_step
 
     @classmethod
@@ -200,7 +239,8 @@ class DiffusionObjective:
         decoder, bin_width = data_decoder(cfg)
         return cls(schedule, prediction=d.prediction, loss=d.loss, loss_type=d.loss_type, variance=d.variance,
                    vlb_weight=d.vlb_weight, min_snr_gamma=d.min_snr_gamma, t_sampling=d.t_sampling,
-                   decoder=decoder, bin_width=bin_width, gather=gather)
+                   decoder=decoder, bin_width=bin_width, gather=gather, sigma_data=d.sigma_data,
+                   lognormal=(d.lognormal_mean, d.lognormal_std))
 
     def sample_timesteps(self, batch: int, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """t (B,) for the next batch, drawn from ``generator``."""
@@ -227,6 +267,8 @@ class DiffusionObjective:
             losses = per_example_loss(pred.float(), target.float(), self.loss)  # Eq. 14
             if self.min_snr_gamma is not None:
                 losses = losses * min_snr_weight(s, t, self.min_snr_gamma, self.prediction)
+            elif self.prediction == "edm":
+                losses = losses * edm_weight(s, t, self.sigma_data).to(losses.device)
         if self.loss_type == "hybrid":
             # Nichol & Dhariwal 2021, Eq. 16: stop-gradient on the mean, L_vlb trains Sigma_theta only
             vb = self.vlb_terms(_f32(x0), _f32(x_t), t, pred.detach(), v_raw)

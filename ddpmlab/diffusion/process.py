@@ -11,7 +11,9 @@ import torch
 
 from ddpmlab.diffusion.schedules import NoiseSchedule, abar_of_t
 
-PREDICTIONS = ("eps", "x0", "v")
+# "edm": the network sits inside EDM's preconditioning (Karras et al. 2022, Table 1;
+# ddpmlab.models.preconditioning), whose output is the denoised x0: it reads as x0 here
+PREDICTIONS = ("eps", "x0", "v", "edm")
 
 
 def extract(arr: torch.Tensor, i: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -87,7 +89,7 @@ def eps_x0_from_output(s: NoiseSchedule, x_t: torch.Tensor, i: torch.Tensor, out
     """Convert a network output of the given parameterisation into (eps, x0)."""
     if prediction == "eps":
         return out, x0_from_eps(s, x_t, i, out)
-    if prediction == "x0":
+    if prediction in ("x0", "edm"):
         return eps_from_x0(s, x_t, i, out), out
     if prediction == "v":
         x0, eps = x0_eps_from_v(s, x_t, i, out)
@@ -100,8 +102,24 @@ def training_target(s: NoiseSchedule, x0: torch.Tensor, i: torch.Tensor, eps: to
     """What the network is trained to output for a given parameterisation."""
     if prediction == "eps":
         return eps
-    if prediction == "x0":
+    if prediction in ("x0", "edm"):
         return x0
     if prediction == "v":
         return v_target(s, x0, i, eps)
     raise ValueError(f"unknown prediction type '{prediction}'; choose one of {', '.join(PREDICTIONS)}")
+
+
+def edm_coefficients(s: NoiseSchedule, i: torch.Tensor, like: torch.Tensor, sigma_data: float):
+    """EDM's preconditioning (Karras et al. 2022, Table 1) written for the VP x_t, shaped like ``like``.
+
+    With sigma = sqrt((1 - abar) / abar) and the VE variable x = x_t / sqrt(abar), EDM's
+    denoiser is D(x) = c_skip x + c_out F(c_in x).  In x_t terms (finite at abar = 0 and 1):
+    c_in' = 1 / sqrt(1 - abar + abar sd^2) multiplies x_t at the network's input,
+    c_skip' = sd^2 sqrt(abar) / (1 - abar + abar sd^2) multiplies x_t in D, and
+    c_out = sd sqrt(1 - abar) / sqrt(1 - abar + abar sd^2), so that
+    D = c_skip' x_t + c_out F(c_in' x_t).  Returns (c_in', c_skip', c_out).
+    """
+    abar = abar_at(s, i, like)
+    sd2 = sigma_data * sigma_data
+    denom = 1.0 - abar + abar * sd2
+    return denom.rsqrt(), sd2 * abar.sqrt() / denom, sigma_data * (1.0 - abar).sqrt() * denom.rsqrt()

@@ -32,14 +32,14 @@ from ddpmlab.diffusion.analytic import ExactDenoiser, GaussianMixture
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import ConfigError, DDPMError
 from ddpmlab.evaluate.toy import sliced_wasserstein
-from ddpmlab.runs import draw_samples, load_run, plan_sampling
+from ddpmlab.runs import RECOMMENDATION_FILE, draw_samples, load_run, plan_sampling
 from ddpmlab.samplers import ModelPredictor
 from ddpmlab.samplers.registry import SAMPLERS, get_spec
 from ddpmlab.samplers.steps import optimize_timesteps
 
 DEFAULT_NFE = (5, 10, 20, 50)
 DEFAULT_SAMPLERS = ("ddim", "euler", "heun", "pc", "dpmpp_2m", "dpmpp_3m", "unipc",
-                    "dpmpp_3m:optimized", "unipc:optimized")
+                    "dpmpp_3m:optimized", "unipc:optimized", "dpmpp_2m_sde", "restart", "edm")
 
 
 def mixture2d() -> GaussianMixture:
@@ -248,3 +248,23 @@ def save(res: BenchResult, out_dir: Path) -> List[Path]:
     js.write_text(json.dumps({"target": res.target, "n": res.n, "floor": res.floor, "nfe": res.nfes,
                               "errors": res.errors}, indent=1))
     return [md, plot(res, out_dir / "sampler_bench.png"), js]
+
+
+def recommendation(res: BenchResult) -> dict:
+    """The best sampler per NFE of a benchmark: {"by_nfe": {nfe: {"sampler", "timesteps", "error_ratio"}}, ...}."""
+    by_nfe = {}
+    for k in res.nfes:
+        label = min(res.errors, key=lambda s: res.errors[s][k])
+        entry = BenchEntry.parse(label)
+        by_nfe[str(k)] = {"sampler": entry.name, "timesteps": entry.timesteps, "error_ratio": res.ratio(label, k)}
+    return {"source": "ddpm bench samplers", "reference": res.target, "n": res.n, "floor": res.floor,
+            "compared": list(res.errors), "by_nfe": by_nfe}
+
+
+def save_recommendation(res: BenchResult, run_dir) -> Path:
+    """RUN/recommended_samplers.json: what `ddpm sample RUN` uses when no --sampler is named."""
+    path = Path(run_dir) / RECOMMENDATION_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(recommendation(res), indent=1))
+    tmp.replace(path)  # never a half-written file
+    return path

@@ -6,14 +6,18 @@ from typing import Optional
 
 from torch import nn
 
-from ddpmlab.config import Config
+from ddpmlab.config import Config, dit_settings
 from ddpmlab.data import data_shape
+from ddpmlab.diffusion.schedules import NoiseSchedule
+from ddpmlab.models.conditioned import condition_channels, conditioned
+from ddpmlab.models.dit import DiT
 from ddpmlab.models.mlp import MLPDenoiser
+from ddpmlab.models.preconditioning import EDMPreconditioned
 from ddpmlab.models.unet import UNet
 
 
 def build_model(cfg: Config, out_channels_multiplier: Optional[int] = None) -> nn.Module:
-    """The denoiser for ``cfg``: a UNet (model.kind 'unet') or an MLPDenoiser on 2D points ('mlp').
+    """The denoiser for ``cfg``: a UNet (model.kind 'unet'), a DiT ('dit') or an MLPDenoiser on 2D points ('mlp').
 
     The output has ``out_channels_multiplier`` times the data channels; by default 2 when
     ``diffusion.variance`` is learned_range (eps and the variance head), else 1.
@@ -22,8 +26,18 @@ def build_model(cfg: Config, out_channels_multiplier: Optional[int] = None) -> n
     """
     if out_channels_multiplier is None:
         out_channels_multiplier = 2 if cfg.diffusion.variance == "learned_range" else 1
+    net = _network(cfg, out_channels_multiplier)
+    net = conditioned(cfg, net, data_shape(cfg))  # model.condition=low_res: SR3's concatenated low-res image
+    if cfg.diffusion.prediction == "edm":  # Karras et al. 2022: the network inside c_in, c_skip, c_out
+        return EDMPreconditioned(net, NoiseSchedule.from_config(cfg.diffusion), cfg.diffusion.sigma_data)
+    return net
+
+
+def _network(cfg: Config, out_channels_multiplier: int) -> nn.Module:
     if cfg.model.kind == "mlp":
         return _mlp(cfg, out_channels_multiplier)
+    if cfg.model.kind == "dit":
+        return _dit(cfg, out_channels_multiplier)
     return _unet(cfg, out_channels_multiplier)
 
 
@@ -37,7 +51,7 @@ def _unet(cfg: Config, out_channels_multiplier: int) -> UNet:
     m = cfg.model
     channels, height, width = data_shape(cfg)
     return UNet(
-        in_channels=channels,
+        in_channels=channels + condition_channels(cfg, channels),
         out_channels=channels * out_channels_multiplier,
         base_channels=m.base_channels,
         channel_mults=tuple(m.channel_mults),
@@ -48,7 +62,18 @@ def _unet(cfg: Config, out_channels_multiplier: int) -> UNet:
         norm_groups=m.norm_groups,
         num_classes=m.num_classes,
         image_size=(height, width),
+        gradient_checkpointing=m.gradient_checkpointing,
     )
+
+
+def _dit(cfg: Config, out_channels_multiplier: int) -> DiT:
+    m = cfg.model
+    channels, height, width = data_shape(cfg)
+    sizes = dit_settings(m)  # model.preset's sizes, or the explicit model.dit_* keys
+    return DiT(in_channels=channels + condition_channels(cfg, channels), out_channels=channels * out_channels_multiplier, image_size=(height, width),
+               patch_size=sizes["patch_size"], hidden=sizes["dit_hidden"], depth=sizes["dit_depth"],
+               num_heads=sizes["dit_heads"], mlp_ratio=m.mlp_ratio, num_classes=m.num_classes,
+               gradient_checkpointing=m.gradient_checkpointing)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -28,6 +28,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ddpmlab.errors import ConfigError
 from ddpmlab.models.fast_ops import FastDropout, attention, upsample_conv
@@ -265,7 +266,8 @@ class UNet(nn.Module):
     The keyword-only options after ``image_size`` exist to load diffusers ``UNet2DModel``s built
     with other settings (see :mod:`ddpmlab.diffusers_bridge`); their defaults are the paper's.
     ``attention_head_dim`` fixes the width of a head (heads = channels / width) instead of
-    the number of heads.
+    the number of heads. ``gradient_checkpointing`` recomputes each ResBlock's and attention
+    block's activations in the backward pass (training only; same gradients, less memory).
     """
 
     def __init__(
@@ -287,6 +289,7 @@ class UNet(nn.Module):
         time_flip: bool = False,
         downsample_padding: int = 0,
         attention_head_dim: Optional[int] = None,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -299,6 +302,7 @@ class UNet(nn.Module):
         self.image_size = image_size
         self.num_levels = len(channel_mults)
         self.time_shift, self.time_flip = time_shift, time_flip
+        self.gradient_checkpointing = gradient_checkpointing
         temb_dim = 4 * base_channels
         make = _Blocks(temb_dim, dropout, norm_groups, norm_eps, num_heads, attention_head_dim)
         widths = [base_channels * m for m in channel_mults]
@@ -353,6 +357,12 @@ class UNet(nn.Module):
             raise ValueError(f"y must have shape ({batch},), got {tuple(y.shape)}")
         return temb + self.class_embed(y.long())
 
+    def _run(self, block: nn.Module, *args) -> torch.Tensor:
+        """block(*args), recomputed in the backward pass when gradient checkpointing is on (training only)."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
     def forward(self, x: torch.Tensor, t, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_input(x)
         temb = self.embed(t, y, x.shape[0], x.device)
@@ -360,19 +370,19 @@ class UNet(nn.Module):
         hs = [h]
         for level in self.down:
             for j, block in enumerate(level.res):
-                h = block(h, temb)
+                h = self._run(block, h, temb)
                 if len(level.attn):
-                    h = level.attn[j](h)
+                    h = self._run(level.attn[j], h)
                 hs.append(h)
             if level.downsample is not None:
                 h = level.downsample(h)
                 hs.append(h)
-        h = self.mid(h, temb)
+        h = self._run(self.mid, h, temb)
         for level in self.up:
             for j, block in enumerate(level.res):
-                h = block(torch.cat([h, hs.pop()], dim=1), temb)  # skip connection by concatenation
+                h = self._run(block, torch.cat([h, hs.pop()], dim=1), temb)  # skip connection by concatenation
                 if len(level.attn):
-                    h = level.attn[j](h)
+                    h = self._run(level.attn[j], h)
             if level.upsample is not None:
                 h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))

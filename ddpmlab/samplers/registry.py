@@ -18,10 +18,12 @@ import torch
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import ConfigError
 from ddpmlab.samplers.ancestral import ddim, ddpm
-from ddpmlab.samplers.base import ModelPredictor
+from ddpmlab.samplers.base import ModelPredictor, with_threshold
 from ddpmlab.samplers.langevin import pc
 from ddpmlab.samplers.solvers import dpmpp_2m, dpmpp_3m, euler, heun, unipc
 from ddpmlab.samplers.steps import STEP_SCHEDULES, levels_for, optimize_timesteps
+from ddpmlab.samplers.stochastic import dpmpp_2m_sde, edm, restart
+from ddpmlab.samplers.student import student
 
 INTEGER_SPACINGS = ("uniform", "leading", "trailing")  # what ddpm / ddim take as `spacing`
 SPACING, TIMESTEPS = "spacing", "timesteps"  # the two ways a step schedule is passed
@@ -91,16 +93,32 @@ def _spec(fn: Callable, kind: str, options: Sequence[str], stochastic: bool, def
     return SamplerSpec(fn.__name__, fn, kind, tuple(options), stochastic, default_steps, summary)
 
 
+def _thresholding(fn: Callable, kind: str, options: Sequence[str], stochastic: bool, default_steps: Optional[int],
+                  summary: str) -> SamplerSpec:
+    """A spec whose sampler also takes ``threshold=p``: dynamic thresholding of x0 (base.with_threshold)."""
+    return _spec(with_threshold(fn), kind, [*options, "threshold"], stochastic, default_steps, summary)
+
+
 SAMPLER_SPECS: Dict[str, SamplerSpec] = {s.name: s for s in [
-    _spec(ddpm, SPACING, ["variance"], True, None, "ancestral sampling, Ho et al. 2020, Alg. 2"),
-    _spec(ddim, SPACING, ["eta"], False, 50, "DDIM, Song et al. 2021 (eta > 0 adds noise)"),
-    _spec(dpmpp_2m, TIMESTEPS, ["lower_order_final"], False, 50, "DPM-Solver++(2M), Lu et al. 2022"),
-    _spec(dpmpp_3m, TIMESTEPS, ["lower_order_final"], False, 50, "DPM-Solver++(3M)"),
-    _spec(unipc, TIMESTEPS, ["order", "lower_order_final"], False, 50, "UniPC, Zhao et al. 2023"),
-    _spec(euler, TIMESTEPS, ["s_churn", "s_tmin", "s_tmax", "s_noise"], False, 50, "Euler, Karras et al. 2022"),
-    _spec(heun, TIMESTEPS, ["s_churn", "s_tmin", "s_tmax", "s_noise"], False, 50, "Heun, Karras et al. 2022, Alg. 2"),
-    _spec(pc, TIMESTEPS, ["snr", "corrector_steps", "predictor"], True, 50,
-          "predictor-corrector with Langevin steps, Song et al. 2021"),
+    _thresholding(ddpm, SPACING, ["variance"], True, None, "ancestral sampling, Ho et al. 2020, Alg. 2"),
+    _thresholding(ddim, SPACING, ["eta"], False, 50, "DDIM, Song et al. 2021 (eta > 0 adds noise)"),
+    _thresholding(dpmpp_2m, TIMESTEPS, ["lower_order_final"], False, 50, "DPM-Solver++(2M), Lu et al. 2022"),
+    _thresholding(dpmpp_3m, TIMESTEPS, ["lower_order_final"], False, 50, "DPM-Solver++(3M)"),
+    _thresholding(unipc, TIMESTEPS, ["order", "lower_order_final"], False, 50, "UniPC, Zhao et al. 2023"),
+    _thresholding(euler, TIMESTEPS, ["s_churn", "s_tmin", "s_tmax", "s_noise"], False, 50,
+                  "Euler, Karras et al. 2022"),
+    _thresholding(heun, TIMESTEPS, ["s_churn", "s_tmin", "s_tmax", "s_noise"], False, 50,
+                  "Heun, Karras et al. 2022, Alg. 2"),
+    _thresholding(pc, TIMESTEPS, ["snr", "corrector_steps", "predictor"], True, 50,
+                  "predictor-corrector with Langevin steps, Song et al. 2021"),
+    _thresholding(dpmpp_2m_sde, TIMESTEPS, ["eta", "s_noise", "solver_type"], True, 50,
+                  "DPM-Solver++(2M) SDE, Lu et al. 2022 (eta 0: dpmpp_2m)"),
+    _thresholding(restart, TIMESTEPS, ["solver", "s_min", "s_max", "restarts", "restart_steps", "s_noise"], True, 50,
+                  "Restart sampling, Xu et al. 2023 (Heun ODE with noise-and-re-solve intervals)"),
+    _thresholding(edm, TIMESTEPS, ["s_churn", "s_tmin", "s_tmax", "s_noise"], True, 50,
+                  "EDM stochastic sampler, Karras et al. 2022, Alg. 2 (churn on)"),
+    _spec(student, SPACING, ["method", "distilled_steps", "sigma_data", "rho"], True, None,
+          "a distilled few-step student (ddpm distill): progressive or consistency"),
 ]}
 SAMPLERS: Dict[str, Callable] = {name: s.fn for name, s in SAMPLER_SPECS.items()}
 

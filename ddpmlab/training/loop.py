@@ -21,15 +21,20 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from accelerate.utils import broadcast
 
 from ddpmlab.config import Config
+from ddpmlab.evaluate.superres import save_comparison, spread_images
 from ddpmlab.io.checkpoint import (
     require_run_dir,
     save_checkpoint,
+    save_run_config,
 )
+from ddpmlab.models.conditioned import bind_condition, condition_from_high_res, low_res, training_condition
 from ddpmlab.runs import Output, Run, draw_samples, plan_sampling
 from ddpmlab.samplers.guidance import drop_labels
 from ddpmlab.samplers.registry import get_sampler
+from ddpmlab.training.budget import PROBE_END, PROBE_START, Budget
 from ddpmlab.training.distributed import (
     draw_t_and_noise,
     micro_batches,
@@ -94,14 +99,27 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _write_samples(cfg, ema, schedule, dataset, run_dir: Path, tag: str, device) -> Path:
-    """RUN/samples/<tag>.png from the EMA weights, planned as every front end plans a sampler call
-    (the run's own variance for ddpm; a conditional run's samples cycle through the classes)."""
+def _draw_train_samples(cfg, ema, schedule, dataset, run_dir: Path, device, steps: Optional[int] = None):
+    """(run, samples, truth) of the EMA weights, planned as every front end plans a sampler call (the run's
+    own variance for ddpm; a conditional run's samples cycle through the classes; a super-resolution
+    run upscales images spread over its data, whose originals are ``truth``; else truth is None).
+    ``steps``: instead of train.sample_steps (the budget's timing)."""
     run = Run(cfg, ema, schedule, torch.device(device), run_dir)
     names = {"sampler": "train.sample_sampler", "steps": "train.sample_steps"}
-    plan = plan_sampling(run, cfg.train.sample_sampler, cfg.train.sample_steps, cfg.train.sample_n,
-                         seed=cfg.train.seed, cycle_classes=True, names=names, log=lambda m: None)
-    x = draw_samples(run, plan, cfg.train.sample_n, seed=cfg.train.seed, progress=False)
+    truth = spread_images(dataset, cfg.train.sample_n) if cfg.model.condition != "none" else None
+    n = cfg.train.sample_n if truth is None else len(truth)
+    plan = plan_sampling(run, cfg.train.sample_sampler, steps or cfg.train.sample_steps, n, seed=cfg.train.seed,
+                         cycle_classes=True, names=names, log=lambda m: None,
+                         cond=None if truth is None else condition_from_high_res(truth, cfg))
+    return run, draw_samples(run, plan, n, seed=cfg.train.seed, progress=False), truth
+
+
+def _write_samples(cfg, ema, schedule, dataset, run_dir: Path, tag: str, device) -> Path:
+    """RUN/samples/<tag>.png from the EMA weights (:func:`_draw_train_samples`); super-resolution
+    runs: triples of input, upscale, truth."""
+    run, x, truth = _draw_train_samples(cfg, ema, schedule, dataset, run_dir, device)
+    if truth is not None:
+        return save_comparison(run_dir / "samples" / f"{tag}.png", low_res(truth, cfg), x, truth)
     ref = None if dataset.is_image else reference_points(dataset)
     output = Output(run_dir / "samples" / f"{tag}.png", is_folder=False)
     return save_samples(run, x, output, title=f"samples at {tag}", reference=ref)[0]
@@ -115,8 +133,9 @@ def train(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, pro
     """
     get_sampler(cfg.train.sample_sampler, where="train.sample_sampler")  # fails now, not after the last step
     run_dir = require_run_dir(run_dir) if resume else Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+    started = time.time()  # train.minutes counts from here: set-up, training and the final samples
     with RunLock(run_dir, enabled=process_state(cfg.train.device).is_main_process):
-        return run_loop(set_up(cfg, run_dir, resume, progress))
+        return run_loop(set_up(cfg, run_dir, resume, progress), started)
 
 
 @dataclass
@@ -127,8 +146,9 @@ class StepResult:
     ok: bool  # the weights changed (False: a non-finite loss or gradient, skipped)
 
 
-def run_loop(s: TrainState) -> Path:
+def run_loop(s: TrainState, started: Optional[float] = None) -> Path:
     """Algorithm 1's repeat ... until converged: one train_step per batch, then the end-of-step work."""
+    budget = Budget(s.cfg.train.minutes, s.t0 if started is None else started, s.start)
     log_path = s.run_dir / "log.csv"
     with _StopFlag() as stop, open(log_path, "a", newline="") if s.main else contextlib.nullcontext() as log:
         if s.main and s.start == 0:
@@ -136,8 +156,11 @@ def run_loop(s: TrainState) -> Path:
         s.model.train()
         for step, (x0, y) in enumerate(s.loader, start=s.start):
             result = train_step(s, step, x0, y)
+            fit_budget(s, budget, step + 1)
             if after_step(s, step + 1, result, log, stop):
                 return s.run_dir
+            if step + 1 >= s.cfg.train.steps:  # train.minutes may have shortened the run
+                break
     finish(s)
     return s.run_dir
 
@@ -153,10 +176,11 @@ def train_step(s: TrainState, step: int, x0: torch.Tensor, y: torch.Tensor) -> S
                                 cfg.diffusion.offset_noise)
     if y is not None:  # classifier-free guidance: some labels become "no label"
         y = drop_labels(y, cfg.train.label_dropout, cfg.model.num_classes, generator=own)
+    cond = training_condition(x0, cfg, generator=own)  # super-resolution (SR3): x0's low-res version, upsampled
     lr = learning_rate(cfg, step)
     for g in s.opt.param_groups:
         g["lr"] = lr
-    loss = backward_micro_batches(s, x0, t, noise, y)  # line 5: the gradient of the loss, then the step
+    loss = backward_micro_batches(s, x0, t, noise, y, cond)  # line 5: the gradient of the loss, then the step
     # clip at train.grad_clip (0: only measure); a NaN/inf loss or gradient never reaches the weights
     grad_norm = acc.clip_grad_norm_(s.model.parameters(), cfg.train.grad_clip or float("inf"))
     ok = optimizer_step(acc, s.opt, s.guard.check(step, loss, grad_norm, acc))
@@ -167,6 +191,40 @@ def train_step(s: TrainState, step: int, x0: torch.Tensor, y: torch.Tensor) -> S
     if ok and s.power_ema is not None:  # power-function EMAs: beta_t from the step count
         s.power_ema.update(s.raw_model, done)
     return StepResult(loss, lr, grad_norm, ok)
+
+
+def fit_budget(s: TrainState, budget: Budget, done: int) -> None:
+    """train.minutes: at the end of the probe, fix train.steps to what fits (every process takes the
+    main process's figure) and write it to RUN/config.yaml."""
+    fitted = budget.step_done(done, lambda: sampling_seconds(s), s.cfg.train.steps)
+    if fitted is None:
+        return
+    fitted = int(broadcast(torch.tensor([fitted], device=s.device), from_process=0).item())
+    t = s.cfg.train
+    line = (f"train.minutes={t.minutes:g}: {fitted} of at most {t.steps} steps fit ({budget.step_s:.3f} s per step "
+            f"measured over steps {PROBE_START}-{PROBE_END}; final samples ~{budget.sampling_s:.0f} s)")
+    t.steps = fitted
+    s.bar.total = fitted
+    s.bar.refresh()
+    if s.main:
+        save_run_config(s.cfg, s.run_dir)
+        s.bar.write(line)
+
+
+def sampling_seconds(s: TrainState) -> float:
+    """About how long the final samples take: the planned sampler timed with 1 and with 4 steps (the
+    difference is the cost of a step, the rest what a call costs once), extrapolated to train.sample_steps."""
+    def timed(steps: int) -> float:
+        t0 = time.perf_counter()
+        _draw_train_samples(s.cfg, s.ema, s.schedule, s.dataset, s.run_dir, s.device, steps=steps)
+        return time.perf_counter() - t0
+
+    steps = s.cfg.train.sample_steps
+    one = timed(1)
+    if steps == 1:
+        return one
+    per_step = max(timed(4) - one, 0.0) / 3
+    return one + per_step * (steps - 1)
 
 
 def step_generators(seed: int, step: int, rank: int, device) -> tuple:
@@ -181,15 +239,18 @@ def step_generators(seed: int, step: int, rank: int, device) -> tuple:
     return own, torch.Generator(device=device).manual_seed(own_seed - rank)
 
 
-def backward_micro_batches(s: TrainState, x0, t, noise, y) -> torch.Tensor:
-    """Backward of the loss in train.grad_accum_steps micro-batches; returns the step's loss (detached)."""
+def backward_micro_batches(s: TrainState, x0, t, noise, y, cond=None) -> torch.Tensor:
+    """Backward of the loss in train.grad_accum_steps micro-batches; returns the step's loss (detached).
+
+    ``cond``: an image-conditioned model's conditioning of x0's rows (None: none)."""
     acc, k = s.accelerator, s.cfg.train.grad_accum_steps
     loss = torch.zeros((), device=s.device)
-    for j, (xj, tj, nj, yj) in enumerate(micro_batches(k, x0, t, noise, y)):
+    for j, (xj, tj, nj, yj, cj) in enumerate(micro_batches(k, x0, t, noise, y, cond)):
+        model = s.model if cj is None else bind_condition(s.model, cj)
         # gradient accumulation: the mean of k micro-batch losses; all-reduce after the last only
         with acc.no_sync(s.model) if j < k - 1 else contextlib.nullcontext():
             with acc.autocast():
-                part = s.objective(s.model, xj, t=tj, noise=nj, y=yj) / k
+                part = s.objective(model, xj, t=tj, noise=nj, y=yj) / k
             acc.backward(part)
         loss = loss + part.detach()
     s.objective.end_step()  # importance sampling: the history learns this step's t once, after all k
@@ -258,15 +319,15 @@ def finish(s: TrainState) -> None:
         s.monitor.close()
         print(f"done: {steps} steps in {time.time() - s.t0:.0f} s; samples (EMA) -> {path}"
               + (f"; {s.guard.total} steps skipped (non-finite loss or gradient)" if s.guard.total else ""))
-        print(next_commands(s.run_dir))
+        print(next_commands(s.run_dir, superres=s.cfg.model.condition != "none"))
     s.accelerator.wait_for_everyone()
 
 
-def next_commands(run_dir: Path) -> str:
-    """The commands to try on a finished run."""
+def next_commands(run_dir: Path, superres: bool = False) -> str:
+    """The commands to try on a finished run (a super-resolution run upscales instead of sampling)."""
     run = shlex.quote(str(run_dir))
-    return "\n".join(["next:", f"  ddpm sample {run} --sampler ddim --steps 50", f"  ddpm eval {run}",
-                      f"  ddpm viz loss {run}"])
+    first = f"  ddpm upscale {run} --image low.png" if superres else f"  ddpm sample {run} --sampler ddim --steps 50"
+    return "\n".join(["next:", first, f"  ddpm eval {run}", f"  ddpm viz loss {run}"])
 
 
 # ----------------------------------------------------------------------------- set-up

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,10 +18,12 @@ import torch
 from accelerate import Accelerator
 
 from ddpmlab.config import Config, save_config, validate
-from ddpmlab.data import build_dataset
+from ddpmlab.data import InMemoryDataset, build_dataset
+from ddpmlab.data.latents import LATENTS_FILE, cached_latents, describe_autoencoder, encode_batches, latent_cache_key
 from ddpmlab.diffusion.objectives import DiffusionObjective
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import ConfigError, DDPMError
+from ddpmlab.evaluate.reference import dataset_fingerprint, default_cache_dir
 from ddpmlab.io.checkpoint import (
     CONFIG_FILE,
     find_checkpoint,
@@ -29,8 +32,9 @@ from ddpmlab.io.checkpoint import (
     save_run_config,
 )
 from ddpmlab.models import build_model, count_parameters
+from ddpmlab.models.conditioned import check_low_res
 from ddpmlab.progress import progress_bar
-from ddpmlab.runs import resolve_device
+from ddpmlab.runs import load_autoencoder, resolve_device
 from ddpmlab.training.allocator import keep_freed_memory
 from ddpmlab.training.distributed import (
     agree_on,
@@ -54,6 +58,7 @@ RESUME_MUTABLE = {
     "train.keep_checkpoints", "train.max_bad_steps", "train.grad_accum_steps",
     "train.eval_every", "train.eval_n", "train.eval_metrics", "train.eval_sampler", "train.eval_steps",
     "train.eval_inception_weights", "train.tensorboard", "train.keep_freed_memory", "train.ema_snapshot_every",
+    "train.minutes", "model.gradient_checkpointing",
 }
 
 
@@ -93,9 +98,9 @@ class StepBatchSampler(torch.utils.data.Sampler):
             yield batch[self.rank * per:(self.rank + 1) * per].tolist()
 
 
-def new_run_dir(cfg: Config) -> Path:
+def new_run_dir(cfg: Config, tag: str = "") -> Path:
     # several processes must agree on the folder: rank 0's clock names it
-    name = cfg.train.name or agree_on(f"{cfg.data.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}",
+    name = cfg.train.name or agree_on(f"{cfg.data.dataset}{tag}-{datetime.now().strftime('%Y%m%d-%H%M%S')}",
                                      cfg.train.device)
     run_dir = Path(cfg.train.out_dir) / name
     if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):  # rank 0 may hold the lock
@@ -164,6 +169,14 @@ class TrainState:
 
 def set_up(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> TrainState:
     """Accelerator, data, run folder, model / EMA / optimizer (restored on resume), objective and batches."""
+    if cfg.stage != "diffusion":
+        raise ConfigError(f"{run_dir} is an autoencoder run (stage {cfg.stage}); continue it with "
+                          f"`ddpm train-autoencoder --resume {run_dir}`")
+    if cfg.model.autoencoder:
+        describe_autoencoder(cfg.model.autoencoder)  # a bad path fails before the data is read
+    if cfg.model.autoencoder and cfg.train.eval_every:
+        raise ConfigError("train.eval_every: evaluation during training is not supported for latent runs yet; set "
+                          "train.eval_every=0 and run `ddpm eval RUN` after training")
     accelerator, precision = _make_accelerator(cfg)
     if accelerator.device.type == "cpu" and cfg.train.keep_freed_memory:
         keep_freed_memory()
@@ -171,8 +184,13 @@ def set_up(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> TrainSta
     dataset = load_data(cfg)  # the data first: a missing or unusable dataset must not leave a run folder
     if main:
         print(describe_data(cfg, dataset))
+    latents = None
+    if cfg.model.autoencoder:  # latent diffusion: the denoiser trains on the encoded data
+        dataset, latents = latent_dataset(cfg, dataset, accelerator, main, progress)
     if not resume:
         _create_run_dir(cfg, run_dir, accelerator, main)
+    if latents is not None and main:
+        (run_dir / LATENTS_FILE).write_text(json.dumps(latents, indent=2) + "\n")
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     model, ema, opt = build_model_ema_optimizer(cfg, accelerator.device)
     power_ema = PowerEMA(model, cfg.train.ema_profiles) if cfg.train.ema_profiles else None
@@ -211,8 +229,10 @@ def _make_accelerator(cfg: Config) -> Tuple[Accelerator, str]:
 
 
 def load_data(cfg: Config) -> torch.utils.data.Dataset:
-    """The training data of ``cfg.data``, checked against model.num_classes."""
+    """The training data of ``cfg.data``, checked against model.num_classes and data.low_res."""
     dataset = build_dataset(cfg)
+    if dataset.is_image:
+        check_low_res(cfg, dataset.sample_shape)  # super-resolution: the low-res size fits the images
     n = cfg.model.num_classes
     if n and not dataset.num_classes:
         raise ConfigError(f"model.num_classes is {n} but the data ({cfg.data.dataset}"
@@ -221,6 +241,36 @@ def load_data(cfg: Config) -> torch.utils.data.Dataset:
     if n and n < dataset.num_classes:
         raise ConfigError(f"model.num_classes ({n}) is smaller than the dataset's {dataset.num_classes} classes")
     return dataset
+
+
+def latent_dataset(cfg: Config, dataset, accelerator: Accelerator, main: bool, progress: bool) -> tuple:
+    """(the latents of ``dataset`` as an InMemoryDataset, what RUN/latents.json records).
+
+    Rombach et al. 2022: z' = (mu(x) - shift) * scale of every image, encoded once and cached in
+    <cache dir>/latents/<key>.safetensors, key = hash(data content, autoencoder weights and scaling).
+    """
+    codec = load_autoencoder(cfg.model.autoencoder, accelerator.device)
+    key = latent_cache_key(dataset_fingerprint(dataset), codec.identity)
+    cache_file = default_cache_dir() / "latents" / f"{key}.safetensors"
+
+    def encode_all():
+        bar = progress_bar(progress and main, total=len(dataset), desc="encoding latents", unit="img")
+        try:
+            return encode_batches(codec.encode, dataset, bar=bar)
+        finally:
+            bar.close()
+
+    with accelerator.main_process_first():  # the main process encodes and writes; the others read its file
+        z, y, hit = cached_latents(cache_file, encode_all)
+    if main:
+        print(f"latents: {tuple(z.shape[1:])} per image (std {z.std().item():.3f}) from {codec.source}, "
+              f"{'read from' if hit else 'encoded once into'} {cache_file}")
+    out = InMemoryDataset(z, y, is_image=True, class_names=getattr(dataset, "class_names", []),
+                          num_classes=dataset.num_classes)
+    record = {"autoencoder": str(Path(codec.source).resolve()), "identity": codec.identity,
+              "scale_factor": codec.scale, "shift_factor": codec.shift, "latent_shape": list(z.shape[1:]),
+              "cache_file": str(cache_file)}
+    return out, record
 
 
 def describe_data(cfg: Config, dataset) -> str:

@@ -46,10 +46,13 @@ def _config(run_dir, config: Optional[str]):
 
 
 def _trajectory(run: Run, plan: SamplingPlan, n: int, seed: int, frames: int):
-    """(xs, x0s, step numbers) of ``n`` samples along ``plan``, up to ``frames`` snapshots."""
-    return record_trajectory(plan.model, run.schedule, run.shape, n, sampler=plan.sampler, steps=plan.steps,
-                             frames=frames, prediction=run.cfg.diffusion.prediction, clip_x0=run.clip_x0,
-                             seed=seed, device=run.device, labels=plan.labels, **plan.options)
+    """(xs, x0s, step numbers) of ``n`` samples along ``plan``, up to ``frames`` snapshots (latent runs: decoded)."""
+    xs, x0s, ks = record_trajectory(plan.model, run.schedule, run.shape, n, sampler=plan.sampler, steps=plan.steps,
+                                    frames=frames, prediction=run.cfg.diffusion.prediction, clip_x0=run.clip_x0,
+                                    seed=seed, device=run.device, labels=plan.labels, **plan.options)
+    if run.codec is not None:  # latent diffusion: show each latent x_t and x0 prediction as the decoder's picture
+        xs, x0s = (torch.stack([run.codec.decode(f.to(run.device)).cpu() for f in v]) for v in (xs, x0s))
+    return xs, x0s, ks
 
 
 def viz_forward(run_dir=None, config: Optional[str] = None, n: int = 4, ts: Optional[Sequence[int]] = None,
@@ -77,7 +80,7 @@ def viz_reverse(run: Run, plan: SamplingPlan, n: int = 16, seed: int = 0, frames
         raise DDPMError(f"'{run.dir}' is a 2D run: use `ddpm viz toy {run.dir}` for its reverse process")
     xs, x0s, ks = _trajectory(run, plan, n, seed, frames)
     d = _out_dir(run.dir, out)
-    scale = max(1, min(2, 64 // max(run.shape[1:])))
+    scale = max(1, min(2, 64 // max(run.image_shape[1:])))
     stem = f"reverse_{plan.sampler}{plan.steps}"
     return [save_reverse_gif(xs, x0s, ks, d / f"{stem}.gif", plan.steps, scale=scale),
             save_reverse_strip(xs, x0s, ks, d / f"{stem}.png", plan.steps)]

@@ -26,7 +26,7 @@ def save_samples(run: Run, x: torch.Tensor, output: Output, title: str = "sample
     if not run.is_image:
         ref = reference if reference is not None else reference_points(build_dataset(run.cfg))
         return [save_scatter(x, output.picture, reference=ref, title=title)]
-    files = [save_grid(x, output.picture, scale=grid_scale(run.shape))]
+    files = [save_grid(x, output.picture, scale=grid_scale(run.image_shape))]
     if output.is_folder:
         files += save_images(x, output.path)
     return files
