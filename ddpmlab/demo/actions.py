@@ -37,6 +37,7 @@ from ddpmlab.runs import (
     grid_scale,
     load_run,
     plan_sampling,
+    require_pixel_run,
     resolve_output,
     write_raw,
 )
@@ -238,6 +239,7 @@ def _image_run(runs: Runs, run_dir, weights: str, command: str) -> Run:
     run = runs.get(run_dir, weights)
     if not run.is_image:
         raise DDPMError(f"{command} works on image models; {run.dir} was trained on 2-D points")
+    require_pixel_run(run, command)
     return run
 
 
