@@ -124,9 +124,10 @@ class DiffusionConfig:
 @dataclass
 class TrainConfig:
     steps: int = 800000  # optimiser steps
-    # wall-clock budget of the whole run (set-up, training, final samples) in minutes, or null: after
-    # 40 steps the measured speed fixes train.steps (at most its value above) so the run fits; the
-    # fitted steps go to RUN/config.yaml (resume continues them); a faster machine trains longer
+    # wall-clock budget of the whole run in minutes (set-up, training, the sample drawings of
+    # train.sample_every and the final one; not train.eval_every), or null: after 40 steps the measured
+    # speed fixes train.steps (at most its value above) so the run fits; the fitted steps go to
+    # RUN/config.yaml (resume continues them); a faster machine trains longer
     minutes: Optional[float] = None
     batch_size: int = 128  # global batch (all processes together)
     lr: float = 2e-4  # AdamW learning rate after warm-up

@@ -15,6 +15,10 @@ def test_fit_steps_pays_the_rest_of_the_budget_in_steps_within_its_limits():
     assert fit_steps(600, 30, 0.5, 60, 40, 10_000) == 40 + int((SAFETY * 600 - 30 - 60) / 0.5)
     assert fit_steps(600, 30, 0.5, 60, 40, 500) == 500  # never above train.steps
     assert fit_steps(60, 50, 0.5, 60, 40, 500) == 40  # the budget is spent: stop where it is
+    # samples every 100 steps cost a drawing each: 1000 s left at 1 s per step, 50 s per drawing
+    total = fit_steps(1000 / SAFETY, 0, 1.0, 50, 0, 10_000, sample_every=100)
+    drawings = lambda n: 1 + (n - 1) // 100  # noqa: E731 (the final one and one at 100, 200, ...)
+    assert total + 50 * drawings(total) <= 1000 < (total + 1) + 50 * drawings(total + 1)
 
 
 class Clock:
@@ -25,18 +29,25 @@ class Clock:
         return self.now
 
 
-def test_budget_measures_the_probe_steps_and_fits_once(monkeypatch):
+def test_budget_measures_the_probe_steps_then_refits_as_the_speed_changes(monkeypatch):
     clock = Clock()
     monkeypatch.setattr(budget_mod.time, "time", clock)
-    b = Budget(minutes=10, start_time=clock.now - 20, start_step=0)  # set-up took 20 s
-    fitted = []
-    for done in range(1, 100):
-        clock.now += 0.25  # 0.25 s per step
-        fitted.append(b.step_done(done, lambda: 30.0, 5000))
-    got = [(done, f) for done, f in enumerate(fitted, start=1) if f is not None]
+    b = Budget(minutes=10, start_time=clock.now - 20, start_step=0, refit_every=25)  # set-up took 20 s
+    fits = {}
+    for done in range(1, 200):
+        clock.now += 0.25 if done <= 100 else 0.75  # 0.25 s per step, then three times slower
+        f = b.step_done(done, lambda: 30.0, 5000)
+        if f is not None:
+            fits[done] = f
+    assert sorted(fits) == list(range(PROBE_END, 200, 25))  # at the probe's end, then every 25 steps
     elapsed = 20 + 0.25 * PROBE_END
-    assert got == [(PROBE_END, PROBE_END + int((SAFETY * 600 - elapsed - 30) / 0.25))]
-    assert b.step_s == pytest.approx(0.25) and b.sampling_s == 30.0
+    assert fits[PROBE_END] == PROBE_END + int((SAFETY * 600 - elapsed - 30) / 0.25)
+    # at step 190: the mean step time since PROBE_START is (90 x 0.25 + 90 x 0.75) / 180 s
+    step_s = (90 * 0.25 + 90 * 0.75) / (190 - PROBE_START)
+    assert b.step_s == pytest.approx(step_s)
+    elapsed = 20 + 100 * 0.25 + 90 * 0.75
+    assert fits[190] == 190 + int((SAFETY * 600 - elapsed - 30) / step_s)
+    assert fits[190] < fits[PROBE_END]  # the slow-down shortened the run
     assert Budget(minutes=10, start_time=0, start_step=PROBE_START).active is False  # a resumed run keeps its steps
     assert Budget(minutes=None, start_time=0, start_step=0).active is False
 

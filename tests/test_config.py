@@ -20,7 +20,8 @@ def test_defaults_are_the_papers_values():
 
 BUNDLED = {  # a few keys of each bundled config, as the files state them
     "mnist": {"data.dataset": "mnist", "model.base_channels": 32, "model.channel_mults": [1, 2, 2],
-              "train.steps": 1400, "train.sample_sampler": "ddpm", "train.mixed_precision": "auto"},
+              "train.steps": 3000, "train.minutes": 9.5, "diffusion.min_snr_gamma": 5.0, "train.sample_sampler": "ddpm",
+              "train.mixed_precision": "auto"},
     "toy2d": {"data.dataset": "toy", "model.kind": "mlp", "model.hidden": 128, "train.steps": 3000,
               "train.sample_steps": 1000, "diffusion.variance": "fixed_large"},
     "toy2d_learned": {"model.kind": "mlp", "diffusion.variance": "learned_range", "diffusion.loss_type": "hybrid",
@@ -90,7 +91,7 @@ def test_describe_config_lists_every_key_with_type_and_default():
 
 def test_describe_config_shows_the_values_of_a_given_config():
     rows = {line.split()[0]: line.split() for line in describe_config(load_config("mnist")).splitlines()}
-    assert rows["train.steps"][:3] == ["train.steps", "int", "1400"]
+    assert rows["train.steps"][:3] == ["train.steps", "int", "3000"]
 
 
 @pytest.mark.parametrize("name", BUNDLED)

@@ -148,7 +148,8 @@ class StepResult:
 
 def run_loop(s: TrainState, started: Optional[float] = None) -> Path:
     """Algorithm 1's repeat ... until converged: one train_step per batch, then the end-of-step work."""
-    budget = Budget(s.cfg.train.minutes, s.t0 if started is None else started, s.start)
+    budget = Budget(s.cfg.train.minutes, s.t0 if started is None else started, s.start, s.cfg.train.sample_every)
+    s.max_steps = s.cfg.train.steps  # train.minutes fits the steps under this
     log_path = s.run_dir / "log.csv"
     with _StopFlag() as stop, open(log_path, "a", newline="") if s.main else contextlib.nullcontext() as log:
         if s.main and s.start == 0:
@@ -194,21 +195,25 @@ def train_step(s: TrainState, step: int, x0: torch.Tensor, y: torch.Tensor) -> S
 
 
 def fit_budget(s: TrainState, budget: Budget, done: int) -> None:
-    """train.minutes: at the end of the probe, fix train.steps to what fits (every process takes the
-    main process's figure) and write it to RUN/config.yaml."""
-    fitted = budget.step_done(done, lambda: sampling_seconds(s), s.cfg.train.steps)
+    """train.minutes: fix train.steps to what fits (at PROBE_END, then refitted as the run goes; every
+    process takes the main process's figure) and write it to RUN/config.yaml."""
+    t = s.cfg.train
+    fitted = budget.step_done(done, lambda: sampling_seconds(s), s.max_steps)
     if fitted is None:
         return
     fitted = int(broadcast(torch.tensor([fitted], device=s.device), from_process=0).item())
-    t = s.cfg.train
-    line = (f"train.minutes={t.minutes:g}: {fitted} of at most {t.steps} steps fit ({budget.step_s:.3f} s per step "
-            f"measured over steps {PROBE_START}-{PROBE_END}; final samples ~{budget.sampling_s:.0f} s)")
+    first = done == PROBE_END
+    if fitted == t.steps and not first:
+        return
     t.steps = fitted
     s.bar.total = fitted
     s.bar.refresh()
     if s.main:
         save_run_config(s.cfg, s.run_dir)
-        s.bar.write(line)
+        if first:
+            s.bar.write(f"train.minutes={t.minutes:g}: {fitted} of at most {s.max_steps} steps fit ({budget.step_s:.3f} "
+                        f"s per step over steps {PROBE_START}-{PROBE_END}; a drawing of the samples "
+                        f"~{budget.sampling_s:.0f} s); refitted every {budget.refit_every} steps")
 
 
 def sampling_seconds(s: TrainState) -> float:

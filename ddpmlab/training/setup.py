@@ -161,6 +161,7 @@ class TrainState:
     losses: list = field(default_factory=list)  # losses of the good steps since the last log row
     t0: float = 0.0
     t_last: float = 0.0
+    max_steps: int = 0  # train.steps as configured (train.minutes fits the run's steps under it)
 
     @property
     def device(self) -> torch.device:
