@@ -107,7 +107,8 @@ def test_training_a_small_network_with_edm_approaches_the_ideal_denoisers_loss()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(400):
-        loss = edm(model, binary(512, g), t=edm.sample_timesteps(512, generator=g), noise=torch.randn(512, 2, generator=g))
+        x0, noise = binary(512, g), torch.randn(512, 2, generator=g)
+        loss = edm(model, x0, t=edm.sample_timesteps(512, generator=g), noise=noise)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -136,7 +137,8 @@ def test_config_builds_the_preconditioned_network_and_refuses_min_snr():
     model = build_model(cfg)
     assert isinstance(model, EDMPreconditioned) and model.sigma_data == 0.7
     assert all(k.startswith("net.") for k in model.state_dict())
-    conditional = build_model(load_config("mnist", ["diffusion.prediction=edm", "model.num_classes=10"]))
+    conditional = build_model(load_config("mnist", ["diffusion.prediction=edm", "diffusion.min_snr_gamma=null",
+                                                         "model.num_classes=10"]))
     assert num_classes_of(conditional) == 10  # classifier-free guidance sees the classes through the wrapper
     with pytest.raises(ConfigError, match="min_snr_gamma"):
         load_config("toy2d", ["diffusion.prediction=edm", "diffusion.min_snr_gamma=5"])
