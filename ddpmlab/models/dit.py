@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ddpmlab.config import DIT_PRESETS
 from ddpmlab.errors import ConfigError
-from ddpmlab.models.unet import timestep_embedding
+from ddpmlab.models.unet import add_class_embedding, batch_timesteps, timestep_embedding
 
 FREQ_DIM = 256  # width of the sinusoidal timestep features fed to the time MLP (the paper's code)
 NORM_EPS = 1e-6  # LayerNorm eps of the paper's code
@@ -211,22 +211,10 @@ class DiT(nn.Module):
 
     def embed(self, t, y: Optional[torch.Tensor], batch: int, device) -> torch.Tensor:
         """The conditioning c = time embedding + class embedding: (B, hidden)."""
-        t = torch.as_tensor(t, device=device)
-        if t.dim() == 0:
-            t = t.expand(batch)
-        if t.shape != (batch,):
-            raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
+        t = batch_timesteps(t, batch, device)
         freqs = timestep_embedding(t, FREQ_DIM, shift=self.time_shift, flip=True)
         c = self.time_embed(freqs.to(self.patch_embed.weight.dtype))
-        if self.class_embed is None:
-            if y is not None:
-                raise ValueError("class labels y were given but the model was built without model.num_classes")
-            return c
-        if y is None:  # all unconditional: the extra "no label" row
-            y = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
-        elif y.shape != (batch,):
-            raise ValueError(f"y must have shape ({batch},), got {tuple(y.shape)}")
-        return c + self.class_embed(y.long())
+        return add_class_embedding(c, self.class_embed, self.num_classes, y)
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> tokens (B, T, hidden), with the position embedding added."""

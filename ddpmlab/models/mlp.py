@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpmlab.models.unet import timestep_embedding
+from ddpmlab.models.unet import add_class_embedding, batch_timesteps, timestep_embedding
 
 
 class _Block(nn.Module):
@@ -59,21 +59,9 @@ class MLPDenoiser(nn.Module):
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"MLPDenoiser expects x of shape (B, {self.dim}), got {tuple(x.shape)}")
         b = x.shape[0]
-        t = torch.as_tensor(t, device=x.device)
-        if t.dim() == 0:
-            t = t.expand(b)
-        if t.shape != (b,):
-            raise ValueError(f"t must be a scalar or have shape ({b},), got {tuple(t.shape)}")
+        t = batch_timesteps(t, b, x.device)
         emb = self.time_embed(timestep_embedding(t, self.time_embed_dim).to(x.dtype))
-        if self.class_embed is not None:
-            if y is None:
-                y = torch.full((b,), self.num_classes, dtype=torch.long, device=x.device)
-            elif y.shape != (b,):
-                raise ValueError(f"y must have shape ({b},), got {tuple(y.shape)}")
-            emb = emb + self.class_embed(y.long())
-        elif y is not None:
-            raise ValueError("class labels y were given but the model was built without model.num_classes")
-        emb = F.silu(emb)
+        emb = F.silu(add_class_embedding(emb, self.class_embed, self.num_classes, y))
         h = self.fc_in(x)
         for block in self.blocks:
             h = block(h, emb)

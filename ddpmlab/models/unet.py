@@ -51,6 +51,32 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, *
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+def batch_timesteps(t, batch: int, device) -> torch.Tensor:
+    """``t`` (a scalar or (batch,)) as a (batch,) tensor on ``device``; ValueError for any other shape."""
+    t = torch.as_tensor(t, device=device)
+    if t.dim() == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
+    return t
+
+
+def add_class_embedding(emb: torch.Tensor, class_embed: Optional[nn.Embedding], num_classes: Optional[int],
+                        y: Optional[torch.Tensor]) -> torch.Tensor:
+    """``emb`` (B, D) plus the class embedding of labels ``y`` (B,); y None on a conditional model is the extra
+    "no label" row ``num_classes`` (classifier-free guidance).  Labels for an unconditional model are refused."""
+    if class_embed is None:
+        if y is not None:
+            raise ValueError("class labels y were given but the model was built without model.num_classes")
+        return emb
+    batch = emb.shape[0]
+    if y is None:  # all unconditional: the extra "no label" row
+        y = torch.full((batch,), num_classes, dtype=torch.long, device=emb.device)
+    elif y.shape != (batch,):
+        raise ValueError(f"y must have shape ({batch},), got {tuple(y.shape)}")
+    return emb + class_embed(y.long())
+
+
 def _norm(channels: int, groups: int, eps: float = NORM_EPS) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=eps)
 
@@ -340,22 +366,10 @@ class UNet(nn.Module):
 
     def embed(self, t, y: Optional[torch.Tensor], batch: int, device) -> torch.Tensor:
         """Time (+ class) embedding: (B, 4 * base_channels)."""
-        t = torch.as_tensor(t, device=device)
-        if t.dim() == 0:
-            t = t.expand(batch)
-        if t.shape != (batch,):
-            raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
+        t = batch_timesteps(t, batch, device)
         sinusoid = timestep_embedding(t, self.base_channels, shift=self.time_shift, flip=self.time_flip)
         temb = self.time_embed(sinusoid.to(self.conv_in.weight.dtype))
-        if self.class_embed is None:
-            if y is not None:
-                raise ValueError("class labels y were given but the model was built without model.num_classes")
-            return temb
-        if y is None:  # all unconditional: the extra "no label" row
-            y = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
-        elif y.shape != (batch,):
-            raise ValueError(f"y must have shape ({batch},), got {tuple(y.shape)}")
-        return temb + self.class_embed(y.long())
+        return add_class_embedding(temb, self.class_embed, self.num_classes, y)
 
     def _run(self, block: nn.Module, *args) -> torch.Tensor:
         """block(*args), recomputed in the backward pass when gradient checkpointing is on (training only)."""
