@@ -23,12 +23,14 @@ from torch import nn
 from ddpmlab.errors import DDPMError
 
 
-def drop_labels(y: torch.Tensor, p: float, null_label: int,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """y (B,) with each label replaced by ``null_label`` with probability p (Ho & Salimans 2022, Alg. 1)."""
+def drop_labels(y: torch.Tensor, p: float, null_label: int, generator: Optional[torch.Generator] = None,
+                u: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y (B,) with each label replaced by ``null_label`` with probability p (Ho & Salimans 2022, Alg. 1):
+    where ``u`` (B,) (uniform draws, default drawn here from ``generator``) is below p."""
     if p <= 0:
         return y
-    u = torch.rand(y.shape, generator=generator, device=y.device if generator is None else generator.device)
+    if u is None:
+        u = torch.rand(y.shape, generator=generator, device=y.device if generator is None else generator.device)
     return torch.where(u.to(y.device) < p, torch.full_like(y, null_label), y)
 
 

@@ -175,8 +175,11 @@ def train_step(s: TrainState, step: int, x0: torch.Tensor, y: torch.Tensor) -> S
     # lines 3-4: t ~ Uniform({1..T}) (or importance-sampled) and eps ~ N(0, I) for the global batch
     t, noise = draw_t_and_noise(s.objective.sample_timesteps, x0, cfg.train.batch_size, acc.process_index, shared,
                                 cfg.diffusion.offset_noise)
-    if y is not None:  # classifier-free guidance: some labels become "no label"
-        y = drop_labels(y, cfg.train.label_dropout, cfg.model.num_classes, generator=own)
+    if y is not None:  # classifier-free guidance: some labels become "no label" (drawn as t and eps are, for
+        # the global batch, so that any number of processes drops the same examples' labels)
+        u = torch.rand(cfg.train.batch_size, generator=shared, device=s.device)
+        rows = slice(acc.process_index * len(y), (acc.process_index + 1) * len(y))
+        y = drop_labels(y, cfg.train.label_dropout, cfg.model.num_classes, u=u[rows])
     cond = training_condition(x0, cfg, generator=own)  # super-resolution (SR3): x0's low-res version, upsampled
     lr = learning_rate(cfg, step)
     for g in s.opt.param_groups:
@@ -235,8 +238,8 @@ def sampling_seconds(s: TrainState) -> float:
 def step_generators(seed: int, step: int, rank: int, device) -> tuple:
     """Seed everything random in a step from (seed, step, rank), so a resumed run continues exactly.
 
-    Seeds torch's global generator (dropout) and returns this process's own generator (label
-    dropout) and the one every process shares (t and noise of the global batch).
+    Seeds torch's global generator (dropout) and returns this process's own generator (conditioning
+    augmentation) and the one every process shares (t, noise and label dropout of the global batch).
     """
     own_seed = (seed * 1_000_003 + step) * 4099 + rank
     torch.manual_seed(own_seed)
