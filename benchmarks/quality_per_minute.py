@@ -4,7 +4,9 @@ Both train on the bundled MNIST digits (the train split, 4,500 images) on the sa
 one run, each within the same wall-clock budget (training and its final 64 samples together):
 
     ddpmlab     `ddpm train` with the bundled default config (configs/mnist.yaml): its own steps,
-                precision (auto), schedule and final sampler, timed as a user would see it
+                precision (auto), schedule and final sampler, timed as a user would see it; the
+                default is class-conditional (the digits' labels) and samples with classifier-free
+                guidance over the ten classes in turn (model.num_classes=null: unconditional)
     diffusers   the recipe of diffusers' train_unconditional.py example: UNet2DModel of the same
                 architecture, DDPMScheduler (linear betas, T=1000), AdamW 1e-4 with 500 warm-up
                 steps and cosine decay, EMAModel (power 3/4), fp32, batch 64; trained until the
@@ -75,7 +77,9 @@ def ddpmlab_recipe(out: Path, seed: int, overrides=()):
         plan = plan_sampling(run, t.sample_sampler, t.sample_steps, n, log=lambda m: None)
         return draw_samples(run, plan, n, seed=sample_seed, progress=False)
 
-    note = f"{t.steps} steps of batch {t.batch_size}, then {t.sample_sampler} {t.sample_steps} steps"
+    guide = f", guidance {t.sample_guidance:g}" if cfg.model.num_classes and t.sample_guidance is not None else ""
+    labels = "class-conditional, " if cfg.model.num_classes else ""
+    note = f"{labels}{t.steps} steps of batch {t.batch_size}, then {t.sample_sampler} {t.sample_steps} steps{guide}"
     return sample, seconds, note
 
 

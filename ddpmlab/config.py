@@ -165,6 +165,11 @@ class TrainConfig:
     # class-conditional models: P(label -> "no label") per example, so the same network also
     # learns the unconditional model classifier-free guidance needs (Ho & Salimans 2022)
     label_dropout: float = 0.1
+    # class-conditional runs: the guidance scale of the run's samples (training's drawings and
+    # evaluations, and the default of `ddpm sample/eval/demo` on the run; --guidance overrides,
+    # 0 is the unconditional model); null: conditional samples without guidance (scale 1).
+    # Unconditional runs have nothing to guide and ignore it.
+    sample_guidance: Optional[float] = None
     keep_checkpoints: int = 3  # checkpoints kept in RUN/checkpoints (the newest K)
     max_bad_steps: int = 20  # stop after this many steps in a row with a non-finite loss/gradient
     # evaluation during training (ddpmlab.evaluate): every eval_every steps (0: never) the EMA
@@ -557,6 +562,13 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: 'train.minutes' must be a positive number of minutes or null, got {t.minutes}")
     if not 0.0 <= t.label_dropout < 1.0:
         raise ConfigError(f"{source}: 'train.label_dropout' must be in [0, 1), got {t.label_dropout}")
+    if t.sample_guidance is not None and (isinstance(t.sample_guidance, bool)
+                                          or not isinstance(t.sample_guidance, (int, float)) or t.sample_guidance < 0):
+        raise ConfigError(f"{source}: 'train.sample_guidance' must be a guidance scale >= 0 or null, "
+                          f"got {t.sample_guidance}")
+    if m.num_classes and t.sample_guidance not in (None, 1) and t.label_dropout == 0:
+        raise ConfigError(f"{source}: 'train.sample_guidance={t.sample_guidance}' needs the unconditional model "
+                          "that label dropout trains; set train.label_dropout=0.1 or train.sample_guidance=null")
     if not 0.0 < diff.beta_start < diff.beta_end < 1.0:
         raise ConfigError(
             f"{source}: need 0 < diffusion.beta_start < diffusion.beta_end < 1, "

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torch.nn import functional as F
 
 from ddpmlab.config import Config
 from ddpmlab.data import data_shape, image_shape
@@ -40,6 +41,7 @@ from ddpmlab.io.weights import load_state_dict_file
 from ddpmlab.models import build_model
 from ddpmlab.models.autoencoder import LatentCodec, build_autoencoder, load_diffusers_vae
 from ddpmlab.models.conditioned import bind_condition
+from ddpmlab.samplers.editing import img2img, inpaint
 from ddpmlab.samplers.generate import generate
 from ddpmlab.samplers.guidance import conditioning, guided
 from ddpmlab.samplers.registry import SamplerSpec, get_spec, timesteps_options
@@ -227,11 +229,36 @@ def check_latent_run(run: Run) -> None:
                       f"{run.codec.source} (its weights or scale changed since); its samples may be poor")
 
 
-def require_pixel_run(run: Run, what: str) -> None:
-    """Editing (inpainting, img2img) works in pixel space; a latent run is refused in one line."""
-    if run.is_latent:
-        raise DDPMError(f"{what} is not supported for latent runs yet ({run.dir or run.checkpoint} diffuses the "
-                        f"latents of model.autoencoder {run.cfg.model.autoencoder}); use a pixel-space run")
+def edit_inpaint(run: Run, model, image: torch.Tensor, mask: torch.Tensor, n: int, *,
+                 labels: Optional[torch.Tensor] = None, **options) -> torch.Tensor:
+    """RePaint fillings of the white region of ``mask`` (1, H, W) in ``image`` (C, H, W, pixels) by ``run``'s
+    denoiser ``model`` (guided as planned): (n, C, H, W) pixels on the CPU; ``options`` go to
+    :func:`~ddpmlab.samplers.editing.inpaint`.  A latent run fills the image's latents where the mask,
+    max-pooled to the latent resolution (a latent is redrawn where any of its pixels is), is set,
+    decodes them, and keeps the image's own pixels outside the mask."""
+    kw = dict(prediction=run.cfg.diffusion.prediction, clip_x0=run.clip_x0, labels=labels, device=run.device)
+    if not run.is_latent:
+        return inpaint(model, run.schedule, image, mask, n, **kw, **options)
+    z = run.codec.encode(image[None].to(run.device))[0].cpu()
+    z_mask = (F.adaptive_max_pool2d(mask[None].float(), z.shape[1:])[0] > 0.5).float()
+    x = _decode(run, inpaint(model, run.schedule, z, z_mask, n, **kw, **options), options.get("batch_size", 64))
+    return torch.where(mask[None] > 0.5, x, image[None])
+
+
+def edit_img2img(run: Run, plan: "SamplingPlan", image: torch.Tensor, strength: float, n: int, *,
+                 seed: int = 0, batch_size: int = 64, progress: bool = True) -> torch.Tensor:
+    """SDEdit variations of ``image`` (C, H, W, pixels) as planned: (n, C, H, W) pixels on the CPU; a latent
+    run noises and denoises the image's latents and decodes them."""
+    start = run.codec.encode(image[None].to(run.device))[0].cpu() if run.is_latent else image
+    x = img2img(plan.model, run.schedule, start, strength, n, sampler=plan.sampler, steps=plan.steps,
+                prediction=run.cfg.diffusion.prediction, clip_x0=run.clip_x0, labels=plan.labels, seed=seed,
+                batch_size=batch_size, device=run.device, progress=progress, **plan.options)
+    return _decode(run, x, batch_size) if run.is_latent else x
+
+
+def _decode(run: Run, z: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """A latent run's samples as pixels (decoded in batches on the run's device), on the CPU."""
+    return torch.cat([run.codec.decode(b.to(run.device)).cpu() for b in z.split(batch_size)])
 
 
 def load_diffusers_run(folder, device="auto") -> Run:
@@ -336,6 +363,18 @@ def recommended_sampler(run: Run, steps: Optional[int] = None,
     return entry["sampler"], entry.get("timesteps"), nfe
 
 
+def run_guidance(run: Run, guidance: Optional[float], log: Callable[[str], None] = print,
+                 option: str = "guidance") -> Optional[float]:
+    """``guidance``, or where it is None the conditional run's train.sample_guidance (said in one line).
+    Edits of a given image (inpainting, img2img) take it only where a class is asked for: guided
+    without one, the classes would be cycled over the images instead of kept."""
+    if guidance is None and run.num_classes and run.cfg.train.sample_guidance is not None:
+        guidance = float(run.cfg.train.sample_guidance)
+        log(f"guidance {guidance:g}: the run's train.sample_guidance ({option} overrides; 0: the unconditional "
+            "model)")
+    return guidance
+
+
 def plan_sampling(run: Run, sampler: Optional[str] = "ddim", steps: Optional[int] = None, n: int = 1, *,
                   timesteps: Optional[str] = None, options: Optional[dict] = None, label: Optional[int] = None,
                   guidance: Optional[float] = None, seed: int = 0, schedule_len: Optional[int] = None,
@@ -349,7 +388,8 @@ def plan_sampling(run: Run, sampler: Optional[str] = "ddim", steps: Optional[int
     are dropped); one that the sampler does not take is refused.  The ancestral sampler's
     variance defaults to the run's ``diffusion.variance``.  Class labels: ``label`` for all; with
     guidance and no label, or with ``cycle_classes`` on a conditional run, 0, 1, ..., K-1, 0, ...;
-    otherwise none (a conditional run's "no label" row).  ``names`` maps option names to the
+    otherwise none (a conditional run's "no label" row).  ``guidance`` None on a conditional run
+    whose config sets train.sample_guidance: that scale (img2img only with a label).  ``names`` maps option names to the
     caller's (e.g. {"steps": "--steps"}) for the messages.  ``cond``: what an image-conditioned run
     (model.condition) is conditioned on, (n or 1, C, H, W) at the image size (sample i gets row i).
     """
@@ -377,6 +417,8 @@ def plan_sampling(run: Run, sampler: Optional[str] = "ddim", steps: Optional[int
                                           names.get("variance", "variance"))
     cond = _check_condition(run, cond, n)
     net = run.model if cond is None else bind_condition(run.model, cond)
+    if schedule_len is None or label is not None:  # img2img without a class keeps its input's class
+        guidance = run_guidance(run, guidance, log, names.get("guidance", "guidance"))
     model, labels = conditioning(net, n, label, guidance, run.cfg.train.label_dropout, names)
     if labels is None and cycle_classes and run.num_classes:
         labels = torch.arange(n) % run.num_classes
@@ -417,7 +459,7 @@ def draw_samples(run: Run, plan: SamplingPlan, n: int, *, seed: int = 0, batch_s
     else:
         x = _draw_conditioned(run, plan, n, seed, batch_size, progress, callback)
     if run.codec is not None:  # latent diffusion: x_0 is a latent; the decoder gives the pixels
-        x = torch.cat([run.codec.decode(z.to(run.device)).cpu() for z in x.split(batch_size)])
+        x = _decode(run, x, batch_size)
     return x
 
 

@@ -14,7 +14,7 @@ from ddpmlab.data.latents import AE_STATS_FILE, LATENTS_FILE
 from ddpmlab.errors import ConfigError
 from ddpmlab.models import build_model
 from ddpmlab.models.autoencoder import LatentCodec, build_autoencoder
-from ddpmlab.runs import load_autoencoder
+from ddpmlab.runs import edit_img2img, edit_inpaint, load_autoencoder, load_run, plan_sampling
 from ddpmlab.training.autoencoder import reconstruction_loss, train_autoencoder
 from ddpmlab.training.loop import train
 from ddpmlab.training.setup import _make_accelerator, latent_dataset
@@ -159,9 +159,33 @@ def test_latent_diffusion_trains_resumes_and_samples_pixels(tmp_path, ae_run, ca
     x = np.load(out.with_suffix(".npz"))["samples"]
     assert x.shape == (3, 1, 8, 8) and x.min() >= -1 and x.max() <= 1  # decoded to pixels
     assert (straight / "samples" / "final.png").is_file()
-    capsys.readouterr()
-    assert main(["inpaint", str(straight), "--image", str(out), "--mask", str(out)]) == 2
-    assert "ddpm inpaint is not supported for latent runs yet" in capsys.readouterr().err
+
+    # editing a picture: RePaint / SDEdit on its latents, decoded; inpainting keeps the unmasked pixels
+    from PIL import Image
+
+    img = (np.arange(64, dtype=np.uint8).reshape(8, 8) * 4)
+    mask = np.zeros((8, 8), np.uint8)
+    mask[0:4, 0:4] = 255  # the top-left 2x2 of the 4x4 latents (f = 2) are redrawn
+    Image.fromarray(img).save(tmp_path / "in.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    run = load_run(straight, "ema", "cpu")
+    image = torch.from_numpy(img).float()[None] / 127.5 - 1
+    hole = torch.from_numpy(mask > 0)[None].float()
+    x = edit_inpaint(run, run.model, image, hole, 2, steps=4, jump_length=2, jump_n_sample=2, progress=False)
+    assert x.shape == (2, 1, 8, 8) and torch.equal(x[:, :, 4:], image[None, :, 4:].expand(2, -1, -1, -1))
+    assert torch.equal(x[:, :, :, 4:], image[None, :, :, 4:].expand(2, -1, -1, -1))
+    assert not torch.allclose(x[0, :, :4, :4], image[:, :4, :4], atol=1e-2)  # the hole was redrawn, decoded
+    z = run.codec.encode(image[None])
+    plan = plan_sampling(run, "ddim", 3, 2, schedule_len=500, log=lambda m: None)
+    same = edit_img2img(run, plan, image, 0.0, 2, progress=False)  # strength 0: the decoded latents of the input
+    assert torch.allclose(same, run.codec.decode(z).expand(2, -1, -1, -1), atol=1e-6)
+    assert main(["inpaint", str(straight), "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                 "--n", "2", "--steps", "4", "--jump-length", "2", "--jump-n-sample", "1", "--device", "cpu",
+                 "--out", str(tmp_path / "fill.png"), "--no-progress"]) == 0
+    assert main(["img2img", str(straight), "--image", str(tmp_path / "in.png"), "--strength", "0.5", "--steps", "3",
+                 "--n", "2", "--device", "cpu", "--out", str(tmp_path / "var.png"), "--no-progress"]) == 0
+    assert Image.open(tmp_path / "fill.png").size == ((2 + 4 * 10) * 4, (2 + 10) * 4)  # input, mask, 2 fills
+    assert Image.open(tmp_path / "var.png").size == ((2 + 3 * 10) * 4, (2 + 10) * 4)  # input, 2 variations
 
 
 def test_the_latent_shape_reaches_unet_and_dit(ae_run):
@@ -192,6 +216,37 @@ def test_diffusers_autoencoder_folder_as_model_autoencoder(tmp_path):
     assert torch.allclose(codec.decode(z), x_ref, atol=1e-6)
     run = _ldm(tmp_path, tmp_path / "vae", "ldm", 2)
     assert json.loads((run / LATENTS_FILE).read_text())["scale_factor"] == 0.5
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_exported_latent_pipeline_samples_what_ddpmlab_samples(tmp_path, ae_run, kind, capsys):
+    import diffusers
+
+    from ddpmlab.samplers.generate import generate
+
+    extra = [] if kind == "unet" else ["model.kind=dit", "model.dit_depth=1", "model.dit_hidden=16",
+                                       "model.dit_heads=2", "model.patch_size=2", "model.num_classes=10"]
+    cfg = load_config(None, LDM + [f"model.autoencoder={ae_run}", f"train.out_dir={tmp_path}", "train.name=r",
+                                   "train.steps=2", *extra])
+    run_dir = train(cfg, progress=False)
+    assert main(["export", str(run_dir), str(tmp_path / "out")]) == 0
+    pipeline = {"unet": diffusers.LDMPipeline, "dit": diffusers.DiTPipeline}[kind]
+    assert pipeline.__name__ in capsys.readouterr().out
+    pipe = pipeline.from_pretrained(str(tmp_path / "out"))
+    run = load_run(run_dir, "ema", "cpu")
+    assert run.codec.shift != 0  # the shift is folded into the exported VAE's convolutions
+    labels = torch.tensor([3, 7]) if kind == "dit" else None
+    z = generate(run.model, run.schedule, run.shape, 2, sampler="ddim", steps=2, spacing="leading", clip_x0=None,
+                 labels=labels, seed=0, progress=False)  # diffusers' DDIM: "leading" steps 500, 0
+    ours = ((run.codec.decode(z) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    g = torch.Generator().manual_seed(0)
+    if kind == "dit":
+        theirs = pipe(class_labels=[3, 7], guidance_scale=1.0, num_inference_steps=2, generator=g,
+                      output_type="np").images
+    else:
+        theirs = pipe(batch_size=2, num_inference_steps=2, generator=g, output_type="np").images
+    assert theirs.shape == ours.shape == (2, 8, 8, 1)
+    assert np.abs(theirs - ours).max() < 1e-4  # float32 through the same weights, steps and decoder
 
 
 def test_bad_autoencoder_path_is_a_one_line_error(tmp_path, capsys):

@@ -23,7 +23,7 @@ from ddpmlab.io.checkpoint import load_run_config
 from ddpmlab.runs import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["train.steps=4", "train.batch_size=8", "model.base_channels=8", "model.norm_groups=4",
+TINY = ["model.num_classes=null", "train.steps=4", "train.batch_size=8", "model.base_channels=8", "model.norm_groups=4",
         "model.channel_mults=[1,2]", "model.attention_resolutions=[]", "train.sample_n=4",
         "train.sample_steps=2", "train.log_every=2"]
 TOY = ["train.steps=4", "train.batch_size=64", "train.sample_n=16", "train.sample_steps=2", "train.log_every=2"]

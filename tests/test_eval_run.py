@@ -14,7 +14,7 @@ from ddpmlab.errors import DDPMError
 from ddpmlab.io.checkpoint import save_checkpoint
 from ddpmlab.models import build_model
 
-TINY_UNET = ["model.base_channels=8", "model.norm_groups=4", "model.channel_mults=[1,2]",
+TINY_UNET = ["model.num_classes=null", "model.base_channels=8", "model.norm_groups=4", "model.channel_mults=[1,2]",
              "model.attention_resolutions=[]"]
 
 

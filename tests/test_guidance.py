@@ -377,6 +377,40 @@ def test_cli_sample_with_class_and_guidance(tmp_path, capsys):
     assert torch.allclose(x, ref, atol=1e-6) and not torch.allclose(x, plain, atol=1e-3)
 
 
+def test_a_conditional_runs_sample_guidance_is_the_default_scale_and_flags_override_it(tmp_path, capsys):
+    from ddpmlab.cli import main
+    from ddpmlab.io.checkpoint import load_model
+    from ddpmlab.runs import load_run, plan_sampling
+    from ddpmlab.samplers.generate import generate
+
+    run = _hand_made_run(tmp_path / "cond", num_classes=10)  # the mnist config: train.sample_guidance 2
+    assert main(["sample", str(run), "--n", "4", "--steps", "3", "--device", "cpu", "--npz"]) == 0
+    assert "guidance 2: the run's train.sample_guidance" in capsys.readouterr().out
+    x = torch.from_numpy(np.load(run / "samples" / "ddim_3steps_seed0_guidance2.npz")["samples"])
+    assert main(["sample", str(run), "--n", "4", "--steps", "3", "--device", "cpu", "--npz", "--guidance", "0"]) == 0
+    x0 = torch.from_numpy(np.load(run / "samples" / "ddim_3steps_seed0_guidance0.npz")["samples"])
+    cfg, model = load_model(run)
+    sched, labels = NoiseSchedule.from_config(cfg.diffusion), torch.arange(4)  # guided, no class: 0, 1, 2, 3
+    ref = generate(guided(model, scale=2.0), sched, (1, 8, 8), 4, steps=3, labels=labels, progress=False)
+    uncond = generate(guided(model, scale=0.0), sched, (1, 8, 8), 4, steps=3, labels=labels, progress=False)
+    assert torch.allclose(x, ref, atol=1e-6) and torch.allclose(x0, uncond, atol=1e-6)
+    assert not torch.allclose(x, x0, atol=1e-3)
+    # img2img of a given picture keeps it unguided unless a class is asked for; a class takes the default
+    r = load_run(run, "ema", "cpu")
+    assert plan_sampling(r, "ddim", 3, 2, schedule_len=500, log=lambda m: None).guidance is None
+    assert plan_sampling(r, "ddim", 3, 2, schedule_len=500, label=3, log=lambda m: None).guidance == 2.0
+
+
+def test_config_refuses_a_bad_sample_guidance():
+    from ddpmlab.config import load_config
+
+    with pytest.raises(ConfigError, match="'train.sample_guidance' must be a guidance scale >= 0 or null, got -1"):
+        load_config("mnist", ["train.sample_guidance=-1"])
+    with pytest.raises(ConfigError, match="needs the unconditional model that label dropout trains"):
+        load_config("mnist", ["train.label_dropout=0"])
+    assert load_config("mnist", ["train.label_dropout=0", "train.sample_guidance=null"]).train.sample_guidance is None
+
+
 # ---------------------------------------------------------------- a trained model: digits
 
 

@@ -27,7 +27,7 @@ from ddpmlab.training.setup import resume_config
 SR16 = ["data.dataset=folder", "data.path=unused", "data.image_size=16", "data.channels=1", "model.condition=low_res",
         "data.low_res=8", "model.base_channels=16", "model.norm_groups=8", "model.channel_mults=[1,2]",
         "model.attention_resolutions=[]", "model.num_res_blocks=1", "model.dropout=0", "train.mixed_precision=no",
-        "diffusion.min_snr_gamma=null"]  # the plain L_simple the numbers below were measured with
+        "diffusion.min_snr_gamma=null", "model.num_classes=null"]  # as the numbers below were measured
 # 4x4 -> 8x8 digits, a tiny UNet: a run trains in seconds
 TINY_RUN = ["data.dataset=digits", "data.split=train", "model.condition=low_res", "data.low_res=4",
             "model.base_channels=8", "model.norm_groups=4", "model.channel_mults=[1,2]",

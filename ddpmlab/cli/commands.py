@@ -26,6 +26,7 @@ from ddpmlab.evaluate.superres import evaluate_superres, format_superres, save_s
 from ddpmlab.io.checkpoint import load_run_config, require_run_dir
 from ddpmlab.io.diffusers_bridge import export_diffusers
 from ddpmlab.io.images import comparison_row, load_mask, load_picture, save_grid, save_images
+from ddpmlab.io.latent_export import export_latent_run
 from ddpmlab.models.conditioned import condition_from_low_res, upsample
 from ddpmlab.runs import (
     Output,
@@ -33,16 +34,19 @@ from ddpmlab.runs import (
     SamplingPlan,
     condition_tag,
     draw_samples,
+    edit_img2img,
+    edit_inpaint,
     grid_scale,
+    load_autoencoder,
     load_diffusers_run,
     load_run,
     plan_sampling,
-    require_pixel_run,
     resolve_device,
     resolve_output,
+    run_guidance,
     write_raw,
 )
-from ddpmlab.samplers.editing import img2img, inpaint, strength_to_steps
+from ddpmlab.samplers.editing import strength_to_steps
 from ddpmlab.samplers.guidance import conditioning
 from ddpmlab.samplers.registry import get_spec
 from ddpmlab.training.autoencoder import train_autoencoder
@@ -197,7 +201,6 @@ def _image_run(args, command: str) -> Run:
     run = load_run(args.run_dir, args.weights, _device(args))
     if not run.is_image:
         raise DDPMError(f"ddpm {command} works on image models; {args.run_dir} was trained on 2-D points")
-    require_pixel_run(run, f"ddpm {command}")
     return run
 
 
@@ -215,16 +218,17 @@ def cmd_inpaint(args) -> int:
     if not 1 <= args.steps <= run.T:
         raise DDPMError(f"--steps must be between 1 and {run.T} (the model's num_timesteps), got {args.steps}")
     variance = variance_name(args.variance or run.cfg.diffusion.variance, "--variance")
-    image = load_picture(args.image, run.shape, args.resize, "--image", "--resize")
-    mask = load_mask(args.mask, run.shape[1:], args.resize, "--mask", "--resize")
+    image = load_picture(args.image, run.image_shape, args.resize, "--image", "--resize")
+    mask = load_mask(args.mask, run.image_shape[1:], args.resize, "--mask", "--resize")
+    if args.label is not None:  # without a class the fill keeps the picture's own
+        args.guidance = run_guidance(run, args.guidance, option=NAMES['guidance'])
     model, labels = conditioning(run.model, args.n, args.label, args.guidance, run.cfg.train.label_dropout, NAMES)
     tag = condition_tag(args.label, args.guidance)
     default = run.folder("samples") / f"inpaint_{Path(args.image).stem}_seed{args.seed}{tag}.png"
     output = resolve_output(args.out, default, "--out")  # before sampling: a bad --out costs nothing
-    x = inpaint(model, run.schedule, image, mask, args.n, prediction=run.cfg.diffusion.prediction, labels=labels,
-                steps=args.steps, jump_length=args.jump_length, jump_n_sample=args.jump_n_sample, variance=variance,
-                spacing=args.timesteps or "uniform", seed=args.seed, batch_size=args.batch_size, device=run.device,
-                progress=not args.no_progress)
+    x = edit_inpaint(run, model, image, mask, args.n, labels=labels, steps=args.steps, jump_length=args.jump_length,
+                     jump_n_sample=args.jump_n_sample, variance=variance, spacing=args.timesteps or "uniform",
+                     seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress)
     path = _write_row(run, comparison_row(image, x, mask), x, output)
     print(f"wrote {path} (input, mask, {args.n} inpaintings)")
     return 0
@@ -235,13 +239,12 @@ def cmd_img2img(args) -> int:
     run = _image_run(args, "img2img")
     n0 = strength_to_steps(args.strength, run.T)
     plan = _plan(args, run, args.n, schedule_len=max(n0, 1))
-    image = load_picture(args.image, run.shape, args.resize, "--image", "--resize")
+    image = load_picture(args.image, run.image_shape, args.resize, "--image", "--resize")
     default = (run.folder("samples") / f"img2img_{Path(args.image).stem}_strength{args.strength:g}_"
                f"seed{args.seed}{plan.condition_tag()}.png")
     output = resolve_output(args.out, default, "--out")  # before sampling: a bad --out costs nothing
-    x = img2img(plan.model, run.schedule, image, args.strength, args.n, sampler=plan.sampler, steps=plan.steps,
-                prediction=run.cfg.diffusion.prediction, labels=plan.labels, seed=args.seed,
-                batch_size=args.batch_size, device=run.device, progress=not args.no_progress, **plan.options)
+    x = edit_img2img(run, plan, image, args.strength, args.n, seed=args.seed, batch_size=args.batch_size,
+                     progress=not args.no_progress)
     path = _write_row(run, comparison_row(image, x), x, output)
     print(f"wrote {path} (input, {args.n} results; noised to t0 = {n0} of {run.T}, "
           f"{min(plan.steps, n0)} {plan.sampler} steps back)")
@@ -438,9 +441,17 @@ def cmd_ema(args) -> int:
 
 
 def cmd_export(args) -> int:
-    if load_run_config(require_run_dir(args.run_dir)).model.condition != "none":
+    cfg = load_run_config(require_run_dir(args.run_dir))
+    if cfg.model.condition != "none":
         raise DDPMError(f"{args.run_dir} is a super-resolution run (model.condition=low_res); diffusers' "
                         "DDPMPipeline has no low-res input, so it is not exported")
+    if cfg.model.autoencoder:  # the denoiser with its autoencoder, as an LDMPipeline or DiTPipeline
+        out = export_latent_run(args.run_dir, args.out, load_autoencoder(cfg.model.autoencoder, "cpu"), args.weights)
+        pipeline = "DiTPipeline" if cfg.model.kind == "dit" else "LDMPipeline"
+        print(f"wrote {out}: load it with diffusers.{pipeline}.from_pretrained({str(out)!r})"
+              + (" (class_labels=[...]; guidance_scale > 1 takes class 1000 as 'no label', so only with 1000 classes)"
+                 if pipeline == "DiTPipeline" else ""))
+        return 0
     out = export_diffusers(args.run_dir, args.out, which=args.weights)
     if (out / "transformer").is_dir():  # a DiT: no pipeline without a VAE
         print(f"wrote {out}: load it with diffusers.DiTTransformer2DModel.from_pretrained({str(out / 'transformer')!r})"

@@ -34,14 +34,16 @@ from ddpmlab.runs import (
     Run,
     SamplingPlan,
     draw_samples,
+    edit_img2img,
+    edit_inpaint,
     grid_scale,
     load_run,
     plan_sampling,
-    require_pixel_run,
     resolve_output,
+    run_guidance,
     write_raw,
 )
-from ddpmlab.samplers.editing import img2img, inpaint, strength_to_steps
+from ddpmlab.samplers.editing import strength_to_steps
 from ddpmlab.samplers.guidance import conditioning
 from ddpmlab.viz import commands as viz
 from ddpmlab.viz.plots import plot_loss
@@ -239,13 +241,12 @@ def _image_run(runs: Runs, run_dir, weights: str, command: str) -> Run:
     run = runs.get(run_dir, weights)
     if not run.is_image:
         raise DDPMError(f"{command} works on image models; {run.dir} was trained on 2-D points")
-    require_pixel_run(run, command)
     return run
 
 
 def editor_scale(run: Run) -> int:
     """The nearest-neighbour enlargement of the model's images in the mask editor."""
-    return max(1, EDITOR_SIZE // max(run.shape[1:]))
+    return max(1, EDITOR_SIZE // max(run.image_shape[1:]))
 
 
 def training_image(runs: Runs, run_dir, index, weights: str = "ema") -> Path:
@@ -265,7 +266,7 @@ def read_input(runs: Runs, run_dir, path, resize: bool = False, weights: str = "
     run = _image_run(runs, run_dir, weights, "inpainting")
     if not path:
         raise DDPMError("no input image: upload a picture or pick a training image first")
-    x = load_picture(path, run.shape, resize, "image", RESIZE_OPTION)
+    x = load_picture(path, run.image_shape, resize, "image", RESIZE_OPTION)
     png = save_images(x[None], runs.new_folder("input"))[0]
     return png, enlarged(png, editor_scale(run))
 
@@ -310,7 +311,7 @@ class EditResult:
 def _write_row(run: Run, row: torch.Tensor, results: torch.Tensor, folder: Path) -> Tuple[Path, List[Path]]:
     """As ``ddpm inpaint/img2img --out FOLDER/``: FOLDER/grid.png (the row) and one PNG per result."""
     output = Output(folder, True)
-    picture = save_grid(row, output.picture, nrow=len(row), scale=grid_scale(run.shape))
+    picture = save_grid(row, output.picture, nrow=len(row), scale=grid_scale(run.image_shape))
     return picture, save_images(results, output.path)
 
 
@@ -331,18 +332,19 @@ def inpaint_image(runs: Runs, run_dir, image_png, *, layers=None, mask_file=None
     label, guidance = _condition(run, label, guidance)
     if not image_png:
         raise DDPMError("no input image: upload a picture or pick a training image first")
-    image = load_picture(image_png, run.shape, False, "image", RESIZE_OPTION)
+    image = load_picture(image_png, run.image_shape, False, "image", RESIZE_OPTION)
     if mask_file:
-        mask = load_mask(mask_file, run.shape[1:], resize, "mask file", RESIZE_OPTION)
+        mask = load_mask(mask_file, run.image_shape[1:], resize, "mask file", RESIZE_OPTION)
     else:
-        mask = mask_from_layers(layers, run.shape[1:], editor_scale(run))
+        mask = mask_from_layers(layers, run.image_shape[1:], editor_scale(run))
         if mask is None:
             raise DDPMError("no mask: paint the region to fill with the brush, or upload a mask file")
     variance = variance_name(run.cfg.diffusion.variance, "variance")
+    guidance = guidance if label is None else run_guidance(run, guidance, option=NAMES['guidance'])
     model, labels = conditioning(run.model, n, label, guidance, run.cfg.train.label_dropout, NAMES)
-    x = inpaint(model, run.schedule, image, mask, n, prediction=run.cfg.diffusion.prediction, labels=labels,
-                steps=steps, jump_length=jump_length, jump_n_sample=jump_n_sample, variance=variance,
-                spacing="uniform", seed=seed, batch_size=EDIT_BATCH, device=run.device, progress=progress)
+    x = edit_inpaint(run, model, image, mask, n, labels=labels, steps=steps, jump_length=jump_length,
+                     jump_n_sample=jump_n_sample, variance=variance, spacing="uniform", seed=seed,
+                     batch_size=EDIT_BATCH, progress=progress)
     picture, files = _write_row(run, comparison_row(image, x, mask), x, runs.new_folder("inpaint"))
     return EditResult(picture, files, f"input, mask, {n} inpaintings (RePaint, {steps} steps, jumps "
                                       f"{jump_length} x {jump_n_sample}, seed {seed})", mask)
@@ -360,10 +362,8 @@ def img2img_image(runs: Runs, run_dir, image_png, *, strength=0.5, sampler: str 
     plan = _plan(run, sampler, steps, None, n, label, guidance, seed, limits, schedule_len=max(n0, 1))
     if not image_png:
         raise DDPMError("no input image: upload a picture or pick a training image first")
-    image = load_picture(image_png, run.shape, False, "image", RESIZE_OPTION)
-    x = img2img(plan.model, run.schedule, image, strength, n, sampler=plan.sampler, steps=plan.steps,
-                prediction=run.cfg.diffusion.prediction, labels=plan.labels, seed=seed, batch_size=EDIT_BATCH,
-                device=run.device, progress=progress, **plan.options)
+    image = load_picture(image_png, run.image_shape, False, "image", RESIZE_OPTION)
+    x = edit_img2img(run, plan, image, strength, n, seed=seed, batch_size=EDIT_BATCH, progress=progress)
     picture, files = _write_row(run, comparison_row(image, x), x, runs.new_folder("img2img"))
     return EditResult(picture, files, f"input, {n} results (SDEdit, noised to t0 = {n0} of {run.T}, "
                                       f"{min(plan.steps, n0)} {plan.sampler} steps back, seed {seed})")

@@ -182,18 +182,27 @@ def export_diffusers(run_dir, out, which: str = "ema") -> Path:
     if out.exists() and any(out.iterdir()):
         raise DDPMError(f"output folder '{out}' exists and is not empty; choose a new folder")
     cfg, model = load_model(run_dir, which, "cpu")
+    if cfg.model.autoencoder:
+        raise DDPMError(f"{run_dir} is a latent run: export it with its autoencoder "
+                        "(ddpmlab.io.latent_export.export_latent_run, or `ddpm export`)")
     if cfg.model.kind == "dit":  # a transformer + scheduler folder (see export_dit)
         return export_dit(cfg, model, out)
-    unet = diffusers.UNet2DModel(**unet2d_config(cfg))
+    unet = unet2d_model(cfg, model, run_dir)
+    scheduler = diffusers.DDPMScheduler(**scheduler_config(cfg))
+    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
+    save_config(cfg, out / "ddpmlab_config.yaml")  # provenance; diffusers ignores it
+    return out
+
+
+def unet2d_model(cfg: Config, model, run_dir):
+    """diffusers' UNet2DModel holding ``model``'s weights, checked to compute what it does (float32, 1e-4)."""
+    unet = require_diffusers().UNet2DModel(**unet2d_config(cfg))
     try:
         unet.load_state_dict(to_diffusers_state_dict(model.state_dict()), strict=True)
     except RuntimeError as e:  # a new architecture option this bridge does not know yet
         raise DDPMError(f"the model of {run_dir} does not map to UNet2DModel ({str(e).splitlines()[0]})") from None
     _check_same_outputs(model, unet.eval(), cfg)
-    scheduler = diffusers.DDPMScheduler(**scheduler_config(cfg))
-    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
-    save_config(cfg, out / "ddpmlab_config.yaml")  # provenance; diffusers ignores it
-    return out
+    return unet
 
 
 @torch.no_grad()
@@ -268,21 +277,28 @@ def to_diffusers_dit_state_dict(state: Dict[str, torch.Tensor], depth: int) -> D
     return out
 
 
-def export_dit(cfg: Config, model, out: Path) -> Path:
-    """Write a DiT as ``out/transformer`` (DiTTransformer2DModel) + ``out/scheduler`` (DDPMScheduler), safetensors.
-
-    No ``DiTPipeline`` folder: that pipeline decodes latents with a VAE, which a DiT on pixels has not;
-    load the parts with ``from_pretrained(out / "transformer")`` and ``DDPMScheduler.from_pretrained(out /
-    "scheduler")``.  An unconditional DiT exports with one class of zero embedding (pass class_labels=0).
-    Checks that the exported transformer computes what ours does (float32, tolerance 1e-5).
-    """
-    diffusers = require_diffusers()
-    theirs = diffusers.DiTTransformer2DModel(**dit_transformer_config(cfg, model))
+def dit_transformer(cfg: Config, model):
+    """diffusers' DiTTransformer2DModel holding ``model``'s weights, checked to compute what it does (1e-5)."""
+    theirs = require_diffusers().DiTTransformer2DModel(**dit_transformer_config(cfg, model))
     try:
         theirs.load_state_dict(to_diffusers_dit_state_dict(model.state_dict(), len(model.blocks)), strict=True)
     except (RuntimeError, KeyError) as e:
         raise DDPMError(f"the DiT does not map to DiTTransformer2DModel ({str(e).splitlines()[0]})") from None
     _check_same_dit_outputs(model, theirs.eval(), cfg)
+    return theirs
+
+
+def export_dit(cfg: Config, model, out: Path) -> Path:
+    """Write a DiT as ``out/transformer`` (DiTTransformer2DModel) + ``out/scheduler`` (DDPMScheduler), safetensors.
+
+    No ``DiTPipeline`` folder: that pipeline decodes latents with a VAE, which a DiT on pixels has not
+    (a latent DiT run exports as one: :func:`ddpmlab.io.latent_export.export_latent_run`);
+    load the parts with ``from_pretrained(out / "transformer")`` and ``DDPMScheduler.from_pretrained(out /
+    "scheduler")``.  An unconditional DiT exports with one class of zero embedding (pass class_labels=0).
+    Checks that the exported transformer computes what ours does (float32, tolerance 1e-5).
+    """
+    diffusers = require_diffusers()
+    theirs = dit_transformer(cfg, model)
     theirs.save_pretrained(str(out / "transformer"), safe_serialization=True)
     diffusers.DDPMScheduler(**scheduler_config(cfg)).save_pretrained(str(out / "scheduler"))
     save_config(cfg, out / "ddpmlab_config.yaml")  # provenance; diffusers ignores it
