@@ -218,6 +218,25 @@ def test_diffusers_autoencoder_folder_as_model_autoencoder(tmp_path):
     assert json.loads((run / LATENTS_FILE).read_text())["scale_factor"] == 0.5
 
 
+def test_a_latent_run_evaluates_its_decoded_samples_during_training_as_ddpm_eval_does(tmp_path, capsys):
+    import csv
+
+    mnist = ["data.dataset=mnist", "data.split=test"]  # 500 digits: the classifier's 28x28
+    ae = _train_ae(tmp_path, "ae28", 2, mnist)
+    cfg = load_config(None, LDM + mnist + [f"model.autoencoder={ae}", f"train.out_dir={tmp_path}", "train.name=ldm",
+                                           "train.steps=2", "train.eval_every=2", "train.eval_n=130",
+                                           "train.eval_steps=2", "train.eval_metrics=[fid,kid]"])
+    run = train(cfg, progress=False)
+    row = list(csv.DictReader((run / "eval.csv").open()))[-1]
+    assert int(row["step"]) == 2 and float(row["fid"]) > 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--n", "130", "--steps", "2", "--metrics", "fid,kid", "--device", "cpu",
+                 "--no-progress"]) == 0
+    result = json.loads(next((run / "eval").glob("*.json")).read_text())
+    # the same decoded pixels against the same images (eval.csv keeps 6 significant digits)
+    assert result["metrics"]["fid"] == pytest.approx(float(row["fid"]), rel=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["unet", "dit"])
 def test_exported_latent_pipeline_samples_what_ddpmlab_samples(tmp_path, ae_run, kind, capsys):
     import diffusers

@@ -158,6 +158,7 @@ class TrainState:
     bar: Any = None
     guard: Optional[BadStepGuard] = None
     monitor: Optional[TrainingMonitor] = None
+    images: Optional[torch.utils.data.Dataset] = None  # the data in pixels (a latent run's dataset is its latents)
     losses: list = field(default_factory=list)  # losses of the good steps since the last log row
     t0: float = 0.0
     t_last: float = 0.0
@@ -175,9 +176,6 @@ def set_up(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> TrainSta
                           f"`ddpm train-autoencoder --resume {run_dir}`")
     if cfg.model.autoencoder:
         describe_autoencoder(cfg.model.autoencoder)  # a bad path fails before the data is read
-    if cfg.model.autoencoder and cfg.train.eval_every:
-        raise ConfigError("train.eval_every: evaluation during training is not supported for latent runs yet; set "
-                          "train.eval_every=0 and run `ddpm eval RUN` after training")
     accelerator, precision = _make_accelerator(cfg)
     if accelerator.device.type == "cpu" and cfg.train.keep_freed_memory:
         keep_freed_memory()
@@ -185,7 +183,7 @@ def set_up(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> TrainSta
     dataset = load_data(cfg)  # the data first: a missing or unusable dataset must not leave a run folder
     if main:
         print(describe_data(cfg, dataset))
-    latents = None
+    latents, images = None, dataset
     if cfg.model.autoencoder:  # latent diffusion: the denoiser trains on the encoded data
         dataset, latents = latent_dataset(cfg, dataset, accelerator, main, progress)
     if not resume:
@@ -205,7 +203,7 @@ def set_up(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> TrainSta
     objective = DiffusionObjective.from_config(cfg, schedule, gather=accelerator.gather)
     objective.load_state_dict(objective_state)
     s = TrainState(cfg, run_dir, accelerator, main, dataset, schedule, model, accelerator.unwrap_model(model),
-                   ema, opt, objective, start, power_ema)
+                   ema, opt, objective, start, power_ema, images=images)
     if main:
         _trim_log(run_dir / "log.csv", start)
     s.loader = _make_loader(s)
@@ -347,8 +345,10 @@ def _start_reporting(s: TrainState, progress: bool) -> None:
     s.bar = progress_bar(progress and s.main, total=s.cfg.train.steps, initial=s.start, desc="training")
     say = _say(s.bar) if s.main else (lambda m: None)
     s.guard = BadStepGuard(s.cfg.train.max_bad_steps, say=say, run_dir=s.run_dir)
-    # TensorBoard and evaluation every train.eval_every steps (main process only)
-    s.monitor = TrainingMonitor(s.cfg, s.run_dir, s.dataset, s.start, s.device, say=say) if s.main else None
+    # TensorBoard and evaluation every train.eval_every steps (main process only); evaluation draws
+    # pixels (a latent run's samples decoded) and scores them against the images
+    images = s.dataset if s.images is None else s.images
+    s.monitor = TrainingMonitor(s.cfg, s.run_dir, images, s.start, s.device, say=say) if s.main else None
     s.t0 = s.t_last = time.time()
 
 
