@@ -20,9 +20,10 @@ def test_defaults_are_the_papers_values():
 
 BUNDLED = {  # a few keys of each bundled config, as the files state them
     "mnist": {"data.dataset": "mnist", "model.base_channels": 32, "model.channel_mults": [1, 2, 2],
-              "train.steps": 3000, "train.minutes": 9.5, "diffusion.min_snr_gamma": 5.0, "train.sample_sampler": "ddpm",
+              "train.steps": 3000, "train.minutes": 9.5, "diffusion.min_snr_gamma": 5.0,
+              "train.sample_sampler": "dpmpp_2m_sde",
               "train.mixed_precision": "auto", "model.num_classes": 10, "train.sample_guidance": 2.0,
-              "train.sample_steps": 100},
+              "train.sample_steps": 20},
     "toy2d": {"data.dataset": "toy", "model.kind": "mlp", "model.hidden": 128, "train.steps": 3000,
               "train.sample_steps": 1000, "diffusion.variance": "fixed_large"},
     "toy2d_learned": {"model.kind": "mlp", "diffusion.variance": "learned_range", "diffusion.loss_type": "hybrid",

@@ -147,4 +147,4 @@ def test_train_names_the_bundled_data_first_and_ends_with_the_next_commands(tmp_
     assert lines[0] == "data: the bundled digits (1,797 images of 8x8, 1 channel; split all)"
     done = next(i for i, line in enumerate(lines) if line.startswith("done: "))
     assert [line.strip() for line in lines[done + 1:]] == [
-        "next:", f"ddpm sample {run} --sampler ddim --steps 50", f"ddpm eval {run}", f"ddpm viz loss {run}"]
+        "next:", f"ddpm sample {run} --sampler dpmpp_2m_sde --steps 1", f"ddpm eval {run}", f"ddpm viz loss {run}"]

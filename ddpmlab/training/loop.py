@@ -327,14 +327,17 @@ def finish(s: TrainState) -> None:
         s.monitor.close()
         print(f"done: {steps} steps in {time.time() - s.t0:.0f} s; samples (EMA) -> {path}"
               + (f"; {s.guard.total} steps skipped (non-finite loss or gradient)" if s.guard.total else ""))
-        print(next_commands(s.run_dir, superres=s.cfg.model.condition != "none"))
+        print(next_commands(s.run_dir, superres=s.cfg.model.condition != "none", sampler=s.cfg.train.sample_sampler,
+                            steps=s.cfg.train.sample_steps))
     s.accelerator.wait_for_everyone()
 
 
-def next_commands(run_dir: Path, superres: bool = False) -> str:
-    """The commands to try on a finished run (a super-resolution run upscales instead of sampling)."""
+def next_commands(run_dir: Path, superres: bool = False, sampler: str = "ddim", steps: int = 50) -> str:
+    """The commands to try on a finished run: sampling as its final samples were drawn (a super-resolution
+    run upscales instead)."""
     run = shlex.quote(str(run_dir))
-    first = f"  ddpm upscale {run} --image low.png" if superres else f"  ddpm sample {run} --sampler ddim --steps 50"
+    first = (f"  ddpm upscale {run} --image low.png" if superres
+             else f"  ddpm sample {run} --sampler {sampler} --steps {steps}")
     return "\n".join(["next:", first, f"  ddpm eval {run}", f"  ddpm viz loss {run}"])
 
 
