@@ -90,7 +90,7 @@ def diffusers_recipe(budget_s: float, seed: int):
     from diffusers.training_utils import EMAModel
 
     torch.manual_seed(seed)
-    cfg = load_config("mnist")
+    cfg = load_config("mnist", ["model.num_classes=null"])  # train_unconditional.py: no labels
     unet = diffusers.UNet2DModel(**unet2d_config(cfg))
     sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
