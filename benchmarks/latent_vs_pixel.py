@@ -4,7 +4,8 @@ Three denoisers train one after another in one process on the same machine, each
 (4,500 digits) within the same ``train.minutes`` budget (--minutes: set-up, training and the run's final
 grid of --row samples; after 40 steps the measured speed fixes ``train.steps``, capped at --max-steps):
 
-    pixel-unet    the default `ddpm train` config (configs/mnist.yaml): a 1.1M-parameter UNet on 28x28x1 pixels
+    pixel-unet    the default `ddpm train` config (configs/mnist.yaml), unconditional as the latent configs are
+                  (model.num_classes=null): a 1.1M-parameter UNet on 28x28x1 pixels
     latent-unet   configs/mnist_latent.yaml: a 0.96M-parameter UNet on the 7x7x4 latents of the autoencoder
     latent-dit    the same config with model.kind=dit (Peebles & Xie 2023): patch 1 (49 tokens), width 128,
                   depth 4, 4 heads, sized so that one forward pass costs the latent UNet's multiply-adds
@@ -68,7 +69,7 @@ from ddpmlab.training.setup import latent_dataset, load_data
 DIT = ["model.kind=dit", "model.preset=null", "model.patch_size=1", "model.dit_hidden=128", "model.dit_depth=4",
        "model.dit_heads=4"]
 MODELS = {  # name: (bundled config, its overrides before the user's)
-    "pixel-unet": ("mnist", []),
+    "pixel-unet": ("mnist", ["model.num_classes=null"]),  # unconditional, as the latent configs are
     "latent-unet": ("mnist_latent", []),
     "latent-dit": ("mnist_latent", DIT),
 }
