@@ -389,9 +389,10 @@ def plan_sampling(run: Run, sampler: Optional[str] = "ddim", steps: Optional[int
     variance defaults to the run's ``diffusion.variance``.  Class labels: ``label`` for all; with
     guidance and no label, or with ``cycle_classes`` on a conditional run, 0, 1, ..., K-1, 0, ...;
     otherwise none (a conditional run's "no label" row).  ``guidance`` None on a conditional run
-    whose config sets train.sample_guidance: that scale (img2img only with a label).  ``names`` maps option names to the
-    caller's (e.g. {"steps": "--steps"}) for the messages.  ``cond``: what an image-conditioned run
-    (model.condition) is conditioned on, (n or 1, C, H, W) at the image size (sample i gets row i).
+    whose config sets train.sample_guidance: that scale (img2img only with a label).  ``names``
+    maps option names to the caller's (e.g. {"steps": "--steps"}) for the messages.  ``cond``: what
+    an image-conditioned run (model.condition) is conditioned on, (n or 1, C, H, W) at the image
+    size (sample i gets row i).
     """
     names = names or {}
     rec = recommended_sampler(run, steps, timesteps) if sampler is None else None

@@ -282,9 +282,9 @@ def _export_and_data_parsers(sub) -> None:
                         description="Export a trained run. --format diffusers writes a folder that "
                                     "diffusers.DDPMPipeline.from_pretrained(OUT) loads (UNet2DModel + DDPMScheduler, "
                                     "safetensors); a DiT run (model.kind dit) is written as OUT/transformer "
-                                    "(DiTTransformer2DModel) + OUT/scheduler; a latent run (model.autoencoder) as an LDMPipeline "
-                                    "(UNet) or DiTPipeline (DiT) folder with its VAE; options diffusers cannot express are "
-                                    "refused by name.")
+                                    "(DiTTransformer2DModel) + OUT/scheduler; a latent run (model.autoencoder) as an "
+                                    "LDMPipeline (UNet) or DiTPipeline (DiT) folder with its VAE; options diffusers "
+                                    "cannot express are refused by name.")
     ex.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `ddpm train`")
     ex.add_argument("out", metavar="OUT", help="new output folder")
     ex.add_argument("--format", default="diffusers", choices=["diffusers"], help="output format (default diffusers)")

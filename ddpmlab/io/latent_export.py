@@ -44,7 +44,8 @@ def exported_vae(codec: LatentCodec, atol: float = 1e-4):
         theirs = vae.decode(z / vae.config.scaling_factor).sample
     err = (ours - theirs).abs().max().item()
     if not err <= atol * max(1.0, ours.abs().max().item()):
-        raise DDPMError(f"the exported AutoencoderKL does not decode as the run's codec does (max difference {err:.2e})")
+        raise DDPMError(f"the exported AutoencoderKL does not decode as the run's codec does (max difference "
+                        f"{err:.2e})")
     return vae
 
 
