@@ -8,8 +8,8 @@ scale unless --guidance), scored with the shipped MNIST classifier as the featur
 the 500 held-out test digits (quality_per_minute.py's scoring: classifier-FID, KID, confident share
 p >= 0.8).  Images of another size are resized (bilinear) to 28x28 for the classifier, the real
 digits the same way (down to the run's size and back up), so both sides see the same blur.  A
-sample counts as "noise" when its mean absolute pixel difference to its 4-neighbours exceeds that
-of every real test digit (salt-and-pepper samples with no stroke in them).
+sample counts as "rough" when its mean absolute pixel difference to its right and lower neighbours
+exceeds that of every real test digit at the run's size (the salt-and-pepper samples).
 
 Prints a markdown table with each FID's ratio to the reference and writes it and the numbers
 (JSON) to --out.  Network evaluations (NFE) are per sample; guidance doubles them (one batched
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     # the real digits at the run's size and back up, as the samples will be
     real_feats, _ = extract(extractor, batches(to_classifier(small), 500), total=len(real), with_logits=True,
                             progress=False)
-    noise_level = float(roughness(small).max())
+    rough_level = float(roughness(small).max())
     cost = 2 if guidance is not None else 1
     jobs = [("ddpm", None, args.reference_steps)]
     for s in args.samplers.split(","):
@@ -96,19 +96,19 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - t0
         r = score(to_classifier(x), extractor, real_feats)
         r.update(sampler=sampler + (f":{schedule}" if schedule else ""), steps=steps, nfe=plan.steps * cost,
-                 seconds=round(seconds, 1), noise=float((roughness(x) > noise_level).float().mean()))
+                 seconds=round(seconds, 1), rough=float((roughness(x) > rough_level).float().mean()))
         rows.append(r)
         print(f"{r['sampler']:>20s} {steps:4d} steps: FID {r['fid']:.3f}, confident {r['confident']:.1%}, "
-              f"noise {r['noise']:.1%} ({seconds:.0f} s)", flush=True)
+              f"rough {r['rough']:.1%} ({seconds:.0f} s)", flush=True)
     ref = rows[0]["fid"]
     g = f", guidance {guidance:g}" if guidance is not None else ""
     lines = [f"Machine: {cpu_name()}. Run {args.run} ({'x'.join(map(str, run.image_shape))}{g}); {args.n} samples "
              f"each from the same seeds, scored against the 500 held-out test digits.", "",
-             "| sampler | steps | NFE | classifier-FID | / DDPM-250 | KID | confident | noise samples | time |",
+             "| sampler | steps | NFE | classifier-FID | / DDPM-250 | KID | confident | rough | time |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid']:.3f} | {r['fid'] / ref:.2f} | "
-                     f"{r['kid']:.4f} | {r['confident']:.1%} | {r['noise']:.1%} | {r['seconds']:.0f} s |")
+                     f"{r['kid']:.4f} | {r['confident']:.1%} | {r['rough']:.1%} | {r['seconds']:.0f} s |")
     table = "\n".join(lines)
     print(table)
     out = Path(args.out) if args.out else run.folder("bench")

@@ -202,7 +202,7 @@ def test_editing_commands_check_out_before_sampling(run, tmp_path, capsys, monke
     Image.new("L", (8, 8), 128).save(tmp_path / "in.png")
     Image.new("L", (8, 8), 255).save(tmp_path / "mask.png")
     for name in ("inpaint", "img2img"):
-        monkeypatch.setattr(f"ddpmlab.cli.commands.{name}", lambda *a, **k: pytest.fail("sampled before --out"))
+        monkeypatch.setattr(f"ddpmlab.cli.commands.edit_{name}", lambda *a, **k: pytest.fail("sampled before --out"))
     for argv in (["inpaint", str(run), "--mask", str(tmp_path / "mask.png")], ["img2img", str(run)]):
         rc, err = _err(capsys, [*argv, "--image", str(tmp_path / "in.png"), "--out", str(tmp_path / "row.xyz")])
         assert rc == 2 and "unknown picture extension '.xyz'" in err, argv
