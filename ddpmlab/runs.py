@@ -245,6 +245,17 @@ def edit_inpaint(run: Run, model, image: torch.Tensor, mask: torch.Tensor, n: in
     return torch.where(mask[None] > 0.5, x, image[None])
 
 
+def edit_conditioning(run: Run, n: int, label: Optional[int], guidance: Optional[float],
+                      names: Dict[str, str]) -> tuple:
+    """(model, labels, guidance) for editing ``n`` copies of a given picture: :func:`conditioning` with the
+    run's train.sample_guidance only where a class is asked for (without one the fill keeps the
+    picture's own class; :func:`plan_sampling` applies the same rule to img2img)."""
+    if label is not None:
+        guidance = run_guidance(run, guidance, option=names.get("guidance", "guidance"))
+    model, labels = conditioning(run.model, n, label, guidance, run.cfg.train.label_dropout, names)
+    return model, labels, guidance
+
+
 def edit_img2img(run: Run, plan: "SamplingPlan", image: torch.Tensor, strength: float, n: int, *,
                  seed: int = 0, batch_size: int = 64, progress: bool = True) -> torch.Tensor:
     """SDEdit variations of ``image`` (C, H, W, pixels) as planned: (n, C, H, W) pixels on the CPU; a latent

@@ -34,6 +34,7 @@ from ddpmlab.runs import (
     SamplingPlan,
     condition_tag,
     draw_samples,
+    edit_conditioning,
     edit_img2img,
     edit_inpaint,
     grid_scale,
@@ -43,11 +44,9 @@ from ddpmlab.runs import (
     plan_sampling,
     resolve_device,
     resolve_output,
-    run_guidance,
     write_raw,
 )
 from ddpmlab.samplers.editing import strength_to_steps
-from ddpmlab.samplers.guidance import conditioning
 from ddpmlab.samplers.registry import get_spec
 from ddpmlab.training.autoencoder import train_autoencoder
 from ddpmlab.training.distill import distill_run
@@ -220,10 +219,8 @@ def cmd_inpaint(args) -> int:
     variance = variance_name(args.variance or run.cfg.diffusion.variance, "--variance")
     image = load_picture(args.image, run.image_shape, args.resize, "--image", "--resize")
     mask = load_mask(args.mask, run.image_shape[1:], args.resize, "--mask", "--resize")
-    if args.label is not None:  # without a class the fill keeps the picture's own
-        args.guidance = run_guidance(run, args.guidance, option=NAMES['guidance'])
-    model, labels = conditioning(run.model, args.n, args.label, args.guidance, run.cfg.train.label_dropout, NAMES)
-    tag = condition_tag(args.label, args.guidance)
+    model, labels, guidance = edit_conditioning(run, args.n, args.label, args.guidance, NAMES)
+    tag = condition_tag(args.label, guidance)
     default = run.folder("samples") / f"inpaint_{Path(args.image).stem}_seed{args.seed}{tag}.png"
     output = resolve_output(args.out, default, "--out")  # before sampling: a bad --out costs nothing
     x = edit_inpaint(run, model, image, mask, args.n, labels=labels, steps=args.steps, jump_length=args.jump_length,

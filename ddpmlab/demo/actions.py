@@ -34,17 +34,16 @@ from ddpmlab.runs import (
     Run,
     SamplingPlan,
     draw_samples,
+    edit_conditioning,
     edit_img2img,
     edit_inpaint,
     grid_scale,
     load_run,
     plan_sampling,
     resolve_output,
-    run_guidance,
     write_raw,
 )
 from ddpmlab.samplers.editing import strength_to_steps
-from ddpmlab.samplers.guidance import conditioning
 from ddpmlab.viz import commands as viz
 from ddpmlab.viz.plots import plot_loss
 from ddpmlab.viz.samples import save_samples
@@ -340,8 +339,7 @@ def inpaint_image(runs: Runs, run_dir, image_png, *, layers=None, mask_file=None
         if mask is None:
             raise DDPMError("no mask: paint the region to fill with the brush, or upload a mask file")
     variance = variance_name(run.cfg.diffusion.variance, "variance")
-    guidance = guidance if label is None else run_guidance(run, guidance, option=NAMES['guidance'])
-    model, labels = conditioning(run.model, n, label, guidance, run.cfg.train.label_dropout, NAMES)
+    model, labels, _ = edit_conditioning(run, n, label, guidance, NAMES)
     x = edit_inpaint(run, model, image, mask, n, labels=labels, steps=steps, jump_length=jump_length,
                      jump_n_sample=jump_n_sample, variance=variance, spacing="uniform", seed=seed,
                      batch_size=EDIT_BATCH, progress=progress)

@@ -171,6 +171,14 @@ def _diffusers_betas(name: str, conf: dict) -> torch.Tensor:
     return sched.betas.double()
 
 
+def new_output_folder(out) -> Path:
+    """``out`` as a Path, refused when it exists and is not empty (an export never mixes into a folder)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise DDPMError(f"output folder '{out}' exists and is not empty; choose a new folder")
+    return out
+
+
 def export_diffusers(run_dir, out, which: str = "ema") -> Path:
     """Write ``run_dir``'s weights as a folder ``DDPMPipeline.from_pretrained(out)`` loads (safetensors).
 
@@ -178,9 +186,7 @@ def export_diffusers(run_dir, out, which: str = "ema") -> Path:
     A DiT run (model.kind dit) is written as a transformer + scheduler folder: see :func:`export_dit`.
     """
     diffusers = require_diffusers()
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise DDPMError(f"output folder '{out}' exists and is not empty; choose a new folder")
+    out = new_output_folder(out)
     cfg, model = load_model(run_dir, which, "cpu")
     if cfg.model.autoencoder:
         raise DDPMError(f"{run_dir} is a latent run: export it with its autoencoder "

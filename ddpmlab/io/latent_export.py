@@ -21,7 +21,13 @@ import torch
 from ddpmlab.config import save_config
 from ddpmlab.errors import DDPMError
 from ddpmlab.io.checkpoint import load_model
-from ddpmlab.io.diffusers_bridge import dit_transformer, require_diffusers, scheduler_config, unet2d_model
+from ddpmlab.io.diffusers_bridge import (
+    dit_transformer,
+    new_output_folder,
+    require_diffusers,
+    scheduler_config,
+    unet2d_model,
+)
 from ddpmlab.models.autoencoder import LatentCodec
 
 
@@ -53,9 +59,7 @@ def export_latent_run(run_dir, out, codec: LatentCodec, which: str = "ema") -> P
     """Write the latent run ``run_dir`` (its ``which`` weights) with ``codec`` (the run's model.autoencoder)
     as an ``LDMPipeline`` (UNet) or ``DiTPipeline`` (DiT) folder, safetensors; returns ``out``."""
     diffusers = require_diffusers()
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise DDPMError(f"output folder '{out}' exists and is not empty; choose a new folder")
+    out = new_output_folder(out)
     cfg, model = load_model(run_dir, which, "cpu")
     if not cfg.model.autoencoder:
         raise DDPMError(f"{run_dir} is not a latent run (model.autoencoder is empty); export it with `ddpm export`")

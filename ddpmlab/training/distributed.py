@@ -77,6 +77,17 @@ def agree_on(value, device: str):
     return broadcast_object_list([value], from_process=0)[0]
 
 
+def own_rows(n: int, rank: int) -> slice:
+    """This process's rows ``rank * n .. (rank + 1) * n`` of the global batch (n rows per process)."""
+    return slice(rank * n, (rank + 1) * n)
+
+
+def draw_uniform(n: int, global_batch: int, rank: int, generator: torch.Generator) -> torch.Tensor:
+    """U[0, 1) draws for this process's n rows, drawn for the global batch from the shared ``generator``
+    (as :func:`draw_t_and_noise`), so any number of processes gets the same draws per example."""
+    return torch.rand(global_batch, generator=generator, device=generator.device)[own_rows(n, rank)]
+
+
 def draw_t_and_noise(sample_timesteps: Callable, x0: torch.Tensor, global_batch: int, rank: int,
                      generator: torch.Generator, offset: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """t (n,) and eps like ``x0`` (n, ...) for this process's rows ``rank * n .. (rank + 1) * n`` of the global batch.
@@ -84,8 +95,7 @@ def draw_t_and_noise(sample_timesteps: Callable, x0: torch.Tensor, global_batch:
     ``generator`` must be seeded identically on every process (by seed and step only).  ``offset``
     > 0 adds offset * N(0, 1) per image and channel of images (n, C, H, W) (offset noise).
     """
-    n = x0.shape[0]
-    rows = slice(rank * n, (rank + 1) * n)
+    rows = own_rows(x0.shape[0], rank)
     # Algorithm 1, lines 3-4: t ~ Uniform({1..T}), eps ~ N(0, I), for all B examples of the step
     t = sample_timesteps(global_batch, device=x0.device, generator=generator)[rows]
     noise = torch.randn((global_batch, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype)

@@ -37,6 +37,7 @@ from ddpmlab.samplers.registry import get_sampler
 from ddpmlab.training.budget import PROBE_END, PROBE_START, Budget
 from ddpmlab.training.distributed import (
     draw_t_and_noise,
+    draw_uniform,
     micro_batches,
     process_state,
     scaler_state,
@@ -175,11 +176,9 @@ def train_step(s: TrainState, step: int, x0: torch.Tensor, y: torch.Tensor) -> S
     # lines 3-4: t ~ Uniform({1..T}) (or importance-sampled) and eps ~ N(0, I) for the global batch
     t, noise = draw_t_and_noise(s.objective.sample_timesteps, x0, cfg.train.batch_size, acc.process_index, shared,
                                 cfg.diffusion.offset_noise)
-    if y is not None:  # classifier-free guidance: some labels become "no label" (drawn as t and eps are, for
-        # the global batch, so that any number of processes drops the same examples' labels)
-        u = torch.rand(cfg.train.batch_size, generator=shared, device=s.device)
-        rows = slice(acc.process_index * len(y), (acc.process_index + 1) * len(y))
-        y = drop_labels(y, cfg.train.label_dropout, cfg.model.num_classes, u=u[rows])
+    if y is not None:  # classifier-free guidance: some labels become "no label" (drawn as t and eps are)
+        u = draw_uniform(len(y), cfg.train.batch_size, acc.process_index, shared)
+        y = drop_labels(y, cfg.train.label_dropout, cfg.model.num_classes, u=u)
     cond = training_condition(x0, cfg, generator=own)  # super-resolution (SR3): x0's low-res version, upsampled
     lr = learning_rate(cfg, step)
     for g in s.opt.param_groups:
