@@ -21,7 +21,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -317,9 +317,13 @@ class SamplingPlan:
         return f"{self.sampler}, {self.steps} steps{extra}"
 
 
-def default_sampler(cfg: Config) -> str:
-    """The sampler a run samples with when none is named: 'student' for a distilled student, else 'ddim'."""
-    return "student" if getattr(cfg, "distill", None) is not None and cfg.distill.teacher else "ddim"
+def default_sampler(cfg: Config) -> Tuple[str, Optional[int]]:
+    """(sampler, steps or None) a run samples with when none is named and no recommendation exists:
+    'student' for a distilled student, else the sampler and steps of the run's own samples
+    (train.sample_sampler / train.sample_steps)."""
+    if getattr(cfg, "distill", None) is not None and cfg.distill.teacher:
+        return "student", None
+    return cfg.train.sample_sampler, cfg.train.sample_steps
 
 
 def _student_steps(run: Run, steps: Optional[int], timesteps: Optional[str], names: Dict[str, str]) -> tuple:
@@ -393,7 +397,8 @@ def plan_sampling(run: Run, sampler: Optional[str] = "ddim", steps: Optional[int
                   log: Callable[[str], None] = print, cond: Optional[torch.Tensor] = None) -> SamplingPlan:
     """The sampler call for ``n`` samples of ``run``, every rule in one place.
 
-    sampler: None means the run's recommendation (:func:`recommended_sampler`), else its default.
+    sampler: None means the run's recommendation (:func:`recommended_sampler`), else its default
+    (:func:`default_sampler`: a student's own, or the run's train.sample_sampler and sample_steps).
     steps: default the sampler's own (ddpm: all ``schedule_len`` timesteps, default T; others 50),
     checked against the schedule.  options: the caller's explicit sampler options (None values
     are dropped); one that the sampler does not take is refused.  The ancestral sampler's
@@ -411,7 +416,13 @@ def plan_sampling(run: Run, sampler: Optional[str] = "ddim", steps: Optional[int
         sampler, timesteps, steps = rec[0], timesteps or rec[1], rec[2] if steps is None else steps
         log(f"sampler: {sampler}{' with ' + timesteps + ' timesteps' if timesteps else ''}, {steps} steps, as "
             f"recommended by ddpm bench samplers ({run.dir / RECOMMENDATION_FILE}; name --sampler to override)")
-    spec = get_spec(default_sampler(run.cfg) if sampler is None else sampler, names.get("sampler", "sampler"))
+    if sampler is None:
+        sampler, own_steps = default_sampler(run.cfg)
+        if own_steps is not None:
+            steps = own_steps if steps is None else steps
+            log(f"sampler: {sampler}, {steps} steps: the run's train.sample_sampler (name "
+                f"{names.get('sampler', 'sampler')} to override)")
+    spec = get_spec(sampler, names.get("sampler", "sampler"))
     spec.check_step_schedule(timesteps, names.get("timesteps", "timesteps"))
     n_sched = run.T if schedule_len is None else schedule_len
     student_options = {}

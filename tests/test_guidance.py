@@ -362,7 +362,7 @@ def test_cli_sample_with_class_and_guidance(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "class 10 is out of range" in err and "0..9" in err
     assert main(["sample", str(run), "--class", "3", "--guidance", "2", "--n", "4", "--steps", "3",
-                 "--device", "cpu", "--npz"]) == 0
+                 "--sampler", "ddim", "--device", "cpu", "--npz"]) == 0
     out = run / "samples" / "ddim_3steps_seed0_class3_guidance2.npz"
     x = torch.from_numpy(np.load(out)["samples"])
     # the same samples from the library: --class 3 --guidance 2 is guided(model, 3, 2.0)
@@ -384,10 +384,12 @@ def test_a_conditional_runs_sample_guidance_is_the_default_scale_and_flags_overr
     from ddpmlab.samplers.generate import generate
 
     run = _hand_made_run(tmp_path / "cond", num_classes=10)  # the mnist config: train.sample_guidance 2
-    assert main(["sample", str(run), "--n", "4", "--steps", "3", "--device", "cpu", "--npz"]) == 0
+    assert main(["sample", str(run), "--n", "4", "--steps", "3", "--sampler", "ddim", "--device", "cpu",
+                 "--npz"]) == 0
     assert "guidance 2: the run's train.sample_guidance" in capsys.readouterr().out
     x = torch.from_numpy(np.load(run / "samples" / "ddim_3steps_seed0_guidance2.npz")["samples"])
-    assert main(["sample", str(run), "--n", "4", "--steps", "3", "--device", "cpu", "--npz", "--guidance", "0"]) == 0
+    assert main(["sample", str(run), "--n", "4", "--steps", "3", "--sampler", "ddim", "--device", "cpu", "--npz",
+                 "--guidance", "0"]) == 0
     x0 = torch.from_numpy(np.load(run / "samples" / "ddim_3steps_seed0_guidance0.npz")["samples"])
     cfg, model = load_model(run)
     sched, labels = NoiseSchedule.from_config(cfg.diffusion), torch.arange(4)  # guided, no class: 0, 1, 2, 3

@@ -15,6 +15,7 @@ from ddpmlab.evaluate.ode_error import convergence_order, diffusers_flow, ode_er
 from ddpmlab.samplers import ModelPredictor
 from ddpmlab.samplers.base import dynamic_threshold
 from ddpmlab.samplers.registry import SAMPLER_SPECS, SAMPLERS
+from ddpmlab.samplers.steps import resolve_timesteps, sigmas_for
 
 SCHEDULE = NoiseSchedule.make("linear", 1000)
 GAUSS = GaussianMixture(means=[[1.0, -0.5, 0.25]], stds=[0.5])
@@ -85,6 +86,36 @@ def test_dpmpp_2m_sde_without_noise_is_dpmpp_2m(steps, timesteps):
     other = SAMPLERS["dpmpp_2m_sde"](_predict(MIX), SCHEDULE, x_T, steps, timesteps=timesteps, eta=0.0,
                                      solver_type="heun")
     assert rmse(other, want) > 1e-6
+
+
+def test_dpmpp_2m_sde_noise_window_is_the_ode_outside_it():
+    x_T, steps = _noise(64, 2, seed=4), 12
+    sig = sigmas_for(SCHEDULE, resolve_timesteps("logsnr", SCHEDULE, steps)).tolist()  # VE levels, largest first
+
+    def run(**kw):
+        seen = []
+        x = SAMPLERS["dpmpp_2m_sde"](_predict(MIX), SCHEDULE, x_T, steps, generator=_gen(), **kw,
+                                     callback=lambda k, x, x0: seen.append(x))
+        return x, seen
+
+    ode, ode_path = run(eta=0.0)
+    # a window no step starts in: exactly the ODE; one every step starts in: exactly the full SDE
+    assert torch.equal(run(s_tmin=10 * sig[0])[0], ode)
+    assert torch.equal(run(s_tmin=0.0, s_tmax=2 * sig[0])[0], run()[0])
+    # noise only below sigma = sig[5]: the first five steps are the ODE's, bit for bit; then it differs
+    low, low_path = run(s_tmax=sig[5])
+    assert all(torch.equal(a, b) for a, b in zip(low_path[:5], ode_path[:5]))
+    assert rmse(low_path[5], ode_path[5]) > 1e-3 and rmse(low, ode) > 1e-3
+    with pytest.raises(ConfigError, match="s_tmax must be a number >= s_tmin"):
+        run(s_tmin=1.0, s_tmax=0.5)
+
+
+def test_dpmpp_2m_sde_with_a_noise_window_keeps_the_marginals():
+    # every eta has the data's marginals in continuous time, so switching eta mid-way keeps them too
+    for window in ({"s_tmax": 1.0}, {"s_tmin": 1.0}):
+        x = SAMPLERS["dpmpp_2m_sde"](_predict(), SCHEDULE, _noise(8000, 3), 50, generator=_gen(), **window)
+        assert torch.allclose(x.mean(0), GAUSS.mean(), atol=0.03), (window, x.mean(0))
+        assert torch.allclose(torch.cov(x.T), GAUSS.covariance(), atol=0.03), (window, torch.cov(x.T))
 
 
 @pytest.mark.parametrize("solver", ["heun", "euler"])
@@ -246,7 +277,13 @@ def test_bench_records_the_best_sampler_and_sample_uses_it(tiny_run, tmp_path, c
     from ddpmlab.runs import draw_samples, load_run, plan_sampling
 
     run = load_run(tiny_run, device="cpu")
-    assert plan_sampling(run, None, log=lambda m: None).sampler == "ddim"  # no recommendation yet: the default
+    # no recommendation yet: the run's own sampler and steps (toy2d: ddpm; train.sample_steps=5), said in one line
+    said = []
+    plan = plan_sampling(run, None, log=said.append)
+    assert (plan.sampler, plan.steps) == ("ddpm", 5) and "train.sample_sampler" in said[0]
+    assert plan_sampling(run, None, 7, log=said.append).steps == 7
+    with pytest.raises(ConfigError, match="ddpm takes uniform, leading, trailing, not 'karras'"):
+        plan_sampling(run, None, log=said.append, timesteps="karras")
     assert main(["bench", "samplers", str(tiny_run), "--samplers", "ddim,dpmpp_2m:karras,edm", "--nfe", "3,6",
                  "--n", "8", "--reference-steps", "10", "--out", str(tmp_path), "--device", "cpu"]) == 0
     rec = json.loads((tiny_run / "recommended_samplers.json").read_text())
@@ -272,4 +309,4 @@ def test_bench_records_the_best_sampler_and_sample_uses_it(tiny_run, tmp_path, c
     assert plan_sampling(run, "ddim", 6, log=lambda m: None).sampler == "ddim"
     (tiny_run / "recommended_samplers.json").write_text("{not json")
     with pytest.warns(UserWarning, match="ignoring"):
-        assert plan_sampling(run, None, log=lambda m: None).sampler == "ddim"
+        assert plan_sampling(run, None, log=lambda m: None).sampler == "ddpm"

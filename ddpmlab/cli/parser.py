@@ -50,7 +50,7 @@ def _run_options(p: argparse.ArgumentParser, batch_size: int, seed: bool = True)
 def _sampling_options(p: argparse.ArgumentParser, sampler: Optional[str] = "ddim", conditional: bool = True) -> None:
     """The options of one sampler call (see ddpmlab.runs.plan_sampling); sampler None: the run's recommendation."""
     default = (f"default {sampler}" if sampler else "default: the best per NFE that `ddpm bench samplers RUN` "
-               "recorded in RUN/recommended_samplers.json, else ddim")
+               "recorded in RUN/recommended_samplers.json, else the run's own (train.sample_sampler and sample_steps)")
     p.add_argument("--sampler", default=sampler, help=f"one of: {SAMPLERS_HELP} ({default})")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps = model evaluations (default: all timesteps for ddpm, 50 otherwise)")

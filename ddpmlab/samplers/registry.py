@@ -111,7 +111,7 @@ SAMPLER_SPECS: Dict[str, SamplerSpec] = {s.name: s for s in [
                   "Heun, Karras et al. 2022, Alg. 2"),
     _thresholding(pc, TIMESTEPS, ["snr", "corrector_steps", "predictor"], True, 50,
                   "predictor-corrector with Langevin steps, Song et al. 2021"),
-    _thresholding(dpmpp_2m_sde, TIMESTEPS, ["eta", "s_noise", "solver_type"], True, 50,
+    _thresholding(dpmpp_2m_sde, TIMESTEPS, ["eta", "s_noise", "solver_type", "s_tmin", "s_tmax"], True, 50,
                   "DPM-Solver++(2M) SDE, Lu et al. 2022 (eta 0: dpmpp_2m)"),
     _thresholding(restart, TIMESTEPS, ["solver", "s_min", "s_max", "restarts", "restart_steps", "s_noise"], True, 50,
                   "Restart sampling, Xu et al. 2023 (Heun ODE with noise-and-re-solve intervals)"),

@@ -50,15 +50,20 @@ def _nonnegative(name: str, value: float) -> None:
 def dpmpp_2m_sde(predict, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int = 20, *,
                  generator: Optional[torch.Generator] = None, callback: Callback = None,
                  timesteps: Timesteps = "logsnr", eta: float = 1.0, s_noise: float = 1.0,
-                 solver_type: str = "midpoint") -> torch.Tensor:
+                 solver_type: str = "midpoint", s_tmin: float = 0.0, s_tmax: float = math.inf) -> torch.Tensor:
     """DPM-Solver++(2M) SDE: second-order multistep steps of the reverse SDE, NFE = steps.
 
     ``eta``: 0 is the probability-flow ODE (with ``solver_type="midpoint"`` exactly
     :func:`~ddpmlab.samplers.solvers.dpmpp_2m`), 1 the reverse diffusion SDE; ``s_noise`` scales
-    the injected noise.  x_T: (B, ...) -> x_0.
+    the injected noise.  ``s_tmin``/``s_tmax``: the SDE only on steps that start at a (VE) noise
+    level sigma in [s_tmin, s_tmax], the ODE (eta 0) on the others, as EDM's churn window
+    (Karras et al. 2022, Alg. 2).  x_T: (B, ...) -> x_0.
     """
     _nonnegative("eta", eta)
     _nonnegative("s_noise", s_noise)
+    _nonnegative("s_tmin", s_tmin)
+    if not (isinstance(s_tmax, (int, float)) and not isinstance(s_tmax, bool) and s_tmax >= s_tmin):
+        raise ConfigError(f"s_tmax must be a number >= s_tmin ({s_tmin}), got {s_tmax!r}")
     if solver_type not in ("midpoint", "heun"):
         raise ConfigError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     ts = resolve_timesteps(timesteps, schedule, steps)
@@ -71,14 +76,15 @@ def dpmpp_2m_sde(predict, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int
             x = x0  # the final step to sigma = 0 is the x0 prediction itself
         else:
             h = math.log(sig[i]) - math.log(sig[i + 1])
-            a = (1 + eta) * h
+            e = eta if s_tmin <= sig[i] <= s_tmax else 0.0
+            a = (1 + e) * h
             x = math.exp(-a) * x - math.expm1(-a) * x0
             if m_prev is not None:
                 r = h_prev / h
                 c = -math.expm1(-a) / 2 if solver_type == "midpoint" else (a + math.expm1(-a)) / a
                 x = x + c / r * (x0 - m_prev)
-            if eta > 0 and s_noise > 0:
-                x = x + sig[i + 1] * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise * randn_like(x, generator)
+            if e > 0 and s_noise > 0:
+                x = x + sig[i + 1] * math.sqrt(-math.expm1(-2 * e * h)) * s_noise * randn_like(x, generator)
             m_prev, h_prev = x0, h
         _report(callback, i, x, sig[i + 1], x0)
     return x
