@@ -4,9 +4,10 @@ One teacher run (--teacher RUN, or trained here with the bundled default config 
 4,500 digits, as `ddpm train` would), then, each timed from the start of `ddpm distill` to its final
 samples (distillation wall clock):
 
-    progressive   Salimans & Ho 2022, Alg. 2: one student per --steps K (1, 2, 4, 8), each distilled
-                  from the teacher by halving distill.teacher_steps (64) DDIM steps down to K; the
-                  rounds' iterations from --progressive-iterations
+    progressive   Salimans & Ho 2022, Alg. 2: one chain of rounds halving distill.teacher_steps (64,
+                  or --distill distill.teacher_steps=16) DDIM steps down to the fewest --steps; the
+                  student at each of --steps K (1, 2, 4, 8) is the EMA at the end of its round, timed to
+                  there; the rounds' iterations from --progressive-iterations
     consistency   Song et al. 2023, Alg. 2: one student (its training does not depend on the step
                   count), sampled at each of --consistency-steps (1, 2; Alg. 1 for more than one)
 
@@ -32,7 +33,10 @@ the teacher's DDPM-250, one labelled row per model.
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -54,7 +58,7 @@ from ddpmlab.evaluate.features import batches, classifier_extractor, extract
 from ddpmlab.evaluate.metrics import check_fid_samples
 from ddpmlab.io.checkpoint import load_run_config
 from ddpmlab.io.images import grid_image
-from ddpmlab.runs import draw_samples, load_run, plan_sampling, resolve_device
+from ddpmlab.runs import draw_samples, load_run, plan_sampling, resolve_device, run_guidance
 from ddpmlab.samplers.student import is_power_of_two
 from ddpmlab.training.distill import distill_run, round_plan
 from ddpmlab.training.loop import train
@@ -94,11 +98,12 @@ def check_teacher(run) -> None:
               "against were in its training data")
 
 
-def distill_student(teacher_dir: Path, out: Path, method: str, steps: int, iterations, args, device) -> tuple:
+def distill_student(teacher_dir: Path, out: Path, method: str, steps: int, iterations, args, device,
+                    extra=()) -> tuple:
     """`ddpm distill teacher_dir --method M --steps K`: (student folder, wall-clock seconds)."""
     overrides = [f"distill.iterations=[{','.join(map(str, iterations))}]", f"train.out_dir={out}",
                  f"train.name={method}{steps}", f"train.seed={args.seed}", "train.tensorboard=false",
-                 f"train.device={args.device}"]
+                 f"train.device={args.device}", *extra]
     if args.batch_size is not None:
         overrides.append(f"distill.batch_size={args.batch_size}")
     overrides += args.distill
@@ -106,6 +111,32 @@ def distill_student(teacher_dir: Path, out: Path, method: str, steps: int, itera
     run_dir = distill_run(teacher_dir, method, steps, overrides, progress=args.progress)
     _sync(device)
     return run_dir, time.perf_counter() - t0
+
+
+def progressive_chain(teacher_dir: Path, out: Path, args, device) -> list:
+    """One progressive distillation down to the fewest --steps; the student of every round that ends at one
+    of --steps is its EMA at that round's end (a checkpoint), timed to that point (Salimans & Ho 2022 report
+    the students of one chain the same way).  [(label, method, steps, folder, seconds, note, weights file)]."""
+    top = min(args.steps)
+    its = args.progressive_iterations
+    every = math.gcd(*its)  # a checkpoint at every round's end
+    run_dir, seconds = distill_student(teacher_dir, out, "progressive", top, its, args, device,
+                                       extra=[f"train.save_every={every}", "train.keep_checkpoints=1000"])
+    plan = round_plan(load_run_config(run_dir))
+    with open(run_dir / "log.csv", newline="") as f:
+        clock = {int(row["step"]): float(row["time_s"]) for row in csv.DictReader(f)}
+    total = sum(n for _, n in plan)
+    rows, done = [], 0
+    for r, (m, n) in enumerate(plan):
+        done += n
+        if m in args.steps:
+            ckpt = run_dir / "checkpoints" / f"step_{done:07d}" / "ema.safetensors"
+            # the chain's wall clock less the loop time after this round's end (the log's clock there, else pro rata)
+            last = max(clock)
+            at = seconds - (clock[last] - clock.get(done, clock[last] * done / last))
+            rows.append((f"progressive student, {m} step{'s' if m > 1 else ''}", "progressive", m, run_dir,
+                         at, f"round {r + 1} of one chain from {plan[0][0] * 2} DDIM steps, {done} iterations", ckpt))
+    return rows
 
 
 def draw(run, sampler: str, steps: int, timesteps, n: int, seed: int, progress: bool) -> torch.Tensor:
@@ -225,21 +256,16 @@ def main(argv=None) -> int:
     teacher_note += f" ({teacher.checkpoint}, EMA)"
 
     # ---- the students, each timed as `ddpm distill` runs
-    students = []  # (label, method, steps it samples with, folder, seconds, note)
+    students = []  # (label, method, steps it samples with, folder, seconds, note, EMA weights file or None)
     if "progressive" in args.methods:
-        for k in args.steps:
-            run_dir, seconds = distill_student(teacher_dir, out / "students", "progressive", k,
-                                               args.progressive_iterations, args, device)
-            plan = round_plan(load_run_config(run_dir))
-            students.append((f"progressive student, {k} step{'s' if k > 1 else ''}", "progressive", k, run_dir,
-                             seconds, f"{len(plan)} rounds, {sum(n for _, n in plan)} iterations"))
+        students += progressive_chain(teacher_dir, out / "students", args, device)
     if "consistency" in args.methods:
         top = max(args.consistency_steps)
         run_dir, seconds = distill_student(teacher_dir, out / "students", "consistency", top,
                                            [args.consistency_iterations], args, device)
         for k in args.consistency_steps:
             students.append((f"consistency student, {k} step{'s' if k > 1 else ''}", "consistency", k, run_dir,
-                             seconds, f"{args.consistency_iterations} iterations (one student for all steps)"))
+                             seconds, f"{args.consistency_iterations} iterations (one student for all steps)", None))
 
     # ---- scoring: the held-out test digits' features once
     real, _ = load_mnist("test")
@@ -250,8 +276,10 @@ def main(argv=None) -> int:
     first = {}  # (method, steps) -> the first picture_n samples (the same x_T for every model)
     results = []
 
-    for label, method, k, run_dir, seconds, note in students:
-        run = load_run(run_dir, "ema", device)
+    for label, method, k, run_dir, seconds, note, weights in students:
+        run = load_run(run_dir, "ema", device, weights_file=weights)
+        if weights is not None:  # a round's student samples with that round's steps
+            run.cfg = dataclasses.replace(run.cfg, distill=dataclasses.replace(run.cfg.distill, steps=k))
         x = draw(run, "student", k, None, args.n, sample_seed, args.progress)
         first[(method, k)] = x[:args.picture_n]
         results.append({"model": label, "method": method, "nfe": k, "run": str(run_dir),
@@ -273,20 +301,25 @@ def main(argv=None) -> int:
                     **score(x, extractor, real_feats)})
 
     # ---- table, numbers, picture
+    guidance = run_guidance(teacher, None, log=_quiet) if teacher.num_classes else None
+    cost = 1 if guidance is None else 2  # guidance: one batched call with and without the label per step
+    if guidance is not None:
+        teacher_note += f"; every model samples with the teacher's guidance {guidance:g} (NFE = 2 x steps)"
     order = {"progressive": 0, "consistency": 1, "teacher": 2}
     results.sort(key=lambda r: (r["nfe"], order[r["method"]]))
     lines = [f"Machine: {machine}. Teacher: {teacher_note}"
              + (f", {_clock(teacher_seconds)}" if teacher_seconds is not None else "")
              + f". {args.n} samples per model from the same noise seeds, scored against the {len(real)} held-out "
              "test digits (shipped classifier's features).", "",
-             "| model | NFE | distillation wall clock | classifier-FID | KID | confident share (p >= 0.8) | "
-             "share / real |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| model | steps | NFE | distillation wall clock | classifier-FID | KID | confident share (p >= 0.8) | "
+             "share / real |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['model']} | {r['nfe']} | {_clock(r['distill_seconds'])} | {r['fid']:.2f} | "
+        lines.append(f"| {r['model']} | {r['nfe']} | {r['nfe'] * cost} | {_clock(r['distill_seconds'])} | "
+                     f"{r['fid']:.2f} | "
                      f"{r['kid']:.4f} | {r['confident']:.1%} | {r['confident'] / real_share:.2f} |")
-    lines.append(f"| real test digits | | | | | {real_share:.1%} | 1.00 |")
-    lines += ["", "The teacher's samplers at the students' NFE (classifier-FID; best per column in bold):", "",
-              "| sampler | " + " | ".join(f"NFE {k}" for k in nfes) + " |", "|---|" + "---:|" * len(nfes)]
+    lines.append(f"| real test digits | | | | | | {real_share:.1%} | 1.00 |")
+    lines += ["", "The teacher's samplers at the students' steps (classifier-FID; best per column in bold):", "",
+              "| sampler | " + " | ".join(f"{k} steps" for k in nfes) + " |", "|---|" + "---:|" * len(nfes)]
     for b, by_nfe in baselines.items():
         cells = []
         for k in nfes:
