@@ -27,6 +27,7 @@ network: classifier-FID, KID and the share of samples the classifier assigns to 
     python benchmarks/latent_vs_pixel.py                                   # 10 min per model, 1,000 samples
     python benchmarks/latent_vs_pixel.py --autoencoder runs/mnist-autoencoder --minutes 5 --ancestral
     python benchmarks/latent_vs_pixel.py --dit model.dit_depth=6 train.lr=5e-4   # another DiT recipe
+    python benchmarks/latent_vs_pixel.py --half     # + the latent models at half the budget ("-half" rows)
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -119,17 +121,20 @@ def get_autoencoder(args, out: Path, device: torch.device, progress: bool) -> di
     return info
 
 
-def diffusion_config(name: str, args, out: Path, autoencoder: str):
-    """The config of one model: its bundled config, the benchmark's budget and final grid, then the user's keys."""
+def diffusion_config(name: str, args, out: Path, autoencoder: str, minutes: Optional[float] = None,
+                     run_name: Optional[str] = None):
+    """The config of one model: its bundled config, the benchmark's budget (``minutes``, default --minutes)
+    and final grid, then the user's keys; the run folder out/``run_name`` (default ``name``)."""
     base, fixed = MODELS[name]
     latent = [f"model.autoencoder={autoencoder}"] if base != "mnist" else []
     user = {"pixel-unet": args.pixel, "latent-unet": args.unet, "latent-dit": args.dit}[name]
-    return load_config(base, [*latent, *fixed, "data.split=train", f"train.minutes={args.minutes}",
+    minutes = args.minutes if minutes is None else minutes
+    return load_config(base, [*latent, *fixed, "data.split=train", f"train.minutes={minutes}",
                               f"train.steps={args.max_steps}", "train.sample_every=0", "train.eval_every=0",
                               f"train.sample_n={args.row}", f"train.sample_sampler={args.sampler}",
                               f"train.sample_steps={args.steps}", f"train.seed={args.seed}",
                               "train.tensorboard=false", f"train.device={args.device}", f"train.out_dir={out}",
-                              f"train.name={name}", *user])
+                              f"train.name={run_name or name}", *user])
 
 
 def fill_latent_cache(cfg, device: torch.device) -> float:
@@ -198,6 +203,8 @@ def main(argv=None) -> int:
     p.add_argument("--sampler", default="ddim", help="sampler of the timing and scores, the same for all (ddim)")
     p.add_argument("--steps", type=int, default=50, help="its steps (default 50)")
     p.add_argument("--ancestral", action="store_true", help="also time and score DDPM with 250 steps")
+    p.add_argument("--half", action="store_true",
+                   help="also train each latent model with half the budget: does it reach the pixel UNet's score?")
     p.add_argument("--autoencoder", metavar="RUN", help="reuse this autoencoder run (default: train one first)")
     p.add_argument("--row", type=int, default=10, help="samples per model in the PNG row (default 10)")
     p.add_argument("--seed", type=int, default=0)
@@ -212,7 +219,9 @@ def main(argv=None) -> int:
     if (args.sampler, args.steps) == ("ddpm", 250):
         args.ancestral = False  # the second column would repeat the first
     out = Path(args.out)
-    taken = [name for name in [*MODELS, *([] if args.autoencoder else ["autoencoder"])] if (out / name).exists()]
+    names = [*MODELS, *([f"{n}-half" for n in MODELS if n != "pixel-unet"] if args.half else []),
+             *([] if args.autoencoder else ["autoencoder"])]
+    taken = [name for name in names if (out / name).exists()]
     if taken:
         raise SystemExit(f"{out} already holds {', '.join(taken)}: give another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -226,13 +235,16 @@ def main(argv=None) -> int:
 
     ae_path = Path(args.autoencoder) if args.autoencoder else out / "autoencoder"
     configs = {name: diffusion_config(name, args, out, str(ae_path)) for name in MODELS}  # bad keys fail now
+    if args.half:  # the latent models again at half the budget
+        configs.update({f"{name}-half": diffusion_config(name, args, out, str(ae_path), args.minutes / 2,
+                                                         f"{name}-half") for name in MODELS if name != "pixel-unet"})
     ae = get_autoencoder(args, out, device, progress)
     for cfg in configs.values():  # where it really went (--ae may rename it)
         cfg.model.autoencoder = ae["path"] if cfg.model.autoencoder else None
     ae["encode_s"] = round(fill_latent_cache(configs["latent-unet"], device), 1)
     results = {}
     for name, cfg in configs.items():
-        print(f"== {name}: {args.minutes:g} min")
+        print(f"== {name}: {cfg.train.minutes:g} min")
         t0 = time.perf_counter()
         run_dir = train(cfg, progress=progress)
         wall = time.perf_counter() - t0
@@ -272,7 +284,8 @@ def main(argv=None) -> int:
     else:
         one_off = f"autoencoder reused from {ae['path']}"
     lines = [f"Machine: {machine}.", "",
-             (f"Budget {args.minutes:g} min per model (train.minutes: set-up, training, a final grid of {args.row}); "
+             (f"Budget {args.minutes:g} min per model{' (-half: half of it)' if args.half else ''} (train.minutes: "
+              f"set-up, training, a final grid of {args.row}); "
              f"{one_off}; held-out reconstruction PSNR {ae['psnr_db']:.2f} dB; the latent cache of the train digits "
              f"filled (or read) in {ae['encode_s']:.0f} s, once, before the budgets. {args.n} samples each, "
              f"{args.sampler} {args.steps} steps, scored against the {len(real)} held-out test digits (shipped "
@@ -299,6 +312,13 @@ def main(argv=None) -> int:
         lines += [f"| {name} | {r['ddpm250']['fid']:.2f} | {r['ddpm250']['kid']:.4f} | "
                   f"{r['ddpm250']['confident']:.1%} |" for name, r in results.items()]
     lines += ["", note]
+    if args.half:
+        want = pu[first]["fid"]
+        for name in (n for n in results if n.endswith("-half")):
+            got = results[name][first]["fid"]
+            lines.append(f"With half the budget ({args.minutes / 2:g} min) {name[:-5]} reaches classifier-FID "
+                         f"{got:.2f}: {'at or below' if got <= want else 'above'} the pixel UNet's {want:.2f} "
+                         f"with the full {args.minutes:g} min.")
     table = "\n".join(lines)
     print(table)
     (out / "latent_vs_pixel.md").write_text(table + "\n")
