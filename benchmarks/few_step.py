@@ -125,7 +125,6 @@ def progressive_chain(teacher_dir: Path, out: Path, args, device) -> list:
     plan = round_plan(load_run_config(run_dir))
     with open(run_dir / "log.csv", newline="") as f:
         clock = {int(row["step"]): float(row["time_s"]) for row in csv.DictReader(f)}
-    total = sum(n for _, n in plan)
     rows, done = [], 0
     for r, (m, n) in enumerate(plan):
         done += n
