@@ -50,6 +50,13 @@ def to_classifier(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
+def at_size(x: torch.Tensor, shape) -> torch.Tensor:
+    """Digits (N, 1, 28, 28) resized (bilinear, antialiased) to a run's image ``shape`` (C, H, W)."""
+    if tuple(x.shape[-2:]) == tuple(shape[-2:]):
+        return x
+    return F.interpolate(x, size=tuple(shape[-2:]), mode="bilinear", align_corners=False, antialias=True)
+
+
 def roughness(x: torch.Tensor) -> torch.Tensor:
     """Per image, the mean absolute difference of each pixel to its right and lower neighbours."""
     down = (x[..., 1:, :] - x[..., :-1, :]).abs().mean((1, 2, 3))
@@ -72,12 +79,10 @@ def main(argv=None) -> int:
     run = load_run(args.run, "ema", args.device)
     if not run.is_image or run.image_shape[0] != 1:
         raise SystemExit(f"{args.run}: a run of 1-channel digit images is needed (the MNIST classifier scores them)")
-    side = run.image_shape[-1]
     guidance = run_guidance(run, args.guidance, log=lambda m: None) if run.num_classes else None
     extractor = classifier_extractor("cpu")
     real, _ = load_mnist("test")
-    small = real if side == 28 else F.interpolate(real, size=run.image_shape[1:], mode="bilinear",
-                                                  align_corners=False, antialias=True)
+    small = at_size(real, run.image_shape)
     # the real digits at the run's size and back up, as the samples will be
     real_feats, _ = extract(extractor, batches(to_classifier(small), 500), total=len(real), with_logits=True,
                             progress=False)

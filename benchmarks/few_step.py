@@ -125,13 +125,13 @@ def progressive_chain(teacher_dir: Path, out: Path, args, device) -> list:
     plan = round_plan(load_run_config(run_dir))
     with open(run_dir / "log.csv", newline="") as f:
         clock = {int(row["step"]): float(row["time_s"]) for row in csv.DictReader(f)}
+    last = max(clock)
     rows, done = [], 0
     for r, (m, n) in enumerate(plan):
         done += n
         if m in args.steps:
             ckpt = run_dir / "checkpoints" / f"step_{done:07d}" / "ema.safetensors"
             # the chain's wall clock less the loop time after this round's end (the log's clock there, else pro rata)
-            last = max(clock)
             at = seconds - (clock[last] - clock.get(done, clock[last] * done / last))
             rows.append((f"progressive student, {m} step{'s' if m > 1 else ''}", "progressive", m, run_dir,
                          at, f"round {r + 1} of one chain from {plan[0][0] * 2} DDIM steps, {done} iterations", ckpt))

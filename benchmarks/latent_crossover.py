@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from latent_vs_pixel import forward_flops
 from quality_per_minute import cpu_name
 
 from ddpmlab.config import load_config
@@ -59,6 +60,7 @@ def networks(s: int):
 
 
 def flops(fn) -> int:
+    """FLOPs of ``fn()`` (torch's FlopCounterMode): the autoencoder's passes."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
@@ -115,13 +117,13 @@ def main(argv=None) -> int:
     machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, " \
               f"{describe_precision(precision)} ({why})"
     print(machine)
-    rows = []
+    rows, cpu = [], torch.device("cpu")
     for s in sizes:
         pixel, latent, codec = networks(s)
         lat = (4, s // 4, s // 4)
         row = {"size": s, "pixel_params": count_parameters(pixel), "latent_params": count_parameters(latent),
-               "pixel_mflop": flops(lambda: pixel(torch.randn(1, 1, s, s), torch.tensor([500]))) / 1e6,
-               "latent_mflop": flops(lambda: latent(torch.randn(1, *lat), torch.tensor([500]))) / 1e6,
+               "pixel_mflop": forward_flops(pixel, (1, s, s), cpu) / 1e6,
+               "latent_mflop": forward_flops(latent, lat, cpu) / 1e6,
                "decode_mflop": flops(lambda: codec.decode(torch.randn(1, *lat))) / 1e6,
                "encode_mflop": flops(lambda: codec.posterior(torch.randn(1, 1, s, s))) / 1e6}
         best = {"pixel_train": 0.0, "latent_train": 0.0, "pixel_sample": 1e9, "latent_sample": 1e9}

@@ -75,6 +75,7 @@ MODELS = {  # name: (bundled config, its overrides before the user's)
     "latent-unet": ("mnist_latent", []),
     "latent-dit": ("mnist_latent", DIT),
 }
+LATENT = [name for name, (base, _) in MODELS.items() if base != "mnist"]  # the models --half trains again
 
 
 def machine_line(device: torch.device) -> str:
@@ -219,7 +220,7 @@ def main(argv=None) -> int:
     if (args.sampler, args.steps) == ("ddpm", 250):
         args.ancestral = False  # the second column would repeat the first
     out = Path(args.out)
-    names = [*MODELS, *([f"{n}-half" for n in MODELS if n != "pixel-unet"] if args.half else []),
+    names = [*MODELS, *([f"{n}-half" for n in LATENT] if args.half else []),
              *([] if args.autoencoder else ["autoencoder"])]
     taken = [name for name in names if (out / name).exists()]
     if taken:
@@ -237,7 +238,7 @@ def main(argv=None) -> int:
     configs = {name: diffusion_config(name, args, out, str(ae_path)) for name in MODELS}  # bad keys fail now
     if args.half:  # the latent models again at half the budget
         configs.update({f"{name}-half": diffusion_config(name, args, out, str(ae_path), args.minutes / 2,
-                                                         f"{name}-half") for name in MODELS if name != "pixel-unet"})
+                                                         f"{name}-half") for name in LATENT})
     ae = get_autoencoder(args, out, device, progress)
     for cfg in configs.values():  # where it really went (--ae may rename it)
         cfg.model.autoencoder = ae["path"] if cfg.model.autoencoder else None

@@ -30,13 +30,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fast_samplers import roughness, to_classifier
+from fast_samplers import at_size, roughness, to_classifier
 from quality_per_minute import cpu_name, score
 
 from ddpmlab.data import load_mnist
@@ -50,10 +49,7 @@ LEVELS = [0, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 400, 500, 600, 700, 8
 
 def _digits(split: str, n: int, shape) -> tuple:
     x, y = load_mnist(split)
-    x, y = x[:n], y[:n]
-    if tuple(x.shape[-2:]) != tuple(shape[-2:]):
-        x = F.interpolate(x, size=shape[-2:], mode="bilinear", align_corners=False, antialias=True)
-    return x, y
+    return at_size(x[:n], shape), y[:n]
 
 
 def model_errors(run, guidance, n: int):

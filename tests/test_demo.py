@@ -66,8 +66,8 @@ def test_tab_actions_write_what_the_cli_writes(runs_root, tmp_path):
     assert np.array_equal(np.load(res.npz)["samples"], np.load(tmp_path / "cli" / "samples.npz")["samples"])
     # a 2-D toy run: the scatter plot of `ddpm sample` (same bytes), no per-sample PNGs
     res = act.sample(runs, toy, sampler="ddim", steps=3, seed=1, n=200)
-    assert main(["sample", toy, "--sampler", "ddim", "--steps", "3", "--seed", "1", "--n", "200", "--out", str(tmp_path / "toy.png"),
-                 "--no-progress"]) == 0
+    assert main(["sample", toy, "--sampler", "ddim", "--steps", "3", "--seed", "1", "--n", "200",
+                 "--out", str(tmp_path / "toy.png"), "--no-progress"]) == 0
     assert res.files == [] and res.picture.read_bytes() == (tmp_path / "toy.png").read_bytes()
     with pytest.raises(DDPMError, match="works on image models"):
         act.training_image(runs, toy, 0)
@@ -302,8 +302,8 @@ def test_page_samples_what_the_cli_samples_and_survives_bad_input(page, runs_roo
     _type(browser, "s-n", 300)
     _by(browser, "#s-go")[0].click()
     _wait(browser, lambda: "300 samples: ddim, 3 steps" in _text(browser, "s-text"))
-    assert main(["sample", str(runs_root / "toy"), "--sampler", "ddim", "--n", "300", "--steps", "3", "--seed", "5", "--out",
-                 str(tmp_path / "toy.png"), "--no-progress"]) == 0
+    assert main(["sample", str(runs_root / "toy"), "--sampler", "ddim", "--n", "300", "--steps", "3", "--seed", "5",
+                 "--out", str(tmp_path / "toy.png"), "--no-progress"]) == 0
     with urllib.request.urlopen(_src(browser, "s-grid"), timeout=30) as r:
         assert r.read() == (tmp_path / "toy.png").read_bytes()
 

@@ -52,7 +52,7 @@ class LevelError:
 
 @torch.no_grad()
 def denoising_errors(predict: Predict, schedule: NoiseSchedule, x0: torch.Tensor, ts: Sequence[int], *,
-                     seed: int = 0, batch_size: int = 256, labels: Optional[torch.Tensor] = None,
+                     seed: int = 0, batch_size: int = 256,
                      make_predict: Optional[Callable] = None) -> List[LevelError]:
     """Per timestep in ``ts``, the errors of ``predict(x_t, t) -> (eps, x0)`` on the data ``x0`` (N, ...).
 
