@@ -7,7 +7,6 @@ import socket
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +21,6 @@ from ddpmlab.errors import DDPMError
 from ddpmlab.io.checkpoint import load_run_config
 from ddpmlab.runs import resolve_device
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.num_classes=null", "train.steps=4", "train.batch_size=8", "model.base_channels=8", "model.norm_groups=4",
         "model.channel_mults=[1,2]", "model.attention_resolutions=[]", "train.sample_n=4",
         "train.sample_steps=2", "train.log_every=2"]
@@ -275,7 +273,6 @@ def test_page_samples_what_the_cli_samples_and_survives_bad_input(page, runs_roo
     keep = tiles[1] == 0
     assert 0 < (~keep).sum() < keep.sum() and set(np.unique(tiles[1])) == {0, 255}
     assert all(np.array_equal(r[keep], tiles[0][keep]) for r in tiles[2:])
-    browser.save_screenshot(str(_docs() / "demo.png"))
 
     # bad uploads: a file that is no image, a mask of another size; then a valid request succeeds
     (tmp_path / "notes.txt").write_text("not a picture")
@@ -315,11 +312,6 @@ def test_page_samples_what_the_cli_samples_and_survives_bad_input(page, runs_roo
         client.predict(str(run), "ema", "ddim", 3, DEFAULT_SCHEDULE, 0, 2, None, 2.0, api_name="/sample")
     out = client.predict(str(run), "ema", "ddim", 3, DEFAULT_SCHEDULE, 0, 2, None, None, api_name="/sample")
     assert out[0].startswith("2 samples: ddim, 3 steps")
-
-
-def _docs() -> Path:
-    (ROOT / "docs").mkdir(exist_ok=True)
-    return ROOT / "docs"
 
 
 def _draw(browser) -> None:
