@@ -73,6 +73,14 @@ def test_stochastic_samplers_draw_fresh_noise():
         assert SAMPLER_SPECS[name].stochastic
 
 
+@pytest.mark.parametrize("name", [n for n in SAMPLER_SPECS if n != "student"])  # student: per method
+def test_a_sampler_draws_fresh_noise_exactly_when_its_spec_says_stochastic(name):
+    x_T = _noise(8, 3)
+    a, b = (SAMPLERS[name](_predict(), SCHEDULE, x_T, 20, generator=_gen(seed)) for seed in (1, 2))
+    assert (not torch.equal(a, b)) == SAMPLER_SPECS[name].stochastic
+    assert not hasattr(SAMPLER_SPECS[name].fn, "stochastic")  # the spec is the one place it is written
+
+
 # --- identities with the deterministic solvers ---------------------------------------------------------
 
 @pytest.mark.parametrize("steps,timesteps", [(12, "logsnr"), (20, "karras"), (7, "uniform")])

@@ -144,7 +144,7 @@ def thresholded(predict: Callable, schedule: NoiseSchedule, p: float) -> Callabl
 def with_threshold(fn: Callable) -> Callable:
     """The sampler ``fn`` with one more option, ``threshold=p``: dynamic thresholding of every x0 it sees."""
 
-    @functools.wraps(fn)  # keeps __name__ and attributes such as ``levels`` and ``stochastic``
+    @functools.wraps(fn)  # keeps __name__ and the ``levels`` attribute
     def sample(predict, schedule: NoiseSchedule, x_T: torch.Tensor, *args, threshold: Optional[float] = None,
                **options) -> torch.Tensor:
         if threshold is not None:

@@ -91,4 +91,3 @@ def pc(predict, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int = 1000, *
 
 
 pc.levels = lambda steps, corrector_steps=1, **options: max(1, steps // (corrector_steps + 1))
-pc.stochastic = True  # no model-optimised step schedule (steps.optimize_timesteps)

@@ -34,8 +34,10 @@ class SamplerSpec:
     """What one sampler takes.
 
     ``schedule_kind``: SPACING (integer spacings, ``spacing=``) or TIMESTEPS (any step
-    schedule, ``timesteps=``); ``options``: its other keyword options; ``default_steps``:
-    None means every timestep of the schedule it runs on (T, or t0 for image-to-image).
+    schedule, ``timesteps=``); ``options``: its other keyword options; ``stochastic``: it draws
+    fresh noise (the one place this is written; an ``optimized`` step schedule is refused for
+    it); ``default_steps``: None means every timestep of the schedule it runs on (T, or t0
+    for image-to-image).
     """
 
     name: str

@@ -145,9 +145,11 @@ def optimize_timesteps(predict, schedule: NoiseSchedule, sampler: Callable, step
     same sampler on log-SNR steps with ``reference_steps`` NFE from the same x_cal.  Cost:
     ``reference_steps`` + at most ``sweeps * 2 * (K + 1) * steps`` model evaluations on the batch.
     The noise must be other than the noise sampled with later, or the schedule fits that noise.
+    ``sampler`` must be deterministic: ``SamplerSpec.stochastic`` says which are, and
+    ``SamplerSpec.check_step_schedule`` refuses ``optimized`` for the others.
     """
     check_steps(steps, schedule)
-    if getattr(sampler, "stochastic", False) or options.get("s_churn", 0) > 0:
+    if options.get("s_churn", 0) > 0:
         raise ConfigError("timesteps 'optimized' are fitted to deterministic solvers (dpmpp_2m, dpmpp_3m, unipc, "
                           "euler, heun without churn); choose another schedule for stochastic sampling")
     ref = sampler(predict, schedule, x_cal, min(reference_steps, schedule.num_timesteps), timesteps="logsnr",

@@ -90,8 +90,6 @@ def dpmpp_2m_sde(predict, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int
     return x
 
 
-dpmpp_2m_sde.stochastic = True  # no model-optimised step schedule (steps.optimize_timesteps)
-
 
 # --- Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative Processes") ----
 # The main backward ODE solve stops at the level sigma_lo nearest to s_min; there, K times, the
@@ -184,7 +182,6 @@ def _restart_levels(steps: int, solver: str = "heun", restarts: int = 2, restart
 
 
 restart.levels = _restart_levels
-restart.stochastic = True
 
 
 # --- the EDM stochastic sampler (Karras et al. 2022, Alg. 2) ---------------------------------------
@@ -207,4 +204,3 @@ def edm(predict, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int = 49, *,
 
 
 edm.levels = heun.levels
-edm.stochastic = True
