@@ -6,8 +6,8 @@
                            / upsample_conv
 
 Each dispatcher (``FastDropout``, ``attention``, ``upsample_conv``) takes the fast form only on
-CPU tensors, where it was measured, and the plain form everywhere else.  The timings quoted
-below were taken on a 2-core AMD EPYC with AVX512-BF16.
+CPU tensors, where it was measured to be faster, and the plain form everywhere else.  The
+measurements (script, commit, CPU) are on the benchmarks page of the docs (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -57,9 +57,8 @@ def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tens
     """:func:`plain_dropout` with the CPU mask of :func:`cpu_dropout_mask`; any shape -> same shape.
 
     Used when training on a CPU with p > 0; elsewhere (eval, p = 0, GPUs) it is torch's fused
-    dropout.  torch draws one random number per element serially, so the 64-bit draws are ~3x
-    faster than the ``torch.rand``/``bernoulli_`` of nn.Dropout, whose masks took 4-5 % of a bf16
-    CIFAR-10 training step (2-core AMD EPYC with AVX512-BF16).
+    dropout.  torch draws one random number per element serially; one 64-bit draw gives four
+    16-bit ones here, fewer draws than the ``torch.rand``/``bernoulli_`` of nn.Dropout.
     """
     if not training or p == 0 or x.device.type != "cpu":
         return plain_dropout(x, p, training)
@@ -88,8 +87,8 @@ def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v as two matrix products: q, k, v (B, heads, N, d) -> (B, heads, N, d).
 
-    The softmax stays in the scores' dtype: torch's kernel accumulates bf16 in float32 (a cast
-    to float32 and back cost ~1 % of a bf16 CIFAR-10 step on a 2-core AMD EPYC with AVX512-BF16).
+    The softmax stays in the scores' dtype (torch's fused kernel accumulates bf16 in float32),
+    which saves a cast to float32 and back.
     """
     d = q.shape[-1]
     weights = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * d**-0.5, dim=-1)  # (B, heads, N, N)
@@ -99,10 +98,8 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v: q, k, v (B, heads, N, d) -> (B, heads, N, d).
 
-    :func:`matmul_attention` on a CPU with N <= 1024, else :func:`plain_attention`.  The two
-    products were 2.7x faster forward + backward than SDPA in bf16 at N=256, d=256 (equal in
-    fp32) on a 2-core AMD EPYC with AVX512-BF16: SDPA's CPU flash kernel runs its bf16 products
-    far below the GEMM library's speed.
+    :func:`matmul_attention` on a CPU with N <= 1024, else :func:`plain_attention`: on a CPU,
+    SDPA's flash kernel runs its bf16 products below the GEMM library's speed.
     """
     if q.device.type != "cpu" or q.shape[-2] > MATMUL_ATTENTION_MAX_TOKENS:
         return plain_attention(q, k, v)
@@ -161,10 +158,8 @@ def uses_subpixel(x: torch.Tensor) -> bool:
 def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Nearest x2 then 3x3 conv: (B, I, H, W) -> (B, O, 2H, 2W); the sub-pixel form where :func:`uses_subpixel`.
 
-    The sub-pixel form does 16/36 of the plain form's multiply-adds and ran forward + backward
-    1.7-1.8x faster (batch 16, 256 channels at 16x16 and 128 at 32x32, fp32 and bf16, one
-    thread) on a 2-core AMD EPYC with AVX512-BF16.  It was never measured on other devices,
-    so they keep the plain form.
+    The sub-pixel form does 16/36 of the plain form's multiply-adds.  It was measured on CPUs
+    only, so other devices keep the plain form.
     """
     if uses_subpixel(x):
         return subpixel_upsample_conv(x, weight, bias)

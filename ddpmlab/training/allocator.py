@@ -2,9 +2,8 @@
 
 PyTorch's CPU tensors come from the C library's malloc.  glibc serves large blocks with fresh
 ``mmap`` pages and gives freed memory back to the kernel, so every training step faults in all
-of its activations again, pages the kernel must zero first: ~75,000 minor page faults
-(~300 MB) per step of the CIFAR-10 UNet at batch 16, 9-16 % of a bf16 step (measured on a
-2-core AMD EPYC with AVX512-BF16).
+of its activations again, pages the kernel must zero first (the page faults per step and
+what they cost are measured on the benchmarks page of the docs, docs/benchmarks.md).
 Raising glibc's mmap and trim thresholds keeps freed blocks in the heap for the next step, as
 the caching allocators jemalloc and tcmalloc do (and as PyTorch's CUDA allocator does on GPUs).
 The cost: the process holds on to its peak memory instead of returning it between steps.
