@@ -42,6 +42,25 @@ def ve_denoiser(predict) -> Denoiser:
     return denoise
 
 
+def euler_heun_step(denoise: Denoiser, x: torch.Tensor, sigma, sigma_next, t,
+                    t_next=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One step of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma from noise level
+    sigma to sigma_next: Euler (Karras et al. 2022, Alg. 1, lines 4-5), or Heun when ``t_next``
+    (the timestep of sigma_next) is given: the trapezoidal correction of lines 6-8, one more
+    evaluation.  The step to sigma = 0 is always Euler (D has no value there): pass t_next None.
+
+    ``denoise(x, sigma, t)``: D at noise level sigma, timestep t.  sigma may be a float or a
+    tensor broadcasting against x.  Returns (x at sigma_next, the x0 prediction at sigma).
+    """
+    x0 = denoise(x, sigma, t)
+    d = (x - x0) / sigma  # Alg. 1, line 4: dx/dsigma
+    x_next = x + (sigma_next - sigma) * d
+    if t_next is not None:  # Alg. 1, lines 6-8: trapezoidal correction
+        d2 = (x_next - denoise(x_next, sigma_next, t_next)) / sigma_next
+        x_next = x + (sigma_next - sigma) * (d + d2) / 2
+    return x_next, x0
+
+
 def _start(predict, schedule: NoiseSchedule, x_T: torch.Tensor, n: int, timesteps: Timesteps):
     """Training times (n,), noise levels (n+1,) ending in 0, the VE-scaled start x and the denoiser."""
     ts = resolve_timesteps(timesteps, schedule, n)
@@ -235,13 +254,8 @@ def _edm(predict, schedule: NoiseSchedule, x_T: torch.Tensor, levels: int, heun:
         gamma = churn_gamma(sig[i], levels, s_churn, s_tmin, s_tmax, sigma_max)
         x, s_hat = churn(x, sig[i], gamma, s_noise, generator)
         t_hat = ts[i] if gamma == 0 else t_of_sigma(schedule, torch.tensor(s_hat))
-        x0 = denoise(x, s_hat, t_hat)
-        d = (x - x0) / s_hat  # Alg. 1, line 4: dx/dsigma
-        x_next = x + (sig[i + 1] - s_hat) * d
-        if heun and sig[i + 1] > 0:  # Alg. 1, lines 6-8: trapezoidal correction
-            d2 = (x_next - denoise(x_next, sig[i + 1], ts[i + 1])) / sig[i + 1]
-            x_next = x + (sig[i + 1] - s_hat) * (d + d2) / 2
-        x = x_next
+        t_next = ts[i + 1] if heun and sig[i + 1] > 0 else None
+        x, x0 = euler_heun_step(denoise, x, s_hat, sig[i + 1], t_hat, t_next)
         _report(callback, i, x, sig[i + 1], x0)
     return x
 

@@ -44,13 +44,19 @@ def linspace_timesteps(schedule: NoiseSchedule, n: int) -> torch.Tensor:
     return torch.linspace(0, T - 1, n + 1, dtype=torch.float64).round().flip(0)[:n]
 
 
-def karras_timesteps(schedule: NoiseSchedule, n: int, rho: float = 7.0) -> torch.Tensor:
-    # Karras et al. 2022, Eq. 5: sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho
-    ls = log_sigmas(schedule)
-    smin, smax = ls[0].exp(), ls[-1].exp()
+def karras_sigmas(sigma_first, sigma_last, n: int, rho: float = 7.0) -> torch.Tensor:
+    """n noise levels (n,) float64 from sigma_first to sigma_last (either way), evenly spaced in sigma^(1/rho).
+
+    Karras et al. 2022, Eq. 5: sigma_i = (sigma_first^(1/rho) + i/(n-1) (sigma_last^(1/rho) - sigma_first^(1/rho)))^rho.
+    """
     ramp = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
-    sigmas = (smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
-    return t_of_sigma(schedule, sigmas)
+    return (sigma_first ** (1 / rho) + ramp * (sigma_last ** (1 / rho) - sigma_first ** (1 / rho))) ** rho
+
+
+def karras_timesteps(schedule: NoiseSchedule, n: int, rho: float = 7.0) -> torch.Tensor:
+    """The timesteps of n Karras noise levels from the schedule's sigma_max down to its sigma_min."""
+    ls = log_sigmas(schedule)
+    return t_of_sigma(schedule, karras_sigmas(ls[-1].exp(), ls[0].exp(), n, rho))
 
 
 def logsnr_timesteps(schedule: NoiseSchedule, n: int) -> torch.Tensor:

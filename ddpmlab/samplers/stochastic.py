@@ -21,8 +21,8 @@ import torch
 from ddpmlab.diffusion.schedules import NoiseSchedule, t_of_sigma
 from ddpmlab.errors import ConfigError
 from ddpmlab.samplers.base import Callback, randn_like
-from ddpmlab.samplers.solvers import heun, ve_denoiser
-from ddpmlab.samplers.steps import Timesteps, check_steps, resolve_timesteps, sigmas_for
+from ddpmlab.samplers.solvers import euler_heun_step, heun, ve_denoiser
+from ddpmlab.samplers.steps import Timesteps, check_steps, karras_sigmas, resolve_timesteps, sigmas_for
 
 
 def _report(callback: Callback, k: int, x: torch.Tensor, sigma: float, x0: torch.Tensor) -> None:
@@ -99,17 +99,6 @@ def dpmpp_2m_sde(predict, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int
 # discretisation error small.  Defaults: one interval [0.06, 0.30] with K = 2 restarts of 3 Heun
 # steps, the scale of Xu et al.'s CIFAR-10 settings.
 
-def _ode_step(denoise, x: torch.Tensor, s: float, s_next: float, t, t_next, second_order: bool):
-    """One Euler (or Heun, Karras et al. 2022 Alg. 1) step of dx/dsigma = (x - D) / sigma from s to s_next."""
-    x0 = denoise(x, s, t)
-    d = (x - x0) / s
-    x_next = x + (s_next - s) * d
-    if second_order and s_next > 0:  # trapezoidal correction
-        d2 = (x_next - denoise(x_next, s_next, t_next)) / s_next
-        x_next = x + (s_next - s) * (d + d2) / 2
-    return x_next, x0
-
-
 def _restart_plan(steps: int, solver: str, restarts: int, restart_steps: int):
     """(main noise levels, restarts that fit): at least half of the NFE and 2 levels stay with the main solve."""
     per_level = 2 if solver == "heun" else 1
@@ -154,15 +143,14 @@ def restart(predict, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int = 50
     leg_sig: List[float] = []
     leg_ts = None
     if k_restarts:
-        # Karras et al. 2022, Eq. 5 (rho = 7) from s_max down to the restart point sig[j]
-        ramp = torch.linspace(0, 1, restart_steps + 1, dtype=torch.float64)
-        leg = (s_max ** (1 / 7) + ramp * (sig[j] ** (1 / 7) - s_max ** (1 / 7))) ** 7
+        leg = karras_sigmas(s_max, sig[j], restart_steps + 1)  # from s_max down to the restart point sig[j]
         leg[-1] = sig[j]
         leg_sig, leg_ts = leg.tolist(), t_of_sigma(schedule, leg)
         leg_ts[-1] = ts[j]
     k = 0
     for i in range(levels):
-        x, x0 = _ode_step(denoise, x, sig[i], sig[i + 1], ts[i], ts[i + 1] if sig[i + 1] > 0 else None, heun_steps)
+        t_next = ts[i + 1] if heun_steps and sig[i + 1] > 0 else None
+        x, x0 = euler_heun_step(denoise, x, sig[i], sig[i + 1], ts[i], t_next)
         _report(callback, k, x, sig[i + 1], x0)
         k += 1
         if i + 1 == j:
@@ -170,7 +158,8 @@ def restart(predict, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int = 50
                 # forward jump sig[j] -> s_max of the VE diffusion, then the ODE back down
                 x = x + math.sqrt(s_max**2 - sig[j] ** 2) * s_noise * randn_like(x, generator)
                 for m in range(restart_steps):
-                    x, x0 = _ode_step(denoise, x, leg_sig[m], leg_sig[m + 1], leg_ts[m], leg_ts[m + 1], heun_steps)
+                    t_next = leg_ts[m + 1] if heun_steps else None
+                    x, x0 = euler_heun_step(denoise, x, leg_sig[m], leg_sig[m + 1], leg_ts[m], t_next)
                     _report(callback, k, x, leg_sig[m + 1], x0)
                     k += 1
     return x

@@ -38,6 +38,8 @@ import torch
 from ddpmlab.diffusion.schedules import NoiseSchedule, abar_of_t, sigma_of_t, t_of_sigma
 from ddpmlab.errors import ConfigError
 from ddpmlab.samplers.base import Callback, randn_like
+from ddpmlab.samplers.solvers import euler_heun_step
+from ddpmlab.samplers.steps import karras_sigmas
 
 METHODS = ("progressive", "consistency")
 STUDENT_PREDICTIONS = ("v", "x0")
@@ -100,10 +102,9 @@ def sigma_range(schedule: NoiseSchedule) -> tuple:
 
 
 def karras_levels(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> torch.Tensor:
-    # Song et al. 2023, Sec. 5 (Karras et al. 2022, Eq. 5):
-    # sigma_i = (smin^(1/rho) + (i-1)/(N-1) (smax^(1/rho) - smin^(1/rho)))^rho, increasing in i
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
-    return (sigma_min ** (1 / rho) + ramp * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
+    """The n training noise levels of consistency models (n,) float64, increasing from sigma_min
+    to sigma_max (Song et al. 2023, Sec. 5: Karras et al. 2022, Eq. 5)."""
+    return karras_sigmas(sigma_min, sigma_max, n, rho)
 
 
 def curriculum_n(k: int, total: int, n_start: int, n_end: int) -> int:
@@ -151,18 +152,17 @@ def ode_step(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: t
     """One step of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma from s_from to s_to (B,), s_to > 0.
 
     ``euler`` is DDIM (Karras et al. 2022, Alg. 1 without the correction), ``heun`` adds the trapezoidal
-    correction (Alg. 1, lines 6-8): the steps of ddpmlab.samplers.solvers.euler / heun, per example.
+    correction (Alg. 1, lines 6-8): :func:`~ddpmlab.samplers.solvers.euler_heun_step` with a noise level per example.
     """
+    if solver not in ("heun", "euler"):
+        raise ConfigError(f"distill.solver: unknown ODE solver '{solver}'; choose heun or euler (DDIM)")
     shape = (-1,) + (1,) * (x.ndim - 1)
     a, b = s_from.to(x.dtype).reshape(shape), s_to.to(x.dtype).reshape(shape)
-    d = (x - denoise(x, s_from)) / a
-    x_next = x + (b - a) * d
-    if solver == "euler":
-        return x_next
-    if solver != "heun":
-        raise ConfigError(f"distill.solver: unknown ODE solver '{solver}'; choose heun or euler (DDIM)")
-    d2 = (x_next - denoise(x_next, s_to)) / b
-    return x + (b - a) * (d + d2) / 2
+
+    def denoise_rows(x_: torch.Tensor, _sigma: torch.Tensor, sigma_rows: torch.Tensor) -> torch.Tensor:
+        return denoise(x_, sigma_rows)  # D at the noise levels (B,), not their broadcast copies
+
+    return euler_heun_step(denoise_rows, x, a, b, s_from, s_to if solver == "heun" else None)[0]
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
