@@ -254,6 +254,10 @@ class Config:
 CONDITIONS = ("none", "low_res")
 DOWNSAMPLE_MODES = ("area", "bicubic")
 UPSAMPLE_MODES = ("bicubic", "bilinear", "nearest")
+# distillation (distill.method, distill.prediction, distill.solver; ddpmlab.samplers.student)
+DISTILL_METHODS = ("progressive", "consistency")
+STUDENT_PREDICTIONS = ("v", "x0")
+ODE_SOLVERS = ("heun", "euler")
 
 _CHOICES = {
     "data.dataset": ("mnist", "digits", "toy", "folder"),
@@ -268,9 +272,9 @@ _CHOICES = {
     "diffusion.t_sampling": T_SAMPLING,
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "train.lr_schedule": ("constant", "cosine", "linear"),
-    "distill.method": ("progressive", "consistency"),
-    "distill.prediction": ("v", "x0"),
-    "distill.solver": ("heun", "euler"),
+    "distill.method": DISTILL_METHODS,
+    "distill.prediction": STUDENT_PREDICTIONS,
+    "distill.solver": ODE_SOLVERS,
     "distill.weighting": ("inverse_step", "uniform"),
     "model.condition": CONDITIONS,
     "data.downsample": DOWNSAMPLE_MODES,

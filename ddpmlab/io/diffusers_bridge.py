@@ -32,6 +32,7 @@ import torch
 
 from ddpmlab.config import Config, save_config, validate
 from ddpmlab.data import data_shape
+from ddpmlab.diffusion.reverse import VARIANCES  # diffusers' variance_type uses the same names
 from ddpmlab.diffusion.schedules import SCHEDULES, make_betas
 from ddpmlab.errors import DDPMError
 from ddpmlab.io.checkpoint import load_model
@@ -44,7 +45,6 @@ PREDICTION_FROM_DIFFUSERS = {v: k for k, v in PREDICTION_TO_DIFFUSERS.items()}
 SCHEDULE_TO_DIFFUSERS = {"linear": "linear", "quadratic": "scaled_linear", "cosine": "squaredcos_cap_v2",
                          "sigmoid": "sigmoid"}
 SCHEDULE_FROM_DIFFUSERS = {v: k for k, v in SCHEDULE_TO_DIFFUSERS.items()}
-VARIANCES = ("fixed_large", "fixed_small", "learned_range")  # same names on both sides
 _RENAMES = [  # (ours, diffusers), applied in this order
     ("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
     ("class_embed.", "class_embedding."), ("norm_out.", "conv_norm_out."),

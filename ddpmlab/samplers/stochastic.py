@@ -18,6 +18,7 @@ from typing import List, Optional
 
 import torch
 
+from ddpmlab.config import ODE_SOLVERS
 from ddpmlab.diffusion.schedules import NoiseSchedule, t_of_sigma
 from ddpmlab.errors import ConfigError
 from ddpmlab.samplers.base import Callback, randn_like
@@ -121,8 +122,8 @@ def restart(predict, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int = 50
     pay for while keeping at least half of it for the main solve are dropped (few NFE: the plain
     ODE solve); ``restarts=0`` is exactly :func:`~ddpmlab.samplers.solvers.heun` (or ``euler``).
     """
-    if solver not in ("heun", "euler"):
-        raise ConfigError(f"restart solver must be 'heun' or 'euler', got {solver!r}")
+    if solver not in ODE_SOLVERS:
+        raise ConfigError(f"restart solver must be {' or '.join(ODE_SOLVERS)}, got {solver!r}")
     for name, v in (("restarts", restarts), ("restart_steps", restart_steps)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "restarts" else 1):
             raise ConfigError(f"{name} must be an integer >= {0 if name == 'restarts' else 1}, got {v!r}")

@@ -35,14 +35,12 @@ from typing import Callable, Optional
 
 import torch
 
+from ddpmlab.config import DISTILL_METHODS, ODE_SOLVERS
 from ddpmlab.diffusion.schedules import NoiseSchedule, abar_of_t, sigma_of_t, t_of_sigma
 from ddpmlab.errors import ConfigError
 from ddpmlab.samplers.base import Callback, randn_like
 from ddpmlab.samplers.solvers import euler_heun_step
 from ddpmlab.samplers.steps import karras_sigmas
-
-METHODS = ("progressive", "consistency")
-STUDENT_PREDICTIONS = ("v", "x0")
 
 
 def is_power_of_two(n) -> bool:
@@ -154,8 +152,9 @@ def ode_step(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: t
     ``euler`` is DDIM (Karras et al. 2022, Alg. 1 without the correction), ``heun`` adds the trapezoidal
     correction (Alg. 1, lines 6-8): :func:`~ddpmlab.samplers.solvers.euler_heun_step` with a noise level per example.
     """
-    if solver not in ("heun", "euler"):
-        raise ConfigError(f"distill.solver: unknown ODE solver '{solver}'; choose heun or euler (DDIM)")
+    if solver not in ODE_SOLVERS:
+        raise ConfigError(f"distill.solver: unknown ODE solver '{solver}'; choose {' or '.join(ODE_SOLVERS)} "
+                          "(euler is DDIM)")
     shape = (-1,) + (1,) * (x.ndim - 1)
     a, b = s_from.to(x.dtype).reshape(shape), s_to.to(x.dtype).reshape(shape)
 
@@ -207,8 +206,8 @@ def student(predict, schedule: NoiseSchedule, x_T: torch.Tensor, steps: Optional
     """
     if spacing is not None:
         raise ConfigError("the student sampler uses the grid it was distilled on; drop --timesteps")
-    if method not in METHODS:
-        raise ConfigError(f"unknown student method '{method}'; choose {' or '.join(METHODS)}")
+    if method not in DISTILL_METHODS:
+        raise ConfigError(f"unknown student method '{method}'; choose {' or '.join(DISTILL_METHODS)}")
     steps = distilled_steps if steps is None else steps
     check_student_steps(method, steps, distilled_steps)
     b = x_T.shape[0]
