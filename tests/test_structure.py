@@ -47,6 +47,17 @@ def _imported(name: str, is_pkg: bool, node) -> list:
     return [mod] if mod.startswith("ddpmlab") else []
 
 
+def _private_imports() -> list:
+    """``module:line name`` for each ``from ddpmlab.x import _name``: a module taking another's private name."""
+    hits = []
+    for name, is_pkg, tree in _modules():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and _imported(name, is_pkg, node):
+                hits += [f"{name}:{node.lineno} {a.name}" for a in node.names
+                         if a.name.startswith("_") and not a.name.startswith("__")]
+    return hits
+
+
 def _graph():
     modules = {name: (is_pkg, tree) for name, is_pkg, tree in _modules()}
     edges, local = {}, []
@@ -110,6 +121,10 @@ def test_every_module_belongs_to_a_layer_and_imports_only_downwards():
     assert _upward(edges) == []
 
 
+def test_no_module_imports_another_modules_private_names():
+    assert _private_imports() == [], "make the name public (no underscore) or move it where both modules use it"
+
+
 def test_the_old_module_paths_of_the_readme_still_work_and_nothing_inside_uses_them():
     from ddpmlab.checkpoint import load_model
     from ddpmlab.diffusion import schedules
@@ -131,9 +146,11 @@ def test_the_check_finds_a_planted_cycle_and_an_upward_import(tmp_path, monkeypa
     (pkg / "diffusion" / "a.py").write_text("from ddpmlab.diffusion import b\nfrom ddpmlab import cli\n")
     (pkg / "diffusion" / "b.py").write_text("from ddpmlab.diffusion.a import x\n\ndef f():\n    from ddpmlab import cli\n")
     (pkg / "cli.py").write_text("")
+    (pkg / "viz.py").write_text("from ddpmlab.diffusion.a import _helper, __version__\nfrom .diffusion import _b\n")
     monkeypatch.setattr(f"{__name__}.PKG", pkg)
     edges, local = _graph()
     assert edges["ddpmlab.diffusion.a"] == {"ddpmlab.diffusion.b", "ddpmlab.cli"}
     assert local == ["ddpmlab.diffusion.b:4"]
     assert _cycles(edges) == ["ddpmlab.diffusion.a -> ddpmlab.diffusion.b -> ddpmlab.diffusion.a"]
     assert sorted(_upward(edges)) == ["ddpmlab.diffusion.a -> ddpmlab.cli", "ddpmlab.diffusion.b -> ddpmlab.cli"]
+    assert _private_imports() == ["ddpmlab.viz:1 _helper", "ddpmlab.viz:2 _b"]

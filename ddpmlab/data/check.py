@@ -18,7 +18,7 @@ from PIL import Image
 from ddpmlab.data.images import (
     IMAGE_EXTENSIONS,
     ImageFolderDataset,
-    _is_hidden,
+    is_hidden,
     skip_report,
 )
 from ddpmlab.errors import DataError
@@ -41,9 +41,9 @@ def _non_images(root: str) -> list[str]:
     """Files below ``root`` that the scan ignores because of their extension (hidden ones excluded)."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
         found += [os.path.join(dirpath, f) for f in sorted(filenames)
-                  if not _is_hidden(f) and not f.lower().endswith(IMAGE_EXTENSIONS)]
+                  if not is_hidden(f) and not f.lower().endswith(IMAGE_EXTENSIONS)]
     return found
 
 

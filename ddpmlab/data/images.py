@@ -36,16 +36,17 @@ from ddpmlab.errors import DataError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 CACHE_MAX_IMAGES = 20000
 CACHE_MAX_BYTES = 4 * 1024**3
-_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+CHANNEL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # Pillow mode of an image with that many channels
 _SKIP_DIRS = {"__MACOSX"}
 
 
-def _is_hidden(name: str) -> bool:
+def is_hidden(name: str) -> bool:
+    """A hidden file or folder (a leading dot, or ``__MACOSX``): never scanned."""
     return name.startswith(".") or name in _SKIP_DIRS
 
 
 def _is_image_file(name: str) -> bool:
-    return not _is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
+    return not is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def _walk_images(folder: str) -> list[str]:
@@ -58,12 +59,12 @@ def _walk_images(folder: str) -> list[str]:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
         found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image_file(f))
     return sorted(found)
 
 
-def _to_mode(img: Image.Image, mode: str) -> Image.Image:
+def to_mode(img: Image.Image, mode: str) -> Image.Image:
     """Convert any PIL image to ``mode`` (L, RGB or RGBA) with 8 bits per channel."""
     if img.mode == mode:
         return img
@@ -102,14 +103,14 @@ def _fit(img: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 def load_image(path: str, image_size: Sequence[int], channels: int = 3) -> np.ndarray:
     """Decode one file to a uint8 array ``(H, W, C)``; raises on unreadable files."""
-    mode = _MODES[channels]
+    mode = CHANNEL_MODES[channels]
     with Image.open(path) as img:
         img.load()
         try:
             oriented = ImageOps.exif_transpose(img)
         except Exception:  # a broken EXIF block: keep the pixels as stored
             oriented = img
-        out = _fit(_to_mode(oriented, mode), (int(image_size[0]), int(image_size[1])))
+        out = _fit(to_mode(oriented, mode), (int(image_size[0]), int(image_size[1])))
         arr = np.array(out, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -137,89 +138,107 @@ def skip_report(skipped: Sequence[tuple[str, str]], limit: int = 20, indent: str
     return "\n".join(lines)
 
 
+def _check_folder(root: str) -> None:
+    if not os.path.exists(root):
+        raise DataError(
+            f"data.path: folder '{root}' does not exist; check the path (relative paths start "
+            f"from '{os.getcwd()}') or set data.path to a folder of images"
+        )
+    if not os.path.isdir(root):
+        raise DataError(f"data.path: '{root}' is a file, not a folder; set data.path to the folder that holds the images")
+
+
+def _scan(root: str) -> tuple[list[str], list[int], list[str]]:
+    """(files, labels, class names) of a folder: its first-level sub-folders that hold at least
+    one image (recursively) are the classes; without any, the images directly in it, unlabeled."""
+    try:
+        entries = sorted(os.listdir(root))
+    except OSError as e:
+        raise DataError(f"data.path: cannot list folder '{root}' ({e.strerror}); check its permissions") from None
+    top_files = [os.path.join(root, e) for e in entries
+                 if _is_image_file(e) and os.path.isfile(os.path.join(root, e))]
+    class_files: dict[str, list[str]] = {}
+    for e in entries:
+        sub = os.path.join(root, e)
+        if not is_hidden(e) and os.path.isdir(sub):
+            files = _walk_images(sub)
+            if files:
+                class_files[e] = files
+    if not class_files:
+        files, labels, class_names = top_files, [0] * len(top_files), []
+    else:
+        class_names = sorted(class_files)
+        files, labels = [], []
+        for label, name in enumerate(class_names):
+            files += class_files[name]
+            labels += [label] * len(class_files[name])
+        if top_files:
+            warnings.warn(
+                f"data.path: {len(top_files)} image(s) directly in '{root}' are ignored because "
+                f"its sub-folders are used as classes ({', '.join(class_names[:5])}"
+                f"{', ...' if len(class_names) > 5 else ''}); move them into a sub-folder",
+                stacklevel=3,
+            )
+    if not files:
+        raise DataError(
+            f"data.path: folder '{root}' contains no image files (searched recursively for "
+            f"{', '.join(IMAGE_EXTENSIONS)}, any case); add images or point data.path at another folder"
+        )
+    return files, labels, class_names
+
+
+def _decode_all(files: Sequence[str], image_size: tuple[int, int], channels: int, cached: bool,
+                threads: int) -> tuple[list[int], list[tuple[str, str]], Optional[np.ndarray]]:
+    """Decode every file once (in ``threads`` threads): (indices of the files kept, skipped
+    (path, reason) pairs, the kept images as uint8 (N, H, W, C) when ``cached``)."""
+    n = len(files)
+    keep, skipped = [], []
+    arrays = np.empty((n, *image_size, channels), dtype=np.uint8) if cached else None
+
+    def work(i: int):
+        return i, _try_load(files[i], image_size, channels)
+
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=threads) as pool:
+        # a file between 1x and 2x the decompression-bomb limit only warns in Pillow: skip it too
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        for i, (arr, reason) in pool.map(work, range(n)):
+            if arr is None:
+                skipped.append((files[i], reason))
+                continue
+            if arrays is not None:
+                arrays[len(keep)] = arr
+            keep.append(i)
+    if arrays is not None and len(keep) < n:
+        arrays = arrays[: len(keep)].copy()  # release the unused tail
+    return keep, skipped, arrays
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Images below ``root``; ``ds[i]`` is ``(x, y)``: x float32 ``(C,H,W)`` in [-1,1], y int64."""
 
     def __init__(self, root, image_size: Sequence[int] = (32, 32), channels: int = 3,
                  cache: Optional[bool] = None, num_threads: Optional[int] = None):
-        if channels not in _MODES:
+        if channels not in CHANNEL_MODES:
             raise DataError(f"data.channels: must be 1, 3 or 4, got {channels}")
         if len(image_size) != 2 or any(int(s) <= 0 for s in image_size):
             raise DataError(f"data.image_size: must be [H, W] with positive integers, got {list(image_size)}")
-        self.root = str(Path(os.path.expanduser(str(root))))
+        self.root = root = str(Path(os.path.expanduser(str(root))))
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.channels = int(channels)
         self.sample_shape = (self.channels, *self.image_size)
         self.is_image = True
-        root = self.root
-        if not os.path.exists(root):
-            raise DataError(
-                f"data.path: folder '{root}' does not exist; check the path (relative paths start "
-                f"from '{os.getcwd()}') or set data.path to a folder of images"
-            )
-        if not os.path.isdir(root):
-            raise DataError(f"data.path: '{root}' is a file, not a folder; set data.path to the folder that holds the images")
-
-        # classes: first-level sub-folders that hold at least one image (recursively)
-        try:
-            entries = sorted(os.listdir(root))
-        except OSError as e:
-            raise DataError(f"data.path: cannot list folder '{root}' ({e.strerror}); check its permissions") from None
-        top_files = [os.path.join(root, e) for e in entries
-                     if _is_image_file(e) and os.path.isfile(os.path.join(root, e))]
-        class_files: dict[str, list[str]] = {}
-        for e in entries:
-            sub = os.path.join(root, e)
-            if not _is_hidden(e) and os.path.isdir(sub):
-                files = _walk_images(sub)
-                if files:
-                    class_files[e] = files
-        if class_files:
-            self.class_names = sorted(class_files)
-            files, labels = [], []
-            for label, name in enumerate(self.class_names):
-                files += class_files[name]
-                labels += [label] * len(class_files[name])
-            if top_files:
-                warnings.warn(
-                    f"data.path: {len(top_files)} image(s) directly in '{root}' are ignored because "
-                    f"its sub-folders are used as classes ({', '.join(self.class_names[:5])}"
-                    f"{', ...' if len(self.class_names) > 5 else ''}); move them into a sub-folder",
-                    stacklevel=2,
-                )
-        else:
-            self.class_names = []
-            files, labels = top_files, [0] * len(top_files)
-        if not files:
-            raise DataError(
-                f"data.path: folder '{root}' contains no image files (searched recursively for "
-                f"{', '.join(IMAGE_EXTENSIONS)}, any case); add images or point data.path at another folder"
-            )
+        _check_folder(root)
+        files, labels, self.class_names = _scan(root)
         self.num_classes = len(self.class_names)
 
         # decode everything once: validates every file, and fills the cache
         n = len(files)
-        per_image = self.image_size[0] * self.image_size[1] * self.channels
         if cache is None:
+            per_image = self.image_size[0] * self.image_size[1] * self.channels
             cache = n <= CACHE_MAX_IMAGES and n * per_image <= CACHE_MAX_BYTES
         self.cached = bool(cache)
         threads = num_threads or min(8, os.cpu_count() or 1)
-        keep, self.skipped = [], []
-        arrays = np.empty((n, *self.image_size, self.channels), dtype=np.uint8) if self.cached else None
-
-        def work(i: int):
-            return i, _try_load(files[i], self.image_size, self.channels)
-
-        with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=threads) as pool:
-            # a file between 1x and 2x the decompression-bomb limit only warns in Pillow: skip it too
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            for i, (arr, reason) in pool.map(work, range(n)):
-                if arr is None:
-                    self.skipped.append((files[i], reason))
-                    continue
-                if arrays is not None:
-                    arrays[len(keep)] = arr
-                keep.append(i)
+        keep, self.skipped, self.arrays = _decode_all(files, self.image_size, self.channels, self.cached, threads)
         if not keep:
             first = self.skipped[0]
             err = DataError(
@@ -236,9 +255,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             )
         self.files = [files[i] for i in keep]
         self.labels = torch.tensor([labels[i] for i in keep], dtype=torch.int64)
-        self.arrays = arrays[: len(keep)] if arrays is not None else None
-        if self.arrays is not None and len(keep) < n:
-            self.arrays = self.arrays.copy()  # release the unused tail
 
     def __len__(self) -> int:
         return len(self.files)

@@ -17,10 +17,8 @@ import torch
 from PIL import Image, ImageOps
 
 from ddpmlab.data import from_uint8, to_uint8
-from ddpmlab.data.images import _to_mode
+from ddpmlab.data.images import CHANNEL_MODES, to_mode
 from ddpmlab.errors import DDPMError
-
-_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
 def _open(path, what: str) -> Image.Image:
@@ -63,7 +61,7 @@ def load_picture(path, shape: Sequence[int], resize: bool = False, what: str = "
     ``what`` and ``resize_option`` name the caller's options in the messages.
     """
     c, h, w = shape
-    img = _to_mode(_open(path, what), _MODES[c])
+    img = to_mode(_open(path, what), CHANNEL_MODES[c])
     if resize:
         img = _fit(img, (h, w), Image.Resampling.BICUBIC)
     _check_size(img, path, what, (h, w), resize_option)
@@ -75,7 +73,7 @@ def load_mask(path, size: Sequence[int], resize: bool = False, what: str = "mask
               resize_option: str = "resize=True") -> torch.Tensor:
     """A mask file as (1, H, W) float32: 1 where the pixel is > 50 % grey (fill), 0 elsewhere (keep)."""
     h, w = size
-    img = _to_mode(_open(path, what), "L")
+    img = to_mode(_open(path, what), "L")
     if resize:
         img = _fit(img, (h, w), Image.Resampling.NEAREST)
     _check_size(img, path, what, (h, w), resize_option)
