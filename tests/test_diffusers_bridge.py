@@ -13,15 +13,13 @@ from ddpmlab.diffusion.schedules import NoiseSchedule, make_betas
 from ddpmlab.errors import DDPMError
 from ddpmlab.io.checkpoint import CONFIG_FILE, save_checkpoint
 from ddpmlab.io.diffusers_bridge import (
-    diffusion_from_scheduler,
     export_diffusers,
     from_diffusers_state_dict,
     load_diffusers_model,
-    require_diffusers,
-    scheduler_config,
     to_diffusers_state_dict,
     unet2d_config,
 )
+from ddpmlab.io.diffusers_schedule import diffusion_from_scheduler, require_diffusers, scheduler_config
 from ddpmlab.models import UNet, build_model
 from ddpmlab.samplers.generate import generate
 

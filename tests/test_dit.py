@@ -237,7 +237,8 @@ def test_exported_dit_transformer_equals_ours_to_1e5(tmp_path, overrides):
 
 def test_dit_export_refuses_what_diffusers_cannot_express(tmp_path):
     pytest.importorskip("diffusers")
-    from ddpmlab.io.diffusers_bridge import dit_transformer_config, export_diffusers
+    from ddpmlab.io.diffusers_bridge import export_diffusers
+    from ddpmlab.io.diffusers_dit import dit_transformer_config
 
     run, cfg, model = _fake_dit_run(tmp_path, ["model.mlp_ratio=2.0"])
     with pytest.raises(DDPMError, match=r"model\.mlp_ratio=2\.0"):

@@ -1,6 +1,8 @@
 """The bridge to HF diffusers: export a run as a ``DDPMPipeline`` folder, load a ``UNet2DModel``.
 
-A DiT run exports as a ``DiTTransformer2DModel`` + ``DDPMScheduler`` folder (:func:`export_dit`).
+A DiT run exports as a ``DiTTransformer2DModel`` + ``DDPMScheduler`` folder
+(:mod:`ddpmlab.io.diffusers_dit`); the scheduler config is translated both ways in
+:mod:`ddpmlab.io.diffusers_schedule`.
 
 ddpmlab's :class:`~ddpmlab.models.UNet` has the block structure of diffusers' ``UNet2DModel``
 built from ``DownBlock2D`` / ``AttnDownBlock2D`` blocks, so the weights map one to one by
@@ -17,8 +19,8 @@ renaming (and splitting the fused q/k/v projection)::
     up.{k}.upsample                     up_blocks.{k}.upsamplers.0
     norm_out                            conv_norm_out
 
-diffusers is an optional dependency (``pip install 'ddpmlab[diffusers]'``), imported only here
-and only when a function needs it.  Nothing is ever downloaded: folders are read locally.
+diffusers is an optional dependency (``pip install 'ddpmlab[diffusers]'``), imported only when a
+function needs it (:func:`~ddpmlab.io.diffusers_schedule.require_diffusers`).  Nothing is ever downloaded: folders are read locally.
 """
 
 from __future__ import annotations
@@ -32,19 +34,12 @@ import torch
 
 from ddpmlab.config import Config, save_config, validate
 from ddpmlab.data import data_shape
-from ddpmlab.diffusion.reverse import VARIANCES  # diffusers' variance_type uses the same names
-from ddpmlab.diffusion.schedules import SCHEDULES, make_betas
 from ddpmlab.errors import DDPMError
 from ddpmlab.io.checkpoint import load_model
+from ddpmlab.io.diffusers_dit import export_dit
+from ddpmlab.io.diffusers_schedule import diffusion_from_scheduler, require_diffusers, scheduler_config
 from ddpmlab.models import UNet
-from ddpmlab.models.dit import sincos_2d
 
-PREDICTION_TO_DIFFUSERS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
-PREDICTION_FROM_DIFFUSERS = {v: k for k, v in PREDICTION_TO_DIFFUSERS.items()}
-# ddpmlab schedule -> diffusers beta_schedule computing the same betas (others go as trained_betas)
-SCHEDULE_TO_DIFFUSERS = {"linear": "linear", "quadratic": "scaled_linear", "cosine": "squaredcos_cap_v2",
-                         "sigmoid": "sigmoid"}
-SCHEDULE_FROM_DIFFUSERS = {v: k for k, v in SCHEDULE_TO_DIFFUSERS.items()}
 _RENAMES = [  # (ours, diffusers), applied in this order
     ("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
     ("class_embed.", "class_embedding."), ("norm_out.", "conv_norm_out."),
@@ -54,16 +49,6 @@ _RENAMES = [  # (ours, diffusers), applied in this order
     (".downsample.", ".downsamplers.0."), (".upsample.", ".upsamplers.0."),
     (".temb_proj.", ".time_emb_proj."), (".shortcut.", ".conv_shortcut."), (".proj_out.", ".to_out.0."),
 ]
-
-
-def require_diffusers():
-    """The diffusers module, or a DDPMError saying how to install it."""
-    try:
-        import diffusers
-    except ImportError:
-        raise DDPMError("this needs HF diffusers, which is not installed; "
-                        "install it with `pip install 'ddpmlab[diffusers]'` (or `pip install diffusers`)") from None
-    return diffusers
 
 
 # ---------------------------------------------------------------- weights
@@ -144,33 +129,6 @@ def unet2d_config(cfg: Config) -> dict:
     )
 
 
-def scheduler_config(cfg: Config) -> dict:
-    """DDPMScheduler's constructor arguments for ``cfg.diffusion``."""
-    d = cfg.diffusion
-    betas = _our_betas(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
-    conf = dict(num_train_timesteps=d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end,
-                prediction_type=PREDICTION_TO_DIFFUSERS[d.prediction],
-                variance_type=d.variance, clip_sample=True, clip_sample_range=1.0,
-                timestep_spacing="leading", rescale_betas_zero_snr=d.zero_terminal_snr)
-    name = SCHEDULE_TO_DIFFUSERS.get(d.schedule)
-    if name is not None and torch.allclose(_diffusers_betas(name, conf), betas, rtol=1e-5, atol=1e-8):
-        conf["beta_schedule"] = name
-    else:  # no diffusers formula gives these betas: write them out
-        conf["beta_schedule"], conf["trained_betas"] = "linear", betas.tolist()
-    return conf
-
-
-def _our_betas(name: str, T: int, beta_start: float, beta_end: float) -> torch.Tensor:
-    return make_betas(name, T, beta_start, beta_end)
-
-
-def _diffusers_betas(name: str, conf: dict) -> torch.Tensor:
-    diffusers = require_diffusers()
-    sched = diffusers.DDPMScheduler(num_train_timesteps=conf["num_train_timesteps"], beta_start=conf["beta_start"],
-                                    beta_end=conf["beta_end"], beta_schedule=name)
-    return sched.betas.double()
-
-
 def new_output_folder(out) -> Path:
     """``out`` as a Path, refused when it exists and is not empty (an export never mixes into a folder)."""
     out = Path(out)
@@ -222,108 +180,6 @@ def _check_same_outputs(ours, theirs, cfg: Config, atol: float = 1e-4) -> None:
     if not err <= atol * max(1.0, a.abs().max().item()):
         raise DDPMError(f"the exported UNet2DModel does not reproduce the model (max difference {err:.2e}); "
                         "its architecture has an option the diffusers bridge does not map")
-
-
-# ---------------------------------------------------------------- DiT export
-# ddpmlab's DiT has the layers of diffusers' DiTTransformer2DModel (ada_norm_zero blocks); diffusers
-# keeps a copy of the time and class embedders in every block (norm1.emb), ours are shared:
-#     patch_embed                 pos_embed.proj        (pos_embed: recomputed by diffusers)
-#     time_embed.0 / .2           transformer_blocks.{i}.norm1.emb.timestep_embedder.linear_1 / linear_2
-#     class_embed                 transformer_blocks.{i}.norm1.emb.class_embedder.embedding_table
-#     blocks.{i}.modulation       transformer_blocks.{i}.norm1.linear
-#     blocks.{i}.attn.qkv / proj  transformer_blocks.{i}.attn1.to_q / to_k / to_v / to_out.0
-#     blocks.{i}.mlp.fc1 / fc2    transformer_blocks.{i}.ff.net.0.proj / ff.net.2
-#     final.modulation / linear   proj_out_1 / proj_out_2
-
-def dit_transformer_config(cfg: Config, model) -> dict:
-    """DiTTransformer2DModel's constructor arguments for ``model`` (a ddpmlab DiT), or a DDPMError naming the option."""
-    if cfg.diffusion.prediction == "edm":
-        raise DDPMError("diffusion.prediction=edm does not map: diffusers' schedulers have no EDM preconditioning "
-                        "around a DiTTransformer2DModel (train with prediction eps, x0 or v to export)")
-    (h, w), hidden = model.image_size, model.hidden
-    if h != w:
-        raise DDPMError(f"a {h}x{w} DiT does not map: DiTTransformer2DModel takes square inputs (sample_size); "
-                        "train on square images to export")
-    if model.blocks[0].mlp.fc1.out_features != 4 * hidden:
-        raise DDPMError(f"model.mlp_ratio={cfg.model.mlp_ratio} does not map: DiTTransformer2DModel's MLP is "
-                        "4 x the token width (model.mlp_ratio=4.0)")
-    if model.time_shift != 1.0:
-        raise DDPMError(f"a DiT with time_shift={model.time_shift} does not map: DiTTransformer2DModel's timestep "
-                        "frequencies are 10000^(-k / (half - 1)) (time_shift=1)")
-    if not torch.allclose(model.pos_embed[0], sincos_2d(hidden, *model.grid), atol=1e-6):
-        raise DDPMError("the DiT's position embedding is not the fixed 2-D sin-cos one, which "
-                        "DiTTransformer2DModel recomputes instead of loading; it does not map")
-    heads = model.blocks[0].attn.num_heads
-    return dict(num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=model.in_channels,
-                out_channels=model.out_channels, num_layers=len(model.blocks), dropout=0.0, attention_bias=True,
-                sample_size=h, patch_size=model.patch_size, activation_fn="gelu-approximate",
-                num_embeds_ada_norm=model.num_classes or 1,  # unconditional: one class whose embedding is 0
-                upcast_attention=False, norm_type="ada_norm_zero", norm_elementwise_affine=False, norm_eps=1e-6)
-
-
-def to_diffusers_dit_state_dict(state: Dict[str, torch.Tensor], depth: int) -> Dict[str, torch.Tensor]:
-    """A ddpmlab DiT state dict under DiTTransformer2DModel's keys (the shared embedders copied into each block)."""
-    out = {"pos_embed.proj.weight": state["patch_embed.weight"], "pos_embed.proj.bias": state["patch_embed.bias"],
-           "proj_out_1.weight": state["final.modulation.weight"], "proj_out_1.bias": state["final.modulation.bias"],
-           "proj_out_2.weight": state["final.linear.weight"], "proj_out_2.bias": state["final.linear.bias"]}
-    hidden = state["patch_embed.weight"].shape[0]
-    table = state.get("class_embed.weight", torch.zeros(2, hidden))  # unconditional: a zero "class" embedding
-    names = {"modulation": "norm1.linear", "attn.proj": "attn1.to_out.0", "mlp.fc1": "ff.net.0.proj",
-             "mlp.fc2": "ff.net.2"}
-    for i in range(depth):
-        ours, theirs = f"blocks.{i}.", f"transformer_blocks.{i}."
-        for kind in ("weight", "bias"):
-            for a, b in names.items():
-                out[f"{theirs}{b}.{kind}"] = state[f"{ours}{a}.{kind}"]
-            for name, part in zip(("to_q", "to_k", "to_v"), state[f"{ours}attn.qkv.{kind}"].chunk(3, dim=0)):
-                out[f"{theirs}attn1.{name}.{kind}"] = part.contiguous()
-            for j in (1, 2):
-                out[f"{theirs}norm1.emb.timestep_embedder.linear_{j}.{kind}"] = state[f"time_embed.{2 * j - 2}.{kind}"]
-        out[f"{theirs}norm1.emb.class_embedder.embedding_table.weight"] = table
-    return out
-
-
-def dit_transformer(cfg: Config, model):
-    """diffusers' DiTTransformer2DModel holding ``model``'s weights, checked to compute what it does (1e-5)."""
-    theirs = require_diffusers().DiTTransformer2DModel(**dit_transformer_config(cfg, model))
-    try:
-        theirs.load_state_dict(to_diffusers_dit_state_dict(model.state_dict(), len(model.blocks)), strict=True)
-    except (RuntimeError, KeyError) as e:
-        raise DDPMError(f"the DiT does not map to DiTTransformer2DModel ({str(e).splitlines()[0]})") from None
-    _check_same_dit_outputs(model, theirs.eval(), cfg)
-    return theirs
-
-
-def export_dit(cfg: Config, model, out: Path) -> Path:
-    """Write a DiT as ``out/transformer`` (DiTTransformer2DModel) + ``out/scheduler`` (DDPMScheduler), safetensors.
-
-    No ``DiTPipeline`` folder: that pipeline decodes latents with a VAE, which a DiT on pixels has not
-    (a latent DiT run exports as one: :func:`ddpmlab.io.latent_export.export_latent_run`);
-    load the parts with ``from_pretrained(out / "transformer")`` and ``DDPMScheduler.from_pretrained(out /
-    "scheduler")``.  An unconditional DiT exports with one class of zero embedding (pass class_labels=0).
-    Checks that the exported transformer computes what ours does (float32, tolerance 1e-5).
-    """
-    diffusers = require_diffusers()
-    theirs = dit_transformer(cfg, model)
-    theirs.save_pretrained(str(out / "transformer"), safe_serialization=True)
-    diffusers.DDPMScheduler(**scheduler_config(cfg)).save_pretrained(str(out / "scheduler"))
-    save_config(cfg, out / "ddpmlab_config.yaml")  # provenance; diffusers ignores it
-    return out
-
-
-@torch.no_grad()
-def _check_same_dit_outputs(ours, theirs, cfg: Config, atol: float = 1e-5) -> None:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, *data_shape(cfg), generator=g)
-    t = torch.tensor([10, cfg.diffusion.num_timesteps - 1])
-    k = cfg.model.num_classes
-    y = torch.tensor([0, k]) if k else None
-    a = ours(x, t, y)
-    b = theirs(x, timestep=t, class_labels=y if k else torch.zeros(2, dtype=torch.long)).sample
-    err = (a - b).abs().max().item()
-    if not err <= atol * max(1.0, a.abs().max().item()):
-        raise DDPMError(f"the exported DiTTransformer2DModel does not reproduce the model (max difference "
-                        f"{err:.2e}); its architecture has an option the diffusers bridge does not map")
 
 
 # ---------------------------------------------------------------- import
@@ -400,35 +256,6 @@ def unet_kwargs_from_unet2d(conf: dict) -> dict:
         time_flip=conf.get("flip_sin_to_cos", True), downsample_padding=conf.get("downsample_padding", 1),
         attention_head_dim=head_dim,
     )
-
-
-def diffusion_from_scheduler(conf: dict) -> dict:
-    """ddpmlab diffusion config keys for a diffusers scheduler config (DDPM/DDIM/PNDM/... share them)."""
-    pred = conf.get("prediction_type", "epsilon")
-    if pred not in PREDICTION_FROM_DIFFUSERS:
-        raise DDPMError(f"scheduler prediction_type={pred!r} does not map; ddpmlab knows "
-                        f"{', '.join(PREDICTION_FROM_DIFFUSERS)}")
-    variance = conf.get("variance_type") or "fixed_small"
-    if variance not in VARIANCES:
-        raise DDPMError(f"scheduler variance_type={variance!r} does not map; ddpmlab knows {', '.join(VARIANCES)}")
-    T = conf.get("num_train_timesteps", 1000)
-    start, end = conf.get("beta_start", 1e-4), conf.get("beta_end", 0.02)
-    name = conf.get("beta_schedule", "linear")
-    if conf.get("trained_betas") is not None:
-        betas = torch.tensor(conf["trained_betas"], dtype=torch.float64)
-        name = next((n for n in SCHEDULES if len(betas) == T
-                     and torch.allclose(_our_betas(n, T, start, end), betas, rtol=1e-5, atol=1e-8)), None)
-        if name is None:
-            raise DDPMError(f"scheduler trained_betas match no ddpmlab schedule ({', '.join(SCHEDULES)} with its "
-                            "beta_start/beta_end); they do not map")
-    elif name in SCHEDULE_FROM_DIFFUSERS:
-        name = SCHEDULE_FROM_DIFFUSERS[name]
-    else:
-        raise DDPMError(f"scheduler beta_schedule={name!r} does not map; ddpmlab knows "
-                        f"{', '.join(SCHEDULE_FROM_DIFFUSERS)}")
-    return dict(schedule=name, num_timesteps=T, beta_start=start, beta_end=end,
-                prediction=PREDICTION_FROM_DIFFUSERS[pred], variance=variance,
-                zero_terminal_snr=bool(conf.get("rescale_betas_zero_snr", False)))
 
 
 def load_diffusers_model(folder, device="cpu"):

@@ -21,13 +21,9 @@ import torch
 from ddpmlab.config import save_config
 from ddpmlab.errors import DDPMError
 from ddpmlab.io.checkpoint import load_model
-from ddpmlab.io.diffusers_bridge import (
-    dit_transformer,
-    new_output_folder,
-    require_diffusers,
-    scheduler_config,
-    unet2d_model,
-)
+from ddpmlab.io.diffusers_bridge import new_output_folder, unet2d_model
+from ddpmlab.io.diffusers_dit import dit_transformer
+from ddpmlab.io.diffusers_schedule import require_diffusers, scheduler_config
 from ddpmlab.models.autoencoder import LatentCodec
 
 
