@@ -1,6 +1,8 @@
 """The package's shape: each folder is one layer, imports flow downwards only, no import cycles."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import ddpmlab
@@ -45,6 +47,25 @@ def _imported(name: str, is_pkg: bool, node) -> list:
     else:
         mod = node.module or ""
     return [mod] if mod.startswith("ddpmlab") else []
+
+
+# optional or heavy packages that only the functions needing them import
+HEAVY = ("gradio", "tensorboard", "matplotlib", "transformers", "diffusers", "sklearn", "mlxtend", "torchmetrics",
+         "accelerate")
+# the package and the library layers a script imports (the front ends, training and benchmarks may load more)
+LIGHT = ("ddpmlab", "ddpmlab.diffusion", "ddpmlab.data", "ddpmlab.models", "ddpmlab.samplers", "ddpmlab.io.images",
+         "ddpmlab.io.diffusers_bridge", "ddpmlab.viz", "ddpmlab.evaluate.nll")
+
+
+def _heavy_modules_after(modules) -> dict:
+    """{module: the HEAVY packages in sys.modules once it is imported}, importing ``modules`` in
+    this order in one fresh interpreter."""
+    code = ("import importlib, sys\n"
+            f"for name in {list(modules)!r}:\n"
+            "    importlib.import_module(name)\n"
+            f"    print(name, *sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0]: line.split()[1:] for line in out.splitlines()}
 
 
 def _private_imports() -> list:
@@ -123,6 +144,11 @@ def test_every_module_belongs_to_a_layer_and_imports_only_downwards():
 
 def test_no_module_imports_another_modules_private_names():
     assert _private_imports() == [], "make the name public (no underscore) or move it where both modules use it"
+
+
+def test_importing_the_package_and_its_library_layers_loads_no_heavy_optional_dependency():
+    loaded = _heavy_modules_after([*LIGHT, "matplotlib.figure"])
+    assert loaded == {**{m: [] for m in LIGHT}, "matplotlib.figure": ["matplotlib"]}  # the probe sees a loaded one
 
 
 def test_the_old_module_paths_of_the_readme_still_work_and_nothing_inside_uses_them():

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from matplotlib.figure import Figure
 
 from ddpmlab.data import build_dataset, load_digits, load_mnist, make_toy
 from ddpmlab.diffusion.likelihood import LN2, check_decoder_data, prior_kl, vlb_term
@@ -165,6 +164,8 @@ def save_nll_report(result: NLLResult, out_dir, extra: Optional[dict] = None) ->
         vals = torch.cat([per_t[:1], torch.stack([per_t[a:a + k].sum() / min(k, len(per_t) - a) for a in starts])])
     else:
         tt, vals = t, per_t
+    from matplotlib.figure import Figure  # matplotlib only when a plot is drawn
+
     fig = Figure(figsize=(10, 4), dpi=100)
     ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(tt.numpy(), vals.abs().numpy(), lw=1)

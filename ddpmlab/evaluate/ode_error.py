@@ -24,8 +24,6 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter
 
 from ddpmlab.diffusion.schedules import NoiseSchedule, log_sigmas, t_of_sigma
 from ddpmlab.errors import ConfigError, DDPMError
@@ -199,6 +197,9 @@ def markdown(res: OdeErrorResult, min_nfe: int = 20) -> str:
 
 def plot(res: OdeErrorResult, path: Path, labels: Optional[Sequence[str]] = None) -> Path:
     """Error vs NFE on log axes (``labels``: the rows to draw, default all)."""
+    from matplotlib.figure import Figure  # matplotlib only when a plot is drawn
+    from matplotlib.ticker import NullFormatter
+
     fig = Figure(figsize=(6.5, 4.8), dpi=110)
     ax = fig.subplots()
     for label in labels or list(res.errors):

@@ -2,20 +2,22 @@
 
 Figures use matplotlib's object-oriented API (:func:`new_figure`): each one draws on its own
 Agg canvas, so neither pyplot's figure list nor the process's backend (a notebook's, say)
-is touched.
+is touched.  matplotlib is imported when the first figure is made (it takes a quarter of a
+second), so importing the package does not pay for it.
 """
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def new_figure(figsize: tuple[float, float], dpi: float = 100, nrows: int = 1, ncols: int = 1,
@@ -24,6 +26,9 @@ def new_figure(figsize: tuple[float, float], dpi: float = 100, nrows: int = 1, n
 
     Needs no display, no pyplot and no backend switch; the figure is freed with its last reference.
     """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=figsize, dpi=dpi)
     FigureCanvasAgg(fig)
     return fig, fig.subplots(nrows, ncols, **subplots_kw)
