@@ -24,15 +24,15 @@ def respaced(schedule: NoiseSchedule, steps: Optional[int], spacing: str = "unif
     return schedule if steps is None or steps == T else schedule.respace(select_timesteps(T, steps, spacing))
 
 
-def predict_step(predict, s: NoiseSchedule, x: torch.Tensor, i: int, variance: str):
-    """(eps, x0, log sigma^2 or None) of the model at entry ``i`` of the (respaced) schedule ``s``."""
-    t = s.timesteps[i].to(x.device)
+def predict_step(predict, schedule: NoiseSchedule, x: torch.Tensor, i: int, variance: str):
+    """(eps, x0, log sigma^2 or None) of the model at entry ``i`` of the (respaced) ``schedule``."""
+    t = schedule.timesteps[i].to(x.device)
     if variance != "learned_range":
         return (*predict(x, t), None)
     if not hasattr(predict, "with_log_variance"):
         raise ConfigError("DDPM variance 'learned_range' needs a ModelPredictor around a model with a variance head")
     idx = torch.full((x.shape[0],), i, dtype=torch.long)
-    return predict.with_log_variance(x, t, schedule=s, index=idx)
+    return predict.with_log_variance(x, t, schedule=schedule, index=idx)
 
 
 @torch.no_grad()
@@ -48,12 +48,12 @@ def ddpm(predict, schedule: NoiseSchedule, x_T: torch.Tensor, steps: Optional[in
     and all variances are those of the respaced process.
     """
     variance = variance_name(variance)
-    s = respaced(schedule, steps, spacing)
+    spaced = respaced(schedule, steps, spacing)
     x = x_T
-    for k, i in enumerate(range(s.num_timesteps - 1, -1, -1)):
-        eps, x0, log_var = predict_step(predict, s, x, i, variance)
+    for k, i in enumerate(range(spaced.num_timesteps - 1, -1, -1)):
+        eps, x0, log_var = predict_step(predict, spaced, x, i, variance)
         noise = randn_like(x, generator) if i > 0 else None
-        x = ancestral_step(s, x, i, x0, variance, log_var, noise)  # Ho et al. 2020, Alg. 2, line 4
+        x = ancestral_step(spaced, x, i, x0, variance, log_var, noise)  # Ho et al. 2020, Alg. 2, line 4
         if callback is not None:
             callback(k, x, x0)
     return x

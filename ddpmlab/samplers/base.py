@@ -80,8 +80,8 @@ class ModelPredictor:
             raise DDPMError("the learned-variance sampler needs a model trained with diffusion.variance=learned_range; "
                             "this model has no variance head: sample with variance beta or posterior")
         eps, x0 = self.limit(x_t, t, *eps_x0_from_output(self.schedule, x_t, t, pred.to(x_t.dtype), self.prediction))
-        s = self.schedule if schedule is None else schedule
-        return eps, x0, learned_log_variance(s, t if index is None else index, v_raw.to(x_t.dtype))
+        schedule = self.schedule if schedule is None else schedule
+        return eps, x0, learned_log_variance(schedule, t if index is None else index, v_raw.to(x_t.dtype))
 
 
 def randn_like(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -103,7 +103,7 @@ def _dpmpp_update(x: torch.Tensor, h: float, m: List[torch.Tensor], hs: List[flo
 def _dpmpp(predict, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int, order: int, *,
            callback: Callback, timesteps: Timesteps, lower_order_final: bool) -> torch.Tensor:
     ts, sig, x, denoise = _start(predict, schedule, x_T, steps, timesteps)
-    lam = [-math.log(s) for s in sig[:-1]]
+    lam = [-math.log(sigma) for sigma in sig[:-1]]
     m: List[torch.Tensor] = []  # x0 predictions, newest first
     for i in range(steps):
         x0 = denoise(x, sig[i], ts[i])
@@ -195,7 +195,7 @@ def unipc(predict, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int = 20, 
     if not isinstance(order, int) or order < 1:
         raise ConfigError(f"unipc order must be a positive integer, got {order!r}")
     ts, sig, x, denoise = _start(predict, schedule, x_T, steps, timesteps)
-    lam = [-math.log(s) for s in sig[:-1]]
+    lam = [-math.log(sigma) for sigma in sig[:-1]]
     hist: List[Tuple[float, torch.Tensor]] = []  # (lambda, x0) newest first
     x_prev, q_prev = None, 0
     for i in range(steps):

@@ -64,11 +64,12 @@ def ddim_move(x: torch.Tensor, x0: torch.Tensor, abar_from: torch.Tensor, abar_t
     """Deterministic DDIM from alpha_bar ``abar_from`` to ``abar_to`` (shapes broadcasting against x).
 
     Salimans & Ho 2022, Alg. 2: z' = alpha' x_hat + (sigma' / sigma) (z - alpha x_hat), with alpha =
-    sqrt(abar), sigma = sqrt(1 - abar) (Song et al. 2021, Eq. 12 at eta = 0).
+    sqrt(abar), sigma = sqrt(1 - abar) (Song et al. 2021, Eq. 12 at eta = 0); their sigma, the
+    standard deviation of the noise in z, is ``std`` here (not the VE noise level sigma below).
     """
-    a, s = abar_from.sqrt(), (1 - abar_from).sqrt()
-    a2, s2 = abar_to.sqrt(), (1 - abar_to).sqrt()
-    return a2 * x0 + (s2 / s) * (x - a * x0)
+    alpha, std = abar_from.sqrt(), (1 - abar_from).sqrt()
+    alpha2, std2 = abar_to.sqrt(), (1 - abar_to).sqrt()
+    return alpha2 * x0 + (std2 / std) * (x - alpha * x0)
 
 
 def progressive_target(z: torch.Tensor, z_end: torch.Tensor, abar_t: torch.Tensor,
@@ -79,10 +80,10 @@ def progressive_target(z: torch.Tensor, z_end: torch.Tensor, abar_t: torch.Tenso
     One DDIM step of the student from z (at abar_t) with x_hat = x_tilde lands exactly on z'' (the
     teacher's two steps, at abar_end).  At the last step (abar_end = 1) it is z'' itself.
     """
-    a, s = abar_t.sqrt(), (1 - abar_t).sqrt()
-    a2, s2 = abar_end.sqrt(), (1 - abar_end).sqrt()
-    ratio = s2 / s
-    return (z_end - ratio * z) / (a2 - ratio * a)
+    alpha, std = abar_t.sqrt(), (1 - abar_t).sqrt()
+    alpha2, std2 = abar_end.sqrt(), (1 - abar_end).sqrt()
+    ratio = std2 / std
+    return (z_end - ratio * z) / (alpha2 - ratio * alpha)
 
 
 def truncated_snr_weight(abar: torch.Tensor) -> torch.Tensor:
