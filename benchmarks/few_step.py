@@ -60,8 +60,8 @@ from ddpmlab.io.checkpoint import load_run_config
 from ddpmlab.io.images import grid_image
 from ddpmlab.runs import draw_samples, load_run, plan_sampling, resolve_device, run_guidance
 from ddpmlab.samplers.student import is_power_of_two
-from ddpmlab.training.distill import distill_run, round_plan
-from ddpmlab.training.loop import train
+from ddpmlab.training.tasks.distill import distill_run, round_plan
+from ddpmlab.training.tasks.diffusion import train
 from ddpmlab.training.precision import cpu_flags
 
 DEFAULT_BASELINES = "ddim:trailing,dpmpp_2m:karras,dpmpp_2m:optimized,unipc:optimized"

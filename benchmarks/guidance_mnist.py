@@ -27,7 +27,7 @@ import torch
 def train_run(steps: int, out_dir: str) -> Path:
     from ddpmlab.config import load_config
     from ddpmlab.io.checkpoint import is_run_dir, load_run_config
-    from ddpmlab.training.loop import train
+    from ddpmlab.training.tasks.diffusion import train
 
     run = Path(out_dir) / f"guidance-mnist-{steps}"
     if is_run_dir(run):  # finish (or just reuse) an earlier run

@@ -62,10 +62,10 @@ from ddpmlab.io.images import grid_image
 from ddpmlab.models import count_parameters
 from ddpmlab.runs import draw_samples, load_run, plan_sampling, resolve_device
 from ddpmlab.samplers.registry import get_sampler
-from ddpmlab.training.autoencoder import train_autoencoder
-from ddpmlab.training.loop import train
+from ddpmlab.training.tasks.autoencoder import train_autoencoder
+from ddpmlab.training.tasks.diffusion import train
 from ddpmlab.training.precision import cpu_flags
-from ddpmlab.training.setup import latent_dataset, load_data
+from ddpmlab.training.data import latent_dataset, load_data
 
 # the latent DiT: patch 1 on 7x7 latents (49 tokens), ~ the latent UNet's FLOPs per forward pass
 DIT = ["model.kind=dit", "model.preset=null", "model.patch_size=1", "model.dit_hidden=128", "model.dit_depth=4",

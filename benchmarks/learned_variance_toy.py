@@ -39,7 +39,7 @@ from ddpmlab.evaluate.nll import nll_bits_per_dim
 from ddpmlab.evaluate.toy import mmd_rbf, sliced_wasserstein
 from ddpmlab.io.checkpoint import load_model
 from ddpmlab.samplers.generate import generate
-from ddpmlab.training.loop import train
+from ddpmlab.training.tasks.diffusion import train
 from ddpmlab.viz.toy_figures import forward_points, reverse_points, save_panels
 
 

@@ -47,7 +47,7 @@ from ddpmlab.evaluate.metrics import feature_sums, fid, kid
 from ddpmlab.io.diffusers_bridge import require_diffusers, unet2d_config
 from ddpmlab.io.images import grid_image
 from ddpmlab.runs import draw_samples, load_run, plan_sampling
-from ddpmlab.training.loop import train
+from ddpmlab.training.tasks.diffusion import train
 from ddpmlab.training.precision import cpu_flags
 
 CONFIDENT = 0.8

@@ -13,33 +13,34 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-import ddpmlab.training.loop as train_module
-import ddpmlab.training.setup as setup_module
+import ddpmlab.training.data as data_module
+import ddpmlab.training.loop as loop_module
 from ddpmlab.cli import main
 
 RANK = int(os.environ.get("RANK", "0"))
 _seen: list = []
-_save = train_module._save
+_save = loop_module.save_state
 
 
-class RecordingSampler(setup_module.StepBatchSampler):
+class RecordingSampler(data_module.StepBatchSampler):
     def __iter__(self):
         for batch in super().__iter__():
             _seen.append(batch)
             yield batch
 
 
-def recording_save(accelerator, run_dir, step, model, ema, opt, *args, **kwargs):
-    weights = {f"model.{k}": v for k, v in model.state_dict().items()}
-    weights.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+def recording_save(s, step):
+    trainee, run_dir = s.task.trainee, s.ctx.run_dir
+    weights = {f"model.{k}": v for k, v in trainee.raw.state_dict().items()}
+    weights.update({f"ema.{k}": v for k, v in trainee.ema.state_dict().items()})
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
               str(Path(run_dir) / f"rank{RANK}_step{step}.safetensors"))
     (Path(run_dir) / f"rank{RANK}_batches.json").write_text(json.dumps(_seen))
-    return _save(accelerator, run_dir, step, model, ema, opt, *args, **kwargs)
+    return _save(s, step)
 
 
-setup_module.StepBatchSampler = RecordingSampler
-train_module._save = recording_save
+data_module.StepBatchSampler = RecordingSampler
+loop_module.save_state = recording_save
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -50,12 +50,12 @@ def test_keep_freed_memory_stops_page_faults_on_reallocation(tmp_path):
 
 @pytest.mark.parametrize("keep", [True, False])
 def test_cpu_training_keeps_freed_memory_unless_the_config_says_no(tmp_path, monkeypatch, keep):
-    import ddpmlab.training.loop as trainer
-    import ddpmlab.training.setup as setup
+    import ddpmlab.training.loop as loop
+    import ddpmlab.training.tasks.diffusion as trainer
     from ddpmlab.config import load_config
 
     calls = []
-    monkeypatch.setattr(setup, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(loop, "keep_freed_memory", lambda: calls.append(1) or True)
     cfg = load_config("toy2d", [f"train.out_dir={tmp_path}", "train.name=t", "train.steps=2", "train.sample_n=4",
                                 "train.sample_steps=2", "train.device=cpu", f"train.keep_freed_memory={keep}",
                                 "train.tensorboard=false"])

@@ -15,9 +15,10 @@ from ddpmlab.errors import ConfigError
 from ddpmlab.models import build_model
 from ddpmlab.models.autoencoder import LatentCodec, build_autoencoder
 from ddpmlab.runs import edit_img2img, edit_inpaint, load_autoencoder, load_run, plan_sampling
-from ddpmlab.training.autoencoder import reconstruction_loss, train_autoencoder
-from ddpmlab.training.loop import train
-from ddpmlab.training.setup import _make_accelerator, latent_dataset
+from ddpmlab.training.data import latent_dataset
+from ddpmlab.training.loop import make_accelerator
+from ddpmlab.training.tasks.autoencoder import reconstruction_loss, train_autoencoder
+from ddpmlab.training.tasks.diffusion import train
 
 AE = ["data.dataset=digits", "autoencoder.block_out_channels=[8,16]", "autoencoder.norm_groups=4",
       "autoencoder.latent_channels=2", "autoencoder.stats_n=512", "train.batch_size=16", "train.lr=2e-3",
@@ -41,7 +42,7 @@ def _train_ae(tmp_path, name, steps, extra=(), resume=False):
                                   *extra])
     run = tmp_path / name
     if resume:
-        from ddpmlab.training.setup import resume_config
+        from ddpmlab.training.run_folder import resume_config
         cfg = resume_config(run, cfg, ["train.steps"])
     return train_autoencoder(cfg, run_dir=run if resume else None, resume=resume, progress=False)
 
@@ -110,7 +111,7 @@ def test_autoencoder_resume_is_bit_exact(tmp_path):
 def test_latent_cache_is_reused_and_invalidated_by_new_weights(tmp_path, monkeypatch):
     ae = _train_ae(tmp_path, "ae", 5)
     cfg = load_config(None, LDM + [f"model.autoencoder={ae}"])
-    acc, _ = _make_accelerator(cfg)
+    acc, _ = make_accelerator(cfg)
     calls = []
     original = LatentCodec.encode
     monkeypatch.setattr(LatentCodec, "encode", lambda self, x: calls.append(len(x)) or original(self, x))
@@ -134,7 +135,7 @@ def _ldm(tmp_path, ae, name, steps, resume=False):
                                    f"train.steps={steps}"])
     run = tmp_path / name
     if resume:
-        from ddpmlab.training.setup import resume_config
+        from ddpmlab.training.run_folder import resume_config
         cfg = resume_config(run, cfg, ["train.steps"])
     return train(cfg, run_dir=run if resume else None, resume=resume, progress=False)
 

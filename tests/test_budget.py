@@ -7,7 +7,7 @@ from ddpmlab.config import load_config
 from ddpmlab.errors import ConfigError
 from ddpmlab.training import budget as budget_mod
 from ddpmlab.training.budget import PROBE_END, PROBE_START, SAFETY, Budget, fit_steps
-from ddpmlab.training.loop import train
+from ddpmlab.training.tasks.diffusion import train
 
 
 def test_fit_steps_pays_the_rest_of_the_budget_in_steps_within_its_limits():

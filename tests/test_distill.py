@@ -37,7 +37,7 @@ from ddpmlab.samplers.student import (
     student,
     ve_x0,
 )
-from ddpmlab.training.distill import distill, student_config
+from ddpmlab.training.tasks.distill import distill, student_config
 
 MIX = GaussianMixture.ring(k=4, radius=2.0, std=0.3)
 SCHED = NoiseSchedule.make("linear", 1000)

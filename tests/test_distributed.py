@@ -68,7 +68,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     _run(["train", *TINY, f"train.steps={STEPS}", "train.name=single"], root)
     _run(["train", *TINY, f"train.steps={STEPS}", "train.name=two", "train.grad_accum_steps=2"], root, procs=2)
-    from ddpmlab.training.loop import train
+    from ddpmlab.training.tasks.diffusion import train
 
     runs = root / "runs"
     train(_config(runs, f"train.steps={STEPS}", "train.name=accum", "train.grad_accum_steps=4"), progress=False)
@@ -134,7 +134,7 @@ def test_fp16_on_cpu_is_refused_with_advice():
 
 
 def test_bf16_autocast_trains_close_to_fp32_but_not_equal(tmp_path):
-    from ddpmlab.training.loop import train
+    from ddpmlab.training.tasks.diffusion import train
 
     weights = {}
     for mp in ("no", "bf16", "no"):

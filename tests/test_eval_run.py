@@ -188,7 +188,7 @@ def test_viz_bad_input_is_one_clear_line(mnist_run, capsys):
 def test_training_evaluates_every_n_steps_into_csv_and_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from ddpmlab.training.loop import train
+    from ddpmlab.training.tasks.diffusion import train
 
     cfg = load_config("toy2d", [f"train.out_dir={tmp_path}", "train.name=t", "train.steps=40", "train.log_every=10",
                                 "train.eval_every=20", "train.eval_n=200", "train.eval_steps=5", "train.sample_n=50",
@@ -209,7 +209,7 @@ def test_training_evaluates_every_n_steps_into_csv_and_tensorboard(tmp_path):
 
 def test_training_refuses_an_evaluation_that_cannot_run(tmp_path):
     from ddpmlab.errors import ConfigError
-    from ddpmlab.training.loop import train
+    from ddpmlab.training.tasks.diffusion import train
 
     cfg = load_config("mnist", [f"train.out_dir={tmp_path}", "train.eval_every=10", "train.eval_n=64", *TINY_UNET])
     with pytest.raises(ConfigError, match="train.eval_n"):

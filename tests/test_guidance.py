@@ -274,7 +274,7 @@ def test_config_refuses_bad_label_dropout_and_labels_on_toy_data():
 
 def test_conditional_training_on_unlabelled_images_is_refused(tmp_path):
     from ddpmlab.config import load_config
-    from ddpmlab.training.loop import train
+    from ddpmlab.training.tasks.diffusion import train
 
     for i in range(2):
         Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
@@ -419,12 +419,11 @@ def test_config_refuses_a_bad_sample_guidance():
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     """A class-conditional 8x8-digits UNet trained for 250 steps with label dropout 0.2 (~15 s)."""
-    import ddpmlab.training.loop as train_mod
-    import ddpmlab.training.setup as setup_mod
+    import ddpmlab.training.tasks.diffusion as train_mod
     from ddpmlab.config import load_config
 
     seen = []  # the labels the network sees in training
-    real_build = setup_mod.build_model
+    real_build = train_mod.build_model
 
     def record(module, args, kwargs):
         if module.training:
@@ -446,7 +445,7 @@ def digits_run(tmp_path_factory):
         "train.sample_n=10", "train.sample_steps=2", "train.sample_sampler=ddim", "train.log_every=50",
         f"train.out_dir={root}", "train.name=cond"])
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(setup_mod, "build_model", spy)
+        mp.setattr(train_mod, "build_model", spy)
         run = train_mod.train(cfg, progress=False)
     torch.set_num_threads(n)
     return run, torch.cat(seen)

@@ -5,8 +5,9 @@ import math
 import pytest
 
 from ddpmlab.config import load_config
-from ddpmlab.training.loop import learning_rate, train
 from ddpmlab.training.precision import cpu_flags, native_bf16_on_cpu, resolve_precision
+from ddpmlab.training.task import learning_rate
+from ddpmlab.training.tasks.diffusion import train
 
 AVX2_EPYC = {"fpu", "sse2", "avx", "avx2", "fma", "f16c", "bmi2"}  # no AVX-512: bf16 is emulated
 SAPPHIRE_RAPIDS = AVX2_EPYC | {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}

@@ -26,7 +26,7 @@ from ddpmlab.errors import DDPMError
 from ddpmlab.io.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from ddpmlab.training.guard import BadStepGuard, optimizer_step
 from ddpmlab.training.lock import LOCK_FILE, RunLock
-from ddpmlab.training.loop import train
+from ddpmlab.training.tasks.diffusion import train
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 24

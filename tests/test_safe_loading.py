@@ -13,7 +13,7 @@ from ddpmlab.config import load_config
 from ddpmlab.errors import DDPMError
 from ddpmlab.io.checkpoint import load_weights
 from ddpmlab.io.weights import load_state_dict_file
-from ddpmlab.training.loop import train
+from ddpmlab.training.tasks.diffusion import train
 
 
 class _CreatesFile:

@@ -21,8 +21,8 @@ from ddpmlab.models import build_model
 from ddpmlab.models.conditioned import ConcatConditioned, bind_condition, condition_from_high_res, low_res
 from ddpmlab.runs import Run
 from ddpmlab.samplers.guidance import guided
-from ddpmlab.training.loop import train
-from ddpmlab.training.setup import resume_config
+from ddpmlab.training.tasks.diffusion import train
+from ddpmlab.training.run_folder import resume_config
 
 SR16 = ["data.dataset=folder", "data.path=unused", "data.image_size=16", "data.channels=1", "model.condition=low_res",
         "data.low_res=8", "model.base_channels=16", "model.norm_groups=8", "model.channel_mults=[1,2]",

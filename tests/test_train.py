@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from ddpmlab.config import load_config
 from ddpmlab.data import make_toy
 from ddpmlab.io.checkpoint import latest_checkpoint, load_model
-from ddpmlab.training.loop import train
-from ddpmlab.training.setup import StepBatchSampler
+from ddpmlab.training.tasks.diffusion import train
+from ddpmlab.training.data import StepBatchSampler
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from ddpmlab.config import load_config
 from ddpmlab.diffusion.objectives import DiffusionObjective
 from ddpmlab.diffusion.schedules import NoiseSchedule
-from ddpmlab.training.loop import train
-from ddpmlab.training.setup import resume_config
+from ddpmlab.training.tasks.diffusion import train
+from ddpmlab.training.run_folder import resume_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -149,8 +149,8 @@ VLB_IS = ["diffusion.variance=learned_range", "diffusion.loss_type=vlb", "diffus
 def test_resumed_importance_sampling_run_is_bit_identical(tmp_path):
     from safetensors.torch import load_file
 
-    from ddpmlab.training.loop import train
-    from ddpmlab.training.setup import resume_config
+    from ddpmlab.training.tasks.diffusion import train
+    from ddpmlab.training.run_folder import resume_config
 
     # T = 50 and 128 per batch: the history is full (warm) before the stop at step 10
     train(_toy_cfg(tmp_path, "straight", 20, VLB_IS), progress=False)
@@ -169,7 +169,7 @@ def test_resumed_importance_sampling_run_is_bit_identical(tmp_path):
 
 def test_ddpm_eval_nll_of_a_learned_variance_toy_run(tmp_path, capsys):
     from ddpmlab.cli import main
-    from ddpmlab.training.loop import train
+    from ddpmlab.training.tasks.diffusion import train
 
     run = train(_toy_cfg(tmp_path, "hyb", 10, ["diffusion.variance=learned_range", "diffusion.loss_type=hybrid"]),
                 progress=False)
@@ -189,7 +189,7 @@ def test_ddpm_sample_uses_the_runs_variance_and_refuses_learned_without_a_head(t
     import numpy as np
 
     from ddpmlab.cli import main
-    from ddpmlab.training.loop import train
+    from ddpmlab.training.tasks.diffusion import train
 
     learned = train(_toy_cfg(tmp_path, "lv", 5, ["diffusion.variance=learned_range", "diffusion.loss_type=hybrid"]),
                     progress=False)

@@ -48,11 +48,11 @@ from ddpmlab.runs import (
 )
 from ddpmlab.samplers.editing import strength_to_steps
 from ddpmlab.samplers.registry import get_spec
-from ddpmlab.training.autoencoder import train_autoencoder
-from ddpmlab.training.distill import distill_run
-from ddpmlab.training.loop import train
+from ddpmlab.training.tasks.autoencoder import train_autoencoder
+from ddpmlab.training.tasks.distill import distill_run
+from ddpmlab.training.tasks.diffusion import train
 from ddpmlab.training.posthoc_ema import reconstruct
-from ddpmlab.training.setup import resume_config
+from ddpmlab.training.run_folder import resume_config
 from ddpmlab.viz import commands as viz
 from ddpmlab.viz.samples import save_samples
 

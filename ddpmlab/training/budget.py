@@ -2,7 +2,8 @@
 
 After :data:`PROBE_END` steps the trainer knows this machine's time per step (measured over
 steps PROBE_START..PROBE_END, after the first steps' warm-up) and the time a drawing of the samples takes
-(their sampler timed over a few steps; the final one and those every train.sample_every steps); :func:`fit_steps` then fixes ``train.steps`` (at most the
+(their sampler timed over a few steps; the final one and those every train.sample_every steps);
+:func:`fit_steps` then fixes ``train.steps`` (at most the
 configured value) so that the whole run, final samples included, ends within the budget.  The
 fitted value is written to RUN/config.yaml, so a resumed run continues the same schedule, and a
 faster machine gets more steps of the same recipe.

@@ -47,10 +47,11 @@ class TrainingMonitor:
     """Writes TensorBoard scalars and images, and evaluates the EMA model every N steps."""
 
     def __init__(self, cfg, run_dir: Path, dataset, start_step: int = 0, device="cpu", progress: bool = False,
-                 say=print):
+                 say=print, evaluate: bool = True):
+        """``evaluate``: evaluate every train.eval_every steps (False: TensorBoard only, ``dataset`` unused)."""
         self.say = say
         self.cfg, self.run_dir, self.dataset, self.device = cfg, Path(run_dir), dataset, device
-        self.every = cfg.train.eval_every
+        self.every = cfg.train.eval_every if evaluate else 0
         self.settings = eval_settings(cfg)
         self.progress = progress
         self._extractor = self._reference = None

@@ -17,29 +17,18 @@ Diffusion's 0.18215), and writes them to ``RUN/autoencoder.json``.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import csv
 import json
 import shlex
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
-from accelerate import Accelerator
 
 from ddpmlab.config import Config, validate
 from ddpmlab.data.latents import AE_STATS_FILE
 from ddpmlab.errors import ConfigError
-from ddpmlab.io.checkpoint import (
-    find_checkpoint,
-    require_run_dir,
-    restore_training_state,
-    save_checkpoint,
-    save_run_config,
-)
+from ddpmlab.io.checkpoint import require_run_dir
 from ddpmlab.io.images import save_grid
 from ddpmlab.models import count_parameters
 from ddpmlab.models.autoencoder import (
@@ -49,55 +38,12 @@ from ddpmlab.models.autoencoder import (
     build_autoencoder,
     hinge_d_loss,
 )
-from ddpmlab.progress import progress_bar
-from ddpmlab.training.allocator import keep_freed_memory
-from ddpmlab.training.distributed import load_scaler_state, process_state, scaler_state
-from ddpmlab.training.guard import BadStepGuard, optimizer_step
-from ddpmlab.training.lock import RunLock
-from ddpmlab.training.loop import _StopFlag, ema_update, learning_rate, step_generators
-from ddpmlab.training.monitor import TrainingMonitor
-from ddpmlab.training.setup import (
-    StepBatchSampler,
-    _create_run_dir,
-    _make_accelerator,
-    _report_resume,
-    _say,
-    _trim_log,
-    describe_data,
-    load_data,
-    new_run_dir,
-)
+from ddpmlab.training.data import describe_data, load_data, step_loader
+from ddpmlab.training.loop import run
+from ddpmlab.training.run_folder import new_run_dir
+from ddpmlab.training.task import StepOutput, Task, Trainee, step_generators
 
-LOG_FIELDS = ["step", "loss", "rec", "kl", "g_loss", "d_loss", "lr", "grad_norm", "it_per_s", "time_s", "skipped"]
 HOLDOUT_SEED = 7919  # the held-out split is seeded apart from the batches (train.seed + this)
-
-
-@dataclass
-class AEState:
-    cfg: Config
-    run_dir: Path
-    accelerator: Accelerator
-    main: bool
-    train_set: torch.utils.data.Dataset
-    held_out: torch.utils.data.Dataset
-    model: torch.nn.Module  # prepared by Accelerate
-    raw_model: KLAutoencoder
-    ema: KLAutoencoder
-    disc: Optional[torch.nn.Module]  # prepared; None without autoencoder.discriminator
-    raw_disc: Optional[PatchDiscriminator]
-    opt: torch.optim.Optimizer
-    start: int
-    loader: Any = None
-    bar: Any = None
-    guard: Optional[BadStepGuard] = None
-    monitor: Optional[TrainingMonitor] = None
-    window: list = field(default_factory=list)  # (loss, rec, kl, g, d) of the good steps since the last row
-    t0: float = 0.0
-    t_last: float = 0.0
-
-    @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
 
 
 def train_autoencoder(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False,
@@ -118,10 +64,8 @@ def train_autoencoder(cfg: Config, run_dir: Optional[Path] = None, resume: bool 
     if cfg.model.num_classes:
         raise ConfigError("model.num_classes: the autoencoder takes no labels; set model.num_classes=null")
     run_dir = require_run_dir(run_dir) if resume else Path(run_dir) if run_dir is not None else \
-        new_run_dir(cfg, tag="-autoencoder")
-    with RunLock(run_dir, enabled=process_state(t.device).is_main_process):
-        s = set_up(cfg, run_dir, resume, progress)
-        return run_loop(s)
+        new_run_dir(cfg, tag="-autoencoder", resume_command="ddpm train-autoencoder --resume")
+    return run(AutoencoderTask(cfg), run_dir, resume, progress)
 
 
 def split_holdout(dataset, fraction: float, seed: int) -> tuple:
@@ -148,169 +92,10 @@ def build_networks(cfg: Config, in_channels: int, device: torch.device) -> tuple
     return model, ema, disc, opt
 
 
-def set_up(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> AEState:
-    """Accelerator, data (with the held-out split), run folder, networks (restored on resume), batches."""
-    accelerator, precision = _make_accelerator(cfg)
-    if accelerator.device.type == "cpu" and cfg.train.keep_freed_memory:
-        keep_freed_memory()
-    main = process_state(cfg.train.device).is_main_process
-    dataset = load_data(cfg)
-    if not dataset.is_image:
-        raise ConfigError(f"data.dataset={cfg.data.dataset}: an autoencoder needs images")
-    if main:
-        print(describe_data(cfg, dataset))
-    if not resume:
-        _create_run_dir(cfg, run_dir, accelerator, main)
-    train_set, held_out = split_holdout(dataset, cfg.autoencoder.holdout, cfg.train.seed)
-    model, ema, disc, opt = build_networks(cfg, dataset.sample_shape[0], accelerator.device)
-    start = 0
-    ckpt_path, ckpt, skipped = find_checkpoint(run_dir) if resume else (None, None, [])
-    if ckpt is not None:
-        restore_training_state(ckpt_path, ckpt, model, ema, opt)
-        if disc is not None:
-            disc.load_state_dict(ckpt["weights"]["discriminator"])
-        start = ckpt["step"]
-        load_scaler_state(accelerator, ckpt["state"])
-    if resume and main:
-        _report_resume(run_dir, ckpt_path, start, skipped)
-        save_run_config(cfg, run_dir)  # the resolved config, with any changes of this resume
-    if disc is None:
-        model, opt = accelerator.prepare(model, opt)
-    else:
-        model, disc, opt = accelerator.prepare(model, disc, opt)
-    ema.to(accelerator.device)
-    s = AEState(cfg, run_dir, accelerator, main, train_set, held_out, model, accelerator.unwrap_model(model), ema,
-                disc, accelerator.unwrap_model(disc) if disc is not None else None, opt, start)
-    if main:
-        _trim_log(run_dir / "log.csv", start)
-    t = cfg.train
-    sampler = StepBatchSampler(len(train_set), t.batch_size, start, t.steps, t.seed, accelerator.process_index,
-                               accelerator.num_processes)
-    s.loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                                           pin_memory=s.device.type == "cuda")
-    if main and start == 0:
-        c, h, w = dataset.sample_shape
-        f = s.raw_model.downsampling
-        print(f"run {run_dir}: autoencoder {count_parameters(s.raw_model) / 1e6:.2f}M parameters "
-              f"(latent {cfg.autoencoder.latent_channels}x{h // f}x{w // f})"
-              + (f", discriminator {count_parameters(s.raw_disc) / 1e6:.2f}M from step {cfg.autoencoder.disc_start}"
-                 if disc is not None else "")
-              + f", {len(train_set)} training / {len(held_out)} held-out images, {t.steps} steps on {s.device} "
-                f"x{accelerator.num_processes}, {precision}")
-    s.bar = progress_bar(progress and main, total=t.steps, initial=start, desc="autoencoder")
-    say = _say(s.bar) if main else (lambda m: None)
-    s.guard = BadStepGuard(t.max_bad_steps, say=say, run_dir=run_dir)
-    s.monitor = TrainingMonitor(cfg, run_dir, dataset, start, s.device, say=say) if main else None
-    s.t0 = s.t_last = time.time()
-    return s
-
-
 def reconstruction_loss(x_rec: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
     """Mean per-pixel |x - x_hat| (l1) or (x - x_hat)^2 (l2)."""
     diff = x_rec.float() - x.float()
     return diff.abs().mean() if kind == "l1" else diff.pow(2).mean()
-
-
-def train_step(s: AEState, step: int, x: torch.Tensor) -> tuple:
-    """One optimizer step of the autoencoder (and the discriminator after disc_start); (ok, values, lr, norm)."""
-    cfg, a, acc = s.cfg, s.cfg.autoencoder, s.accelerator
-    own, _ = step_generators(cfg.train.seed, step, acc.process_index, s.device)
-    x = x.to(s.device, non_blocking=True)
-    lr = learning_rate(cfg, step)
-    for g in s.opt.param_groups:
-        g["lr"] = lr
-    adversarial = s.disc is not None and step >= a.disc_start
-    zero = torch.zeros((), device=s.device)
-    with acc.autocast():
-        x_rec, kl = s.model(x, generator=own)  # z ~ q(z|x) by the reparameterisation
-        rec = reconstruction_loss(x_rec, x, a.loss)
-        kl_term = kl.float().mean() / x[0].numel()  # KL summed over latent dims, per pixel as rec is
-        loss = rec + a.kl_weight * kl_term
-        g_loss = zero
-        if adversarial:
-            g_loss = -s.disc(x_rec).float().mean()
-            weight = a.disc_weight
-            if a.disc_adaptive:
-                weight = weight * adaptive_weight(rec, g_loss, s.raw_model.vae.decoder.conv_out.weight)
-            loss = loss + weight * g_loss
-    acc.backward(loss)
-    d_loss = zero
-    if adversarial:
-        for p in s.disc.parameters():  # the generator's loss must not train the discriminator
-            p.grad = None
-        with acc.autocast():
-            d_loss = hinge_d_loss(s.disc(x.detach()).float(), s.disc(x_rec.detach()).float())
-        acc.backward(d_loss)
-    clip = cfg.train.grad_clip or float("inf")
-    grad_norm = acc.clip_grad_norm_(s.model.parameters(), clip)
-    if adversarial:
-        acc.clip_grad_norm_(s.disc.parameters(), clip)
-    total = (loss + d_loss).detach()
-    ok = optimizer_step(acc, s.opt, s.guard.check(step, total, grad_norm, acc))
-    s.opt.zero_grad(set_to_none=True)
-    done = step + 1
-    if ok and done % cfg.train.ema_every == 0:
-        ema_update(s.ema, s.raw_model, 0.0 if done <= cfg.train.ema_start else cfg.train.ema_decay)
-    values = torch.stack([loss.detach().float(), rec.detach(), kl_term.detach(), g_loss.detach(), d_loss.detach()])
-    return ok, values, lr, grad_norm
-
-
-def run_loop(s: AEState) -> Path:
-    """One train_step per batch, a log row every train.log_every steps, checkpoints, then the measurements."""
-    t = s.cfg.train
-    log_path = s.run_dir / "log.csv"
-    with _StopFlag() as stop, open(log_path, "a", newline="") if s.main else contextlib.nullcontext() as log:
-        if s.main and s.start == 0:
-            csv.writer(log).writerow(LOG_FIELDS)
-        s.model.train()
-        if s.disc is not None:
-            s.disc.train()
-        for step, (x, _) in enumerate(s.loader, start=s.start):
-            ok, values, lr, grad_norm = train_step(s, step, x)
-            done = step + 1
-            if ok:
-                s.window.append(values)
-            s.bar.update(1)
-            if done % t.log_every == 0 or done == t.steps:
-                _log_row(s, log, done, lr, grad_norm)
-            stopping = stop.signal is not None
-            if done % t.save_every == 0 or done == t.steps or stopping:
-                save_state(s, done)
-            if stopping:
-                s.bar.close()
-                if s.main:
-                    s.monitor.close()
-                    print(f"received {stop.signal}: saved checkpoint at step {done}; continue with "
-                          f"`ddpm train-autoencoder --resume {s.run_dir}`")
-                return s.run_dir
-    finish(s)
-    return s.run_dir
-
-
-def _log_row(s: AEState, log, done: int, lr: float, grad_norm) -> None:
-    acc = s.accelerator
-    mean = acc.reduce(torch.stack(s.window).mean(0), "mean").tolist() if s.window else [float("nan")] * 5
-    skipped = s.guard.take_since_log()
-    now = time.time()
-    rate = (len(s.window) + skipped) / max(now - s.t_last, 1e-9)
-    s.window, s.t_last = [], now
-    s.bar.set_postfix(loss=f"{mean[0]:.4f}", rec=f"{mean[1]:.4f}", refresh=False)
-    if s.main:
-        csv.writer(log).writerow([done, *(f"{v:.6f}" for v in mean), f"{lr:.6g}", f"{float(grad_norm):.4f}",
-                                  f"{rate:.3f}", f"{now - s.t0:.1f}", skipped])
-        log.flush()
-        s.monitor.scalars(done, {"train/loss": mean[0], "train/rec": mean[1], "train/kl": mean[2],
-                                 "train/g_loss": mean[3], "train/d_loss": mean[4], "train/lr": lr})
-
-
-def save_state(s: AEState, done: int) -> None:
-    """Checkpoint ``done``: autoencoder, EMA, optimizer (both groups), discriminator, loss scaler."""
-    s.accelerator.wait_for_everyone()
-    if s.main:
-        weights = {"discriminator": s.raw_disc.state_dict()} if s.raw_disc is not None else None
-        save_checkpoint(s.run_dir, done, s.raw_model.state_dict(), s.ema.state_dict(), s.opt.state_dict(),
-                        extra=scaler_state(s.accelerator), keep=s.cfg.train.keep_checkpoints, weights=weights)
-    s.accelerator.wait_for_everyone()
 
 
 def _batches(dataset, n: int, batch_size: int):
@@ -348,29 +133,123 @@ def measure(autoencoder: KLAutoencoder, held_out, train_set, stats_n: int, devic
     }
 
 
-def finish(s: AEState) -> None:
-    """The measurements of the EMA autoencoder (RUN/autoencoder.json), a reconstruction grid, the summary."""
-    s.bar.close()
-    if s.main:
-        steps = s.cfg.train.steps
+
+
+class AutoencoderTask(Task):
+    """The first stage of latent diffusion as a task of the training loop: the autoencoder, its EMA and the
+    optional PatchGAN discriminator (checkpointed beside it), one AdamW with a parameter group each."""
+
+    resume_command = "ddpm train-autoencoder --resume"
+    bar_label = "autoencoder"
+    log_values = ("loss", "rec", "kl", "g_loss", "d_loss")
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.dataset = self.train_set = self.held_out = None
+        self.disc: Optional[torch.nn.Module] = None  # prepared; None without autoencoder.discriminator
+        self.raw_disc: Optional[PatchDiscriminator] = None
+        self.adversarial = False  # the current training step trains the discriminator too
+
+    def load_data(self) -> None:
+        self.dataset = load_data(self.cfg)
+        if not self.dataset.is_image:
+            raise ConfigError(f"data.dataset={self.cfg.data.dataset}: an autoencoder needs images")
+        if self.ctx.main:
+            print(describe_data(self.cfg, self.dataset))
+        self.train_set, self.held_out = split_holdout(self.dataset, self.cfg.autoencoder.holdout, self.cfg.train.seed)
+
+    def build(self) -> Trainee:
+        model, ema, self.raw_disc, opt = build_networks(self.cfg, self.dataset.sample_shape[0], self.ctx.device)
+        return Trainee(model, model, ema, opt)
+
+    def load_state(self, ckpt: dict) -> None:
+        if self.raw_disc is not None:
+            self.raw_disc.load_state_dict(ckpt["weights"]["discriminator"])
+
+    def weights(self) -> dict:
+        return {"discriminator": self.raw_disc.state_dict()} if self.raw_disc is not None else {}
+
+    def prepare(self, trainee: Trainee) -> Trainee:
+        acc = self.ctx.accelerator
+        if self.raw_disc is None:
+            model, opt = acc.prepare(trainee.model, trainee.opt)
+        else:
+            model, self.disc, opt = acc.prepare(trainee.model, self.raw_disc, trainee.opt)
+            self.disc.train()
+        trainee.ema.to(acc.device)
+        return Trainee(model, acc.unwrap_model(model), trainee.ema, opt)
+
+    def describe(self, start: int) -> str:
+        cfg, acc = self.cfg, self.ctx.accelerator
+        c, h, w = self.dataset.sample_shape
+        f = self.trainee.raw.downsampling
+        disc = (f", discriminator {count_parameters(self.raw_disc) / 1e6:.2f}M from step {cfg.autoencoder.disc_start}"
+                if self.raw_disc is not None else "")
+        return (f"run {self.ctx.run_dir}: autoencoder {count_parameters(self.trainee.raw) / 1e6:.2f}M parameters "
+                f"(latent {cfg.autoencoder.latent_channels}x{h // f}x{w // f}){disc}, {len(self.train_set)} training / "
+                f"{len(self.held_out)} held-out images, {cfg.train.steps} steps on {self.ctx.device} "
+                f"x{acc.num_processes}, {self.ctx.precision}")
+
+    def batches(self, start: int, stop: int):
+        return ((x, None) for x, _ in step_loader(self.train_set, self.cfg, start, stop, self.ctx.accelerator))
+
+    def step(self, step: int, batch) -> StepOutput:
+        """The autoencoder's loss (and the discriminator's after disc_start), both backward."""
+        cfg, a, acc = self.cfg, self.cfg.autoencoder, self.ctx.accelerator
+        model, raw = self.trainee.model, self.trainee.raw
+        own, _ = step_generators(cfg.train.seed, step, acc.process_index, self.ctx.device)
+        x = batch[0].to(self.ctx.device, non_blocking=True)
+        adversarial = self.disc is not None and step >= a.disc_start
+        zero = torch.zeros((), device=self.ctx.device)
+        with acc.autocast():
+            x_rec, kl = model(x, generator=own)  # z ~ q(z|x) by the reparameterisation
+            rec = reconstruction_loss(x_rec, x, a.loss)
+            kl_term = kl.float().mean() / x[0].numel()  # KL summed over latent dims, per pixel as rec is
+            loss = rec + a.kl_weight * kl_term
+            g_loss = zero
+            if adversarial:
+                g_loss = -self.disc(x_rec).float().mean()
+                weight = a.disc_weight
+                if a.disc_adaptive:
+                    weight = weight * adaptive_weight(rec, g_loss, raw.vae.decoder.conv_out.weight)
+                loss = loss + weight * g_loss
+        acc.backward(loss)
+        d_loss = zero
+        if adversarial:
+            for p in self.disc.parameters():  # the generator's loss must not train the discriminator
+                p.grad = None
+            with acc.autocast():
+                d_loss = hinge_d_loss(self.disc(x.detach()).float(), self.disc(x_rec.detach()).float())
+            acc.backward(d_loss)
+        self.adversarial = adversarial
+        values = torch.stack([loss.detach().float(), rec.detach(), kl_term.detach(), g_loss.detach(), d_loss.detach()])
+        return StepOutput((loss + d_loss).detach(), values)
+
+    def clip_gradients(self) -> torch.Tensor:
+        clip = self.cfg.train.grad_clip or float("inf")
+        grad_norm = self.ctx.accelerator.clip_grad_norm_(self.trainee.model.parameters(), clip)
+        if self.adversarial:
+            self.ctx.accelerator.clip_grad_norm_(self.disc.parameters(), clip)
+        return grad_norm
+
+    def finish(self, seconds: float, skipped: int) -> None:
+        """The measurements of the EMA autoencoder (RUN/autoencoder.json), a reconstruction grid, the summary."""
+        run_dir, steps, ema = self.ctx.run_dir, self.cfg.train.steps, self.trainee.ema
         stats = {"step": steps, "weights": "ema",
-                 **measure(s.ema, s.held_out, s.train_set, s.cfg.autoencoder.stats_n, s.device)}
-        (s.run_dir / AE_STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
-        picks = torch.linspace(0, len(s.held_out) - 1, min(8, len(s.held_out))).round().long().unique()
-        x = torch.stack([s.held_out[int(i)][0] for i in picks]).to(s.device)  # spread over the (sorted) data
+                 **measure(ema, self.held_out, self.train_set, self.cfg.autoencoder.stats_n, self.ctx.device)}
+        (run_dir / AE_STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+        picks = torch.linspace(0, len(self.held_out) - 1, min(8, len(self.held_out))).round().long().unique()
+        x = torch.stack([self.held_out[int(i)][0] for i in picks]).to(self.ctx.device)  # spread over the data
         with torch.no_grad():
-            x_rec = s.ema.decode(s.ema.posterior(x).mean).clamp(-1, 1)
-        grid = save_grid(torch.cat([x, x_rec]).cpu(), s.run_dir / "samples" / "reconstructions.png", nrow=len(x),
+            x_rec = ema.decode(ema.posterior(x).mean).clamp(-1, 1)
+        grid = save_grid(torch.cat([x, x_rec]).cpu(), run_dir / "samples" / "reconstructions.png", nrow=len(x),
                          scale=max(1, min(4, 128 // max(x.shape[2:]))))
-        s.monitor.image_file("reconstructions", grid, steps)
-        s.monitor.scalars(steps, {"eval/psnr_db": stats["psnr_db"]})
-        s.monitor.close()
+        self.monitor.image_file("reconstructions", grid, steps)
+        self.monitor.scalars(steps, {"eval/psnr_db": stats["psnr_db"]})
         c, h, w = stats["latent_shape"]
-        print(f"done: {steps} steps in {time.time() - s.t0:.0f} s; reconstruction PSNR {stats['psnr_db']:.2f} dB on "
+        print(f"done: {steps} steps in {seconds:.0f} s; reconstruction PSNR {stats['psnr_db']:.2f} dB on "
               f"{stats['held_out_images']} held-out images (EMA weights, top row input, bottom reconstruction: "
               f"{grid}); latents {c}x{h}x{w}: mean {stats['latent_mean']:.4f}, std {stats['latent_std']:.4f} -> "
-              f"scale factor 1/std = {stats['scale_factor']:.5f} (in {s.run_dir / AE_STATS_FILE})")
-        run = shlex.quote(str(s.run_dir))
-        config = "mnist_latent" if s.cfg.data.dataset == "mnist" else "folder_latent data.path=..."
-        print(f"next:\n  ddpm train --config {config} model.autoencoder={run}")
-    s.accelerator.wait_for_everyone()
+              f"scale factor 1/std = {stats['scale_factor']:.5f} (in {run_dir / AE_STATS_FILE})")
+        config = "mnist_latent" if self.cfg.data.dataset == "mnist" else "folder_latent data.path=..."
+        print(f"next:\n  ddpm train --config {config} model.autoencoder={shlex.quote(str(run_dir))}")

@@ -20,10 +20,7 @@ continues bit for bit.
 from __future__ import annotations
 
 import copy
-import csv
-import dataclasses
 import shlex
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
@@ -31,18 +28,10 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ddpmlab.config import Config, config_from_dict, parse_value, save_config
+from ddpmlab.config import Config, config_from_dict, parse_value
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import ConfigError, DDPMError
-from ddpmlab.io.checkpoint import (
-    CONFIG_FILE,
-    find_checkpoint,
-    load_run_config,
-    require_run_dir,
-    restore_training_state,
-    save_checkpoint,
-)
-from ddpmlab.progress import progress_bar
+from ddpmlab.io.checkpoint import CONFIG_FILE, load_run_config, require_run_dir
 from ddpmlab.runs import Output, Run, draw_samples, load_run, plan_sampling, resolve_device
 from ddpmlab.samplers.base import ModelPredictor
 from ddpmlab.samplers.guidance import drop_labels
@@ -61,13 +50,12 @@ from ddpmlab.samplers.student import (
     truncated_snr_weight,
     ve_x0,
 )
-from ddpmlab.training.lock import RunLock
-from ddpmlab.training.loop import ema_update
-from ddpmlab.training.setup import _trim_log, load_data
+from ddpmlab.training.data import load_data
+from ddpmlab.training.loop import run
+from ddpmlab.training.task import StepOutput, Task, Trainee, ema_update
 from ddpmlab.viz.samples import reference_points, save_samples
 
 DataFn = Callable[[int, torch.Generator], Tuple[torch.Tensor, Optional[torch.Tensor]]]
-LOG_FIELDS = ["step", "round", "loss", "lr", "it_per_s", "time_s"]
 # keys `ddpm distill` takes besides distill.*: how the student run is kept and where it goes
 TRAIN_KEYS = ("seed", "device", "name", "out_dir", "log_every", "save_every", "keep_checkpoints", "sample_n",
               "tensorboard", "label_dropout")
@@ -98,18 +86,15 @@ def round_of(plan: List[Tuple[int, int]], k: int) -> Tuple[int, int]:
     return len(plan) - 1, start - plan[-1][1]
 
 
-def iteration_generator(seed: int, k: int) -> torch.Generator:
-    """The generator of everything random in iteration k (data, labels, t, noise); dropout via the global seed."""
-    s = seed * 1_000_003 + k
+def iteration_generator(seed: int, k: int, rank: int = 0) -> torch.Generator:
+    """The generator of everything random in training step k of process ``rank`` (data, labels, t, noise);
+    dropout via the global seed.  Each process draws its own examples of the global batch."""
+    s = seed * 1_000_003 + k + rank * 2**40
     torch.manual_seed(s)
     return torch.Generator().manual_seed(s)
 
 
 # ----------------------------------------------------------------------------- the two losses
-
-def _student_predict(student: nn.Module, schedule: NoiseSchedule, prediction: str, y) -> ModelPredictor:
-    return ModelPredictor(student, schedule, prediction, y=y)
-
 
 def progressive_loss(student_predict, teacher_predict, schedule: NoiseSchedule, x0: torch.Tensor, m: int,
                      gen: torch.Generator) -> torch.Tensor:
@@ -152,21 +137,7 @@ def consistency_loss(student_predict, target_predict, teacher_predict, schedule:
     return (w.to(x0.dtype) * pseudo_huber(f, f_target, c)).mean()
 
 
-# ----------------------------------------------------------------------------- the loop
-
-@dataclasses.dataclass
-class _State:
-    cfg: Config
-    student: nn.Module
-    ema: nn.Module
-    opt: torch.optim.Optimizer
-    extra: nn.Module  # progressive: the current round's teacher; consistency: the target network theta^-
-    device: torch.device
-
-
-def _adam(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.Adam(model.parameters(), lr=cfg.distill.lr)
-
+# ----------------------------------------------------------------------------- the task
 
 def _frozen(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).requires_grad_(False).eval()
@@ -181,146 +152,133 @@ def distill(cfg: Config, teacher: nn.Module, teacher_prediction: str, student: n
 
     data(n, generator) -> (x0 (n, ...), labels (n,) or None): training examples.  ``resume``: continue
     from the newest loadable checkpoint of ``run_dir``.  ``stop_after``: save and stop after this many
-    iterations in all (the rest on resume).  ``num_classes`` > 0: labels go to teacher and student,
+    training steps in all (the rest on resume).  ``num_classes`` > 0: labels go to teacher and student,
     dropped to "no label" with probability train.label_dropout (classifier-free guidance).
     """
-    ds, run_dir = cfg.distill, Path(run_dir)
-    device = resolve_device(cfg.train.device, "train.device")
-    plan = round_plan(cfg)
-    total = sum(n for _, n in plan)
-    student = student.to(device).train()
-    teacher = _frozen(teacher).to(device)
-    s = _State(cfg, student, _frozen(student), _adam(cfg, student), _frozen(student), device)
-    if ds.method == "progressive":
-        s.extra = teacher
-    start = _restore(s, run_dir, teacher) if resume else _new_run_dir(cfg, run_dir)
-    log_path = run_dir / "log.csv"
-    _trim_log(log_path, start)
-    writer = _tensorboard(cfg, run_dir, start)
-    bar = progress_bar(progress, total=total, initial=start, desc=f"distilling ({ds.method})")
-    t0 = t_last = time.time()
-    losses: list = []
-    end = total if stop_after is None else min(stop_after, total)
-    with RunLock(run_dir), open(log_path, "a", newline="") as log:
-        if start == 0:
-            csv.writer(log).writerow(LOG_FIELDS)
-        for k in range(start, end):
-            r, r_start = round_of(plan, k)
-            if ds.method == "progressive" and k == r_start and r > 0:  # a new round: the student becomes the teacher
-                s.extra = _frozen(s.ema)
-                s.student.load_state_dict(s.ema.state_dict())
-                s.opt = _adam(cfg, s.student)
-            loss = _iteration(s, schedule, teacher, teacher_prediction, data, plan, r, k, total, num_classes)
-            done = k + 1
-            losses.append(loss)
-            bar.update(1)
-            if done % cfg.train.log_every == 0 or done == end:
-                now = time.time()
-                mean = float(torch.stack(losses).mean())
-                rate = len(losses) / max(now - t_last, 1e-9)
-                csv.writer(log).writerow([done, r, f"{mean:.6f}", f"{ds.lr:.6g}", f"{rate:.3f}", f"{now - t0:.1f}"])
-                log.flush()
-                bar.set_postfix(loss=f"{mean:.4f}", round=r, refresh=False)
-                if writer is not None:
-                    writer.add_scalar("distill/loss", mean, done)
-                    writer.add_scalar("distill/round", r, done)
-                losses, t_last = [], now
-            if done % cfg.train.save_every == 0 or done == end:
-                _save(s, run_dir, done, r)
-    bar.close()
-    if writer is not None:
-        writer.close()
-    if end == total and write_samples:
-        png = _final_samples(cfg, s.ema, schedule, device, run_dir, sample_reference)
-        print(f"done: {total} iterations in {time.time() - t0:.0f} s; samples ({ds.steps} student steps) -> {png}")
-        run = shlex.quote(str(run_dir))
-        print(f"next:\n  ddpm sample {run}\n  ddpm eval {run}")
-    return run_dir
+    task = DistillTask(cfg, teacher, teacher_prediction, student, schedule, data, num_classes=num_classes,
+                       sample_reference=sample_reference, write_samples=write_samples)
+    return run(task, Path(run_dir), resume, progress, stop_after=stop_after)
 
 
-def _iteration(s: _State, schedule, teacher, teacher_prediction: str, data: DataFn, plan, r: int, k: int,
-               total: int, num_classes: int) -> torch.Tensor:
-    """One optimizer step of the student; returns its loss (detached)."""
-    cfg, ds = s.cfg, s.cfg.distill
-    gen = iteration_generator(cfg.train.seed, k)
-    x0, y = data(ds.batch_size, gen)
-    x0 = x0.to(s.device)
-    if num_classes and y is not None:
-        y = drop_labels(torch.as_tensor(y).long(), cfg.train.label_dropout, num_classes, generator=gen).to(s.device)
-    else:
-        y = None
-    student_predict = _student_predict(s.student, schedule, ds.prediction, y)
-    if ds.method == "progressive":
-        teacher_predict = ModelPredictor(s.extra, schedule, teacher_prediction if r == 0 else ds.prediction, y=y)
-        loss = progressive_loss(student_predict, teacher_predict, schedule, x0, plan[r][0], gen)
-        ema_k = k - round_of(plan, k)[1]
-    else:
-        teacher_predict = ModelPredictor(teacher, schedule, teacher_prediction, y=y)
-        target_predict = ModelPredictor(s.extra, schedule, ds.prediction, y=y)
-        n_levels = curriculum_n(k, total, ds.n_start, ds.n_end)
-        loss = consistency_loss(student_predict, target_predict, teacher_predict, schedule, x0, n_levels, cfg, gen)
-        ema_k = k
-    s.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    s.opt.step()
-    ema_update(s.ema, s.student, min(ds.ema_decay, (1 + ema_k) / (10 + ema_k)))
-    if ds.method == "consistency":
-        ema_update(s.extra, s.student, ds.target_ema)  # theta^- <- mu theta^- + (1 - mu) theta
-    return loss.detach()
+class DistillTask(Task):
+    """Progressive or consistency distillation as a task of the training loop: the student is the trainee
+    (with its EMA, Adam at distill.lr); the teacher, the current round's teacher (progressive) or the
+    target network theta^- (consistency) are the task's.  Computed in fp32."""
 
+    resume_command = "ddpm distill --resume"
+    log_status = ("round",)
+    precision = "no"
 
-# ----------------------------------------------------------------------------- run folder, checkpoints
+    def __init__(self, cfg: Config, teacher: nn.Module, teacher_prediction: str, student: nn.Module,
+                 schedule: NoiseSchedule, data: DataFn, num_classes: int = 0,
+                 sample_reference: Optional[torch.Tensor] = None, write_samples: bool = True):
+        super().__init__(cfg)
+        self.teacher, self.teacher_prediction, self.student = teacher, teacher_prediction, student
+        self.schedule, self.data, self.num_classes = schedule, data, num_classes
+        self.sample_reference, self.write_samples = sample_reference, write_samples
+        self.plan = round_plan(cfg)
+        self.bar_label = f"distilling ({cfg.distill.method})"
+        self.round = 0
+        self.round_teacher: Optional[nn.Module] = None  # progressive: this round's teacher (None: the teacher)
+        self.target: Optional[nn.Module] = None  # consistency: theta^-, an EMA of the student
 
-def _new_run_dir(cfg: Config, run_dir: Path) -> int:
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise DDPMError(f"run directory '{run_dir}' already exists and is not empty; continue it with "
-                        f"`ddpm distill --resume {run_dir}` or pick another train.name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / CONFIG_FILE)
-    return 0
+    def build(self) -> Trainee:
+        ds, device, world = self.cfg.distill, self.ctx.device, self.ctx.accelerator.num_processes
+        if ds.batch_size % world:
+            raise ConfigError(f"distill.batch_size ({ds.batch_size}) must be divisible by the number of processes "
+                              f"({world})")
+        student = self.student.to(device).train()
+        self.teacher = _frozen(self.teacher).to(device)
+        if ds.method == "consistency":
+            self.target = _frozen(student)
+        return Trainee(student, student, _frozen(student), torch.optim.Adam(student.parameters(), lr=ds.lr))
 
+    def load_state(self, ckpt: dict) -> None:
+        extra = ckpt["weights"].get("extra")
+        if extra is None:
+            return
+        net = self.target if self.target is not None else _frozen(self.student)
+        net.load_state_dict(extra)
+        if self.target is None:
+            self.round_teacher = net
 
-def _save(s: _State, run_dir: Path, done: int, r: int) -> None:
-    # the current teacher (progressive, after round 0) or target network travels with the checkpoint
-    extra = {} if s.cfg.distill.method == "progressive" and r == 0 else {"extra": s.extra.state_dict()}
-    save_checkpoint(run_dir, done, s.student.state_dict(), s.ema.state_dict(), s.opt.state_dict(),
-                    extra={"distill": {"round": r, "method": s.cfg.distill.method}}, keep=s.cfg.train.keep_checkpoints,
-                    weights=extra)
+    def state(self) -> dict:
+        return {"distill": {"round": self.round, "method": self.cfg.distill.method}}
 
+    def weights(self) -> dict:
+        # the current teacher (progressive, after round 0) or the target network travels with the checkpoint
+        net = self.target if self.target is not None else self.round_teacher
+        return {} if net is None else {"extra": net.state_dict()}
 
-def _restore(s: _State, run_dir: Path, teacher: nn.Module) -> int:
-    path, ckpt, skipped = find_checkpoint(run_dir)
-    for bad, reason in skipped:
-        print(f"warning: skipping damaged checkpoint {bad.name} ({reason})")
-    if ckpt is None:
-        print(f"resuming {run_dir}: no loadable checkpoint, starting from iteration 0")
-        return 0
-    restore_training_state(path, ckpt, s.student, s.ema, s.opt)
-    if "extra" in ckpt["weights"]:
-        s.extra.load_state_dict(ckpt["weights"]["extra"])
-    print(f"resuming {run_dir} from {path.name} (iteration {ckpt['step']})")
-    return ckpt["step"]
+    def total_steps(self) -> int:
+        return sum(n for _, n in self.plan)
 
+    def batches(self, start: int, stop: int):
+        return range(start, stop)  # each training step draws its examples from its own generator
 
-def _tensorboard(cfg: Config, run_dir: Path, start: int):
-    if not cfg.train.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard not installed: log.csv only
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=start if start else None)
+    def learning_rate(self, step: int) -> float:
+        return self.cfg.distill.lr
 
+    def status(self) -> dict:
+        return {"round": self.round}
 
-def _final_samples(cfg: Config, ema: nn.Module, schedule, device, run_dir: Path, reference) -> Path:
-    run = Run(cfg, ema.eval(), schedule, device, run_dir)
-    plan = plan_sampling(run, "student", None, cfg.train.sample_n, seed=cfg.train.seed, cycle_classes=True,
-                         log=lambda m: None)
-    x = draw_samples(run, plan, cfg.train.sample_n, seed=cfg.train.seed, progress=False)
-    out = Output(run_dir / "samples" / "final.png", is_folder=False)
-    return save_samples(run, x, out, title=f"{cfg.distill.method} student, {plan.steps} steps",
-                        reference=reference)[0]
+    def step(self, step: int, batch) -> StepOutput:
+        """One training step of the student (a new progressive round first makes the student its teacher)."""
+        cfg, ds, acc = self.cfg, self.cfg.distill, self.ctx.accelerator
+        self.round, r_start = round_of(self.plan, step)
+        if ds.method == "progressive" and step == r_start and self.round > 0:
+            self.round_teacher = _frozen(self.trainee.ema)
+            self.trainee.raw.load_state_dict(self.trainee.ema.state_dict())
+            self.trainee.opt.state.clear()  # a fresh optimiser for the new round
+        gen = iteration_generator(cfg.train.seed, step, acc.process_index)
+        x0, y = self.data(ds.batch_size // acc.num_processes, gen)
+        x0 = x0.to(self.ctx.device)
+        if self.num_classes and y is not None:
+            y = drop_labels(torch.as_tensor(y).long(), cfg.train.label_dropout, self.num_classes,
+                            generator=gen).to(self.ctx.device)
+        else:
+            y = None
+        student = ModelPredictor(self.trainee.model, self.schedule, ds.prediction, y=y)
+        if ds.method == "progressive":
+            teacher = self.round_teacher or self.teacher
+            prediction = self.teacher_prediction if self.round_teacher is None else ds.prediction
+            loss = progressive_loss(student, ModelPredictor(teacher, self.schedule, prediction, y=y), self.schedule,
+                                    x0, self.plan[self.round][0], gen)
+        else:
+            teacher = ModelPredictor(self.teacher, self.schedule, self.teacher_prediction, y=y)
+            target = ModelPredictor(self.target, self.schedule, ds.prediction, y=y)
+            n_levels = curriculum_n(step, self.total_steps(), ds.n_start, ds.n_end)
+            loss = consistency_loss(student, target, teacher, self.schedule, x0, n_levels, cfg, gen)
+        acc.backward(loss)
+        return StepOutput(loss.detach(), loss.detach().reshape(1))
 
+    def clip_gradients(self) -> torch.Tensor:
+        return self.ctx.accelerator.clip_grad_norm_(self.trainee.model.parameters(), float("inf"))  # measured only
+
+    def ema_decay(self, done: int) -> float:
+        k = done - 1
+        ema_k = k - round_of(self.plan, k)[1] if self.cfg.distill.method == "progressive" else k
+        return min(self.cfg.distill.ema_decay, (1 + ema_k) / (10 + ema_k))
+
+    def after_update(self, done: int) -> None:
+        if self.target is not None:
+            ema_update(self.target, self.trainee.raw, self.cfg.distill.target_ema)  # theta^- <- mu theta^- + ...
+
+    def finish(self, seconds: float, skipped: int) -> None:
+        if not self.write_samples:
+            return
+        cfg, ema = self.cfg, self.trainee.ema
+        run_ = Run(cfg, ema.eval(), self.schedule, self.ctx.device, self.ctx.run_dir)
+        plan = plan_sampling(run_, "student", None, cfg.train.sample_n, seed=cfg.train.seed, cycle_classes=True,
+                             log=lambda m: None)
+        x = draw_samples(run_, plan, cfg.train.sample_n, seed=cfg.train.seed, progress=False)
+        out = Output(self.ctx.run_dir / "samples" / "final.png", is_folder=False)
+        png = save_samples(run_, x, out, title=f"{cfg.distill.method} student, {plan.steps} steps",
+                           reference=self.sample_reference)[0]
+        print(f"done: {self.total_steps()} steps in {seconds:.0f} s; samples ({cfg.distill.steps} student steps) "
+              f"-> {png}")
+        run_q = shlex.quote(str(self.ctx.run_dir))
+        print(f"next:\n  ddpm sample {run_q}\n  ddpm eval {run_q}")
 
 # ----------------------------------------------------------------------------- from a teacher run
 
