@@ -254,13 +254,14 @@ class Config:
 CONDITIONS = ("none", "low_res")
 DOWNSAMPLE_MODES = ("area", "bicubic")
 UPSAMPLE_MODES = ("bicubic", "bilinear", "nearest")
+DATASETS = ("mnist", "digits", "toy", "folder")  # data.dataset (ddpmlab.data.build_dataset)
 # distillation (distill.method, distill.prediction, distill.solver; ddpmlab.samplers.student)
 DISTILL_METHODS = ("progressive", "consistency")
 STUDENT_PREDICTIONS = ("v", "x0")
 ODE_SOLVERS = ("heun", "euler")
 
 _CHOICES = {
-    "data.dataset": ("mnist", "digits", "toy", "folder"),
+    "data.dataset": DATASETS,
     "data.toy": ("swiss_roll", "moons", "s_curve", "ring"),
     "data.split": ("all", "train", "test"),
     "model.kind": ("unet", "mlp", "dit"),

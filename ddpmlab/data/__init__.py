@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ddpmlab.config import DATASETS
 from ddpmlab.data.bundled import load_digits, load_mnist, split_indices
 from ddpmlab.data.images import IMAGE_EXTENSIONS, ImageFolderDataset, from_uint8, load_image, to_uint8
 from ddpmlab.data.latents import latent_shape
@@ -23,7 +24,6 @@ __all__ = [
     "IMAGE_EXTENSIONS", "TOY_NAMES", "DATASETS",
 ]
 
-DATASETS = ("mnist", "digits", "toy", "folder")
 _DIGIT_NAMES = [str(i) for i in range(10)]
 
 
