@@ -154,7 +154,7 @@ def ode_errors(predict, schedule: NoiseSchedule, x_T: torch.Tensor, entries: Seq
     ``calibrate(name, nfe) -> timesteps`` serves ``:optimized`` entries (skipped above
     ``optimized_max_nfe``).  The reference is checked against 2 x ``reference_steps`` steps.
     """
-    parsed = [BenchEntry.parse(e, "entries") for e in entries]
+    parsed = [BenchEntry.parse(e) for e in entries]
     for e in parsed:
         if e.name not in DETERMINISTIC:
             raise ConfigError(f"entries {e.label}: the ODE error needs a deterministic solver "
