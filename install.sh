@@ -3,6 +3,7 @@
 #   bash install.sh          the package and the `ddpm` command
 #   bash install.sh --test   plus the test dependencies (pytest, diffusers as a test oracle, gradio and
 #                            selenium for the demo page; its browser test also needs chromium + chromedriver)
+#                            and mkdocs-material for the docs site (mkdocs build --strict)
 # PyTorch comes first:
 #   - with an NVIDIA GPU (nvidia-smi works): the default build from your package index (CUDA);
 #   - without one: a CPU build. If your index's torch is not a CPU build (on Linux the standard
@@ -59,6 +60,6 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
 fi
 "$VENV/bin/python" -c "import torch; c = torch.version.cuda; print(f'torch {torch.__version__}: ' + (f'CUDA {c} build' if c else 'CPU build'))"
 EXTRA=""
-[ "${1:-}" = "--test" ] && EXTRA="[test,demo]"  # demo: `ddpm demo` and its browser test
+[ "${1:-}" = "--test" ] && EXTRA="[test,demo,docs]"  # demo: `ddpm demo` and its browser test; docs: mkdocs (CI)
 $PIP install -q -e ".${EXTRA}"
 echo "ddpmlab installed in $VENV (activate with: source $VENV/bin/activate)"
