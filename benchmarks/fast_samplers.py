@@ -37,7 +37,7 @@ from quality_per_minute import cpu_name, score  # the scoring quality_per_minute
 
 from ddpmlab.data import load_mnist
 from ddpmlab.evaluate.features import batches, classifier_extractor, extract
-from ddpmlab.runs import draw_samples, load_run, plan_sampling, run_guidance
+from ddpmlab.runs import SamplingRequest, draw_samples, load_run, plan_request, run_guidance
 
 DEFAULT_SAMPLERS = "dpmpp_2m_sde,restart,ddpm,dpmpp_2m,unipc,ddim"
 
@@ -95,8 +95,8 @@ def main(argv=None) -> int:
     rows = []
     for sampler, schedule, steps in jobs:
         t0 = time.perf_counter()
-        plan = plan_sampling(run, sampler, steps, args.n, timesteps=schedule, guidance=guidance, seed=args.seed,
-                             cycle_classes=True, log=lambda m: None)
+        plan = plan_request(run, SamplingRequest(sampler, steps, schedule, guidance=guidance, seed=args.seed, n=args.n),
+                            log=lambda m: None)
         x = draw_samples(run, plan, args.n, seed=args.seed, progress=False)
         seconds = time.perf_counter() - t0
         r = score(to_classifier(x), extractor, real_feats)

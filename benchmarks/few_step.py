@@ -58,7 +58,7 @@ from ddpmlab.evaluate.features import batches, classifier_extractor, extract
 from ddpmlab.evaluate.metrics import check_fid_samples
 from ddpmlab.io.checkpoint import load_run_config
 from ddpmlab.io.images import grid_image
-from ddpmlab.runs import draw_samples, load_run, plan_sampling, resolve_device, run_guidance
+from ddpmlab.runs import SamplingRequest, draw_samples, load_run, plan_request, resolve_device, run_guidance
 from ddpmlab.samplers.student import is_power_of_two
 from ddpmlab.training.tasks.distill import distill_run, round_plan
 from ddpmlab.training.tasks.diffusion import train
@@ -140,7 +140,7 @@ def progressive_chain(teacher_dir: Path, out: Path, args, device) -> list:
 
 def draw(run, sampler: str, steps: int, timesteps, n: int, seed: int, progress: bool) -> torch.Tensor:
     """n samples of ``run``: noise batch b from seed + b (generate's rule), so every model shares x_T."""
-    plan = plan_sampling(run, sampler, steps, n, timesteps=timesteps, seed=seed, cycle_classes=True, log=_quiet)
+    plan = plan_request(run, SamplingRequest(sampler, steps, timesteps, seed=seed, n=n), log=_quiet)
     return draw_samples(run, plan, n, seed=seed, progress=progress)
 
 

@@ -60,7 +60,7 @@ from ddpmlab.evaluate.metrics import check_fid_samples
 from ddpmlab.io.checkpoint import load_run_config
 from ddpmlab.io.images import grid_image
 from ddpmlab.models import count_parameters
-from ddpmlab.runs import draw_samples, load_run, plan_sampling, resolve_device
+from ddpmlab.runs import SamplingRequest, draw_samples, load_run, plan_request, resolve_device
 from ddpmlab.samplers.registry import get_sampler
 from ddpmlab.training.tasks.autoencoder import train_autoencoder
 from ddpmlab.training.tasks.diffusion import train
@@ -167,9 +167,9 @@ def forward_flops(model: torch.nn.Module, shape: tuple, device: torch.device) ->
 
 def timed_samples(run, sampler: str, steps: int, n: int, seed: int, progress: bool) -> tuple:
     """(n samples in pixels, seconds per sample): draw_samples after a two-step warm-up call."""
-    warm = plan_sampling(run, sampler, 2, min(n, 8), log=lambda m: None)
+    warm = plan_request(run, SamplingRequest(sampler, 2, n=min(n, 8), cycle_classes=False), log=lambda m: None)
     draw_samples(run, warm, min(n, 8), seed=seed, progress=False)
-    plan = plan_sampling(run, sampler, steps, n, log=lambda m: None)
+    plan = plan_request(run, SamplingRequest(sampler, steps, n=n, cycle_classes=False), log=lambda m: None)
     t0 = time.perf_counter()
     x = draw_samples(run, plan, n, seed=seed, progress=progress)
     return x, (time.perf_counter() - t0) / n

@@ -41,7 +41,7 @@ from quality_per_minute import cpu_name, score
 from ddpmlab.data import load_mnist
 from ddpmlab.evaluate.features import batches, classifier_extractor, extract
 from ddpmlab.evaluate.noise_levels import denoising_errors, error_gains
-from ddpmlab.runs import draw_samples, load_run, plan_sampling, run_guidance
+from ddpmlab.runs import SamplingRequest, draw_samples, load_run, plan_request, run_guidance
 from ddpmlab.samplers import ModelPredictor
 
 LEVELS = [0, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 400, 500, 600, 700, 800, 900, 999]
@@ -54,7 +54,7 @@ def _digits(split: str, n: int, shape) -> tuple:
 
 def model_errors(run, guidance, n: int):
     """{split: [LevelError]} on n test and n training digits with their labels."""
-    plan = plan_sampling(run, "ddim", 1, n, guidance=guidance, cycle_classes=True, log=lambda m: None)
+    plan = plan_request(run, SamplingRequest("ddim", 1, guidance=guidance, n=n), log=lambda m: None)
     out = {}
     for split in ("test", "train"):
         x0, y = _digits(split, n, run.shape)
@@ -65,7 +65,7 @@ def model_errors(run, guidance, n: int):
 
 
 def sampler_gains(run, guidance, sampler: str, steps: int, n: int):
-    plan = plan_sampling(run, sampler, steps, n, guidance=guidance, cycle_classes=True, log=lambda m: None)
+    plan = plan_request(run, SamplingRequest(sampler, steps, guidance=guidance, n=n), log=lambda m: None)
     predict = ModelPredictor(plan.model, run.schedule, run.cfg.diffusion.prediction, y=plan.labels,
                              clip_x0=run.clip_x0)
     x_T = torch.randn((n, *run.shape), generator=torch.Generator().manual_seed(7))
@@ -79,8 +79,8 @@ def window_rows(run, guidance, steps: int, n: int, windows, extractor, real_feat
     rows = []
     for name, options in jobs:
         t0 = time.perf_counter()
-        plan = plan_sampling(run, "dpmpp_2m_sde", steps, n, options=options, guidance=guidance, seed=seed,
-                             cycle_classes=True, log=lambda m: None)
+        plan = plan_request(run, SamplingRequest("dpmpp_2m_sde", steps, options=options, guidance=guidance, seed=seed,
+                                                 n=n), log=lambda m: None)
         x = draw_samples(run, plan, n, seed=seed, progress=False)
         r = score(to_classifier(x), extractor, real_feats)
         r.update(window=name, options=options, rough=float((roughness(x) > rough_level).float().mean()),

@@ -46,7 +46,7 @@ from ddpmlab.evaluate.features import batches, classifier_extractor, extract
 from ddpmlab.evaluate.metrics import feature_sums, fid, kid
 from ddpmlab.io.diffusers_bridge import require_diffusers, unet2d_config
 from ddpmlab.io.images import grid_image
-from ddpmlab.runs import draw_samples, load_run, plan_sampling
+from ddpmlab.runs import SamplingRequest, draw_samples, load_run, plan_request
 from ddpmlab.training.tasks.diffusion import train
 from ddpmlab.training.precision import cpu_flags
 
@@ -74,7 +74,8 @@ def ddpmlab_recipe(out: Path, seed: int, overrides=()):
     t = cfg.train
 
     def sample(n: int, sample_seed: int) -> torch.Tensor:
-        plan = plan_sampling(run, t.sample_sampler, t.sample_steps, n, log=lambda m: None)
+        plan = plan_request(run, SamplingRequest(t.sample_sampler, t.sample_steps, n=n, cycle_classes=False),
+                            log=lambda m: None)
         return draw_samples(run, plan, n, seed=sample_seed, progress=False)
 
     guide = f", guidance {t.sample_guidance:g}" if cfg.model.num_classes and t.sample_guidance is not None else ""

@@ -98,8 +98,8 @@ def test_tab_actions_write_what_the_cli_writes(runs_root, tmp_path):
                  "--no-progress"]) == 0
     assert np.array_equal(_png(res.picture), _png(tmp_path / "ip.png"))
     res = act.img2img_image(runs, img, image, strength=0.2, sampler="ddim", steps=3, n=2, seed=4)
-    assert main(["img2img", img, "--image", str(image), "--strength", "0.2", "--steps", "3", "--n", "2", "--seed",
-                 "4", "--out", str(tmp_path / "i2i.png"), "--no-progress"]) == 0
+    assert main(["img2img", img, "--image", str(image), "--strength", "0.2", "--sampler", "ddim", "--steps", "3",
+                 "--n", "2", "--seed", "4", "--out", str(tmp_path / "i2i.png"), "--no-progress"]) == 0
     assert np.array_equal(_png(res.picture), _png(tmp_path / "i2i.png"))
     # the run tab: loaded checkpoint, loss curve from log.csv, the config
     text, loss, config = act.run_info(runs, img)

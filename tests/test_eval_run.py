@@ -61,8 +61,8 @@ def test_eval_scores_an_untrained_model_far_below_the_data(mnist_run, capsys):
     assert m["fid"] > 20 * b["fid"] and m["kid"] > b["kid"] and m["precision"] < b["precision"]
     assert b["precision"] > 0.8 and b["is"] > 5  # held-out digits: high, but not trivially 1
     assert res["baseline"]["n"] == 150 and not res["baseline"]["notes"]
-    s = res["settings"]
-    assert (s["n"], s["sampler"], s["steps"], s["seed"], s["extractor"]) == (150, "ddim", 2, 0, "classifier")
+    s = res["settings"]  # no --sampler: the run's own sampler (train.sample_sampler of the mnist config)
+    assert (s["n"], s["sampler"], s["steps"], s["seed"], s["extractor"]) == (150, "dpmpp_2m_sde", 2, 0, "classifier")
     assert res["reference"]["n"] == 500 and res["run"]["step"] == 10 and res["run"]["weights"] == "ema"
     assert res["extractor"]["identity"].startswith("mnist-classifier-")
     assert "fid" in out and "data (n=150)" in out
@@ -156,11 +156,12 @@ def _png_size(path):
 def test_each_viz_command_writes_its_files(mnist_run, toy_run, tmp_path, capsys):
     out = tmp_path / "viz"
     assert main(["viz", "forward", str(mnist_run), "--n", "2", "--t", "0,10,999", "--out", str(out)]) == 0
-    assert main(["viz", "reverse", str(mnist_run), "--steps", "8", "--n", "4", "--frames", "4",
+    assert main(["viz", "reverse", str(mnist_run), "--sampler", "ddim", "--steps", "8", "--n", "4", "--frames", "4",
                  "--out", str(out)]) == 0
     assert main(["viz", "schedules", "--T", "100", "--out", str(out)]) == 0
     assert main(["viz", "toy", str(toy_run), "--n", "300", "--steps", "6", "--frames", "3", "--out", str(out)]) == 0
-    assert main(["viz", "grid", str(mnist_run), "--n", "4", "--steps", "2", "--out", str(out)]) == 0
+    assert main(["viz", "grid", str(mnist_run), "--sampler", "ddim", "--n", "4", "--steps", "2",
+                 "--out", str(out)]) == 0
     written = [Path(line[6:]) for line in capsys.readouterr().out.splitlines() if line.startswith("wrote ")]
     names = sorted(p.name for p in written)
     assert names == sorted(["forward.png", "reverse_ddim8.gif", "reverse_ddim8.png", "schedules.png",

@@ -10,7 +10,7 @@ from PIL import Image
 
 from ddpmlab.cli import build_parser, main
 from ddpmlab.config import load_config
-from ddpmlab.errors import ConfigError
+from ddpmlab.errors import ConfigError, OptionError
 from ddpmlab.progress import SampleBar
 from ddpmlab.runs import load_run, plan_sampling, resolve_device, resolve_output
 from ddpmlab.samplers.registry import SAMPLER_SPECS
@@ -48,7 +48,7 @@ def test_sample_out_as_folder_writes_one_png_per_sample_and_the_grid(run, tmp_pa
 
 
 def test_sample_out_with_an_unknown_extension_fails_before_sampling(run, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("ddpmlab.cli.commands.draw_samples",
+    monkeypatch.setattr("ddpmlab.cli.sampling.draw_samples",
                         lambda *a, **k: pytest.fail("sampled before checking --out"))
     rc, err = _err(capsys, ["sample", str(run), "--out", str(tmp_path / "grid.xyz")])
     assert rc == 2 and "unknown picture extension '.xyz'" in err and len(err.splitlines()) == 1
@@ -58,7 +58,7 @@ def test_raw_samples_are_written_before_the_picture(run, tmp_path, capsys, monke
     def broken(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("ddpmlab.cli.commands.save_samples", broken)
+    monkeypatch.setattr("ddpmlab.cli.sampling.save_samples", broken)
     with pytest.raises(OSError):
         main(["sample", str(run), "--n", "2", "--steps", "2", "--out", str(tmp_path / "g.png"), "--npz"])
     assert np.load(tmp_path / "g.npz")["samples"].shape == (2, 1, 8, 8)
@@ -84,8 +84,9 @@ def test_an_absent_device_is_one_line_in_every_sampling_command(run, tmp_path, c
 def test_resolve_device_refuses_what_is_not_there():
     assert resolve_device("auto").type in ("cpu", "cuda", "mps")
     assert resolve_device("CPU") == torch.device("cpu")
-    with pytest.raises(ConfigError, match="where-it-is: unknown device 'cuda:x'"):
-        resolve_device("cuda:x", "where-it-is")
+    with pytest.raises(OptionError, match="device: unknown device 'cuda:x'") as e:
+        resolve_device("cuda:x")
+    assert e.value.option == "device" and e.value.named({"device": "--device"}).startswith("--device: unknown")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
             resolve_device("cuda:0")
@@ -201,8 +202,8 @@ def test_sample_bar_counts_samples_not_steps():
 def test_editing_commands_check_out_before_sampling(run, tmp_path, capsys, monkeypatch):
     Image.new("L", (8, 8), 128).save(tmp_path / "in.png")
     Image.new("L", (8, 8), 255).save(tmp_path / "mask.png")
-    for name in ("inpaint", "img2img"):
-        monkeypatch.setattr(f"ddpmlab.cli.commands.edit_{name}", lambda *a, **k: pytest.fail("sampled before --out"))
+    for name in ("draw_inpainting", "edit_img2img"):
+        monkeypatch.setattr(f"ddpmlab.cli.sampling.{name}", lambda *a, **k: pytest.fail("sampled before --out"))
     for argv in (["inpaint", str(run), "--mask", str(tmp_path / "mask.png")], ["img2img", str(run)]):
         rc, err = _err(capsys, [*argv, "--image", str(tmp_path / "in.png"), "--out", str(tmp_path / "row.xyz")])
         assert rc == 2 and "unknown picture extension '.xyz'" in err, argv

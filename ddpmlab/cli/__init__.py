@@ -1,7 +1,10 @@
 """The ``ddpm`` command line: ``main`` parses, runs one command and turns library errors into one line.
 
-* :mod:`.parser` - every subcommand, its options and help texts;
-* :mod:`.commands` - what each subcommand does: read the arguments, call the library, print.
+* :mod:`.parser` (and :mod:`.parser_sampling`) - every subcommand, its options and help texts;
+* :mod:`.commands`, :mod:`.sampling`, :mod:`.study` - what each subcommand does: read the
+  arguments, call the library, print;
+* :mod:`.options` - how the command line names each option of the library: an error about one
+  (:class:`~ddpmlab.errors.OptionError`) is named here, where ``main`` catches it.
 
 Every rule about runs and sampling lives in :mod:`ddpmlab.runs`, not here.
 """
@@ -15,8 +18,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ddpmlab.cli.commands import option_hint
+from ddpmlab.cli.options import NAMES
 from ddpmlab.cli.parser import build_parser
-from ddpmlab.errors import DDPMError
+from ddpmlab.errors import DDPMError, OptionError
 from ddpmlab.training.allocator import keep_freed_memory
 
 
@@ -30,7 +34,8 @@ def _format_warning(message, category, filename, lineno, line=None, _default=war
 def _parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]):
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come before or after options: collect the ones argparse left
-    if extra and getattr(args, "overrides", None) is not None and all("=" in e and not e.startswith("-") for e in extra):
+    overrides_only = all("=" in e and not e.startswith("-") for e in extra)
+    if extra and getattr(args, "overrides", None) is not None and overrides_only:
         args.overrides = list(args.overrides) + extra
     elif extra:
         sub = getattr(args, "parser", parser)
@@ -53,7 +58,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except DDPMError as e:
-        print(f"ddpm {args.command}: error: {e}", file=sys.stderr)
+        message = e.named(NAMES) if isinstance(e, OptionError) else str(e)
+        print(f"ddpm {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,11 +1,12 @@
 """What each tab of the demo page does, without Gradio: the same run-layer calls as the ``ddpm`` commands.
 
 Every function here takes plain values (what the page's fields hold), checks them against the
-page's :class:`Limits`, calls :mod:`ddpmlab.runs`, :mod:`ddpmlab.samplers.editing` and
-:mod:`ddpmlab.viz` exactly as ``ddpm sample`` / ``inpaint`` / ``img2img`` / ``viz reverse`` do
-(same defaults, same batch sizes, same seeds), and writes its pictures into a fresh folder
-below ``out_root``.  So the page shows the pixels the command line writes for the same settings.
-Bad input raises :class:`~ddpmlab.errors.DDPMError` with a one-line message.
+page's :class:`Limits`, makes the :mod:`ddpmlab.runs` requests that ``ddpm sample`` / ``inpaint``
+/ ``img2img`` / ``viz reverse`` make (same defaults: as the run samples where a field is empty;
+same batch sizes, same seeds), and writes its pictures into a fresh folder below ``out_root``.
+So the page shows the pixels the command line writes for the same settings.  Bad input raises
+:class:`~ddpmlab.errors.DDPMError` with a one-line message (an OptionError is named by
+:data:`NAMES`, the page's words for the library's options).
 """
 
 from __future__ import annotations
@@ -25,25 +26,26 @@ from PIL import Image
 
 from ddpmlab.config import format_config
 from ddpmlab.data import build_dataset
-from ddpmlab.diffusion.reverse import variance_name
 from ddpmlab.errors import DDPMError
 from ddpmlab.io.checkpoint import require_run_dir
 from ddpmlab.io.images import comparison_row, load_mask, load_picture, save_grid, save_images
 from ddpmlab.runs import (
+    InpaintRequest,
     Output,
     Run,
     SamplingPlan,
+    SamplingRequest,
+    draw_inpainting,
     draw_samples,
-    edit_conditioning,
     edit_img2img,
-    edit_inpaint,
     grid_scale,
     load_run,
-    plan_sampling,
+    plan_img2img,
+    plan_inpainting,
+    plan_request,
     resolve_output,
     write_raw,
 )
-from ddpmlab.samplers.editing import strength_to_steps
 from ddpmlab.viz import commands as viz
 from ddpmlab.viz.plots import plot_loss
 from ddpmlab.viz.samples import save_samples
@@ -51,9 +53,10 @@ from ddpmlab.viz.samples import save_samples
 # batch sizes of the commands the tabs mirror (ddpm sample / viz: 256, ddpm inpaint / img2img: 64):
 # generate() seeds batch b with seed + b, so the same batch size gives the same pixels
 SAMPLE_BATCH, EDIT_BATCH = 256, 64
-# how the page names each option, for the library's messages
-NAMES = {"sampler": "sampler", "steps": "steps", "timesteps": "step schedule", "class": "class",
-         "guidance": "guidance scale", "weights": "weights", "n": "n"}
+# how the page names each option of the library, for its messages
+NAMES = {"sampler": "sampler", "steps": "steps", "step_schedule": "step schedule", "class": "class",
+         "guidance": "guidance scale", "weights": "weights", "n": "n", "strength": "SDEdit strength",
+         "variance": "variance"}
 RESIZE_OPTION = "the 'resize' box"
 POINTS_PER_SAMPLE = 100  # a 2-D run may draw this many points per image sample of --max-samples
 EDITOR_SIZE = 256  # the mask editor shows the image enlarged (nearest) to about this many pixels
@@ -97,6 +100,15 @@ def as_int(value, name: str, minimum: Optional[int] = None) -> Optional[int]:
     return int(f)
 
 
+def as_label(value) -> Optional[object]:
+    """A class field's value: None when empty, a whole number as an int, else the text (a class name)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, float):
+        return as_int(value, "class")
+    return value.strip() if isinstance(value, str) else value
+
+
 def as_float(value, name: str) -> Optional[float]:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
@@ -128,7 +140,7 @@ class Runs:
             raise DDPMError(f"run '{key[0]}' is not served by this page; choose one of {', '.join(self.dirs)}")
         with self._lock:
             if key not in self._cache:
-                self._cache[key] = load_run(key[0], key[1], self.device, where="weights")
+                self._cache[key] = load_run(key[0], key[1], self.device)
             return self._cache[key]
 
     def new_folder(self, kind: str) -> Path:
@@ -140,19 +152,22 @@ class Runs:
         return path
 
 
-def _plan(run: Run, sampler: str, steps, timesteps: Optional[str], n: int, label, guidance, seed: int,
-          limits: Limits, **kwargs) -> SamplingPlan:
+def _request(run: Run, sampler: Optional[str], steps, timesteps: Optional[str], n: int, label, guidance, seed: int,
+             limits: Limits) -> SamplingRequest:
+    """The request of a tab's fields (empty ones: as the run samples), within the page's limits."""
     steps = as_int(steps, "steps")
     limits.check(n, steps, run=run)
-    plan = plan_sampling(run, sampler, steps, n, timesteps=timesteps or None,
-                         options={"eta": None, "variance": None}, label=label, guidance=guidance, seed=seed,
-                         names=NAMES, log=lambda _msg: None, **kwargs)
-    limits.check(n, plan.steps, run=run)  # the sampler's default steps (ddpm: all T) count too
+    return SamplingRequest(sampler or None, steps, timesteps or None, {}, label, guidance, seed, n)
+
+
+def _plan(run: Run, request: SamplingRequest, limits: Limits) -> SamplingPlan:
+    plan = plan_request(run, request, log=lambda _msg: None)
+    limits.check(request.n, plan.steps, run=run)  # the sampler's default steps (ddpm: all T) count too
     return plan
 
 
-def _condition(run: Run, label, guidance) -> Tuple[Optional[int], Optional[float]]:
-    label, guidance = as_int(label, "class"), as_float(guidance, "guidance scale")
+def _condition(run: Run, label, guidance) -> Tuple[Optional[object], Optional[float]]:
+    label, guidance = as_label(label), as_float(guidance, "guidance scale")
     if (label is not None or guidance is not None) and not run.num_classes:
         what = "a guidance scale" if guidance is not None else "a class"
         raise DDPMError(f"{what} needs a class-conditional run (trained with model.num_classes); "
@@ -170,22 +185,24 @@ class SampleResult:
     x: torch.Tensor = field(repr=False, default=None)
 
 
-def sample(runs: Runs, run_dir, *, sampler: str = "ddim", steps=50, timesteps: Optional[str] = None, seed=0,
-           n=16, label=None, guidance=None, weights: str = "ema", limits: Limits = Limits(),
+def sample(runs: Runs, run_dir, *, sampler: Optional[str] = None, steps=None, timesteps: Optional[str] = None,
+           seed=0, n=16, label=None, guidance=None, weights: str = "ema", limits: Limits = Limits(),
            progress: Optional[Callable[[float, str], None]] = None) -> SampleResult:
-    """``ddpm sample RUN --sampler S --steps K [--timesteps TS] --seed X --n N [--class C --guidance G]
-    --weights W --out FOLDER/ --npz``: FOLDER/grid.png (or the scatter plot), one PNG per image, samples.npz."""
+    """``ddpm sample RUN [--sampler S --steps K --timesteps TS] --seed X --n N [--class C --guidance G]
+    --weights W --out FOLDER/ --npz``: FOLDER/grid.png (or the scatter plot), one PNG per image, samples.npz.
+    Empty sampler, steps and guidance: as the run samples (as ``ddpm sample RUN`` without them)."""
     n = as_int(n, "n", minimum=1)
     seed = as_int(seed, "seed") or 0
     run = runs.get(run_dir, weights)
     label, guidance = _condition(run, label, guidance)
-    plan = _plan(run, sampler, steps, timesteps, n, label, guidance, seed, limits)
+    plan = _plan(run, _request(run, sampler, steps, timesteps, n, label, guidance, seed, limits), limits)
     output = resolve_output(str(runs.new_folder("sample")) + "/", Path("unused.png"))
-    x = draw_samples(run, plan, n, seed=seed, batch_size=SAMPLE_BATCH, progress=False,
+    x = draw_samples(run, plan, batch_size=SAMPLE_BATCH, progress=False,
                      callback=_step_counter(plan, n, progress, "sampling"))
     npz = write_raw(x, output)
     files = save_samples(run, x, output, title=plan.describe())
-    return SampleResult(output.picture, files[1:], npz, f"{n} samples: {plan.describe()}, seed {seed} "
+    guided = "" if plan.guidance is None else f", guidance {plan.guidance:g}"
+    return SampleResult(output.picture, files[1:], npz, f"{n} samples: {plan.describe()}{guided}, seed {seed} "
                         f"({run.weights} weights of {run.checkpoint})", plan.steps, x)
 
 
@@ -217,7 +234,7 @@ def compare(runs: Runs, run_dir, a: Tuple[str, object], b: Tuple[str, object], *
     return out
 
 
-def reverse(runs: Runs, run_dir, *, sampler: str = "ddim", steps=50, seed=0, frames=10, n=None,
+def reverse(runs: Runs, run_dir, *, sampler: Optional[str] = None, steps=None, seed=0, frames=10, n=None,
             weights: str = "ema", limits: Limits = Limits()) -> List[Path]:
     """``ddpm viz reverse RUN --n 1`` (images: a GIF and a strip of x_t and predicted x0) or
     ``ddpm viz toy RUN`` (2-D: the samples along the reverse process and an animation)."""
@@ -225,7 +242,7 @@ def reverse(runs: Runs, run_dir, *, sampler: str = "ddim", steps=50, seed=0, fra
     frames = as_int(frames, "frames", minimum=1)
     n = as_int(n, "n", minimum=1) or (1 if run.is_image else min(2000, limits.samples_for(run)))
     seed = as_int(seed, "seed") or 0
-    plan = _plan(run, sampler, steps, None, n, None, None, seed, limits, cycle_classes=True)
+    plan = _plan(run, _request(run, sampler, steps, None, n, None, None, seed, limits), limits)
     out = runs.new_folder("reverse")
     if run.is_image:
         gif, strip = viz.viz_reverse(run, plan, n, seed, frames, out)
@@ -322,13 +339,13 @@ def inpaint_image(runs: Runs, run_dir, image_png, *, layers=None, mask_file=None
     The mask is ``mask_file`` if given (read as ``--mask``: white = fill), else the editor's strokes."""
     run = _image_run(runs, run_dir, weights, "inpainting")
     n = as_int(n, "n", minimum=1)
-    steps, seed = as_int(steps, "RePaint steps"), as_int(seed, "seed") or 0
+    steps, seed = as_int(steps, "RePaint steps", minimum=1), as_int(seed, "seed") or 0
     jump_length = as_int(jump_length, "jump length", minimum=1)
     jump_n_sample = as_int(jump_n_sample, "jump n sample", minimum=1)
     limits.check(n, steps, "inpaintings")
-    if steps is None or not 1 <= steps <= run.T:
-        raise DDPMError(f"RePaint steps must be between 1 and {run.T} (the model's num_timesteps), got {steps}")
     label, guidance = _condition(run, label, guidance)
+    plan = plan_inpainting(run, InpaintRequest(250 if steps is None else steps, None, None, jump_length,
+                                               jump_n_sample, label, guidance, seed, n), log=lambda _msg: None)
     if not image_png:
         raise DDPMError("no input image: upload a picture or pick a training image first")
     image = load_picture(image_png, run.image_shape, False, "image", RESIZE_OPTION)
@@ -338,36 +355,48 @@ def inpaint_image(runs: Runs, run_dir, image_png, *, layers=None, mask_file=None
         mask = mask_from_layers(layers, run.image_shape[1:], editor_scale(run))
         if mask is None:
             raise DDPMError("no mask: paint the region to fill with the brush, or upload a mask file")
-    variance = variance_name(run.cfg.diffusion.variance, "variance")
-    model, labels, _ = edit_conditioning(run, n, label, guidance, NAMES)
-    x = edit_inpaint(run, model, image, mask, n, labels=labels, steps=steps, jump_length=jump_length,
-                     jump_n_sample=jump_n_sample, variance=variance, spacing="uniform", seed=seed,
-                     batch_size=EDIT_BATCH, progress=progress)
+    x = draw_inpainting(run, plan, image, mask, batch_size=EDIT_BATCH, progress=progress)
     picture, files = _write_row(run, comparison_row(image, x, mask), x, runs.new_folder("inpaint"))
-    return EditResult(picture, files, f"input, mask, {n} inpaintings (RePaint, {steps} steps, jumps "
-                                      f"{jump_length} x {jump_n_sample}, seed {seed})", mask)
+    return EditResult(picture, files, f"input, mask, {n} inpaintings (RePaint, {plan.options['steps']} steps, "
+                                      f"jumps {jump_length} x {jump_n_sample}, seed {seed})", mask)
 
 
-def img2img_image(runs: Runs, run_dir, image_png, *, strength=0.5, sampler: str = "ddim", steps=50, n=4, seed=0,
-                  label=None, guidance=None, weights: str = "ema", limits: Limits = Limits(),
+def img2img_image(runs: Runs, run_dir, image_png, *, strength=0.5, sampler: Optional[str] = None, steps=None, n=4,
+                  seed=0, label=None, guidance=None, weights: str = "ema", limits: Limits = Limits(),
                   progress: bool = False) -> EditResult:
-    """``ddpm img2img RUN --image IMG --strength S --sampler SA --steps K --n N --seed X``."""
+    """``ddpm img2img RUN --image IMG --strength S [--sampler SA --steps K] --n N --seed X``."""
     run = _image_run(runs, run_dir, weights, "img2img")
     n, seed = as_int(n, "n", minimum=1), as_int(seed, "seed") or 0
     strength = as_float(strength, "strength")
-    n0 = strength_to_steps(0.5 if strength is None else strength, run.T)
+    strength = 0.5 if strength is None else strength
     label, guidance = _condition(run, label, guidance)
-    plan = _plan(run, sampler, steps, None, n, label, guidance, seed, limits, schedule_len=max(n0, 1))
+    request = _request(run, sampler, steps, None, n, label, guidance, seed, limits)
+    plan, n0 = plan_img2img(run, request, strength, log=lambda _msg: None)
+    limits.check(n, plan.steps, run=run)
     if not image_png:
         raise DDPMError("no input image: upload a picture or pick a training image first")
     image = load_picture(image_png, run.image_shape, False, "image", RESIZE_OPTION)
-    x = edit_img2img(run, plan, image, strength, n, seed=seed, batch_size=EDIT_BATCH, progress=progress)
+    x = edit_img2img(run, plan, image, strength, batch_size=EDIT_BATCH, progress=progress)
     picture, files = _write_row(run, comparison_row(image, x), x, runs.new_folder("img2img"))
     return EditResult(picture, files, f"input, {n} results (SDEdit, noised to t0 = {n0} of {run.T}, "
                                       f"{min(plan.steps, n0)} {plan.sampler} steps back, seed {seed})")
 
 
 # ------------------------------------------------------------------------------ the run tab
+
+ALL_CLASSES = "all classes in turn"
+
+
+def class_choices(runs: Runs, run_dir, weights: str = "ema") -> List[Tuple[str, str]]:
+    """The class field's choices as (shown, value): no class (the classes in turn), then each class as
+    '3 cat' -> 'cat' (a run with names) or '3' -> '3'; [] for an unconditional run."""
+    run = runs.get(run_dir, weights)
+    if not run.num_classes:
+        return []
+    names = run.class_names or [str(i) for i in range(run.num_classes)]
+    shown = [f"{i} {name}" if run.class_names else name for i, name in enumerate(names)]
+    return [(ALL_CLASSES, "")] + list(zip(shown, names))
+
 
 def latest_eval(run_dir) -> Dict[str, str]:
     """The last row of RUN/eval.csv ({} without one)."""
@@ -387,6 +416,8 @@ def run_info(runs: Runs, run_dir, weights: str = "ema") -> Tuple[str, Optional[P
     lines = [(f"**{run.dir}**: {run.cfg.model.kind} model on {run.cfg.data.dataset} ({kind}), T = {run.T}, "
               f"{run.cfg.diffusion.prediction} prediction"),
              f"loaded: {run.weights} weights of {run.checkpoint} on {run.device}"]
+    if run.num_classes:
+        lines.append(f"classes: {run.describe_classes()}")
     ev = latest_eval(run.dir)
     if ev:
         lines.append("latest eval (eval.csv): " + ", ".join(f"{k} {v}" for k, v in ev.items()))

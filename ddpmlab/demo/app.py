@@ -8,13 +8,17 @@ concurrency 1); bad input is answered with a one-line ``gr.Error`` and the page 
 from __future__ import annotations
 
 import functools
+import inspect
+from types import SimpleNamespace
 from typing import Optional, Sequence
 
 import torch
 
 from ddpmlab.demo.actions import (
+    NAMES,
     Limits,
     Runs,
+    class_choices,
     compare,
     enlarged,
     img2img_image,
@@ -26,12 +30,13 @@ from ddpmlab.demo.actions import (
     training_image,
 )
 from ddpmlab.demo.actions import editor_scale as _editor_scale
-from ddpmlab.errors import DDPMError
+from ddpmlab.errors import DDPMError, OptionError
 from ddpmlab.runs import resolve_device
 from ddpmlab.samplers.registry import SAMPLER_SPECS, STEP_SCHEDULES
 
 INSTALL_HINT = "pip install 'ddpmlab[demo]'"
 DEFAULT_SCHEDULE = "sampler's default"
+RUN_SAMPLER = "as the run samples"  # the sampler fields' first choice: the run's recommended or own sampler
 
 
 def import_gradio():
@@ -66,8 +71,8 @@ def _friendly(gr, fn):
             return fn(*args, **kwargs)
         except gr.Error:
             raise
-        except DDPMError as e:
-            raise _error(gr, _one_line(e)) from None
+        except DDPMError as e:  # an option's error in the page's words for it
+            raise _error(gr, _one_line(e.named(NAMES) if isinstance(e, OptionError) else e)) from None
         except torch.OutOfMemoryError:
             raise _error(gr, "out of memory: ask for fewer samples (n) or start ddpm demo with a smaller "
                              "--max-samples") from None
@@ -81,175 +86,231 @@ def _schedule(name: Optional[str]) -> Optional[str]:
     return None if not name or name == DEFAULT_SCHEDULE else name
 
 
+def _sampler(name: Optional[str]) -> Optional[str]:
+    return None if not name or name == RUN_SAMPLER else name
+
+
+def _sample_tab(gr, ui, samplers, schedules, limits: Limits) -> None:
+    """Sampler, steps (empty: as the run samples), step schedule, seed, n, class and guidance; the grid."""
+    with gr.Tab("Sample", id="sample"):
+        with gr.Row():
+            ui.s_sampler = gr.Dropdown(samplers, value=RUN_SAMPLER, label="sampler", elem_id="s-sampler")
+            ui.s_steps = gr.Number(value=None, precision=0, label="steps (empty: the run's)", elem_id="s-steps")
+            ui.s_sched = gr.Dropdown(schedules, value=DEFAULT_SCHEDULE, label="step schedule", elem_id="s-sched")
+            ui.s_seed = gr.Number(value=0, precision=0, label="seed", elem_id="s-seed")
+            ui.s_n = gr.Number(value=16, precision=0, label=f"n (at most {limits.max_samples})", elem_id="s-n")
+        with gr.Row():
+            ui.s_class = _class_field(gr, "s-class")
+            ui.s_guid = gr.Number(value=None, label="guidance scale (empty: the run's)", visible=False,
+                                  elem_id="s-guidance")
+        ui.s_go = gr.Button("Sample", variant="primary", elem_id="s-go")
+        ui.s_text = gr.Markdown(elem_id="s-text")
+        ui.s_img = gr.Image(type="filepath", label="samples", interactive=False, height=320, elem_id="s-grid")
+        ui.s_files = gr.File(label="downloads: one PNG per sample, samples.npz", file_count="multiple",
+                             interactive=False, elem_id="s-files")
+
+
+def _class_field(gr, elem_id: Optional[str] = None):
+    """A class picker: the run's classes by name (filled when a run is chosen), or a name or index typed in."""
+    return gr.Dropdown([], value=None, label="class", visible=False, allow_custom_value=True, elem_id=elem_id)
+
+
+def _reverse_tab(gr, ui, samplers) -> None:
+    with gr.Tab("Reverse process", id="reverse"):
+        with gr.Row():
+            ui.r_sampler = gr.Dropdown(samplers, value=RUN_SAMPLER, label="sampler")
+            ui.r_steps = gr.Number(value=None, precision=0, label="steps (empty: the run's)")
+            ui.r_seed = gr.Number(value=0, precision=0, label="seed")
+            ui.r_frames = gr.Number(value=10, precision=0, label="snapshots")
+        ui.r_go = gr.Button("Run the reverse process", variant="primary", elem_id="r-go")
+        with gr.Row():
+            ui.r_strip = gr.Image(type="filepath", label="x_t and predicted x0 (stills)", interactive=False,
+                                  elem_id="r-strip")
+            ui.r_gif = gr.Image(type="filepath", label="animation", interactive=False, elem_id="r-gif")
+
+
+def _edit_tab(gr, ui, samplers) -> None:
+    """The input (upload or a training image), the mask editor, RePaint's and SDEdit's settings, the row."""
+    with gr.Tab("Inpaint / img2img", id="edit"):
+        with gr.Row():
+            ui.e_upload = gr.File(label="upload an image", file_count="single", elem_id="e-upload")
+            with gr.Column():
+                ui.e_index = gr.Number(value=0, precision=0, label="training image", elem_id="e-index")
+                ui.e_pick = gr.Button("use this training image", elem_id="e-pick")
+                ui.e_resize = gr.Checkbox(label="resize: scale and center-crop to the model's size", elem_id="e-resize")
+        ui.e_input = gr.State(None)  # the input as a PNG of the model's size
+        with gr.Row():
+            ui.e_editor = gr.ImageEditor(label="paint the region to fill (RePaint)", type="numpy", image_mode="RGBA",
+                                         sources=(), transforms=(), layers=False,
+                                         brush=gr.Brush(default_size=40, colors=["#ff2020"], color_mode="fixed"),
+                                         canvas_size=(256, 256), elem_id="e-editor")
+            ui.e_mask = gr.File(label="or upload a mask (white = fill, black = keep)", file_count="single",
+                                elem_id="e-mask")
+        with gr.Row():
+            ui.e_n = gr.Number(value=4, precision=0, label="n", elem_id="e-n")
+            ui.e_seed = gr.Number(value=0, precision=0, label="seed")
+            ui.e_class = _class_field(gr)
+            ui.e_guid = gr.Number(value=None, label="guidance scale", visible=False)
+        with gr.Row():
+            ui.e_steps = gr.Number(value=50, precision=0, label="RePaint steps", elem_id="e-steps")
+            ui.e_jump = gr.Number(value=10, precision=0, label="jump length")
+            ui.e_jumps = gr.Number(value=2, precision=0, label="jump n sample (1 = no resampling)")
+            ui.e_inpaint = gr.Button("Inpaint (RePaint)", variant="primary", elem_id="e-inpaint")
+        with gr.Row():
+            ui.e_strength = gr.Slider(0, 1, value=0.5, step=0.01, label="SDEdit strength")
+            ui.e_sampler = gr.Dropdown(samplers, value=RUN_SAMPLER, label="sampler")
+            ui.e_ssteps = gr.Number(value=None, precision=0, label="steps (empty: the run's)")
+            ui.e_img2img = gr.Button("img2img (SDEdit)", variant="primary", elem_id="e-img2img")
+        ui.e_text = gr.Markdown(elem_id="e-text")
+        ui.e_row = gr.Image(type="filepath", label="input, mask, results", interactive=False, height=200,
+                            elem_id="e-row")
+        ui.e_files = gr.File(label="downloads", file_count="multiple", interactive=False)
+
+
+def _compare_and_run_tabs(gr, ui, samplers) -> None:
+    with gr.Tab("Compare samplers", id="compare"):
+        with gr.Row():
+            ui.c_a = gr.Dropdown(samplers, value="ddim", label="sampler A")
+            ui.c_a_steps = gr.Number(value=10, precision=0, label="steps A")
+            ui.c_b = gr.Dropdown(samplers, value="dpmpp_2m", label="sampler B")
+            ui.c_b_steps = gr.Number(value=10, precision=0, label="steps B")
+            ui.c_seed = gr.Number(value=0, precision=0, label="seed (the same noise for both)")
+            ui.c_n = gr.Number(value=16, precision=0, label="n")
+        ui.c_go = gr.Button("Compare", variant="primary", elem_id="c-go")
+        with gr.Row():
+            ui.c_img_a = gr.Image(type="filepath", label="A", interactive=False, elem_id="c-a")
+            ui.c_img_b = gr.Image(type="filepath", label="B", interactive=False, elem_id="c-b")
+    with gr.Tab("Run", id="run-tab"):
+        ui.i_text = gr.Markdown(elem_id="i-text")
+        ui.i_loss = gr.Image(type="filepath", label="training loss (log.csv)", interactive=False)
+        ui.i_config = gr.Code(label="config.yaml (resolved)", language="yaml", interactive=False)
+
+
 def build_app(runs: Runs, limits: Limits = Limits()):
     """The page (a gr.Blocks, not yet launched) serving ``runs`` within ``limits``."""
     gr = import_gradio()
     samplers = list(SAMPLER_SPECS)
-    schedules = [DEFAULT_SCHEDULE, *STEP_SCHEDULES]
-
-    def conditional(run_dir, weights):
-        return runs.get(run_dir, weights).num_classes > 0
-
+    ui = SimpleNamespace()
     with gr.Blocks(title="ddpmlab demo") as app:
         gr.Markdown("## ddpmlab demo\nSample, inspect and edit with trained DDPM runs. Every tab makes the same "
-                    "library calls as the `ddpm` command line, so the same settings and seed give the same pixels.")
+                    "library calls as the `ddpm` command line, so the same settings and seed give the same pixels; "
+                    "empty settings sample as the run does.")
         with gr.Row():
-            run = gr.Dropdown(runs.dirs, value=runs.dirs[0], label="run", elem_id="run", scale=3)
-            weights = gr.Radio(["ema", "model"], value="ema", label="weights (EMA or raw)", elem_id="weights")
-
-        with gr.Tab("Sample", id="sample"):
-            with gr.Row():
-                s_sampler = gr.Dropdown(samplers, value="ddim", label="sampler", elem_id="s-sampler")
-                s_steps = gr.Number(value=50, precision=0, label="steps", elem_id="s-steps")
-                s_sched = gr.Dropdown(schedules, value=DEFAULT_SCHEDULE, label="step schedule", elem_id="s-sched")
-                s_seed = gr.Number(value=0, precision=0, label="seed", elem_id="s-seed")
-                s_n = gr.Number(value=16, precision=0, label=f"n (at most {limits.max_samples})", elem_id="s-n")
-            with gr.Row():
-                s_class = gr.Number(value=None, precision=0, label="class", visible=False, elem_id="s-class")
-                s_guid = gr.Number(value=None, label="guidance scale", visible=False, elem_id="s-guidance")
-            s_go = gr.Button("Sample", variant="primary", elem_id="s-go")
-            s_text = gr.Markdown(elem_id="s-text")
-            s_img = gr.Image(type="filepath", label="samples", interactive=False, height=320, elem_id="s-grid")
-            s_files = gr.File(label="downloads: one PNG per sample, samples.npz", file_count="multiple",
-                              interactive=False, elem_id="s-files")
-
-        with gr.Tab("Reverse process", id="reverse"):
-            with gr.Row():
-                r_sampler = gr.Dropdown(samplers, value="ddim", label="sampler")
-                r_steps = gr.Number(value=50, precision=0, label="steps")
-                r_seed = gr.Number(value=0, precision=0, label="seed")
-                r_frames = gr.Number(value=10, precision=0, label="snapshots")
-            r_go = gr.Button("Run the reverse process", variant="primary", elem_id="r-go")
-            with gr.Row():
-                r_strip = gr.Image(type="filepath", label="x_t and predicted x0 (stills)", interactive=False,
-                                   elem_id="r-strip")
-                r_gif = gr.Image(type="filepath", label="animation", interactive=False, elem_id="r-gif")
-
-        with gr.Tab("Inpaint / img2img", id="edit"):
-            with gr.Row():
-                e_upload = gr.File(label="upload an image", file_count="single", elem_id="e-upload")
-                with gr.Column():
-                    e_index = gr.Number(value=0, precision=0, label="training image", elem_id="e-index")
-                    e_pick = gr.Button("use this training image", elem_id="e-pick")
-                    e_resize = gr.Checkbox(label="resize: scale and center-crop to the model's size",
-                                           elem_id="e-resize")
-            e_input = gr.State(None)  # the input as a PNG of the model's size
-            with gr.Row():
-                e_editor = gr.ImageEditor(label="paint the region to fill (RePaint)", type="numpy",
-                                          image_mode="RGBA", sources=(), transforms=(), layers=False,
-                                          brush=gr.Brush(default_size=40, colors=["#ff2020"], color_mode="fixed"),
-                                          canvas_size=(256, 256), elem_id="e-editor")
-                e_mask = gr.File(label="or upload a mask (white = fill, black = keep)", file_count="single",
-                                 elem_id="e-mask")
-            with gr.Row():
-                e_n = gr.Number(value=4, precision=0, label="n", elem_id="e-n")
-                e_seed = gr.Number(value=0, precision=0, label="seed")
-                e_class = gr.Number(value=None, precision=0, label="class", visible=False)
-                e_guid = gr.Number(value=None, label="guidance scale", visible=False)
-            with gr.Row():
-                e_steps = gr.Number(value=50, precision=0, label="RePaint steps", elem_id="e-steps")
-                e_jump = gr.Number(value=10, precision=0, label="jump length")
-                e_jumps = gr.Number(value=2, precision=0, label="jump n sample (1 = no resampling)")
-                e_inpaint = gr.Button("Inpaint (RePaint)", variant="primary", elem_id="e-inpaint")
-            with gr.Row():
-                e_strength = gr.Slider(0, 1, value=0.5, step=0.01, label="SDEdit strength")
-                e_sampler = gr.Dropdown(samplers, value="ddim", label="sampler")
-                e_ssteps = gr.Number(value=50, precision=0, label="steps")
-                e_img2img = gr.Button("img2img (SDEdit)", variant="primary", elem_id="e-img2img")
-            e_text = gr.Markdown(elem_id="e-text")
-            e_row = gr.Image(type="filepath", label="input, mask, results", interactive=False, height=200,
-                             elem_id="e-row")
-            e_files = gr.File(label="downloads", file_count="multiple", interactive=False)
-
-        with gr.Tab("Compare samplers", id="compare"):
-            with gr.Row():
-                c_a = gr.Dropdown(samplers, value="ddim", label="sampler A")
-                c_a_steps = gr.Number(value=10, precision=0, label="steps A")
-                c_b = gr.Dropdown(samplers, value="dpmpp_2m", label="sampler B")
-                c_b_steps = gr.Number(value=10, precision=0, label="steps B")
-                c_seed = gr.Number(value=0, precision=0, label="seed (the same noise for both)")
-                c_n = gr.Number(value=16, precision=0, label="n")
-            c_go = gr.Button("Compare", variant="primary", elem_id="c-go")
-            with gr.Row():
-                c_img_a = gr.Image(type="filepath", label="A", interactive=False, elem_id="c-a")
-                c_img_b = gr.Image(type="filepath", label="B", interactive=False, elem_id="c-b")
-
-        with gr.Tab("Run", id="run-tab"):
-            i_text = gr.Markdown(elem_id="i-text")
-            i_loss = gr.Image(type="filepath", label="training loss (log.csv)", interactive=False)
-            i_config = gr.Code(label="config.yaml (resolved)", language="yaml", interactive=False)
-
-        # ------------------------------------------------------------------ handlers
-        def do_sample(run_dir, w, sampler, steps, sched, seed, n, label, guidance, progress=gr.Progress()):
-            res = sample(runs, run_dir, sampler=sampler, steps=steps, timesteps=_schedule(sched), seed=seed, n=n,
-                         label=label, guidance=guidance, weights=w, limits=limits,
-                         progress=lambda f, desc: progress(f, desc=desc))
-            return res.text, str(res.picture), [str(p) for p in [*res.files, res.npz]]
-
-        def do_reverse(run_dir, w, sampler, steps, seed, frames, progress=gr.Progress(track_tqdm=True)):
-            strip, gif = reverse(runs, run_dir, sampler=sampler, steps=steps, seed=seed, frames=frames, weights=w,
-                                 limits=limits)
-            return str(strip), str(gif)
-
-        def do_pick(run_dir, w, index, _resize):
-            png = training_image(runs, run_dir, index, w)
-            return _editor_value(png, run_dir, w), str(png)
-
-        def do_upload(run_dir, w, path, resize):
-            if not path:
-                return gr.update(), None
-            png, arr = read_input(runs, run_dir, path, bool(resize), w)
-            return {"background": arr, "layers": [], "composite": arr}, str(png)
-
-        def _editor_value(png, run_dir, w):
-            arr = enlarged(png, _editor_scale(runs.get(run_dir, w)))
-            return {"background": arr, "layers": [], "composite": arr}
-
-        def do_inpaint(run_dir, w, image_png, editor, mask_file, resize, n, seed, label, guidance, steps, jump,
-                       jumps, progress=gr.Progress(track_tqdm=True)):
-            layers = (editor or {}).get("layers") or []
-            res = inpaint_image(runs, run_dir, image_png, layers=layers, mask_file=mask_file, resize=bool(resize),
-                                n=n, steps=steps, jump_length=jump, jump_n_sample=jumps, seed=seed, label=label,
-                                guidance=guidance, weights=w, limits=limits, progress=True)
-            return res.text, str(res.picture), [str(p) for p in res.files]
-
-        def do_img2img(run_dir, w, image_png, strength, sampler, steps, n, seed, label, guidance,
-                       progress=gr.Progress(track_tqdm=True)):
-            res = img2img_image(runs, run_dir, image_png, strength=strength, sampler=sampler, steps=steps, n=n,
-                                seed=seed, label=label, guidance=guidance, weights=w, limits=limits, progress=True)
-            return res.text, str(res.picture), [str(p) for p in res.files]
-
-        def do_compare(run_dir, w, a, a_steps, b, b_steps, seed, n, progress=gr.Progress()):
-            (pa, ca), (pb, cb) = compare(runs, run_dir, (a, a_steps), (b, b_steps), seed=seed, n=n, weights=w,
-                                         limits=limits, progress=lambda f, desc: progress(f, desc=desc))
-            return gr.update(value=str(pa), label=f"A: {ca}"), gr.update(value=str(pb), label=f"B: {cb}")
-
-        def do_run(run_dir, w):
-            text, loss, config = run_info(runs, run_dir, w)
-            cond = conditional(run_dir, w)
-            hide = [gr.update(visible=cond, value=None) for _ in range(4)]
-            return (text, None if loss is None else str(loss), config, *hide, None, None)
-
-        f = functools.partial(_friendly, gr)
-        base = [run, weights]
-        s_go.click(f(do_sample), base + [s_sampler, s_steps, s_sched, s_seed, s_n, s_class, s_guid],
-                   [s_text, s_img, s_files], concurrency_id="sampling", api_name="sample")
-        r_go.click(f(do_reverse), base + [r_sampler, r_steps, r_seed, r_frames], [r_strip, r_gif],
-                   concurrency_id="sampling", api_name="reverse")
-        e_pick.click(f(do_pick), base + [e_index, e_resize], [e_editor, e_input], api_name="training_image")
-        e_upload.upload(f(do_upload), base + [e_upload, e_resize], [e_editor, e_input], api_name="upload")
-        e_inpaint.click(f(do_inpaint), base + [e_input, e_editor, e_mask, e_resize, e_n, e_seed, e_class, e_guid,
-                                               e_steps, e_jump, e_jumps], [e_text, e_row, e_files],
-                        concurrency_id="sampling", api_name="inpaint")
-        e_img2img.click(f(do_img2img), base + [e_input, e_strength, e_sampler, e_ssteps, e_n, e_seed, e_class,
-                                               e_guid], [e_text, e_row, e_files],
-                        concurrency_id="sampling", api_name="img2img")
-        c_go.click(f(do_compare), base + [c_a, c_a_steps, c_b, c_b_steps, c_seed, c_n], [c_img_a, c_img_b],
-                   concurrency_id="sampling", api_name="compare")
-        run_outputs = [i_text, i_loss, i_config, s_class, s_guid, e_class, e_guid, e_editor, e_input]
-        for trigger in (run.change, weights.change, app.load):
-            trigger(f(do_run), base, run_outputs, concurrency_limit=4, concurrency_id="light", api_name=False)
+            ui.run = gr.Dropdown(runs.dirs, value=runs.dirs[0], label="run", elem_id="run", scale=3)
+            ui.weights = gr.Radio(["ema", "model"], value="ema", label="weights (EMA or raw)", elem_id="weights")
+        _sample_tab(gr, ui, [RUN_SAMPLER, *samplers], [DEFAULT_SCHEDULE, *STEP_SCHEDULES], limits)
+        _reverse_tab(gr, ui, [RUN_SAMPLER, *samplers])
+        _edit_tab(gr, ui, [RUN_SAMPLER, *samplers])
+        _compare_and_run_tabs(gr, ui, samplers)
+        _connect(gr, app, ui, Handlers(gr, runs, limits))
     return app
+
+
+class Handlers:
+    """What each button does: the tab's action with the page's fields, its results as the page shows them."""
+
+    def __init__(self, gr, runs: Runs, limits: Limits):
+        self.gr, self.runs, self.limits = gr, runs, limits
+
+    def sample(self, run_dir, w, sampler, steps, sched, seed, n, label, guidance, progress=None):
+        res = sample(self.runs, run_dir, sampler=_sampler(sampler), steps=steps, timesteps=_schedule(sched), seed=seed,
+                     n=n, label=label, guidance=guidance, weights=w, limits=self.limits,
+                     progress=_reporter(progress))
+        return res.text, str(res.picture), [str(p) for p in [*res.files, res.npz]]
+
+    def reverse(self, run_dir, w, sampler, steps, seed, frames, progress=None):
+        strip, gif = reverse(self.runs, run_dir, sampler=_sampler(sampler), steps=steps, seed=seed, frames=frames,
+                             weights=w, limits=self.limits)
+        return str(strip), str(gif)
+
+    def editor_value(self, png, run_dir, w):
+        arr = enlarged(png, _editor_scale(self.runs.get(run_dir, w)))
+        return {"background": arr, "layers": [], "composite": arr}
+
+    def pick(self, run_dir, w, index, _resize):
+        png = training_image(self.runs, run_dir, index, w)
+        return self.editor_value(png, run_dir, w), str(png)
+
+    def upload(self, run_dir, w, path, resize):
+        if not path:
+            return self.gr.update(), None
+        png, arr = read_input(self.runs, run_dir, path, bool(resize), w)
+        return {"background": arr, "layers": [], "composite": arr}, str(png)
+
+    def inpaint(self, run_dir, w, image_png, editor, mask_file, resize, n, seed, label, guidance, steps, jump, jumps,
+                progress=None):
+        layers = (editor or {}).get("layers") or []
+        res = inpaint_image(self.runs, run_dir, image_png, layers=layers, mask_file=mask_file, resize=bool(resize),
+                            n=n, steps=steps, jump_length=jump, jump_n_sample=jumps, seed=seed, label=label,
+                            guidance=guidance, weights=w, limits=self.limits, progress=True)
+        return res.text, str(res.picture), [str(p) for p in res.files]
+
+    def img2img(self, run_dir, w, image_png, strength, sampler, steps, n, seed, label, guidance, progress=None):
+        res = img2img_image(self.runs, run_dir, image_png, strength=strength, sampler=_sampler(sampler), steps=steps,
+                            n=n, seed=seed, label=label, guidance=guidance, weights=w, limits=self.limits,
+                            progress=True)
+        return res.text, str(res.picture), [str(p) for p in res.files]
+
+    def compare(self, run_dir, w, a, a_steps, b, b_steps, seed, n, progress=None):
+        (pa, ca), (pb, cb) = compare(self.runs, run_dir, (a, a_steps), (b, b_steps), seed=seed, n=n, weights=w,
+                                     limits=self.limits, progress=_reporter(progress))
+        return self.gr.update(value=str(pa), label=f"A: {ca}"), self.gr.update(value=str(pb), label=f"B: {cb}")
+
+    def run(self, run_dir, w):
+        """The run tab, and the class fields: shown with the run's classes for a conditional run."""
+        text, loss, config = run_info(self.runs, run_dir, w)
+        choices = class_choices(self.runs, run_dir, w)
+        classes = [self.gr.update(visible=bool(choices), value=None, choices=choices) for _ in range(2)]
+        guidance = [self.gr.update(visible=bool(choices), value=None) for _ in range(2)]
+        return (text, None if loss is None else str(loss), config, classes[0], guidance[0], classes[1], guidance[1],
+                None, None)
+
+
+def _reporter(progress):
+    """progress(fraction, desc) for an action, from a gr.Progress (None without one)."""
+    return None if progress is None else (lambda f, desc: progress(f, desc=desc))
+
+
+def _tracked(gr, fn, track_tqdm: bool = False):
+    """``fn`` with a gr.Progress as the default of its last parameter (``progress``), where Gradio looks for it."""
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())
+    params[-1] = params[-1].replace(default=gr.Progress(track_tqdm=track_tqdm))
+
+    @functools.wraps(fn)
+    def handler(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    handler.__signature__ = sig.replace(parameters=params)
+    return handler
+
+
+def _connect(gr, app, ui, h: Handlers) -> None:
+    """Each button to its handler (errors as one visible line, sampling one request at a time)."""
+    f = functools.partial(_friendly, gr)
+    tracked = functools.partial(_tracked, gr, track_tqdm=True)
+    base = [ui.run, ui.weights]
+    ui.s_go.click(f(_tracked(gr, h.sample)),
+                  base + [ui.s_sampler, ui.s_steps, ui.s_sched, ui.s_seed, ui.s_n, ui.s_class, ui.s_guid],
+                  [ui.s_text, ui.s_img, ui.s_files], concurrency_id="sampling", api_name="sample")
+    ui.r_go.click(f(tracked(h.reverse)), base + [ui.r_sampler, ui.r_steps, ui.r_seed, ui.r_frames],
+                  [ui.r_strip, ui.r_gif], concurrency_id="sampling", api_name="reverse")
+    ui.e_pick.click(f(h.pick), base + [ui.e_index, ui.e_resize], [ui.e_editor, ui.e_input], api_name="training_image")
+    ui.e_upload.upload(f(h.upload), base + [ui.e_upload, ui.e_resize], [ui.e_editor, ui.e_input], api_name="upload")
+    ui.e_inpaint.click(f(tracked(h.inpaint)),
+                       base + [ui.e_input, ui.e_editor, ui.e_mask, ui.e_resize, ui.e_n, ui.e_seed, ui.e_class,
+                               ui.e_guid, ui.e_steps, ui.e_jump, ui.e_jumps],
+                       [ui.e_text, ui.e_row, ui.e_files], concurrency_id="sampling", api_name="inpaint")
+    ui.e_img2img.click(f(tracked(h.img2img)),
+                       base + [ui.e_input, ui.e_strength, ui.e_sampler, ui.e_ssteps, ui.e_n, ui.e_seed, ui.e_class,
+                               ui.e_guid], [ui.e_text, ui.e_row, ui.e_files],
+                       concurrency_id="sampling", api_name="img2img")
+    ui.c_go.click(f(_tracked(gr, h.compare)), base + [ui.c_a, ui.c_a_steps, ui.c_b, ui.c_b_steps, ui.c_seed, ui.c_n],
+                  [ui.c_img_a, ui.c_img_b], concurrency_id="sampling", api_name="compare")
+    run_outputs = [ui.i_text, ui.i_loss, ui.i_config, ui.s_class, ui.s_guid, ui.e_class, ui.e_guid, ui.e_editor,
+                   ui.e_input]
+    for trigger in (ui.run.change, ui.weights.change, app.load):
+        trigger(f(h.run), base, run_outputs, concurrency_limit=4, concurrency_id="light", api_name=False)
 
 
 def serve(run_dirs: Sequence, *, host: str = "127.0.0.1", port: int = 7860, max_samples: int = 256,

@@ -30,9 +30,9 @@ from matplotlib.ticker import NullFormatter
 
 from ddpmlab.diffusion.analytic import ExactDenoiser, GaussianMixture
 from ddpmlab.diffusion.schedules import NoiseSchedule
-from ddpmlab.errors import ConfigError, DDPMError
+from ddpmlab.errors import OPTION, ConfigError, DDPMError, OptionError, about
 from ddpmlab.evaluate.toy import sliced_wasserstein
-from ddpmlab.runs import RECOMMENDATION_FILE, draw_samples, load_run, plan_sampling
+from ddpmlab.runs import RECOMMENDATION_FILE, SamplingRequest, draw_samples, load_run, plan_request
 from ddpmlab.samplers import ModelPredictor
 from ddpmlab.samplers.registry import SAMPLERS, get_spec
 from ddpmlab.samplers.steps import optimize_timesteps
@@ -78,9 +78,11 @@ class BenchEntry:
     timesteps: Optional[str] = None
 
     @classmethod
-    def parse(cls, text: str, where: str = "samplers") -> "BenchEntry":
+    def parse(cls, text: str) -> "BenchEntry":
+        """``name`` or ``name:timesteps``; a bad one is an OptionError about 'samplers'."""
         name, _, ts = text.strip().partition(":")
-        get_spec(name, f"{where} {text.strip()}").check_step_schedule(ts or None, f"{where} {text.strip()}")
+        with about("samplers"):
+            get_spec(name, f"{OPTION} {text.strip()}").check_step_schedule(ts or None, f"{OPTION} {text.strip()}")
         return cls(name, ts or None)
 
     @property
@@ -105,13 +107,14 @@ class BenchResult:
         return self.errors[label][nfe] / self.floor
 
 
-def parse_nfes(text: str, where: str = "nfe") -> List[int]:
+def parse_nfes(text: str) -> List[int]:
+    """'5,10,20' as [5, 10, 20]; a bad list is an OptionError about 'nfe'."""
     try:
         nfes = sorted({int(v) for v in text.split(",") if v.strip()})
     except ValueError:
-        raise ConfigError(f"{where} must be a comma-separated list of integers, got '{text}'") from None
+        raise OptionError("nfe", f"{OPTION} must be a comma-separated list of integers, got '{text}'") from None
     if not nfes or nfes[0] < 1:
-        raise ConfigError(f"{where} values must be >= 1, got '{text}'")
+        raise OptionError("nfe", f"{OPTION} values must be >= 1, got '{text}'")
     return nfes
 
 
@@ -169,24 +172,25 @@ def bench_analytic(name: str, specs: Sequence[BenchEntry], nfes: Sequence[int], 
 
 def bench_run(run_dir, specs: Sequence[BenchEntry], nfes: Sequence[int], n: int = 256, seed: int = 0,
               reference_steps: int = 1000, batch_size: int = 256, device="auto", weights: str = "ema",
-              log: Callable[[str], None] = print, names: Optional[Dict[str, str]] = None) -> BenchResult:
+              log: Callable[[str], None] = print) -> BenchResult:
     """Samplers on a trained run against a ``reference_steps`` ancestral run from the same noise seeds.
 
-    Every sampler call is planned by the run layer (the run's own variance, class labels of a
-    conditional run cycling through the classes); ``names`` maps options to the caller's names.
+    Every sampler call is planned by the run layer (the run's own variance and guidance, class
+    labels of a conditional run cycling through the classes).
     """
-    names = names or {}
-    run = load_run(run_dir, weights, device, where=names.get("weights", "weights"))
+    run = load_run(run_dir, weights, device)
 
-    def plan(sampler: str, steps: int, option_names: Dict[str, str] = names):
-        return plan_sampling(run, sampler, steps, n, cycle_classes=True, names=option_names, log=lambda m: None)
+    def plan(sampler: str, steps: int):
+        return plan_request(run, SamplingRequest(sampler, steps, n=n, seed=seed), log=lambda m: None)
 
     def draw(p, draw_seed: int, options: Optional[dict] = None) -> torch.Tensor:
         p = dataclasses.replace(p, options={**p.options, **(options or {})})
         return draw_samples(run, p, n, seed=draw_seed, batch_size=batch_size, progress=False)
 
-    # a bad reference_steps is named as such in the message
-    ref_plan = plan("ddpm", reference_steps, {**names, "steps": names.get("reference_steps", "reference_steps")})
+    try:
+        ref_plan = plan("ddpm", reference_steps)
+    except OptionError as e:  # a bad reference_steps is named as such in the message
+        raise e if e.option != "steps" else OptionError("reference_steps", e.template) from None
     log(f"reference: {n} samples, ddpm with {reference_steps} steps (twice, for the floor)")
     reference = draw(ref_plan, seed)
     floor_set = draw(ref_plan, seed + 10_000)

@@ -23,13 +23,12 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from ddpmlab.data import build_dataset, make_toy
-from ddpmlab.errors import DDPMError
+from ddpmlab.errors import OPTION, ConfigError, DDPMError, OptionError, about
 from ddpmlab.evaluate import metrics as M
 from ddpmlab.evaluate.features import Extractor, batches, build_extractor, extract
 from ddpmlab.evaluate.reference import Reference, reference_statistics, without
 from ddpmlab.evaluate.toy import mmd_rbf, sliced_wasserstein
-from ddpmlab.runs import Run, SamplingPlan, draw_samples, load_run, plan_sampling
-from ddpmlab.samplers.registry import get_spec
+from ddpmlab.runs import Run, SamplingPlan, SamplingRequest, draw_samples, load_run, plan_request
 
 
 @dataclass
@@ -38,11 +37,12 @@ class EvalSettings:
 
     metrics: List[str] = field(default_factory=list)  # empty: the defaults for the data kind
     n: int = 1000
-    sampler: str = "ddim"
+    sampler: Optional[str] = None  # default: as the run samples (its recommendation, else its own sampler and steps)
     steps: Optional[int] = None  # default: the sampler's own (ddpm: T, others 50)
     sampler_options: Dict[str, object] = field(default_factory=dict)
     timesteps: Optional[str] = None  # step schedule (default: the sampler's own)
-    guidance: Optional[float] = None  # classifier-free guidance scale (conditional runs)
+    guidance: Optional[float] = None  # classifier-free guidance scale (default: the run's train.sample_guidance)
+    label: Optional[object] = None  # one class (name or index) for all samples; default: the classes in turn
     seed: int = 0
     batch_size: int = 256
     extractor: str = "classifier"
@@ -76,8 +76,10 @@ class EvalContext:
 
     def __init__(self, cfg, model, schedule, dataset, settings: EvalSettings, device, progress: bool = True,
                  extractor: Optional[Extractor] = None, reference: Optional[Reference] = None,
-                 cache_dir: Optional[str] = None, use_cache: bool = True, names: Optional[Dict[str, str]] = None):
-        # how the caller sets each option (e.g. {"n": "--n"} or {"n": "train.eval_n"}), for messages
+                 cache_dir: Optional[str] = None, use_cache: bool = True, names: Optional[Dict[str, str]] = None,
+                 run: Optional[Run] = None):
+        # how a caller that catches no OptionError sets each option (e.g. {"n": "train.eval_n"}), for
+        # messages; without a name an error is an OptionError about the setting, named by the front end
         self.names = dict(names or {})
         self.cfg, self.model, self.schedule, self.dataset = cfg, model, schedule, dataset
         self.s, self.device, self.progress = settings, torch.device(device), progress
@@ -86,25 +88,36 @@ class EvalContext:
             self.__dict__["extractor"] = extractor
         if reference is not None:
             self.__dict__["reference"] = reference
+        if run is not None:  # the loaded run (its folder: recommendation, class names)
+            self.__dict__["run"] = run
 
     @property
     def is_image(self) -> bool:
         return bool(self.dataset.is_image)
 
     def name(self, option: str) -> str:
-        return self.names.get(option, option)
+        """How messages name ``option``: the caller's name, else the mark of an OptionError about it."""
+        return self.names.get(option, OPTION)
 
     @cached_property
     def run(self) -> Run:
         return Run(self.cfg, self.model, self.schedule, self.device)
 
+    @property
+    def request(self) -> SamplingRequest:
+        s = self.s
+        return SamplingRequest(s.sampler, s.steps, s.timesteps, dict(s.sampler_options), s.label, s.guidance, s.seed,
+                               s.n)
+
     @cached_property
     def plan(self) -> SamplingPlan:
-        """The sampler call (default steps, the run's variance, guidance) as every front end makes it."""
-        s = self.s
-        return plan_sampling(self.run, s.sampler, s.steps, s.n,
-                             timesteps=s.timesteps, options=s.sampler_options, guidance=s.guidance, seed=s.seed,
-                             cycle_classes=True, names=self.names, log=lambda m: None)
+        """The sampler call as every front end makes it (as the run says where the settings say nothing)."""
+        try:
+            return plan_request(self.run, self.request, log=lambda m: None)
+        except OptionError as e:
+            if e.option not in self.names:
+                raise
+            raise ConfigError(e.named(self.names)) from None
 
     @property
     def steps(self) -> int:
@@ -157,8 +170,11 @@ class EvalContext:
 
     @cached_property
     def extractor(self) -> Extractor:
-        return build_extractor(self.s.extractor, tuple(self.dataset.sample_shape), self.s.inception_weights,
-                               self.device, self.names)
+        names = {"extractor": self.names.get("extractor", "extractor"),
+                 "inception_weights": self.name("inception_weights")}
+        with about("inception_weights"):
+            return build_extractor(self.s.extractor, tuple(self.dataset.sample_shape), self.s.inception_weights,
+                                   self.device, names)
 
     @cached_property
     def reference(self) -> Reference:
@@ -225,11 +241,11 @@ def _pr(ctx: EvalContext, which: str) -> dict:
 
 def _acc(ctx: EvalContext, which: str) -> dict:
     if not ctx.num_classes:
-        raise DDPMError(f"{ctx.name('metrics')}: acc (classifier accuracy of conditional samples) needs a "
-                        "class-conditional run (model.num_classes); drop 'acc' for this run")
+        raise OptionError("metrics", f"{ctx.name('metrics')}: acc (classifier accuracy of conditional samples) "
+                                     "needs a class-conditional run (model.num_classes); drop 'acc' for this run")
     if ctx.s.extractor != "classifier":
-        raise DDPMError(f"{ctx.name('metrics')}: acc needs the classifier extractor (the digit classifier "
-                        "decides the class)")
+        raise OptionError("metrics", f"{ctx.name('metrics')}: acc needs the classifier extractor (the digit "
+                                     "classifier decides the class)")
     return {"acc": M.class_accuracy(ctx.logits(which), ctx.points(which)[1])}
 
 
@@ -274,11 +290,13 @@ def evaluate_model(ctx: EvalContext) -> dict:
     """All requested metrics of ``ctx``: {"metrics": {...}, "data_baseline": {...}, ...}."""
     s = ctx.s
     names = s.metrics or default_metrics(ctx.is_image, bool(ctx.num_classes), s.extractor)
-    check_metrics(names, ctx.is_image, ctx.name("metrics"))
+    with about("metrics"):
+        check_metrics(names, ctx.is_image, ctx.name("metrics"))
     if s.n < 2:
-        raise DDPMError(f"{ctx.name('n')} must be at least 2, got {s.n}")
+        raise OptionError("n", f"{ctx.name('n')} must be at least 2, got {s.n}")
     if ctx.is_image and "fid" in names:
-        M.check_fid_samples(s.n, ctx.extractor.num_features, option=ctx.name("n"))
+        with about("n"):
+            M.check_fid_samples(s.n, ctx.extractor.num_features, option=ctx.name("n"))
     t0 = time.time()
     results, baseline, notes = {}, {}, []
     for name in names:
@@ -292,8 +310,11 @@ def evaluate_model(ctx: EvalContext) -> dict:
                 baseline.update(m.fn(ctx, "data"))
             except DDPMError as e:  # e.g. too few images left for a held-out baseline
                 notes.append(f"{name}: {e}")
+    plan = ctx.plan
+    resolved = {"sampler": plan.sampler, "steps": plan.steps, "timesteps": plan.step_schedule, "label": plan.label,
+                "guidance": plan.guidance}  # what the run's own settings filled in
     out = {"metrics": results, "data_baseline": baseline if s.baseline else None,
-           "settings": {**dataclasses.asdict(s), "metrics": names, "steps": ctx.steps},
+           "settings": {**dataclasses.asdict(s), "metrics": names, **resolved},
            "time_s": round(time.time() - t0, 1)}
     if s.baseline:
         out["baseline"] = {"n": ctx.baseline_n, "notes": notes,
@@ -310,10 +331,11 @@ def evaluate_model(ctx: EvalContext) -> dict:
     return out
 
 
-def result_path(run_dir: Path, step: int, s: EvalSettings, steps: int) -> Path:
-    tag = f"step{step:07d}_{s.weights}_{s.sampler}{steps}_n{s.n}_seed{s.seed}"
+def result_path(run_dir: Path, step: int, s: EvalSettings, plan: SamplingPlan) -> Path:
+    tag = f"step{step:07d}_{s.weights}_{plan.sampler}{plan.steps}_n{s.n}_seed{s.seed}"
     tag += f"_{s.extractor}" if s.extractor != "classifier" else ""
-    tag += f"_guidance{s.guidance:g}" if s.guidance is not None else ""
+    tag += f"_class{plan.label}" if plan.label is not None else ""
+    tag += f"_guidance{plan.guidance:g}" if plan.guidance is not None else ""
     return Path(run_dir) / "eval" / f"{tag}.json"
 
 
@@ -335,21 +357,20 @@ def format_results(results: dict) -> str:
 
 
 def evaluate_run(run_dir, settings: EvalSettings, device="auto", *, cache_dir: Optional[str] = None,
-                 use_cache: bool = True, progress: bool = True, out: Optional[Path] = None,
-                 names: Optional[Dict[str, str]] = None):
+                 use_cache: bool = True, progress: bool = True, out: Optional[Path] = None):
     """Evaluate the newest loadable checkpoint of ``run_dir``; save and return (results, JSON path).
 
-    ``names`` maps settings (n, metrics, steps, weights, ...) to how the caller sets them, for messages.
+    Samples are drawn as the run says where ``settings`` say nothing (its recommended or own
+    sampler, steps and guidance); a bad setting is an OptionError about it.
     """
-    names = names or {}
-    get_spec(settings.sampler, names.get("sampler", "sampler"))  # fail fast on a bad name
-    run = load_run(run_dir, settings.weights, device, where=names.get("weights", "weights"))
+    SamplingRequest(settings.sampler, settings.steps, settings.timesteps, settings.sampler_options).check()
+    run = load_run(run_dir, settings.weights, device)
     ctx = EvalContext(run.cfg, run.model, run.schedule, build_dataset(run.cfg), settings, run.device, progress,
-                      cache_dir=cache_dir, use_cache=use_cache, names=names)
+                      cache_dir=cache_dir, use_cache=use_cache, run=run)
     ctx.plan  # noqa: B018 - bad steps or options fail before any work
     results = evaluate_model(ctx)
     step = int(run.checkpoint.split("_")[-1])
     results["run"] = {"run_dir": str(run.dir), "checkpoint": run.checkpoint, "step": step,
                       "weights": settings.weights, "device": str(run.device)}
-    path = Path(out) if out else result_path(run.dir, step, settings, ctx.steps)
+    path = Path(out) if out else result_path(run.dir, step, settings, ctx.plan)
     return results, save_results(results, path)

@@ -14,6 +14,7 @@ The low-res inputs are made from the held-out images exactly as in training
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -26,8 +27,7 @@ from ddpmlab.evaluate.features import batches, build_extractor, extract
 from ddpmlab.evaluate.nll import nll_test_data
 from ddpmlab.io.images import save_grid
 from ddpmlab.models.conditioned import condition_from_low_res, low_res, upsample
-from ddpmlab.runs import Run, draw_samples, grid_scale, plan_sampling
-from ddpmlab.samplers.registry import get_spec
+from ddpmlab.runs import Run, SamplingPlan, SamplingRequest, draw_samples, grid_scale, plan_request
 
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5  # Wang et al. 2004, Sec. III-C
 
@@ -62,18 +62,21 @@ def bicubic_upscale(x_low: torch.Tensor, size) -> torch.Tensor:
     return upsample(x_low, size, "bicubic")
 
 
-def upscale(run: Run, x_low: torch.Tensor, sampler: str = "ddim", steps: Optional[int] = None, *, seed: int = 0,
-            batch_size: int = 256, options: Optional[dict] = None, timesteps: Optional[str] = None,
-            label: Optional[int] = None, guidance: Optional[float] = None, progress: bool = True,
-            names: Optional[Dict[str, str]] = None) -> torch.Tensor:
+def plan_upscale(run: Run, x_low: torch.Tensor, request: SamplingRequest = SamplingRequest()) -> SamplingPlan:
+    """The sampler call ``request`` asks for to upscale x_low (B, C, h, w) in [-1, 1] (as the run says where it
+    says nothing): the conditioning is x_low brought to the image size by the run's data.upsample, as in training."""
+    cond = condition_from_low_res(x_low.float(), run.cfg, run.shape[1:])
+    return plan_request(run, dataclasses.replace(request, n=len(x_low), cond=cond), log=lambda m: None)
+
+
+def upscale(run: Run, x_low: torch.Tensor, sampler: Optional[str] = None, steps: Optional[int] = None, *,
+            seed: int = 0, batch_size: int = 256, options: Optional[dict] = None, timesteps: Optional[str] = None,
+            label=None, guidance: Optional[float] = None, progress: bool = True) -> torch.Tensor:
     """The model's upscales of low-res images x_low (B, C, h, w) in [-1, 1]: (B, *run.shape) on the CPU.
 
-    The conditioning is x_low brought to the image size by the run's data.upsample, as in training;
-    sample i starts from the noise of seed ``seed`` (batched as every sampler call of ddpmlab.runs)."""
-    cond = condition_from_low_res(x_low.float(), run.cfg, run.shape[1:])
-    plan = plan_sampling(run, sampler, steps, len(x_low), timesteps=timesteps, options=options, label=label,
-                         guidance=guidance, seed=seed, names=names, log=lambda m: None, cond=cond)
-    return draw_samples(run, plan, len(x_low), seed=seed, batch_size=batch_size, progress=progress)
+    Sample i starts from the noise of seed ``seed`` (batched as every sampler call of ddpmlab.runs)."""
+    request = SamplingRequest(sampler, steps, timesteps, dict(options or {}), label, guidance, seed)
+    return draw_samples(run, plan_upscale(run, x_low, request), batch_size=batch_size, progress=progress)
 
 
 def comparison_grid(x_low: torch.Tensor, upscales: torch.Tensor, truth: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -117,12 +120,11 @@ def _fids(run: Run, truth: torch.Tensor, sets: Dict[str, torch.Tensor], extracto
     return {name: M.fid(real, feats(x)) for name, x in sets.items()}
 
 
-def evaluate_superres(run: Run, n: Optional[int] = 500, sampler: str = "ddim", steps: Optional[int] = None, *,
-                      seed: int = 0, batch_size: int = 256, options: Optional[dict] = None,
-                      timesteps: Optional[str] = None, extractor: str = "classifier",
-                      inception_weights: Optional[str] = None, progress: bool = True,
-                      names: Optional[Dict[str, str]] = None) -> Tuple[dict, tuple]:
-    """PSNR, SSIM and FID of the model's upscales of ``n`` held-out images and of bicubic upsampling.
+def evaluate_superres(run: Run, n: Optional[int] = 500, request: SamplingRequest = SamplingRequest(), *,
+                      batch_size: int = 256, extractor: str = "classifier", inception_weights: Optional[str] = None,
+                      progress: bool = True) -> Tuple[dict, tuple]:
+    """PSNR, SSIM and FID of the model's upscales of ``n`` held-out images (sampled as ``request`` asks,
+    as the run says where it says nothing) and of bicubic upsampling.
 
     Returns the results {"metrics": {"model": {...}, "bicubic": {...}}, "data": ..., "settings": ...}
     and examples (low-res, upscales, truth) of the first 16 images.
@@ -138,8 +140,8 @@ def evaluate_superres(run: Run, n: Optional[int] = 500, sampler: str = "ddim", s
         what += f" (the run trained on data.split={cfg.data.split}: these images were seen in training)"
     truth = truth.float()
     x_low = low_res(truth, cfg)
-    up = upscale(run, x_low, sampler, steps, seed=seed, batch_size=batch_size, options=options,
-                 timesteps=timesteps, progress=progress, names=names)
+    plan = plan_upscale(run, x_low, request)
+    up = draw_samples(run, plan, batch_size=batch_size, progress=progress)
     bicubic = bicubic_upscale(x_low, truth.shape[2:])
     notes: list = []
     fids = _fids(run, truth, {"model": up, "bicubic": bicubic}, extractor, inception_weights, batch_size, progress,
@@ -152,8 +154,9 @@ def evaluate_superres(run: Run, n: Optional[int] = 500, sampler: str = "ddim", s
     lh, lw = cfg.data.low_res
     data = {"images": what, "n": len(truth), "low_res": [lh, lw], "high_res": list(truth.shape[2:]),
             "downsample": cfg.data.downsample, "upsample": cfg.data.upsample}
-    settings = {"sampler": sampler, "steps": get_spec(sampler).steps_for(run.T, steps), "seed": seed,
-                "options": options or {}, "timesteps": timesteps, "extractor": extractor if fids else None}
+    settings = {"sampler": plan.sampler, "steps": plan.steps, "seed": plan.seed,
+                "options": {k: v for k, v in request.options.items() if v is not None}, "timesteps": plan.step_schedule,
+                "guidance": plan.guidance, "extractor": extractor if fids else None}
     results = {"metrics": table, "data": data, "settings": settings, "notes": notes}
     return results, (x_low[:16], up[:16], truth[:16])
 

@@ -143,22 +143,17 @@ def check_timesteps_name(sampler: str, name: Optional[str], where: str = "timest
     get_spec(sampler).check_step_schedule(name, where)
 
 
-def timesteps_options(sampler: str, name: Optional[str], model, schedule: NoiseSchedule, shape: Sequence[int],
-                      steps: int, *, prediction: str = "eps", clip_x0: Optional[float] = None, device="cpu",
-                      y: Optional[torch.Tensor] = None, seed: int = 0, calibration: int = 256,
-                      log: Callable[[str], None] = print, where: str = "timesteps") -> dict:
-    """The sampler option for step schedule ``name`` ({"spacing": ...} or {"timesteps": ...});
-    ``optimized`` is computed here on ``calibration`` noise samples drawn with seed + 20000
-    (never the sampling noise).  x shapes: (B, *shape)."""
-    spec = get_spec(sampler)
-    spec.check_step_schedule(name, where)
-    if name != "optimized":
-        return spec.schedule_option(name)
-    calibration = calibration if y is None else min(calibration, len(y))
+def fit_step_schedule(spec: SamplerSpec, model, schedule: NoiseSchedule, shape: Sequence[int], steps: int, *,
+                      prediction: str = "eps", clip_x0: Optional[float] = None, device="cpu",
+                      labels: Optional[torch.Tensor] = None, seed: int = 0, calibration: int = 256) -> torch.Tensor:
+    """The ``optimized`` step schedule of sampler ``spec`` with ``steps`` NFE, fitted to ``model``: an
+    optimisation (:func:`~ddpmlab.samplers.steps.optimize_timesteps`) on ``calibration`` noise samples
+    drawn with seed + 20000 (never the sampling noise), conditioned on the first ``labels``.
+    Returns the timesteps, for the sampler's ``timesteps=``.  x shapes: (B, *shape)."""
+    if spec.schedule_kind != TIMESTEPS or spec.stochastic:
+        raise ConfigError(f"the 'optimized' step schedule is fitted to deterministic solvers; {spec.name} is not one")
+    calibration = calibration if labels is None else min(calibration, len(labels))
     x_cal = torch.randn((calibration, *shape), generator=torch.Generator().manual_seed(seed + 20_000)).to(device)
-    predict = ModelPredictor(model, schedule, prediction, y=None if y is None else y[:calibration].to(device),
-                             clip_x0=clip_x0)
-    log(f"optimising the {steps}-NFE step schedule of {sampler} on {calibration} calibration samples ...")
-    ts = optimize_timesteps(predict, schedule, spec.fn, steps, x_cal)
-    log("timesteps: " + ", ".join(f"{t:.1f}" for t in ts.tolist()))
-    return {"timesteps": ts}
+    y = None if labels is None else labels[:calibration].to(device)
+    predict = ModelPredictor(model, schedule, prediction, y=y, clip_x0=clip_x0)
+    return optimize_timesteps(predict, schedule, spec.fn, steps, x_cal)

@@ -3,7 +3,7 @@
 Pictures of a run go to ``RUN_DIR/viz/`` unless ``out`` says otherwise; pictures that
 need no run (schedules, the forward process of a bundled config) go to ``./viz/``.
 The sampling commands take a loaded :class:`~ddpmlab.runs.Run` and a
-:class:`~ddpmlab.runs.SamplingPlan` (see :func:`ddpmlab.runs.plan_sampling`).
+:class:`~ddpmlab.runs.SamplingPlan` (see :func:`ddpmlab.runs.plan_request`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from ddpmlab.config import load_config
 from ddpmlab.data import build_dataset
 from ddpmlab.diffusion.schedules import SCHEDULES, NoiseSchedule
-from ddpmlab.errors import DDPMError
+from ddpmlab.errors import OPTION, DDPMError, about
 from ddpmlab.io.checkpoint import load_run_config
 from ddpmlab.io.images import save_grid
 from ddpmlab.runs import Run, SamplingPlan, draw_samples, grid_scale, resolve_output
@@ -56,15 +56,14 @@ def _trajectory(run: Run, plan: SamplingPlan, n: int, seed: int, frames: int):
 
 
 def viz_forward(run_dir=None, config: Optional[str] = None, n: int = 4, ts: Optional[Sequence[int]] = None,
-                seed: int = 0, out=None, where: str = "timesteps") -> List[Path]:
-    """Forward strip of ``n`` training images (or, for 2D data, the data set) at several t.
-
-    ``where`` names the caller's option for the timesteps in messages.
-    """
+                seed: int = 0, out=None) -> List[Path]:
+    """Forward strip of ``n`` training images (or, for 2D data, the data set) at the timesteps ``ts``
+    (an OptionError about 'timesteps' unless each lies in [0, T))."""
     cfg = _config(run_dir, config)
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     T = schedule.num_timesteps
-    ts = check_timesteps(ts, T, where) if ts else [t for t in DEFAULT_TS if t < T - 1] + [T - 1]
+    with about("timesteps"):
+        ts = check_timesteps(ts, T, OPTION) if ts else [t for t in DEFAULT_TS if t < T - 1] + [T - 1]
     ds = build_dataset(cfg)
     d = _out_dir(run_dir, out)
     if not ds.is_image:
