@@ -3,16 +3,40 @@
 Every fault here is answered with a correct output or one line on stderr, never a traceback.
 """
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import ddpmlab.evaluate.run as evaluate_run_module
+import ddpmlab.viz.commands as viz_commands
 from ddpmlab.cli import build_parser, main
 from ddpmlab.config import load_config
+from ddpmlab.demo import actions as demo
+from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import ConfigError, OptionError
+from ddpmlab.models import build_model
 from ddpmlab.progress import SampleBar
-from ddpmlab.runs import load_run, plan_sampling, resolve_device, resolve_output
+from ddpmlab.runs import (
+    CLASSES_FILE,
+    RECOMMENDATION_FILE,
+    Run,
+    SamplingRequest,
+    class_index,
+    describe_classes,
+    load_class_names,
+    load_run,
+    plan_request,
+    plan_sampling,
+    resolve_device,
+    resolve_output,
+    save_class_names,
+)
+from ddpmlab.samplers.generate import generate
+from ddpmlab.samplers.guidance import guided
 from ddpmlab.samplers.registry import SAMPLER_SPECS
 
 TINY = ["train.steps=4", "train.batch_size=8", "model.base_channels=8", "model.norm_groups=4",
@@ -207,3 +231,145 @@ def test_editing_commands_check_out_before_sampling(run, tmp_path, capsys, monke
     for argv in (["inpaint", str(run), "--mask", str(tmp_path / "mask.png")], ["img2img", str(run)]):
         rc, err = _err(capsys, [*argv, "--image", str(tmp_path / "in.png"), "--out", str(tmp_path / "row.xyz")])
         assert rc == 2 and "unknown picture extension '.xyz'" in err, argv
+
+
+# ------------------------------------------------------------------------------ as the run says
+
+GUIDED = ["--config", "mnist", "train.steps=4", "train.batch_size=8", "model.base_channels=8", "model.norm_groups=4",
+          "model.channel_mults=[1,2]", "model.attention_resolutions=[]", "train.sample_n=4", "train.log_every=2",
+          "train.save_every=4", "train.sample_sampler=dpmpp_2m_sde", "train.sample_steps=3", "train.sample_guidance=2"]
+
+
+@pytest.fixture(scope="module")
+def guided_run(tmp_path_factory):
+    """A class-conditional 28x28 digit run whose own samples are DPM-Solver++(2M) SDE, 3 steps, guidance 2."""
+    root = tmp_path_factory.mktemp("guided")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    assert main(["train", *GUIDED, "data.dataset=mnist", f"train.out_dir={root}", "train.name=g", "--no-progress",
+                 "train.device=cpu"]) == 0
+    torch.set_num_threads(n)
+    return root / "g"
+
+
+def _drawn_by_every_front_end(run, tmp_path, monkeypatch, n: int, seed: int) -> dict:
+    """{front end: samples} of `ddpm sample`, `ddpm eval`, `ddpm viz grid` and the demo's Sample tab, each
+    given only the run, n and seed (no sampler options)."""
+    caught = {}
+
+    def spy(name, module):
+        real = module.draw_samples
+
+        def draw(*args, **kwargs):
+            caught[name] = real(*args, **kwargs)
+            return caught[name]
+
+        monkeypatch.setattr(module, "draw_samples", draw)
+
+    spy("eval", evaluate_run_module)
+    spy("viz", viz_commands)
+    monkeypatch.setenv("DDPMLAB_CACHE", str(tmp_path / "cache"))
+    same = ["--seed", str(seed), "--n", str(n), "--device", "cpu", "--no-progress"]
+    assert main(["sample", str(run), *same, "--npz", "--out", str(tmp_path / "s.png")]) == 0
+    caught["sample"] = torch.from_numpy(np.load(tmp_path / "s.npz")["samples"])
+    assert main(["eval", str(run), *same, "--metrics", "acc", "--no-baseline", "--out", str(tmp_path / "e.json")]) == 0
+    assert main(["viz", "grid", str(run), *same, "--out", str(tmp_path / "viz")]) == 0
+    caught["demo"] = demo.sample(demo.Runs([run], torch.device("cpu"), tmp_path / "demo"), str(run), seed=seed, n=n).x
+    return caught
+
+
+def _library_draw(run_dir, sampler: str, steps: int, n: int, seed: int, **options) -> torch.Tensor:
+    """The run's samples by hand: guided by its train.sample_guidance, the classes in turn (its own samples' rule)."""
+    r = load_run(run_dir, device="cpu")
+    model = guided(r.model, scale=float(r.cfg.train.sample_guidance))
+    return generate(model, r.schedule, r.shape, n, sampler=sampler, steps=steps, seed=seed,
+                    labels=torch.arange(n) % r.num_classes, progress=False, **options)
+
+
+def test_every_front_end_samples_a_run_as_the_run_says(guided_run, tmp_path, monkeypatch, capsys, one_thread):
+    caught = _drawn_by_every_front_end(guided_run, tmp_path, monkeypatch, n=6, seed=3)
+    assert set(caught) == {"sample", "eval", "viz", "demo"}
+    want = _library_draw(guided_run, "dpmpp_2m_sde", 3, 6, 3)  # train.sample_sampler, sample_steps, sample_guidance
+    for name, x in caught.items():
+        torch.testing.assert_close(x, want, rtol=0, atol=1e-6, msg=name)
+    ddim = _library_draw(guided_run, "ddim", 50, 6, 3)
+    assert not torch.allclose(want, ddim, atol=1e-3)  # what ddpm eval and the demo drew before: it differs
+    assert json.loads((tmp_path / "e.json").read_text())["settings"]["guidance"] == 2.0
+    capsys.readouterr()
+
+
+def test_every_front_end_takes_the_runs_recommendation(guided_run, tmp_path, monkeypatch, capsys, one_thread):
+    run = tmp_path / "run"
+    shutil.copytree(guided_run, run)
+    rec = {"by_nfe": {"4": {"sampler": "ddim", "timesteps": "trailing", "error_ratio": 1.1},
+                      "8": {"sampler": "heun", "timesteps": None, "error_ratio": 1.5}}}
+    (run / RECOMMENDATION_FILE).write_text(json.dumps(rec))
+    caught = _drawn_by_every_front_end(run, tmp_path, monkeypatch, n=4, seed=1)
+    want = _library_draw(run, "ddim", 4, 4, 1, spacing="trailing")  # the NFE with the lowest error
+    for name, x in caught.items():
+        torch.testing.assert_close(x, want, rtol=0, atol=1e-6, msg=name)
+    capsys.readouterr()
+
+
+# ------------------------------------------------------------------------------ classes by name
+
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def test_a_class_is_asked_for_by_name_or_index_everywhere(guided_run, tmp_path, capsys, one_thread):
+    run = tmp_path / "run"
+    shutil.copytree(guided_run, run)
+    assert save_class_names(run, DIGITS) == run / CLASSES_FILE and load_class_names(run) == DIGITS
+    same = ["--n", "2", "--sampler", "ddim", "--steps", "2", "--device", "cpu", "--no-progress", "--npz"]
+    for label, out in (("three", "name.png"), ("3", "index.png")):
+        assert main(["sample", str(run), "--class", label, *same, "--out", str(tmp_path / out)]) == 0
+    by_name, by_index = (np.load(tmp_path / f"{k}.npz")["samples"] for k in ("name", "index"))
+    assert np.array_equal(by_name, by_index)
+    capsys.readouterr()
+    # the listing, and an unknown name: one line with the valid names
+    assert main(["sample", str(run), "--class", "list"]) == 0
+    assert "0 zero, 1 one, 2 two" in capsys.readouterr().out
+    rc, err = _err(capsys, ["sample", str(run), "--class", "cat", "--device", "cpu"])
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "--class 'cat' is not a class of this run; this run's classes are 0 zero, 1 one" in err and "9 nine" in err
+    # the Python API and the demo: the same class by name
+    r = load_run(run, device="cpu")
+    plan = plan_request(r, SamplingRequest("ddim", 2, label="seven", n=2), log=lambda m: None)
+    assert plan.label == 7 and plan.labels.tolist() == [7, 7] and r.describe_classes().startswith("0 zero, 1 one")
+    runs = demo.Runs([run], torch.device("cpu"), tmp_path / "demo")
+    x = demo.sample(runs, str(run), sampler="ddim", steps=2, n=2, label="three").x
+    assert np.array_equal(x.numpy(), by_name)
+    assert demo.class_choices(runs, str(run))[:3] == [(demo.ALL_CLASSES, ""), ("0 zero", "zero"), ("1 one", "one")]
+    assert "classes: 0 zero, 1 one" in demo.run_info(runs, str(run))[0]
+
+
+def test_a_run_without_class_names_takes_indices_and_says_so(guided_run, capsys):
+    rc, err = _err(capsys, ["sample", str(guided_run), "--class", "cat", "--device", "cpu"])
+    assert rc == 2 and "--class 'cat' is not a class of this run" in err and "give an index 0..9" in err
+    rc, err = _err(capsys, ["sample", str(guided_run), "--class", "10", "--device", "cpu"])
+    assert rc == 2 and "--class 10 is out of range: this model knows classes 0..9" in err
+    assert main(["sample", str(guided_run), "--class", "list"]) == 0
+    assert "0..9 (it stores no class names: --class takes an index)" in capsys.readouterr().out
+    toy = load_config("toy2d")
+    unconditional = Run(toy, build_model(toy), NoiseSchedule.from_config(toy.diffusion), torch.device("cpu"))
+    assert unconditional.describe_classes() == "" and unconditional.class_names == []
+    with pytest.raises(OptionError, match="class needs a class-conditional model"):
+        unconditional.class_index("3")
+
+
+def test_class_names_files_and_lookups():
+    assert class_index(None, DIGITS, 10) is None
+    assert class_index("two", DIGITS, 10) == class_index("2", DIGITS, 10) == class_index(2, [], 10) == 2
+    # a name wins over an index: folders '10' and '2' sorted as strings are labels 0 and 1
+    assert class_index("2", ["10", "2"], 2) == 1 and class_index(1, ["10", "2"], 2) == 1
+    with pytest.raises(OptionError, match="needs a class-conditional model") as e:
+        class_index("two", [], 0)
+    assert e.value.option == "class"
+    assert describe_classes(DIGITS[:2], 2) == "0 zero, 1 one" and describe_classes([], 3) == "0..2"
+
+
+def test_a_damaged_classes_file_is_ignored_with_a_warning(tmp_path):
+    (tmp_path / CLASSES_FILE).write_text("{not json")
+    with pytest.warns(UserWarning, match="classes are taken by index only"):
+        assert load_class_names(tmp_path) == []
+    assert load_class_names(tmp_path / "no-such-run") == [] and save_class_names(tmp_path, []) is None

@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
+import ddpmlab.cli.sampling as cli_sampling
 from ddpmlab.cli import main
 from ddpmlab.config import load_config
 from ddpmlab.data import load_digits
@@ -17,12 +19,20 @@ from ddpmlab.diffusion.objectives import DiffusionObjective
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import ConfigError
 from ddpmlab.evaluate.superres import bicubic_upscale, psnr, ssim, upscale
+from ddpmlab.io.images import load_picture
 from ddpmlab.models import build_model
-from ddpmlab.models.conditioned import ConcatConditioned, bind_condition, condition_from_high_res, low_res
-from ddpmlab.runs import Run
+from ddpmlab.models.conditioned import (
+    ConcatConditioned,
+    bind_condition,
+    condition_from_high_res,
+    condition_from_low_res,
+    low_res,
+)
+from ddpmlab.runs import Run, load_run
+from ddpmlab.samplers.generate import generate
 from ddpmlab.samplers.guidance import guided
-from ddpmlab.training.tasks.diffusion import train
 from ddpmlab.training.run_folder import resume_config
+from ddpmlab.training.tasks.diffusion import train
 
 SR16 = ["data.dataset=folder", "data.path=unused", "data.image_size=16", "data.channels=1", "model.condition=low_res",
         "data.low_res=8", "model.base_channels=16", "model.norm_groups=8", "model.channel_mults=[1,2]",
@@ -179,6 +189,22 @@ def test_ddpm_upscale_writes_the_high_res_size_and_refuses_a_wrong_size(sr_runs,
     assert main(["sample", run, "--n", "2", "--steps", "2", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "ddpm upscale" in err, err
+
+
+def test_ddpm_upscale_samples_as_the_run_says(sr_runs, tmp_path, monkeypatch, one_thread):
+    """No sampler options: the run's own sampler, steps and guidance (train.sample_*), the classes in turn."""
+    caught, real = [], cli_sampling.draw_samples
+    monkeypatch.setattr(cli_sampling, "draw_samples", lambda *a, **k: caught.append(real(*a, **k)) or caught[-1])
+    Image.fromarray((np.arange(16, dtype=np.uint8).reshape(4, 4) * 16)).save(tmp_path / "low.png")
+    assert main(["upscale", str(sr_runs[0]), "--image", str(tmp_path / "low.png"), "--n", "3", "--seed", "2",
+                 "--out", f"{tmp_path / 'up'}/", "--device", "cpu", "--no-progress"]) == 0
+    run, t = load_run(sr_runs[0], device="cpu"), load_config("mnist", TINY_RUN).train
+    cond = condition_from_low_res(load_picture(tmp_path / "low.png", (1, 4, 4))[None], run.cfg, (8, 8))
+    net = guided(bind_condition(run.model, cond.expand(3, -1, -1, -1)), scale=float(t.sample_guidance))
+    want = generate(net, run.schedule, run.shape, 3, sampler=t.sample_sampler, steps=t.sample_steps, seed=2,
+                    labels=torch.arange(3) % 10, progress=False)
+    assert (t.sample_sampler, t.sample_steps, t.sample_guidance) == ("dpmpp_2m_sde", 2, 2.0)
+    torch.testing.assert_close(caught[0], want, rtol=0, atol=1e-6)
 
 
 def test_ddpm_eval_of_an_sr_run_reports_the_bicubic_baseline_exactly(sr_runs, tmp_path, capsys):
