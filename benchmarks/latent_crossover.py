@@ -49,11 +49,11 @@ def networks(s: int):
     """(pixel UNet, latent UNet, autoencoder) of the bundled recipes at image size s."""
     pixel = build_model(load_config("mnist", ["data.dataset=folder", "data.path=.", f"data.image_size={s}",
                                               "data.channels=1", "model.num_classes=null",
-                                              f"model.attention_resolutions=[{s // 4}]"]))
+                                              f"unet.attention_resolutions=[{s // 4}]"]))
     latent = build_model(load_config("mnist_latent", ["model.autoencoder=null", "data.dataset=folder", "data.path=.",
                                                       "data.channels=4",
                                                       f"data.image_size={s // 4}",
-                                                      f"model.attention_resolutions=[{s // 4}]"]))
+                                                      f"unet.attention_resolutions=[{s // 4}]"]))
     a = load_config("mnist_autoencoder").autoencoder
     return pixel, latent, build_autoencoder(1, a.block_out_channels, a.latent_channels, a.layers_per_block,
                                             a.norm_groups)

@@ -26,7 +26,7 @@ network: classifier-FID, KID and the share of samples the classifier assigns to 
 
     python benchmarks/latent_vs_pixel.py                                   # 10 min per model, 1,000 samples
     python benchmarks/latent_vs_pixel.py --autoencoder runs/mnist-autoencoder --minutes 5 --ancestral
-    python benchmarks/latent_vs_pixel.py --dit model.dit_depth=6 train.lr=5e-4   # another DiT recipe
+    python benchmarks/latent_vs_pixel.py --dit dit.depth=6 train.lr=5e-4   # another DiT recipe
     python benchmarks/latent_vs_pixel.py --half     # + the latent models at half the budget ("-half" rows)
 """
 
@@ -68,8 +68,8 @@ from ddpmlab.training.precision import cpu_flags
 from ddpmlab.training.data import latent_dataset, load_data
 
 # the latent DiT: patch 1 on 7x7 latents (49 tokens), ~ the latent UNet's FLOPs per forward pass
-DIT = ["model.kind=dit", "model.preset=null", "model.patch_size=1", "model.dit_hidden=128", "model.dit_depth=4",
-       "model.dit_heads=4"]
+DIT = ["model.kind=dit", "dit.preset=null", "dit.patch_size=1", "dit.hidden=128", "dit.depth=4",
+       "dit.heads=4"]
 MODELS = {  # name: (bundled config, its overrides before the user's)
     "pixel-unet": ("mnist", ["model.num_classes=null"]),  # unconditional, as the latent configs are
     "latent-unet": ("mnist_latent", []),

@@ -4,7 +4,7 @@ The dataclass defaults are the values of Ho et al. 2020 (the CIFAR-10 model); th
 ready configs in ``ddpmlab/configs/`` (also reachable as ``configs/`` at the
 repository root) override them for quick runs.  The defaults of the original
 GaussianDiffusion trainer map onto config keys as:
-``channel -> model.base_channels``, ``input_shape -> data.image_size``,
+``channel -> unet.base_channels``, ``input_shape -> data.image_size``,
 ``schedule -> diffusion.schedule``, ``num_timesteps -> diffusion.num_timesteps``,
 ``schedule_low/high -> diffusion.beta_start/beta_end``.
 
@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import inspect
 import io
+import sys
 import textwrap
 import tokenize
 import typing
@@ -37,7 +38,15 @@ from ddpmlab.errors import ConfigError
 
 CONFIG_VERSION = 1
 BUNDLED_DIR = Path(__file__).parent / "configs"
-SECTIONS = ("data", "model", "diffusion", "train", "autoencoder", "distill")
+SECTIONS = ("data", "model", "unet", "dit", "mlp", "diffusion", "train", "autoencoder", "distill")
+# keys of an earlier spelling -> their names now (read with a one-line note; runs are saved in the new one)
+RENAMED_KEYS = {
+    **{f"model.{k}": f"unet.{k}" for k in ("base_channels", "channel_mults", "num_res_blocks",
+                                            "attention_resolutions", "dropout", "num_heads", "norm_groups")},
+    **{f"model.{k}": f"mlp.{k}" for k in ("hidden", "num_layers", "time_embed_dim")},
+    "model.preset": "dit.preset", "model.dit_depth": "dit.depth", "model.dit_hidden": "dit.hidden",
+    "model.dit_heads": "dit.heads", "model.patch_size": "dit.patch_size", "model.mlp_ratio": "dit.mlp_ratio",
+}
 STAGES = ("diffusion", "autoencoder")  # what a run trains: a denoiser (ddpm train) or ddpm train-autoencoder
 
 
@@ -61,35 +70,55 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "unet"  # unet | mlp | dit (diffusion transformer, Peebles & Xie 2023)
-    base_channels: int = 128  # UNet channels at full resolution
-    channel_mults: list = field(default_factory=lambda: [1, 2, 2, 2])  # per resolution; each after the 1st halves H, W
-    num_res_blocks: int = 2  # residual blocks per resolution
-    attention_resolutions: list = field(default_factory=lambda: [16])  # feature-map heights with attention
-    dropout: float = 0.1  # dropout in the residual blocks
-    num_heads: int = 1  # attention heads
-    norm_groups: int = 32  # GroupNorm groups
+    """The denoiser: its kind (sized in the section of that name) and what it is conditioned on."""
+
+    kind: str = "unet"  # unet | mlp | dit (diffusion transformer, Peebles & Xie 2023): sized in unet.*, mlp.*, dit.*
     num_classes: Optional[int] = None  # class embedding for conditional models
-    hidden: int = 256  # MLP (2D toy data): hidden width
-    num_layers: int = 4  # MLP: hidden layers
-    time_embed_dim: int = 128  # MLP: size of the timestep embedding
     # none | low_res: super-resolution, the upsampled low-res image (data.low_res) concatenated to x_t as
     # extra input channels (SR3, Saharia et al. 2021); sample with `ddpm upscale RUN --image low.png`
     condition: str = "none"
     # latent diffusion (Rombach et al. 2022): a run of `ddpm train-autoencoder` or a local diffusers
     # AutoencoderKL folder (e.g. Stable Diffusion's VAE); the denoiser then works on its latents
     autoencoder: Optional[str] = None
-    # DiT size of Peebles & Xie 2023, Table 1: DiT-S/2 ... DiT-XL/8 (S, B, L, XL with patch 2, 4 or 8);
-    # sets dit_depth, dit_hidden, dit_heads and patch_size (null: give those four keys)
-    preset: Optional[str] = None
-    dit_depth: Optional[int] = None  # DiT: transformer blocks (null: from model.preset)
-    dit_hidden: Optional[int] = None  # DiT: token width (null: from model.preset)
-    dit_heads: Optional[int] = None  # DiT: attention heads (null: from model.preset)
-    patch_size: Optional[int] = None  # DiT: side p of the square patches, H*W/p^2 tokens (null: from model.preset)
-    mlp_ratio: float = 4.0  # DiT: MLP width / token width
     # recompute activations in the backward pass (UNet ResBlocks/attention, DiT blocks):
-    # less memory, one more forward pass of each block per step
+    # less memory, one more forward pass of each block per training step
     gradient_checkpointing: bool = False
+
+
+@dataclass
+class UNetConfig:
+    """The UNet of model.kind=unet (Ho et al. 2020, App. B)."""
+
+    base_channels: int = 128  # channels at full resolution
+    channel_mults: list = field(default_factory=lambda: [1, 2, 2, 2])  # per resolution; each after the 1st halves H, W
+    num_res_blocks: int = 2  # residual blocks per resolution
+    attention_resolutions: list = field(default_factory=lambda: [16])  # feature-map heights with attention
+    dropout: float = 0.1  # dropout in the residual blocks
+    num_heads: int = 1  # attention heads
+    norm_groups: int = 32  # GroupNorm groups
+
+
+@dataclass
+class DiTConfig:
+    """The diffusion transformer of model.kind=dit (Peebles & Xie 2023)."""
+
+    # a size of Table 1: DiT-S/2 ... DiT-XL/8 (S, B, L, XL with patch 2, 4 or 8); sets depth, hidden,
+    # heads and patch_size (null: give those four keys)
+    preset: Optional[str] = None
+    depth: Optional[int] = None  # transformer blocks (null: from dit.preset)
+    hidden: Optional[int] = None  # token width (null: from dit.preset)
+    heads: Optional[int] = None  # attention heads (null: from dit.preset)
+    patch_size: Optional[int] = None  # side p of the square patches, H*W/p^2 tokens (null: from dit.preset)
+    mlp_ratio: float = 4.0  # MLP width / token width
+
+
+@dataclass
+class MLPConfig:
+    """The MLP of model.kind=mlp (2-D toy data)."""
+
+    hidden: int = 256  # hidden width
+    num_layers: int = 4  # hidden layers
+    time_embed_dim: int = 128  # size of the timestep embedding
 
 
 @dataclass
@@ -239,6 +268,9 @@ class DistillConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    mlp: MLPConfig = field(default_factory=MLPConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
@@ -283,8 +315,8 @@ _CHOICES = {
     "autoencoder.loss": ("l1", "l2"),
 }
 _POSITIVE = (
-    "data.toy_samples", "model.base_channels", "model.num_res_blocks", "model.num_heads",
-    "model.norm_groups", "model.hidden", "model.num_layers", "model.time_embed_dim",
+    "data.toy_samples", "unet.base_channels", "unet.num_res_blocks", "unet.num_heads",
+    "unet.norm_groups", "mlp.hidden", "mlp.num_layers", "mlp.time_embed_dim",
     "diffusion.num_timesteps", "train.steps", "train.batch_size", "train.ema_every",
     "train.log_every", "train.sample_steps", "train.save_every", "train.keep_checkpoints", "train.max_bad_steps",
     "train.grad_accum_steps", "train.eval_n", "train.eval_steps",
@@ -292,7 +324,7 @@ _POSITIVE = (
     "autoencoder.disc_channels", "autoencoder.disc_layers", "autoencoder.stats_n",
 )
 _NON_NEGATIVE = (
-    "data.num_workers", "data.toy_noise", "model.dropout", "diffusion.offset_noise", "train.lr", "train.warmup_steps",
+    "data.num_workers", "data.toy_noise", "unet.dropout", "diffusion.offset_noise", "train.lr", "train.warmup_steps",
     "train.weight_decay", "train.grad_clip", "train.ema_start", "train.sample_every", "train.sample_n",
     "train.ema_snapshot_every",
     "train.eval_every", "train.cond_noise",
@@ -301,61 +333,59 @@ _NON_NEGATIVE = (
 
 # Peebles & Xie 2023, Table 1: (depth N, hidden size d, heads) of each DiT size; each with patch 2, 4 or 8
 DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
-DIT_PRESETS = {f"DiT-{size}/{p}": dict(dit_depth=n, dit_hidden=d, dit_heads=heads, patch_size=p)
+DIT_PRESETS = {f"DiT-{size}/{p}": dict(depth=n, hidden=d, heads=heads, patch_size=p)
                for size, (n, d, heads) in DIT_SIZES.items() for p in (2, 4, 8)}
-_DIT_KEYS = ("dit_depth", "dit_hidden", "dit_heads", "patch_size")
+_DIT_KEYS = ("depth", "hidden", "heads", "patch_size")
 
 
-def dit_settings(m: "ModelConfig", source: str = "config") -> dict:
-    """The DiT's {dit_depth, dit_hidden, dit_heads, patch_size}: model.preset's, else the explicit keys."""
-    if m.preset is not None:
-        if m.preset not in DIT_PRESETS:
+def dit_settings(d: "DiTConfig", source: str = "config") -> dict:
+    """The DiT's {depth, hidden, heads, patch_size}: dit.preset's, else the explicit keys."""
+    if d.preset is not None:
+        if d.preset not in DIT_PRESETS:
             lower = {name.lower(): name for name in DIT_PRESETS}
-            close = difflib.get_close_matches(str(m.preset).lower(), list(lower), n=1, cutoff=0.5)
+            close = difflib.get_close_matches(str(d.preset).lower(), list(lower), n=1, cutoff=0.5)
             hint = f"did you mean '{lower[close[0]]}'? " if close else ""
-            raise ConfigError(f"{source}: unknown model.preset {m.preset!r}; {hint}choose one of "
+            raise ConfigError(f"{source}: unknown dit.preset {d.preset!r}; {hint}choose one of "
                               f"{', '.join(DIT_PRESETS)}")
-        preset = DIT_PRESETS[m.preset]
-        clash = [f"model.{k}={getattr(m, k)}" for k, v in preset.items() if getattr(m, k) not in (None, v)]
+        preset = DIT_PRESETS[d.preset]
+        clash = [f"dit.{k}={getattr(d, k)}" for k, v in preset.items() if getattr(d, k) not in (None, v)]
         if clash:
-            sets = ", ".join(f"model.{k}={v}" for k, v in preset.items())
-            raise ConfigError(f"{source}: model.preset={m.preset} sets {sets}, but the config also gives "
-                              f"{', '.join(clash)}; drop model.preset to size the DiT by hand, or drop those keys")
+            sets = ", ".join(f"dit.{k}={v}" for k, v in preset.items())
+            raise ConfigError(f"{source}: dit.preset={d.preset} sets {sets}, but the config also gives "
+                              f"{', '.join(clash)}; drop dit.preset to size the DiT by hand, or drop those keys")
         return dict(preset)
-    missing = [f"model.{k}" for k in _DIT_KEYS if getattr(m, k) is None]
+    missing = [f"dit.{k}" for k in _DIT_KEYS if getattr(d, k) is None]
     if missing:
-        raise ConfigError(f"{source}: model.kind=dit needs model.preset (one of {', '.join(DIT_PRESETS)}) or all "
-                          f"of {', '.join('model.' + k for k in _DIT_KEYS)}; missing {', '.join(missing)}")
-    return {k: getattr(m, k) for k in _DIT_KEYS}
+        raise ConfigError(f"{source}: model.kind=dit needs dit.preset (one of {', '.join(DIT_PRESETS)}) or all "
+                          f"of {', '.join('dit.' + k for k in _DIT_KEYS)}; missing {', '.join(missing)}")
+    return {k: getattr(d, k) for k in _DIT_KEYS}
 
 
-def _validate_dit(m: "ModelConfig", dataset: str, source: str) -> None:
-    """Checks of the DiT keys; writes the preset's sizes into the config, so that a saved run shows them."""
-    if m.kind != "dit":
-        given = [f"model.{k}" for k in ("preset",) + _DIT_KEYS if getattr(m, k) is not None]
+def _validate_dit(cfg: "Config", source: str) -> None:
+    """Checks of the dit.* keys (the preset's sizes are resolved where the DiT is built: :func:`dit_settings`)."""
+    d = cfg.dit
+    if cfg.model.kind != "dit":
+        given = [f"dit.{k}" for k in ("preset",) + _DIT_KEYS if getattr(d, k) is not None]
         if given:
             raise ConfigError(f"{source}: {', '.join(given)} {'size' if len(given) > 1 else 'sizes'} a DiT, but "
-                              f"model.kind is {m.kind!r}; "
-                              "set model.kind=dit or drop them")
+                              f"model.kind is {cfg.model.kind!r}; set model.kind=dit or drop them")
         return
-    if dataset == "toy":
+    if cfg.data.dataset == "toy":
         raise ConfigError(f"{source}: 2D toy data needs model.kind=mlp (the DiT is for images)")
-    sizes = dit_settings(m, source)
+    sizes = dit_settings(d, source)
     for key, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{source}: 'model.{key}' must be a positive integer, got {value!r}")
-    if not m.mlp_ratio > 0 or int(sizes["dit_hidden"] * m.mlp_ratio) < 1:
-        raise ConfigError(f"{source}: 'model.mlp_ratio' must be > 0 (4.0 in the paper), got {m.mlp_ratio}")
-    hidden, heads = sizes["dit_hidden"], sizes["dit_heads"]
+            raise ConfigError(f"{source}: 'dit.{key}' must be a positive integer, got {value!r}")
+    if not d.mlp_ratio > 0 or int(sizes["hidden"] * d.mlp_ratio) < 1:
+        raise ConfigError(f"{source}: 'dit.mlp_ratio' must be > 0 (4.0 in the paper), got {d.mlp_ratio}")
+    hidden, heads = sizes["hidden"], sizes["heads"]
     if hidden % heads:
         ok = [h for h in range(1, min(hidden, 32) + 1) if hidden % h == 0]
-        raise ConfigError(f"{source}: model.dit_heads={heads} does not divide model.dit_hidden={hidden} (each head "
-                          f"takes dit_hidden / dit_heads channels); choose dit_heads among {ok}")
+        raise ConfigError(f"{source}: dit.heads={heads} does not divide dit.hidden={hidden} (each head "
+                          f"takes hidden / heads channels); choose dit.heads among {ok}")
     if hidden % 4:
-        raise ConfigError(f"{source}: model.dit_hidden={hidden} must be a multiple of 4: the 2-D sin-cos position "
-                          "embedding gives each image axis dit_hidden / 2 channels of sines and cosines")
-    for key, value in sizes.items():
-        setattr(m, key, value)
+        raise ConfigError(f"{source}: dit.hidden={hidden} must be a multiple of 4: the 2-D sin-cos position "
+                          "embedding gives each image axis hidden / 2 channels of sines and cosines")
 
 
 def _suggest(key: str, valid: list[str]) -> str:
@@ -418,20 +448,42 @@ def _all_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, cls in _section_classes().items() for f in dataclasses.fields(cls)] + ["version", "stage"]
 
 
-def _apply(cfg: Config, key: str, value: Any, source: str) -> None:
+SQUARE_KEYS = ("data.image_size", "data.low_res")  # one number n means [n, n]
+
+
+def _apply(cfg: Config, key: str, value: Any, source: str, renamed: Optional[list] = None) -> None:
+    """Set ``key`` (section.field) to ``value``, checked against its type.  A key of an earlier spelling
+    (:data:`RENAMED_KEYS`) sets its new name and is appended to ``renamed`` (or noted at once)."""
     if key == "version":
         cfg.version = _coerce(value, int, key, source)
         return
     if key == "stage":
         cfg.stage = _coerce(value, str, key, source)
         return
+    if key in RENAMED_KEYS:
+        if renamed is None:
+            _note_renamed(source, [key])
+        else:
+            renamed.append(key)
+        key = RENAMED_KEYS[key]
     all_keys = _all_keys()
     parts = key.split(".")
     if key not in all_keys:
         raise ConfigError(f"{source}: unknown config key '{key}'{_suggest(key, all_keys)}")
     section = getattr(cfg, parts[0])
     typ = _section_types(type(section))[parts[1]]
-    setattr(section, parts[1], _coerce(value, typ, key, source))
+    value = _coerce(value, typ, key, source)
+    if key in SQUARE_KEYS and isinstance(value, list) and len(value) == 1:
+        value = [value[0], value[0]]
+    setattr(section, parts[1], value)
+
+
+def _note_renamed(source: str, keys: list) -> None:
+    """One line on stderr: which keys of ``source`` have a new spelling."""
+    if keys:
+        names = ", ".join(f"{k} -> {RENAMED_KEYS[k]}" for k in keys)
+        print(f"note: {source}: keys read under their new names ({names}); write them so to silence this",
+              file=sys.stderr)
 
 
 def _flatten(d: dict, source: str, prefix: str = "") -> dict[str, Any]:
@@ -492,16 +544,18 @@ def _load_file(cfg: Config, file: Path) -> None:
         raise _yaml_error(str(file), e) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: expected a mapping of sections ({', '.join(SECTIONS)})")
+    renamed: list = []
     for key, value in _flatten(raw, str(file)).items():
-        _apply(cfg, key, value, str(file))
+        _apply(cfg, key, value, str(file), renamed)
+    _note_renamed(str(file), renamed)
 
 
-def _apply_override(cfg: Config, item: str) -> None:
+def _apply_override(cfg: Config, item: str, renamed: Optional[list] = None) -> None:
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like key=value, e.g. train.steps=1000")
     key, text = item.split("=", 1)
     value = parse_value(text, f"command line: {item}", column_offset=len(key) + 1)
-    _apply(cfg, key.strip(), value, "command line")
+    _apply(cfg, key.strip(), value, "command line", renamed)
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
@@ -510,8 +564,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     file = resolve_config_path(path) if path is not None else None
     if file is not None:
         _load_file(cfg, file)
+    renamed: list = []
     for item in overrides or []:
-        _apply_override(cfg, item)
+        _apply_override(cfg, item, renamed)
+    _note_renamed("command line", renamed)
     sources = ([str(file)] if file is not None else []) + (["command line"] if overrides else [])
     validate(cfg, source=" + ".join(sources) or "config")
     return cfg
@@ -519,14 +575,16 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 
 def config_from_dict(d: dict, source: str = "config") -> Config:
     cfg = Config()
+    renamed: list = []
     for key, value in _flatten(d, source).items():
-        _apply(cfg, key, value, source)
+        _apply(cfg, key, value, source, renamed)
+    _note_renamed(source, renamed)
     validate(cfg, source=source)
     return cfg
 
 
 def validate(cfg: Config, source: str = "config") -> None:
-    """Check choices, signs and cross-field constraints; raise ConfigError naming the key."""
+    """Check choices, signs and cross-field constraints; raise ConfigError naming the key.  Never changes ``cfg``."""
     if cfg.version != CONFIG_VERSION:
         made_by = "a newer ddpmlab; upgrade ddpmlab" if cfg.version > CONFIG_VERSION else \
             "an older ddpmlab; rewrite it from a bundled config (ddpmlab/configs/*.yaml)"
@@ -544,24 +602,48 @@ def validate(cfg: Config, source: str = "config") -> None:
     for key in _NON_NEGATIVE:
         if flat[key] < 0:
             raise ConfigError(f"{source}: '{key}' must be >= 0, got {flat[key]}")
-    d, m, diff, t = cfg.data, cfg.model, cfg.diffusion, cfg.train
-    if len(d.image_size) == 1:
-        d.image_size = [d.image_size[0], d.image_size[0]]
+    _validate_data_and_model(cfg, source)
+    _validate_train(cfg, source)
+    _validate_dit(cfg, source)
+    _validate_likelihood(cfg.diffusion, source)
+    _validate_distill(cfg.distill, cfg.diffusion.num_timesteps, source)
+    _validate_condition(cfg, source)
+    _validate_autoencoder(cfg, source)
+
+
+def _validate_data_and_model(cfg: Config, source: str) -> None:
+    d, m, u = cfg.data, cfg.model, cfg.unet
     if len(d.image_size) != 2 or any(not isinstance(s, int) or s <= 0 for s in d.image_size):
-        raise ConfigError(f"{source}: 'data.image_size' must be [H, W] with positive integers, got {d.image_size}")
+        raise ConfigError(f"{source}: 'data.image_size' must be [H, W] with positive integers (or one number for a "
+                          f"square), got {d.image_size}")
     if d.channels not in (1, 3, 4):
         raise ConfigError(f"{source}: 'data.channels' must be 1, 3 or 4, got {d.channels}")
     if d.dataset == "folder" and not d.path:
         raise ConfigError(f"{source}: 'data.path' is required when data.dataset is 'folder'")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"{source}: 'model.dropout' must be in [0, 1), got {m.dropout}")
-    if not m.channel_mults or any(not isinstance(c, int) or c <= 0 for c in m.channel_mults):
-        raise ConfigError(f"{source}: 'model.channel_mults' must be a list of positive integers")
+    if not 0.0 <= u.dropout < 1.0:
+        raise ConfigError(f"{source}: 'unet.dropout' must be in [0, 1), got {u.dropout}")
+    if not u.channel_mults or any(not isinstance(c, int) or c <= 0 for c in u.channel_mults):
+        raise ConfigError(f"{source}: 'unet.channel_mults' must be a list of positive integers")
+    if any(not isinstance(a, int) or a <= 0 for a in u.attention_resolutions):
+        raise ConfigError(f"{source}: 'unet.attention_resolutions' must be a list of positive integers "
+                          f"(feature-map heights), got {u.attention_resolutions}")
     if m.num_classes is not None and m.num_classes <= 0:
         raise ConfigError(f"{source}: 'model.num_classes' must be a positive integer or null")
     if m.num_classes and d.dataset == "toy":
         raise ConfigError(f"{source}: 'model.num_classes' is set but 2D toy data has no labels; "
                           "set model.num_classes=null or use labelled data (mnist, digits, class sub-folders)")
+    if m.kind == "mlp" and d.dataset != "toy":
+        raise ConfigError(f"{source}: model.kind 'mlp' is for 2D toy data; set data.dataset=toy or model.kind=unet")
+    if m.kind == "unet" and d.dataset == "toy":
+        raise ConfigError(f"{source}: 2D toy data needs model.kind=mlp (the UNet is for images)")
+    diff = cfg.diffusion
+    if not 0.0 < diff.beta_start < diff.beta_end < 1.0:
+        raise ConfigError(f"{source}: need 0 < diffusion.beta_start < diffusion.beta_end < 1, "
+                          f"got {diff.beta_start} and {diff.beta_end}")
+
+
+def _validate_train(cfg: Config, source: str) -> None:
+    t, m, T = cfg.train, cfg.model, cfg.diffusion.num_timesteps
     if t.minutes is not None and (isinstance(t.minutes, bool) or not isinstance(t.minutes, (int, float))
                                   or not t.minutes > 0):
         raise ConfigError(f"{source}: 'train.minutes' must be a positive number of minutes or null, got {t.minutes}")
@@ -574,40 +656,18 @@ def validate(cfg: Config, source: str = "config") -> None:
     if m.num_classes and t.sample_guidance not in (None, 1) and t.label_dropout == 0:
         raise ConfigError(f"{source}: 'train.sample_guidance={t.sample_guidance}' needs the unconditional model "
                           "that label dropout trains; set train.label_dropout=0.1 or train.sample_guidance=null")
-    if not 0.0 < diff.beta_start < diff.beta_end < 1.0:
-        raise ConfigError(
-            f"{source}: need 0 < diffusion.beta_start < diffusion.beta_end < 1, "
-            f"got {diff.beta_start} and {diff.beta_end}"
-        )
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"{source}: 'train.ema_decay' must be in [0, 1), got {t.ema_decay}")
-    if t.sample_steps > diff.num_timesteps:
-        raise ConfigError(
-            f"{source}: 'train.sample_steps' ({t.sample_steps}) exceeds diffusion.num_timesteps "
-            f"({diff.num_timesteps})"
-        )
-    if t.eval_steps > diff.num_timesteps:
-        raise ConfigError(f"{source}: 'train.eval_steps' ({t.eval_steps}) exceeds diffusion.num_timesteps "
-                          f"({diff.num_timesteps})")
-    if any(not isinstance(a, int) or a <= 0 for a in m.attention_resolutions):
-        raise ConfigError(f"{source}: 'model.attention_resolutions' must be a list of positive integers "
-                          f"(feature-map heights), got {m.attention_resolutions}")
+    for key in ("sample_steps", "eval_steps"):
+        if getattr(t, key) > T:
+            raise ConfigError(f"{source}: 'train.{key}' ({getattr(t, key)}) exceeds diffusion.num_timesteps ({T})")
     if len(t.adam_betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
                                          for b in t.adam_betas):
         raise ConfigError(f"{source}: 'train.adam_betas' must be two numbers in [0, 1)")
-    if m.kind == "mlp" and d.dataset != "toy":
-        raise ConfigError(f"{source}: model.kind 'mlp' is for 2D toy data; set data.dataset=toy or model.kind=unet")
-    if m.kind == "unet" and d.dataset == "toy":
-        raise ConfigError(f"{source}: 2D toy data needs model.kind=mlp (the UNet is for images)")
-    _validate_dit(m, d.dataset, source)
     bad = [s for s in t.ema_profiles if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < 0.2886]
     if bad or len(set(t.ema_profiles)) != len(t.ema_profiles):
         raise ConfigError(f"{source}: 'train.ema_profiles' must be distinct relative widths in (0, 0.2886), e.g. "
                           f"[0.05, 0.1]; got {t.ema_profiles}")
-    _validate_likelihood(diff, source)
-    _validate_distill(cfg.distill, diff.num_timesteps, source)
-    _validate_condition(cfg, source)
-    _validate_autoencoder(cfg, source)
 
 
 def _validate_condition(cfg: Config, source: str) -> None:
@@ -621,8 +681,6 @@ def _validate_condition(cfg: Config, source: str) -> None:
     if d.low_res is None:
         raise ConfigError(f"{source}: model.condition=low_res needs 'data.low_res', the size of the low-res input "
                           "(e.g. data.low_res=7 for 7x7 -> 28x28)")
-    if len(d.low_res) == 1:
-        d.low_res = [d.low_res[0], d.low_res[0]]
     if len(d.low_res) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in d.low_res):
         raise ConfigError(f"{source}: 'data.low_res' must be [H, W] (or one number) with positive integers, "
                           f"got {d.low_res}")

@@ -26,8 +26,8 @@ AE = ["data.dataset=digits", "autoencoder.block_out_channels=[8,16]", "autoencod
       "train.log_every=5", "train.save_every=5", "train.keep_checkpoints=5", "train.device=cpu"]
 GAN = ["autoencoder.discriminator=true", "autoencoder.disc_start=3", "autoencoder.disc_layers=1",
        "autoencoder.disc_channels=8"]
-LDM = ["data.dataset=digits", "model.base_channels=8", "model.channel_mults=[1]", "model.num_res_blocks=1",
-       "model.attention_resolutions=[]", "model.norm_groups=4", "model.dropout=0.0", "train.batch_size=8",
+LDM = ["data.dataset=digits", "unet.base_channels=8", "unet.channel_mults=[1]", "unet.num_res_blocks=1",
+       "unet.attention_resolutions=[]", "unet.norm_groups=4", "unet.dropout=0.0", "train.batch_size=8",
        "train.warmup_steps=1", "train.mixed_precision=no", "train.tensorboard=false", "train.sample_n=4",
        "train.sample_steps=2", "train.save_every=2", "train.log_every=2", "train.device=cpu"]
 
@@ -190,8 +190,8 @@ def test_latent_diffusion_trains_resumes_and_samples_pixels(tmp_path, ae_run, ca
 
 
 def test_the_latent_shape_reaches_unet_and_dit(ae_run):
-    for kind in (["model.kind=unet"], ["model.kind=dit", "model.dit_depth=1", "model.dit_hidden=16",
-                                       "model.dit_heads=2", "model.patch_size=2"]):
+    for kind in (["model.kind=unet"], ["model.kind=dit", "dit.depth=1", "dit.hidden=16",
+                                       "dit.heads=2", "dit.patch_size=2"]):
         cfg = load_config(None, LDM + [f"model.autoencoder={ae_run}", *kind])
         net = build_model(cfg)
         assert net(torch.zeros(3, 2, 4, 4), torch.zeros(3).long()).shape == (3, 2, 4, 4), kind
@@ -244,8 +244,8 @@ def test_exported_latent_pipeline_samples_what_ddpmlab_samples(tmp_path, ae_run,
 
     from ddpmlab.samplers.generate import generate
 
-    extra = [] if kind == "unet" else ["model.kind=dit", "model.dit_depth=1", "model.dit_hidden=16",
-                                       "model.dit_heads=2", "model.patch_size=2", "model.num_classes=10"]
+    extra = [] if kind == "unet" else ["model.kind=dit", "dit.depth=1", "dit.hidden=16",
+                                       "dit.heads=2", "dit.patch_size=2", "model.num_classes=10"]
     cfg = load_config(None, LDM + [f"model.autoencoder={ae_run}", f"train.out_dir={tmp_path}", "train.name=r",
                                    "train.steps=2", *extra])
     run_dir = train(cfg, progress=False)

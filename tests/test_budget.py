@@ -55,7 +55,7 @@ def test_budget_measures_the_probe_steps_then_refits_as_the_speed_changes(monkey
 def _toy(tmp_path, minutes, steps=300):
     return load_config("toy2d", [f"train.out_dir={tmp_path}", "train.name=r", f"train.steps={steps}",
                                  f"train.minutes={minutes}", "train.sample_n=64", "train.sample_steps=20",
-                                 "train.save_every=1000", "model.hidden=32", "model.num_layers=2"])
+                                 "train.save_every=1000", "mlp.hidden=32", "mlp.num_layers=2"])
 
 
 def test_a_spent_budget_stops_at_the_probe_and_the_run_records_the_fitted_steps(tmp_path, capsys):

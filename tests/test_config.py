@@ -1,11 +1,22 @@
 """Config files and overrides: defaults are the paper's, bad input is refused by name."""
 
+import copy
 import dataclasses
 
 import pytest
 import yaml
 
-from ddpmlab.config import SECTIONS, Config, config_from_dict, describe_config, format_config, load_config
+from ddpmlab.config import (
+    SECTIONS,
+    Config,
+    config_from_dict,
+    describe_config,
+    dit_settings,
+    format_config,
+    load_config,
+    save_config,
+    validate,
+)
 from ddpmlab.errors import ConfigError
 
 
@@ -13,22 +24,22 @@ def test_defaults_are_the_papers_values():
     c = Config()
     assert (c.diffusion.schedule, c.diffusion.num_timesteps, c.diffusion.beta_start, c.diffusion.beta_end) == \
         ("linear", 1000, 1e-4, 0.02)
-    assert (c.model.base_channels, c.model.channel_mults, c.model.num_res_blocks) == (128, [1, 2, 2, 2], 2)
-    assert (c.model.attention_resolutions, c.model.dropout) == ([16], 0.1)
+    assert (c.unet.base_channels, c.unet.channel_mults, c.unet.num_res_blocks) == (128, [1, 2, 2, 2], 2)
+    assert (c.unet.attention_resolutions, c.unet.dropout) == ([16], 0.1)
     assert (c.train.lr, c.train.batch_size, c.train.ema_decay, c.train.grad_clip) == (2e-4, 128, 0.9999, 1.0)
 
 
 BUNDLED = {  # a few keys of each bundled config, as the files state them
-    "mnist": {"data.dataset": "mnist", "model.base_channels": 32, "model.channel_mults": [1, 2, 2],
+    "mnist": {"data.dataset": "mnist", "unet.base_channels": 32, "unet.channel_mults": [1, 2, 2],
               "train.steps": 3000, "train.minutes": 9.5, "diffusion.min_snr_gamma": 5.0,
               "train.sample_sampler": "dpmpp_2m_sde",
               "train.mixed_precision": "auto", "model.num_classes": 10, "train.sample_guidance": 2.0,
               "train.sample_steps": 20},
-    "toy2d": {"data.dataset": "toy", "model.kind": "mlp", "model.hidden": 128, "train.steps": 3000,
+    "toy2d": {"data.dataset": "toy", "model.kind": "mlp", "mlp.hidden": 128, "train.steps": 3000,
               "train.sample_steps": 1000, "diffusion.variance": "fixed_large"},
     "toy2d_learned": {"model.kind": "mlp", "diffusion.variance": "learned_range", "diffusion.loss_type": "hybrid",
                       "diffusion.vlb_weight": 0.001, "train.sample_steps": 50},
-    "cifar10": {"data.dataset": "folder", "data.path": "data/cifar10/train", "model.base_channels": 128,
+    "cifar10": {"data.dataset": "folder", "data.path": "data/cifar10/train", "unet.base_channels": 128,
                 "train.steps": 800000, "train.lr": 2e-4},
 }
 
@@ -64,7 +75,7 @@ def test_a_run_config_saved_as_version_1_still_loads(tmp_path):
     f = tmp_path / "config.yaml"
     f.write_text(SAVED_RUN_CONFIG)
     cfg = load_config(str(f))
-    assert (cfg.version, cfg.data.toy, cfg.model.hidden, cfg.diffusion.schedule, cfg.train.sample_steps) == \
+    assert (cfg.version, cfg.data.toy, cfg.mlp.hidden, cfg.diffusion.schedule, cfg.train.sample_steps) == \
         (1, "moons", 64, "cosine", 20)
 
 
@@ -104,9 +115,9 @@ def test_format_config_round_trips(name):
 
 
 def test_overrides_parse_yaml_values():
-    cfg = load_config("mnist", ["train.steps=10", "model.channel_mults=[1,2]", "train.lr=3e-4",
+    cfg = load_config("mnist", ["train.steps=10", "unet.channel_mults=[1,2]", "train.lr=3e-4",
                                 "model.num_classes=null"])
-    assert cfg.train.steps == 10 and cfg.model.channel_mults == [1, 2] and cfg.train.lr == 3e-4
+    assert cfg.train.steps == 10 and cfg.unet.channel_mults == [1, 2] and cfg.train.lr == 3e-4
     assert cfg.model.num_classes is None
 
 
@@ -117,8 +128,8 @@ def test_unknown_key_suggests_the_closest():
 
 def test_unknown_key_in_a_file_names_the_file(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("model:\n  base_channel: 64\n")
-    with pytest.raises(ConfigError, match=r"c\.yaml: unknown config key 'model\.base_channel'; did you mean 'model\.base_channels'"):
+    f.write_text("unet:\n  base_channel: 64\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown config key 'unet\.base_channel'; did you mean 'unet\.base_channels'"):
         load_config(str(f))
 
 
@@ -147,3 +158,28 @@ def test_bad_values_are_refused_with_the_key(override, message):
 def test_missing_config_file_lists_bundled_names():
     with pytest.raises(ConfigError, match="bundled configs: cifar10, (.*, )?mnist, (.*, )?toy2d"):
         load_config("does/not/exist.yaml")
+
+
+def test_a_config_in_the_old_flat_model_spelling_loads_with_one_note(tmp_path, capsys):
+    f = tmp_path / "old.yaml"
+    f.write_text("data:\n  dataset: digits\nmodel:\n  kind: unet\n  base_channels: 16\n  channel_mults: [1, 2]\n"
+                 "  attention_resolutions: [4]\n  norm_groups: 8\n  num_classes: 10\n")
+    cfg = load_config(str(f), ["model.dropout=0.2"])
+    assert (cfg.unet.base_channels, cfg.unet.channel_mults, cfg.unet.norm_groups) == (16, [1, 2], 8)
+    assert cfg.unet.dropout == 0.2 and cfg.model.num_classes == 10
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 2  # one line for the file, one for the command line
+    assert "model.base_channels -> unet.base_channels" in notes[0] and "model.norm_groups -> unet.norm_groups" in notes[0]
+    assert "model.dropout -> unet.dropout" in notes[1]
+    saved = tmp_path / "saved.yaml"
+    save_config(cfg, saved)  # written in the new spelling: it loads without a note
+    assert load_config(str(saved)) == cfg and "note:" not in capsys.readouterr().err
+
+
+def test_validate_never_changes_the_config():
+    cfg = load_config("imagenet_dit", ["data.image_size=32", "data.path=x"])
+    assert cfg.data.image_size == [32, 32]  # one number is a square, read so at load time
+    before = copy.deepcopy(cfg)
+    validate(cfg)
+    assert cfg == before and cfg.dit.depth is None  # the preset's sizes are resolved where the DiT is built
+    assert dit_settings(cfg.dit) == {"depth": 28, "hidden": 1152, "heads": 16, "patch_size": 2}

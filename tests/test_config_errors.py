@@ -11,10 +11,10 @@ from ddpmlab.models import build_model
 
 @pytest.mark.parametrize("override,message", [
     ("train.adam_betas=[a,0.9]", "'train.adam_betas' must be two numbers in [0, 1)"),
-    ("model.attention_resolutions=[a]", "'model.attention_resolutions' must be a list of positive integers"),
-    ("model.channel_mults=abc", "'model.channel_mults' must be a list, got 'abc'"),
+    ("unet.attention_resolutions=[a]", "'unet.attention_resolutions' must be a list of positive integers"),
+    ("unet.channel_mults=abc", "'unet.channel_mults' must be a list, got 'abc'"),
     ("data.image_size=[-8,8]", "'data.image_size' must be [H, W] with positive integers"),
-    ("model.base_channels=-3", "'model.base_channels' must be > 0, got -3"),
+    ("unet.base_channels=-3", "'unet.base_channels' must be > 0, got -3"),
     ("train.steps=true", "'train.steps' must be an integer, got True"),
     ("train.batch_size=1.5", "'train.batch_size' must be an integer"),
     ("train.lr=fast", "'train.lr' must be a number, got 'fast'"),
@@ -44,8 +44,8 @@ def test_bad_config_file_names_the_file_and_the_key(tmp_path, text, message):
 
 def test_image_size_not_divisible_by_the_unet_downsampling_names_both_keys():
     cfg = load_config("mnist", ["data.dataset=folder", "data.path=x", "data.image_size=[30,30]",
-                                "model.channel_mults=[1,2,2]"])
-    with pytest.raises(ConfigError, match=r"data.image_size=\[30, 30\] does not fit model.channel_mults=\[1, 2, 2\]"):
+                                "unet.channel_mults=[1,2,2]"])
+    with pytest.raises(ConfigError, match=r"data.image_size=\[30, 30\] does not fit unet.channel_mults=\[1, 2, 2\]"):
         build_model(cfg)
 
 

@@ -26,8 +26,8 @@ from ddpmlab.samplers.generate import generate
 diffusers = pytest.importorskip("diffusers")
 
 SMALL = ["data.dataset=folder", "data.path=unused", "data.image_size=[16,16]", "data.channels=3",
-         "model.base_channels=16", "model.channel_mults=[1,2]", "model.num_res_blocks=1",
-         "model.attention_resolutions=[8]", "model.norm_groups=8", "model.dropout=0.0"]
+         "unet.base_channels=16", "unet.channel_mults=[1,2]", "unet.num_res_blocks=1",
+         "unet.attention_resolutions=[8]", "unet.norm_groups=8", "unet.dropout=0.0"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,7 +48,7 @@ def _fake_run(tmp_path, overrides, seed=0):
 @pytest.mark.parametrize("overrides", [
     [],
     ["model.num_classes=3", "diffusion.prediction=v", "diffusion.schedule=cosine"],
-    ["model.num_heads=2", "model.channel_mults=[1,1]", "model.attention_resolutions=[16,8]",
+    ["unet.num_heads=2", "unet.channel_mults=[1,1]", "unet.attention_resolutions=[16,8]",
      "diffusion.variance=learned_range", "diffusion.loss_type=hybrid", "diffusion.schedule=tanh"],
 ], ids=["paper", "classes-v-cosine", "heads-learned-variance-tanh"])
 def test_exported_pipeline_unet_equals_ours_to_1e5(tmp_path, overrides):
@@ -91,8 +91,8 @@ def test_weight_renaming_round_trips():
 
 
 @pytest.mark.parametrize("overrides, culprit", [
-    (["model.channel_mults=[2,2]"], r"model\.channel_mults"),
-    (["model.num_heads=2", "model.attention_resolutions=[16]"], r"model\.num_heads"),  # attention at 16 and 32 ch
+    (["unet.channel_mults=[2,2]"], r"unet\.channel_mults"),
+    (["unet.num_heads=2", "unet.attention_resolutions=[16]"], r"unet\.num_heads"),  # attention at 16 and 32 ch
 ])
 def test_export_refuses_options_that_do_not_map_naming_them(tmp_path, overrides, culprit):
     run, cfg, _ = _fake_run(tmp_path, overrides)

@@ -51,7 +51,7 @@ def data(n, gen):
 
 def cfg_for(**distill_keys):
     return config_from_dict({
-        "data": {"dataset": "toy"}, "model": {"kind": "mlp", "hidden": 64, "num_layers": 2, "time_embed_dim": 32},
+        "data": {"dataset": "toy"}, "model": {"kind": "mlp"}, "mlp": {"hidden": 64, "num_layers": 2, "time_embed_dim": 32},
         "train": {"device": "cpu", "log_every": 100, "save_every": 100000, "tensorboard": False},
         "distill": {"teacher": "exact-mixture", "batch_size": 128, "lr": 1e-3, "ema_decay": 0.99, **distill_keys}})
 

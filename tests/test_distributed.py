@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 RECORDER = REPO / "tests" / "_train_recorder.py"
 STEPS = 4
-TINY = ["--config", "mnist", "data.dataset=digits", "model.base_channels=16", "model.norm_groups=8",
-        "model.channel_mults=[1,2]", "model.attention_resolutions=[4]", "model.dropout=0.0",
+TINY = ["--config", "mnist", "data.dataset=digits", "unet.base_channels=16", "unet.norm_groups=8",
+        "unet.channel_mults=[1,2]", "unet.attention_resolutions=[4]", "unet.dropout=0.0",
         "train.batch_size=32", "train.lr=1e-3", "train.warmup_steps=2", "train.ema_start=1", "train.ema_decay=0.9",
         "train.save_every=2", "train.log_every=1", "train.sample_n=2", "train.sample_steps=2",
         "train.mixed_precision=no", "--no-progress"]  # fp32: the equalities below are of float32 rounding

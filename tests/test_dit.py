@@ -7,7 +7,7 @@ from _util import perturb
 from PIL import Image
 
 from ddpmlab.cli import main
-from ddpmlab.config import DIT_PRESETS, load_config, save_config
+from ddpmlab.config import DIT_PRESETS, dit_settings, load_config, save_config
 from ddpmlab.errors import ConfigError, DDPMError
 from ddpmlab.io.checkpoint import CONFIG_FILE, save_checkpoint
 from ddpmlab.models import UNet, build_model, count_parameters
@@ -29,7 +29,7 @@ PAPER_COUNTS = {
     "DiT-XL/2": 675_129_632, "DiT-XL/4": 675_074_432, "DiT-XL/8": 675_683_072,
 }
 TINY = dict(in_channels=1, image_size=8, patch_size=2, hidden=32, depth=2, num_heads=4)
-TINY_KEYS = ["model.kind=dit", "model.dit_depth=2", "model.dit_hidden=32", "model.dit_heads=4", "model.patch_size=2"]
+TINY_KEYS = ["model.kind=dit", "dit.depth=2", "dit.hidden=32", "dit.heads=4", "dit.patch_size=2"]
 
 
 def test_the_12_presets_have_the_parameter_counts_of_the_papers_code():
@@ -42,11 +42,12 @@ def test_the_12_presets_have_the_parameter_counts_of_the_papers_code():
 
 def test_config_preset_builds_dit_xl_2_from_model_preset(tmp_path):
     cfg = load_config(None, ["data.dataset=folder", "data.path=unused", "data.image_size=[32,32]", "data.channels=4",
-                             "model.kind=dit", "model.preset=DiT-XL/2", "model.num_classes=1000",
+                             "model.kind=dit", "dit.preset=DiT-XL/2", "model.num_classes=1000",
                              "diffusion.variance=learned_range", "diffusion.loss_type=hybrid"])
-    assert (cfg.model.dit_depth, cfg.model.dit_hidden, cfg.model.dit_heads, cfg.model.patch_size) == (28, 1152, 16, 2)
-    save_config(cfg, tmp_path / "config.yaml")  # a run's saved config shows the sizes and reloads
-    assert load_config(str(tmp_path / "config.yaml")).model == cfg.model
+    assert dit_settings(cfg.dit) == {"depth": 28, "hidden": 1152, "heads": 16, "patch_size": 2}
+    save_config(cfg, tmp_path / "config.yaml")  # a run's saved config keeps the preset and reloads
+    again = load_config(str(tmp_path / "config.yaml"))
+    assert (again.model, again.dit) == (cfg.model, cfg.dit)
     with torch.device("meta"):
         model = build_model(cfg)
     assert isinstance(model, DiT) and count_parameters(model) == 675_129_632 and model.out_channels == 8
@@ -154,11 +155,11 @@ def test_tiny_dit_overfits_a_fixed_batch():
 
 
 @pytest.mark.parametrize("overrides, needles", [
-    (["model.kind=dit", "model.preset=dit-xl/2"], ["dit-xl/2", "did you mean 'DiT-XL/2'", "DiT-S/2", "DiT-XL/8"]),
-    (["model.kind=dit"], ["model.preset", "model.dit_depth", "model.patch_size"]),
-    (["model.preset=DiT-S/2"], ["model.preset", "model.kind=dit"]),
-    (["model.kind=dit", "model.preset=DiT-S/2", "model.dit_depth=4"], ["model.dit_depth=12", "model.dit_depth=4"]),
-    ([*TINY_KEYS[:3], "model.dit_heads=3", "model.patch_size=2"], ["model.dit_heads=3", "model.dit_hidden=32"]),
+    (["model.kind=dit", "dit.preset=dit-xl/2"], ["dit-xl/2", "did you mean 'DiT-XL/2'", "DiT-S/2", "DiT-XL/8"]),
+    (["model.kind=dit"], ["dit.preset", "dit.depth", "dit.patch_size"]),
+    (["dit.preset=DiT-S/2"], ["dit.preset", "model.kind=dit"]),
+    (["model.kind=dit", "dit.preset=DiT-S/2", "dit.depth=4"], ["dit.depth=12", "dit.depth=4"]),
+    ([*TINY_KEYS[:3], "dit.heads=3", "dit.patch_size=2"], ["dit.heads=3", "dit.hidden=32"]),
 ])
 def test_bad_dit_keys_are_one_line_errors_naming_them(overrides, needles):
     with pytest.raises(ConfigError) as e:
@@ -168,11 +169,11 @@ def test_bad_dit_keys_are_one_line_errors_naming_them(overrides, needles):
 
 
 def test_a_patch_that_does_not_divide_the_image_is_refused_naming_size_patch_and_fix():
-    cfg = load_config("mnist", ["model.kind=dit", "model.preset=DiT-S/8"])
+    cfg = load_config("mnist", ["model.kind=dit", "dit.preset=DiT-S/8"])
     with pytest.raises(ConfigError) as e:
         build_model(cfg)
     msg = str(e.value)
-    assert len(msg.splitlines()) == 1 and "28x28" in msg and "model.patch_size=8" in msg
+    assert len(msg.splitlines()) == 1 and "28x28" in msg and "dit.patch_size=8" in msg
     assert "e.g. 2, 4, 7, 14" in msg and "data.image_size=[32, 32]" in msg
 
 
@@ -240,10 +241,10 @@ def test_dit_export_refuses_what_diffusers_cannot_express(tmp_path):
     from ddpmlab.io.diffusers_bridge import export_diffusers
     from ddpmlab.io.diffusers_dit import dit_transformer_config
 
-    run, cfg, model = _fake_dit_run(tmp_path, ["model.mlp_ratio=2.0"])
-    with pytest.raises(DDPMError, match=r"model\.mlp_ratio=2\.0"):
+    run, cfg, model = _fake_dit_run(tmp_path, ["dit.mlp_ratio=2.0"])
+    with pytest.raises(DDPMError, match=r"dit\.mlp_ratio=2\.0"):
         export_diffusers(run, tmp_path / "exported")
     assert not (tmp_path / "exported").exists()
-    cfg.model.mlp_ratio = 4.0
+    cfg.dit.mlp_ratio = 4.0
     with pytest.raises(DDPMError, match="position embedding"):  # e.g. a weights file that changed it
         dit_transformer_config(cfg, perturb(build_model(cfg)))

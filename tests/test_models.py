@@ -119,13 +119,13 @@ def test_class_embedding_changes_the_output_and_none_means_unconditional():
 
 
 def test_bad_norm_groups_raises_config_error_naming_the_key():
-    with pytest.raises(ConfigError, match=r"model\.norm_groups.*48") as e:
+    with pytest.raises(ConfigError, match=r"unet\.norm_groups.*48") as e:
         UNet(base_channels=48, channel_mults=(1, 2), norm_groups=32, image_size=(16, 16))
     assert "e.g. 24" in str(e.value)
 
 
 def test_bad_image_size_raises_config_error_naming_the_keys():
-    with pytest.raises(ConfigError, match=r"data\.image_size.*model\.channel_mults.*multiples of 8"):
+    with pytest.raises(ConfigError, match=r"data\.image_size.*unet\.channel_mults.*multiples of 8"):
         UNet(base_channels=16, norm_groups=8, image_size=(28, 28))
 
 
@@ -133,15 +133,15 @@ def test_build_model_rejects_mnist_with_four_levels_but_accepts_three():
     cfg = Config()  # mnist with the paper's (1, 2, 2, 2)
     with pytest.raises(ConfigError, match=r"data\.image_size=\[28, 28\]"):
         build_model(cfg)
-    cfg.model.base_channels, cfg.model.channel_mults, cfg.model.norm_groups = 8, [1, 2, 2], 4
-    cfg.model.attention_resolutions = [14]  # the default [16] names no level of a 28-pixel UNet
+    cfg.unet.base_channels, cfg.unet.channel_mults, cfg.unet.norm_groups = 8, [1, 2, 2], 4
+    cfg.unet.attention_resolutions = [14]  # the default [16] names no level of a 28-pixel UNet
     model = build_model(cfg, out_channels_multiplier=2)
     assert model.in_channels == 1 and model.out_channels == 2 and model.image_size == (28, 28)
 
 
 def test_build_model_mlp_for_toy_data():
     cfg = Config()
-    cfg.data.dataset, cfg.model.kind, cfg.model.hidden, cfg.model.num_layers = "toy", "mlp", 32, 2
+    cfg.data.dataset, cfg.model.kind, cfg.mlp.hidden, cfg.mlp.num_layers = "toy", "mlp", 32, 2
     model = build_model(cfg)
     assert isinstance(model, MLPDenoiser)
     assert model(torch.randn(5, 2), torch.arange(5)).shape == (5, 2)
@@ -222,13 +222,13 @@ def test_attention_resolution_matching_no_level_raises_config_error_naming_the_l
         UNet(in_channels=3, **{**TINY, "channel_mults": (1, 2, 2), "image_size": (32, 24),
                                 "attention_resolutions": resolutions})
     msg = str(e.value)
-    assert msg.startswith(f"model.attention_resolutions: {culprit} no level of the UNet") and "\n" not in msg
+    assert msg.startswith(f"unet.attention_resolutions: {culprit} no level of the UNet") and "\n" not in msg
     assert "heights 32, 16, 8" in msg and "choose from those" in msg
 
 
 def test_build_model_rejects_attention_resolutions_the_data_does_not_have():
-    cfg = load_config("mnist", ["model.attention_resolutions=[7,16]"])
-    with pytest.raises(ConfigError, match=r"model\.attention_resolutions: 16 matches no level.*heights 28, 14, 7"):
+    cfg = load_config("mnist", ["unet.attention_resolutions=[7,16]"])
+    with pytest.raises(ConfigError, match=r"unet\.attention_resolutions: 16 matches no level.*heights 28, 14, 7"):
         build_model(cfg)
-    cfg.model.attention_resolutions = []
+    cfg.unet.attention_resolutions = []
     assert isinstance(build_model(cfg), UNet)

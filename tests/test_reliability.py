@@ -31,9 +31,9 @@ from ddpmlab.training.tasks.diffusion import train
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 24
 # 180 test digits, batch 32: an epoch is 5 steps, so 24 steps cross epoch boundaries and stop mid-epoch
-TINY = ["--config", "mnist", "data.dataset=digits", "data.split=test", "model.base_channels=16",
-        "model.norm_groups=8", "model.channel_mults=[1,2]", "model.attention_resolutions=[4]",
-        "model.dropout=0.1", "train.batch_size=32", "train.ema_start=3", "train.warmup_steps=5",
+TINY = ["--config", "mnist", "data.dataset=digits", "data.split=test", "unet.base_channels=16",
+        "unet.norm_groups=8", "unet.channel_mults=[1,2]", "unet.attention_resolutions=[4]",
+        "unet.dropout=0.1", "train.batch_size=32", "train.ema_start=3", "train.warmup_steps=5",
         "train.save_every=4", "train.sample_n=4", "train.sample_steps=2", "train.log_every=1", "--no-progress"]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -349,7 +349,7 @@ def test_resume_with_conflicting_config_needs_force(tmp_path, capsys):
     lr = load_checkpoint(run / "checkpoints/step_0000003")["state"]["optimizer"]["param_groups"][0]["lr"]
     assert lr == pytest.approx(1e-4 * 3 / 5)  # the new lr, still in its 5-step warm-up
     # an architecture change cannot be forced: a clear error, not a state-dict traceback
-    assert main(["train", "--resume", str(run), "model.base_channels=8", "model.norm_groups=4",
+    assert main(["train", "--resume", str(run), "unet.base_channels=8", "unet.norm_groups=4",
                  "train.steps=4", "--force", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "does not fit the model" in err and "start a new run" in err and len(err.strip().splitlines()) == 1

@@ -60,8 +60,8 @@ def test_malicious_pickle_is_refused_and_its_code_does_not_run(tmp_path, kind):
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     torch.set_num_threads(1)
-    cfg = load_config("mnist", ["data.dataset=digits", "data.split=test", "model.base_channels=8",
-                                "model.norm_groups=4", "model.channel_mults=[1,2]", "model.attention_resolutions=[]",
+    cfg = load_config("mnist", ["data.dataset=digits", "data.split=test", "unet.base_channels=8",
+                                "unet.norm_groups=4", "unet.channel_mults=[1,2]", "unet.attention_resolutions=[]",
                                 "train.batch_size=8", "train.steps=2", "train.sample_n=2", "train.sample_steps=2",
                                 f"train.out_dir={root}", "train.name=r"])
     return train(cfg, progress=False)

@@ -333,7 +333,7 @@ def tiny_run(tmp_path_factory):
     from ddpmlab.cli import main
 
     root = tmp_path_factory.mktemp("runs")
-    tiny = ["train.steps=30", "model.hidden=32", "train.batch_size=64", "data.toy_samples=500", "train.sample_n=16",
+    tiny = ["train.steps=30", "mlp.hidden=32", "train.batch_size=64", "data.toy_samples=500", "train.sample_n=16",
             "train.sample_steps=5", "train.log_every=10", "train.save_every=30", "train.warmup_steps=5"]
     assert main(["train", "--config", "toy2d", f"train.out_dir={root}", "train.name=r", "--no-progress", *tiny]) == 0
     return root / "r"

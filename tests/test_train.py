@@ -65,8 +65,8 @@ def test_step_batches_depend_only_on_the_step():
     assert len(set(epoch)) == 96
 
 
-TINY = ["--config", "mnist", "data.dataset=digits", "model.base_channels=16", "model.norm_groups=8",
-        "model.channel_mults=[1,2]", "model.attention_resolutions=[4]", "model.dropout=0.1",
+TINY = ["--config", "mnist", "data.dataset=digits", "unet.base_channels=16", "unet.norm_groups=8",
+        "unet.channel_mults=[1,2]", "unet.attention_resolutions=[4]", "unet.dropout=0.1",
         "train.batch_size=32", "train.ema_start=3", "train.warmup_steps=5", "train.save_every=6",
         "train.sample_n=4", "train.sample_steps=2", "train.log_every=2", "--no-progress"]
 

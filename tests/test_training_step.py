@@ -81,7 +81,7 @@ def _toy_cfg(root, name, steps, *extra):
     return load_config("toy2d", [f"train.out_dir={root}", f"train.name={name}", f"train.steps={steps}",
                                  "diffusion.num_timesteps=50", "train.batch_size=128", "train.save_every=5",
                                  "train.sample_n=16", "train.sample_steps=10", "train.sample_sampler=ddpm",
-                                 "train.log_every=1", "model.hidden=32", "model.num_layers=1", "data.toy_samples=500",
+                                 "train.log_every=1", "mlp.hidden=32", "mlp.num_layers=1", "data.toy_samples=500",
                                  "diffusion.variance=learned_range", "diffusion.loss_type=vlb",
                                  "diffusion.t_sampling=importance", "train.mixed_precision=no", *extra])
 
@@ -116,8 +116,8 @@ def _photos(folder, sizes):
     return folder
 
 
-TINY_UNET = ["model.base_channels=16", "model.norm_groups=8", "model.channel_mults=[1,2]",
-             "model.attention_resolutions=[]", "model.num_res_blocks=1", "train.batch_size=4", "train.steps=1",
+TINY_UNET = ["unet.base_channels=16", "unet.norm_groups=8", "unet.channel_mults=[1,2]",
+             "unet.attention_resolutions=[]", "unet.num_res_blocks=1", "train.batch_size=4", "train.steps=1",
              "train.sample_n=1", "train.sample_steps=1", "train.warmup_steps=1", "train.log_every=1"]
 
 

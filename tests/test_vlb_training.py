@@ -138,7 +138,7 @@ def _toy_cfg(root, name, steps, extra=()):
     return load_config("toy2d", [f"train.out_dir={root}", f"train.name={name}", f"train.steps={steps}",
                                  "diffusion.num_timesteps=50", "train.batch_size=64", "train.save_every=5",
                                  "train.sample_n=16", "train.sample_steps=10", "train.sample_sampler=ddpm",
-                                 "train.log_every=5", "model.hidden=32", "model.num_layers=1",
+                                 "train.log_every=5", "mlp.hidden=32", "mlp.num_layers=1",
                                  "data.toy_samples=500", *extra])
 
 

@@ -93,15 +93,15 @@ def from_diffusers_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch
 
 def unet2d_config(cfg: Config) -> dict:
     """UNet2DModel's constructor arguments for ``cfg``'s UNet, or a DDPMError naming the option that does not map."""
-    m, c = cfg.model, cfg
-    if m.kind != "unet":
-        raise DDPMError(f"model.kind={m.kind!r} does not map to diffusers' UNet2DModel; only model.kind=unet exports")
+    m, c = cfg.unet, cfg
+    if cfg.model.kind != "unet":
+        raise DDPMError(f"model.kind={cfg.model.kind!r} does not map to diffusers' UNet2DModel; only model.kind=unet exports")
     if c.diffusion.prediction == "edm":
         raise DDPMError("diffusion.prediction=edm does not map: diffusers' schedulers have no EDM preconditioning "
                         "around a UNet2DModel (train with prediction eps, x0 or v to export)")
     if m.channel_mults[0] != 1:
-        raise DDPMError(f"model.channel_mults={list(m.channel_mults)} does not map: UNet2DModel's first level has "
-                        "the width of conv_in (model.base_channels), so channel_mults must start with 1")
+        raise DDPMError(f"unet.channel_mults={list(m.channel_mults)} does not map: UNet2DModel's first level has "
+                        "the width of conv_in (unet.base_channels), so channel_mults must start with 1")
 
     channels, height, width = data_shape(c)
     levels = range(len(m.channel_mults))
@@ -111,9 +111,9 @@ def unet2d_config(cfg: Config) -> dict:
     if m.num_heads > 1:
         attn_widths = {w for w, a in zip(widths, attn) if a} | {widths[-1]}  # the middle block always attends
         if len(attn_widths) > 1:
-            raise DDPMError(f"model.num_heads={m.num_heads} with attention on {sorted(attn_widths)} channels does not "
+            raise DDPMError(f"unet.num_heads={m.num_heads} with attention on {sorted(attn_widths)} channels does not "
                             "map: UNet2DModel fixes the head width, so every attention level must have the same "
-                            "number of channels (or use model.num_heads=1)")
+                            "number of channels (or use unet.num_heads=1)")
         head_dim = attn_widths.pop() // m.num_heads
     variance = c.diffusion.variance
     return dict(
@@ -125,7 +125,7 @@ def unet2d_config(cfg: Config) -> dict:
         attention_head_dim=head_dim, norm_num_groups=m.norm_groups, norm_eps=1e-6, dropout=m.dropout,
         downsample_padding=0, freq_shift=1, flip_sin_to_cos=False, time_embedding_type="positional",
         act_fn="silu", mid_block_scale_factor=1, center_input_sample=False,
-        num_class_embeds=m.num_classes + 1 if m.num_classes else None,  # the extra row: "no label"
+        num_class_embeds=cfg.model.num_classes + 1 if cfg.model.num_classes else None,  # the extra row: "no label"
     )
 
 
@@ -285,12 +285,12 @@ def load_diffusers_model(folder, device="cpu"):
 def _describe(kwargs: dict, diffusion: dict, folder) -> Config:
     """A validated ddpmlab Config describing an imported model (for the samplers and the CLI)."""
     cfg = Config()
-    d, m = cfg.data, cfg.model
+    d, m = cfg.data, cfg.unet
     d.dataset, d.path, d.channels = "folder", str(folder), kwargs["in_channels"]
     d.image_size = list(kwargs["image_size"])
     m.base_channels, m.channel_mults = kwargs["base_channels"], list(kwargs["channel_mults"])
     m.num_res_blocks, m.attention_resolutions = kwargs["num_res_blocks"], list(kwargs["attention_resolutions"])
-    m.norm_groups, m.dropout, m.num_classes = kwargs["norm_groups"], kwargs["dropout"], kwargs["num_classes"]
+    m.norm_groups, m.dropout, cfg.model.num_classes = kwargs["norm_groups"], kwargs["dropout"], kwargs["num_classes"]
     for key, value in diffusion.items():
         setattr(cfg.diffusion, key, value)
     if diffusion["variance"] == "learned_range":  # the loss is irrelevant for sampling; config checks want hybrid

@@ -38,8 +38,8 @@ def dit_transformer_config(cfg: Config, model) -> dict:
         raise DDPMError(f"a {h}x{w} DiT does not map: DiTTransformer2DModel takes square inputs (sample_size); "
                         "train on square images to export")
     if model.blocks[0].mlp.fc1.out_features != 4 * hidden:
-        raise DDPMError(f"model.mlp_ratio={cfg.model.mlp_ratio} does not map: DiTTransformer2DModel's MLP is "
-                        "4 x the token width (model.mlp_ratio=4.0)")
+        raise DDPMError(f"dit.mlp_ratio={cfg.dit.mlp_ratio} does not map: DiTTransformer2DModel's MLP is "
+                        "4 x the token width (dit.mlp_ratio=4.0)")
     if model.time_shift != 1.0:
         raise DDPMError(f"a DiT with time_shift={model.time_shift} does not map: DiTTransformer2DModel's timestep "
                         "frequencies are 10000^(-k / (half - 1)) (time_shift=1)")

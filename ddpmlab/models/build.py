@@ -21,7 +21,7 @@ def build_model(cfg: Config, out_channels_multiplier: Optional[int] = None) -> n
 
     The output has ``out_channels_multiplier`` times the data channels; by default 2 when
     ``diffusion.variance`` is learned_range (eps and the variance head), else 1.
-    Raises ConfigError when the model does not fit the data (e.g. model.attention_resolutions
+    Raises ConfigError when the model does not fit the data (e.g. unet.attention_resolutions
     naming a height no UNet level has).
     """
     if out_channels_multiplier is None:
@@ -42,13 +42,13 @@ def _network(cfg: Config, out_channels_multiplier: int) -> nn.Module:
 
 
 def _mlp(cfg: Config, out_channels_multiplier: int) -> MLPDenoiser:
-    m = cfg.model
+    m = cfg.mlp
     return MLPDenoiser(dim=2, hidden=m.hidden, num_layers=m.num_layers, time_embed_dim=m.time_embed_dim,
-                       num_classes=m.num_classes, out_dim=2 * out_channels_multiplier)
+                       num_classes=cfg.model.num_classes, out_dim=2 * out_channels_multiplier)
 
 
 def _unet(cfg: Config, out_channels_multiplier: int) -> UNet:
-    m = cfg.model
+    m = cfg.unet
     channels, height, width = data_shape(cfg)
     return UNet(
         in_channels=channels + condition_channels(cfg, channels),
@@ -60,20 +60,20 @@ def _unet(cfg: Config, out_channels_multiplier: int) -> UNet:
         dropout=m.dropout,
         num_heads=m.num_heads,
         norm_groups=m.norm_groups,
-        num_classes=m.num_classes,
+        num_classes=cfg.model.num_classes,
         image_size=(height, width),
-        gradient_checkpointing=m.gradient_checkpointing,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
     )
 
 
 def _dit(cfg: Config, out_channels_multiplier: int) -> DiT:
     m = cfg.model
     channels, height, width = data_shape(cfg)
-    sizes = dit_settings(m)  # model.preset's sizes, or the explicit model.dit_* keys
-    return DiT(in_channels=channels + condition_channels(cfg, channels), out_channels=channels * out_channels_multiplier, image_size=(height, width),
-               patch_size=sizes["patch_size"], hidden=sizes["dit_hidden"], depth=sizes["dit_depth"],
-               num_heads=sizes["dit_heads"], mlp_ratio=m.mlp_ratio, num_classes=m.num_classes,
-               gradient_checkpointing=m.gradient_checkpointing)
+    sizes = dit_settings(cfg.dit)  # dit.preset's sizes, or the explicit dit.* keys
+    return DiT(in_channels=channels + condition_channels(cfg, channels), out_channels=channels * out_channels_multiplier,
+               image_size=(height, width), patch_size=sizes["patch_size"], hidden=sizes["hidden"],
+               depth=sizes["depth"], num_heads=sizes["heads"], mlp_ratio=cfg.dit.mlp_ratio,
+               num_classes=m.num_classes, gradient_checkpointing=m.gradient_checkpointing)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -133,7 +133,7 @@ def _check_patch(image_size: tuple, patch_size: int) -> None:
         ok = [p for p in range(2, min(g, 16) + 1) if g % p == 0][:4] or [1]
         up = [patch_size * -(-s // patch_size) for s in (h, w)]
         raise ConfigError(f"the model's input {h}x{w} (data.image_size, or the dataset's size) is not divisible by "
-                          f"model.patch_size={patch_size}: the DiT cuts it into {patch_size}x{patch_size} patches; "
+                          f"dit.patch_size={patch_size}: the DiT cuts it into {patch_size}x{patch_size} patches; "
                           f"use a patch size dividing both sides (e.g. {', '.join(map(str, ok))}) or images of "
                           f"{up[0]}x{up[1]} (data.image_size={up})")
 
@@ -166,7 +166,7 @@ class DiT(nn.Module):
         image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         _check_patch(image_size, patch_size)
         if hidden % num_heads or hidden % 4:
-            raise ConfigError(f"model.dit_hidden={hidden} must be a multiple of 4 and of model.dit_heads={num_heads}")
+            raise ConfigError(f"dit.hidden={hidden} must be a multiple of 4 and of dit.heads={num_heads}")
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
         self.image_size, self.patch_size, self.hidden = image_size, patch_size, hidden
@@ -188,9 +188,9 @@ class DiT(nn.Module):
     def from_preset(cls, name: str, **kwargs) -> "DiT":
         """One of the 12 models of Table 1 ('DiT-S/2' ... 'DiT-XL/8'); kwargs: the other constructor arguments."""
         if name not in DIT_PRESETS:
-            raise ConfigError(f"unknown model.preset {name!r}; choose one of {', '.join(DIT_PRESETS)}")
+            raise ConfigError(f"unknown dit.preset {name!r}; choose one of {', '.join(DIT_PRESETS)}")
         p = DIT_PRESETS[name]
-        return cls(patch_size=p["patch_size"], hidden=p["dit_hidden"], depth=p["dit_depth"], num_heads=p["dit_heads"],
+        return cls(patch_size=p["patch_size"], hidden=p["hidden"], depth=p["depth"], num_heads=p["heads"],
                    **kwargs)
 
     def _init_weights(self) -> None:

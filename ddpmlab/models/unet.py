@@ -181,9 +181,9 @@ def _check_norm_groups(channels: list, base: int, mults: tuple, groups: int) -> 
             g = math.gcd(*channels)
             ok = max(d for d in range(1, min(groups, g) + 1) if g % d == 0)
             raise ConfigError(
-                f"model.norm_groups={groups} does not divide the UNet's {c}-channel feature maps "
-                f"(model.base_channels={base}, model.channel_mults={list(mults)} give channels {channels}); "
-                f"set model.norm_groups to a divisor of {g} (e.g. {ok}) or change model.base_channels"
+                f"unet.norm_groups={groups} does not divide the UNet's {c}-channel feature maps "
+                f"(unet.base_channels={base}, unet.channel_mults={list(mults)} give channels {channels}); "
+                f"set unet.norm_groups to a divisor of {g} (e.g. {ok}) or change unet.base_channels"
             )
 
 
@@ -193,8 +193,8 @@ def _check_heads(channels: list, num_heads: int, head_dim: Optional[int]) -> Non
             raise ValueError(f"attention_head_dim={head_dim} does not divide the {c}-channel attention inputs")
         if head_dim is None and c % num_heads:
             raise ConfigError(
-                f"model.num_heads={num_heads} does not divide the {c}-channel attention inputs; "
-                f"choose model.num_heads dividing all of {channels}"
+                f"unet.num_heads={num_heads} does not divide the {c}-channel attention inputs; "
+                f"choose unet.num_heads dividing all of {channels}"
             )
 
 
@@ -204,10 +204,10 @@ def _check_image_size(mults: tuple, image_size: tuple) -> None:
         h, w = image_size
         max_levels = 1 + min((s & -s).bit_length() - 1 for s in image_size)  # 2-adic valuation
         raise ConfigError(
-            f"data.image_size={[h, w]} does not fit model.channel_mults={list(mults)}: {levels} levels "
+            f"data.image_size={[h, w]} does not fit unet.channel_mults={list(mults)}: {levels} levels "
             f"halve the image {levels - 1} times, so both sides must be multiples of {factor} "
             f"(e.g. {[factor * -(-s // factor) for s in (h, w)]}); with {[h, w]} use at most "
-            f"{max_levels} entries in model.channel_mults (e.g. {[1] + [2] * (max_levels - 1)})"
+            f"{max_levels} entries in unet.channel_mults (e.g. {[1] + [2] * (max_levels - 1)})"
         )
 
 
@@ -222,9 +222,9 @@ def _check_attention_resolutions(resolutions: Sequence[int], mults: tuple, image
     if unknown:
         verb = "matches" if len(unknown) == 1 else "match"
         raise ConfigError(
-            f"model.attention_resolutions: {', '.join(map(str, unknown))} {verb} no level of the UNet; "
+            f"unet.attention_resolutions: {', '.join(map(str, unknown))} {verb} no level of the UNet; "
             f"its levels have feature-map heights {', '.join(map(str, heights))} (data.image_size height "
-            f"{image_size[0]}, halved per level of model.channel_mults={list(mults)}); choose from those, "
+            f"{image_size[0]}, halved per level of unet.channel_mults={list(mults)}); choose from those, "
             f"or [] for attention in the middle block only"
         )
 
