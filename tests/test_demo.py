@@ -117,6 +117,30 @@ def test_mask_from_brush_strokes_keeps_half_covered_blocks():
         act.mask_from_layers([np.zeros((16, 20, 4), np.uint8)], (2, 3), 8)
 
 
+def test_the_page_samples_as_the_run_says_through_its_api(runs_root, tmp_path):
+    """The Sample tab as it opens (no sampler, no steps): the pixels of `ddpm sample RUN` (no browser needed)."""
+    try:
+        import_gradio()
+        from gradio_client import Client
+    except (DDPMError, ImportError):
+        pytest.skip(f"gradio is not installed ({INSTALL_HINT})")
+    from ddpmlab.demo.app import RUN_SAMPLER
+
+    img, port = str(runs_root / "img"), _free_port()
+    app = serve([img], port=port, device="cpu", out_root=tmp_path / "page", block=False, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}", verbose=False)
+        text, picture, _ = client.predict(img, "ema", RUN_SAMPLER, None, DEFAULT_SCHEDULE, 2, 3, None, None,
+                                          api_name="/sample")
+        with pytest.raises(Exception, match=r"steps must be between 1 and 1000 \(the model's num_timesteps\), got 0"):
+            client.predict(img, "ema", RUN_SAMPLER, 0, DEFAULT_SCHEDULE, 2, 3, None, None, api_name="/sample")
+    finally:
+        app.close()
+    assert text.startswith("3 samples: dpmpp_2m_sde, 2 steps")  # the run's train.sample_sampler and sample_steps
+    assert main(["sample", img, "--n", "3", "--seed", "2", "--out", str(tmp_path / "cli.png"), "--no-progress"]) == 0
+    assert np.array_equal(_png(picture), _png(tmp_path / "cli.png"))
+
+
 # ------------------------------------------------------------------------------ in the browser
 
 def _browser():
@@ -240,9 +264,10 @@ def test_page_samples_what_the_cli_samples_and_survives_bad_input(page, runs_roo
     _type(browser, "s-n", 6)
     _type(browser, "s-seed", 5)
     _by(browser, "#s-go")[0].click()
-    _wait(browser, lambda: "6 samples: ddim, 3 steps" in _text(browser, "s-text") and _src(browser, "s-grid"))
+    # no sampler named: as the run samples (its train.sample_sampler), as `ddpm sample` without --sampler
+    _wait(browser, lambda: "6 samples: dpmpp_2m_sde, 3 steps" in _text(browser, "s-text") and _src(browser, "s-grid"))
     shown = _fetch(_src(browser, "s-grid"))
-    assert main(["sample", str(run), "--sampler", "ddim", "--n", "6", "--steps", "3", "--seed", "5",
+    assert main(["sample", str(run), "--n", "6", "--steps", "3", "--seed", "5",
                  "--out", str(tmp_path / "cli.png"), "--no-progress"]) == 0
     assert np.array_equal(shown, _png(tmp_path / "cli.png"))
     assert len(_by(browser, "#s-files a")) >= 7  # 6 PNGs and samples.npz to download
@@ -255,7 +280,7 @@ def test_page_samples_what_the_cli_samples_and_survives_bad_input(page, runs_roo
                   "; ask for fewer")
     _type(browser, "s-n", 2)
     _by(browser, "#s-go")[0].click()
-    _wait(browser, lambda: "2 samples: ddim, 3 steps" in _text(browser, "s-text"))
+    _wait(browser, lambda: "2 samples: dpmpp_2m_sde, 3 steps" in _text(browser, "s-text"))
 
     # Inpaint: a training image, a brush stroke on the canvas; the kept pixels equal the input
     _tab(browser, "Inpaint")
@@ -298,8 +323,8 @@ def test_page_samples_what_the_cli_samples_and_survives_bad_input(page, runs_roo
     assert not _by(browser, "#s-guidance input")
     _type(browser, "s-n", 300)
     _by(browser, "#s-go")[0].click()
-    _wait(browser, lambda: "300 samples: ddim, 3 steps" in _text(browser, "s-text"))
-    assert main(["sample", str(runs_root / "toy"), "--sampler", "ddim", "--n", "300", "--steps", "3", "--seed", "5",
+    _wait(browser, lambda: "300 samples: ddpm, 3 steps" in _text(browser, "s-text"))
+    assert main(["sample", str(runs_root / "toy"), "--n", "300", "--steps", "3", "--seed", "5",
                  "--out", str(tmp_path / "toy.png"), "--no-progress"]) == 0
     with urllib.request.urlopen(_src(browser, "s-grid"), timeout=30) as r:
         assert r.read() == (tmp_path / "toy.png").read_bytes()
