@@ -35,7 +35,7 @@ HEADER = """# Config reference
 Every key a config file (YAML) or a command-line override (`section.key=value`) can set, with its
 type and its default (the dataclass default, the paper's value; the bundled configs in `configs/`
 override some of them, `ddpm train --print-config` shows a resolved config). Values are YAML:
-`model.channel_mults=[1,2,2]`, `model.num_classes=null`. A mistyped key is refused with the
+`unet.channel_mults=[1,2,2]`, `model.num_classes=null`. A mistyped key is refused with the
 closest valid one.
 """
 
@@ -133,7 +133,18 @@ def render() -> str:
     body = section(config_module.Config, config_module.Config(), "", 2)
     first = next((i for i, line in enumerate(body) if line.startswith("## ")), len(body))
     top = ["## Top level", ""] + body[:first] if any(line.startswith("| `") for line in body[:first]) else []
-    return "\n".join([HEADER] + body[first:] + top).rstrip() + "\n"
+    return "\n".join([HEADER] + body[first:] + top + renamed()).rstrip() + "\n"
+
+
+def renamed() -> list:
+    """The keys of an earlier spelling, still read (with a note) in config files, run folders and overrides."""
+    rows = [f"| `{old}` | `{new}` |" for old, new in getattr(config_module, "RENAMED_KEYS", {}).items()]
+    if not rows:
+        return []
+    return ["## Earlier spellings", "",
+            "Config files, run folders and command lines that use these keys still load; each file or command "
+            "line says once which keys it read under their new names.", "",
+            "| earlier key | key now |", "|---|---|", *rows, ""]
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ from PIL import Image
 from ddpmlab.cli import build_parser, main
 from ddpmlab.samplers.registry import SAMPLER_SPECS, STEP_SCHEDULES
 
-TINY = ["train.steps=4", "train.batch_size=8", "model.base_channels=8", "model.norm_groups=4",
-        "model.channel_mults=[1,2]", "model.attention_resolutions=[]", "train.sample_n=4",
+TINY = ["train.steps=4", "train.batch_size=8", "unet.base_channels=8", "unet.norm_groups=4",
+        "unet.channel_mults=[1,2]", "unet.attention_resolutions=[]", "train.sample_n=4",
         "train.sample_steps=2", "train.log_every=2"]
 
 
@@ -67,7 +67,7 @@ def test_folder_without_images(capsys, tmp_path):
 
 def test_unknown_config_key(capsys):
     rc, err = _err(capsys, ["train", "model.chanel_mults=[1,2]"])
-    assert rc == 2 and "'model.chanel_mults'" in err and "did you mean 'model.channel_mults'" in err
+    assert rc == 2 and "'model.chanel_mults'" in err and "did you mean 'unet.channel_mults'" in err
 
 
 def test_resume_from_a_folder_that_is_not_a_run(capsys, tmp_path):
@@ -107,8 +107,8 @@ def test_existing_run_is_never_overwritten(capsys, tiny_run):
 
 
 def test_resume_refuses_an_architecture_change(capsys, tiny_run):
-    rc, err = _err(capsys, ["train", "--resume", str(tiny_run), "model.base_channels=16"])
-    assert rc == 2 and "cannot change model.base_channels" in err
+    rc, err = _err(capsys, ["train", "--resume", str(tiny_run), "unet.base_channels=16"])
+    assert rc == 2 and "cannot change unet.base_channels" in err
 
 
 def test_sample_writes_a_grid_and_npz(tiny_run, tmp_path):

@@ -14,8 +14,8 @@ from ddpmlab.errors import DDPMError
 from ddpmlab.io.checkpoint import save_checkpoint
 from ddpmlab.models import build_model
 
-TINY_UNET = ["model.num_classes=null", "model.base_channels=8", "model.norm_groups=4", "model.channel_mults=[1,2]",
-             "model.attention_resolutions=[]"]
+TINY_UNET = ["model.num_classes=null", "unet.base_channels=8", "unet.norm_groups=4", "unet.channel_mults=[1,2]",
+             "unet.attention_resolutions=[]"]
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +46,7 @@ def mnist_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("t"), "toy2d", ["model.hidden=32", "model.num_layers=2"])
+    return make_run(tmp_path_factory.mktemp("t"), "toy2d", ["mlp.hidden=32", "mlp.num_layers=2"])
 
 
 def test_eval_scores_an_untrained_model_far_below_the_data(mnist_run, capsys):
@@ -194,7 +194,7 @@ def test_training_evaluates_every_n_steps_into_csv_and_tensorboard(tmp_path):
     cfg = load_config("toy2d", [f"train.out_dir={tmp_path}", "train.name=t", "train.steps=40", "train.log_every=10",
                                 "train.eval_every=20", "train.eval_n=200", "train.eval_steps=5", "train.sample_n=50",
                                 "train.sample_steps=5", "train.sample_sampler=ddim", "train.save_every=20",
-                                "model.hidden=32", "model.num_layers=2"])
+                                "mlp.hidden=32", "mlp.num_layers=2"])
     run = train(cfg, progress=False)
     rows = list(csv.DictReader((run / "eval.csv").open()))
     assert [int(r["step"]) for r in rows] == [20, 40] and all(float(r["swd"]) > 0 for r in rows)

@@ -39,8 +39,8 @@ from ddpmlab.samplers.generate import generate
 from ddpmlab.samplers.guidance import guided
 from ddpmlab.samplers.registry import SAMPLER_SPECS
 
-TINY = ["train.steps=4", "train.batch_size=8", "model.base_channels=8", "model.norm_groups=4",
-        "model.channel_mults=[1,2]", "model.attention_resolutions=[]", "train.sample_n=4",
+TINY = ["train.steps=4", "train.batch_size=8", "unet.base_channels=8", "unet.norm_groups=4",
+        "unet.channel_mults=[1,2]", "unet.attention_resolutions=[]", "train.sample_n=4",
         "train.sample_steps=2", "train.log_every=2", "train.save_every=2"]
 
 
@@ -124,7 +124,7 @@ def test_train_option_instead_of_a_config_key_gets_the_subcommand_usage_and_a_hi
     assert "config keys are written key=value: did you mean train.steps=100?" in err
     with pytest.raises(SystemExit):
         main(["train", "--base-channels=64"])
-    assert "did you mean model.base_channels=64?" in capsys.readouterr().err
+    assert "did you mean unet.base_channels=64?" in capsys.readouterr().err
 
 
 def test_train_help_lists_every_config_key_and_print_config_shows_the_resolved_config(capsys):
@@ -135,7 +135,7 @@ def test_train_help_lists_every_config_key_and_print_config_shows_the_resolved_c
     for section, keys in cfg.to_dict().items():
         for key in keys if isinstance(keys, dict) else []:
             assert f"{section}.{key}" in out, f"{section}.{key} missing from ddpm train --help"
-    assert main(["train", "--print-config", "train.steps=123", "model.base_channels=48"]) == 0
+    assert main(["train", "--print-config", "train.steps=123", "unet.base_channels=48"]) == 0
     printed = capsys.readouterr().out
     assert "steps: 123" in printed and "base_channels: 48" in printed
     assert load_config("mnist", ["train.steps=123"]).train.steps == 123  # printed, nothing trained
@@ -235,8 +235,8 @@ def test_editing_commands_check_out_before_sampling(run, tmp_path, capsys, monke
 
 # ------------------------------------------------------------------------------ as the run says
 
-GUIDED = ["--config", "mnist", "train.steps=4", "train.batch_size=8", "model.base_channels=8", "model.norm_groups=4",
-          "model.channel_mults=[1,2]", "model.attention_resolutions=[]", "train.sample_n=4", "train.log_every=2",
+GUIDED = ["--config", "mnist", "train.steps=4", "train.batch_size=8", "unet.base_channels=8", "unet.norm_groups=4",
+          "unet.channel_mults=[1,2]", "unet.attention_resolutions=[]", "train.sample_n=4", "train.log_every=2",
           "train.save_every=4", "train.sample_sampler=dpmpp_2m_sde", "train.sample_steps=3", "train.sample_guidance=2"]
 
 

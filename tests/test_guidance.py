@@ -293,8 +293,8 @@ def _hand_made_run(root, num_classes=None, seed=0):
     from ddpmlab.io.checkpoint import CONFIG_FILE, save_checkpoint
     from ddpmlab.models import build_model
 
-    cfg = load_config("mnist", ["data.dataset=digits", "model.base_channels=8", "model.norm_groups=4",
-                                "model.channel_mults=[1,2]", "model.attention_resolutions=[]",
+    cfg = load_config("mnist", ["data.dataset=digits", "unet.base_channels=8", "unet.norm_groups=4",
+                                "unet.channel_mults=[1,2]", "unet.attention_resolutions=[]",
                                 f"model.num_classes={num_classes if num_classes else 'null'}"])
     torch.manual_seed(seed)
     model = build_model(cfg)
@@ -438,8 +438,8 @@ def digits_run(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("digits")
     cfg = load_config("mnist", [
-        "data.dataset=digits", "data.split=train", "model.base_channels=16", "model.channel_mults=[1,2]",
-        "model.attention_resolutions=[]", "model.norm_groups=8", "model.num_classes=10",
+        "data.dataset=digits", "data.split=train", "unet.base_channels=16", "unet.channel_mults=[1,2]",
+        "unet.attention_resolutions=[]", "unet.norm_groups=8", "model.num_classes=10",
         "train.label_dropout=0.2", "train.steps=250", "train.batch_size=64", "train.lr=2e-3",
         "train.warmup_steps=20", "train.ema_start=50", "train.ema_decay=0.98", "train.save_every=100000",
         "train.sample_n=10", "train.sample_steps=2", "train.sample_sampler=ddim", "train.log_every=50",

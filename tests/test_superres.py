@@ -35,13 +35,13 @@ from ddpmlab.training.run_folder import resume_config
 from ddpmlab.training.tasks.diffusion import train
 
 SR16 = ["data.dataset=folder", "data.path=unused", "data.image_size=16", "data.channels=1", "model.condition=low_res",
-        "data.low_res=8", "model.base_channels=16", "model.norm_groups=8", "model.channel_mults=[1,2]",
-        "model.attention_resolutions=[]", "model.num_res_blocks=1", "model.dropout=0", "train.mixed_precision=no",
+        "data.low_res=8", "unet.base_channels=16", "unet.norm_groups=8", "unet.channel_mults=[1,2]",
+        "unet.attention_resolutions=[]", "unet.num_res_blocks=1", "unet.dropout=0", "train.mixed_precision=no",
         "diffusion.min_snr_gamma=null", "model.num_classes=null"]  # as the numbers below were measured
 # 4x4 -> 8x8 digits, a tiny UNet: a run trains in seconds
 TINY_RUN = ["data.dataset=digits", "data.split=train", "model.condition=low_res", "data.low_res=4",
-            "model.base_channels=8", "model.norm_groups=4", "model.channel_mults=[1,2]",
-            "model.attention_resolutions=[]", "model.num_res_blocks=1", "model.dropout=0.1", "train.batch_size=16",
+            "unet.base_channels=8", "unet.norm_groups=4", "unet.channel_mults=[1,2]",
+            "unet.attention_resolutions=[]", "unet.num_res_blocks=1", "unet.dropout=0.1", "train.batch_size=16",
             "train.warmup_steps=2",
             "train.ema_start=3", "train.save_every=6", "train.sample_n=4", "train.sample_steps=2", "train.log_every=2",
             "train.mixed_precision=no", "train.cond_noise=0.2", "train.grad_accum_steps=2"]

@@ -66,7 +66,7 @@ def _train_command(args, default_config: str, stage) -> int:
     except torch.OutOfMemoryError:
         raise DDPMError(
             f"out of GPU memory with train.batch_size={cfg.train.batch_size}; the last checkpoint is intact. "
-            "Start a new run with a smaller train.batch_size or model (model.base_channels), or "
+            "Start a new run with a smaller train.batch_size or model (unet.base_channels), or "
             "train.mixed_precision=bf16") from None
     return 0
 

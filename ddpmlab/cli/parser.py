@@ -30,7 +30,7 @@ def _train_parser(sub) -> None:
     t = sub.add_parser(
         "train", help="train a model (default: the quick MNIST config)",
         description="Train a DDPM. With no arguments: the bundled MNIST digits (configs/mnist.yaml).\n"
-                    "Override any config key as key=value, e.g. train.steps=2000 model.base_channels=64;\n"
+                    "Override any config key as key=value, e.g. train.steps=2000 unet.base_channels=64;\n"
                     "--print-config shows the resolved config without training.",
         epilog="Config keys (section.key, type, default):\n" + describe_config(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
