@@ -1,0 +1,270 @@
+"""The config's sections: one dataclass per section and per model kind, defaults equal to the papers' values.
+
+The dataclass defaults are the values of Ho et al. 2020 (the CIFAR-10 model); the ready configs in
+``ddpmlab/configs/`` override them for quick runs.  Each field's comment is its documentation (the
+config reference and ``ddpm train --print-config`` show it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+CONFIG_VERSION = 1
+BUNDLED_DIR = Path(__file__).parent.parent / "configs"
+SECTIONS = ("data", "model", "unet", "dit", "mlp", "diffusion", "train", "autoencoder", "distill")
+# keys of an earlier spelling -> their names now (read with a one-line note; runs are saved in the new one)
+RENAMED_KEYS = {
+    **{f"model.{k}": f"unet.{k}" for k in ("base_channels", "channel_mults", "num_res_blocks",
+                                            "attention_resolutions", "dropout", "num_heads", "norm_groups")},
+    **{f"model.{k}": f"mlp.{k}" for k in ("hidden", "num_layers", "time_embed_dim")},
+    "model.preset": "dit.preset", "model.dit_depth": "dit.depth", "model.dit_hidden": "dit.hidden",
+    "model.dit_heads": "dit.heads", "model.patch_size": "dit.patch_size", "model.mlp_ratio": "dit.mlp_ratio",
+}
+STAGES = ("diffusion", "autoencoder")  # what a run trains: a denoiser (ddpm train) or ddpm train-autoencoder
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist"  # mnist | digits | toy | folder
+    path: Optional[str] = None  # image folder (dataset=folder)
+    image_size: list = field(default_factory=lambda: [32, 32])  # [H, W]; ignored by mnist/digits/toy
+    channels: int = 3  # 1 (grayscale), 3 (RGB) or 4 (RGBA) for folders
+    toy: str = "swiss_roll"  # swiss_roll | moons | s_curve | ring (dataset=toy)
+    toy_samples: int = 10000  # points drawn from the toy distribution
+    toy_noise: float = 0.0  # std of Gaussian noise added to the toy points
+    split: str = "all"  # all | train | test (bundled MNIST/digits: a fixed 90/10 split)
+    num_workers: int = 0  # DataLoader worker processes (0: load in the training process)
+    # super-resolution (model.condition=low_res): [H, W] (or one number) of the low-res input, made
+    # from each training image on the fly
+    low_res: Optional[list] = None
+    downsample: str = "area"  # super-resolution: how the low-res input is made: area (block means) | bicubic
+    upsample: str = "bicubic"  # super-resolution: how it returns to the image size: bicubic | bilinear | nearest
+
+
+@dataclass
+class ModelConfig:
+    """The denoiser: its kind (sized in the section of that name) and what it is conditioned on."""
+
+    kind: str = "unet"  # unet | mlp | dit (diffusion transformer, Peebles & Xie 2023): sized in unet.*, mlp.*, dit.*
+    num_classes: Optional[int] = None  # class embedding for conditional models
+    # none | low_res: super-resolution, the upsampled low-res image (data.low_res) concatenated to x_t as
+    # extra input channels (SR3, Saharia et al. 2021); sample with `ddpm upscale RUN --image low.png`
+    condition: str = "none"
+    # latent diffusion (Rombach et al. 2022): a run of `ddpm train-autoencoder` or a local diffusers
+    # AutoencoderKL folder (e.g. Stable Diffusion's VAE); the denoiser then works on its latents
+    autoencoder: Optional[str] = None
+    # recompute activations in the backward pass (UNet ResBlocks/attention, DiT blocks):
+    # less memory, one more forward pass of each block per training step
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class UNetConfig:
+    """The UNet of model.kind=unet (Ho et al. 2020, App. B)."""
+
+    base_channels: int = 128  # channels at full resolution
+    channel_mults: list = field(default_factory=lambda: [1, 2, 2, 2])  # per resolution; each after the 1st halves H, W
+    num_res_blocks: int = 2  # residual blocks per resolution
+    attention_resolutions: list = field(default_factory=lambda: [16])  # feature-map heights with attention
+    dropout: float = 0.1  # dropout in the residual blocks
+    num_heads: int = 1  # attention heads
+    norm_groups: int = 32  # GroupNorm groups
+
+
+@dataclass
+class DiTConfig:
+    """The diffusion transformer of model.kind=dit (Peebles & Xie 2023)."""
+
+    # a size of Table 1: DiT-S/2 ... DiT-XL/8 (S, B, L, XL with patch 2, 4 or 8); sets depth, hidden,
+    # heads and patch_size (null: give those four keys)
+    preset: Optional[str] = None
+    depth: Optional[int] = None  # transformer blocks (null: from dit.preset)
+    hidden: Optional[int] = None  # token width (null: from dit.preset)
+    heads: Optional[int] = None  # attention heads (null: from dit.preset)
+    patch_size: Optional[int] = None  # side p of the square patches, H*W/p^2 tokens (null: from dit.preset)
+    mlp_ratio: float = 4.0  # MLP width / token width
+
+
+@dataclass
+class MLPConfig:
+    """The MLP of model.kind=mlp (2-D toy data)."""
+
+    hidden: int = 256  # hidden width
+    num_layers: int = 4  # hidden layers
+    time_embed_dim: int = 128  # size of the timestep embedding
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "linear"  # linear | cosine | sigmoid | tanh | quadratic
+    num_timesteps: int = 1000  # T, the steps of the forward process
+    beta_start: float = 1e-4  # beta_1 (all schedules but cosine)
+    beta_end: float = 0.02  # beta_T (all schedules but cosine)
+    # eps | x0 | v | edm (the network inside EDM's preconditioning, Karras et al. 2022, with the
+    # loss weight 1 / c_out^2 that gives every noise level a unit-variance target)
+    prediction: str = "eps"
+    sigma_data: float = 0.5  # prediction edm: the data's standard deviation (EDM: 0.5 for images in [-1, 1])
+    loss: str = "l2"  # l2 | l1
+    # reverse variance sigma_t^2: beta_t (fixed_large), beta_tilde_t (fixed_small) or learned
+    # between the two (learned_range, Nichol & Dhariwal 2021; doubles the model's output)
+    variance: str = "fixed_large"
+    loss_type: str = "simple"  # simple (L_simple) | hybrid (L_simple + vlb_weight * L_vlb) | vlb
+    vlb_weight: float = 0.001  # lambda of the hybrid loss
+    min_snr_gamma: Optional[float] = None  # min-SNR-gamma weighting of L_simple (Hang et al. 2023), e.g. 5.0
+    # uniform | importance (loss_type vlb only) | lognormal: ln sigma_t ~ N(lognormal_mean, lognormal_std^2),
+    # the nearest timestep taken (EDM's noise-level distribution, Karras et al. 2022, Sec. 5)
+    t_sampling: str = "uniform"
+    lognormal_mean: float = -1.2  # t_sampling lognormal: P_mean
+    lognormal_std: float = 1.2  # t_sampling lognormal: P_std
+    # rescale the betas so that alpha_bar_T = 0 (Lin et al. 2024): needs prediction v or x0
+    zero_terminal_snr: bool = False
+    # training noise eps + offset_noise * N(0, 1) per image and channel (Guttenberg 2023), e.g. 0.1:
+    # lets the model change an image's mean brightness; 0 is the paper's N(0, I)
+    offset_noise: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 800000  # optimiser steps
+    # wall-clock budget of the whole run in minutes (set-up, training, the sample drawings of
+    # train.sample_every and the final one; not train.eval_every), or null: after 40 steps the measured
+    # speed fixes train.steps (at most its value above) so the run fits; the fitted steps go to
+    # RUN/config.yaml (resume continues them); a faster machine trains longer
+    minutes: Optional[float] = None
+    batch_size: int = 128  # global batch (all processes together)
+    lr: float = 2e-4  # AdamW learning rate after warm-up
+    warmup_steps: int = 5000  # linear learning-rate warm-up
+    # after the warm-up: constant (Ho et al. 2020), or cosine / linear decay to 0 at train.steps
+    lr_schedule: str = "constant"
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW [beta1, beta2]
+    grad_clip: float = 1.0  # clip the gradient norm at this value (0: no clipping)
+    ema_decay: float = 0.9999  # decay of the EMA of the weights that sampling uses
+    ema_start: int = 0  # first step at which EMA updates (before: EMA copies the weights)
+    ema_every: int = 1  # update the EMA every k steps
+    # power-function EMAs (Karras et al. 2024) of these relative widths, e.g. [0.05, 0.1]: their
+    # snapshots (RUN/ema/, every ema_snapshot_every steps; 0: at every checkpoint) let
+    # `ddpm ema RUN --sigma-rel S` build the EMA of any width after training
+    ema_profiles: list = field(default_factory=list)
+    ema_snapshot_every: int = 0
+    seed: int = 0  # seeds weights, batches, noise and samples
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    # auto: bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16
+    # or AMX), fp32 elsewhere | no (fp32) | bf16 (CPU and CUDA) | fp16 (CUDA, with a loss scaler)
+    mixed_precision: str = "auto"
+    grad_accum_steps: int = 1  # split each process's share of train.batch_size into this many micro-batches
+    # CPU (Linux): freed tensor memory stays in the process for the next step instead of going back
+    # to the kernel (ddpmlab.training.allocator): no page faults per step; the process keeps its peak memory
+    keep_freed_memory: bool = True
+    log_every: int = 50  # steps between rows of RUN/log.csv
+    sample_every: int = 0  # steps between sample drawings (0: only at the end)
+    save_every: int = 5000  # steps between checkpoints
+    sample_n: int = 64  # samples drawn at each sample_every
+    sample_sampler: str = "ddim"  # sampler of those samples
+    sample_steps: int = 100  # steps of that sampler
+    out_dir: str = "runs"  # folder that holds the run directories
+    name: Optional[str] = None  # run-directory name; default: <dataset>-<timestamp>
+    # class-conditional models: P(label -> "no label") per example, so the same network also
+    # learns the unconditional model classifier-free guidance needs (Ho & Salimans 2022)
+    label_dropout: float = 0.1
+    # class-conditional runs: the guidance scale of the run's samples (training's drawings and
+    # evaluations, and the default of `ddpm sample/eval/demo` on the run; --guidance overrides,
+    # 0 is the unconditional model); null: conditional samples without guidance (scale 1).
+    # Unconditional runs have nothing to guide and ignore it.
+    sample_guidance: Optional[float] = None
+    keep_checkpoints: int = 3  # checkpoints kept in RUN/checkpoints (the newest K)
+    max_bad_steps: int = 20  # stop after this many steps in a row with a non-finite loss/gradient
+    # evaluation during training (ddpmlab.evaluate): every eval_every steps (0: never) the EMA
+    # model draws eval_n samples; metrics go to RUN/eval.csv and TensorBoard
+    eval_every: int = 0
+    eval_n: int = 500  # samples per evaluation
+    eval_metrics: list = field(default_factory=list)  # empty: fid,kid,is,pr for images, swd,mmd for 2D
+    eval_sampler: str = "ddim"  # sampler of the evaluation samples
+    eval_steps: int = 50  # steps of that sampler
+    eval_inception_weights: Optional[str] = None  # FID Inception-v3 weights file; default: the MNIST classifier
+    tensorboard: bool = True  # event files in RUN/tensorboard (tensorboard --logdir runs)
+    # super-resolution: conditioning augmentation (Ho et al. 2022, Sec. 4.1), Gaussian noise of std
+    # s ~ U[0, cond_noise] per image added to the upsampled low-res input in training (0: none)
+    cond_noise: float = 0.0
+
+
+@dataclass
+class AutoencoderConfig:
+    """The first stage of latent diffusion (ddpm train-autoencoder; Rombach et al. 2022, App. G)."""
+
+    block_out_channels: list = field(default_factory=lambda: [32, 64, 64])  # per level; each after the 1st halves H, W
+    latent_channels: int = 4  # channels c of the latent z (B, c, H/f, W/f)
+    layers_per_block: int = 1  # residual blocks per level
+    norm_groups: int = 32  # GroupNorm groups (must divide every block_out_channels entry)
+    loss: str = "l1"  # reconstruction loss: l1 | l2
+    # weight of KL(q(z|x) || N(0, I)) summed over latent dims against the reconstruction loss summed
+    # over pixels (Rombach et al. 2022 use 1e-6)
+    kl_weight: float = 1e-6
+    discriminator: bool = False  # add a PatchGAN with hinge loss (Esser et al. 2021)
+    disc_start: int = 2000  # first step of the adversarial loss
+    disc_weight: float = 0.5  # its weight (times the adaptive weight, when disc_adaptive)
+    disc_adaptive: bool = True  # weight ||grad rec|| / ||grad adv|| at the decoder's last layer (Esser et al. Eq. 7)
+    disc_channels: int = 64  # PatchGAN channels of the first layer
+    disc_layers: int = 3  # PatchGAN stride-2 layers
+    holdout: float = 0.05  # fraction of the data held out of training, for the final reconstruction PSNR
+    stats_n: int = 4096  # training images encoded at the end for the latent mean / std (the scale factor)
+
+
+@dataclass
+class DistillConfig:
+    """A few-step student of a teacher run (ddpm distill; Salimans & Ho 2022, Song et al. 2023)."""
+
+    teacher: Optional[str] = None  # the teacher run folder (set by ddpm distill); null: the run is no student
+    method: str = "progressive"  # progressive (Salimans & Ho 2022) | consistency (Song et al. 2023)
+    steps: int = 4  # the student's sampling steps (progressive: a power of two, where the halving stops)
+    # the student's parameterisation: v | x0 (eps fails at few steps: Salimans & Ho 2022, Sec. 4)
+    prediction: str = "v"
+    # progressive: the teacher's DDIM steps in the first round (a power of two above distill.steps); rounds halve it
+    teacher_steps: int = 64
+    # progressive: iterations of each round (the last value repeats); consistency: the first value, in all
+    iterations: list = field(default_factory=lambda: [2000])
+    batch_size: int = 128  # examples per iteration
+    lr: float = 1e-4  # Adam learning rate (constant; progressive: the optimizer restarts each round)
+    ema_decay: float = 0.999  # EMA of the student's weights that sampling uses (warm-up min(decay, (1+k)/(10+k)))
+    solver: str = "heun"  # consistency: the teacher's ODE step from sigma_n+1 to sigma_n: heun | euler (DDIM)
+    target_ema: float = 0.95  # consistency: EMA decay of the target network theta^- (0: the student, stop-gradient)
+    n_start: int = 10  # consistency: discretisation N at the start of the curriculum (Song & Dhariwal 2023)
+    n_end: int = 80  # consistency: N at its end (N doubles in equal stages)
+    # consistency: weight of each pair: inverse_step (1 / (sigma_n+1 - sigma_n), Song & Dhariwal 2023) | uniform
+    weighting: str = "inverse_step"
+    sigma_data: float = 0.5  # consistency: sigma_data of c_skip (0.5 for images in [-1, 1])
+    rho: float = 7.0  # consistency: rho of the Karras noise levels
+    huber_c: Optional[float] = None  # consistency: pseudo-Huber c (null: 0.00054 sqrt(d), Song & Dhariwal 2023)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    version: int = CONFIG_VERSION
+    stage: str = "diffusion"  # diffusion | autoencoder (written by ddpm train-autoencoder)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# super-resolution (model.condition, data.downsample, data.upsample; ddpmlab.models.conditioned)
+CONDITIONS = ("none", "low_res")
+DOWNSAMPLE_MODES = ("area", "bicubic")
+UPSAMPLE_MODES = ("bicubic", "bilinear", "nearest")
+DATASETS = ("mnist", "digits", "toy", "folder")  # data.dataset (ddpmlab.data.build_dataset)
+# distillation (distill.method, distill.prediction, distill.solver; ddpmlab.samplers.student)
+DISTILL_METHODS = ("progressive", "consistency")
+STUDENT_PREDICTIONS = ("v", "x0")
+ODE_SOLVERS = ("heun", "euler")
+
