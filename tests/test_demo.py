@@ -21,8 +21,8 @@ from ddpmlab.errors import DDPMError
 from ddpmlab.io.checkpoint import load_run_config
 from ddpmlab.runs import resolve_device
 
-TINY = ["model.num_classes=null", "train.steps=4", "train.batch_size=8", "model.base_channels=8", "model.norm_groups=4",
-        "model.channel_mults=[1,2]", "model.attention_resolutions=[]", "train.sample_n=4",
+TINY = ["model.num_classes=null", "train.steps=4", "train.batch_size=8", "unet.base_channels=8", "unet.norm_groups=4",
+        "unet.channel_mults=[1,2]", "unet.attention_resolutions=[]", "train.sample_n=4",
         "train.sample_steps=2", "train.log_every=2"]
 TOY = ["train.steps=4", "train.batch_size=64", "train.sample_n=16", "train.sample_steps=2", "train.log_every=2"]
 

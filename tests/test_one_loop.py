@@ -2,10 +2,12 @@
 has (the lock taken before the run folder is touched, a checkpoint on SIGTERM, bit-exact resume, the
 non-finite guard), and the loop's log keeps an older release's rows under its new header."""
 
+import json
 import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_distill import SCHED, TEACHER, cfg_for, data, mlp
@@ -113,3 +115,29 @@ def test_a_log_of_other_columns_is_kept_under_the_new_header(tmp_path):
         log.row([4, "0.4", 1, "0.001", "2.0", "3.5", "2.0", 0])
     assert path.read_text().splitlines() == ["step,loss,round,lr,grad_norm,it_per_s,time_s,skipped",
                                              "2,0.5,0,0.001,,3.0,1.0,", "4,0.4,1,0.001,2.0,3.5,2.0,0"]
+
+
+def test_a_run_on_class_folders_knows_its_classes_by_name(tmp_path, one_thread, capsys):
+    from PIL import Image
+
+    from ddpmlab.cli import main
+
+    for k, name in enumerate(["circle", "square"]):  # two classes of flat 8x8 pictures
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("L", (8, 8), 60 * k + 10 * i).save(tmp_path / "data" / name / f"{i}.png")
+    assert main(["train", "--config", "mnist", "data.dataset=folder", f"data.path={tmp_path / 'data'}",
+                 "data.image_size=8", "data.channels=1", "model.num_classes=2", "unet.base_channels=8",
+                 "unet.norm_groups=4", "unet.channel_mults=[1,2]", "unet.attention_resolutions=[]", "train.steps=2",
+                 "train.minutes=null", "train.batch_size=4", "train.sample_n=2", "train.sample_steps=2",
+                 "train.device=cpu", "train.tensorboard=false", f"train.out_dir={tmp_path}", "train.name=r",
+                 "--no-progress"]) == 0
+    assert json.loads((tmp_path / "r" / "classes.json").read_text()) == {"class_names": ["circle", "square"]}
+    capsys.readouterr()
+    assert main(["sample", str(tmp_path / "r"), "--class", "list"]) == 0
+    assert "square" in capsys.readouterr().out
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    assert main(["sample", str(tmp_path / "r"), "--class", "square", "--n", "2", "--npz", "--out", str(a)]) == 0
+    assert main(["sample", str(tmp_path / "r"), "--class", "1", "--n", "2", "--npz", "--out", str(b)]) == 0
+    with np.load(a.with_suffix(".npz")) as x, np.load(b.with_suffix(".npz")) as y:
+        assert np.array_equal(x["samples"], y["samples"])  # the name is the index it stands for

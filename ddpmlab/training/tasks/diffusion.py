@@ -29,9 +29,10 @@ from ddpmlab.evaluate.superres import save_comparison, spread_images
 from ddpmlab.io.checkpoint import require_run_dir
 from ddpmlab.models import build_model, count_parameters
 from ddpmlab.models.conditioned import bind_condition, condition_from_high_res, low_res, training_condition
-from ddpmlab.runs import Output, Run, draw_samples, plan_sampling
+from ddpmlab.errors import OptionError, about
+from ddpmlab.runs import Output, Run, SamplingRequest, draw_samples, plan_request, save_class_names
 from ddpmlab.samplers.guidance import drop_labels
-from ddpmlab.samplers.registry import get_sampler
+from ddpmlab.samplers.registry import get_spec
 from ddpmlab.training.data import describe_data, latent_dataset, load_data, step_loader
 from ddpmlab.training.distributed import draw_t_and_noise, draw_uniform, micro_batches
 from ddpmlab.training.loop import run
@@ -49,12 +50,27 @@ def train(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, pro
     if cfg.stage != "diffusion":
         raise ConfigError(f"{run_dir} is an autoencoder run (stage {cfg.stage}); continue it with "
                           f"`ddpm train-autoencoder --resume {run_dir}`")
-    get_sampler(cfg.train.sample_sampler, where="train.sample_sampler")  # fails now, not after the last step
+    with train_names():  # an unknown train.sample_sampler fails now, not after the last step
+        with about("sampler"):
+            get_spec(cfg.train.sample_sampler)
     if cfg.model.autoencoder:
         describe_autoencoder(cfg.model.autoencoder)  # a bad path fails before the data is read
     started = time.time()  # train.minutes counts from here: set-up, training and the final samples
     run_dir = require_run_dir(run_dir) if resume else Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     return run(DiffusionTask(cfg), run_dir, resume, progress, started=started)
+
+
+# how a run's config names the options of its sample drawings
+SAMPLE_OPTIONS = {"sampler": "train.sample_sampler", "steps": "train.sample_steps", "guidance": "train.sample_guidance"}
+
+
+@contextlib.contextmanager
+def train_names():
+    """An error about a sampling option, named as the run's config names it (train.sample_*)."""
+    try:
+        yield
+    except OptionError as e:
+        raise ConfigError(e.named(SAMPLE_OPTIONS)) from None
 
 
 class DiffusionTask(Task):
@@ -81,8 +97,12 @@ class DiffusionTask(Task):
     def build(self) -> Trainee:
         """The denoiser (seeded by train.seed), its EMA copy and AdamW; the objective of diffusion.loss_type."""
         cfg, device = self.cfg, self.ctx.device
-        if self.latents is not None and self.ctx.main:
-            (self.ctx.run_dir / LATENTS_FILE).write_text(json.dumps(self.latents, indent=2) + "\n")
+        if self.ctx.main:
+            if self.latents is not None:
+                (self.ctx.run_dir / LATENTS_FILE).write_text(json.dumps(self.latents, indent=2) + "\n")
+            names = list(getattr(self.pixels, "class_names", []))
+            if names != [str(i) for i in range(len(names))]:  # names that are only the indices add nothing
+                save_class_names(self.ctx.run_dir, names)  # `ddpm sample RUN --class cat` then works
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg)  # learned variance (diffusion.variance): twice the output channels
         ema = copy.deepcopy(model).requires_grad_(False)
@@ -153,12 +173,12 @@ class DiffusionTask(Task):
         ``steps``: instead of train.sample_steps (the budget's timing)."""
         cfg = self.cfg
         run = Run(cfg, self.trainee.ema, self.schedule, self.ctx.device, self.ctx.run_dir)
-        names = {"sampler": "train.sample_sampler", "steps": "train.sample_steps"}
         truth = spread_images(self.dataset, cfg.train.sample_n) if cfg.model.condition != "none" else None
         n = cfg.train.sample_n if truth is None else len(truth)
-        plan = plan_sampling(run, cfg.train.sample_sampler, steps or cfg.train.sample_steps, n, seed=cfg.train.seed,
-                             cycle_classes=True, names=names, log=lambda m: None,
-                             cond=None if truth is None else condition_from_high_res(truth, cfg))
+        request = SamplingRequest(cfg.train.sample_sampler, steps or cfg.train.sample_steps, n=n, seed=cfg.train.seed,
+                                  cond=None if truth is None else condition_from_high_res(truth, cfg))
+        with train_names():
+            plan = plan_request(run, request, log=lambda m: None)
         return run, draw_samples(run, plan, n, seed=cfg.train.seed, progress=False), truth
 
     def draw(self, tag: str) -> Path:

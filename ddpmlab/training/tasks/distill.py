@@ -32,7 +32,7 @@ from ddpmlab.config import Config, config_from_dict, parse_value
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import ConfigError, DDPMError
 from ddpmlab.io.checkpoint import CONFIG_FILE, load_run_config, require_run_dir
-from ddpmlab.runs import Output, Run, draw_samples, load_run, plan_sampling, resolve_device
+from ddpmlab.runs import Output, Run, SamplingRequest, draw_samples, load_run, plan_request, resolve_device
 from ddpmlab.samplers.base import ModelPredictor
 from ddpmlab.samplers.guidance import drop_labels
 from ddpmlab.samplers.student import (
@@ -269,8 +269,8 @@ class DistillTask(Task):
             return
         cfg, ema = self.cfg, self.trainee.ema
         run_ = Run(cfg, ema.eval(), self.schedule, self.ctx.device, self.ctx.run_dir)
-        plan = plan_sampling(run_, "student", None, cfg.train.sample_n, seed=cfg.train.seed, cycle_classes=True,
-                             log=lambda m: None)
+        plan = plan_request(run_, SamplingRequest("student", n=cfg.train.sample_n, seed=cfg.train.seed),
+                            log=lambda m: None)
         x = draw_samples(run_, plan, cfg.train.sample_n, seed=cfg.train.seed, progress=False)
         out = Output(self.ctx.run_dir / "samples" / "final.png", is_folder=False)
         png = save_samples(run_, x, out, title=f"{cfg.distill.method} student, {plan.steps} steps",
