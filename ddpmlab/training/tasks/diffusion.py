@@ -24,12 +24,11 @@ from ddpmlab.config import Config
 from ddpmlab.data.latents import LATENTS_FILE, describe_autoencoder
 from ddpmlab.diffusion.objectives import DiffusionObjective
 from ddpmlab.diffusion.schedules import NoiseSchedule
-from ddpmlab.errors import ConfigError
+from ddpmlab.errors import ConfigError, OptionError, about
 from ddpmlab.evaluate.superres import save_comparison, spread_images
 from ddpmlab.io.checkpoint import require_run_dir
 from ddpmlab.models import build_model, count_parameters
 from ddpmlab.models.conditioned import bind_condition, condition_from_high_res, low_res, training_condition
-from ddpmlab.errors import OptionError, about
 from ddpmlab.runs import Output, Run, SamplingRequest, draw_samples, plan_request, save_class_names
 from ddpmlab.samplers.guidance import drop_labels
 from ddpmlab.samplers.registry import get_spec
