@@ -46,7 +46,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
     def __iter__(self):
         per = self.gb // self.world
         per_epoch = max(self.n // self.gb, 1)
-        epoch_perm = (None, None)  # one permutation per epoch, not per step (randperm(1M) takes ~0.1 s)
+        epoch_perm = (None, None)  # one permutation per epoch, not per training step
         for step in range(self.start, self.steps):
             epoch, k = divmod(step, per_epoch)
             if epoch_perm[0] != epoch:

@@ -1,9 +1,9 @@
 """``train.mixed_precision: auto``: bf16 where the hardware computes it natively, fp32 elsewhere.
 
-bf16 halves the bytes a step moves and, on hardware with bf16 arithmetic, runs the matrix
-products at up to twice the fp32 rate.  Without it (x86 CPUs before AVX512-BF16, e.g. AVX2
-only) PyTorch emulates bf16 and a training step is an order of magnitude slower than in fp32.
-So ``auto`` asks the hardware:
+bf16 halves the bytes a training step moves and, on hardware with bf16 arithmetic, runs the matrix
+products faster than fp32.  Without it (x86 CPUs before AVX512-BF16, e.g. AVX2 only) PyTorch
+emulates bf16 and a training step is much slower than in fp32 (docs/benchmarks.md has the measured
+ratios).  So ``auto`` asks the hardware:
 
 * CUDA: bf16 when ``torch.cuda.is_bf16_supported()`` (Ampere and newer), else fp32;
 * CPU: bf16 when the CPU has AVX512-BF16 or AMX-BF16 (x86, from /proc/cpuinfo or the
