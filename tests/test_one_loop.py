@@ -141,3 +141,17 @@ def test_a_run_on_class_folders_knows_its_classes_by_name(tmp_path, one_thread, 
     assert main(["sample", str(tmp_path / "r"), "--class", "1", "--n", "2", "--npz", "--out", str(b)]) == 0
     with np.load(a.with_suffix(".npz")) as x, np.load(b.with_suffix(".npz")) as y:
         assert np.array_equal(x["samples"], y["samples"])  # the name is the index it stands for
+
+
+def test_the_development_pages_task_example_trains_and_converges(tmp_path, one_thread, monkeypatch):
+    import re
+
+    page = (Path(__file__).parents[1] / "docs" / "development.md").read_text()
+    code = re.search(r"A toy task.*?```python\n(.*?)```", page, re.S).group(1).replace("/tmp/tasks", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "docs/development.md", "exec"), scope)
+    _, ckpt, _ = find_checkpoint(tmp_path / "mean")
+    assert ckpt["step"] == 200 and abs(float(ckpt["model"]["weight"]) - 3.0) < 1e-3
+    rows = (tmp_path / "mean" / "log.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr,grad_norm,it_per_s,time_s,skipped" and float(rows[-1].split(",")[1]) < 1e-6
