@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_distill import mlp
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDER = REPO / "tests" / "_train_recorder.py"
@@ -158,3 +159,24 @@ def _initial_weights():
 
     torch.manual_seed(0)  # train.seed
     return build_model(_config("unused")).state_dict()
+
+
+def test_distillation_on_two_processes_keeps_one_student(tmp_path):
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "_distill_two.py"), str(tmp_path / "run")]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+    a, b = (load_file(tmp_path / "run" / f"rank{r}.safetensors") for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the all-reduced gradients: one student on both ranks
+    start = mlp().state_dict()
+    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-4  # and it did train
+    ckpt = _checkpoint_student(tmp_path / "run", 6)
+    assert all(torch.equal(a[k], ckpt[k]) for k in a)  # rank 0 checkpointed it
+    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert len(rows) == 1 + 1 and rows[-1].startswith("6,")  # one log, written once (by rank 0)
+
+
+def _checkpoint_student(run, step):
+    return load_file(run / "checkpoints" / f"step_{step:07d}" / "model.safetensors")
