@@ -5,8 +5,10 @@ import io
 import shutil
 import socket
 import sys
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,8 +197,9 @@ def _wait(browser, cond, timeout=30.0):
         except Exception:  # the page is re-rendering
             pass
         time.sleep(0.2)
-    browser.save_screenshot("/tmp/ddpm_demo_failure.png")
-    raise AssertionError("the page did not get there in time (screenshot: /tmp/ddpm_demo_failure.png)")
+    shot = Path(tempfile.mkdtemp(prefix="ddpm-demo-")) / "failure.png"  # a fresh temporary folder
+    browser.save_screenshot(str(shot))
+    raise AssertionError(f"the page did not get there in time (screenshot: {shot})")
 
 
 def _by(browser, css):
