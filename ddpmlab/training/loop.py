@@ -125,30 +125,16 @@ def run(task: Task, run_dir: Path, resume: bool = False, progress: bool = True, 
     """Train ``task`` in ``run_dir`` (a new folder, or continued from its newest loadable checkpoint);
     ``stop_after``: save and stop after this many training steps in all (the rest on resume)."""
     started = time.time() if started is None else started  # train.minutes counts from here
-    with RunLock(run_dir, enabled=process_state(task.cfg.train.device).is_main_process):
+    t = task.cfg.train
+    with RunLock(run_dir, enabled=process_state(t.device).is_main_process):
         s = set_up(task, Path(run_dir), resume, progress, stop_after)
-        with StopFlag() as stop, RunLog(s.ctx.run_dir / "log.csv", log_fields(task)) if s.ctx.main \
-                else _NoLog() as log:
-            if train_steps(s, stop, log, Budget(task.cfg.train.minutes if task.uses_budget else None, started,
-                                                s.start, task.cfg.train.sample_every)):
-                return s.ctx.run_dir
-        finish(s)
+        fields = ["step", *task.log_values, *task.log_status, *TAIL_FIELDS]
+        budget = Budget(t.minutes if task.uses_budget else None, started, s.start, t.sample_every)
+        with StopFlag() as stop, RunLog(s.ctx.run_dir / "log.csv", fields, enabled=s.ctx.main) as log:
+            stopped = train_steps(s, stop, log, budget)
+        if not stopped:
+            finish(s)
     return Path(run_dir)
-
-
-class _NoLog:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    def row(self, values):
-        pass
-
-
-def log_fields(task: Task) -> list:
-    return ["step", *task.log_values, *task.log_status, *TAIL_FIELDS]
 
 
 def set_up(task: Task, run_dir: Path, resume: bool, progress: bool, stop_after: Optional[int]) -> LoopState:
@@ -166,14 +152,11 @@ def set_up(task: Task, run_dir: Path, resume: bool, progress: bool, stop_after: 
         power_ema.to(ctx.device)
     if ctx.main:
         trim_log(run_dir / "log.csv", start)
-        if start == 0:
-            line = task.describe(start)
-            if line:
-                print(line)
+        if start == 0 and task.describe():
+            print(task.describe())
     total = task.total_steps()
     bar = progress_bar(progress and ctx.main, total=total, initial=start, desc=task.bar_label)
     say = (lambda m: bar.write(m) if hasattr(bar, "write") else print(m)) if ctx.main else (lambda m: None)
-    task.say = say
     guard = BadStepGuard(task.cfg.train.max_bad_steps, say=say, run_dir=run_dir)
     if ctx.main:  # TensorBoard, and the evaluation every train.eval_every steps
         task.monitor = TrainingMonitor(task.cfg, run_dir, task.images(), start, ctx.device, say=say,

@@ -15,7 +15,7 @@ from typing import Dict, Optional
 import numpy as np
 from PIL import Image
 
-from ddpmlab.errors import ConfigError, DDPMError
+from ddpmlab.errors import ConfigError, DDPMError, OptionError
 from ddpmlab.evaluate.features import build_extractor
 from ddpmlab.evaluate.log import append_eval_row, trim_eval_log
 from ddpmlab.evaluate.metrics import check_fid_samples
@@ -28,7 +28,7 @@ from ddpmlab.evaluate.run import (
 )
 
 TB_DIR = "tensorboard"
-# how a run sets each evaluation option, for the messages of ddpmlab.evaluate
+# how a run's config names each evaluation option (an OptionError of ddpmlab.evaluate is named so here)
 EVAL_OPTION_NAMES = {"metrics": "train.eval_metrics", "n": "train.eval_n", "sampler": "train.eval_sampler",
                      "steps": "train.eval_steps", "extractor": "train.eval_inception_weights",
                      "inception_weights": "train.eval_inception_weights"}
@@ -41,6 +41,11 @@ def eval_settings(cfg) -> EvalSettings:
     return EvalSettings(metrics=list(t.eval_metrics or []), n=int(t.eval_n), sampler=t.eval_sampler,
                         steps=int(t.eval_steps), seed=t.seed, extractor="inception" if weights else "classifier",
                         inception_weights=weights, baseline=False)
+
+
+def config_words(e: DDPMError) -> str:
+    """The message of ``e``, an OptionError's with the option named as the run's config names it."""
+    return e.named(EVAL_OPTION_NAMES) if isinstance(e, OptionError) else str(e)
 
 
 class TrainingMonitor:
@@ -66,17 +71,17 @@ class TrainingMonitor:
 
     def _check(self) -> None:
         """Refuse at the start, not after hours of training, an evaluation that cannot run."""
-        s, names = self.settings, EVAL_OPTION_NAMES
+        s = self.settings
         try:
             image = self.dataset.is_image
-            check_metrics(s.metrics or default_metrics(image, False, s.extractor), image, where=names["metrics"])
+            check_metrics(s.metrics or default_metrics(image, False, s.extractor), image)
             if image:
                 self._extractor = build_extractor(s.extractor, tuple(self.dataset.sample_shape), s.inception_weights,
-                                                  self.device, names=names)
+                                                  self.device)
                 if "fid" in (s.metrics or ["fid"]):
-                    check_fid_samples(s.n, self._extractor.num_features, option=names["n"])
+                    check_fid_samples(s.n, self._extractor.num_features)
         except DDPMError as e:
-            raise ConfigError(f"train.eval_every: {e}") from None
+            raise ConfigError(f"train.eval_every: {config_words(e)}") from None
 
     def scalars(self, step: int, values: Dict[str, float]) -> None:
         if self.writer is not None:
@@ -95,8 +100,11 @@ class TrainingMonitor:
         if not self.every or (step % self.every and not final):
             return None
         ctx = EvalContext(self.cfg, model, schedule, self.dataset, self.settings, self.device, self.progress,
-                          extractor=self._extractor, reference=self._reference, names=EVAL_OPTION_NAMES)
-        results = evaluate_model(ctx)
+                          extractor=self._extractor, reference=self._reference)
+        try:
+            results = evaluate_model(ctx)
+        except OptionError as e:
+            raise ConfigError(config_words(e)) from None
         if self.dataset.is_image:
             self._reference = ctx.reference  # computed (or read from the cache) once per run
         values = results["metrics"]

@@ -78,13 +78,16 @@ class RunLog:
     """RUN/log.csv: a header of ``fields`` and one row per :meth:`row`, flushed at once.
 
     A log written with other columns (an older release's) is rewritten under the new header first,
-    each old value kept under its column's name."""
+    each old value kept under its column's name.  ``enabled`` False (processes other than the main
+    one): nothing is written."""
 
-    def __init__(self, path: Path, fields: Sequence[str]):
-        self.path, self.fields = Path(path), list(fields)
+    def __init__(self, path: Path, fields: Sequence[str], enabled: bool = True):
+        self.path, self.fields, self.enabled = Path(path), list(fields), enabled
         self._file: Optional[IO[str]] = None
 
     def __enter__(self) -> "RunLog":
+        if not self.enabled:
+            return self
         old = list(csv.reader(self.path.open())) if self.path.exists() else []
         if old and old[0] != self.fields:
             self._rewrite(old)
@@ -105,8 +108,9 @@ class RunLog:
         tmp.replace(self.path)
 
     def row(self, values: Sequence) -> None:
-        csv.writer(self._file).writerow(values)
-        self._file.flush()
+        if self._file is not None:
+            csv.writer(self._file).writerow(values)
+            self._file.flush()
 
     def __exit__(self, *exc) -> None:
         if self._file is not None:

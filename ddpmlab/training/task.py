@@ -115,7 +115,6 @@ class Task:
         self.ctx: Optional[RunContext] = None
         self.trainee: Optional[Trainee] = None
         self.monitor: Optional[TrainingMonitor] = None
-        self.say = print
 
     # -- set-up
     def load_data(self) -> None:
@@ -132,7 +131,7 @@ class Task:
         trainee.ema.to(self.ctx.device)
         return Trainee(model, self.ctx.accelerator.unwrap_model(model), trainee.ema, opt)
 
-    def describe(self, start: int) -> Optional[str]:
+    def describe(self) -> Optional[str]:
         """The line printed when a new run starts."""
         return None
 

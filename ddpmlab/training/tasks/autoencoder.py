@@ -179,7 +179,7 @@ class AutoencoderTask(Task):
         trainee.ema.to(acc.device)
         return Trainee(model, acc.unwrap_model(model), trainee.ema, opt)
 
-    def describe(self, start: int) -> str:
+    def describe(self) -> str:
         cfg, acc = self.cfg, self.ctx.accelerator
         c, h, w = self.dataset.sample_shape
         f = self.trainee.raw.downsampling

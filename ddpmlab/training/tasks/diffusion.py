@@ -118,7 +118,7 @@ class DiffusionTask(Task):
     def state(self) -> dict:
         return {"objective": self.objective.state_dict()}
 
-    def describe(self, start: int) -> str:
+    def describe(self) -> str:
         acc = self.ctx.accelerator
         return (f"run {self.ctx.run_dir}: {count_parameters(self.trainee.raw) / 1e6:.2f}M parameters, "
                 f"{len(self.dataset)} examples, {self.cfg.train.steps} steps on {self.ctx.device} "
