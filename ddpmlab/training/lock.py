@@ -49,10 +49,12 @@ def _pid_alive(pid: int, started: Optional[str]) -> bool:
 class RunLock:
     """Exclusive ownership of a run directory for one training process.
 
-    ``with RunLock(run_dir): ...`` creates ``run_dir/.lock`` atomically (``O_EXCL``) holding
-    JSON ``{pid, host, started, since}``; a live holder makes it raise :class:`DDPMError`;
-    a holder that is gone (same host, pid dead or reused) is reported through ``say`` and
-    replaced.  The lock is removed on exit, if it is still ours, and so is the directory if the
+    ``with RunLock(run_dir): ...`` makes ``run_dir/.lock`` appear atomically with its content,
+    JSON ``{pid, host, started, since}`` (written to a temporary file first, then hard-linked into
+    place, which fails if a lock exists); a live holder makes it raise :class:`DDPMError`; a
+    holder that is gone (same host, pid dead or reused) is reported through ``say`` and replaced.
+    It fails closed: a lock it cannot read, or cannot put back, is never taken over.
+    The lock is removed on exit, if it is still ours, and so is the directory if the
     lock created it and nothing else was written there (a run that failed before it started).
     """
 
@@ -77,18 +79,36 @@ class RunLock:
         self.created_dir = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
+            if self._create():
+                return
+            self._handle_existing()
+        raise DDPMError(f"could not take the lock {self.path}: other processes keep creating it; "
+                        "make sure only one `ddpm train` uses this run")
+
+    def _create(self) -> bool:
+        """Make the lock appear with its content, or return False when one exists."""
+        tmp = self.path.with_name(f"{LOCK_FILE}.{os.getpid()}.new")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(self.record))
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, self.path)  # atomic, and fails if a lock exists: never an empty lock
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: exclusive create, then the content
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
-                self._handle_existing()
-                continue
+                return False
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(self.record))
                 f.flush()
                 os.fsync(f.fileno())
-            return
-        raise DDPMError(f"could not take the lock {self.path}: other processes keep creating it; "
-                        "make sure only one `ddpm train` uses this run")
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _read(self) -> tuple[str, Optional[dict]]:
         for _ in range(20):  # a holder that just created the file may still be writing it
@@ -107,8 +127,9 @@ class RunLock:
         if holder == {}:  # vanished meanwhile: try again
             return
         run = self.path.parent
-        if holder is None:  # unreadable for a second: its writer died between create and write
-            self.say(f"warning: {self.path} is unreadable ({text[:40]!r}); treating it as a stale lock")
+        if holder is None:  # unreadable: never taken over (a live trainer may hold it)
+            raise DDPMError(f"run '{run}' has a lock that cannot be read ({self.path}: {text[:40]!r}); if no "
+                            f"`ddpm train` uses this run any more, delete {self.path} and try again")
         else:
             pid, host = holder.get("pid"), holder.get("host")
             who = f"pid {pid} on host {host} (since {holder.get('since', '?')})"
@@ -122,20 +143,23 @@ class RunLock:
         self._remove_if_unchanged(text)
 
     def _remove_if_unchanged(self, text: str) -> None:
-        """Delete the stale lock, unless another process replaced it since we read it."""
+        """Delete the stale lock, unless another process replaced it since we read it (then put it back)."""
         grabbed = self.path.with_name(f"{LOCK_FILE}.{os.getpid()}.stale")
         try:
             os.rename(self.path, grabbed)
         except FileNotFoundError:
             return
-        try:
-            if grabbed.read_text() != text:  # a fresh lock of a live process: put it back
-                try:
-                    os.link(grabbed, self.path)
-                except OSError:
-                    pass
-        finally:
-            grabbed.unlink(missing_ok=True)
+        if grabbed.read_text() == text:
+            grabbed.unlink()
+            return
+        try:  # a fresh lock of a live process: it must be there again before anyone goes on
+            os.link(grabbed, self.path)
+        except FileExistsError:
+            raise DDPMError(f"run '{self.path.parent}': several processes are taking its lock at once; "
+                            "start one `ddpm train` at a time") from None
+        except OSError:  # no hard links here: move it back
+            os.rename(grabbed, self.path)
+        grabbed.unlink(missing_ok=True)
 
     def release(self) -> None:
         try:
