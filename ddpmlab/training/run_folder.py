@@ -16,9 +16,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, List, Optional, Sequence
 
-from ddpmlab.config import Config, save_config, validate
+from ddpmlab.config import Config, validate
 from ddpmlab.errors import ConfigError, DDPMError
-from ddpmlab.io.checkpoint import CONFIG_FILE, load_run_config
+from ddpmlab.io.checkpoint import CONFIG_FILE, load_run_config, save_run_config
 from ddpmlab.training.distributed import agree_on
 from ddpmlab.training.lock import LOCK_FILE
 
@@ -56,7 +56,7 @@ def create_run_dir(cfg: Config, run_dir: Path, accelerator, main: bool) -> None:
     accelerator.wait_for_everyone()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / CONFIG_FILE)
+        save_run_config(cfg, run_dir)  # atomically: a kill never leaves half a config.yaml
 
 
 def trim_log(log_path: Path, step: int) -> None:

@@ -28,7 +28,7 @@ import torch
 from ddpmlab.config import Config, validate
 from ddpmlab.data.latents import AE_STATS_FILE
 from ddpmlab.errors import ConfigError
-from ddpmlab.io.checkpoint import require_run_dir
+from ddpmlab.io.checkpoint import atomic_write_text, require_run_dir
 from ddpmlab.io.images import save_grid
 from ddpmlab.models import count_parameters
 from ddpmlab.models.autoencoder import (
@@ -237,7 +237,7 @@ class AutoencoderTask(Task):
         run_dir, steps, ema = self.ctx.run_dir, self.cfg.train.steps, self.trainee.ema
         stats = {"step": steps, "weights": "ema",
                  **measure(ema, self.held_out, self.train_set, self.cfg.autoencoder.stats_n, self.ctx.device)}
-        (run_dir / AE_STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+        atomic_write_text(run_dir / AE_STATS_FILE, json.dumps(stats, indent=2) + "\n")  # a kill keeps the old one
         picks = torch.linspace(0, len(self.held_out) - 1, min(8, len(self.held_out))).round().long().unique()
         x = torch.stack([self.held_out[int(i)][0] for i in picks]).to(self.ctx.device)  # spread over the data
         with torch.no_grad():

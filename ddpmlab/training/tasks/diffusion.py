@@ -26,7 +26,7 @@ from ddpmlab.diffusion.objectives import DiffusionObjective
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import ConfigError, OptionError, about
 from ddpmlab.evaluate.superres import save_comparison, spread_images
-from ddpmlab.io.checkpoint import require_run_dir
+from ddpmlab.io.checkpoint import atomic_write_text, require_run_dir
 from ddpmlab.models import build_model, count_parameters
 from ddpmlab.models.conditioned import bind_condition, condition_from_high_res, low_res, training_condition
 from ddpmlab.runs import Output, Run, SamplingRequest, draw_samples, plan_request, save_class_names
@@ -98,7 +98,7 @@ class DiffusionTask(Task):
         cfg, device = self.cfg, self.ctx.device
         if self.ctx.main:
             if self.latents is not None:
-                (self.ctx.run_dir / LATENTS_FILE).write_text(json.dumps(self.latents, indent=2) + "\n")
+                atomic_write_text(self.ctx.run_dir / LATENTS_FILE, json.dumps(self.latents, indent=2) + "\n")
             names = list(getattr(self.pixels, "class_names", []))
             if names != [str(i) for i in range(len(names))]:  # names that are only the indices add nothing
                 save_class_names(self.ctx.run_dir, names)  # `ddpm sample RUN --class cat` then works
