@@ -52,7 +52,7 @@ from quality_per_minute import CONFIDENT, cpu_name, score  # the scoring quality
 
 from ddpmlab.config import load_config
 from ddpmlab.data import load_mnist
-from ddpmlab.errors import DDPMError
+from ddpmlab.errors import DDPMError, OptionError
 from ddpmlab.evaluate.bench import BenchEntry, parse_nfes
 from ddpmlab.evaluate.features import batches, classifier_extractor, extract
 from ddpmlab.evaluate.metrics import check_fid_samples
@@ -202,11 +202,11 @@ def parse_args(argv):
         if m not in METHODS:
             p.error(f"--methods: unknown method '{m}'; choose from {', '.join(METHODS)}")
     try:
-        args.steps = parse_nfes(args.steps, "--steps")
-        args.consistency_steps = parse_nfes(args.consistency_steps, "--consistency-steps")
-        args.picture_steps = parse_nfes(args.picture_steps, "--picture-steps")
+        args.steps = named(parse_nfes, args.steps, "--steps")
+        args.consistency_steps = named(parse_nfes, args.consistency_steps, "--consistency-steps")
+        args.picture_steps = named(parse_nfes, args.picture_steps, "--picture-steps")
         args.progressive_iterations = [int(v) for v in args.progressive_iterations.split(",") if v.strip()]
-        args.baselines = [BenchEntry.parse(b, "--baselines") for b in args.baselines.split(",") if b.strip()]
+        args.baselines = [named(BenchEntry.parse, b, "--baselines") for b in args.baselines.split(",") if b.strip()]
     except ValueError:
         p.error(f"--progressive-iterations must be comma-separated integers, got '{args.progressive_iterations}'")
     except DDPMError as e:
@@ -225,14 +225,22 @@ def parse_args(argv):
     return args
 
 
+def named(parse, text: str, option: str):
+    """``parse(text)``; an OptionError of the library becomes a DDPMError naming this script's ``option``."""
+    try:
+        return parse(text)
+    except OptionError as e:
+        raise DDPMError(e.named({e.option: option})) from None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device, "--device")
     extractor = classifier_extractor(device)
     try:
-        check_fid_samples(args.n, extractor.num_features, option="--n")  # before anything is trained
-    except DDPMError as e:
-        raise SystemExit(f"error: {e}") from None
+        check_fid_samples(args.n, extractor.num_features)  # before anything is trained
+    except OptionError as e:
+        raise SystemExit(f"error: {e.named({'n': '--n'})}") from None
     out = Path(args.out)
     for sub in ("teacher", "students"):
         if (out / sub).exists() and (sub == "students" or args.teacher is None):

@@ -54,7 +54,8 @@ from quality_per_minute import CONFIDENT, cpu_name, score
 
 from ddpmlab.config import load_config
 from ddpmlab.data import load_mnist
-from ddpmlab.errors import DDPMError
+from ddpmlab.cli.options import NAMES
+from ddpmlab.errors import DDPMError, OptionError
 from ddpmlab.evaluate.features import batches, classifier_extractor, extract
 from ddpmlab.evaluate.metrics import check_fid_samples
 from ddpmlab.io.checkpoint import load_run_config
@@ -228,8 +229,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device, "--device")
     extractor = classifier_extractor(device)
-    check_fid_samples(args.n, extractor.num_features, option="--n")  # before the trainings, not after
-    get_sampler(args.sampler, where="--sampler")
+    check_fid_samples(args.n, extractor.num_features)  # before the trainings, not after
+    get_sampler(args.sampler)
     progress = not args.no_progress
     machine = machine_line(device)
     print(machine)
@@ -336,4 +337,4 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except DDPMError as e:  # a bad option or override: its one-line message, as `ddpm` prints it
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e.named(NAMES) if isinstance(e, OptionError) else e}")

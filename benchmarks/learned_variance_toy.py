@@ -111,8 +111,8 @@ def figures(name: str, runs: dict, out: Path, steps: int) -> Path:
     x0 = make_toy(name, 2000, seed=7)
     fwd = forward_points(s, x0, [-1, 49, 99, 249, 499, 999], generator=torch.Generator().manual_seed(0))
     rows = [("forward q(x_t | x_0)", fwd),
-            (f"reverse, learned, {steps} steps", reverse_points(model, s, 2000, steps, "learned")),
-            (f"reverse, fixed small, {steps} steps", reverse_points(model, s, 2000, steps, "posterior"))]
+            (f"reverse, learned, {steps} steps", reverse_points(model, s, 2000, steps, "learned_range")),
+            (f"reverse, fixed small, {steps} steps", reverse_points(model, s, 2000, steps, "fixed_small"))]
     return save_panels(rows, out / f"forward_reverse_{name}.png", reference=x0)
 
 
@@ -140,8 +140,8 @@ def main() -> None:
                                     generator=torch.Generator().manual_seed(k)) for k, ref in enumerate(fresh)]
         dense = make_toy(name, 20000, seed=40000)
         q = {key: quality(runs[kind], var, fresh, dense, args.sample_steps) for key, kind, var in (
-            ("hybrid, learned", "hybrid", "learned"), ("hybrid, fixed small", "hybrid", "posterior"),
-            ("simple, fixed small", "simple", "posterior"), ("simple, fixed large", "simple", "beta"))}
+            ("hybrid, learned", "hybrid", "learned_range"), ("hybrid, fixed small", "hybrid", "fixed_small"),
+            ("simple, fixed small", "simple", "fixed_small"), ("simple, fixed large", "simple", "fixed_large"))}
         r = {
             "nll_bits_per_dim": {"hybrid, learned": nll(runs["hybrid"], "learned_range", test),
                                  "simple, fixed large": nll(runs["simple"], "fixed_large", test),

@@ -58,8 +58,8 @@ def test_tab_actions_write_what_the_cli_writes(runs_root, tmp_path):
     runs = Runs([runs_root / "img", runs_root / "toy"], resolve_device("cpu"), tmp_path / "out")
     img, toy = (str(runs_root / n) for n in ("img", "toy"))
     # images: grid, single PNGs and .npz equal `ddpm sample --out FOLDER/ --npz`
-    res = act.sample(runs, img, sampler="dpmpp_2m", steps=4, timesteps="karras", seed=3, n=5)
-    assert main(["sample", img, "--sampler", "dpmpp_2m", "--steps", "4", "--timesteps", "karras", "--seed", "3",
+    res = act.sample(runs, img, sampler="dpmpp_2m", steps=4, step_schedule="karras", seed=3, n=5)
+    assert main(["sample", img, "--sampler", "dpmpp_2m", "--steps", "4", "--step-schedule", "karras", "--seed", "3",
                  "--n", "5", "--out", f"{tmp_path / 'cli'}/", "--npz", "--no-progress"]) == 0
     assert np.array_equal(_png(res.picture), _png(tmp_path / "cli" / "grid.png"))
     assert [p.name for p in res.files] == [f"{i:06d}.png" for i in range(5)]

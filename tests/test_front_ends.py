@@ -141,16 +141,32 @@ def test_train_help_lists_every_config_key_and_print_config_shows_the_resolved_c
     assert load_config("mnist", ["train.steps=123"]).train.steps == 123  # printed, nothing trained
 
 
-def test_every_sampling_command_takes_timesteps_batch_size_and_no_progress():
+def test_every_sampling_command_takes_step_schedule_batch_size_and_no_progress():
     parser = build_parser()
     commands = [["sample", "R"], ["img2img", "R", "--image", "x.png"], ["eval", "R"], ["viz", "grid", "R"],
                 ["viz", "reverse", "R"], ["viz", "toy", "R"], ["inpaint", "R", "--image", "x", "--mask", "m"],
                 ["bench", "samplers", "R"]]
     for argv in commands:
-        args = parser.parse_args([*argv, "--timesteps", "uniform", "--batch-size", "7", "--no-progress"]
+        args = parser.parse_args([*argv, "--step-schedule", "uniform", "--batch-size", "7", "--no-progress"]
                                  if argv[0] != "bench" else [*argv, "--batch-size", "7", "--no-progress"])
         assert args.batch_size == 7 and args.no_progress, argv
-        assert argv[0] == "bench" or args.timesteps == "uniform", argv
+        assert argv[0] == "bench" or args.step_schedule == "uniform", argv
+
+
+def test_older_spellings_are_read_at_the_command_line_with_a_note_and_refused_by_the_library(capsys):
+    parser = build_parser()
+    for argv in (["sample", "R"], ["inpaint", "R", "--image", "x", "--mask", "m"]):
+        args = parser.parse_args([*argv, "--timesteps", "leading", "--variance", "posterior"])
+        assert (args.step_schedule, args.variance) == ("leading", "fixed_small"), argv
+        assert capsys.readouterr().err.splitlines() == ["note: --timesteps is now spelled --step-schedule",
+                                                        "note: --variance posterior is now spelled --variance "
+                                                        "fixed_small"], argv
+    args = parser.parse_args(["sample", "R", "--step-schedule", "karras", "--variance", "fixed_large"])
+    assert (args.step_schedule, args.variance) == ("karras", "fixed_large") and capsys.readouterr().err == ""
+    assert "--timesteps" not in " ".join(parser.parse_args(["sample", "R"]).parser.format_help().split())
+    for alias in ("beta", "posterior", "learned"):
+        with pytest.raises(OptionError, match=f"variance: unknown variance '{alias}'"):
+            SamplingRequest(options={"variance": alias}).check()
 
 
 def test_the_batch_size_default_is_shown_in_the_help(capsys):
@@ -178,7 +194,7 @@ def test_one_variance_vocabulary_aliases_give_the_same_samples(run, tmp_path, ca
 def test_the_ancestral_sampler_defaults_to_the_runs_variance(run):
     r = load_run(run, device="cpu")
     assert plan_sampling(r, "ddpm", 3).options["variance"] == r.cfg.diffusion.variance
-    assert plan_sampling(r, "ddpm", 3, options={"variance": "beta"}).options["variance"] == "fixed_large"
+    assert plan_sampling(r, "ddpm", 3, options={"variance": "fixed_small"}).options["variance"] == "fixed_small"
     assert "variance" not in plan_sampling(r, "ddim", 3).options
     assert plan_sampling(r, "ddpm").steps == r.T and plan_sampling(r, "ddim").steps == 50
 

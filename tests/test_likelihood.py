@@ -196,11 +196,11 @@ def test_respaced_learned_variance_sampler_matches_diffusers_learned_range():
     x = x_T.clone()
     for t in sched.timesteps:
         x = sched.step(model(x, t), t, x, generator=g).prev_sample
-    ours = SAMPLERS["ddpm"](ModelPredictor(model, S), S, x_T, 50, variance="learned",
+    ours = SAMPLERS["ddpm"](ModelPredictor(model, S), S, x_T, 50, variance="learned_range",
                             generator=torch.Generator().manual_seed(10))
     assert torch.allclose(ours, x, atol=1e-8)
     # and the variance did matter: with the posterior variance the samples differ
-    fixed = SAMPLERS["ddpm"](ModelPredictor(model, S), S, x_T, 50, variance="posterior",
+    fixed = SAMPLERS["ddpm"](ModelPredictor(model, S), S, x_T, 50, variance="fixed_small",
                              generator=torch.Generator().manual_seed(10))
     assert (fixed - ours).abs().max() > 1e-2
 
@@ -210,7 +210,7 @@ def test_fixed_variance_sampler_on_a_learned_variance_model_uses_only_the_eps_ha
     from ddpmlab.samplers.registry import SAMPLERS
 
     x_T = torch.randn(64, 3, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
-    for sampler, opts in (("ddpm", {"variance": "posterior"}), ("ddim", {})):
+    for sampler, opts in (("ddpm", {"variance": "fixed_small"}), ("ddim", {})):
         a = SAMPLERS[sampler](ModelPredictor(_WithVariance(SMALL, S), S), S, x_T, 20,
                               generator=torch.Generator().manual_seed(1), **opts)
         b = SAMPLERS[sampler](ModelPredictor(_WithVariance(SMALL, S, head=False), S), S, x_T, 20,
@@ -224,7 +224,7 @@ def test_learned_variance_sampler_on_a_model_without_variance_head_is_an_error()
 
     predict = ModelPredictor(_WithVariance(SMALL, S, head=False), S)
     with pytest.raises(DDPMError, match="no variance head"):
-        SAMPLERS["ddpm"](predict, S, torch.randn(4, 3, dtype=torch.float64), 10, variance="learned")
+        SAMPLERS["ddpm"](predict, S, torch.randn(4, 3, dtype=torch.float64), 10, variance="learned_range")
 
 
 # ----------------------------------------------------------------- bad input

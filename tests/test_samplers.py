@@ -23,9 +23,9 @@ GAUSS = GaussianMixture(means=[[1.0, -0.5, 0.25]], stds=[0.5])
 
 
 @pytest.mark.parametrize("sampler,steps,options", [
-    ("ddpm", 1000, {"variance": "beta"}),
-    ("ddpm", 1000, {"variance": "posterior"}),
-    ("ddpm", 100, {"variance": "beta"}),
+    ("ddpm", 1000, {"variance": "fixed_large"}),
+    ("ddpm", 1000, {"variance": "fixed_small"}),
+    ("ddpm", 100, {"variance": "fixed_large"}),
     ("ddim", 200, {"eta": 0.0}),
     ("ddim", 500, {"eta": 1.0}),
 ])

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from ddpmlab.cli.options import VARIANCE_ALIASES, OlderSpelling, VarianceName
 from ddpmlab.cli.sampling import cmd_img2img, cmd_inpaint, cmd_sample, cmd_upscale
 from ddpmlab.cli.study import cmd_bench, cmd_eval, cmd_viz
-from ddpmlab.diffusion.reverse import VARIANCE_ALIASES, VARIANCES
+from ddpmlab.diffusion.reverse import VARIANCES
 from ddpmlab.diffusion.schedules import SCHEDULES
 from ddpmlab.evaluate import bench
 from ddpmlab.samplers.registry import SAMPLER_SPECS, STEP_SCHEDULES
@@ -14,8 +15,18 @@ from ddpmlab.samplers.registry import SAMPLER_SPECS, STEP_SCHEDULES
 SAMPLERS_HELP = ", ".join(SAMPLER_SPECS)
 
 
-VARIANCE_HELP = (f"reverse variance of ddpm: {', '.join(VARIANCES)} (or "
-                 f"{', '.join(f'{a}' for a in VARIANCE_ALIASES)}); default: the run's diffusion.variance")
+VARIANCE_HELP = (f"reverse variance of ddpm: {', '.join(VARIANCES)} (the older words "
+                 f"{', '.join(VARIANCE_ALIASES)} are read with a note); default: the run's diffusion.variance")
+
+
+def step_schedule_option(p: argparse.ArgumentParser, help: str) -> None:
+    """--step-schedule NAME (which timesteps the sampler visits); the older --timesteps NAME is read with a note."""
+    p.add_argument("--step-schedule", dest="step_schedule", default=None, metavar="NAME", help=help)
+    p.add_argument("--timesteps", dest="step_schedule", action=OlderSpelling, new="--step-schedule")
+
+
+def variance_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--variance", default=None, action=VarianceName, help=VARIANCE_HELP)
 
 
 def run_options(p: argparse.ArgumentParser, batch_size: int, seed: bool = True) -> None:
@@ -44,12 +55,12 @@ def sampling_options(p: argparse.ArgumentParser, conditional: bool = True) -> No
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps = model evaluations (default: the run's own steps with its own sampler; "
                         "all timesteps for ddpm, 50 otherwise)")
-    p.add_argument("--timesteps", default=None, metavar="NAME",
-                   help=f"step schedule: {', '.join(STEP_SCHEDULES)}; ddpm and ddim take uniform, leading or "
-                        "trailing; optimized is fitted to this model on calibration noise first; default: the "
-                        "sampler's own (ddim: uniform, dpmpp/unipc: logsnr, euler/heun: karras)")
+    step_schedule_option(p, f"which timesteps (noise levels) the sampler visits: {', '.join(STEP_SCHEDULES)}; "
+                            "ddpm and ddim take uniform, leading or trailing; optimized is fitted to this model on "
+                            "calibration noise first; default: the sampler's own (ddim: uniform, dpmpp/unipc: "
+                            "logsnr, euler/heun: karras)")
     p.add_argument("--eta", type=float, default=None, help="DDIM noise: 0 deterministic (default), 1 DDPM-like")
-    p.add_argument("--variance", default=None, help=VARIANCE_HELP)
+    variance_option(p)
     p.add_argument("--threshold", type=float, default=None, metavar="P",
                    help="dynamic thresholding of predicted x0 at percentile P, e.g. 0.995 (Saharia et al. 2022); "
                         "replaces the clip to [-1, 1]")
@@ -98,9 +109,8 @@ def editing_parsers(sub) -> None:
                       "The mask is a PNG of the same size as the image: white (> 50% grey) = fill, black = keep.")
     ip.add_argument("--mask", required=True, help="PNG mask, same size as the image: white = fill, black = keep")
     ip.add_argument("--steps", type=int, default=250, help="respaced diffusion steps (default 250, as the paper)")
-    ip.add_argument("--timesteps", default=None, metavar="NAME",
-                    help="which timesteps the respaced steps use: uniform (default), leading or trailing")
-    ip.add_argument("--variance", default=None, help=VARIANCE_HELP)
+    step_schedule_option(ip, "which timesteps the respaced steps visit: uniform (default), leading or trailing")
+    variance_option(ip)
     class_option(ip)
     ip.add_argument("--guidance", type=float, default=None, metavar="SCALE",
                     help="classifier-free guidance scale (conditional models; default: the run's "
@@ -317,7 +327,7 @@ def bench_parser(sub) -> None:
     bs.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help="a folder written by `ddpm train`")
     bs.add_argument("--analytic", choices=["mixture2d", "mixture64d"], help="built-in target, no checkpoint needed")
     bs.add_argument("--samplers", default=",".join(bench.DEFAULT_SAMPLERS),
-                    help="comma-separated NAME or NAME:TIMESTEPS, e.g. dpmpp_2m:karras,unipc:optimized "
+                    help="comma-separated NAME or NAME:STEP_SCHEDULE, e.g. dpmpp_2m:karras,unipc:optimized "
                          f"(default {','.join(bench.DEFAULT_SAMPLERS)})")
     bs.add_argument("--nfe", default="5,10,20,50", help="model evaluations to test (default 5,10,20,50)")
     bs.add_argument("--n", type=int, default=None, help="samples per set (default 256 for a run, 20000 analytic)")

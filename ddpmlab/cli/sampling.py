@@ -78,14 +78,14 @@ def _write_row(run: Run, row: torch.Tensor, results: torch.Tensor, output: Outpu
 
 
 def cmd_inpaint(args) -> int:
-    request = InpaintRequest(args.steps, args.timesteps, args.variance, args.jump_length, args.jump_n_sample,
+    request = InpaintRequest(args.steps, args.step_schedule, args.variance, args.jump_length, args.jump_n_sample,
                              args.label, args.guidance, args.seed, args.n)
     run = _image_run(args, "inpaint")
     if listed_classes(args, run):
         return 0
     plan = plan_inpainting(run, request)
-    image = load_picture(args.image, run.image_shape, args.resize, "--image", "--resize")
-    mask = load_mask(args.mask, run.image_shape[1:], args.resize, "--mask", "--resize")
+    image = load_picture(args.image, run.image_shape, args.resize)
+    mask = load_mask(args.mask, run.image_shape[1:], args.resize)
     default = run.folder("samples") / f"inpaint_{Path(args.image).stem}_seed{args.seed}{plan.condition_tag()}.png"
     output = resolve_output(args.out, default)  # before sampling: a bad --out costs nothing
     x = draw_inpainting(run, plan, image, mask, batch_size=args.batch_size, progress=not args.no_progress)
@@ -101,7 +101,7 @@ def cmd_img2img(args) -> int:
     if listed_classes(args, run):
         return 0
     plan, t0 = plan_img2img(run, request, args.strength)
-    image = load_picture(args.image, run.image_shape, args.resize, "--image", "--resize")
+    image = load_picture(args.image, run.image_shape, args.resize)
     default = (run.folder("samples") / f"img2img_{Path(args.image).stem}_strength{args.strength:g}_"
                f"seed{args.seed}{plan.condition_tag()}.png")
     output = resolve_output(args.out, default)  # before sampling: a bad --out costs nothing
@@ -140,7 +140,7 @@ def _low_res_picture(args, run: Run) -> torch.Tensor:
     if size is not None and size != (lw, lh):
         raise DDPMError(f"--image '{args.image}' is {size[0]}x{size[1]} pixels but {args.run_dir} upscales "
                         f"{lw}x{lh} pictures (data.low_res, width x height) to {w}x{h}; give a {lw}x{lh} picture")
-    return load_picture(args.image, (c, lh, lw), what="--image")[None]
+    return load_picture(args.image, (c, lh, lw))[None]
 
 
 def cmd_upscale(args) -> int:

@@ -71,7 +71,7 @@ def _eval_sample_quality(args, metrics: List[str], device: torch.device) -> None
     extractor = args.extractor or ("inception" if args.inception_weights else "classifier")
     s = EvalSettings(metrics=metrics, n=args.n or 1000, sampler=args.sampler, steps=args.steps,
                      sampler_options={"eta": args.eta, "variance": args.variance, "threshold": args.threshold},
-                     timesteps=args.timesteps, guidance=args.guidance, label=args.label, seed=args.seed,
+                     step_schedule=args.step_schedule, guidance=args.guidance, label=args.label, seed=args.seed,
                      batch_size=args.batch_size, extractor=extractor, inception_weights=args.inception_weights,
                      weights=args.weights, baseline=not args.no_baseline)
     results, path = evaluate_run(args.run_dir, s, device, cache_dir=args.cache_dir, use_cache=not args.no_cache,

@@ -56,8 +56,7 @@ SAMPLE_BATCH, EDIT_BATCH = 256, 64
 # how the page names each option of the library, for its messages
 NAMES = {"sampler": "sampler", "steps": "steps", "step_schedule": "step schedule", "class": "class",
          "guidance": "guidance scale", "weights": "weights", "n": "n", "strength": "SDEdit strength",
-         "variance": "variance"}
-RESIZE_OPTION = "the 'resize' box"
+         "variance": "variance", "image": "image", "mask": "mask file", "resize": "the 'resize' box"}
 POINTS_PER_SAMPLE = 100  # a 2-D run may draw this many points per image sample of --max-samples
 EDITOR_SIZE = 256  # the mask editor shows the image enlarged (nearest) to about this many pixels
 
@@ -152,12 +151,12 @@ class Runs:
         return path
 
 
-def _request(run: Run, sampler: Optional[str], steps, timesteps: Optional[str], n: int, label, guidance, seed: int,
-             limits: Limits) -> SamplingRequest:
+def _request(run: Run, sampler: Optional[str], steps, step_schedule: Optional[str], n: int, label, guidance,
+             seed: int, limits: Limits) -> SamplingRequest:
     """The request of a tab's fields (empty ones: as the run samples), within the page's limits."""
     steps = as_int(steps, "steps")
     limits.check(n, steps, run=run)
-    return SamplingRequest(sampler or None, steps, timesteps or None, {}, label, guidance, seed, n)
+    return SamplingRequest(sampler or None, steps, step_schedule or None, {}, label, guidance, seed, n)
 
 
 def _plan(run: Run, request: SamplingRequest, limits: Limits) -> SamplingPlan:
@@ -185,17 +184,17 @@ class SampleResult:
     x: torch.Tensor = field(repr=False, default=None)
 
 
-def sample(runs: Runs, run_dir, *, sampler: Optional[str] = None, steps=None, timesteps: Optional[str] = None,
+def sample(runs: Runs, run_dir, *, sampler: Optional[str] = None, steps=None, step_schedule: Optional[str] = None,
            seed=0, n=16, label=None, guidance=None, weights: str = "ema", limits: Limits = Limits(),
            progress: Optional[Callable[[float, str], None]] = None) -> SampleResult:
-    """``ddpm sample RUN [--sampler S --steps K --timesteps TS] --seed X --n N [--class C --guidance G]
+    """``ddpm sample RUN [--sampler S --steps K --step-schedule TS] --seed X --n N [--class C --guidance G]
     --weights W --out FOLDER/ --npz``: FOLDER/grid.png (or the scatter plot), one PNG per image, samples.npz.
     Empty sampler, steps and guidance: as the run samples (as ``ddpm sample RUN`` without them)."""
     n = as_int(n, "n", minimum=1)
     seed = as_int(seed, "seed") or 0
     run = runs.get(run_dir, weights)
     label, guidance = _condition(run, label, guidance)
-    plan = _plan(run, _request(run, sampler, steps, timesteps, n, label, guidance, seed, limits), limits)
+    plan = _plan(run, _request(run, sampler, steps, step_schedule, n, label, guidance, seed, limits), limits)
     output = resolve_output(str(runs.new_folder("sample")) + "/", Path("unused.png"))
     x = draw_samples(run, plan, batch_size=SAMPLE_BATCH, progress=False,
                      callback=_step_counter(plan, n, progress, "sampling"))
@@ -282,7 +281,7 @@ def read_input(runs: Runs, run_dir, path, resize: bool = False, weights: str = "
     run = _image_run(runs, run_dir, weights, "inpainting")
     if not path:
         raise DDPMError("no input image: upload a picture or pick a training image first")
-    x = load_picture(path, run.image_shape, resize, "image", RESIZE_OPTION)
+    x = load_picture(path, run.image_shape, resize)
     png = save_images(x[None], runs.new_folder("input"))[0]
     return png, enlarged(png, editor_scale(run))
 
@@ -348,9 +347,9 @@ def inpaint_image(runs: Runs, run_dir, image_png, *, layers=None, mask_file=None
                                                jump_n_sample, label, guidance, seed, n), log=lambda _msg: None)
     if not image_png:
         raise DDPMError("no input image: upload a picture or pick a training image first")
-    image = load_picture(image_png, run.image_shape, False, "image", RESIZE_OPTION)
+    image = load_picture(image_png, run.image_shape)
     if mask_file:
-        mask = load_mask(mask_file, run.image_shape[1:], resize, "mask file", RESIZE_OPTION)
+        mask = load_mask(mask_file, run.image_shape[1:], resize)
     else:
         mask = mask_from_layers(layers, run.image_shape[1:], editor_scale(run))
         if mask is None:
@@ -375,7 +374,7 @@ def img2img_image(runs: Runs, run_dir, image_png, *, strength=0.5, sampler: Opti
     limits.check(n, plan.steps, run=run)
     if not image_png:
         raise DDPMError("no input image: upload a picture or pick a training image first")
-    image = load_picture(image_png, run.image_shape, False, "image", RESIZE_OPTION)
+    image = load_picture(image_png, run.image_shape)
     x = edit_img2img(run, plan, image, strength, batch_size=EDIT_BATCH, progress=progress)
     picture, files = _write_row(run, comparison_row(image, x), x, runs.new_folder("img2img"))
     return EditResult(picture, files, f"input, {n} results (SDEdit, noised to t0 = {n0} of {run.T}, "

@@ -213,8 +213,8 @@ class Handlers:
         self.gr, self.runs, self.limits = gr, runs, limits
 
     def sample(self, run_dir, w, sampler, steps, sched, seed, n, label, guidance, progress=None):
-        res = sample(self.runs, run_dir, sampler=_sampler(sampler), steps=steps, timesteps=_schedule(sched), seed=seed,
-                     n=n, label=label, guidance=guidance, weights=w, limits=self.limits,
+        res = sample(self.runs, run_dir, sampler=_sampler(sampler), steps=steps, step_schedule=_schedule(sched),
+                     seed=seed, n=n, label=label, guidance=guidance, weights=w, limits=self.limits,
                      progress=_reporter(progress))
         return res.text, str(res.picture), [str(p) for p in [*res.files, res.npz]]
 

@@ -8,13 +8,12 @@ import torch
 
 from ddpmlab.diffusion.process import extract, q_posterior
 from ddpmlab.diffusion.schedules import NoiseSchedule
-from ddpmlab.errors import ConfigError, DDPMError
+from ddpmlab.errors import OPTION, DDPMError, OptionError
 
 # the reverse variance sigma_t^2, one vocabulary for config (diffusion.variance) and samplers:
 # beta_t (Ho et al. 2020, Sec. 3.2, "fixed_large"), the posterior beta_tilde_t ("fixed_small"),
 # or the model's variance head (Nichol & Dhariwal 2021, Eq. 15, "learned_range")
 VARIANCES = ("fixed_large", "fixed_small", "learned_range")
-VARIANCE_ALIASES = {"beta": "fixed_large", "posterior": "fixed_small", "learned": "learned_range"}
 
 
 def split_output(out: torch.Tensor, x_t: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -31,13 +30,11 @@ def split_output(out: torch.Tensor, x_t: torch.Tensor) -> Tuple[torch.Tensor, Op
     raise ValueError(f"model output of shape {tuple(out.shape)} does not fit x_t of shape {tuple(x_t.shape)}")
 
 
-def variance_name(name: str, where: str = "variance") -> str:
-    """The canonical name of a reverse variance (``beta``, ``posterior``, ``learned`` are aliases)."""
-    canonical = VARIANCE_ALIASES.get(name, name)
-    if canonical not in VARIANCES:
-        raise ConfigError(f"{where}: unknown variance '{name}'; choose one of {', '.join(VARIANCES)} "
-                          f"(or {', '.join(f'{a} = {c}' for a, c in VARIANCE_ALIASES.items())})")
-    return canonical
+def check_variance(name: str) -> str:
+    """``name`` if it is a reverse variance of :data:`VARIANCES`, else an OptionError about 'variance'."""
+    if name not in VARIANCES:
+        raise OptionError("variance", f"{OPTION}: unknown variance '{name}'; choose one of {', '.join(VARIANCES)}")
+    return name
 
 
 def ancestral_step(s: NoiseSchedule, x_t: torch.Tensor, i: int, x0: torch.Tensor, variance: str,

@@ -30,7 +30,7 @@ from matplotlib.ticker import NullFormatter
 
 from ddpmlab.diffusion.analytic import ExactDenoiser, GaussianMixture
 from ddpmlab.diffusion.schedules import NoiseSchedule
-from ddpmlab.errors import OPTION, ConfigError, DDPMError, OptionError, about
+from ddpmlab.errors import OPTION, ConfigError, DDPMError, OptionError
 from ddpmlab.evaluate.toy import sliced_wasserstein
 from ddpmlab.runs import RECOMMENDATION_FILE, SamplingRequest, draw_samples, load_run, plan_request
 from ddpmlab.samplers import ModelPredictor
@@ -81,8 +81,10 @@ class BenchEntry:
     def parse(cls, text: str) -> "BenchEntry":
         """``name`` or ``name:timesteps``; a bad one is an OptionError about 'samplers'."""
         name, _, ts = text.strip().partition(":")
-        with about("samplers"):
-            get_spec(name, f"{OPTION} {text.strip()}").check_step_schedule(ts or None, f"{OPTION} {text.strip()}")
+        try:
+            get_spec(name).check_step_schedule(ts or None)
+        except OptionError as e:  # about an entry of the list: named as '<the list's option> <entry>'
+            raise OptionError("samplers", e.named({e.option: f"{OPTION} {text.strip()}"})) from None
         return cls(name, ts or None)
 
     @property

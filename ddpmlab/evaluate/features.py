@@ -12,12 +12,12 @@ An :class:`Extractor` maps images in the data's scale ([-1, 1], (B, C, H, W)) to
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Tuple, Union
+from typing import Iterable, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from ddpmlab.errors import DDPMError
+from ddpmlab.errors import OPTION, DDPMError, OptionError, mention
 from ddpmlab.evaluate.classifier import WEIGHTS, load_mnist_classifier
 from ddpmlab.evaluate.inception import load_fid_inception
 from ddpmlab.io.weights import file_sha256
@@ -43,15 +43,15 @@ class Extractor(nn.Module):
         self.identity = identity
         self.num_features = num_features  # torchmetrics reads this for custom extractors
         self.input_shape = input_shape
-        self.hint = hint  # what to do with other images, in the caller's words
+        self.hint = hint  # what to do with other images (an OptionError's text: may mention options)
 
     def train(self, mode: bool = True) -> "Extractor":
         return super().train(False)  # locked in eval mode
 
     def check(self, x: torch.Tensor) -> None:
         if self.input_shape is not None and tuple(x.shape[1:]) != tuple(self.input_shape):
-            raise DDPMError(f"the '{self.name}' extractor needs images of shape {self.input_shape}, got "
-                            f"{tuple(x.shape[1:])}{self.hint}")
+            raise OptionError("extractor", f"the '{self.name}' extractor needs images of shape {self.input_shape}, "
+                                           f"got {tuple(x.shape[1:])}{self.hint}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check(x)
@@ -68,29 +68,25 @@ def classifier_extractor(device: Union[str, torch.device] = "cpu") -> Extractor:
                      input_shape=(1, 28, 28))
 
 
-def inception_extractor(weights: Optional[Union[str, Path]], device: Union[str, torch.device] = "cpu",
-                        where: str = "inception weights") -> Extractor:
-    """The FID Inception-v3 network from a local weights file (2048 features, 1008 logits)."""
-    net, digest = load_fid_inception(weights, where)
+def inception_extractor(weights: Optional[Union[str, Path]], device: Union[str, torch.device] = "cpu") -> Extractor:
+    """The FID Inception-v3 network from a local weights file (2048 features, 1008 logits); a missing or
+    wrong file is an OptionError about 'inception_weights'."""
+    net, digest = load_fid_inception(weights)
     return Extractor(net.to(device), "inception", f"inception-v3-fid-{digest[:16]}", 2048)
 
 
 def build_extractor(name: str, sample_shape: Tuple[int, ...], inception_weights: Optional[str] = None,
-                    device: Union[str, torch.device] = "cpu", names: Optional[Dict[str, str]] = None) -> Extractor:
-    """The extractor called ``name`` for images of ``sample_shape`` (C, H, W).
-
-    ``names`` maps 'extractor' and 'inception_weights' to how the caller sets them (for messages).
-    """
-    names = names or {}
+                    device: Union[str, torch.device] = "cpu") -> Extractor:
+    """The extractor called ``name`` for images of ``sample_shape`` (C, H, W); an OptionError about
+    'extractor' (or 'inception_weights') when it is unknown or cannot serve these images."""
     if name not in EXTRACTORS:
-        raise DDPMError(f"{names.get('extractor', 'extractor')} '{name}' is unknown; choose one of "
-                        f"{', '.join(EXTRACTORS)}")
+        raise OptionError("extractor", f"{OPTION} '{name}' is unknown; choose one of {', '.join(EXTRACTORS)}")
     if name == "inception":
-        return inception_extractor(inception_weights, device, names.get("inception_weights", "inception_weights"))
-    hint = f"; for other images use the Inception extractor ({names.get('inception_weights', 'inception_weights')})"
+        return inception_extractor(inception_weights, device)
+    hint = f"; for other images use the Inception extractor ({mention('inception_weights')})"
     if tuple(sample_shape) != (1, 28, 28):
-        raise DDPMError(f"the classifier extractor is for 1x28x28 digits, these images are {tuple(sample_shape)}"
-                        + hint)
+        raise OptionError("extractor", f"the classifier extractor is for 1x28x28 digits, these images are "
+                                       f"{tuple(sample_shape)}{hint}")
     extractor = classifier_extractor(device)
     extractor.hint = hint
     return extractor

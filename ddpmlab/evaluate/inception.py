@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpmlab.errors import DDPMError
+from ddpmlab.errors import OPTION, DDPMError, OptionError
 from ddpmlab.io.weights import file_sha256, load_state_dict_file
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -178,36 +178,35 @@ class FIDInceptionV3(nn.Module):
         return self.classify(self.features(x))
 
 
-def _read_state_dict(path: Path, where: str) -> dict:
+def _read_state_dict(path: Path) -> dict:
     """Tensors of the weights file (safetensors, or torch.load(weights_only=True): no code runs)."""
     try:
         return load_state_dict_file(path)
     except DDPMError as e:
-        raise DDPMError(f"{where}: {e}; {GET_WEIGHTS}") from None
+        raise OptionError("inception_weights", f"{OPTION}: {e}; {GET_WEIGHTS}") from None
 
 
-def load_fid_inception(path: Optional[Union[str, Path]], where: str = "inception weights"
-                       ) -> Tuple[FIDInceptionV3, str]:
-    """(network in eval mode, sha256 of the file) from a local weights file; clear errors otherwise.
-
-    ``where`` is how the caller names the weights option, for the messages.
-    """
+def load_fid_inception(path: Optional[Union[str, Path]]) -> Tuple[FIDInceptionV3, str]:
+    """(network in eval mode, sha256 of the file) from a local weights file; otherwise an OptionError
+    about 'inception_weights' that says what is wrong with it and where to get the file."""
     if not path:
-        raise DDPMError(f"the Inception extractor needs the FID Inception-v3 weights ({where}): {GET_WEIGHTS}")
+        raise OptionError("inception_weights", f"the Inception extractor needs the FID Inception-v3 weights (a "
+                                               f"local file given as {OPTION}): {GET_WEIGHTS}")
     path = Path(path).expanduser()
     if not path.is_file():
-        raise DDPMError(f"{where} '{path}' does not exist; {GET_WEIGHTS}")
-    sd = {k.removeprefix("module."): v for k, v in _read_state_dict(path, where).items()
+        raise OptionError("inception_weights", f"{OPTION} '{path}' does not exist; {GET_WEIGHTS}")
+    sd = {k.removeprefix("module."): v for k, v in _read_state_dict(path).items()
           if not k.startswith("AuxLogits.")}
     net = FIDInceptionV3()
     try:
         missing, unexpected = net.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shapes that do not fit
-        raise DDPMError(f"{where} '{path}' does not fit the FID Inception-v3 network "
-                        f"({' '.join(str(e).split())[:160]}); {GET_WEIGHTS}") from None
+        raise OptionError("inception_weights", f"{OPTION} '{path}' does not fit the FID Inception-v3 network "
+                                               f"({' '.join(str(e).split())[:160]}); {GET_WEIGHTS}") from None
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         bad = (missing or unexpected)[:3]
-        raise DDPMError(f"{where} '{path}' does not match the FID Inception-v3 network "
-                        f"({'missing' if missing else 'unexpected'} keys such as {', '.join(bad)}); {GET_WEIGHTS}")
+        raise OptionError("inception_weights", f"{OPTION} '{path}' does not match the FID Inception-v3 network "
+                                               f"({'missing' if missing else 'unexpected'} keys such as "
+                                               f"{', '.join(bad)}); {GET_WEIGHTS}")
     return net.eval(), file_sha256(path)

@@ -14,7 +14,7 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
-from ddpmlab.errors import DDPMError
+from ddpmlab.errors import OPTION, DDPMError, OptionError
 
 
 class _Identity(nn.Module):
@@ -34,12 +34,13 @@ def feature_sums(features: torch.Tensor) -> Dict[str, torch.Tensor]:
     return {"sum": f.sum(0), "cov_sum": f.T @ f, "n": torch.tensor(float(len(f)), dtype=torch.float64)}
 
 
-def check_fid_samples(n: int, num_features: int, what: str = "samples", option: str = "n") -> None:
+def check_fid_samples(n: int, num_features: int, what: str = "samples") -> None:
+    """An OptionError about 'n' unless ``n`` ``what`` are enough for FID with ``num_features`` features."""
     # the sample covariance of n points has rank <= n - 1: it needs n > D to be full rank
     if n <= num_features:
-        raise DDPMError(f"FID with {num_features}-dimensional features needs more than {num_features} {what} "
-                        f"(got {n}; the covariance would be singular): set {option} to "
-                        f"{max(1000, num_features + 1)} or more")
+        raise OptionError("n", f"FID with {num_features}-dimensional features needs more than {num_features} {what} "
+                               f"(got {n}; the covariance would be singular): set {OPTION} to "
+                               f"{max(1000, num_features + 1)} or more")
 
 
 def fid(real: Dict[str, torch.Tensor], fake_features: torch.Tensor) -> float:
@@ -53,7 +54,9 @@ def fid(real: Dict[str, torch.Tensor], fake_features: torch.Tensor) -> float:
 
     d = fake_features.shape[1]
     check_fid_samples(len(fake_features), d)
-    check_fid_samples(int(real["n"]), d, "reference images")
+    if int(real["n"]) <= d:  # a reference too small for its covariance: more data is the fix, not more samples
+        raise DDPMError(f"FID with {d}-dimensional features needs more than {d} reference images (got "
+                        f"{int(real['n'])}; the covariance would be singular); use a larger data set")
     metric = FrechetInceptionDistance(feature=_Identity(d), reset_real_features=False)
     metric.real_features_sum = real["sum"].double().clone()
     metric.real_features_cov_sum = real["cov_sum"].double().clone()

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from ddpmlab.data import build_dataset, make_toy
-from ddpmlab.errors import OPTION, ConfigError, DDPMError, OptionError, about
+from ddpmlab.errors import OPTION, DDPMError, OptionError
 from ddpmlab.evaluate import metrics as M
 from ddpmlab.evaluate.features import Extractor, batches, build_extractor, extract
 from ddpmlab.evaluate.reference import Reference, reference_statistics, without
@@ -40,7 +40,7 @@ class EvalSettings:
     sampler: Optional[str] = None  # default: as the run samples (its recommendation, else its own sampler and steps)
     steps: Optional[int] = None  # default: the sampler's own (ddpm: T, others 50)
     sampler_options: Dict[str, object] = field(default_factory=dict)
-    timesteps: Optional[str] = None  # step schedule (default: the sampler's own)
+    step_schedule: Optional[str] = None  # which timesteps the sampler visits (default: the sampler's own)
     guidance: Optional[float] = None  # classifier-free guidance scale (default: the run's train.sample_guidance)
     label: Optional[object] = None  # one class (name or index) for all samples; default: the classes in turn
     seed: int = 0
@@ -76,11 +76,9 @@ class EvalContext:
 
     def __init__(self, cfg, model, schedule, dataset, settings: EvalSettings, device, progress: bool = True,
                  extractor: Optional[Extractor] = None, reference: Optional[Reference] = None,
-                 cache_dir: Optional[str] = None, use_cache: bool = True, names: Optional[Dict[str, str]] = None,
-                 run: Optional[Run] = None):
-        # how a caller that catches no OptionError sets each option (e.g. {"n": "train.eval_n"}), for
-        # messages; without a name an error is an OptionError about the setting, named by the front end
-        self.names = dict(names or {})
+                 cache_dir: Optional[str] = None, use_cache: bool = True, run: Optional[Run] = None):
+        """A bad setting is an OptionError about its field of :class:`EvalSettings` ('n', 'metrics', 'steps',
+        ...), named by the front end that catches it."""
         self.cfg, self.model, self.schedule, self.dataset = cfg, model, schedule, dataset
         self.s, self.device, self.progress = settings, torch.device(device), progress
         self.cache_dir, self.use_cache = cache_dir, use_cache
@@ -95,10 +93,6 @@ class EvalContext:
     def is_image(self) -> bool:
         return bool(self.dataset.is_image)
 
-    def name(self, option: str) -> str:
-        """How messages name ``option``: the caller's name, else the mark of an OptionError about it."""
-        return self.names.get(option, OPTION)
-
     @cached_property
     def run(self) -> Run:
         return Run(self.cfg, self.model, self.schedule, self.device)
@@ -106,18 +100,13 @@ class EvalContext:
     @property
     def request(self) -> SamplingRequest:
         s = self.s
-        return SamplingRequest(s.sampler, s.steps, s.timesteps, dict(s.sampler_options), s.label, s.guidance, s.seed,
-                               s.n)
+        return SamplingRequest(s.sampler, s.steps, s.step_schedule, dict(s.sampler_options), s.label, s.guidance,
+                               s.seed, s.n)
 
     @cached_property
     def plan(self) -> SamplingPlan:
         """The sampler call as every front end makes it (as the run says where the settings say nothing)."""
-        try:
-            return plan_request(self.run, self.request, log=lambda m: None)
-        except OptionError as e:
-            if e.option not in self.names:
-                raise
-            raise ConfigError(e.named(self.names)) from None
+        return plan_request(self.run, self.request, log=lambda m: None)
 
     @property
     def steps(self) -> int:
@@ -170,11 +159,8 @@ class EvalContext:
 
     @cached_property
     def extractor(self) -> Extractor:
-        names = {"extractor": self.names.get("extractor", "extractor"),
-                 "inception_weights": self.name("inception_weights")}
-        with about("inception_weights"):
-            return build_extractor(self.s.extractor, tuple(self.dataset.sample_shape), self.s.inception_weights,
-                                   self.device, names)
+        return build_extractor(self.s.extractor, tuple(self.dataset.sample_shape), self.s.inception_weights,
+                               self.device)
 
     @cached_property
     def reference(self) -> Reference:
@@ -241,11 +227,11 @@ def _pr(ctx: EvalContext, which: str) -> dict:
 
 def _acc(ctx: EvalContext, which: str) -> dict:
     if not ctx.num_classes:
-        raise OptionError("metrics", f"{ctx.name('metrics')}: acc (classifier accuracy of conditional samples) "
-                                     "needs a class-conditional run (model.num_classes); drop 'acc' for this run")
+        raise OptionError("metrics", f"{OPTION}: acc (classifier accuracy of conditional samples) needs a "
+                                     "class-conditional run (model.num_classes); drop 'acc' for this run")
     if ctx.s.extractor != "classifier":
-        raise OptionError("metrics", f"{ctx.name('metrics')}: acc needs the classifier extractor (the digit "
-                                     "classifier decides the class)")
+        raise OptionError("metrics", f"{OPTION}: acc needs the classifier extractor (the digit classifier decides "
+                                     "the class)")
     return {"acc": M.class_accuracy(ctx.logits(which), ctx.points(which)[1])}
 
 
@@ -273,30 +259,28 @@ def default_metrics(is_image: bool, conditional: bool, extractor: str) -> List[s
     return ["fid", "kid", "is", "pr"] + (["acc"] if conditional and extractor == "classifier" else [])
 
 
-def check_metrics(names: List[str], is_image: bool, where: str = "metrics") -> None:
-    """DDPMError (naming the caller's option ``where``) for a metric that is unknown or not for this data."""
+def check_metrics(names: List[str], is_image: bool) -> None:
+    """An OptionError about 'metrics' for a metric that is unknown or not for this data."""
     for name in names:
         if name not in METRICS:
-            raise DDPMError(f"{where}: unknown metric '{name}'; available: {', '.join(METRICS)}")
+            raise OptionError("metrics", f"{OPTION}: unknown metric '{name}'; available: {', '.join(METRICS)}")
         kind = METRICS[name].kind
         if kind != "any" and (kind == "image") != is_image:
             data = "images" if kind == "image" else "2-D points"
             fits = ", ".join(default_metrics(is_image, False, "classifier"))
-            raise DDPMError(f"{where}: '{name}' is for {data}; this run's data are "
-                            f"{'images' if is_image else '2-D points'} (use {fits})")
+            raise OptionError("metrics", f"{OPTION}: '{name}' is for {data}; this run's data are "
+                                         f"{'images' if is_image else '2-D points'} (use {fits})")
 
 
 def evaluate_model(ctx: EvalContext) -> dict:
     """All requested metrics of ``ctx``: {"metrics": {...}, "data_baseline": {...}, ...}."""
     s = ctx.s
     names = s.metrics or default_metrics(ctx.is_image, bool(ctx.num_classes), s.extractor)
-    with about("metrics"):
-        check_metrics(names, ctx.is_image, ctx.name("metrics"))
+    check_metrics(names, ctx.is_image)
     if s.n < 2:
-        raise OptionError("n", f"{ctx.name('n')} must be at least 2, got {s.n}")
+        raise OptionError("n", f"{OPTION} must be at least 2, got {s.n}")
     if ctx.is_image and "fid" in names:
-        with about("n"):
-            M.check_fid_samples(s.n, ctx.extractor.num_features, option=ctx.name("n"))
+        M.check_fid_samples(s.n, ctx.extractor.num_features)
     t0 = time.time()
     results, baseline, notes = {}, {}, []
     for name in names:
@@ -311,8 +295,8 @@ def evaluate_model(ctx: EvalContext) -> dict:
             except DDPMError as e:  # e.g. too few images left for a held-out baseline
                 notes.append(f"{name}: {e}")
     plan = ctx.plan
-    resolved = {"sampler": plan.sampler, "steps": plan.steps, "timesteps": plan.step_schedule, "label": plan.label,
-                "guidance": plan.guidance}  # what the run's own settings filled in
+    resolved = {"sampler": plan.sampler, "steps": plan.steps, "step_schedule": plan.step_schedule,
+                "label": plan.label, "guidance": plan.guidance}  # what the run's own settings filled in
     out = {"metrics": results, "data_baseline": baseline if s.baseline else None,
            "settings": {**dataclasses.asdict(s), "metrics": names, **resolved},
            "time_s": round(time.time() - t0, 1)}
@@ -363,7 +347,7 @@ def evaluate_run(run_dir, settings: EvalSettings, device="auto", *, cache_dir: O
     Samples are drawn as the run says where ``settings`` say nothing (its recommended or own
     sampler, steps and guidance); a bad setting is an OptionError about it.
     """
-    SamplingRequest(settings.sampler, settings.steps, settings.timesteps, settings.sampler_options).check()
+    SamplingRequest(settings.sampler, settings.steps, settings.step_schedule, settings.sampler_options).check()
     run = load_run(run_dir, settings.weights, device)
     ctx = EvalContext(run.cfg, run.model, run.schedule, build_dataset(run.cfg), settings, run.device, progress,
                       cache_dir=cache_dir, use_cache=use_cache, run=run)

@@ -70,12 +70,12 @@ def plan_upscale(run: Run, x_low: torch.Tensor, request: SamplingRequest = Sampl
 
 
 def upscale(run: Run, x_low: torch.Tensor, sampler: Optional[str] = None, steps: Optional[int] = None, *,
-            seed: int = 0, batch_size: int = 256, options: Optional[dict] = None, timesteps: Optional[str] = None,
+            seed: int = 0, batch_size: int = 256, options: Optional[dict] = None, step_schedule: Optional[str] = None,
             label=None, guidance: Optional[float] = None, progress: bool = True) -> torch.Tensor:
     """The model's upscales of low-res images x_low (B, C, h, w) in [-1, 1]: (B, *run.shape) on the CPU.
 
     Sample i starts from the noise of seed ``seed`` (batched as every sampler call of ddpmlab.runs)."""
-    request = SamplingRequest(sampler, steps, timesteps, dict(options or {}), label, guidance, seed)
+    request = SamplingRequest(sampler, steps, step_schedule, dict(options or {}), label, guidance, seed)
     return draw_samples(run, plan_upscale(run, x_low, request), batch_size=batch_size, progress=progress)
 
 
@@ -109,7 +109,7 @@ def _fids(run: Run, truth: torch.Tensor, sets: Dict[str, torch.Tensor], extracto
     """Classifier (or Inception) FID of each set against the true images' features; {} with a note if it cannot."""
     try:
         ex = build_extractor(extractor, tuple(truth.shape[1:]), inception_weights, run.device)
-        M.check_fid_samples(len(truth), ex.num_features, "held-out images", "--n")
+        M.check_fid_samples(len(truth), ex.num_features, "held-out images")
     except DDPMError as e:
         note.append(f"no FID: {e}")
         return {}
@@ -155,8 +155,9 @@ def evaluate_superres(run: Run, n: Optional[int] = 500, request: SamplingRequest
     data = {"images": what, "n": len(truth), "low_res": [lh, lw], "high_res": list(truth.shape[2:]),
             "downsample": cfg.data.downsample, "upsample": cfg.data.upsample}
     settings = {"sampler": plan.sampler, "steps": plan.steps, "seed": plan.seed,
-                "options": {k: v for k, v in request.options.items() if v is not None}, "timesteps": plan.step_schedule,
-                "guidance": plan.guidance, "extractor": extractor if fids else None}
+                "options": {k: v for k, v in request.options.items() if v is not None},
+                "step_schedule": plan.step_schedule, "guidance": plan.guidance,
+                "extractor": extractor if fids else None}
     results = {"metrics": table, "data": data, "settings": settings, "notes": notes}
     return results, (x_low[:16], up[:16], truth[:16])
 

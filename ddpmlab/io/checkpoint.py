@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ddpmlab.config import Config, config_from_dict
-from ddpmlab.errors import DDPMError
+from ddpmlab.errors import OPTION, DDPMError, OptionError
 from ddpmlab.io.weights import load_state_dict_file
 from ddpmlab.models import build_model
 
@@ -225,12 +225,12 @@ def latest_checkpoint(run_dir) -> Optional[Tuple[Path, dict]]:
     return None if path is None else (path, ckpt)
 
 
-def newest_weights(run_dir, which: str = "ema", where: str = "weights") -> Tuple[Path, Dict[str, torch.Tensor]]:
+def newest_weights(run_dir, which: str = "ema") -> Tuple[Path, Dict[str, torch.Tensor]]:
     """(checkpoint folder, ``which`` weights) of a run's newest loadable checkpoint.
 
     ``which`` is 'ema' or 'model'; DDPMError says why there is none: no checkpoint yet, every
-    one damaged (each named with its reason), or the newest lacking ``which`` (``where`` names
-    the caller's option, so the message can say how to pick the other weights).
+    one damaged (each named with its reason), or the newest lacking ``which`` (an OptionError
+    about 'weights' that says to pick the other weights).
     """
     run_dir = require_run_dir(run_dir)
     ckpts = list_checkpoints(run_dir)
@@ -239,8 +239,8 @@ def newest_weights(run_dir, which: str = "ema", where: str = "weights") -> Tuple
     other = "model" if which == "ema" else "ema"
     if not (ckpts[0] / f"{which}.safetensors").is_file() and (ckpts[0] / f"{other}.safetensors").is_file():
         kind = {"ema": "EMA", "model": "raw (model)"}.get(which, which)
-        raise DDPMError(f"run '{run_dir}': checkpoint {ckpts[0].name} has no {kind} weights ({which}.safetensors "
-                        f"is missing); use the other weights ({where} {other})")
+        raise OptionError("weights", f"run '{run_dir}': checkpoint {ckpts[0].name} has no {kind} weights "
+                                     f"({which}.safetensors is missing); use the other weights ({OPTION} {other})")
     path, ckpt, skipped = find_checkpoint(run_dir)
     if path is None:
         damaged = "; ".join(f"{p.name} is damaged ({reason})" for p, reason in skipped)

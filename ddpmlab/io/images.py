@@ -18,13 +18,13 @@ from PIL import Image, ImageOps
 
 from ddpmlab.data import from_uint8, to_uint8
 from ddpmlab.data.images import CHANNEL_MODES, to_mode
-from ddpmlab.errors import DDPMError
+from ddpmlab.errors import OPTION, OptionError, mention
 
 
-def _open(path, what: str) -> Image.Image:
+def _open(path, option: str) -> Image.Image:
     path = Path(path)
     if not path.is_file():
-        raise DDPMError(f"{what} '{path}' does not exist; give the path of a PNG (or JPEG, ...) file")
+        raise OptionError(option, f"{OPTION} '{path}' does not exist; give the path of a PNG (or JPEG, ...) file")
     try:
         with Image.open(path) as img:
             img.load()
@@ -33,7 +33,7 @@ def _open(path, what: str) -> Image.Image:
             except Exception:  # a broken EXIF block: keep the pixels as stored
                 return img.copy()
     except (OSError, ValueError) as e:
-        raise DDPMError(f"{what} '{path}' is not a readable image ({type(e).__name__}: {e})") from None
+        raise OptionError(option, f"{OPTION} '{path}' is not a readable image ({type(e).__name__}: {e})") from None
 
 
 def _fit(img: Image.Image, size: Tuple[int, int], resample) -> Image.Image:
@@ -46,41 +46,41 @@ def _fit(img: Image.Image, size: Tuple[int, int], resample) -> Image.Image:
     return img.resize((w, h), resample, box=box)
 
 
-def _check_size(img: Image.Image, path, what: str, size: Tuple[int, int], resize_option: str) -> None:
+def _check_size(img: Image.Image, path, option: str, size: Tuple[int, int]) -> None:
     h, w = size
     if img.size != (w, h):
-        raise DDPMError(f"{what} '{path}' is {img.size[0]}x{img.size[1]} pixels but the model's images are "
-                        f"{w}x{h} (width x height); use {resize_option} to scale and center-crop it, or give a "
-                        f"{w}x{h} file")
+        raise OptionError(option, f"{OPTION} '{path}' is {img.size[0]}x{img.size[1]} pixels but the model's images "
+                                  f"are {w}x{h} (width x height); use {mention('resize')} to scale and center-crop "
+                                  f"it, or give a {w}x{h} file")
 
 
-def load_picture(path, shape: Sequence[int], resize: bool = False, what: str = "image",
-                 resize_option: str = "resize=True") -> torch.Tensor:
+def load_picture(path, shape: Sequence[int], resize: bool = False) -> torch.Tensor:
     """An image file as the model's input: (C, H, W) float32 in [-1, 1] for shape = (C, H, W).
 
-    ``what`` and ``resize_option`` name the caller's options in the messages.
+    A file that is missing, unreadable or (without ``resize``) of another size is an OptionError
+    about 'image' (that names the option 'resize' as the fix of a size).
     """
     c, h, w = shape
-    img = to_mode(_open(path, what), CHANNEL_MODES[c])
+    img = to_mode(_open(path, "image"), CHANNEL_MODES[c])
     if resize:
         img = _fit(img, (h, w), Image.Resampling.BICUBIC)
-    _check_size(img, path, what, (h, w), resize_option)
+    _check_size(img, path, "image", (h, w))
     arr = np.array(img, dtype=np.uint8)
     return from_uint8(arr if arr.ndim == 3 else arr[:, :, None])
 
 
-def load_mask(path, size: Sequence[int], resize: bool = False, what: str = "mask",
-              resize_option: str = "resize=True") -> torch.Tensor:
-    """A mask file as (1, H, W) float32: 1 where the pixel is > 50 % grey (fill), 0 elsewhere (keep)."""
+def load_mask(path, size: Sequence[int], resize: bool = False) -> torch.Tensor:
+    """A mask file as (1, H, W) float32: 1 where the pixel is > 50 % grey (fill), 0 elsewhere (keep).
+    A bad file is an OptionError about 'mask', as :func:`load_picture`'s about 'image'."""
     h, w = size
-    img = to_mode(_open(path, what), "L")
+    img = to_mode(_open(path, "mask"), "L")
     if resize:
         img = _fit(img, (h, w), Image.Resampling.NEAREST)
-    _check_size(img, path, what, (h, w), resize_option)
+    _check_size(img, path, "mask", (h, w))
     mask = torch.from_numpy(np.array(img, dtype=np.uint8) > 127).float()[None]
     if not mask.any():
-        raise DDPMError(f"{what} '{path}' has no white pixels, so there is nothing to fill "
-                        "(white = fill, black = keep; invert the mask if you drew it the other way)")
+        raise OptionError("mask", f"{OPTION} '{path}' has no white pixels, so there is nothing to fill "
+                                  "(white = fill, black = keep; invert the mask if you drew it the other way)")
     return mask
 
 

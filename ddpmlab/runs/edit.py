@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ddpmlab.diffusion.reverse import variance_name
-from ddpmlab.errors import OPTION, about
+from ddpmlab.diffusion.reverse import check_variance
+from ddpmlab.errors import about
 from ddpmlab.runs.draw import decode
 from ddpmlab.runs.load import Run
 from ddpmlab.runs.request import (
@@ -96,11 +96,9 @@ class InpaintPlan:
 def plan_inpainting(run: Run, request: InpaintRequest, log: Callable[[str], None] = print) -> InpaintPlan:
     """The RePaint call ``request`` asks for on ``run``: steps within T, the step schedule ddpm takes,
     the run's variance, the class and, where a class is asked for, the run's guidance."""
-    with about("step_schedule"):
-        get_spec("ddpm").check_step_schedule(request.step_schedule, OPTION)  # RePaint steps as ddpm does
+    get_spec("ddpm").check_step_schedule(request.step_schedule)  # RePaint steps as ddpm does
     check_steps(request.steps, run.T)
-    with about("variance"):
-        variance = variance_name(request.variance or run.cfg.diffusion.variance)
+    variance = check_variance(request.variance or run.cfg.diffusion.variance)
     label = run.class_index(request.label)
     guidance = request.guidance if label is None else run_guidance(run, request.guidance, log)
     model, labels = guide(run, run.model, request.n, label, guidance)

@@ -23,7 +23,7 @@ from ddpmlab.config import Config
 from ddpmlab.data import data_shape, image_shape
 from ddpmlab.data.latents import LATENTS_FILE, describe_autoencoder, file_sha256
 from ddpmlab.diffusion.schedules import NoiseSchedule
-from ddpmlab.errors import OPTION, DDPMError, OptionError, about
+from ddpmlab.errors import OPTION, DDPMError, OptionError
 from ddpmlab.io.checkpoint import list_checkpoints, load_run_config, newest_weights, require_run_dir
 from ddpmlab.io.diffusers_bridge import load_diffusers_model
 from ddpmlab.io.weights import load_state_dict_file
@@ -149,8 +149,7 @@ def load_run(run_dir, weights: str = "ema", device="auto", weights_file=None) ->
     _locate_autoencoder(cfg, run_dir)
     model = build_model(cfg)
     if weights_file is None:
-        with about("weights"):
-            path, state = newest_weights(run_dir, weights, OPTION)
+        path, state = newest_weights(run_dir, weights)
         model.load_state_dict(state)
         source = path.name
     else:
@@ -196,7 +195,11 @@ def load_autoencoder(path, device="auto") -> LatentCodec:
         key = _codec_key(src.path, newest[0] / "ema.safetensors", device) if newest else None
         if key in _CODECS:  # the sample grids of training build a Run each time: no reloading
             return _CODECS[key]
-        ckpt, state = newest_weights(src.path, "ema", "model.autoencoder")
+        try:
+            ckpt, state = newest_weights(src.path, "ema")
+        except OptionError:  # no option picks an autoencoder's weights: its EMA or nothing
+            raise DDPMError(f"model.autoencoder '{src.path}': its newest checkpoint has no EMA weights "
+                            "(ema.safetensors); give an autoencoder run that has them") from None
         weights_file = ckpt / "ema.safetensors"
     else:
         state = None

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from ddpmlab.config import Config
-from ddpmlab.diffusion.reverse import variance_name
-from ddpmlab.errors import OPTION, ConfigError, OptionError, about
+from ddpmlab.diffusion.reverse import check_variance
+from ddpmlab.errors import OPTION, ConfigError, OptionError
 from ddpmlab.models.conditioned import bind_condition
 from ddpmlab.runs.load import Run
 from ddpmlab.samplers.guidance import conditioning
@@ -70,13 +70,9 @@ class SamplingRequest:
         if self.n < 1:
             raise OptionError("n", f"{OPTION} must be at least 1, got {self.n}")
         if self.sampler is not None:
-            with about("sampler"):
-                spec = get_spec(self.sampler)
-            with about("step_schedule"):
-                spec.check_step_schedule(self.step_schedule, OPTION)
+            get_spec(self.sampler).check_step_schedule(self.step_schedule)
         if self.options.get("variance") is not None:
-            with about("variance"):
-                variance_name(self.options["variance"])
+            check_variance(self.options["variance"])
 
 
 @dataclass
@@ -184,8 +180,7 @@ def run_guidance(run: Run, guidance: Optional[float], log: Callable[[str], None]
 def guide(run: Run, net: nn.Module, n: int, label: Optional[int], guidance: Optional[float]) -> tuple:
     """(model, labels) of :func:`~ddpmlab.samplers.guidance.conditioning` for ``n`` samples of class
     ``label`` (an index, checked) with ``guidance``; an unusable scale is an OptionError about 'guidance'."""
-    with about("guidance"):
-        return conditioning(net, n, label, guidance, run.cfg.train.label_dropout, {"guidance": OPTION})
+    return conditioning(net, n, label, guidance, run.cfg.train.label_dropout)
 
 
 def choose_sampler(run: Run, request: SamplingRequest, log: Callable[[str], None] = print) -> tuple:
@@ -197,7 +192,7 @@ def choose_sampler(run: Run, request: SamplingRequest, log: Callable[[str], None
     rec = recommended_sampler(run, steps, schedule)
     if rec is not None:  # what `ddpm bench samplers RUN` found best for this run
         sampler, schedule, steps = rec[0], schedule or rec[1], rec[2] if steps is None else steps
-        log(f"sampler: {sampler}{' with ' + schedule + ' timesteps' if schedule else ''}, {steps} steps, as "
+        log(f"sampler: {sampler}{' with the ' + schedule + ' step schedule' if schedule else ''}, {steps} steps, as "
             f"recommended by ddpm bench samplers ({run.dir / RECOMMENDATION_FILE}; name a sampler to override)")
         return sampler, steps, schedule
     sampler, own_steps = default_sampler(run.cfg)
@@ -215,10 +210,8 @@ def plan_request(run: Run, request: SamplingRequest, log: Callable[[str], None] 
     """
     request.check()
     sampler, steps, schedule = choose_sampler(run, request, log)
-    with about("sampler"):
-        spec = get_spec(sampler)
-    with about("step_schedule"):
-        spec.check_step_schedule(schedule, OPTION)
+    spec = get_spec(sampler)
+    spec.check_step_schedule(schedule)
     start = run.T if request.img2img_t0 is None else request.img2img_t0
     student = _student_options(run, steps, schedule) if spec.name == "student" else {}
     steps = student.pop("steps", steps)
@@ -236,12 +229,9 @@ def plan_request(run: Run, request: SamplingRequest, log: Callable[[str], None] 
 def _sampler_options(run: Run, spec: SamplerSpec, asked: Mapping[str, object]) -> dict:
     """The options asked for (None dropped), each one the sampler takes; ddpm's variance defaults to the run's."""
     given = {k: v for k, v in asked.items() if v is not None}
-    for key in given:
-        with about(key):
-            spec.check_options({key: given[key]}, {key: OPTION})
+    spec.check_options(given)
     if "variance" in spec.options:
-        with about("variance"):
-            given["variance"] = variance_name(given.get("variance", run.cfg.diffusion.variance))
+        given["variance"] = check_variance(given.get("variance", run.cfg.diffusion.variance))
     return given
 
 
@@ -255,8 +245,7 @@ def _student_options(run: Run, steps: Optional[int], schedule: Optional[str]) ->
         raise OptionError("step_schedule", f"{OPTION}: the student sampler uses the grid it was distilled on; "
                                            "drop it")
     steps = ds.steps if steps is None else steps
-    with about("steps"):
-        check_student_steps(ds.method, steps, ds.steps, OPTION)
+    check_student_steps(ds.method, steps, ds.steps)
     return {"steps": steps, "method": ds.method, "distilled_steps": ds.steps, "sigma_data": ds.sigma_data,
             "rho": ds.rho}
 
@@ -307,17 +296,10 @@ def _step_schedule_option(run: Run, spec: SamplerSpec, name: Optional[str], step
 def plan_sampling(run: Run, sampler: Optional[str] = "ddim", steps: Optional[int] = None, n: int = 1, *,
                   timesteps: Optional[str] = None, options: Optional[dict] = None, label: Label = None,
                   guidance: Optional[float] = None, seed: int = 0, schedule_len: Optional[int] = None,
-                  cycle_classes: bool = False, names: Optional[Dict[str, str]] = None,
-                  log: Callable[[str], None] = print, cond: Optional[torch.Tensor] = None) -> SamplingPlan:
+                  cycle_classes: bool = False, log: Callable[[str], None] = print,
+                  cond: Optional[torch.Tensor] = None) -> SamplingPlan:
     """The former form of :func:`plan_request`, for callers not yet moved to a :class:`SamplingRequest`:
-    ``timesteps`` is the step schedule, ``schedule_len`` img2img's t0; ``names`` maps option names
-    ('sampler', 'steps', 'timesteps', ...) to the caller's, for the messages."""
+    ``timesteps`` is the step schedule, ``schedule_len`` img2img's t0."""
     request = SamplingRequest(sampler, steps, timesteps, dict(options or {}), label, guidance, seed, n,
                               cycle_classes, cond, schedule_len)
-    try:
-        return plan_request(run, request, log)
-    except OptionError as e:
-        names = {("step_schedule" if k == "timesteps" else k): v for k, v in (names or {}).items()}
-        if e.option not in names:
-            raise
-        raise ConfigError(e.named(names)) from None
+    return plan_request(run, request, log)

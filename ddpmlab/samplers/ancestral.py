@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ddpmlab.diffusion.reverse import ancestral_step, variance_name
+from ddpmlab.diffusion.reverse import ancestral_step, check_variance
 from ddpmlab.diffusion.schedules import NoiseSchedule, select_timesteps
 from ddpmlab.errors import ConfigError
 from ddpmlab.samplers.base import Callback, randn_like
@@ -43,11 +43,10 @@ def ddpm(predict, schedule: NoiseSchedule, x_T: torch.Tensor, steps: Optional[in
 
     variance: "fixed_large" (sigma_t^2 = beta_t) or "fixed_small" (sigma_t^2 = beta_tilde_t),
     the two fixed choices of Ho et al. 2020, Sec. 3.2, or "learned_range" (the model's
-    variance head, Nichol & Dhariwal 2021, Eq. 15; ``predict.with_log_variance``); "beta",
-    "posterior" and "learned" are the same three.  With steps < T the schedule is respaced
-    and all variances are those of the respaced process.
+    variance head, Nichol & Dhariwal 2021, Eq. 15; ``predict.with_log_variance``).  With steps < T
+    the schedule is respaced and all variances are those of the respaced process.
     """
-    variance = variance_name(variance)
+    variance = check_variance(variance)
     spaced = respaced(schedule, steps, spacing)
     x = x_T
     for k, i in enumerate(range(spaced.num_timesteps - 1, -1, -1)):

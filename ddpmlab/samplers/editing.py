@@ -17,7 +17,7 @@ from typing import Callable, List, Optional
 import torch
 
 from ddpmlab.diffusion.process import extract, q_sample
-from ddpmlab.diffusion.reverse import ancestral_step, variance_name
+from ddpmlab.diffusion.reverse import ancestral_step, check_variance
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import ConfigError, DDPMError
 from ddpmlab.progress import SampleBar
@@ -67,7 +67,7 @@ def repaint(predict, schedule: NoiseSchedule, x_T: torch.Tensor, steps: Optional
     region of the result equals ``x0_known`` exactly (the last step draws it from
     q(x_0 | x_0)).  ``jump_length=1, jump_n_sample=U`` is Algorithm 1 with U resamplings.
     """
-    variance = variance_name(variance)
+    variance = check_variance(variance)
     s = respaced(schedule, steps, spacing)
     keep = 1.0 - mask.to(x_T.dtype)
     x0_known = x0_known.to(x_T.dtype)

@@ -15,12 +15,12 @@ sampler gets guidance through the unchanged :class:`~ddpmlab.samplers.base.Model
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from ddpmlab.errors import DDPMError
+from ddpmlab.errors import OPTION, DDPMError, OptionError
 
 
 def drop_labels(y: torch.Tensor, p: float, null_label: int, generator: Optional[torch.Generator] = None,
@@ -56,7 +56,7 @@ class ClassifierFreeGuidance(nn.Module):
             raise DDPMError("classifier-free guidance needs a class-conditional model (trained with "
                             "model.num_classes); this model is unconditional")
         if scale < 0:
-            raise DDPMError(f"guidance scale must be >= 0 (1: conditional, 0: unconditional), got {scale}")
+            raise OptionError("guidance", f"{OPTION} must be >= 0 (1: conditional, 0: unconditional), got {scale}")
         self.model = model
         self.scale = float(scale)
         self.y = y
@@ -89,41 +89,39 @@ def guided(model: nn.Module, y: Optional[torch.Tensor] = None, scale: float = 1.
     return ClassifierFreeGuidance(model, y, scale)
 
 
-def check_labels(model, labels: torch.Tensor, where: str = "class") -> None:
-    """Raise DDPMError (naming the caller's option ``where``) unless every label lies in [0, num_classes)."""
+def check_labels(model, labels: torch.Tensor) -> None:
+    """An OptionError about 'class' unless every label lies in [0, num_classes)."""
     k = num_classes_of(model)
     if not k:
-        raise DDPMError(f"{where} needs a class-conditional model (trained with model.num_classes); "
-                        "this run is unconditional")
+        raise OptionError("class", f"{OPTION} needs a class-conditional model (trained with model.num_classes); "
+                                   "this run is unconditional")
     bad = labels[(labels < 0) | (labels >= k)]
     if len(bad):
-        raise DDPMError(f"class {int(bad[0])} is out of range: this model knows classes 0..{k - 1}")
+        raise OptionError("class", f"{OPTION} {int(bad[0])} is out of range: this model knows classes 0..{k - 1}")
 
 
 def conditioning(model: nn.Module, n: int, label: Optional[int] = None, guidance: Optional[float] = None,
-                 label_dropout: Optional[float] = None, names: Optional[Dict[str, str]] = None):
+                 label_dropout: Optional[float] = None):
     """(model, labels) for sampling ``n`` images of class ``label`` with guidance ``guidance``.
 
     No label and no guidance: the model unchanged and labels None (unconditional, or the "no
     label" row of a conditional model).  A label alone: conditional sampling.  Guidance
     without a label: labels cycle through all classes (0, 1, ..., K-1, 0, ...).
     ``label_dropout`` is the training value from the run's config: 0 means the model never
-    saw the "no label" row, so a guidance scale other than 1 is refused.  ``names`` maps
-    'class' and 'guidance' to how the caller sets them, for the messages.
+    saw the "no label" row, so a guidance scale other than 1 is refused.  Bad values are
+    OptionErrors about 'class' or 'guidance'.
     """
-    names = names or {}
-    g_opt = names.get("guidance", "guidance")
     if label is None and guidance is None:
         return model, None
     k = num_classes_of(model)
     if guidance is not None and not k:
-        raise DDPMError(f"{g_opt} needs a class-conditional model (trained with model.num_classes); "
-                        "this run is unconditional")
+        raise OptionError("guidance", f"{OPTION} needs a class-conditional model (trained with "
+                                      "model.num_classes); this run is unconditional")
     labels = torch.full((n,), label, dtype=torch.long) if label is not None else torch.arange(n) % k
-    check_labels(model, labels, names.get("class", "class"))
+    check_labels(model, labels)
     if guidance is None:
         return model, labels
     if guidance != 1.0 and label_dropout is not None and label_dropout <= 0:
-        raise DDPMError(f"{g_opt} needs a model trained with label dropout (train.label_dropout > 0): "
-                        f"this run never learned the unconditional case; use {g_opt} 1 or retrain")
+        raise OptionError("guidance", f"{OPTION} needs a model trained with label dropout (train.label_dropout > "
+                                      f"0): this run never learned the unconditional case; use {OPTION} 1 or retrain")
     return guided(model, scale=guidance), labels

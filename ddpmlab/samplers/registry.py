@@ -16,7 +16,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from ddpmlab.diffusion.schedules import NoiseSchedule
-from ddpmlab.errors import ConfigError
+from ddpmlab.errors import OPTION, ConfigError, OptionError
 from ddpmlab.samplers.ancestral import ddim, ddpm
 from ddpmlab.samplers.base import ModelPredictor, with_threshold
 from ddpmlab.samplers.langevin import pc
@@ -62,32 +62,33 @@ class SamplerSpec:
     def step_schedules(self) -> Tuple[str, ...]:
         return INTEGER_SPACINGS if self.schedule_kind == SPACING else tuple(STEP_SCHEDULES)
 
-    def check_step_schedule(self, name: Optional[str], where: str = "timesteps") -> None:
-        """ConfigError naming ``where`` unless ``name`` is a step schedule this sampler can use."""
+    def check_step_schedule(self, name: Optional[str]) -> None:
+        """OptionError about 'step_schedule' unless ``name`` is a step schedule this sampler can use."""
         if name is None:
             return
         if name not in STEP_SCHEDULES:
             close = difflib.get_close_matches(name, list(STEP_SCHEDULES), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"{where}: unknown schedule '{name}'{hint} (available: {', '.join(STEP_SCHEDULES)})")
+            raise OptionError("step_schedule", f"{OPTION}: unknown schedule '{name}'{hint} (available: "
+                                               f"{', '.join(STEP_SCHEDULES)})")
         if name == "optimized" and self.stochastic:
-            raise ConfigError(f"{where}: 'optimized' is fitted to deterministic solvers; {self.name} takes the "
-                              "other schedules")
+            raise OptionError("step_schedule", f"{OPTION}: 'optimized' is fitted to deterministic solvers; "
+                                               f"{self.name} takes the other schedules")
         if name not in self.step_schedules:
-            raise ConfigError(f"{where}: {self.name} takes {', '.join(self.step_schedules)}, not '{name}'; for "
-                              "other step schedules use euler (DDIM on any schedule) or a higher-order solver")
+            raise OptionError("step_schedule", f"{OPTION}: {self.name} takes {', '.join(self.step_schedules)}, "
+                                               f"not '{name}'; for other step schedules use euler (DDIM on any "
+                                               "schedule) or a higher-order solver")
 
     def schedule_option(self, name: Optional[str]) -> dict:
         """The keyword that gives this sampler step schedule ``name`` ({} for its own default)."""
         return {} if name is None else {self.schedule_kind: name}
 
-    def check_options(self, options: dict, where: Optional[Dict[str, str]] = None) -> None:
-        """ConfigError for an option this sampler does not take (``where`` maps keys to the caller's names)."""
-        where = where or {}
+    def check_options(self, options: dict) -> None:
+        """OptionError about the first option this sampler does not take."""
         for key in options:
             if key not in self.options and key != self.schedule_kind:
-                takes = ", ".join(where.get(k, k) for k in self.options) or "no other options"
-                raise ConfigError(f"{where.get(key, key)} does not apply to sampler {self.name} (it takes: {takes})")
+                takes = ", ".join(self.options) or "no other options"
+                raise OptionError(key, f"{OPTION} does not apply to sampler {self.name} (it takes: {takes})")
 
 
 def _spec(fn: Callable, kind: str, options: Sequence[str], stochastic: bool, default_steps: Optional[int],
@@ -125,22 +126,23 @@ SAMPLER_SPECS: Dict[str, SamplerSpec] = {s.name: s for s in [
 SAMPLERS: Dict[str, Callable] = {name: s.fn for name, s in SAMPLER_SPECS.items()}
 
 
-def get_spec(name: str, where: str = "sampler") -> SamplerSpec:
-    """The spec of sampler ``name``; ConfigError (naming ``where``) with the closest name otherwise."""
+def get_spec(name: str) -> SamplerSpec:
+    """The spec of sampler ``name``; an OptionError about 'sampler' with the closest name otherwise."""
     if name not in SAMPLER_SPECS:
         close = difflib.get_close_matches(name, list(SAMPLER_SPECS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"{where}: unknown sampler '{name}'{hint} (available: {', '.join(SAMPLER_SPECS)})")
+        raise OptionError("sampler", f"{OPTION}: unknown sampler '{name}'{hint} (available: "
+                                     f"{', '.join(SAMPLER_SPECS)})")
     return SAMPLER_SPECS[name]
 
 
-def get_sampler(name: str, where: str = "sampler") -> Callable:
-    return get_spec(name, where).fn
+def get_sampler(name: str) -> Callable:
+    return get_spec(name).fn
 
 
-def check_timesteps_name(sampler: str, name: Optional[str], where: str = "timesteps") -> None:
-    """Fail fast on a step schedule the sampler cannot use (``where`` names the option in the message)."""
-    get_spec(sampler).check_step_schedule(name, where)
+def check_timesteps_name(sampler: str, name: Optional[str]) -> None:
+    """Fail fast on a step schedule the sampler cannot use (an OptionError about 'step_schedule')."""
+    get_spec(sampler).check_step_schedule(name)
 
 
 def fit_step_schedule(spec: SamplerSpec, model, schedule: NoiseSchedule, shape: Sequence[int], steps: int, *,

@@ -37,7 +37,7 @@ import torch
 
 from ddpmlab.config import DISTILL_METHODS, ODE_SOLVERS
 from ddpmlab.diffusion.schedules import NoiseSchedule, abar_of_t, sigma_of_t, t_of_sigma
-from ddpmlab.errors import ConfigError
+from ddpmlab.errors import OPTION, ConfigError, OptionError
 from ddpmlab.samplers.base import Callback, randn_like
 from ddpmlab.samplers.solvers import euler_heun_step
 from ddpmlab.samplers.steps import karras_sigmas
@@ -184,14 +184,15 @@ def consistency_levels(schedule: NoiseSchedule, steps: int, rho: float = 7.0) ->
 
 # --- the sampler -----------------------------------------------------------------------------
 
-def check_student_steps(method: str, steps: int, distilled_steps: Optional[int], where: str = "steps") -> None:
-    """ConfigError for a step count a student cannot take (progressive: at most its distilled steps)."""
+def check_student_steps(method: str, steps: int, distilled_steps: Optional[int]) -> None:
+    """An OptionError about 'steps' for a step count a student cannot take (progressive: at most its
+    distilled steps)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"{where} must be a positive integer for the student sampler, got {steps!r}")
+        raise OptionError("steps", f"{OPTION} must be a positive integer for the student sampler, got {steps!r}")
     if method == "progressive" and distilled_steps is not None and steps > distilled_steps:
-        raise ConfigError(f"{where} {steps}: this progressive student was distilled for {distilled_steps} steps and "
-                          f"cannot take more (its grid has {distilled_steps} levels); use {where} "
-                          f"{distilled_steps} or fewer, or the teacher run for more steps")
+        raise OptionError("steps", f"{OPTION} {steps}: this progressive student was distilled for {distilled_steps} "
+                                   f"steps and cannot take more (its grid has {distilled_steps} levels); use "
+                                   f"{OPTION} {distilled_steps} or fewer, or the teacher run for more steps")
 
 
 @torch.no_grad()
@@ -206,7 +207,7 @@ def student(predict, schedule: NoiseSchedule, x_T: torch.Tensor, steps: Optional
     sigma_max); more: re-noise to each next level and apply f again, drawing noise from ``generator``).
     """
     if spacing is not None:
-        raise ConfigError("the student sampler uses the grid it was distilled on; drop --timesteps")
+        raise OptionError("step_schedule", f"{OPTION}: the student sampler uses the grid it was distilled on; drop it")
     if method not in DISTILL_METHODS:
         raise ConfigError(f"unknown student method '{method}'; choose {' or '.join(DISTILL_METHODS)}")
     steps = distilled_steps if steps is None else steps

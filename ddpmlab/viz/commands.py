@@ -17,7 +17,7 @@ import torch
 from ddpmlab.config import load_config
 from ddpmlab.data import build_dataset
 from ddpmlab.diffusion.schedules import SCHEDULES, NoiseSchedule
-from ddpmlab.errors import OPTION, DDPMError, about
+from ddpmlab.errors import DDPMError
 from ddpmlab.io.checkpoint import load_run_config
 from ddpmlab.io.images import save_grid
 from ddpmlab.runs import Run, SamplingPlan, draw_samples, grid_scale, resolve_output
@@ -62,8 +62,7 @@ def viz_forward(run_dir=None, config: Optional[str] = None, n: int = 4, ts: Opti
     cfg = _config(run_dir, config)
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     T = schedule.num_timesteps
-    with about("timesteps"):
-        ts = check_timesteps(ts, T, OPTION) if ts else [t for t in DEFAULT_TS if t < T - 1] + [T - 1]
+    ts = check_timesteps(ts, T) if ts else [t for t in DEFAULT_TS if t < T - 1] + [T - 1]
     ds = build_dataset(cfg)
     d = _out_dir(run_dir, out)
     if not ds.is_image:

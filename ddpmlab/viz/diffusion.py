@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from ddpmlab.diffusion.process import q_sample
 from ddpmlab.diffusion.schedules import NoiseSchedule
-from ddpmlab.errors import DDPMError
+from ddpmlab.errors import OPTION, OptionError
 from ddpmlab.io.images import grid_image
 from ddpmlab.samplers.generate import generate
 from ddpmlab.viz.images import new_figure, save_figure, save_gif
@@ -33,11 +33,12 @@ def forward_steps(x0: torch.Tensor, schedule: NoiseSchedule, ts: Sequence[int], 
     return torch.stack(out)
 
 
-def check_timesteps(ts: Sequence[int], T: int, where: str = "timesteps") -> List[int]:
-    """``ts`` as ints, or DDPMError (naming the caller's option ``where``) unless each lies in [0, T)."""
+def check_timesteps(ts: Sequence[int], T: int) -> List[int]:
+    """``ts`` as ints, or an OptionError about 'timesteps' unless each lies in [0, T)."""
     bad = [t for t in ts if not 0 <= int(t) < T]
     if bad or not ts:
-        raise DDPMError(f"{where}: timesteps must lie in [0, {T - 1}] (the schedule has T={T}), got {list(ts)}")
+        raise OptionError("timesteps", f"{OPTION}: timesteps must lie in [0, {T - 1}] (the schedule has T={T}), "
+                                       f"got {list(ts)}")
     return [int(t) for t in ts]
 
 
