@@ -114,7 +114,9 @@ def _problem(line: str) -> Optional[str]:
     overrides = list(getattr(args, "overrides", None) or []) + extra
     bad = [w for w in extra if "=" not in w or w.startswith("-")]
     bad += [w for w in overrides if "=" in w and not _is_config_key(w.split("=")[0])]
-    for option, valid in (("--sampler", SAMPLERS), ("--timesteps", STEP_SCHEDULES)):
+    if "--timesteps" in words:
+        bad.append("--timesteps (the older spelling of --step-schedule)")
+    for option, valid in (("--sampler", SAMPLERS), ("--step-schedule", STEP_SCHEDULES)):
         if option in words and words[words.index(option) + 1] not in valid:
             bad.append(f"{option} {words[words.index(option) + 1]}")
     return f"unknown {', '.join(bad)}" if bad else None
@@ -130,6 +132,8 @@ def test_command_lines_in_readme_and_docs_are_ones_ddpm_takes(capsys):
 
 def test_a_wrong_command_line_is_caught(capsys):
     assert _problem("ddpm sample RUN --sampler dpmpp_9m") == "unknown --sampler dpmpp_9m"
+    assert _problem("ddpm sample RUN --step-schedule karas") == "unknown --step-schedule karas"
+    assert _problem("ddpm sample RUN --timesteps karras") is not None  # the docs write the glossary's words
     assert _problem("ddpm train train.stpes=10") == "unknown train.stpes=10"
     assert _problem("ddpm sample RUN --stesp 3") is not None
     assert _problem("ddpm train --config toy2d train.steps=10") is None
