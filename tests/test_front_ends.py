@@ -14,10 +14,12 @@ from PIL import Image
 import ddpmlab.evaluate.run as evaluate_run_module
 import ddpmlab.viz.commands as viz_commands
 from ddpmlab.cli import build_parser, main
+from ddpmlab.cli.options import NAMES as CLI_NAMES
 from ddpmlab.config import load_config
 from ddpmlab.demo import actions as demo
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import ConfigError, OptionError
+from ddpmlab.io.images import load_mask, load_picture
 from ddpmlab.models import build_model
 from ddpmlab.progress import SampleBar
 from ddpmlab.runs import (
@@ -175,6 +177,20 @@ def test_the_batch_size_default_is_shown_in_the_help(capsys):
             main([*sub, "--help"])
         out = " ".join(capsys.readouterr().out.split())
         assert "--batch-size BATCH_SIZE samples per batch (default" in out, sub
+
+
+def test_a_picture_error_names_its_options_as_each_front_end_does(tmp_path):
+    Image.new("L", (10, 12), 255).save(tmp_path / "big.png")
+    with pytest.raises(OptionError) as e:
+        load_picture(tmp_path / "big.png", (1, 8, 8))
+    assert e.value.option == "image"
+    assert str(e.value).startswith(f"image '{tmp_path / 'big.png'}' is 10x12 pixels") and "use resize to" in str(e.value)
+    cli, page = e.value.named(CLI_NAMES), e.value.named(demo.NAMES)
+    assert cli.startswith("--image '") and "use --resize to scale" in cli
+    assert page.startswith("image '") and "use the 'resize' box to scale" in page
+    with pytest.raises(OptionError) as e:
+        load_mask(tmp_path / "none.png", (8, 8))
+    assert e.value.named(CLI_NAMES).startswith("--mask '") and e.value.named(demo.NAMES).startswith("mask file '")
 
 
 def test_one_variance_vocabulary_aliases_give_the_same_samples(run, tmp_path, capsys):
