@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _util import STRAIGHT_STEPS, TINY_DIGITS
 from safetensors.torch import load_file
 
 from ddpmlab.cli import main
@@ -29,12 +30,8 @@ from ddpmlab.training.lock import LOCK_FILE, RunLock
 from ddpmlab.training.tasks.diffusion import train
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 24
-# 180 test digits, batch 32: an epoch is 5 steps, so 24 steps cross epoch boundaries and stop mid-epoch
-TINY = ["--config", "mnist", "data.dataset=digits", "data.split=test", "unet.base_channels=16",
-        "unet.norm_groups=8", "unet.channel_mults=[1,2]", "unet.attention_resolutions=[4]",
-        "unet.dropout=0.1", "train.batch_size=32", "train.ema_start=3", "train.warmup_steps=5",
-        "train.save_every=4", "train.sample_n=4", "train.sample_steps=2", "train.log_every=1", "--no-progress"]
+STEPS = STRAIGHT_STEPS
+TINY = TINY_DIGITS
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -84,18 +81,15 @@ def _losses(run: Path) -> list:
     return [r.split(",")[:2] for r in (run / "log.csv").read_text().splitlines()[1:]]
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """An uninterrupted 24-step run, the reference for every resumed one."""
-    cwd = tmp_path_factory.mktemp("straight")
-    p = _ddpm("train", *TINY, f"train.steps={STEPS}", "train.name=straight", cwd=cwd)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return cwd / "runs/straight"
+@pytest.fixture
+def straight(straight_run):
+    """An uninterrupted 24-step run of TINY, the reference for every resumed one (shared, read-only)."""
+    return straight_run
 
 
 # ----------------------------------------------------------------------------- kill and resume
 
-def test_sigkill_then_sigterm_at_random_steps_resumes_bit_identical(straight, tmp_path):
+def test_sigkill_then_sigterm_at_random_steps_resumes_bit_identical(straight, tmp_path, capsys):
     rng = random.Random(20)  # seeded: a failure comes back with the same steps
     kill_at = rng.randint(2, 12)
     term_at = rng.randint(kill_at + 5, STEPS - 3)
@@ -118,10 +112,11 @@ def test_sigkill_then_sigterm_at_random_steps_resumes_bit_identical(straight, tm
     assert term_at <= saved < STEPS, why + out
     assert load_checkpoint(run / f"checkpoints/step_{saved:07d}")["step"] == saved
     assert not (run / LOCK_FILE).exists()
-    # 3. resume to the end: weights, EMA, optimizer state and the logged losses equal the straight run
-    p = _ddpm("train", "--resume", str(run), "--no-progress", cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert f"from step_{saved:07d}" in p.stdout
+    # 3. resume to the end (in this process): weights, EMA, optimizer state and the logged losses
+    # equal the straight run
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert f"from step_{saved:07d}" in capsys.readouterr().out
     _assert_same_checkpoint(straight / "checkpoints/step_0000024", run / "checkpoints/step_0000024")
     assert _losses(straight) == _losses(run), why
 
@@ -200,17 +195,18 @@ def _tiny_cfg(root: Path, name: str, *extra):
     return load_config("mnist", args + [f"train.out_dir={root}", f"train.name={name}", *extra])
 
 
-def test_resume_names_the_checkpoint_it_picked_and_the_damaged_ones(tmp_path, capsys):
-    run = train(_tiny_cfg(tmp_path, "r", "train.steps=8", "train.save_every=2"), progress=False)
-    (run / "checkpoints/step_0000008/ema.safetensors").write_bytes(b"half a file")
-    (run / "checkpoints/step_0000006/state.json").write_text('{"step": 6, "optim')
+def test_resume_names_the_checkpoint_it_picked_and_the_damaged_ones(straight, tmp_path, capsys):
+    run = tmp_path / "r"
+    shutil.copytree(straight, run)  # checkpoints at steps 16, 20 and 24
+    (run / "checkpoints/step_0000024/ema.safetensors").write_bytes(b"half a file")
+    (run / "checkpoints/step_0000020/state.json").write_text('{"step": 20, "optim')
     capsys.readouterr()
-    train(_tiny_cfg(tmp_path, "r", "train.steps=8", "train.save_every=2"), run_dir=run, resume=True, progress=False)
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"skipping damaged checkpoint step_0000008 \(.*Error", out), out
-    assert re.search(r"skipping damaged checkpoint step_0000006 \(.*Error", out), out
-    assert "resuming" in out and "from step_0000004 (step 4), the newest loadable one (2 damaged skipped)" in out
-    assert load_checkpoint(run / "checkpoints/step_0000008")["step"] == 8  # re-trained and re-saved
+    assert re.search(r"skipping damaged checkpoint step_0000024 \(.*Error", out), out
+    assert re.search(r"skipping damaged checkpoint step_0000020 \(.*Error", out), out
+    assert "resuming" in out and "from step_0000016 (step 16), the newest loadable one (2 damaged skipped)" in out
+    assert load_checkpoint(run / "checkpoints/step_0000024")["step"] == 24  # re-trained and re-saved
 
 
 def _nan_at(monkeypatch, steps, kind="nan"):

@@ -2,14 +2,17 @@
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _util import STRAIGHT_STEPS, TINY_DIGITS
 from safetensors.torch import load_file
 
+from ddpmlab.cli import main
 from ddpmlab.config import load_config
 from ddpmlab.data import make_toy
 from ddpmlab.io.checkpoint import latest_checkpoint, load_model
@@ -65,41 +68,38 @@ def test_step_batches_depend_only_on_the_step():
     assert len(set(epoch)) == 96
 
 
-TINY = ["--config", "mnist", "data.dataset=digits", "unet.base_channels=16", "unet.norm_groups=8",
-        "unet.channel_mults=[1,2]", "unet.attention_resolutions=[4]", "unet.dropout=0.1",
-        "train.batch_size=32", "train.ema_start=3", "train.warmup_steps=5", "train.save_every=6",
-        "train.sample_n=4", "train.sample_steps=2", "train.log_every=2", "--no-progress"]
-
-
 def _ddpm(*args, cwd):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # one thread, as straight_run
     p = subprocess.run([sys.executable, "-m", "ddpmlab", *args], capture_output=True, text=True, env=env,
                        cwd=cwd, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
 
 
-def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
-    _ddpm("train", *TINY, "train.steps=12", "train.name=straight", cwd=tmp_path)
-    _ddpm("train", *TINY, "train.steps=6", "train.name=stopped", cwd=tmp_path)
-    _ddpm("train", "--resume", "runs/stopped", "train.steps=12", "--no-progress", cwd=tmp_path)
-    a, b = tmp_path / "runs/straight/checkpoints/step_0000012", tmp_path / "runs/stopped/checkpoints/step_0000012"
+def test_resume_in_a_fresh_process_is_bit_identical(straight_run, tmp_path, one_thread):
+    # stopped half-way in this process, resumed to the end in a fresh one: equal to the straight run
+    half = STRAIGHT_STEPS // 2
+    assert main(["train", *TINY_DIGITS, f"train.steps={half}", f"train.out_dir={tmp_path}",
+                 "train.name=stopped"]) == 0
+    first = load_file(tmp_path / f"stopped/checkpoints/step_{half:07d}/model.safetensors")
+    _ddpm("train", "--resume", "stopped", f"train.steps={STRAIGHT_STEPS}", "--no-progress", cwd=tmp_path)
+    end = f"checkpoints/step_{STRAIGHT_STEPS:07d}"
+    a, b = straight_run / end, tmp_path / "stopped" / end
     for name in ("model", "ema", "optimizer"):
         wa, wb = load_file(a / f"{name}.safetensors"), load_file(b / f"{name}.safetensors")
         assert wa.keys() == wb.keys()
         for k in wa:
             assert torch.equal(wa[k], wb[k]), f"{name}: {k} differs after resume"
     # the model did change, and the EMA is not just a copy of it
-    first = load_file(tmp_path / "runs/stopped/checkpoints/step_0000006/model.safetensors")
     last, ema = load_file(b / "model.safetensors"), load_file(b / "ema.safetensors")
     assert any(not torch.equal(first[k], last[k]) for k in first)
     assert any(not torch.equal(ema[k], last[k]) for k in last)
-    assert _losses(tmp_path / "runs/straight") == _losses(tmp_path / "runs/stopped")
+    assert _losses(straight_run) == _losses(tmp_path / "stopped")
 
 
-def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path):
-    _ddpm("train", *TINY, "train.steps=12", "train.name=r", cwd=tmp_path)
-    run = tmp_path / "runs/r"
-    (run / "checkpoints/step_0000012/model.safetensors").write_bytes(b"garbage")
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(straight_run, tmp_path):
+    run = tmp_path / "r"
+    shutil.copytree(straight_run, run)  # checkpoints every 4 steps
+    (run / "checkpoints/step_0000024/model.safetensors").write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="damaged"):
         path, ckpt = latest_checkpoint(run)
-    assert path.name == "step_0000006" and ckpt["step"] == 6
+    assert path.name == "step_0000020" and ckpt["step"] == 20
