@@ -16,8 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _train_recorder import record
 from safetensors.torch import load_file
 from test_distill import mlp
+
+from ddpmlab.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDER = REPO / "tests" / "_train_recorder.py"
@@ -34,13 +37,21 @@ ATOL = 2e-5
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _run(args, cwd, procs=1):
+def _run(args, cwd, procs):
+    """The recorder in ``procs`` processes under torchrun."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
-    cmd = (launcher if procs > 1 else [sys.executable]) + [str(RECORDER), *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=240)
+    p = subprocess.run([*launcher, str(RECORDER), *args], capture_output=True, text=True, env=env, cwd=cwd,
+                       timeout=240)
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
     return p
+
+
+def _run_here(args, root):
+    """The recorder as one process: this one, on the CPU."""
+    with pytest.MonkeyPatch.context() as mp:
+        record(mp.setattr, rank=0)
+        assert main([*args, f"train.out_dir={root / 'runs'}", "train.device=cpu"]) == 0
 
 
 def _weights(run, rank, step=STEPS):
@@ -67,7 +78,7 @@ def _max_diff(a, b):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    _run(["train", *TINY, f"train.steps={STEPS}", "train.name=single"], root)
+    _run_here(["train", *TINY, f"train.steps={STEPS}", "train.name=single"], root)
     _run(["train", *TINY, f"train.steps={STEPS}", "train.name=two", "train.grad_accum_steps=2"], root, procs=2)
     from ddpmlab.training.tasks.diffusion import train
 
