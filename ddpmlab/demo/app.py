@@ -327,7 +327,7 @@ def serve(run_dirs: Sequence, *, host: str = "127.0.0.1", port: int = 7860, max_
             raise DDPMError(f"{name} must be at least 1, got {value}")
     if not 0 < port < 65536:
         raise DDPMError(f"--port must be between 1 and 65535, got {port}")
-    runs = Runs(run_dirs, resolve_device(device, "--device"), out_root)
+    runs = Runs(run_dirs, resolve_device(device), out_root)
     for d in runs.dirs:
         runs.get(d)  # a run that does not load fails before the server starts
     app = build_app(runs, Limits(max_samples, max_steps))

@@ -35,9 +35,9 @@ DEVICE_KINDS = ("cpu", "cuda", "mps")
 WEIGHTS = ("ema", "model")
 
 
-def resolve_device(name: str = "auto", where: str = "device") -> torch.device:
+def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` -> cuda, mps or cpu (what is there); else the named device, refused when absent
-    (OptionError about ``where``)."""
+    (an OptionError about 'device')."""
     text = str(name).strip().lower()
     if text == "auto":
         if torch.cuda.is_available():
@@ -47,17 +47,17 @@ def resolve_device(name: str = "auto", where: str = "device") -> torch.device:
         return torch.device("cpu")
     kind, _, index = text.partition(":")
     if kind not in DEVICE_KINDS or (index and (kind != "cuda" or not index.isdigit())):
-        raise OptionError(where, f"{OPTION}: unknown device '{name}'; choose auto, cpu, cuda, cuda:N or mps")
+        raise OptionError("device", f"{OPTION}: unknown device '{name}'; choose auto, cpu, cuda, cuda:N or mps")
     if kind == "cuda":
         if not torch.cuda.is_available():
             build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-            raise OptionError(where, f"{OPTION}: '{name}' but no CUDA GPU is visible (this torch "
+            raise OptionError("device", f"{OPTION}: '{name}' but no CUDA GPU is visible (this torch "
                                      f"{torch.__version__} is {build}); use auto or cpu")
         if index and int(index) >= torch.cuda.device_count():
-            raise OptionError(where, f"{OPTION}: '{name}' but only {torch.cuda.device_count()} CUDA GPU(s) are "
+            raise OptionError("device", f"{OPTION}: '{name}' but only {torch.cuda.device_count()} CUDA GPU(s) are "
                                      "visible")
     if kind == "mps" and not torch.backends.mps.is_available():
-        raise OptionError(where, f"{OPTION}: 'mps' but this machine has no Apple GPU available to torch; use auto "
+        raise OptionError("device", f"{OPTION}: 'mps' but this machine has no Apple GPU available to torch; use auto "
                                  "or cpu")
     return torch.device(text)
 

@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast
 
 from ddpmlab.config import Config
-from ddpmlab.errors import ConfigError
+from ddpmlab.errors import ConfigError, OptionError
 from ddpmlab.io.checkpoint import find_checkpoint, restore_training_state, save_checkpoint, save_run_config
 from ddpmlab.progress import progress_bar
 from ddpmlab.runs import resolve_device
@@ -52,11 +52,19 @@ from ddpmlab.training.task import RunContext, StepOutput, Task, Trainee, ema_upd
 TAIL_FIELDS = ["lr", "grad_norm", "it_per_s", "time_s", "skipped"]  # every log row ends with these
 
 
+def train_device(name: str) -> torch.device:
+    """train.device resolved (an unknown or absent device: the message every command gives, naming train.device)."""
+    try:
+        return resolve_device(name)
+    except OptionError as e:
+        raise ConfigError(e.named({"device": "train.device"})) from None
+
+
 def make_accelerator(cfg: Config, precision: Optional[str] = None) -> Tuple[Accelerator, str]:
     """The Accelerator of train.device and ``precision`` (default train.mixed_precision; auto resolved),
     and a line saying which precision and why."""
     dev = cfg.train.device
-    device = resolve_device(dev, "train.device")  # an unknown or absent device: the message every command gives
+    device = train_device(dev)
     if ":" in dev:
         raise ConfigError(f"train.device '{dev}': pick the GPU with CUDA_VISIBLE_DEVICES=N and train.device=cuda")
     precision, why = resolve_precision(precision or cfg.train.mixed_precision, device.type)

@@ -32,7 +32,7 @@ from ddpmlab.config import Config, config_from_dict, parse_value
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import ConfigError, DDPMError
 from ddpmlab.io.checkpoint import CONFIG_FILE, load_run_config, require_run_dir
-from ddpmlab.runs import Output, Run, SamplingRequest, draw_samples, load_run, plan_request, resolve_device
+from ddpmlab.runs import Output, Run, SamplingRequest, draw_samples, load_run, plan_request
 from ddpmlab.samplers.base import ModelPredictor
 from ddpmlab.samplers.guidance import drop_labels
 from ddpmlab.samplers.student import (
@@ -51,7 +51,7 @@ from ddpmlab.samplers.student import (
     ve_x0,
 )
 from ddpmlab.training.data import load_data
-from ddpmlab.training.loop import run
+from ddpmlab.training.loop import run, train_device
 from ddpmlab.training.task import StepOutput, Task, Trainee, ema_update
 from ddpmlab.viz.samples import reference_points, save_samples
 
@@ -337,7 +337,7 @@ def distill_run(teacher_dir=None, method: str = "progressive", steps: Optional[i
         name = cfg.train.name or (f"{Path(teacher_dir).name}-{method}{cfg.distill.steps}-"
                                   f"{datetime.now().strftime('%Y%m%d-%H%M%S')}")
         run_dir = Path(cfg.train.out_dir) / name if cfg.train.name else Path(teacher_dir).parent / name
-    teacher_run = load_run(cfg.distill.teacher, "ema", resolve_device(cfg.train.device, "train.device"))
+    teacher_run = load_run(cfg.distill.teacher, "ema", train_device(cfg.train.device))
     dataset = load_data(teacher_run.cfg)
     ref = None if teacher_run.is_image else reference_points(dataset)
     print(f"distilling {cfg.distill.teacher} ({teacher_run.checkpoint}, EMA) into a {cfg.distill.steps}-step "
