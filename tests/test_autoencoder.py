@@ -14,7 +14,7 @@ from ddpmlab.data.latents import AE_STATS_FILE, LATENTS_FILE
 from ddpmlab.errors import ConfigError
 from ddpmlab.models import build_model
 from ddpmlab.models.autoencoder import LatentCodec, build_autoencoder
-from ddpmlab.runs import edit_img2img, edit_inpaint, load_autoencoder, load_run, plan_sampling
+from ddpmlab.runs import SamplingRequest, edit_img2img, edit_inpaint, load_autoencoder, load_run, plan_request
 from ddpmlab.training.data import latent_dataset
 from ddpmlab.training.loop import make_accelerator
 from ddpmlab.training.tasks.autoencoder import reconstruction_loss, train_autoencoder
@@ -177,7 +177,7 @@ def test_latent_diffusion_trains_resumes_and_samples_pixels(tmp_path, ae_run, ca
     assert torch.equal(x[:, :, :, 4:], image[None, :, :, 4:].expand(2, -1, -1, -1))
     assert not torch.allclose(x[0, :, :4, :4], image[:, :4, :4], atol=1e-2)  # the hole was redrawn, decoded
     z = run.codec.encode(image[None])
-    plan = plan_sampling(run, "ddim", 3, 2, schedule_len=500, log=lambda m: None)
+    plan = plan_request(run, SamplingRequest("ddim", 3, n=2, cycle_classes=False, img2img_t0=500), log=lambda m: None)
     same = edit_img2img(run, plan, image, 0.0, 2, progress=False)  # strength 0: the decoded latents of the input
     assert torch.allclose(same, run.codec.decode(z).expand(2, -1, -1, -1), atol=1e-6)
     assert main(["inpaint", str(straight), "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),

@@ -32,7 +32,6 @@ from ddpmlab.runs import (
     load_class_names,
     load_run,
     plan_request,
-    plan_sampling,
     resolve_device,
     resolve_output,
     save_class_names,
@@ -184,7 +183,8 @@ def test_a_picture_error_names_its_options_as_each_front_end_does(tmp_path):
     with pytest.raises(OptionError) as e:
         load_picture(tmp_path / "big.png", (1, 8, 8))
     assert e.value.option == "image"
-    assert str(e.value).startswith(f"image '{tmp_path / 'big.png'}' is 10x12 pixels") and "use resize to" in str(e.value)
+    text = str(e.value)
+    assert text.startswith(f"image '{tmp_path / 'big.png'}' is 10x12 pixels") and "use resize to" in text
     cli, page = e.value.named(CLI_NAMES), e.value.named(demo.NAMES)
     assert cli.startswith("--image '") and "use --resize to scale" in cli
     assert page.startswith("image '") and "use the 'resize' box to scale" in page
@@ -209,10 +209,13 @@ def test_one_variance_vocabulary_aliases_give_the_same_samples(run, tmp_path, ca
 
 def test_the_ancestral_sampler_defaults_to_the_runs_variance(run):
     r = load_run(run, device="cpu")
-    assert plan_sampling(r, "ddpm", 3).options["variance"] == r.cfg.diffusion.variance
-    assert plan_sampling(r, "ddpm", 3, options={"variance": "fixed_small"}).options["variance"] == "fixed_small"
-    assert "variance" not in plan_sampling(r, "ddim", 3).options
-    assert plan_sampling(r, "ddpm").steps == r.T and plan_sampling(r, "ddim").steps == 50
+    def plan(sampler, steps=None, **options):
+        return plan_request(r, SamplingRequest(sampler, steps, options=options, cycle_classes=False))
+
+    assert plan("ddpm", 3).options["variance"] == r.cfg.diffusion.variance
+    assert plan("ddpm", 3, variance="fixed_small").options["variance"] == "fixed_small"
+    assert "variance" not in plan("ddim", 3).options
+    assert plan("ddpm").steps == r.T and plan("ddim").steps == 50
 
 
 def test_every_sampler_spec_names_options_its_function_takes():

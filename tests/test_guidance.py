@@ -380,7 +380,7 @@ def test_cli_sample_with_class_and_guidance(tmp_path, capsys):
 def test_a_conditional_runs_sample_guidance_is_the_default_scale_and_flags_override_it(tmp_path, capsys):
     from ddpmlab.cli import main
     from ddpmlab.io.checkpoint import load_model
-    from ddpmlab.runs import load_run, plan_sampling
+    from ddpmlab.runs import SamplingRequest, load_run, plan_request
     from ddpmlab.samplers.generate import generate
 
     run = _hand_made_run(tmp_path / "cond", num_classes=10)  # the mnist config: train.sample_guidance 2
@@ -399,8 +399,12 @@ def test_a_conditional_runs_sample_guidance_is_the_default_scale_and_flags_overr
     assert not torch.allclose(x, x0, atol=1e-3)
     # img2img of a given picture keeps it unguided unless a class is asked for; a class takes the default
     r = load_run(run, "ema", "cpu")
-    assert plan_sampling(r, "ddim", 3, 2, schedule_len=500, log=lambda m: None).guidance is None
-    assert plan_sampling(r, "ddim", 3, 2, schedule_len=500, label=3, log=lambda m: None).guidance == 2.0
+    def img2img(**label):
+        return plan_request(r, SamplingRequest("ddim", 3, n=2, img2img_t0=500, cycle_classes=False, **label),
+                            log=lambda m: None)
+
+    assert img2img().guidance is None
+    assert img2img(label=3).guidance == 2.0
 
 
 def test_config_refuses_a_bad_sample_guidance():

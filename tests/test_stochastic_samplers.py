@@ -282,16 +282,16 @@ def test_bench_records_the_best_sampler_and_sample_uses_it(tiny_run, tmp_path, c
     import numpy as np
 
     from ddpmlab.cli import main
-    from ddpmlab.runs import draw_samples, load_run, plan_sampling
+    from ddpmlab.runs import SamplingRequest, draw_samples, load_run, plan_request
 
     run = load_run(tiny_run, device="cpu")
     # no recommendation yet: the run's own sampler and steps (toy2d: ddpm; train.sample_steps=5), said in one line
     said = []
-    plan = plan_sampling(run, None, log=said.append)
+    plan = plan_request(run, SamplingRequest(cycle_classes=False), log=said.append)
     assert (plan.sampler, plan.steps) == ("ddpm", 5) and "train.sample_sampler" in said[0]
-    assert plan_sampling(run, None, 7, log=said.append).steps == 7
+    assert plan_request(run, SamplingRequest(None, 7, cycle_classes=False), log=said.append).steps == 7
     with pytest.raises(ConfigError, match="ddpm takes uniform, leading, trailing, not 'karras'"):
-        plan_sampling(run, None, log=said.append, timesteps="karras")
+        plan_request(run, SamplingRequest(step_schedule="karras", cycle_classes=False), log=said.append)
     assert main(["bench", "samplers", str(tiny_run), "--samplers", "ddim,dpmpp_2m:karras,edm", "--nfe", "3,6",
                  "--n", "8", "--reference-steps", "10", "--out", str(tmp_path), "--device", "cpu"]) == 0
     rec = json.loads((tiny_run / "recommended_samplers.json").read_text())
@@ -309,12 +309,13 @@ def test_bench_records_the_best_sampler_and_sample_uses_it(tiny_run, tmp_path, c
                  "--device", "cpu", "--no-progress"]) == 0
     want = rec["by_nfe"]["6"]
     assert f"sampler: {want['sampler']}" in capsys.readouterr().out
-    plan = plan_sampling(run, want["sampler"], 6, 4, timesteps=want["timesteps"], log=lambda m: None)
+    plan = plan_request(run, SamplingRequest(want["sampler"], 6, want["timesteps"], n=4, cycle_classes=False),
+                        log=lambda m: None)
     expect = draw_samples(run, plan, 4, seed=2, progress=False)
     got = torch.from_numpy(np.load(out.with_suffix(".npz"))["samples"])
     assert torch.allclose(got, expect, atol=1e-6)
     # a named --sampler wins; a damaged file is ignored with a warning (the default again)
-    assert plan_sampling(run, "ddim", 6, log=lambda m: None).sampler == "ddim"
+    assert plan_request(run, SamplingRequest("ddim", 6, cycle_classes=False), log=lambda m: None).sampler == "ddim"
     (tiny_run / "recommended_samplers.json").write_text("{not json")
     with pytest.warns(UserWarning, match="ignoring"):
-        assert plan_sampling(run, None, log=lambda m: None).sampler == "ddpm"
+        assert plan_request(run, SamplingRequest(cycle_classes=False), log=lambda m: None).sampler == "ddpm"

@@ -45,7 +45,6 @@ from ddpmlab.runs.request import (
     condition_tag,
     default_sampler,
     plan_request,
-    plan_sampling,
     read_recommendation,
     recommended_sampler,
     run_guidance,
@@ -57,6 +56,6 @@ __all__ = [
     "SamplingPlan", "SamplingRequest", "check_latent_run", "check_steps", "choose_sampler", "class_index",
     "condition_tag", "decode", "default_sampler", "describe_classes", "draw_inpainting", "draw_samples",
     "edit_img2img", "edit_inpaint", "grid_scale", "load_autoencoder", "load_class_names", "load_diffusers_run",
-    "load_run", "plan_img2img", "plan_inpainting", "plan_request", "plan_sampling", "read_recommendation",
+    "load_run", "plan_img2img", "plan_inpainting", "plan_request", "read_recommendation",
     "recommended_sampler", "resolve_device", "resolve_output", "run_guidance", "save_class_names", "write_raw",
 ]

@@ -291,15 +291,3 @@ def _step_schedule_option(run: Run, spec: SamplerSpec, name: Optional[str], step
                            clip_x0=run.clip_x0, device=run.device, labels=labels, seed=seed)
     log("timesteps: " + ", ".join(f"{t:.1f}" for t in ts.tolist()))
     return {"timesteps": ts}
-
-
-def plan_sampling(run: Run, sampler: Optional[str] = "ddim", steps: Optional[int] = None, n: int = 1, *,
-                  timesteps: Optional[str] = None, options: Optional[dict] = None, label: Label = None,
-                  guidance: Optional[float] = None, seed: int = 0, schedule_len: Optional[int] = None,
-                  cycle_classes: bool = False, log: Callable[[str], None] = print,
-                  cond: Optional[torch.Tensor] = None) -> SamplingPlan:
-    """The former form of :func:`plan_request`, for callers not yet moved to a :class:`SamplingRequest`:
-    ``timesteps`` is the step schedule, ``schedule_len`` img2img's t0."""
-    request = SamplingRequest(sampler, steps, timesteps, dict(options or {}), label, guidance, seed, n,
-                              cycle_classes, cond, schedule_len)
-    return plan_request(run, request, log)
