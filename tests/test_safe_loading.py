@@ -56,6 +56,29 @@ def test_malicious_pickle_is_refused_and_its_code_does_not_run(tmp_path, kind):
     assert not canary.exists()
 
 
+def test_a_torch_whose_weights_only_load_can_be_bypassed_reads_no_pytorch_file(tmp_path, monkeypatch):
+    import ddpmlab.io.weights as weights
+
+    assert weights.torch_loads_safely("2.6.0") and weights.torch_loads_safely("2.13.0+cpu")
+    assert not weights.torch_loads_safely("2.5.1") and not weights.torch_loads_safely("1.13.1")
+    path = tmp_path / "w.pt"
+    torch.save({"weight": torch.ones(2)}, path)
+    monkeypatch.setattr(weights.torch, "__version__", "2.5.1")  # CVE-2025-32434: weights_only is no guard
+    with pytest.raises(DDPMError, match=r"refused to load .*w\.pt.*torch 2\.5\.1.*CVE-2025-32434.*safetensors"):
+        weights.load_state_dict_file(path)
+    save_file({"weight": torch.ones(2)}, str(tmp_path / "w.safetensors"))  # safetensors never unpickles
+    assert torch.equal(weights.load_state_dict_file(tmp_path / "w.safetensors")["weight"], torch.ones(2))
+
+
+def test_the_package_requires_a_torch_that_loads_weights_safely():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    low = re.search(r'"torch>=(\d+)\.(\d+)', text)
+    assert low and (int(low.group(1)), int(low.group(2))) >= (2, 6)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")

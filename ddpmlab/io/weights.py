@@ -7,7 +7,7 @@ import pickle
 import re
 import warnings
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import torch
 from safetensors.torch import load_file
@@ -15,6 +15,13 @@ from safetensors.torch import load_file
 from ddpmlab.errors import DDPMError
 
 _SAFE_SUFFIXES = (".safetensors",)
+SAFE_TORCH = (2, 6)  # torch.load(weights_only=True) can be made to run code before 2.6 (CVE-2025-32434)
+
+
+def torch_loads_safely(version: Optional[str] = None) -> bool:
+    """Whether this torch's (or torch ``version``'s) weights_only unpickler is one a crafted file cannot bypass."""
+    parts = re.match(r"(\d+)\.(\d+)", version or torch.__version__)
+    return parts is not None and (int(parts.group(1)), int(parts.group(2))) >= SAFE_TORCH
 
 
 def _pickle_culprit(message: str) -> str:
@@ -39,6 +46,9 @@ def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
         except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
             raise DDPMError(f"weights file '{path}' is not a valid safetensors file "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not torch_loads_safely():
+        raise DDPMError(f"refused to load '{path}': torch {torch.__version__} reads PyTorch files unsafely "
+                        "(CVE-2025-32434); upgrade torch to 2.6 or newer, or give the weights as .safetensors")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # protocol notices of the restricted unpickler
