@@ -45,7 +45,8 @@ def is_run_dir(path: Path) -> bool:
 def require_run_dir(path) -> Path:
     path = Path(path)
     if not path.exists():
-        raise DDPMError(f"run directory '{path}' does not exist; give the folder that `ddpm train` created (under runs/)")
+        raise DDPMError(f"run directory '{path}' does not exist; give the folder that `ddpm train` created "
+                        "(under runs/)")
     if not is_run_dir(path):
         raise DDPMError(
             f"'{path}' is not a ddpmlab run (no {CONFIG_FILE} inside); give the folder that `ddpm train` created"
@@ -113,8 +114,18 @@ class CheckpointError(DDPMError):
     """A checkpoint could not be written (disk full, file-size limit, permissions)."""
 
 
+def _set_aside(root: Path) -> list:
+    """``.step_N.old`` folders whose ``step_N`` is gone: a save of step N again was killed between
+    setting the old version aside and renaming the new one into place (the old one is complete)."""
+    return [p for p in root.iterdir() if p.is_dir() and p.name.startswith(".step_") and p.name.endswith(".old")
+            and not (root / p.name[1:-4]).exists()]
+
+
 def _remove_leftovers(root: Path) -> None:
-    """Delete temporary files and folders a crash mid-save left behind (the run lock is ours)."""
+    """Put back a checkpoint set aside by a killed save, then delete the temporary files and folders a crash
+    mid-save left behind (the run lock is ours)."""
+    for p in _set_aside(root):
+        os.replace(p, root / p.name[1:-4])
     for p in root.iterdir():
         if p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.endswith(".old")):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
@@ -174,8 +185,8 @@ def save_checkpoint(run_dir: Path, step: int, model_sd: dict, ema_sd: dict, opt_
         ) from None
     shutil.rmtree(old, ignore_errors=True)
     # keep this one and the keep-1 before it; newer ones are leftovers resume skipped as damaged
-    older = [p for p in list_checkpoints(run_dir) if p.name < name]  # newest first
-    stale = [p for p in list_checkpoints(run_dir) if p.name > name]
+    older = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) < step]  # newest first
+    stale = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) > step]
     for p in stale + older[max(keep, 1) - 1:]:
         trash = root / f".{p.name}.old"
         os.replace(p, trash)  # out of sight first: a crash mid-delete never leaves a half checkpoint
@@ -183,35 +194,46 @@ def save_checkpoint(run_dir: Path, step: int, model_sd: dict, ema_sd: dict, opt_
     return final
 
 
+def checkpoint_step(path: Path) -> int:
+    """The training step of a checkpoint folder ``step_N`` (or of ``.step_N.old``, one set aside)."""
+    return int(path.name.strip(".").split("_", 1)[1].split(".")[0])
+
+
 def list_checkpoints(run_dir) -> list:
+    """A run's checkpoint folders, newest (highest training step) first; a checkpoint that a killed save
+    had set aside (``.step_N.old`` without ``step_N``) counts as step N until the next save puts it back."""
     root = Path(run_dir) / CKPT_DIR
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")), reverse=True)
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
+    return sorted(found + _set_aside(root), key=checkpoint_step, reverse=True)
 
 
-def load_checkpoint(ckpt: Path) -> dict:
-    """Read one checkpoint folder; raises on any missing or damaged file."""
+def load_checkpoint(ckpt: Path, parts: Optional[Tuple[str, ...]] = None) -> dict:
+    """Read one checkpoint folder; raises on any missing or damaged file.  ``parts``: only these of
+    "model", "ema", "optimizer", "weights" (sampling needs one set of weights, not the optimizer)."""
+    parts = parts or ("model", "ema", "optimizer", "weights")
     state = json.loads((ckpt / "state.json").read_text())
-    opt_tensors = load_file(str(ckpt / "optimizer.safetensors"))
-    return {
-        "step": state["step"],
-        "model": load_file(str(ckpt / "model.safetensors")),
-        "ema": load_file(str(ckpt / "ema.safetensors")),
-        "optimizer": unflatten_optimizer_state(opt_tensors, state["optimizer"]),
-        "state": state,
-        "weights": {p.stem: load_file(str(p)) for p in sorted(ckpt.glob("*.safetensors"))
-                    if p.stem not in ("model", "ema", "optimizer")},
-    }
+    out = {"step": state["step"], "state": state}
+    for part in ("model", "ema"):
+        if part in parts:
+            out[part] = load_file(str(ckpt / f"{part}.safetensors"))
+    if "optimizer" in parts:
+        out["optimizer"] = unflatten_optimizer_state(load_file(str(ckpt / "optimizer.safetensors")), state["optimizer"])
+    if "weights" in parts:
+        out["weights"] = {p.stem: load_file(str(p)) for p in sorted(ckpt.glob("*.safetensors"))
+                          if p.stem not in ("model", "ema", "optimizer")}
+    return out
 
 
-def find_checkpoint(run_dir) -> Tuple[Optional[Path], Optional[dict], list]:
+def find_checkpoint(run_dir, parts: Optional[Tuple[str, ...]] = None) -> Tuple[Optional[Path], Optional[dict], list]:
     """``(path, checkpoint, skipped)``: the newest loadable checkpoint of a run (or None, None)
-    and the newer ones that could not be loaded, as ``[(path, reason), ...]``."""
+    and the newer ones that could not be loaded, as ``[(path, reason), ...]``; ``parts``: as
+    :func:`load_checkpoint` (default all)."""
     skipped = []
     for ckpt in list_checkpoints(run_dir):
         try:
-            return ckpt, load_checkpoint(ckpt), skipped
+            return ckpt, load_checkpoint(ckpt, parts), skipped
         except Exception as e:  # noqa: BLE001 - damaged in any way: fall back to the previous one
             skipped.append((ckpt, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"))
     return None, None, skipped
@@ -241,7 +263,7 @@ def newest_weights(run_dir, which: str = "ema") -> Tuple[Path, Dict[str, torch.T
         kind = {"ema": "EMA", "model": "raw (model)"}.get(which, which)
         raise OptionError("weights", f"run '{run_dir}': checkpoint {ckpts[0].name} has no {kind} weights "
                                      f"({which}.safetensors is missing); use the other weights ({OPTION} {other})")
-    path, ckpt, skipped = find_checkpoint(run_dir)
+    path, ckpt, skipped = find_checkpoint(run_dir, parts=(which,))  # the weights only: no optimizer state
     if path is None:
         damaged = "; ".join(f"{p.name} is damaged ({reason})" for p, reason in skipped)
         raise DDPMError(f"run '{run_dir}' has no loadable checkpoint: {damaged}")
