@@ -61,3 +61,38 @@ def test_sampling_reads_the_weights_only(tmp_path):
     assert path.name == "step_0000004" and torch.equal(ema["w"], _w(5.0)["w"])
     path, ckpt, skipped = find_checkpoint(tmp_path)  # a resume needs the optimizer: damaged for it
     assert path is None and [p.name for p, _ in skipped] == ["step_0000004"]
+
+
+def test_a_torn_log_row_costs_its_own_values_not_the_loss_column(tmp_path):
+    from ddpmlab.viz.plots import plot_loss, read_log_columns
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.csv").write_text("step,loss,lr,grad_norm,it_per_s,time_s,skipped\n"
+                                 "10,0.9,0.001,1.5,3.0,1.0,0\n20,0.7,0.001,1.2,3.0,2.0,0\n"
+                                 "30,0.5x,0.0\n"  # a row torn by a kill mid-write
+                                 "40,0.4,0.001,1.1,3.0,4.0,0\n")
+    cols = read_log_columns(run / "log.csv")
+    assert cols["step"].tolist() == [10, 20, 30, 40] and cols["loss"][[0, 1, 3]].tolist() == [0.9, 0.7, 0.4]
+    assert "grad_norm" in cols and "lr" in cols  # every column is kept
+    assert plot_loss([run], tmp_path / "loss.png").is_file()
+
+
+def test_the_evaluation_log_survives_a_torn_row_and_a_kill_mid_trim(tmp_path, monkeypatch):
+    from ddpmlab.evaluate.log import read_eval_log, trim_eval_log
+
+    path = tmp_path / "eval.csv"
+    path.write_text("step,fid\n100,3.5\n200,2.5\n30")  # the last row torn by a kill
+    assert read_eval_log(tmp_path)["fid"].tolist() == [3.5, 2.5]
+    before = path.read_text()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)  # the kill lands just before the trimmed log replaces the old
+    with pytest.raises(KeyboardInterrupt):
+        trim_eval_log(tmp_path, 150)
+    assert path.read_text() == before  # the old log, whole
+    monkeypatch.undo()
+    trim_eval_log(tmp_path, 150)
+    assert read_eval_log(tmp_path)["step"].tolist() == [100.0]

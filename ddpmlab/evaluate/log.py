@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Dict
 
 import torch
+
+from ddpmlab.io.checkpoint import atomic_write_text
 
 EVAL_LOG = "eval.csv"
 
@@ -31,9 +34,10 @@ def trim_eval_log(run_dir, step: int) -> None:
         path.unlink()
         return
     rows = list(csv.reader(path.open()))
-    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
-    with path.open("w", newline="") as f:
-        csv.writer(f).writerows(kept)
+    kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]  # torn rows go too
+    text = io.StringIO()
+    csv.writer(text).writerows(kept)
+    atomic_write_text(path, text.getvalue())  # a kill mid-trim keeps the old log
 
 
 def read_eval_log(run_dir) -> Dict[str, torch.Tensor]:
@@ -41,5 +45,10 @@ def read_eval_log(run_dir) -> Dict[str, torch.Tensor]:
     path = Path(run_dir) / EVAL_LOG
     if not path.exists():
         return {}
-    rows = list(csv.DictReader(path.open()))
-    return {k: torch.tensor([float(r[k]) for r in rows]) for k in (rows[0] if rows else {})}
+    rows = []
+    for r in csv.DictReader(path.open()):
+        try:  # a row torn by a kill mid-write is skipped
+            rows.append({k: float(v) for k, v in r.items()})
+        except (TypeError, ValueError):
+            continue
+    return {k: torch.tensor([r[k] for r in rows]) for k in (rows[0] if rows else {})}

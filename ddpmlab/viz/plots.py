@@ -34,15 +34,19 @@ def plot_schedules(path, names: Sequence[str] = SCHEDULES, T: int = 1000, beta_s
     return save_figure(fig, path)
 
 
-def _read_csv(path: Path) -> dict:
-    rows = [r for r in csv.DictReader(path.open()) if r.get("step")]
-    cols = {}
-    for key in (rows[0] if rows else {}):
-        try:
-            cols[key] = np.array([float(r[key]) for r in rows])
-        except (TypeError, ValueError):
-            pass
-    return cols
+def _number(text) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def read_log_columns(path: Path) -> dict:
+    """The numeric columns of a log (log.csv, eval.csv) as arrays over its rows with a step.  A torn or
+    odd row costs its own values (NaN, which plots skip), never a whole column."""
+    rows = [r for r in csv.DictReader(path.open()) if str(r.get("step") or "").isdigit()]
+    cols = {key: np.array([_number(r.get(key)) for r in rows]) for key in (rows[0] if rows else {})}
+    return {key: col for key, col in cols.items() if not np.isnan(col).all()}
 
 
 def _smooth(y: np.ndarray, weight: float) -> np.ndarray:
@@ -61,11 +65,14 @@ def plot_loss(run_dirs: Sequence, path, smooth: float = 0.8) -> Path:
         log = Path(run) / "log.csv"
         if not log.is_file():
             raise DDPMError(f"'{run}' has no log.csv; give a folder written by `ddpm train`")
-        cols = _read_csv(log)
+        cols = read_log_columns(log)
+        if "loss" in cols:  # the rows whose loss was written in full
+            good = ~np.isnan(cols["loss"])
+            cols = {k: v[good] for k, v in cols.items()}
         if "loss" not in cols or len(cols["loss"]) == 0:
             raise DDPMError(f"{log} has no loss rows yet; train the run for at least train.log_every steps")
         ev = Path(run) / "eval.csv"
-        logs.append((Path(run).name, cols, _read_csv(ev) if ev.is_file() else {}))
+        logs.append((Path(run).name, cols, read_log_columns(ev) if ev.is_file() else {}))
     metrics = sorted({k for _, _, e in logs for k in e if k != "step"})
     fig, axes = new_figure((5.5 * (1 + len(metrics)), 3.8), dpi=100, ncols=1 + len(metrics), squeeze=False)
     ax = axes[0, 0]
