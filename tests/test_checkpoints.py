@@ -96,3 +96,30 @@ def test_the_evaluation_log_survives_a_torn_row_and_a_kill_mid_trim(tmp_path, mo
     monkeypatch.undo()
     trim_eval_log(tmp_path, 150)
     assert read_eval_log(tmp_path)["step"].tolist() == [100.0]
+
+
+def test_a_latent_cache_entry_of_another_size_is_recomputed_and_a_killed_write_keeps_the_old(tmp_path, monkeypatch):
+    from ddpmlab.data.latents import cached_latents
+
+    calls = []
+
+    def encode(n):
+        def encode_all():
+            calls.append(n)
+            return torch.randn(n, 2, 2, 2), torch.zeros(n, dtype=torch.int64)
+        return encode_all
+
+    cache = tmp_path / "latents" / "key.safetensors"
+    z, y, hit = cached_latents(cache, encode(5), count=5)
+    assert not hit and cached_latents(cache, encode(5), count=5)[2]  # read back
+    z2, _, hit = cached_latents(cache, encode(6), count=6)  # the data changed size: the entry does not fit
+    assert not hit and len(z2) == 6 and calls == [5, 6]
+    before = cache.read_bytes()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cached_latents(cache, encode(7), count=7)
+    assert cache.read_bytes() == before and sorted(p.name for p in cache.parent.iterdir()) == ["key.safetensors"]

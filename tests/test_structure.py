@@ -10,7 +10,7 @@ import ddpmlab
 PKG = Path(ddpmlab.__file__).parent
 # bottom to top; a module may import its own layer and the layers below it, never one above
 LAYERS = [
-    {"errors", "progress"},
+    {"errors", "progress", "atomic"},
     {"diffusion"},
     {"config"},
     {"data"},

@@ -26,8 +26,9 @@ from typing import Callable, Optional, Tuple
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from ddpmlab.atomic import atomic_save_tensors
 from ddpmlab.config import config_from_dict
 from ddpmlab.errors import ConfigError
 
@@ -166,19 +167,21 @@ def encode_batches(encode: Callable[[torch.Tensor], torch.Tensor], dataset, batc
     return torch.cat(zs), torch.cat(ys)
 
 
-def cached_latents(cache_file: Path, encode_all: Callable[[], Tuple[torch.Tensor, torch.Tensor]]
-                   ) -> Tuple[torch.Tensor, torch.Tensor, bool]:
-    """(latents, labels, from_cache): read ``cache_file``, or call ``encode_all()`` and write it atomically."""
+def cached_latents(cache_file: Path, encode_all: Callable[[], Tuple[torch.Tensor, torch.Tensor]],
+                   count: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """(latents, labels, from_cache): read ``cache_file``, or call ``encode_all()`` and write it atomically.
+
+    A cache entry that is damaged, or that does not hold ``count`` latents with one label each, is
+    recomputed."""
     cache_file = Path(cache_file)
     if cache_file.is_file():
         try:
             t = load_file(str(cache_file))
-            return t["latents"], t["labels"], True
+            z, y = t["latents"], t["labels"]
+            if z.ndim >= 2 and y.shape == (len(z),) and (count is None or len(z) == count):
+                return z, y, True
         except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
             pass
     z, y = encode_all()
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-    save_file({"latents": z.contiguous(), "labels": y.contiguous()}, str(tmp))
-    os.replace(tmp, cache_file)
+    atomic_save_tensors({"latents": z, "labels": y}, cache_file)
     return z, y, False

@@ -28,6 +28,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
+from ddpmlab.atomic import atomic_write_text
 from ddpmlab.diffusion.analytic import ExactDenoiser, GaussianMixture
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import OPTION, ConfigError, DDPMError, OptionError
@@ -270,7 +271,5 @@ def recommendation(res: BenchResult) -> dict:
 def save_recommendation(res: BenchResult, run_dir) -> Path:
     """RUN/recommended_samplers.json: what `ddpm sample RUN` uses when no --sampler is named."""
     path = Path(run_dir) / RECOMMENDATION_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(recommendation(res), indent=1))
-    tmp.replace(path)  # never a half-written file
+    atomic_write_text(path, json.dumps(recommendation(res), indent=1))  # never a half-written file
     return path

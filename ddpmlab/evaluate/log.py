@@ -9,7 +9,7 @@ from typing import Dict
 
 import torch
 
-from ddpmlab.io.checkpoint import atomic_write_text
+from ddpmlab.atomic import atomic_write_text
 
 EVAL_LOG = "eval.csv"
 

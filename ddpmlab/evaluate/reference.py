@@ -24,8 +24,9 @@ from typing import Dict, Optional, Union
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from ddpmlab.atomic import atomic_save_tensors
 from ddpmlab.evaluate.features import Extractor, extract
 from ddpmlab.evaluate.metrics import feature_sums
 
@@ -104,12 +105,8 @@ def _load(path: Path) -> Optional[tuple]:
 
 
 def _save(path: Path, sums: dict, features: torch.Tensor, index: torch.Tensor, meta: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({**{k: v.contiguous() for k, v in sums.items()}, "features": features.contiguous(),
-               "index": index.contiguous()}, str(tmp),
-              metadata={k: str(v) for k, v in meta.items()})
-    os.replace(tmp, path)  # atomic: a crash never leaves half an entry
+    atomic_save_tensors({**sums, "features": features, "index": index}, path,  # a crash never leaves half an entry
+                        metadata={k: str(v) for k, v in meta.items()})
 
 
 def reference_statistics(dataset, extractor: Extractor, description: str, *, cache_dir: Union[str, Path, None] = None,

@@ -29,6 +29,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ddpmlab.atomic import atomic_write_text, fsync_dir
 from ddpmlab.config import Config, config_from_dict
 from ddpmlab.errors import OPTION, DDPMError, OptionError
 from ddpmlab.io.weights import load_state_dict_file
@@ -58,29 +59,6 @@ def load_run_config(run_dir) -> Config:
     run_dir = require_run_dir(run_dir)
     raw = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}
     return config_from_dict(raw, source=str(run_dir / CONFIG_FILE))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _contiguous(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -145,7 +123,7 @@ def _write_checkpoint_files(tmp: Path, step: int, model_sd: dict, ema_sd: dict, 
     for f in tmp.iterdir():  # flushed to disk before the rename makes the checkpoint visible
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
 
 
 def _io_reason(e: Exception) -> str:
@@ -173,7 +151,7 @@ def save_checkpoint(run_dir: Path, step: int, model_sd: dict, ema_sd: dict, opt_
         if final.exists():  # re-saving a step (e.g. after resuming past a damaged checkpoint)
             os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         atomic_write_text(root / "latest", name)
     except (OSError, SafetensorError) as e:
         _remove_leftovers(root)

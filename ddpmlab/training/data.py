@@ -91,7 +91,7 @@ def latent_dataset(cfg: Config, dataset, accelerator: Accelerator, main: bool, p
             bar.close()
 
     with accelerator.main_process_first():  # the main process encodes and writes; the others read its file
-        z, y, hit = cached_latents(cache_file, encode_all)
+        z, y, hit = cached_latents(cache_file, encode_all, count=len(dataset))
     if main:
         print(f"latents: {tuple(z.shape[1:])} per image (std {z.std().item():.3f}) from {codec.source}, "
               f"{'read from' if hit else 'encoded once into'} {cache_file}")

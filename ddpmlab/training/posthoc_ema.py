@@ -29,8 +29,9 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from ddpmlab.atomic import atomic_save_tensors
 from ddpmlab.errors import ConfigError, DDPMError
 
 EMA_DIR = "ema"
@@ -115,12 +116,7 @@ def snapshot_path(run_dir, step: int, sigma_rel: float) -> Path:
 
 def save_snapshot(run_dir, step: int, sigma_rel: float, state: dict) -> Path:
     """Write one profile's weights at ``step`` atomically (a temporary file renamed into place)."""
-    path = snapshot_path(run_dir, step, sigma_rel)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
-    tmp.replace(path)
-    return path
+    return atomic_save_tensors(state, snapshot_path(run_dir, step, sigma_rel))
 
 
 def list_snapshots(run_dir) -> List[Tuple[int, float, Path]]:

@@ -25,10 +25,11 @@ from typing import Optional
 
 import torch
 
+from ddpmlab.atomic import atomic_write_text
 from ddpmlab.config import Config, validate
 from ddpmlab.data.latents import AE_STATS_FILE
 from ddpmlab.errors import ConfigError
-from ddpmlab.io.checkpoint import atomic_write_text, require_run_dir
+from ddpmlab.io.checkpoint import require_run_dir
 from ddpmlab.io.images import save_grid
 from ddpmlab.models import count_parameters
 from ddpmlab.models.autoencoder import (

@@ -20,13 +20,14 @@ from typing import Optional
 
 import torch
 
+from ddpmlab.atomic import atomic_write_text
 from ddpmlab.config import Config
 from ddpmlab.data.latents import LATENTS_FILE, describe_autoencoder
 from ddpmlab.diffusion.objectives import DiffusionObjective
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import ConfigError, OptionError, about
 from ddpmlab.evaluate.superres import save_comparison, spread_images
-from ddpmlab.io.checkpoint import atomic_write_text, require_run_dir
+from ddpmlab.io.checkpoint import require_run_dir
 from ddpmlab.models import build_model, count_parameters
 from ddpmlab.models.conditioned import bind_condition, condition_from_high_res, low_res, training_condition
 from ddpmlab.runs import Output, Run, SamplingRequest, draw_samples, plan_request, save_class_names

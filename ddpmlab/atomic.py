@@ -1,0 +1,62 @@
+"""Files written whole or not at all: a temporary file, fsynced, renamed into place (POSIX rename is atomic),
+the folder fsynced.  A kill at any point leaves the previous file (or none) and, at worst, a temporary file
+that the next write replaces - never half a file under the real name."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from safetensors.torch import save_file
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    path = Path(path)
+    tmp = _temporary(path)
+    try:
+        tmp.write_text(text)
+        _publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_save_tensors(tensors: Dict[str, torch.Tensor], path, metadata: Optional[Dict[str, str]] = None) -> Path:
+    """Write ``tensors`` as a safetensors file at ``path`` atomically (parent folders made)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        _publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
