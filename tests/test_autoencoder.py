@@ -1,6 +1,7 @@
 """The autoencoder stage and latent diffusion (Rombach et al. 2022) on 8x8 digits with tiny networks."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -160,6 +161,14 @@ def test_latent_diffusion_trains_resumes_and_samples_pixels(tmp_path, ae_run, ca
     x = np.load(out.with_suffix(".npz"))["samples"]
     assert x.shape == (3, 1, 8, 8) and x.min() >= -1 and x.max() <= 1  # decoded to pixels
     assert (straight / "samples" / "final.png").is_file()
+    torn = tmp_path / "torn"  # a run whose latents.json a kill cut short: one line, no traceback
+    shutil.copytree(straight, torn)
+    (torn / LATENTS_FILE).write_text('{"autoencoder": "')
+    capsys.readouterr()
+    assert main(["sample", str(torn), "--n", "1", "--steps", "2", "--device", "cpu", "--no-progress",
+                 "--out", str(tmp_path / "t.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "latents.json is damaged" in err[0] and "model.autoencoder" in err[0]
 
     # editing a picture: RePaint / SDEdit on its latents, decoded; inpainting keeps the unmasked pixels
     from PIL import Image
@@ -267,6 +276,16 @@ def test_exported_latent_pipeline_samples_what_ddpmlab_samples(tmp_path, ae_run,
         theirs = pipe(batch_size=2, num_inference_steps=2, generator=g, output_type="np").images
     assert theirs.shape == ours.shape == (2, 8, 8, 1)
     assert np.abs(theirs - ours).max() < 1e-4  # float32 through the same weights, steps and decoder
+
+
+def test_a_damaged_autoencoder_json_is_a_one_line_error(tmp_path, ae_run, capsys):
+    ae = tmp_path / "ae"
+    shutil.copytree(ae_run, ae)
+    (ae / AE_STATS_FILE).write_text('{"psnr_db": 30.1, "scale')  # cut short by a kill
+    assert main(["train", "--no-progress", *LDM, f"model.autoencoder={ae}", f"train.out_dir={tmp_path}",
+                 "train.name=x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{AE_STATS_FILE} is damaged" in err[0] and "train-autoencoder --resume" in err[0]
 
 
 def test_bad_autoencoder_path_is_a_one_line_error(tmp_path, capsys):

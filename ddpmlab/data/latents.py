@@ -97,11 +97,17 @@ def _describe_run(p: Path) -> AutoencoderSource:
     if not stats_file.is_file():
         raise ConfigError(f"model.autoencoder '{p}': the autoencoder run has no {AE_STATS_FILE} yet (it is written "
                           f"when training ends); finish it with `ddpm train-autoencoder --resume {p}`")
-    stats = json.loads(stats_file.read_text())
+    try:
+        stats = json.loads(stats_file.read_text())
+        scale, shift = float(stats["scale_factor"]), float(stats["shift_factor"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"model.autoencoder '{p}': its {AE_STATS_FILE} is damaged ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:100]}); measure it again with "
+                          f"`ddpm train-autoencoder --resume {p}`") from None
     a = cfg.autoencoder
     channels = int(cfg.data.channels) if cfg.data.dataset == "folder" else 1
     return AutoencoderSource("run", p, channels, int(a.latent_channels), 2 ** (len(a.block_out_channels) - 1),
-                             float(stats["scale_factor"]), float(stats["shift_factor"]), stats)
+                             scale, shift, stats)
 
 
 def _describe_diffusers(p: Path) -> AutoencoderSource:

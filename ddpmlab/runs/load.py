@@ -165,6 +165,20 @@ def load_run(run_dir, weights: str = "ema", device="auto", weights_file=None) ->
     return run
 
 
+def read_latents_record(run_dir: Path) -> dict:
+    """RUN/latents.json (what a latent run was trained on); a damaged file is one line saying what to do."""
+    path = Path(run_dir) / LATENTS_FILE
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        return record
+    except (OSError, ValueError) as e:
+        raise DDPMError(f"{path} is damaged ({type(e).__name__}: {' '.join(str(e).split())[:120]}); delete it and "
+                        f"give the autoencoder in {run_dir / 'config.yaml'} (model.autoencoder) as a path that "
+                        "exists from here") from None
+
+
 def _locate_autoencoder(cfg: Config, run_dir: Path) -> None:
     """A latent run's model.autoencoder, relative to where it was trained: if it is not found from here,
     the absolute path stored in RUN/latents.json at training time."""
@@ -172,7 +186,7 @@ def _locate_autoencoder(cfg: Config, run_dir: Path) -> None:
     stored = Path(run_dir) / LATENTS_FILE
     if not ae or Path(ae).expanduser().exists() or not stored.is_file():
         return
-    cfg.model.autoencoder = json.loads(stored.read_text()).get("autoencoder", ae)
+    cfg.model.autoencoder = read_latents_record(run_dir).get("autoencoder", ae)
 
 
 _CODECS: Dict[tuple, LatentCodec] = {}
@@ -227,7 +241,7 @@ def check_latent_run(run: Run) -> None:
     stored = run.dir / LATENTS_FILE if run.dir is not None else None
     if run.codec is None or stored is None or not stored.is_file():
         return
-    if json.loads(stored.read_text()).get("identity") != run.codec.identity:
+    if read_latents_record(run.dir).get("identity") != run.codec.identity:
         warnings.warn(f"run '{run.dir}' was trained on the latents of another version of the autoencoder "
                       f"{run.codec.source} (its weights or scale changed since); its samples may be poor")
 
