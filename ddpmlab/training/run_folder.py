@@ -20,7 +20,6 @@ from ddpmlab.config import Config, validate
 from ddpmlab.errors import ConfigError, DDPMError
 from ddpmlab.io.checkpoint import CONFIG_FILE, load_run_config, save_run_config
 from ddpmlab.training.distributed import agree_on
-from ddpmlab.training.lock import LOCK_FILE
 
 # keys a resumed run may change; everything else must match the stored config
 RESUME_MUTABLE = {
@@ -34,8 +33,9 @@ RESUME_MUTABLE = {
 
 
 def _is_occupied(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds anything but a lock (the main process may already hold it)."""
-    return run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
+    """Whether ``run_dir`` holds anything but hidden files: the lock (the main process may already hold it)
+    and the temporary files of a start that was killed before it wrote its config."""
+    return run_dir.exists() and any(not p.name.startswith(".") for p in run_dir.iterdir())
 
 
 def new_run_dir(cfg: Config, tag: str = "", resume_command: str = "ddpm train --resume") -> Path:
