@@ -124,3 +124,45 @@ def test_weights_file_that_does_not_fit_the_model_is_named(tiny_run, tmp_path, c
     assert rc == 2 and "does not fit the model" in capsys.readouterr().err
     rc, _ = _sample(tiny_run, tmp_path, "b", "--weights-file", str(tmp_path / "broken.safetensors"))
     assert rc == 2 and "not a valid safetensors file" in capsys.readouterr().err
+
+
+def _unpickling_in_full(monkeypatch):
+    """diffusers as older releases (and any on torch < 2.6) read a .bin: torch.load that runs what it finds."""
+    import diffusers.models.modeling_utils as modeling_utils
+
+    original = modeling_utils.load_state_dict
+
+    def load_state_dict(checkpoint_file, *args, **kwargs):
+        if str(checkpoint_file).endswith(".safetensors"):
+            return original(checkpoint_file, *args, **kwargs)
+        return torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+
+    monkeypatch.setattr(modeling_utils, "load_state_dict", load_state_dict)
+
+
+@pytest.mark.parametrize("kind", ["UNet2DModel", "AutoencoderKL"])
+def test_a_diffusers_folder_with_only_a_pickled_bin_is_refused_and_its_payload_never_runs(tmp_path, monkeypatch, kind):
+    diffusers = pytest.importorskip("diffusers")
+    from ddpmlab.io.diffusers_bridge import load_diffusers_model
+    from ddpmlab.models.autoencoder import load_diffusers_vae
+
+    folder, canary = tmp_path / "model", tmp_path / "pwned"
+    if kind == "UNet2DModel":
+        model = diffusers.UNet2DModel(sample_size=8, block_out_channels=(8, 8), down_block_types=("DownBlock2D",) * 2,
+                                      up_block_types=("UpBlock2D",) * 2, layers_per_block=1, norm_num_groups=4)
+        diffusers.DDPMScheduler().save_pretrained(str(folder))  # flat, as google/ddpm-cifar10-32
+    else:
+        model = diffusers.AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",),
+                                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,),
+                                        latent_channels=2, norm_num_groups=4)
+    model.save_pretrained(str(folder))
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    _evil_torch_file(folder / "diffusion_pytorch_model.bin", canary)
+    _unpickling_in_full(monkeypatch)
+    load = load_diffusers_model if kind == "UNet2DModel" else load_diffusers_vae
+    with pytest.raises(DDPMError, match=r"holds only diffusion_pytorch_model\.bin, a pickle.*safetensors only") as e:
+        load(folder)
+    assert "\n" not in str(e.value) and str(folder) in str(e.value)
+    assert not canary.exists()
+    model.save_pretrained(str(folder))  # the same folder with safetensors weights loads (the .bin is not read)
+    assert load(folder) is not None and not canary.exists()

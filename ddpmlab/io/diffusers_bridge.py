@@ -20,7 +20,9 @@ renaming (and splitting the fused q/k/v projection)::
     norm_out                            conv_norm_out
 
 diffusers is an optional dependency (``pip install 'ddpmlab[diffusers]'``), imported only when a
-function needs it (:func:`~ddpmlab.io.diffusers_schedule.require_diffusers`).  Nothing is ever downloaded: folders are read locally.
+function needs it (:func:`~ddpmlab.io.diffusers_schedule.require_diffusers`).  Nothing is ever downloaded:
+folders are read locally, and their weights from safetensors only (a folder with only a pickled ``.bin`` is
+refused before diffusers would unpickle it).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from ddpmlab.io.checkpoint import load_model
 from ddpmlab.io.diffusers_dit import export_dit
 from ddpmlab.io.diffusers_schedule import diffusion_from_scheduler, require_diffusers, scheduler_config
 from ddpmlab.models import UNet
+from ddpmlab.models.autoencoder import require_safetensors
 
 _RENAMES = [  # (ours, diffusers), applied in this order
     ("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
@@ -301,10 +304,11 @@ def _describe(kwargs: dict, diffusion: dict, folder) -> Config:
 
 
 def _load_unet2d_weights(unet_dir: Path) -> Dict[str, torch.Tensor]:
-    """UNet2DModel's state dict read by diffusers itself (handles .bin / .safetensors and old key names)."""
+    """UNet2DModel's state dict read by diffusers itself (old key names renamed), from safetensors only."""
     diffusers = require_diffusers()
+    require_safetensors(unet_dir)  # a .bin would be unpickled
     try:
-        unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
+        unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True, use_safetensors=True)
     except Exception as e:  # diffusers raises many kinds of errors for a broken folder
         raise DDPMError(f"diffusers could not load the UNet in '{unet_dir}': {str(e).splitlines()[0]}") from None
     return {k: v.float() for k, v in unet.state_dict().items()}

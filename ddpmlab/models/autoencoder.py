@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ddpmlab.errors import ConfigError
+from ddpmlab.errors import ConfigError, DDPMError
 
 
 def _autoencoder_kl():
@@ -84,9 +84,27 @@ def build_autoencoder(in_channels: int, block_out_channels: Sequence[int], laten
     return KLAutoencoder(vae)
 
 
+SAFE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
+
+
+def require_safetensors(folder) -> None:
+    """Refuse a diffusers model folder without safetensors weights, before diffusers reads it: one holding
+    only diffusion_pytorch_model.bin would be unpickled (which can run code; older diffusers and torch
+    unpickle it in full), and ddpmlab never unpickles a file."""
+    folder = Path(folder)
+    if any((folder / name).is_file() for name in SAFE_WEIGHTS):
+        return
+    pickled = sorted(p.name for p in folder.glob("*.bin"))
+    found = f"only {pickled[0]}, a pickle," if pickled else "no diffusion_pytorch_model.safetensors"
+    raise DDPMError(f"diffusers folder '{folder}' holds {found} and ddpmlab reads diffusers weights as "
+                    "safetensors only (unpickling can run code); where you trust the weights, re-save them with "
+                    "diffusers' save_pretrained(FOLDER, safe_serialization=True)")
+
+
 def load_diffusers_vae(folder) -> KLAutoencoder:
-    """A local diffusers AutoencoderKL folder (config.json + weights); nothing is downloaded."""
-    vae = _autoencoder_kl().from_pretrained(str(folder), local_files_only=True, use_safetensors=None)
+    """A local diffusers AutoencoderKL folder (config.json + safetensors weights); nothing is downloaded."""
+    require_safetensors(folder)
+    vae = _autoencoder_kl().from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
     return KLAutoencoder(vae)
 
 
