@@ -1,17 +1,20 @@
 """A folder of real-world images: the good ones are used (converted), the bad ones skipped with a
 reason and reported once; `ddpm data check` reports the same without training."""
 
+import os
 import struct
+import subprocess
 import warnings
 import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import EpsImagePlugin, Image, ImageFile
 
 from ddpmlab.cli import main
 from ddpmlab.data import ImageFolderDataset
-from ddpmlab.errors import DataError
+from ddpmlab.errors import DataError, OptionError
+from ddpmlab.io.images import load_mask, load_picture
 
 
 def _png_header_only(path, width, height):
@@ -118,3 +121,87 @@ def test_zero_usable_error_carries_the_skip_list(tmp_path):
     with pytest.raises(DataError) as e:
         ImageFolderDataset(tmp_path, (8, 8), 3)
     assert [p.split("/")[-1] for p, _ in e.value.skipped] == ["x.png"]
+
+
+# ------------------------------------------------------------------------------ hostile files
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\n"
+       b"newpath 0 0 moveto 8 0 lineto 8 8 lineto closepath fill\n%%EOF\n")  # Pillow renders it with Ghostscript
+
+
+@pytest.fixture
+def programs_started(monkeypatch):
+    """The command lines of every program started while the test runs (none is started)."""
+    started = []
+
+    def popen(args, *_, **__):
+        started.append(args)
+        raise FileNotFoundError(f"this test starts no program, asked for {args}")
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # not looked up yet: Pillow would run `gs --version`
+    return started
+
+
+def test_a_postscript_file_is_refused_without_starting_a_program(tmp_path, programs_started):
+    for name in ("upload.eps", "named_like.png"):
+        (tmp_path / name).write_bytes(EPS)
+        with pytest.raises(OptionError, match=rf"image '.*{name}' is not a readable image") as e:
+            load_picture(tmp_path / name, (1, 8, 8))  # ddpm inpaint --image, the demo's uploads
+        assert "\n" not in str(e.value)
+        with pytest.raises(OptionError, match="is not a readable image"):
+            load_mask(tmp_path / name, (8, 8))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.png").write_bytes(EPS)
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "data" / "b.png")
+    with pytest.warns(UserWarning, match="skipped 1 of 2"):
+        ds = ImageFolderDataset(tmp_path / "data", (8, 8), 3)
+    assert [os.path.basename(p) for p in ds.files] == ["b.png"] and "cannot identify" in ds.skipped[0][1]
+    assert programs_started == []
+
+
+def test_a_picture_over_the_bomb_limit_is_refused_in_one_line_before_any_pixel_is_decoded(tmp_path, monkeypatch):
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self, *a, **k: decoded.append(self.size))
+    _png_header_only(tmp_path / "warns.png", 10000, 10000)  # 1x-2x the limit: Pillow itself only warns
+    _png_header_only(tmp_path / "bomb.png", 30000, 30000)  # over 2x: Pillow raises DecompressionBombError
+    for name, pixels in (("warns.png", 10**8), ("bomb.png", 9 * 10**8)):
+        for load in (lambda p: load_picture(p, (3, 8, 8), resize=True), lambda p: load_mask(p, (8, 8), True)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with pytest.raises(OptionError, match=rf"'.*{name}' is too large: {pixels} pixels exceeds Pillow's "
+                                                      r"decompression-bomb limit .*; give a smaller picture") as e:
+                    load(tmp_path / name)
+            assert "\n" not in str(e.value)
+    assert decoded == []
+
+
+def test_links_out_of_the_data_folder_are_not_followed_and_unlistable_folders_are_reported(tmp_path, monkeypatch):
+    private, data = tmp_path / "private", tmp_path / "data"
+    private.mkdir()
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(private / "secret.png")
+    for sub in ("cats", "cats/inner", "cats/locked"):
+        (data / sub).mkdir(parents=True)
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(data / "cats" / "a.png")
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(data / "cats" / "locked" / "b.png")
+    (data / "cats" / "inner" / "same.png").symlink_to(data / "cats" / "a.png")  # inside: followed
+    (data / "cats" / "out.png").symlink_to(private / "secret.png")
+    (data / "cats" / "outdir").symlink_to(private)
+    (data / "dogs").symlink_to(private)  # a class folder that leads out
+    scandir = os.scandir
+
+    def unlistable(path="."):
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", unlistable)  # what os.walk lists a folder with (root would read 0o000)
+    with pytest.warns(UserWarning, match="skipped 4 of 6 image files"):
+        ds = ImageFolderDataset(data, (8, 8), 3)
+    assert ds.class_names == ["cats"]
+    assert [os.path.relpath(p, data) for p in ds.files] == ["cats/a.png", "cats/inner/same.png"]
+    reasons = {os.path.relpath(p, data): r for p, r in ds.skipped}
+    assert set(reasons) == {"cats/out.png", "cats/outdir", "dogs", "cats/locked"}
+    for name in ("cats/out.png", "cats/outdir", "dogs"):
+        assert reasons[name].startswith("not followed: a symbolic link to") and "outside data.path" in reasons[name]
+    assert reasons["cats/locked"] == "cannot list folder (Permission denied); check its permissions"

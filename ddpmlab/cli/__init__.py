@@ -17,6 +17,8 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
+from PIL import Image
+
 from ddpmlab.cli.commands import option_hint
 from ddpmlab.cli.options import NAMES
 from ddpmlab.cli.parser import build_parser
@@ -53,6 +55,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 0
     warnings.formatwarning = _format_warning
+    # Pillow only warns of a picture between 1x and 2x its decompression-bomb limit: open_image then refuses it
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
     if args.command not in ("train", "train-autoencoder"):  # these decide by train.keep_freed_memory and the device
         keep_freed_memory()  # CPU sampling and evaluation reuse freed memory (ddpmlab.training.allocator)
     try:

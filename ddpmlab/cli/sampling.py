@@ -14,6 +14,7 @@ from PIL import Image
 
 from ddpmlab.cli.options import listed_classes, sampling_request
 from ddpmlab.data import to_uint8
+from ddpmlab.data.images import open_image
 from ddpmlab.errors import DDPMError
 from ddpmlab.io.images import comparison_row, load_mask, load_picture, save_grid, save_images
 from ddpmlab.models.conditioned import condition_from_low_res, upsample
@@ -123,7 +124,7 @@ def _save_picture(image: torch.Tensor, path: Path) -> Path:
 def _picture_size(path) -> Optional[Tuple[int, int]]:
     """(width, height) of a picture file, None when it cannot be read (load_picture then says why)."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:  # raster formats only, nothing decoded
             return img.size
     except (OSError, ValueError):
         return None

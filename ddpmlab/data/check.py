@@ -13,12 +13,11 @@ import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
-from PIL import Image
-
 from ddpmlab.data.images import (
     IMAGE_EXTENSIONS,
     ImageFolderDataset,
     is_hidden,
+    open_image,
     skip_report,
 )
 from ddpmlab.errors import DataError
@@ -28,7 +27,7 @@ _ORIENTATION = 0x0112  # EXIF tag; values 5-8 swap width and height
 
 def displayed_size(path: str) -> tuple[int, int]:
     """(width, height) of an image as shown, i.e. after its EXIF rotation; reads only the header."""
-    with Image.open(path) as im:
+    with open_image(path) as im:
         w, h = im.size
         try:
             turned = im.getexif().get(_ORIENTATION) in (5, 6, 7, 8)

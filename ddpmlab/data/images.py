@@ -9,9 +9,12 @@ as torchvision's ImageFolder does; without such sub-folders the set is unlabeled
 
 Every file is fully decoded once at scan time (in a few threads); files that fail are
 skipped, listed in ``self.skipped`` as ``(path, reason)`` and reported in one warning
-(``ddpm data check DIR`` prints the same report without training).  Images over Pillow's
-decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, ~89 megapixels) are skipped
-too; images smaller than ``image_size`` are upscaled, never skipped.
+(``ddpm data check DIR`` prints the same report without training).  Files are opened as
+:data:`RASTER_FORMATS` only (:func:`open_image`: Pillow never hands one to another program),
+and images over Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, ~89
+megapixels) are skipped from their header, before any pixel is decoded; images smaller than
+``image_size`` are upscaled, never skipped.  Symbolic links that lead out of ``root`` are not
+followed, and folders that cannot be listed are reported: both among the skipped entries.
 Each image is EXIF-rotated, converted to L / RGB / RGBA (palette, 16-bit, CMYK, ...
 handled), resized with bicubic antialiasing so that it covers ``image_size`` and
 center-cropped.  Up to :data:`CACHE_MAX_IMAGES` images (and :data:`CACHE_MAX_BYTES`)
@@ -38,6 +41,35 @@ CACHE_MAX_IMAGES = 20000
 CACHE_MAX_BYTES = 4 * 1024**3
 CHANNEL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # Pillow mode of an image with that many channels
 _SKIP_DIRS = {"__MACOSX"}
+# what a picture may be: formats Pillow decodes itself (EPS and other PostScript-like formats would start
+# Ghostscript where it is installed), so a file of any other format is refused whatever its name says
+RASTER_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
+
+
+class ImageTooLarge(ValueError):
+    """A picture over Pillow's decompression-bomb limit, refused from its header before any pixel is decoded."""
+
+    def __init__(self, pixels: Optional[int]):
+        self.pixels = pixels
+        what = "the image" if pixels is None else f"{pixels} pixels"
+        super().__init__(f"too large: {what} exceeds Pillow's decompression-bomb limit "
+                         f"PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}")
+
+
+def open_image(path) -> Image.Image:
+    """``Image.open`` for a file from anywhere: only :data:`RASTER_FORMATS` are tried (another format is an
+    ``UnidentifiedImageError``), and a picture over ``PIL.Image.MAX_IMAGE_PIXELS`` is refused from its header
+    (:class:`ImageTooLarge`) before any pixel is decoded; Pillow alone decodes the 1-2x range after a warning."""
+    try:
+        img = Image.open(path, formats=RASTER_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning where it is an error
+        size = re.search(r"\((\d+) pixels\)", str(e))
+        raise ImageTooLarge(int(size.group(1)) if size else None) from None
+    pixels = img.width * img.height
+    if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
+        img.close()
+        raise ImageTooLarge(pixels)
+    return img
 
 
 def is_hidden(name: str) -> bool:
@@ -49,19 +81,43 @@ def _is_image_file(name: str) -> bool:
     return not is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _walk_images(folder: str) -> list[str]:
-    """All image files below ``folder`` (recursive, symlinks followed once, sorted)."""
+def _outside(path: str, root: str) -> bool:
+    """Whether ``path`` (a link or below one) resolves to a place outside the folder ``root`` (a real path)."""
+    real = os.path.realpath(path)
+    return real != root and not real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _link_out(path: str) -> tuple[str, str]:
+    return path, (f"not followed: a symbolic link to '{os.path.realpath(path)}', outside data.path; "
+                  "copy the files into the folder or point data.path at them")
+
+
+def _walk_images(folder: str, root: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """(all image files below ``folder``, sorted; (path, reason) of what was not used): symbolic links are
+    followed once where they stay inside ``root`` (a real path), never out of it; a folder that cannot be
+    listed is reported, not passed over in silence."""
     found: list[str] = []
+    problems: list[tuple[str, str]] = []
     seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+
+    def unlisted(e: OSError) -> None:
+        problems.append((str(e.filename or folder), f"cannot list folder ({e.strerror or e}); check its permissions"))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unlisted, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:  # a symlink loop
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image_file(f))
-    return sorted(found)
+        paths = {d: os.path.join(dirpath, d) for d in sorted(dirnames) if not is_hidden(d)}
+        problems += [_link_out(p) for p in paths.values() if os.path.islink(p) and _outside(p, root)]
+        dirnames[:] = [d for d, p in paths.items() if not (os.path.islink(p) and _outside(p, root))]
+        for path in (os.path.join(dirpath, f) for f in sorted(filenames) if _is_image_file(f)):
+            if os.path.islink(path) and _outside(path, root):
+                problems.append(_link_out(path))
+            else:
+                found.append(path)
+    return sorted(found), problems
 
 
 def to_mode(img: Image.Image, mode: str) -> Image.Image:
@@ -104,7 +160,7 @@ def _fit(img: Image.Image, size: tuple[int, int]) -> Image.Image:
 def load_image(path: str, image_size: Sequence[int], channels: int = 3) -> np.ndarray:
     """Decode one file to a uint8 array ``(H, W, C)``; raises on unreadable files."""
     mode = CHANNEL_MODES[channels]
-    with Image.open(path) as img:
+    with open_image(path) as img:
         img.load()
         try:
             oriented = ImageOps.exif_transpose(img)
@@ -120,10 +176,8 @@ def load_image(path: str, image_size: Sequence[int], channels: int = 3) -> np.nd
 def _try_load(path: str, image_size, channels) -> tuple[Optional[np.ndarray], Optional[str]]:
     try:
         return load_image(path, image_size, channels), None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        size = re.search(r"\((\d+) pixels\)", str(e))
-        return None, (f"too large: {size.group(1) + ' pixels' if size else 'the image'} exceeds Pillow's "
-                      f"decompression-bomb limit PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}")
+    except ImageTooLarge as e:
+        return None, str(e)
     except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
         reason = " ".join(str(e).split()) or "unreadable"
         return None, f"{type(e).__name__}: {reason}"
@@ -148,20 +202,25 @@ def _check_folder(root: str) -> None:
         raise DataError(f"data.path: '{root}' is a file, not a folder; set data.path to the folder that holds the images")
 
 
-def _scan(root: str) -> tuple[list[str], list[int], list[str]]:
-    """(files, labels, class names) of a folder: its first-level sub-folders that hold at least
-    one image (recursively) are the classes; without any, the images directly in it, unlabeled."""
+def scan_folder(root: str) -> tuple[list[str], list[int], list[str], list[tuple[str, str]]]:
+    """(files, labels, class names, (path, reason) of what is not used) of a folder, without decoding any:
+    its first-level sub-folders that hold at least one image (recursively) are the classes; without any,
+    the images directly in it, unlabeled.  Links out of ``root`` and unlistable folders are the not used."""
+    _check_folder(root)
     try:
         entries = sorted(os.listdir(root))
     except OSError as e:
         raise DataError(f"data.path: cannot list folder '{root}' ({e.strerror}); check its permissions") from None
-    top_files = [os.path.join(root, e) for e in entries
-                 if _is_image_file(e) and os.path.isfile(os.path.join(root, e))]
+    real = os.path.realpath(root)
+    paths = {e: os.path.join(root, e) for e in entries if not is_hidden(e)}
+    problems = [_link_out(p) for p in paths.values() if os.path.islink(p) and _outside(p, real)]
+    paths = {e: p for e, p in paths.items() if not (os.path.islink(p) and _outside(p, real))}
+    top_files = [p for e, p in paths.items() if _is_image_file(e) and os.path.isfile(p)]
     class_files: dict[str, list[str]] = {}
-    for e in entries:
-        sub = os.path.join(root, e)
-        if not is_hidden(e) and os.path.isdir(sub):
-            files = _walk_images(sub)
+    for e, sub in paths.items():
+        if os.path.isdir(sub):
+            files, missed = _walk_images(sub, real)
+            problems += missed
             if files:
                 class_files[e] = files
     if not class_files:
@@ -180,11 +239,12 @@ def _scan(root: str) -> tuple[list[str], list[int], list[str]]:
                 stacklevel=3,
             )
     if not files:
+        missed = f" ('{problems[0][0]}' {problems[0][1]})" if problems else ""
         raise DataError(
             f"data.path: folder '{root}' contains no image files (searched recursively for "
-            f"{', '.join(IMAGE_EXTENSIONS)}, any case); add images or point data.path at another folder"
+            f"{', '.join(IMAGE_EXTENSIONS)}, any case){missed}; add images or point data.path at another folder"
         )
-    return files, labels, class_names
+    return files, labels, class_names, problems
 
 
 def _decode_all(files: Sequence[str], image_size: tuple[int, int], channels: int, cached: bool,
@@ -199,7 +259,7 @@ def _decode_all(files: Sequence[str], image_size: tuple[int, int], channels: int
         return i, _try_load(files[i], image_size, channels)
 
     with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=threads) as pool:
-        # a file between 1x and 2x the decompression-bomb limit only warns in Pillow: skip it too
+        # Pillow only warns of a file between 1x and 2x the decompression-bomb limit: open_image refuses it, silently
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         for i, (arr, reason) in pool.map(work, range(n)):
             if arr is None:
@@ -227,8 +287,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.channels = int(channels)
         self.sample_shape = (self.channels, *self.image_size)
         self.is_image = True
-        _check_folder(root)
-        files, labels, self.class_names = _scan(root)
+        files, labels, self.class_names, problems = scan_folder(root)
         self.num_classes = len(self.class_names)
 
         # decode everything once: validates every file, and fills the cache
@@ -238,9 +297,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             cache = n <= CACHE_MAX_IMAGES and n * per_image <= CACHE_MAX_BYTES
         self.cached = bool(cache)
         threads = num_threads or min(8, os.cpu_count() or 1)
-        keep, self.skipped, self.arrays = _decode_all(files, self.image_size, self.channels, self.cached, threads)
+        keep, skipped, self.arrays = _decode_all(files, self.image_size, self.channels, self.cached, threads)
+        self.skipped = problems + skipped
         if not keep:
-            first = self.skipped[0]
+            first = skipped[0]
             err = DataError(
                 f"data.path: none of the {n} image files in '{root}' could be read (e.g. '{first[0]}': "
                 f"{first[1]}); check that they are valid images"
@@ -249,8 +309,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise err
         if self.skipped:
             warnings.warn(
-                f"data.path: skipped {len(self.skipped)} of {n} image files in '{root}' that could not be "
-                f"used (also in dataset.skipped):\n{skip_report(self.skipped)}",
+                f"data.path: skipped {len(self.skipped)} of {n + len(problems)} image files in '{root}' that could "
+                f"not be used (also in dataset.skipped):\n{skip_report(self.skipped)}",
                 stacklevel=2,
             )
         self.files = [files[i] for i in keep]
@@ -267,7 +327,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         """
         def stored_size(path: str) -> Optional[tuple[int, int]]:
             try:
-                with Image.open(path) as img:
+                with open_image(path) as img:
                     w, h = img.size
                     return (h, w) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)  # 90-degree turns
             except Exception:  # noqa: BLE001 - changed since the scan: it does not count

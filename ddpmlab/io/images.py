@@ -1,7 +1,8 @@
 """Pictures in and out with Pillow: sample grids and single PNGs, input pictures and masks.
 
 Inputs for editing (:mod:`ddpmlab.samplers.editing`: RePaint, SDEdit) are read with the
-model's channels and checked for its size (an image is resized only when asked); the
+model's channels and checked for its size (an image is resized only when asked), from raster
+formats only and never over Pillow's decompression-bomb limit (:func:`~ddpmlab.data.images.open_image`); the
 side-by-side row is input, mask, results.  Mask convention: white (> 50 % grey) = fill,
 black = keep.  Images are (C, H, W) or (B, C, H, W) in [-1, 1], written as 8-bit.
 """
@@ -17,7 +18,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ddpmlab.data import from_uint8, to_uint8
-from ddpmlab.data.images import CHANNEL_MODES, to_mode
+from ddpmlab.data.images import CHANNEL_MODES, ImageTooLarge, open_image, to_mode
 from ddpmlab.errors import OPTION, OptionError, mention
 
 
@@ -26,12 +27,14 @@ def _open(path, option: str) -> Image.Image:
     if not path.is_file():
         raise OptionError(option, f"{OPTION} '{path}' does not exist; give the path of a PNG (or JPEG, ...) file")
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:  # raster formats only, refused over the decompression-bomb limit
             img.load()
             try:
                 return ImageOps.exif_transpose(img)
             except Exception:  # a broken EXIF block: keep the pixels as stored
                 return img.copy()
+    except ImageTooLarge as e:
+        raise OptionError(option, f"{OPTION} '{path}' is {e}; give a smaller picture") from None
     except (OSError, ValueError) as e:
         raise OptionError(option, f"{OPTION} '{path}' is not a readable image ({type(e).__name__}: {e})") from None
 
