@@ -118,6 +118,19 @@ def test_repaint_visits_each_stretch_jump_n_sample_times():
     assert repaint_times(n, 1, 1) == list(range(n - 1, -2, -1))  # no jumps: plain DDPM order
 
 
+def test_repaint_nfe_counts_the_schedule_without_building_it():
+    """n + ceil((n - J) / J) (R - 1) J denoising steps: the steps down in repaint_times, for every small case;
+    a request of 10**7 resamplings is counted at once (its schedule would hold ~10**10 entries)."""
+    for n in range(1, 30):
+        for jl in range(1, 9):
+            for jn in range(1, 4):
+                ts = repaint_times(n, jl, jn)
+                assert repaint_nfe(n, jl, jn) == sum(b < a for a, b in zip(ts, ts[1:])), (n, jl, jn)
+    assert repaint_nfe(250, 10, 10**7) == 250 + 24 * (10**7 - 1) * 10
+    with pytest.raises(ConfigError, match="jump_n_sample >= 1"):
+        repaint_nfe(50, 10, 0)
+
+
 def _repaint(n, steps, jump_length, jump_n_sample, seed=0):
     predict = ModelPredictor(ExactDenoiser(GAUSS, S), S)
     g = torch.Generator().manual_seed(seed)

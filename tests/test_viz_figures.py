@@ -92,3 +92,21 @@ def test_a_far_outlier_does_not_shrink_the_scatter_plot(tmp_path):
     sizes = [Image.open(images.save_scatter(x, tmp_path / f"{i}.png", reference=ref)).size
              for i, x in enumerate([ref[:200], with_outlier])]
     assert abs(sizes[0][0] - sizes[1][0]) <= 0.1 * sizes[0][0] and abs(sizes[0][1] - sizes[1][1]) <= 0.1 * sizes[0][1]
+
+
+def test_the_toy_animation_draws_at_most_one_forward_frame_per_timestep_however_many_are_asked(tmp_path):
+    """forward_frames=10**7 (a number typed into the demo's page) costs what T frames do: no array of
+    10**7 timesteps (80 MB) is ever built."""
+    import tracemalloc
+
+    short = NoiseSchedule.make("linear", 12)
+    tracemalloc.start()
+    try:
+        gif = toy.save_toy_animation(PTS, short, _randn(2, 200, 2, seed=3), [0, 1], 1, tmp_path / "f.gif",
+                                     forward_frames=10**7)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+    with Image.open(gif) as img:
+        assert img.n_frames == 12 + 2  # every timestep of the forward process once, then the two reverse frames

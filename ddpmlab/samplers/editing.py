@@ -50,9 +50,14 @@ def repaint_times(n: int, jump_length: int = 10, jump_n_sample: int = 10) -> Lis
 
 
 def repaint_nfe(n: int, jump_length: int = 10, jump_n_sample: int = 10) -> int:
-    """Number of network evaluations (denoising steps) of :func:`repaint` on n schedule entries."""
-    times = repaint_times(n, jump_length, jump_n_sample)
-    return sum(1 for a, b in zip(times, times[1:]) if b < a)
+    """Number of network evaluations (denoising steps) of :func:`repaint` on n schedule entries, counted
+    without building :func:`repaint_times` (so a huge request is measured before anything is allocated):
+    n steps down, and at each jump point J = jump_length more, jump_n_sample - 1 times."""
+    if jump_length < 1 or jump_n_sample < 1:
+        raise ConfigError(f"RePaint needs jump_length >= 1 and jump_n_sample >= 1, got {jump_length} and "
+                          f"{jump_n_sample}")
+    jump_points = len(range(0, n - jump_length, jump_length))  # those of repaint_times; len() builds nothing
+    return n + jump_points * (jump_n_sample - 1) * jump_length
 
 
 @torch.no_grad()

@@ -62,9 +62,13 @@ def save_toy_reverse(xs: torch.Tensor, ks: Sequence[int], total_steps: int, path
 def save_toy_animation(data: torch.Tensor, schedule: NoiseSchedule, xs: torch.Tensor, ks: Sequence[int],
                        total_steps: int, path, forward_frames: int = 15, seed: int = 0,
                        duration_ms: int = 150) -> Path:
-    """GIF: the forward diffusion of the data (orange), then the reverse process from noise (blue)."""
+    """GIF: the forward diffusion of the data (orange), then the reverse process from noise (blue): at most
+    T forward frames (distinct timesteps), however many ``forward_frames`` asks for."""
     T = schedule.num_timesteps
-    ts = np.unique(np.geomspace(1, T, forward_frames).round().astype(int) - 1)
+    if forward_frames >= T:  # every timestep (without an array of forward_frames entries)
+        ts = np.arange(T)
+    else:
+        ts = np.unique(np.geomspace(1, T, max(1, forward_frames)).round().astype(int) - 1)
     frames: List[np.ndarray] = []
     fig, ax = new_figure((3, 3), dpi=70)
     for t, pts in zip(ts, forward_steps(data, schedule, ts.tolist(), seed)):
