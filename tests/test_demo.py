@@ -7,8 +7,10 @@ import socket
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -141,6 +143,138 @@ def test_the_page_samples_as_the_run_says_through_its_api(runs_root, tmp_path):
     assert text.startswith("3 samples: dpmpp_2m_sde, 2 steps")  # the run's train.sample_sampler and sample_steps
     assert main(["sample", img, "--n", "3", "--seed", "2", "--out", str(tmp_path / "cli.png"), "--no-progress"]) == 0
     assert np.array_equal(_png(picture), _png(tmp_path / "cli.png"))
+
+
+# ------------------------------------------------------------------------------ hostile requests
+
+def test_repaint_jumps_and_snapshots_are_bounded_in_one_line_and_the_next_request_works(runs_root, tmp_path,
+                                                                                        monkeypatch):
+    """RePaint's resampling jumps count as the steps they repeat (within --max-steps), snapshots within
+    max_frames: a huge request is refused before anything is built or sampled, then a good one is served."""
+    runs = Runs([runs_root / "img", runs_root / "toy"], resolve_device("cpu"), tmp_path / "out")
+    img, toy, limits = str(runs_root / "img"), str(runs_root / "toy"), Limits(64, 200)
+    drawn, drawing = [], act.draw_inpainting
+
+    def draw(run, plan, *args, **kwargs):
+        drawn.append(plan.options["jump_n_sample"])
+        assert plan.options["jump_n_sample"] < 100, "a refused request began to sample"
+        return drawing(run, plan, *args, **kwargs)
+
+    monkeypatch.setattr(act, "draw_inpainting", draw)
+    image, mask = act.training_image(runs, img, 0), tmp_path / "mask.png"
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(mask)
+    with pytest.raises(DDPMError, match=r"^RePaint with 50 steps, jump length 10 and jump n sample 10000000 takes "
+                                        r"400000010 network evaluations, more than this page serves \(at most 200, "
+                                        r"set by ddpm demo --max-steps\); ask for fewer steps or jumps$"):
+        act.inpaint_image(runs, img, image, mask_file=mask, n=1, steps=50, jump_length=10, jump_n_sample=10**7,
+                          limits=limits)
+    res = act.inpaint_image(runs, img, image, mask_file=mask, n=1, steps=6, jump_length=2, jump_n_sample=2,
+                            limits=limits)
+    assert drawn == [2] and "1 inpaintings (RePaint, 6 steps, jumps 2 x 2" in res.text
+    shown = []
+    monkeypatch.setattr(act.viz, "viz_toy", lambda *a: shown.append(a[5]) or [None, None, "still", "gif"])
+    with pytest.raises(DDPMError, match=r"^snapshots = 1000000000 is more than this page serves \(at most 100\)"):
+        act.reverse(runs, toy, steps=3, frames=10**9, limits=limits)
+    assert act.reverse(runs, toy, steps=3, frames=100, n=50, limits=limits) == ["still", "gif"] and shown == [100]
+
+
+def test_use_a_training_image_decodes_that_one_file_not_the_folder(runs_root, tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    from ddpmlab.config import load_config
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(6):
+        Image.new("L", (8, 8), 40 * i).save(folder / f"{i}.png")
+    cfg = load_config(None, ["data.dataset=folder", f"data.path={folder}", "data.image_size=[8,8]", "data.channels=1"])
+    runs = Runs([runs_root / "img"], resolve_device("cpu"), tmp_path / "out")
+    monkeypatch.setattr(runs, "get", lambda *_: SimpleNamespace(is_image=True, cfg=cfg, dir="photos"))
+    decoded, load = [], ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im, *a: decoded.append(im.filename) or load(im, *a))
+    png = act.training_image(runs, "photos", 4)
+    assert set(decoded) == {str(folder / "4.png")} and np.all(_png(png) == 160)
+    with pytest.raises(DDPMError, match=r"training image 6 does not exist: the run's data has 6 images \(0..5\)"):
+        act.training_image(runs, "photos", 6)
+
+
+def test_the_page_writes_to_a_fresh_folder_and_keeps_the_newest_requests(runs_root, tmp_path):
+    out = tmp_path / "runs"  # --out runs: a folder that already holds other things
+    (out / "r1").mkdir(parents=True)
+    (out / "r1" / "secret.txt").write_text("not for the page")
+    runs = Runs([runs_root / "img"], resolve_device("cpu"), out, 3)
+    assert runs.out_root.parent == out and runs.out_root.name.startswith("ddpm-demo-")
+    assert list(runs.out_root.iterdir()) == []
+    folders = [runs.new_folder("x") for _ in range(5)]
+    assert sorted(runs.out_root.iterdir()) == folders[2:]  # the newest 3
+    for _ in range(3):  # page loads draw the loss curve once while log.csv stays as it is
+        text, loss, _ = act.run_info(runs, str(runs_root / "img"))
+    assert loss.is_file() and len(list(runs.out_root.iterdir())) == 3 and loss.parent not in folders
+    with pytest.raises(DDPMError, match="--keep-requests must be at least 1, got 0"):
+        Runs([runs_root / "img"], resolve_device("cpu"), out, 0)
+
+
+def test_a_page_on_the_network_without_auth_is_warned_of():
+    from ddpmlab.demo.app import host_warning
+
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert host_warning(host, None) is None
+    for host in ("0.0.0.0", "192.168.1.5", "my-box"):
+        warning = host_warning(host, None)
+        assert warning.startswith(f"warning: ddpm demo listens on {host} without --auth") and "\n" not in warning
+        assert host_warning(host, ("u", "p")) is None
+    with pytest.raises(SystemExit):
+        main(["demo", str(Path("run")), "--auth", "nopassword"])
+
+
+def _post_upload(url: str, size: int) -> int:
+    """The HTTP status of uploading a file of ``size`` bytes to the page, as its file fields do."""
+    boundary = "ddpmlab-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + b"\0" * size + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(f"{url}/gradio_api/upload", data=body, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_the_served_page_offers_only_its_own_pictures_bounds_uploads_and_asks_for_a_login(runs_root, tmp_path):
+    try:
+        import_gradio()
+        from gradio_client import Client
+    except (DDPMError, ImportError):
+        pytest.skip(f"gradio is not installed ({INSTALL_HINT})")
+    from ddpmlab.demo.app import RUN_SAMPLER
+
+    img, out = str(runs_root / "img"), tmp_path / "runs"
+    (out / "r1").mkdir(parents=True)
+    (out / "r1" / "secret.txt").write_text("not for the page")
+    port = _free_port()
+    app = serve([img], port=port, device="cpu", out_root=out, block=False, quiet=True, max_upload_mb=1)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with pytest.raises(urllib.error.HTTPError, match="403"):
+            urllib.request.urlopen(f"{url}/gradio_api/file={out / 'r1' / 'secret.txt'}", timeout=30)
+        assert _post_upload(url, 2 * 2**20) == 413 and _post_upload(url, 1000) == 200
+        picture = Client(url, verbose=False).predict(img, "ema", RUN_SAMPLER, 2, DEFAULT_SCHEDULE, 0, 1, None, None,
+                                                     api_name="/sample")[1]
+        assert Path(picture).is_file()
+    finally:
+        app.close()
+    port = _free_port()
+    app = serve([img], port=port, device="cpu", block=False, quiet=True, auth=("ada", "s3cret"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with pytest.raises(Exception):
+            Client(url, verbose=False)
+        text = Client(url, auth=("ada", "s3cret"), verbose=False).predict(
+            img, "ema", RUN_SAMPLER, 2, DEFAULT_SCHEDULE, 0, 1, None, None, api_name="/sample")[0]
+        assert text.startswith("1 samples: dpmpp_2m_sde, 2 steps")
+    finally:
+        app.close()
 
 
 # ------------------------------------------------------------------------------ in the browser

@@ -152,7 +152,8 @@ def cmd_data_check(args) -> int:
 
 def cmd_demo(args) -> int:
     serve_demo(args.run_dirs, host=args.host, port=args.port, max_samples=args.max_samples, max_steps=args.max_steps,
-               queue_size=args.queue_size, device=args.device, out_root=args.out)
+               queue_size=args.queue_size, device=args.device, out_root=args.out, auth=args.auth,
+               max_upload_mb=args.max_upload_mb, keep_requests=args.keep_requests)
     return 0
 
 

@@ -22,6 +22,7 @@ from ddpmlab.cli.parser_sampling import (
     viz_parser,
 )
 from ddpmlab.config import describe_config
+from ddpmlab.demo import KEEP_REQUESTS, UPLOAD_MB
 
 EPILOG = "Examples:\n  ddpm train\n  ddpm train --config toy2d\n  ddpm sample runs/mnist-... --sampler ddim --steps 50"
 
@@ -110,6 +111,13 @@ def _export_and_data_parsers(sub) -> None:
     dc.set_defaults(func=cmd_data_check, parser=dc)
 
 
+def _user_password(text: str) -> tuple:
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise argparse.ArgumentTypeError(f"expected USER:PASSWORD, got {text!r}")
+    return user, password
+
+
 def _demo_parser(sub) -> None:
     d = sub.add_parser("demo", help="a local web page to sample, inspect and edit runs (needs ddpmlab[demo])",
                        description="Serve a Gradio page over one or more trained runs: sample (grid and downloads), "
@@ -119,16 +127,27 @@ def _demo_parser(sub) -> None:
                                    "the same settings and seed give the same pixels. Install: pip install "
                                    "'ddpmlab[demo]'.")
     d.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="runs written by `ddpm train` (a picker on the page)")
-    d.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    d.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; another one without --auth "
+                        "is served with a warning)")
+    d.add_argument("--auth", type=_user_password, default=None, metavar="USER:PASSWORD",
+                   help="ask for this user name and password before the page opens (Gradio's login)")
     d.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     d.add_argument("--max-samples", type=int, default=256,
                    help="largest n one request may ask for (default 256); bigger requests are refused")
     d.add_argument("--max-steps", type=int, default=1000,
-                   help="most sampling steps one request may ask for (default 1000); more are refused")
+                   help="most sampling steps one request may ask for (default 1000; RePaint's jumps count as the "
+                        "steps they repeat); more are refused")
     d.add_argument("--queue-size", type=int, default=16,
                    help="requests that may wait (default 16); sampling runs one request at a time")
     d.add_argument("--device", default="auto", help="auto (default: cuda, mps or cpu), cpu, cuda, cuda:N or mps")
-    d.add_argument("--out", default=None, help="folder for the pictures the page writes (default: a new temp folder)")
+    d.add_argument("--out", default=None,
+                   help="the page writes its pictures to a new folder ddpm-demo-XXXXXXXX in this one, and serves "
+                        "only that (default: a new temporary folder)")
+    d.add_argument("--keep-requests", type=int, default=KEEP_REQUESTS, metavar="K",
+                   help=f"keep the pictures of the newest K requests, delete older ones (default {KEEP_REQUESTS})")
+    d.add_argument("--max-upload-mb", type=int, default=UPLOAD_MB, metavar="MB",
+                   help=f"largest file a visitor may upload (default {UPLOAD_MB} MB)")
     d.set_defaults(func=cmd_demo, parser=d)
 
 

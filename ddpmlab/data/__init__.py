@@ -7,20 +7,21 @@ Every dataset returned by :func:`build_dataset` yields ``(x, y)`` pairs (x float
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
 
 from ddpmlab.config import DATASETS
 from ddpmlab.data.bundled import load_digits, load_mnist, split_indices
-from ddpmlab.data.images import IMAGE_EXTENSIONS, ImageFolderDataset, from_uint8, load_image, to_uint8
+from ddpmlab.data.images import IMAGE_EXTENSIONS, ImageFolderDataset, from_uint8, load_image, scan_folder, to_uint8
 from ddpmlab.data.latents import latent_shape
 from ddpmlab.data.toy import TOY_NAMES, make_toy
 from ddpmlab.errors import DataError
 
 __all__ = [
     "InMemoryDataset", "TensorDataset", "ImageFolderDataset", "build_dataset", "data_shape", "image_shape",
-    "load_mnist", "load_digits", "make_toy", "load_image", "split_indices", "to_uint8", "from_uint8",
+    "load_mnist", "load_digits", "make_toy", "load_image", "training_image", "split_indices", "to_uint8", "from_uint8",
     "IMAGE_EXTENSIONS", "TOY_NAMES", "DATASETS",
 ]
 
@@ -106,3 +107,28 @@ def build_dataset(cfg):
             size = size * 2
         return ImageFolderDataset(d.path, tuple(size), d.channels)
     raise DataError(f"data.dataset: unknown dataset '{d.dataset}'; choose one of {', '.join(DATASETS)}")
+
+
+def training_image(cfg, index: int) -> torch.Tensor:
+    """Example ``index`` of ``cfg.data``'s images as (C, H, W) in [-1, 1].  An image folder is listed and only
+    that one file decoded (in :class:`ImageFolderDataset`'s order, which skips unreadable files)."""
+    d = cfg.data
+    if d.dataset != "folder":
+        data = build_dataset(cfg)
+        _check_index(index, len(data))
+        return data[index][0]
+    if not d.path:
+        raise DataError("data.path: required when data.dataset is 'folder'; set it to a folder of images")
+    files = scan_folder(os.path.expanduser(str(d.path)))[0]
+    _check_index(index, len(files))
+    try:
+        return from_uint8(load_image(files[index], image_shape(cfg)[1:], int(d.channels)))
+    except Exception as e:  # noqa: BLE001 - any decoder failure is this file's
+        raise DataError(f"training image {index} ('{files[index]}') cannot be read ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())}); choose another") from None
+
+
+def _check_index(index: int, count: int) -> None:
+    if not 0 <= index < count:
+        raise DataError(f"training image {index} does not exist: the run's data has {count} images "
+                        f"(0..{count - 1})")

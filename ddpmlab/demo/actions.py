@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import csv
 import math
-import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +23,9 @@ import torch
 from PIL import Image
 
 from ddpmlab.config import format_config
-from ddpmlab.data import build_dataset
+from ddpmlab.data import training_image as data_image
+from ddpmlab.demo.serving import Limits, Runs, as_float, as_int, as_label
 from ddpmlab.errors import DDPMError
-from ddpmlab.io.checkpoint import require_run_dir
 from ddpmlab.io.images import comparison_row, load_mask, load_picture, save_grid, save_images
 from ddpmlab.runs import (
     InpaintRequest,
@@ -39,7 +37,6 @@ from ddpmlab.runs import (
     draw_samples,
     edit_img2img,
     grid_scale,
-    load_run,
     plan_img2img,
     plan_inpainting,
     plan_request,
@@ -57,98 +54,7 @@ SAMPLE_BATCH, EDIT_BATCH = 256, 64
 NAMES = {"sampler": "sampler", "steps": "steps", "step_schedule": "step schedule", "class": "class",
          "guidance": "guidance scale", "weights": "weights", "n": "n", "strength": "SDEdit strength",
          "variance": "variance", "image": "image", "mask": "mask file", "resize": "the 'resize' box"}
-POINTS_PER_SAMPLE = 100  # a 2-D run may draw this many points per image sample of --max-samples
 EDITOR_SIZE = 256  # the mask editor shows the image enlarged (nearest) to about this many pixels
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The largest request the page serves (``ddpm demo --max-samples / --max-steps``)."""
-
-    max_samples: int = 256
-    max_steps: int = 1000
-
-    def samples_for(self, run: Run) -> int:
-        """The most samples of ``run`` per request: --max-samples images, or POINTS_PER_SAMPLE times as many
-        2-D points (an MLP on points costs about what a few pixels of a UNet do)."""
-        return self.max_samples * (1 if run.is_image else POINTS_PER_SAMPLE)
-
-    def check(self, n: int, steps: Optional[int] = None, what: str = "samples", run: Optional[Run] = None) -> None:
-        cap = self.max_samples if run is None else self.samples_for(run)
-        if n > cap:
-            unit = "" if run is None or run.is_image else f" x {POINTS_PER_SAMPLE} for 2-D points"
-            raise DDPMError(f"n = {n} {what} is more than this page serves (at most {cap}: --max-samples "
-                            f"{self.max_samples}{unit}); ask for fewer")
-        if steps is not None and steps > self.max_steps:
-            raise DDPMError(f"steps = {steps} is more than this page serves (at most {self.max_steps}, "
-                            "set by ddpm demo --max-steps); ask for fewer")
-
-
-def as_int(value, name: str, minimum: Optional[int] = None) -> Optional[int]:
-    """A number field's value as an int (None stays None); '2.5' or 'abc' is refused naming the field."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise DDPMError(f"{name} must be a whole number, got {value!r}") from None
-    if not math.isfinite(f) or f != int(f):
-        raise DDPMError(f"{name} must be a whole number, got {value!r}")
-    if minimum is not None and int(f) < minimum:
-        raise DDPMError(f"{name} must be at least {minimum}, got {int(f)}")
-    return int(f)
-
-
-def as_label(value) -> Optional[object]:
-    """A class field's value: None when empty, a whole number as an int, else the text (a class name)."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    if isinstance(value, float):
-        return as_int(value, "class")
-    return value.strip() if isinstance(value, str) else value
-
-
-def as_float(value, name: str) -> Optional[float]:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise DDPMError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(f):
-        raise DDPMError(f"{name} must be a finite number, got {value!r}")
-    return f
-
-
-class Runs:
-    """The runs the page serves, each loaded once per weights kind (EMA or raw) on ``device``."""
-
-    def __init__(self, run_dirs: Sequence, device: torch.device, out_root=None):
-        if not run_dirs:
-            raise DDPMError("ddpm demo needs at least one RUN_DIR (a folder written by `ddpm train`)")
-        self.dirs = [str(require_run_dir(d)) for d in run_dirs]
-        self.device = device
-        self.out_root = Path(out_root) if out_root else Path(tempfile.mkdtemp(prefix="ddpm-demo-"))
-        self._cache: Dict[Tuple[str, str], Run] = {}
-        self._lock = threading.Lock()
-        self._count = 0
-
-    def get(self, run_dir: Optional[str], weights: str = "ema") -> Run:
-        key = (str(run_dir or self.dirs[0]), weights or "ema")
-        if key[0] not in self.dirs:
-            raise DDPMError(f"run '{key[0]}' is not served by this page; choose one of {', '.join(self.dirs)}")
-        with self._lock:
-            if key not in self._cache:
-                self._cache[key] = load_run(key[0], key[1], self.device)
-            return self._cache[key]
-
-    def new_folder(self, kind: str) -> Path:
-        """A fresh output folder out_root/<n>-<kind>/ for one request."""
-        with self._lock:
-            self._count += 1
-            path = self.out_root / f"{self._count:05d}-{kind}"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
 
 
 def _request(run: Run, sampler: Optional[str], steps, step_schedule: Optional[str], n: int, label, guidance,
@@ -238,7 +144,8 @@ def reverse(runs: Runs, run_dir, *, sampler: Optional[str] = None, steps=None, s
     """``ddpm viz reverse RUN --n 1`` (images: a GIF and a strip of x_t and predicted x0) or
     ``ddpm viz toy RUN`` (2-D: the samples along the reverse process and an animation)."""
     run = runs.get(run_dir, weights)
-    frames = as_int(frames, "frames", minimum=1)
+    frames = as_int(frames, "snapshots", minimum=1)
+    limits.check_frames(frames)
     n = as_int(n, "n", minimum=1) or (1 if run.is_image else min(2000, limits.samples_for(run)))
     seed = as_int(seed, "seed") or 0
     plan = _plan(run, _request(run, sampler, steps, None, n, None, None, seed, limits), limits)
@@ -267,12 +174,8 @@ def editor_scale(run: Run) -> int:
 def training_image(runs: Runs, run_dir, index, weights: str = "ema") -> Path:
     """Training image ``index`` of the run's data as a PNG of the model's size (an input for editing)."""
     run = _image_run(runs, run_dir, weights, "inpainting")
-    data = build_dataset(run.cfg)
     i = as_int(index, "training image", minimum=0) or 0
-    if i >= len(data):
-        raise DDPMError(f"training image {i} does not exist: the run's data has {len(data)} images "
-                        f"(0..{len(data) - 1})")
-    return save_images(data[i][0][None], runs.new_folder("input"))[0]
+    return save_images(data_image(run.cfg, i)[None], runs.new_folder("input"))[0]  # decodes that one file
 
 
 def read_input(runs: Runs, run_dir, path, resize: bool = False, weights: str = "ema") -> Tuple[Path, np.ndarray]:
@@ -338,12 +241,13 @@ def inpaint_image(runs: Runs, run_dir, image_png, *, layers=None, mask_file=None
     The mask is ``mask_file`` if given (read as ``--mask``: white = fill), else the editor's strokes."""
     run = _image_run(runs, run_dir, weights, "inpainting")
     n = as_int(n, "n", minimum=1)
-    steps, seed = as_int(steps, "RePaint steps", minimum=1), as_int(seed, "seed") or 0
-    jump_length = as_int(jump_length, "jump length", minimum=1)
-    jump_n_sample = as_int(jump_n_sample, "jump n sample", minimum=1)
+    steps, seed = as_int(steps, "RePaint steps", minimum=1) or 250, as_int(seed, "seed") or 0  # empty: as ddpm inpaint
+    jump_length = as_int(jump_length, "jump length", minimum=1) or 10
+    jump_n_sample = as_int(jump_n_sample, "jump n sample", minimum=1) or 10
     limits.check(n, steps, "inpaintings")
+    limits.check_repaint(steps, jump_length, jump_n_sample)  # the jumps repeat steps: bounded alike
     label, guidance = _condition(run, label, guidance)
-    plan = plan_inpainting(run, InpaintRequest(250 if steps is None else steps, None, None, jump_length,
+    plan = plan_inpainting(run, InpaintRequest(steps, None, None, jump_length,
                                                jump_n_sample, label, guidance, seed, n), log=lambda _msg: None)
     if not image_png:
         raise DDPMError("no input image: upload a picture or pick a training image first")
@@ -423,8 +327,19 @@ def run_info(runs: Runs, run_dir, weights: str = "ema") -> Tuple[str, Optional[P
     else:
         lines.append("no eval.csv yet (train.eval_every, or `ddpm eval`)")
     try:
-        loss = plot_loss([run.dir], runs.new_folder("run") / "loss.png")
+        loss = _loss_plot(runs, run.dir)
     except DDPMError as e:
         loss = None
         lines.append(str(e))
     return "\n\n".join(lines), loss, format_config(run.cfg)
+
+
+def _loss_plot(runs: Runs, run_dir: str) -> Path:
+    """The loss curve of RUN/log.csv, drawn again only when the log changed (not on every page load)."""
+    log = Path(run_dir) / "log.csv"
+    state = log.stat() if log.is_file() else None
+    key = (run_dir, state and (state.st_mtime_ns, state.st_size))
+    plot = runs.plots.get(key)
+    if plot is None or not plot.is_file():
+        plot = runs.plots[key] = plot_loss([run_dir], runs.new_folder("run") / "loss.png")
+    return plot

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import ipaddress
+import sys
 from types import SimpleNamespace
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from ddpmlab.demo.actions import (
     NAMES,
-    Limits,
-    Runs,
     class_choices,
     compare,
     enlarged,
@@ -30,6 +30,7 @@ from ddpmlab.demo.actions import (
     training_image,
 )
 from ddpmlab.demo.actions import editor_scale as _editor_scale
+from ddpmlab.demo.serving import KEEP_REQUESTS, Limits, Runs
 from ddpmlab.errors import DDPMError, OptionError
 from ddpmlab.runs import resolve_device
 from ddpmlab.samplers.registry import SAMPLER_SPECS, STEP_SCHEDULES
@@ -37,6 +38,7 @@ from ddpmlab.samplers.registry import SAMPLER_SPECS, STEP_SCHEDULES
 INSTALL_HINT = "pip install 'ddpmlab[demo]'"
 DEFAULT_SCHEDULE = "sampler's default"
 RUN_SAMPLER = "as the run samples"  # the sampler fields' first choice: the run's recommended or own sampler
+DELETE_CACHE = (600, 3600)  # Gradio's copies of outputs and uploads: looked at every 10 minutes, kept an hour
 
 
 def import_gradio():
@@ -191,7 +193,7 @@ def build_app(runs: Runs, limits: Limits = Limits()):
     gr = import_gradio()
     samplers = list(SAMPLER_SPECS)
     ui = SimpleNamespace()
-    with gr.Blocks(title="ddpmlab demo") as app:
+    with gr.Blocks(title="ddpmlab demo", delete_cache=DELETE_CACHE) as app:
         gr.Markdown("## ddpmlab demo\nSample, inspect and edit with trained DDPM runs. Every tab makes the same "
                     "library calls as the `ddpm` command line, so the same settings and seed give the same pixels; "
                     "empty settings sample as the run does.")
@@ -313,32 +315,56 @@ def _connect(gr, app, ui, h: Handlers) -> None:
         trigger(f(h.run), base, run_outputs, concurrency_limit=4, concurrency_id="light", api_name=False)
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+UPLOAD_MB = 10  # the largest upload (ddpm demo --max-upload-mb)
+
+
+def host_warning(host: str, auth: Optional[Tuple[str, str]]) -> Optional[str]:
+    """The warning for a page that anyone on the network can use (a non-loopback --host without --auth)."""
+    try:
+        loopback = host in LOOPBACK or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost
+        loopback = False
+    if loopback or auth:
+        return None
+    return (f"warning: ddpm demo listens on {host} without --auth: anyone who can reach this machine may sample, "
+            "upload pictures and use its compute; add --auth USER:PASSWORD, or serve on 127.0.0.1")
+
+
 def serve(run_dirs: Sequence, *, host: str = "127.0.0.1", port: int = 7860, max_samples: int = 256,
           max_steps: int = 1000, queue_size: int = 16, device="auto", out_root=None, block: bool = True,
-          quiet: bool = False):
+          quiet: bool = False, auth: Optional[Tuple[str, str]] = None, max_upload_mb: int = UPLOAD_MB,
+          keep_requests: int = KEEP_REQUESTS):
     """Serve the page for ``run_dirs`` at http://host:port/ and return the launched app.
 
     ``block=False`` returns at once with the server running in a thread (stop it with ``app.close()``).
-    Requests wait in a queue of at most ``queue_size``; sampling runs one request at a time.
+    Requests wait in a queue of at most ``queue_size``; sampling runs one request at a time.  Pictures go
+    to a fresh folder below ``out_root`` (the only folder served), the newest ``keep_requests`` requests'
+    kept; uploads are at most ``max_upload_mb`` MB; ``auth`` = (user, password) asks for a login.
     """
     import_gradio()  # the install hint before anything is loaded
-    for name, value in (("--max-samples", max_samples), ("--max-steps", max_steps), ("--queue-size", queue_size)):
+    for name, value in (("--max-samples", max_samples), ("--max-steps", max_steps), ("--queue-size", queue_size),
+                        ("--max-upload-mb", max_upload_mb)):
         if value < 1:
             raise DDPMError(f"{name} must be at least 1, got {value}")
     if not 0 < port < 65536:
         raise DDPMError(f"--port must be between 1 and 65535, got {port}")
-    runs = Runs(run_dirs, resolve_device(device), out_root)
+    runs = Runs(run_dirs, resolve_device(device), out_root, keep_requests)
     for d in runs.dirs:
         runs.get(d)  # a run that does not load fails before the server starts
     app = build_app(runs, Limits(max_samples, max_steps))
     app.queue(max_size=queue_size, default_concurrency_limit=1)
+    warning = host_warning(host, auth)
+    if warning:
+        print(warning, file=sys.stderr)
     try:
         app.launch(server_name=host, server_port=port, prevent_thread_lock=True, allowed_paths=[str(runs.out_root)],
-                   quiet=quiet, show_error=True, inbrowser=False)
+                   quiet=quiet, show_error=True, inbrowser=False, auth=auth, max_file_size=max_upload_mb * 1024**2)
     except OSError as e:
         raise DDPMError(f"cannot serve on {host}:{port} ({_one_line(e)}); choose another --port") from None
     if block:
-        print(f"ddpm demo: serving {len(runs.dirs)} run(s) at http://{host}:{port}/ (Ctrl-C stops)")
+        print(f"ddpm demo: serving {len(runs.dirs)} run(s) at http://{host}:{port}/ (Ctrl-C stops); "
+              f"pictures in {runs.out_root}")
         try:
             app.block_thread()
         finally:
