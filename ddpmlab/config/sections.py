@@ -99,12 +99,17 @@ class MLPConfig:
 
 @dataclass
 class DiffusionConfig:
+    # ddpm (Ho et al. 2020) | flow: flow matching / rectified flow (Lipman et al. 2023, Liu et al. 2023),
+    # x_t = (1 - t) x_0 + t eps with continuous t in [0, 1], the network (prediction velocity) learning
+    # eps - x_0 at time input t * num_timesteps; diffusion.schedule and beta_* do not apply to it
+    process: str = "ddpm"
     schedule: str = "linear"  # linear | cosine | sigmoid | tanh | quadratic
-    num_timesteps: int = 1000  # T, the steps of the forward process
+    num_timesteps: int = 1000  # T, the steps of the forward process (flow: the scale of the network's time input)
     beta_start: float = 1e-4  # beta_1 (all schedules but cosine)
     beta_end: float = 0.02  # beta_T (all schedules but cosine)
     # eps | x0 | v | edm (the network inside EDM's preconditioning, Karras et al. 2022, with the
-    # loss weight 1 / c_out^2 that gives every noise level a unit-variance target)
+    # loss weight 1 / c_out^2 that gives every noise level a unit-variance target) | velocity (eps - x_0:
+    # process flow's, and only its)
     prediction: str = "eps"
     sigma_data: float = 0.5  # prediction edm: the data's standard deviation (EDM: 0.5 for images in [-1, 1])
     loss: str = "l2"  # l2 | l1
@@ -115,10 +120,17 @@ class DiffusionConfig:
     vlb_weight: float = 0.001  # lambda of the hybrid loss
     min_snr_gamma: Optional[float] = None  # min-SNR-gamma weighting of L_simple (Hang et al. 2023), e.g. 5.0
     # uniform | importance (loss_type vlb only) | lognormal: ln sigma_t ~ N(lognormal_mean, lognormal_std^2),
-    # the nearest timestep taken (EDM's noise-level distribution, Karras et al. 2022, Sec. 5)
+    # the nearest timestep taken (EDM's noise-level distribution, Karras et al. 2022, Sec. 5);
+    # process flow: uniform | logit_normal (Esser et al. 2024, Eq. 19) | mode (their Eq. 20)
     t_sampling: str = "uniform"
     lognormal_mean: float = -1.2  # t_sampling lognormal: P_mean
     lognormal_std: float = 1.2  # t_sampling lognormal: P_std
+    logit_normal_mean: float = 0.0  # t_sampling logit_normal: location m of logit(t) ~ N(m, s^2) (SD3: 0)
+    logit_normal_std: float = 1.0  # t_sampling logit_normal: scale s (SD3: 1)
+    mode_scale: float = 1.29  # t_sampling mode: s of f_mode(u; s), in [-1, 2 / (pi - 2)] (SD3's best: 1.29)
+    # process flow: the shift s of the flow samplers' step schedule, t' = s t / (1 + (s - 1) t) (SD3,
+    # Esser et al. 2024, Sec. 5.3.2: 3.0 at 1024^2); 1 keeps it uniform in t
+    flow_shift: float = 1.0
     # rescale the betas so that alpha_bar_T = 0 (Lin et al. 2024): needs prediction v or x0
     zero_terminal_snr: bool = False
     # training noise eps + offset_noise * N(0, 1) per image and channel (Guttenberg 2023), e.g. 0.1:
@@ -163,7 +175,9 @@ class TrainConfig:
     sample_every: int = 0  # steps between sample drawings (0: only at the end)
     save_every: int = 5000  # steps between checkpoints
     sample_n: int = 64  # samples drawn at each sample_every
-    sample_sampler: str = "ddim"  # sampler of those samples
+    # sampler of those samples (and of `ddpm sample RUN`); null: the process's own (ddim for ddpm,
+    # flow_euler for flow)
+    sample_sampler: Optional[str] = None
     sample_steps: int = 100  # steps of that sampler
     out_dir: str = "runs"  # folder that holds the run directories
     name: Optional[str] = None  # run-directory name; default: <dataset>-<timestamp>

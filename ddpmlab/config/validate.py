@@ -21,8 +21,9 @@ from ddpmlab.config.sections import (
     DistillConfig,
     DiTConfig,
 )
+from ddpmlab.diffusion.flow import FLOW_T_SAMPLING, MODE_SCALE_RANGE
 from ddpmlab.diffusion.objectives import LOSS_TYPES, LOSSES, T_SAMPLING
-from ddpmlab.diffusion.process import PREDICTIONS
+from ddpmlab.diffusion.process import PREDICTIONS, PROCESSES
 from ddpmlab.diffusion.reverse import VARIANCES
 from ddpmlab.diffusion.schedules import SCHEDULES
 from ddpmlab.errors import ConfigError
@@ -32,6 +33,7 @@ CHOICES = {
     "data.toy": ("swiss_roll", "moons", "s_curve", "ring"),
     "data.split": ("all", "train", "test"),
     "model.kind": ("unet", "mlp", "dit"),
+    "diffusion.process": PROCESSES,
     "diffusion.schedule": SCHEDULES,
     "diffusion.prediction": PREDICTIONS,
     "diffusion.loss": LOSSES,
@@ -146,6 +148,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     _validate_train(cfg, source)
     _validate_dit(cfg, source)
     _validate_likelihood(cfg.diffusion, source)
+    _validate_flow(cfg.diffusion, source)
     _validate_distill(cfg.distill, cfg.diffusion.num_timesteps, source)
     _validate_condition(cfg, source)
     _validate_autoencoder(cfg, source)
@@ -314,3 +317,35 @@ def _validate_likelihood(diff: DiffusionConfig, source: str) -> None:
                           "set it to null")
 
 
+def _validate_flow(diff: DiffusionConfig, source: str) -> None:
+    """Cross-checks of diffusion.process=flow (flow matching, :mod:`ddpmlab.diffusion.flow`) against the DDPM keys."""
+    if diff.process != "flow":
+        if diff.prediction == "velocity":
+            raise ConfigError(f"{source}: diffusion.prediction=velocity is the network of a flow: set "
+                              "diffusion.process=flow, or a DDPM prediction (eps, x0, v, edm)")
+        if diff.t_sampling in FLOW_T_SAMPLING and diff.t_sampling != "uniform":
+            raise ConfigError(f"{source}: diffusion.t_sampling={diff.t_sampling} draws the continuous t of a flow; "
+                              "set diffusion.process=flow, or t_sampling uniform, importance or lognormal")
+        return
+    if diff.prediction != "velocity":
+        raise ConfigError(f"{source}: diffusion.process=flow trains the velocity eps - x_0: set "
+                          f"diffusion.prediction=velocity (got {diff.prediction})")
+    if diff.t_sampling not in FLOW_T_SAMPLING:
+        raise ConfigError(f"{source}: diffusion.t_sampling={diff.t_sampling} draws DDPM timesteps; a flow takes "
+                          f"{', '.join(FLOW_T_SAMPLING)}")
+    clash = [f"diffusion.{k}={v}" for k, v, plain in (
+        ("loss_type", diff.loss_type, "simple"), ("variance", diff.variance, "fixed_large"),
+        ("min_snr_gamma", diff.min_snr_gamma, None), ("zero_terminal_snr", diff.zero_terminal_snr, False))
+        if v != plain]
+    if clash:
+        raise ConfigError(f"{source}: {', '.join(clash)} belong to DDPM runs; a flow trains the plain velocity "
+                          "loss (loss_type simple, no variance head, no min-SNR weight; its noise is pure at t = 1): "
+                          "drop them")
+    if not diff.logit_normal_std > 0:
+        raise ConfigError(f"{source}: 'diffusion.logit_normal_std' must be > 0, got {diff.logit_normal_std}")
+    lo, hi = MODE_SCALE_RANGE
+    if not lo <= diff.mode_scale <= hi:
+        raise ConfigError(f"{source}: 'diffusion.mode_scale' must lie in [{lo:g}, {hi:.4f}] (f_mode is then a "
+                          f"bijection of [0, 1], Esser et al. 2024, Eq. 20), got {diff.mode_scale}")
+    if not diff.flow_shift > 0:
+        raise ConfigError(f"{source}: 'diffusion.flow_shift' must be > 0 (1: uniform in t), got {diff.flow_shift}")

@@ -1,10 +1,13 @@
-"""Data with a closed-form diffusion: Gaussian mixtures and their exact denoisers.
+"""Data with a closed-form diffusion: Gaussian mixtures and their exact denoisers and velocities.
 
 For x_0 ~ sum_k w_k N(mu_k, s_k^2 I), the noised marginal is again a mixture,
 q(x_t) = sum_k w_k N(sqrt(abar_t) mu_k, (abar_t s_k^2 + 1 - abar_t) I), so its score,
 and with it the optimal noise predictor eps*(x_t, t) = -sqrt(1 - abar_t) grad log q(x_t),
-are exact.  Samplers driven by eps* must reproduce the data distribution: the ground
-truth every sampler test and the sampler benchmark measure against.
+are exact.  Under the flow x_t = (1 - t) x_0 + t eps (:mod:`ddpmlab.diffusion.flow`) it is
+sum_k w_k N((1 - t) mu_k, ((1 - t)^2 s_k^2 + t^2) I), and the optimal velocity E[eps - x_0 | x_t]
+is exact too (:meth:`GaussianMixture.velocity`, :class:`ExactVelocity`).  Samplers driven by them
+must reproduce the data distribution: the ground truth every sampler test and the sampler
+benchmark measure against.
 """
 
 from __future__ import annotations
@@ -83,6 +86,54 @@ class GaussianMixture:
         r = torch.softmax(logn, dim=1) / var  # posterior over components / its variance, (N, K)
         # -sum_k resp_k (x - a mu_k) / var_k
         return -(r.sum(1, keepdim=True) * x64 - a * (r @ means))
+
+
+    def velocity(self, x: torch.Tensor, t) -> torch.Tensor:
+        """The exact velocity E[eps - x_0 | x_t = x] of the flow x_t = (1 - t) x_0 + t eps: x (N, D) flow
+        coordinates, t (N,) or a scalar in [0, 1] -> (N, D) float64.
+
+        Component k alone is Gaussian: with c = 1 - t and var_k = c^2 s_k^2 + t^2,
+        E[eps | x, k] = t (x - c mu_k) / var_k and E[x_0 | x, k] = mu_k + c s_k^2 (x - c mu_k) / var_k, so
+        v_k(x) = (t - c s_k^2) / var_k (x - c mu_k) - mu_k; the mixture weighs them by the posterior of k.
+        """
+        x64 = x.to(torch.float64)
+        t = torch.as_tensor(t, dtype=torch.float64, device=x.device).reshape(-1, 1)
+        means, stds, w = (self.means.to(x.device), self.stds.to(x.device), self.weights.to(x.device))
+        c = 1 - t
+        var = c**2 * stds[None] ** 2 + t**2  # (N, K)
+        dist2 = x64.pow(2).sum(1, keepdim=True) - 2 * c * (x64 @ means.T) + c**2 * means.pow(2).sum(1)[None]
+        r = torch.softmax(-0.5 * (dist2.clamp_min(0) / var + self.dim * torch.log(var)) + w.log()[None], dim=1)
+        gain = (t - c * stds[None] ** 2) / var  # (N, K)
+        # sum_k r_k (gain_k (x - c mu_k) - mu_k)
+        return (r * gain).sum(1, keepdim=True) * x64 - (r * (1 + c * gain)) @ means
+
+
+class ExactVelocity(torch.nn.Module):
+    """The exact velocity of a :class:`GaussianMixture` as a flow network (diffusion.prediction velocity):
+    ``model(x, t * T, y=None) -> v``, x the flow coordinates (B, D) or (B, C, H, W) (flattened to D).
+
+    ``y = k`` gives component k alone, ``y = K`` (the "no label" index) or ``y=None`` the whole mixture:
+    the two models classifier-free guidance combines.
+    """
+
+    def __init__(self, mixture: GaussianMixture, T: int = 1000):
+        super().__init__()
+        self.mixture, self.T = mixture, T
+        self.num_classes = mixture.means.shape[0]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b = x.shape[0]
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b).to(torch.float64) / self.T
+        flat = x.reshape(b, -1)
+        v = self.mixture.velocity(flat, t)
+        if y is not None:
+            y = torch.as_tensor(y, device=x.device).long().reshape(-1).expand(b)
+            k = y.clamp(max=self.num_classes - 1)
+            mu, s2 = self.mixture.means.to(x.device)[k], self.mixture.stds.to(x.device)[k, None] ** 2
+            c = 1 - t[:, None]
+            v_k = (t[:, None] - c * s2) / (c**2 * s2 + t[:, None] ** 2) * (flat.to(torch.float64) - c * mu) - mu
+            v = torch.where((y < self.num_classes)[:, None], v_k, v)
+        return v.to(x.dtype).reshape(x.shape)
 
 
 class ExactDenoiser(torch.nn.Module):

@@ -1,9 +1,11 @@
-"""Training objectives (Ho et al. 2020, Algorithm 1) for eps / x0 / v parameterisations.
+"""Training objectives (Ho et al. 2020, Algorithm 1) for eps / x0 / v parameterisations, and flow matching's.
 
 Besides L_simple: min-SNR-gamma weighting (Hang et al. 2023), the variational bound
 L_vlb and the hybrid loss L_simple + lambda L_vlb for models with a learned variance
 (Nichol & Dhariwal 2021, Sec. 3.1), and importance sampling of t (their Sec. 3.3).
-:class:`DiffusionObjective` bundles them as the trainer's one loss function.
+:class:`DiffusionObjective` bundles them as the trainer's one loss function; :class:`FlowObjective`
+is the velocity loss of a flow run (Lipman et al. 2023; Liu et al. 2023).  :func:`objective_from_config`
+picks the one a config asks for.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ddpmlab.diffusion.flow import FLOW_T_SAMPLING, flow_sample, network_time, sample_flow_times, velocity_target
 from ddpmlab.diffusion.likelihood import LN2, data_decoder, vlb_term
 from ddpmlab.diffusion.process import edm_coefficients, eps_x0_from_output, q_sample, training_target
 from ddpmlab.diffusion.reverse import p_mean_log_variance, split_output
@@ -20,7 +23,8 @@ from ddpmlab.diffusion.schedules import NoiseSchedule
 
 LOSSES = ("l2", "l1")
 LOSS_TYPES = ("simple", "hybrid", "vlb")
-T_SAMPLING = ("uniform", "importance", "lognormal")
+DDPM_T_SAMPLING = ("uniform", "importance", "lognormal")
+T_SAMPLING = DDPM_T_SAMPLING + tuple(k for k in FLOW_T_SAMPLING if k not in DDPM_T_SAMPLING)
 
 
 def sample_timesteps(batch: int, T: int, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -299,3 +303,57 @@ class DiffusionObjective:
 
     def load_state_dict(self, state: Optional[dict]) -> None:
         self.t_sampler.load_state_dict(state)
+
+
+class FlowObjective:
+    """The loss of a flow run: ``loss = objective(model, x0, t=t, noise=noise, y=y)``, t in [0, 1].
+
+    x_t = (1 - t) x_0 + t eps, and the network, called as ``model(x_t, t * T, y)``, learns the velocity:
+    loss = ||v_theta(x_t, t) - (eps - x_0)||^2 (Lipman et al. 2023, Eq. 23; Liu et al. 2023, Eq. 1;
+    ``l1``: the absolute error).  t is drawn uniform, logit-normal or by the mode density
+    (:func:`~ddpmlab.diffusion.flow.sample_flow_times`; Esser et al. 2024, Eq. 19-20).  It keeps no state;
+    it has the methods of :class:`DiffusionObjective` the training task calls.
+    """
+
+    def __init__(self, T: int, *, loss: str = "l2", t_sampling: str = "uniform", logit_normal: tuple = (0.0, 1.0),
+                 mode_scale: float = 1.29):
+        if t_sampling not in FLOW_T_SAMPLING:
+            raise ValueError(f"unknown flow t_sampling '{t_sampling}'; choose one of {', '.join(FLOW_T_SAMPLING)}")
+        self.T, self.loss, self.t_sampling = T, loss, t_sampling
+        self.logit_normal, self.mode_scale = logit_normal, mode_scale
+
+    @classmethod
+    def from_config(cls, cfg, schedule: NoiseSchedule) -> "FlowObjective":
+        d = cfg.diffusion
+        return cls(schedule.num_timesteps, loss=d.loss, t_sampling=d.t_sampling,
+                   logit_normal=(d.logit_normal_mean, d.logit_normal_std), mode_scale=d.mode_scale)
+
+    def sample_timesteps(self, batch: int, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Flow times t (B,) float32 in [0, 1] for the next batch, drawn from ``generator``."""
+        mean, std = self.logit_normal
+        return sample_flow_times(self.t_sampling, batch, generator=generator, device=device, mean=mean, std=std,
+                                 mode_scale=self.mode_scale)
+
+    def __call__(self, model: Callable, x0: torch.Tensor, *, t: torch.Tensor, noise: torch.Tensor,
+                 y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The batch loss (a scalar). x0: (B, ...); t: (B,) flow times; noise: like x0."""
+        x_t = flow_sample(x0, t, noise)
+        out = model(x_t, network_time(t, self.T), y)
+        return per_example_loss(out.float(), velocity_target(x0, noise).float(), self.loss).mean()
+
+    def end_step(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        pass
+
+
+def objective_from_config(cfg, schedule: NoiseSchedule, gather: Optional[Callable] = None):
+    """The training loss of ``cfg``: a :class:`FlowObjective` for diffusion.process flow, else a
+    :class:`DiffusionObjective` (``gather``: its importance sampling's all-process gather)."""
+    if cfg.diffusion.process == "flow":
+        return FlowObjective.from_config(cfg, schedule)
+    return DiffusionObjective.from_config(cfg, schedule, gather)

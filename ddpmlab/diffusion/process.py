@@ -1,19 +1,28 @@
-"""Forward process, posterior and conversions between eps / x0 / v / score.
+"""Forward process, posterior and conversions between eps / x0 / v / velocity / score.
 
 Pure tensor functions of a :class:`~ddpmlab.diffusion.schedules.NoiseSchedule`.  ``i`` is an
 index into the schedule's entries (B,) long (for a full schedule equal to the
-timestep t); coefficients are gathered in float64 and cast to ``x``'s dtype.
+timestep t); coefficients are gathered in float64 and cast to ``x``'s dtype.  A flow run
+(``diffusion.process: flow``, :mod:`ddpmlab.diffusion.flow`) is read through the VP view of its
+schedule: :func:`network_inputs` turns the VP x_t into what its network takes, and the velocity it
+returns converts to (eps, x0) like every other output.
 """
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 
+from ddpmlab.diffusion.flow import flow_from_vp, network_time, velocity_target, x0_eps_from_velocity
 from ddpmlab.diffusion.schedules import NoiseSchedule, abar_of_t
 
+# ddpm: the diffusion of Ho et al. 2020 on diffusion.schedule; flow: flow matching / rectified flow
+PROCESSES = ("ddpm", "flow")
 # "edm": the network sits inside EDM's preconditioning (Karras et al. 2022, Table 1;
-# ddpmlab.models.preconditioning), whose output is the denoised x0: it reads as x0 here
-PREDICTIONS = ("eps", "x0", "v", "edm")
+# ddpmlab.models.preconditioning), whose output is the denoised x0: it reads as x0 here;
+# "velocity": a flow's network, eps - x_0 at (x_flow, t * T) (ddpmlab.diffusion.flow)
+PREDICTIONS = ("eps", "x0", "v", "edm", "velocity")
 
 
 def extract(arr: torch.Tensor, i: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -84,9 +93,30 @@ def score_from_eps(s: NoiseSchedule, x_t: torch.Tensor, i: torch.Tensor, eps: to
     return -eps / extract(1.0 - s.alphas_cumprod, i, x_t).sqrt()
 
 
+def _flow_view(s: NoiseSchedule, x_t: torch.Tensor, i: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x_flow, t) of the VP x_t at entry or fractional time i, in float64 (float32 on mps); t broadcasts."""
+    wide = torch.float32 if x_t.device.type == "mps" else torch.float64  # mps has no float64
+    abar = abar_at(s, i, x_t.new_empty((x_t.shape[0],) + (1,) * (x_t.ndim - 1), dtype=wide))
+    return flow_from_vp(x_t.to(wide), abar)
+
+
+def network_inputs(s: NoiseSchedule, x_t: torch.Tensor, i: torch.Tensor, prediction: str):
+    """(x, t) the network is called with for the VP x_t at entry i: (x_t, i) itself, except for a flow's
+    velocity network, which takes x_flow = x_t / (a + b) at time t * T, t = b / (a + b) (the change of
+    variables of :mod:`ddpmlab.diffusion.flow`; a = sqrt(abar), b = sqrt(1 - abar), T the schedule's)."""
+    if prediction != "velocity":
+        return x_t, i
+    x_flow, t = _flow_view(s, x_t, i)
+    return x_flow.to(x_t.dtype), network_time(t.reshape(-1), s.num_timesteps)
+
+
 def eps_x0_from_output(s: NoiseSchedule, x_t: torch.Tensor, i: torch.Tensor, out: torch.Tensor,
                        prediction: str):
     """Convert a network output of the given parameterisation into (eps, x0)."""
+    if prediction == "velocity":  # x_0 = x_flow - t v, eps = x_flow + (1 - t) v: the same in every view
+        x_flow, t = _flow_view(s, x_t, i)
+        x0, eps = x0_eps_from_velocity(x_flow, t, out.to(x_flow.dtype))
+        return eps.to(x_t.dtype), x0.to(x_t.dtype)
     if prediction == "eps":
         return out, x0_from_eps(s, x_t, i, out)
     if prediction in ("x0", "edm"):
@@ -106,6 +136,8 @@ def training_target(s: NoiseSchedule, x0: torch.Tensor, i: torch.Tensor, eps: to
         return x0
     if prediction == "v":
         return v_target(s, x0, i, eps)
+    if prediction == "velocity":
+        return velocity_target(x0, eps)
     raise ValueError(f"unknown prediction type '{prediction}'; choose one of {', '.join(PREDICTIONS)}")
 
 

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ddpmlab.diffusion.flow import flow_alphas_cumprod
 from ddpmlab.errors import ConfigError
 
 SCHEDULES = ("linear", "cosine", "sigmoid", "tanh", "quadratic")
@@ -132,8 +133,18 @@ class NoiseSchedule:
         return cls.from_betas(make_betas(name, T, beta_start, beta_end))
 
     @classmethod
+    def from_alphas_cumprod(cls, abar: torch.Tensor) -> "NoiseSchedule":
+        """The schedule of a decreasing alpha_bar (T,): beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}."""
+        abar = torch.as_tensor(abar, dtype=torch.float64)
+        return cls.from_betas(1.0 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]]))
+
+    @classmethod
     def from_config(cls, diffusion_cfg) -> "NoiseSchedule":
+        """diffusion.schedule's betas; a flow run (diffusion.process: flow) the VP view of its straight
+        path on t_i = (i + 1) / T (:func:`~ddpmlab.diffusion.flow.flow_alphas_cumprod`)."""
         d = diffusion_cfg
+        if d.process == "flow":
+            return cls.from_alphas_cumprod(flow_alphas_cumprod(d.num_timesteps))
         betas = make_betas(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
         return cls.from_betas(rescale_zero_terminal_snr(betas) if d.zero_terminal_snr else betas)
 

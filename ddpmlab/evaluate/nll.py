@@ -19,7 +19,7 @@ import torch
 
 from ddpmlab.data import build_dataset, load_digits, load_mnist, make_toy
 from ddpmlab.diffusion.likelihood import LN2, check_decoder_data, prior_kl, vlb_term
-from ddpmlab.diffusion.process import eps_x0_from_output, q_sample
+from ddpmlab.diffusion.process import eps_x0_from_output, network_inputs, q_sample
 from ddpmlab.diffusion.reverse import p_mean_log_variance, split_output
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import DDPMError
@@ -52,7 +52,8 @@ def model_reverse(model: Callable, schedule: NoiseSchedule, prediction: str, var
     """p_theta(x_{t-1} | x_t) of a network: its (mean, log_var) at entry i of the full schedule."""
 
     def reverse(x_t: torch.Tensor, i: torch.Tensor):
-        out = model(x_t, schedule.timesteps[i.cpu()].to(x_t.device), y)
+        # a flow's network takes its own inputs (x_flow, t * T); every other network (x_t, t)
+        out = model(*network_inputs(schedule, x_t, schedule.timesteps[i.cpu()].to(x_t.device), prediction), y)
         pred, v_raw = split_output(out.to(x_t.dtype), x_t)
         _, x0 = eps_x0_from_output(schedule, x_t, i, pred, prediction)
         if clip_x0 is not None:

@@ -44,6 +44,7 @@ from ddpmlab.runs.request import (
     choose_sampler,
     condition_tag,
     default_sampler,
+    own_sampler,
     plan_request,
     read_recommendation,
     recommended_sampler,
@@ -56,6 +57,6 @@ __all__ = [
     "SamplingPlan", "SamplingRequest", "check_latent_run", "check_steps", "choose_sampler", "class_index",
     "condition_tag", "decode", "default_sampler", "describe_classes", "draw_inpainting", "draw_samples",
     "edit_img2img", "edit_inpaint", "grid_scale", "load_autoencoder", "load_class_names", "load_diffusers_run",
-    "load_run", "plan_img2img", "plan_inpainting", "plan_request", "read_recommendation",
+    "load_run", "own_sampler", "plan_img2img", "plan_inpainting", "plan_request", "read_recommendation",
     "recommended_sampler", "resolve_device", "resolve_output", "run_guidance", "save_class_names", "write_raw",
 ]

@@ -121,13 +121,23 @@ def check_steps(steps: int, most: int, span: str = "the model's num_timesteps") 
         raise OptionError("steps", f"{OPTION} must be between 1 and {most} ({span}), got {steps}")
 
 
+# a run's own sampler where train.sample_sampler is null: DDIM for a DDPM; the flow ODE's Euler steps for a flow
+PROCESS_SAMPLERS = {"ddpm": "ddim", "flow": "flow_euler"}
+
+
+def own_sampler(cfg: Config) -> str:
+    """The sampler of the run's own samples: train.sample_sampler, or where it is null its process's
+    (:data:`PROCESS_SAMPLERS`)."""
+    return cfg.train.sample_sampler or PROCESS_SAMPLERS[cfg.diffusion.process]
+
+
 def default_sampler(cfg: Config) -> Tuple[str, Optional[int]]:
     """(sampler, steps or None) a run samples with when none is named and no recommendation exists:
     'student' for a distilled student, else the sampler and steps of the run's own samples
-    (train.sample_sampler / train.sample_steps)."""
+    (:func:`own_sampler` / train.sample_steps)."""
     if getattr(cfg, "distill", None) is not None and cfg.distill.teacher:
         return "student", None
-    return cfg.train.sample_sampler, cfg.train.sample_steps
+    return own_sampler(cfg), cfg.train.sample_steps
 
 
 def read_recommendation(run_dir) -> Optional[dict]:
@@ -227,11 +237,14 @@ def plan_request(run: Run, request: SamplingRequest, log: Callable[[str], None] 
 
 
 def _sampler_options(run: Run, spec: SamplerSpec, asked: Mapping[str, object]) -> dict:
-    """The options asked for (None dropped), each one the sampler takes; ddpm's variance defaults to the run's."""
+    """The options asked for (None dropped), each one the sampler takes; ddpm's variance defaults to the run's,
+    the flow samplers' shift to the run's diffusion.flow_shift."""
     given = {k: v for k, v in asked.items() if v is not None}
     spec.check_options(given)
     if "variance" in spec.options:
         given["variance"] = check_variance(given.get("variance", run.cfg.diffusion.variance))
+    if "shift" in spec.options:
+        given.setdefault("shift", run.cfg.diffusion.flow_shift)
     return given
 
 

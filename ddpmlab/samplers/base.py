@@ -8,7 +8,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ddpmlab.diffusion.process import eps_from_x0, eps_x0_from_output
+from ddpmlab.diffusion.process import eps_from_x0, eps_x0_from_output, network_inputs
 from ddpmlab.diffusion.reverse import learned_log_variance, split_output
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import ConfigError, DDPMError
@@ -19,8 +19,10 @@ Callback = Optional[Callable[[int, torch.Tensor, torch.Tensor], None]]
 class ModelPredictor:
     """Turns a denoiser network ``model(x_t, t, y)`` into the pair (eps, x0) samplers use.
 
-    This is the one place where a network's output parameterisation (eps, x0 or v) is
-    interpreted (compare EDM's preconditioning wrapper).  ``t`` is a training-time
+    This is the one place where a network's output parameterisation (eps, x0, v or a flow's
+    velocity) is interpreted (compare EDM's preconditioning wrapper); a flow's network is called with
+    its own inputs, x_flow at time t * T (:func:`~ddpmlab.diffusion.process.network_inputs`), so every
+    sampler runs a flow run through the VP view of its schedule.  ``t`` is a training-time
     index into the *full* ``schedule``; ``clip_x0`` clamps the predicted x0 to the data
     range (images: [-1, 1]) and re-derives eps from it, as in Ho et al.'s sampler.
     ``threshold`` (a percentile p in (0, 1]) replaces that static clip by dynamic thresholding
@@ -60,7 +62,8 @@ class ModelPredictor:
         t = (t.to(fdtype) if t.is_floating_point() else t.long()).to(x_t.device)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        out = split_output(self.model(x_t, t, self.y), x_t)[0]  # a variance head's half is not used here
+        x_in, t_in = network_inputs(self.schedule, x_t, t, self.prediction)
+        out = split_output(self.model(x_in, t_in, self.y), x_t)[0]  # a variance head's half is not used here
         eps, x0 = eps_x0_from_output(self.schedule, x_t, t, out.to(x_t.dtype), self.prediction)
         return self.limit(x_t, t, eps, x0)
 

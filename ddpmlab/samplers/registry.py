@@ -19,6 +19,7 @@ from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import OPTION, ConfigError, OptionError
 from ddpmlab.samplers.ancestral import ddim, ddpm
 from ddpmlab.samplers.base import ModelPredictor, with_threshold
+from ddpmlab.samplers.flow import flow_euler, flow_heun, flow_midpoint
 from ddpmlab.samplers.langevin import pc
 from ddpmlab.samplers.solvers import dpmpp_2m, dpmpp_3m, euler, heun, unipc
 from ddpmlab.samplers.steps import STEP_SCHEDULES, levels_for, optimize_timesteps
@@ -120,6 +121,10 @@ SAMPLER_SPECS: Dict[str, SamplerSpec] = {s.name: s for s in [
                   "Restart sampling, Xu et al. 2023 (Heun ODE with noise-and-re-solve intervals)"),
     _thresholding(edm, TIMESTEPS, ["s_churn", "s_tmin", "s_tmax", "s_noise"], True, 50,
                   "EDM stochastic sampler, Karras et al. 2022, Alg. 2 (churn on)"),
+    _thresholding(flow_euler, TIMESTEPS, ["shift"], False, 50,
+                  "Euler on the flow ODE dx/dt = v (Liu et al. 2023; SD3's sampler)"),
+    _thresholding(flow_heun, TIMESTEPS, ["shift"], False, 50, "Heun's method on the flow ODE"),
+    _thresholding(flow_midpoint, TIMESTEPS, ["shift"], False, 50, "the midpoint method on the flow ODE"),
     _spec(student, SPACING, ["method", "distilled_steps", "sigma_data", "rho"], True, None,
           "a distilled few-step student (ddpm distill): progressive or consistency"),
 ]}

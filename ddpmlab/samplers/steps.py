@@ -18,6 +18,7 @@ from typing import Callable, Dict, Sequence, Union
 
 import torch
 
+from ddpmlab.diffusion.flow import flow_time_of_abar
 from ddpmlab.diffusion.schedules import (
     NoiseSchedule,
     log_sigmas,
@@ -66,6 +67,17 @@ def logsnr_timesteps(schedule: NoiseSchedule, n: int) -> torch.Tensor:
     return t_of_sigma(schedule, (ls[-1] + ramp * (ls[0] - ls[-1])).exp())
 
 
+def flow_timesteps(schedule: NoiseSchedule, n: int) -> torch.Tensor:
+    """n levels evenly spaced in flow time t = sigma / (1 + sigma) (:mod:`ddpmlab.diffusion.flow`), from the
+    schedule's top (t = 1 on a flow run: pure noise) down to its lowest level: on a flow run the grid
+    linspace(1, 1/T, n) of diffusers' FlowMatchEulerDiscreteScheduler (Liu et al. 2023's uniform Euler steps)."""
+    abar = schedule.alphas_cumprod
+    top, bottom = flow_time_of_abar(abar[-1]), flow_time_of_abar(abar[0])
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
+    t = top + ramp * (bottom - top)
+    return t_of_sigma(schedule, t / (1.0 - t))  # t = 1: sigma = inf, the schedule's last timestep
+
+
 def _needs_model(schedule: NoiseSchedule, n: int) -> torch.Tensor:
     raise ConfigError("timesteps 'optimized' depends on the model and the solver: compute it with "
                       "ddpmlab.samplers.steps.optimize_timesteps(...) and pass the tensor as timesteps= "
@@ -79,6 +91,7 @@ STEP_SCHEDULES: Dict[str, Callable[[NoiseSchedule, int], torch.Tensor]] = {
     "linspace": linspace_timesteps,
     "karras": karras_timesteps,
     "logsnr": logsnr_timesteps,
+    "flow": flow_timesteps,
     "optimized": _needs_model,
 }
 

@@ -3,7 +3,8 @@
 One training step: x0 from the data (its latents for latent diffusion, Rombach et al. 2022), t and eps
 drawn for the global batch from (seed, step), some labels dropped to "no label" (classifier-free
 guidance, Ho & Salimans 2022), the objective of ``diffusion.*`` (epsilon, x0, v or EDM; L_simple,
-min-SNR or the hybrid with the VLB), backward in train.grad_accum_steps micro-batches.  Every process
+min-SNR or the hybrid with the VLB; or a flow's velocity loss with continuous t, diffusion.process flow),
+backward in train.grad_accum_steps micro-batches.  Every process
 draws the same t and eps for the global batch and keeps its rows, so the update is the same for any
 number of processes.
 """
@@ -16,21 +17,21 @@ import json
 import shlex
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from ddpmlab.atomic import atomic_write_text
 from ddpmlab.config import Config
 from ddpmlab.data.latents import LATENTS_FILE, describe_autoencoder
-from ddpmlab.diffusion.objectives import DiffusionObjective
+from ddpmlab.diffusion.objectives import DiffusionObjective, FlowObjective, objective_from_config
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import ConfigError, OptionError, about
 from ddpmlab.evaluate.superres import save_comparison, spread_images
 from ddpmlab.io.checkpoint import require_run_dir
 from ddpmlab.models import build_model, count_parameters
 from ddpmlab.models.conditioned import bind_condition, condition_from_high_res, low_res, training_condition
-from ddpmlab.runs import Output, Run, SamplingRequest, draw_samples, plan_request, save_class_names
+from ddpmlab.runs import Output, Run, SamplingRequest, draw_samples, own_sampler, plan_request, save_class_names
 from ddpmlab.samplers.guidance import drop_labels
 from ddpmlab.samplers.registry import get_spec
 from ddpmlab.training.data import describe_data, latent_dataset, load_data, step_loader
@@ -52,7 +53,7 @@ def train(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, pro
                           f"`ddpm train-autoencoder --resume {run_dir}`")
     with train_names():  # an unknown train.sample_sampler fails now, not after the last step
         with about("sampler"):
-            get_spec(cfg.train.sample_sampler)
+            get_spec(own_sampler(cfg))
     if cfg.model.autoencoder:
         describe_autoencoder(cfg.model.autoencoder)  # a bad path fails before the data is read
     started = time.time()  # train.minutes counts from here: set-up, training and the final samples
@@ -84,7 +85,7 @@ class DiffusionTask(Task):
         self.schedule = NoiseSchedule.from_config(cfg.diffusion)
         self.dataset = self.pixels = None
         self.latents: Optional[dict] = None  # latent diffusion: what RUN/latents.json records
-        self.objective: Optional[DiffusionObjective] = None
+        self.objective: Optional[Union[DiffusionObjective, FlowObjective]] = None
 
     def load_data(self) -> None:
         ctx = self.ctx
@@ -110,7 +111,7 @@ class DiffusionTask(Task):
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
                                 weight_decay=cfg.train.weight_decay, fused=device.type in ("cpu", "cuda"))
         # its state (the importance-sampling history) is checkpointed
-        self.objective = DiffusionObjective.from_config(cfg, self.schedule, gather=self.ctx.accelerator.gather)
+        self.objective = objective_from_config(cfg, self.schedule, gather=self.ctx.accelerator.gather)
         return Trainee(model, model, ema, opt)
 
     def load_state(self, ckpt: dict) -> None:
@@ -138,7 +139,7 @@ class DiffusionTask(Task):
         own, shared = step_generators(cfg.train.seed, step, acc.process_index, device)
         x0 = x0.to(device, non_blocking=True)  # line 2: x_0 ~ q(x_0)
         y = y.to(device) if cfg.model.num_classes else None
-        # lines 3-4: t ~ Uniform({1..T}) (or importance-sampled) and eps ~ N(0, I) for the global batch
+        # lines 3-4: t ~ Uniform({1..T}) (or importance-sampled; a flow's t in [0, 1]) and eps ~ N(0, I)
         t, noise = draw_t_and_noise(self.objective.sample_timesteps, x0, cfg.train.batch_size, acc.process_index,
                                     shared, cfg.diffusion.offset_noise)
         if y is not None:  # classifier-free guidance: some labels become "no label" (drawn as t and eps are)
@@ -175,7 +176,7 @@ class DiffusionTask(Task):
         run = Run(cfg, self.trainee.ema, self.schedule, self.ctx.device, self.ctx.run_dir)
         truth = spread_images(self.dataset, cfg.train.sample_n) if cfg.model.condition != "none" else None
         n = cfg.train.sample_n if truth is None else len(truth)
-        request = SamplingRequest(cfg.train.sample_sampler, steps or cfg.train.sample_steps, n=n, seed=cfg.train.seed,
+        request = SamplingRequest(own_sampler(cfg), steps or cfg.train.sample_steps, n=n, seed=cfg.train.seed,
                                   cond=None if truth is None else condition_from_high_res(truth, cfg))
         with train_names():
             plan = plan_request(run, request, log=lambda m: None)
@@ -216,7 +217,7 @@ class DiffusionTask(Task):
         print(f"done: {steps} steps in {seconds:.0f} s; samples (EMA) -> {path}"
               + (f"; {skipped} steps skipped (non-finite loss or gradient)" if skipped else ""))
         print(next_commands(self.ctx.run_dir, superres=cfg.model.condition != "none",
-                            sampler=cfg.train.sample_sampler, steps=cfg.train.sample_steps))
+                            sampler=own_sampler(cfg), steps=cfg.train.sample_steps))
 
 
 def next_commands(run_dir: Path, superres: bool = False, sampler: str = "ddim", steps: int = 50) -> str:
