@@ -123,3 +123,40 @@ def test_a_latent_cache_entry_of_another_size_is_recomputed_and_a_killed_write_k
     with pytest.raises(KeyboardInterrupt):
         cached_latents(cache, encode(7), count=7)
     assert cache.read_bytes() == before and sorted(p.name for p in cache.parent.iterdir()) == ["key.safetensors"]
+
+
+@pytest.mark.parametrize("kill_at", ["write", "fsync", "replace", "dir_fsync"])
+def test_a_kill_at_any_write_point_leaves_the_old_file_or_the_new_one_whole(tmp_path, monkeypatch, kill_at):
+    import ddpmlab.atomic as atomic
+
+    path = tmp_path / "autoencoder.json"
+    atomic.atomic_write_text(path, '{"scale_factor": 1.0}')
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    target = {"write": (atomic.Path, "write_text"), "fsync": (atomic.os, "fsync"),
+              "replace": (atomic.os, "replace"), "dir_fsync": (atomic, "fsync_dir")}[kill_at]
+    monkeypatch.setattr(*target, killed)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.atomic_write_text(path, '{"scale_factor": 2.0}')
+    monkeypatch.undo()
+    assert path.read_text() in ('{"scale_factor": 1.0}', '{"scale_factor": 2.0}')  # whole, old or new
+    assert [p.name for p in tmp_path.iterdir()] == ["autoencoder.json"]  # no temporary file left behind
+
+
+def test_a_kill_while_taking_the_lock_leaves_no_lock_or_a_whole_one(tmp_path, monkeypatch):
+    import json as json_
+
+    from ddpmlab.training.lock import LOCK_FILE, RunLock
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "link", killed)  # killed after the content is written, before it becomes the lock
+    with pytest.raises(KeyboardInterrupt):
+        RunLock(tmp_path).acquire()
+    monkeypatch.undo()
+    assert not (tmp_path / LOCK_FILE).exists() and list(tmp_path.iterdir()) == []
+    with RunLock(tmp_path):  # the next trainer takes the run
+        assert json_.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
