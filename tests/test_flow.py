@@ -108,7 +108,8 @@ def test_the_change_of_variables_puts_the_ve_euler_path_on_the_flow_euler_path()
 def test_ddim_on_a_flow_run_is_flow_euler_from_pure_noise():
     # DDIM's integer timesteps include T - 1, where alpha_bar = 0: both start at t = 1 exactly
     x_T = _noise(300, 4)
-    assert _gap(_path("ddim", _predict(), x_T, 25), _path("flow_euler", _predict(), x_T, 25, timesteps="uniform")) < 1e-6
+    ddim = _path("ddim", _predict(), x_T, 25)
+    assert _gap(ddim, _path("flow_euler", _predict(), x_T, 25, timesteps="uniform")) < 1e-6
 
 
 @pytest.mark.parametrize("solver", ["dpmpp_3m", "unipc"])
