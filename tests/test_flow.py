@@ -310,3 +310,14 @@ def test_a_ddpm_config_keeps_its_schedule_objective_and_sampler():
     cfg = load_config("toy2d", [*FLOW, "train.sample_sampler=null"])
     assert own_sampler(cfg) == "flow_euler" and not torch.equal(NoiseSchedule.from_config(cfg.diffusion).alphas_cumprod,
                                                                 schedule.alphas_cumprod)
+
+
+def test_what_is_not_built_for_flow_runs_yet_is_refused_in_one_line(moons_run, tmp_path, capsys):
+    from ddpmlab.errors import DDPMError
+    from ddpmlab.io.diffusers_schedule import scheduler_config
+
+    with pytest.raises(DDPMError, match="diffusion.process=flow does not export yet"):  # DDPMScheduler only
+        scheduler_config(load_config("mnist", [*FLOW, "diffusion.min_snr_gamma=null"]))
+    assert main(["distill", str(moons_run), "--method", "consistency"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a flow run: ddpm distill distills DDPM teachers" in err[0]

@@ -37,6 +37,9 @@ def require_diffusers():
 def scheduler_config(cfg: Config) -> dict:
     """DDPMScheduler's constructor arguments for ``cfg.diffusion``."""
     d = cfg.diffusion
+    if d.process != "ddpm":
+        raise DDPMError(f"diffusion.process={d.process} does not export yet: diffusers' DDPMScheduler is the DDPM "
+                        "process's; sample the run with ddpmlab (ddpm sample RUN)")
     betas = make_betas(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
     conf = dict(num_train_timesteps=d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end,
                 prediction_type=PREDICTION_TO_DIFFUSERS[d.prediction],

@@ -291,6 +291,9 @@ def student_config(teacher_dir, method: str, steps: Optional[int], overrides: Li
     if stage != "diffusion":
         raise DDPMError(f"'{teacher_dir}' is a {stage} run, not a diffusion run: ddpm distill needs a run of "
                         "`ddpm train` (a denoiser) as its teacher")
+    if tcfg.diffusion.process != "ddpm":
+        raise DDPMError(f"'{teacher_dir}' is a {tcfg.diffusion.process} run: ddpm distill distills DDPM teachers "
+                        "(progressive and consistency distillation of flow runs are not built yet)")
     if tcfg.distill.teacher is not None:
         raise DDPMError(f"'{teacher_dir}' is itself a distilled student (of {tcfg.distill.teacher}); distill its "
                         "teacher instead")
