@@ -6,10 +6,12 @@ and the reference, DDPM with --reference-steps (250) ancestral steps, each draws
 the same noise seeds (a class-conditional run: the classes in turn, with the run's own guidance
 scale unless --guidance), scored with the shipped MNIST classifier as the feature network against
 the 500 held-out test digits (quality_per_minute.py's scoring: classifier-FID, KID, confident share
-p >= 0.8).  Images of another size are resized (bilinear) to 28x28 for the classifier, the real
-digits the same way (down to the run's size and back up), so both sides see the same blur.  A
-sample counts as "rough" when its mean absolute pixel difference to its right and lower neighbours
-exceeds that of every real test digit at the run's size (the salt-and-pepper samples).
+p >= 0.8) and the measures of ddpmlab.evaluate.judges: the honest confident share (the digit
+judge, which has a reject class, calls it a digit with p >= 0.8), the clean-background share
+(border darker than 20/255) and the rough share (rougher than every real test digit at the run's
+size: the salt-and-pepper samples).  Images of another size are resized (bilinear) to 28x28 for
+the classifier and the judge, the real digits the same way (down to the run's size and back up),
+so both sides see the same blur; the real digits' honest share is printed beside.
 
 Prints a markdown table with each FID's ratio to the reference and writes it and the numbers
 (JSON) to --out.  Network evaluations (NFE) are per sample; guidance doubles them (one batched
@@ -37,6 +39,7 @@ from quality_per_minute import cpu_name, score  # the scoring quality_per_minute
 
 from ddpmlab.data import load_mnist
 from ddpmlab.evaluate.features import batches, classifier_extractor, extract
+from ddpmlab.evaluate.judges import clean_share, honest_confident_share, load_digit_judge, rough_level, rough_share
 from ddpmlab.runs import SamplingRequest, draw_samples, load_run, plan_request, run_guidance
 
 DEFAULT_SAMPLERS = "dpmpp_2m_sde,restart,ddpm,dpmpp_2m,unipc,ddim"
@@ -57,11 +60,11 @@ def at_size(x: torch.Tensor, shape) -> torch.Tensor:
     return F.interpolate(x, size=tuple(shape[-2:]), mode="bilinear", align_corners=False, antialias=True)
 
 
-def roughness(x: torch.Tensor) -> torch.Tensor:
-    """Per image, the mean absolute difference of each pixel to its right and lower neighbours."""
-    down = (x[..., 1:, :] - x[..., :-1, :]).abs().mean((1, 2, 3))
-    right = (x[..., 1:] - x[..., :-1]).abs().mean((1, 2, 3))
-    return (down + right) / 2
+def honest_measures(x: torch.Tensor, judge, rough: float) -> dict:
+    """The judge's honest confident share (at 28x28), the clean-background and rough shares (at the run's size)."""
+    x = x.clamp(-1, 1)
+    return {"honest": honest_confident_share(to_classifier(x), judge), "clean": clean_share(x),
+            "rough": rough_share(x, rough)}
 
 
 def main(argv=None) -> int:
@@ -86,7 +89,9 @@ def main(argv=None) -> int:
     # the real digits at the run's size and back up, as the samples will be
     real_feats, _ = extract(extractor, batches(to_classifier(small), 500), total=len(real), with_logits=True,
                             progress=False)
-    rough_level = float(roughness(small).max())
+    rough = rough_level(small)
+    judge = load_digit_judge()
+    real_honest = honest_confident_share(to_classifier(small), judge)
     cost = 2 if guidance is not None else 1
     jobs = [("ddpm", None, args.reference_steps)]
     for s in args.samplers.split(","):
@@ -101,26 +106,29 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - t0
         r = score(to_classifier(x), extractor, real_feats)
         r.update(sampler=sampler + (f":{schedule}" if schedule else ""), steps=steps, nfe=plan.steps * cost,
-                 seconds=round(seconds, 1), rough=float((roughness(x) > rough_level).float().mean()))
+                 seconds=round(seconds, 1), **honest_measures(x, judge, rough))
         rows.append(r)
-        print(f"{r['sampler']:>20s} {steps:4d} steps: FID {r['fid']:.3f}, confident {r['confident']:.1%}, "
-              f"rough {r['rough']:.1%} ({seconds:.0f} s)", flush=True)
+        print(f"{r['sampler']:>20s} {steps:4d} steps: FID {r['fid']:.3f}, confident {r['confident']:.1%}, honest "
+              f"{r['honest']:.1%}, clean {r['clean']:.1%}, rough {r['rough']:.1%} ({seconds:.0f} s)", flush=True)
     ref = rows[0]["fid"]
     g = f", guidance {guidance:g}" if guidance is not None else ""
     lines = [f"Machine: {cpu_name()}. Run {args.run} ({'x'.join(map(str, run.image_shape))}{g}); {args.n} samples "
-             f"each from the same seeds, scored against the 500 held-out test digits.", "",
-             "| sampler | steps | NFE | classifier-FID | / DDPM-250 | KID | confident | rough | time |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"each from the same seeds, scored against the 500 held-out test digits (their honest confident "
+             f"share: {real_honest:.1%}).", "",
+             "| sampler | steps | NFE | classifier-FID | / DDPM-250 | KID | confident | honest | clean | rough "
+             "| time |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid']:.3f} | {r['fid'] / ref:.2f} | "
-                     f"{r['kid']:.4f} | {r['confident']:.1%} | {r['rough']:.1%} | {r['seconds']:.0f} s |")
+                     f"{r['kid']:.4f} | {r['confident']:.1%} | {r['honest']:.1%} | {r['clean']:.1%} | "
+                     f"{r['rough']:.1%} | {r['seconds']:.0f} s |")
     table = "\n".join(lines)
     print(table)
     out = Path(args.out) if args.out else run.folder("bench")
     out.mkdir(parents=True, exist_ok=True)
     (out / "fast_samplers.md").write_text(table + "\n")
     (out / "fast_samplers.json").write_text(json.dumps({"run": str(args.run), "n": args.n, "guidance": guidance,
-                                                        "rows": rows}, indent=1))
+                                                        "real_honest": real_honest, "rows": rows}, indent=1))
     print(f"wrote {out / 'fast_samplers.md'}")
     return 0
 

@@ -13,7 +13,9 @@ measurements (ddpmlab.evaluate.noise_levels), the run's own guidance scale throu
 3. Where noise injection matters: DPM-Solver++(2M) SDE at --steps with the SDE only on steps
    starting below sigma (s_tmax) or only above it (s_tmin), the ODE elsewhere, each scored on --n
    samples with the shipped MNIST classifier (classifier-FID against the 500 test digits, confident
-   share, and the "rough" share of fast_samplers.py: samples rougher than every real test digit).
+   share) and fast_samplers.py's measures of ddpmlab.evaluate.judges: the honest confident share
+   (the digit judge), the clean-background share and the rough share (samples rougher than every
+   real test digit).
 
 Writes noise_levels.md / .json and noise_levels.png (defect and gains against sigma) to --out.
 
@@ -35,11 +37,12 @@ from matplotlib.figure import Figure
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fast_samplers import at_size, roughness, to_classifier
+from fast_samplers import at_size, honest_measures, to_classifier
 from quality_per_minute import cpu_name, score
 
 from ddpmlab.data import load_mnist
 from ddpmlab.evaluate.features import batches, classifier_extractor, extract
+from ddpmlab.evaluate.judges import load_digit_judge, rough_level
 from ddpmlab.evaluate.noise_levels import denoising_errors, error_gains
 from ddpmlab.runs import SamplingRequest, draw_samples, load_run, plan_request, run_guidance
 from ddpmlab.samplers import ModelPredictor
@@ -72,7 +75,8 @@ def sampler_gains(run, guidance, sampler: str, steps: int, n: int):
     return error_gains(plan.spec.fn, predict, run.schedule, x_T, plan.steps, size=0.01, seed=0, **plan.options)
 
 
-def window_rows(run, guidance, steps: int, n: int, windows, extractor, real_feats, rough_level, seed: int):
+def window_rows(run, guidance, steps: int, n: int, windows, extractor, real_feats, rough: float, seed: int):
+    judge = load_digit_judge()
     jobs = [("ODE (eta 0)", {"eta": 0.0}), ("SDE everywhere", {})]
     jobs += [(f"SDE below sigma {w:g}", {"s_tmax": w}) for w in windows]
     jobs += [(f"SDE above sigma {w:g}", {"s_tmin": w}) for w in windows]
@@ -83,11 +87,11 @@ def window_rows(run, guidance, steps: int, n: int, windows, extractor, real_feat
                                                  n=n), log=lambda m: None)
         x = draw_samples(run, plan, n, seed=seed, progress=False)
         r = score(to_classifier(x), extractor, real_feats)
-        r.update(window=name, options=options, rough=float((roughness(x) > rough_level).float().mean()),
+        r.update(window=name, options=options, **honest_measures(x, judge, rough),
                  seconds=round(time.perf_counter() - t0, 1))
         rows.append(r)
-        print(f"{name:>24s}: FID {r['fid']:.3f}, confident {r['confident']:.1%}, rough {r['rough']:.1%} "
-              f"({r['seconds']:.0f} s)", flush=True)
+        print(f"{name:>24s}: FID {r['fid']:.3f}, confident {r['confident']:.1%}, honest {r['honest']:.1%}, "
+              f"clean {r['clean']:.1%}, rough {r['rough']:.1%} ({r['seconds']:.0f} s)", flush=True)
     return rows
 
 
@@ -141,7 +145,7 @@ def main(argv=None) -> int:
                             progress=False)
     windows = [float(w) for w in args.windows.split(",")]
     rows = window_rows(run, guidance, args.steps, args.n, windows, extractor, real_feats,
-                       float(roughness(small).max()), args.seed)
+                       rough_level(small), args.seed)
 
     g = f", guidance {guidance:g}" if guidance is not None else ""
     lines = [f"Machine: {cpu_name()}. Run {args.run} ({'x'.join(map(str, run.image_shape))}{g}).", "",
@@ -158,9 +162,10 @@ def main(argv=None) -> int:
         cells = [f"{v[k].sigma:.3g} / {v[k].gain:.3f}" if k < len(v) else "" for v in gains.values()]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     lines += ["", f"DPM-Solver++(2M) SDE, {args.steps} steps, the SDE only in a noise window ({args.n} samples "
-              "each, same seeds):", "", "| noise injected | classifier-FID | confident | rough |",
-              "|---|---:|---:|---:|"]
-    lines += [f"| {r['window']} | {r['fid']:.3f} | {r['confident']:.1%} | {r['rough']:.1%} |" for r in rows]
+              "each, same seeds):", "", "| noise injected | classifier-FID | confident | honest | clean | rough |",
+              "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['window']} | {r['fid']:.3f} | {r['confident']:.1%} | {r['honest']:.1%} | {r['clean']:.1%} | "
+              f"{r['rough']:.1%} |" for r in rows]
     table = "\n".join(lines)
     print(table)
     out = Path(args.out) if args.out else run.folder("bench")

@@ -56,7 +56,11 @@ def test_eval_scores_an_untrained_model_far_below_the_data(mnist_run, capsys):
     path = Path(out.strip().splitlines()[-1].removeprefix("wrote "))
     res = json.loads(path.read_text())
     m, b = res["metrics"], res["data_baseline"]
-    assert set(m) == {"fid", "kid", "kid_std", "is", "is_std", "precision", "recall"}
+    assert set(m) == {"fid", "kid", "kid_std", "is", "is_std", "precision", "recall", "judge", "judge_vs_real",
+                      "clean", "rough"}
+    # the honest measures: noise is no digit, has no clean background and is rough; real digits are the opposite
+    assert m["judge"] < 0.05 and b["judge"] > 0.85 and m["judge_vs_real"] == pytest.approx(m["judge"] / b["judge"])
+    assert (m["clean"], b["clean"]) == (0.0, 1.0) and m["rough"] > 0.95 and b["rough"] < 0.02
     # an untrained network draws noise: far from the digits that 150 real digits match closely
     assert m["fid"] > 20 * b["fid"] and m["kid"] > b["kid"] and m["precision"] < b["precision"]
     assert b["precision"] > 0.8 and b["is"] > 5  # held-out digits: high, but not trivially 1
@@ -65,7 +69,7 @@ def test_eval_scores_an_untrained_model_far_below_the_data(mnist_run, capsys):
     assert (s["n"], s["sampler"], s["steps"], s["seed"], s["extractor"]) == (150, "dpmpp_2m_sde", 2, 0, "classifier")
     assert res["reference"]["n"] == 500 and res["run"]["step"] == 10 and res["run"]["weights"] == "ema"
     assert res["extractor"]["identity"].startswith("mnist-classifier-")
-    assert "fid" in out and "data (n=150)" in out
+    assert "fid" in out and "data (n=150)" in out and "judge_vs_real" in out and "rough" in out
     # the second evaluation reads the reference statistics from the cache
     assert main(["eval", str(mnist_run), "--n", "150", "--steps", "2", "--batch-size", "75", "--metrics", "fid",
                  "--no-progress", "--out", str(path.with_name("again.json"))]) == 0

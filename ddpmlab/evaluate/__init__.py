@@ -8,6 +8,8 @@
 * :mod:`.run` - the metric registry, ``evaluate_run`` (``ddpm eval``) and the JSON results;
 * :mod:`.nll` - the variational bound in bits/dim on held-out data (``ddpm eval --metrics nll``);
 * :mod:`.classifier` - the shipped MNIST classifier;
+* :mod:`.judges` - measures that can say "bad": the digit judge with a reject class (honest
+  confident share), the clean-background and rough shares;
 * :mod:`.bench` - sampler error against NFE (``ddpm bench samplers``);
 * :mod:`.log` - the evaluation log a run writes during training (RUN/eval.csv).
 """
@@ -20,6 +22,7 @@ from ddpmlab.evaluate.features import (
     extract,
     inception_extractor,
 )
+from ddpmlab.evaluate.judges import clean_share, honest_confident_share, load_digit_judge, rough_share
 from ddpmlab.evaluate.metrics import feature_sums, fid, inception_score, kid, precision_recall
 from ddpmlab.evaluate.reference import default_cache_dir, reference_statistics
 from ddpmlab.evaluate.run import (
@@ -37,5 +40,6 @@ __all__ = [
     "EXTRACTORS", "Extractor", "build_extractor", "classifier_extractor", "inception_extractor", "extract",
     "feature_sums", "fid", "kid", "inception_score", "precision_recall", "default_cache_dir",
     "reference_statistics", "METRICS", "EvalContext", "EvalSettings", "evaluate_model", "evaluate_run",
-    "format_results", "register_metric", "mmd_rbf", "sliced_wasserstein",
+    "format_results", "register_metric", "mmd_rbf", "sliced_wasserstein", "clean_share", "honest_confident_share",
+    "load_digit_judge", "rough_share",
 ]

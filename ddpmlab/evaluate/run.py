@@ -2,7 +2,7 @@
 
 Metrics are looked up by name in :data:`METRICS`.  Each entry says what it works on:
 
-* ``"set"`` metrics (fid, kid, is, pr, acc; swd, mmd for 2-D runs) are functions
+* ``"set"`` metrics (fid, kid, is, pr, acc, judge, clean, rough; swd, mmd for 2-D runs) are functions
   ``fn(ctx, which) -> {name: value}`` of one set of points, ``which`` being ``"samples"``
   (drawn from the model) or ``"data"`` (as many data points, the baseline a perfect model
   would reach with this number of samples);
@@ -22,10 +22,19 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ddpmlab.data import build_dataset, make_toy
+from ddpmlab.data import build_dataset, load_mnist, make_toy
 from ddpmlab.errors import OPTION, DDPMError, OptionError
 from ddpmlab.evaluate import metrics as M
 from ddpmlab.evaluate.features import Extractor, batches, build_extractor, extract
+from ddpmlab.evaluate.judges import (
+    ROUGH_REFERENCE_N,
+    check_judge_shape,
+    clean_share,
+    honest_confident_share,
+    load_digit_judge,
+    rough_level,
+    rough_share,
+)
 from ddpmlab.evaluate.reference import Reference, reference_statistics, without
 from ddpmlab.evaluate.toy import mmd_rbf, sliced_wasserstein
 from ddpmlab.runs import Run, SamplingPlan, SamplingRequest, draw_samples, load_run, plan_request
@@ -139,11 +148,31 @@ class EvalContext:
         """(x (n, *shape), labels (n,)): data points for the baseline (fresh ones for 2-D sets)."""
         if not self.is_image:
             return self._fresh_toy(20_000 + self.s.seed), None
-        idx = self.data_index
+        return self._images(self.data_index)
+
+    def _images(self, idx: torch.Tensor):
         if getattr(self.dataset, "x", None) is not None:
             return self.dataset.x[idx], self.dataset.y[idx]
         items = [self.dataset[int(i)] for i in idx]
         return torch.stack([a for a, _ in items]), torch.stack([torch.as_tensor(b) for _, b in items])
+
+    @cached_property
+    def rough_level(self) -> float:
+        """The roughness of the roughest of up to 500 data images outside the baseline (a seeded choice)."""
+        outside = torch.ones(len(self.dataset), dtype=torch.bool)
+        outside[self.data_index] = False
+        idx = outside.nonzero().flatten()
+        g = torch.Generator().manual_seed(self.s.seed + 1)
+        return rough_level(self._images(idx[torch.randperm(len(idx), generator=g)[:ROUGH_REFERENCE_N]])[0])
+
+    @cached_property
+    def judge(self):
+        return load_digit_judge(self.device)
+
+    @cached_property
+    def judge_real(self) -> float:
+        """The honest confident share of the 500 held-out bundled MNIST test digits (never seen by the judge)."""
+        return honest_confident_share(load_mnist("test")[0], self.judge)
 
     def points(self, which: str):
         return self.samples if which == "samples" else self.data
@@ -235,6 +264,30 @@ def _acc(ctx: EvalContext, which: str) -> dict:
     return {"acc": M.class_accuracy(ctx.logits(which), ctx.points(which)[1])}
 
 
+def _pictures(ctx: EvalContext, which: str) -> torch.Tensor:
+    """The images of a set as a picture shows them: clamped to [-1, 1]."""
+    return ctx.points(which)[0].clamp(-1, 1)
+
+
+def _judge(ctx: EvalContext, which: str) -> dict:
+    try:
+        check_judge_shape(ctx.dataset.sample_shape)
+    except DDPMError as e:
+        raise OptionError("metrics", f"{OPTION}: judge: {e}") from None
+    if which == "data":  # the reference: real digits the judge never saw
+        return {"judge": ctx.judge_real}
+    share = honest_confident_share(_pictures(ctx, which), ctx.judge, batch_size=ctx.s.batch_size)
+    return {"judge": share, "judge_vs_real": share / ctx.judge_real if ctx.judge_real else float("nan")}
+
+
+def _clean(ctx: EvalContext, which: str) -> dict:
+    return {"clean": clean_share(_pictures(ctx, which))}
+
+
+def _rough(ctx: EvalContext, which: str) -> dict:
+    return {"rough": rough_share(_pictures(ctx, which), ctx.rough_level)}
+
+
 def _swd(ctx: EvalContext, which: str) -> dict:
     gen = torch.Generator().manual_seed(ctx.s.seed)
     return {"swd": sliced_wasserstein(ctx.points(which)[0], ctx.toy_reference, generator=gen)}
@@ -249,18 +302,36 @@ register_metric("kid", _kid, "image", True, "kernel distance: unbiased MMD^2, cu
 register_metric("is", _is, "image", True, "Inception Score of the extractor's class probabilities")
 register_metric("pr", _pr, "image", True, "improved precision and recall, k=3 (Kynkaanniemi et al. 2019)")
 register_metric("acc", _acc, "image", True, "classifier accuracy of class-conditional samples")
+register_metric("judge", _judge, "image", True, "honest confident share: the digit judge (with a reject class) "
+                "calls it a digit with p >= 0.8; 1x28x28 only; data: the 500 held-out MNIST test digits")
+register_metric("clean", _clean, "image", True, "clean-background share: mean border brightness below 20/255")
+register_metric("rough", _rough, "image", True, "rough share: rougher than all of 500 data images (grain)")
 register_metric("swd", _swd, "toy", True, "sliced Wasserstein distance to fresh data (2-D runs)")
 register_metric("mmd", _mmd, "toy", True, "MMD^2 with Gaussian kernels to fresh data (2-D runs)")
 
 
-def default_metrics(is_image: bool, conditional: bool, extractor: str) -> List[str]:
+def default_metrics(is_image: bool, conditional: bool, extractor: str, shape: Optional[tuple] = None) -> List[str]:
+    """The metrics of ``ddpm eval`` without --metrics; ``shape`` (C, H, W): 1x28x28 digits also get the judge."""
     if not is_image:
         return ["swd", "mmd"]
-    return ["fid", "kid", "is", "pr"] + (["acc"] if conditional and extractor == "classifier" else [])
+    names = ["fid", "kid", "is", "pr"] + (["acc"] if conditional and extractor == "classifier" else [])
+    return names + (["judge"] if shape is not None and _judge_fits(shape) else []) + ["clean", "rough"]
 
 
-def check_metrics(names: List[str], is_image: bool) -> None:
-    """An OptionError about 'metrics' for a metric that is unknown or not for this data."""
+def _judge_fits(shape) -> bool:
+    try:
+        check_judge_shape(shape)
+    except DDPMError:
+        return False
+    return True
+
+
+def check_metrics(names: List[str], is_image: bool, shape: Optional[tuple] = None) -> None:
+    """An OptionError about 'metrics' for a metric that is unknown or not for this data (``shape``: the
+    images' (C, H, W), when known)."""
+    if "judge" in names and shape is not None and not _judge_fits(shape):
+        raise OptionError("metrics", f"{OPTION}: 'judge' reads 1x28x28 digits, these images are {tuple(shape)}; "
+                                     "drop it (clean and rough work at any size)")
     for name in names:
         if name not in METRICS:
             raise OptionError("metrics", f"{OPTION}: unknown metric '{name}'; available: {', '.join(METRICS)}")
@@ -275,8 +346,9 @@ def check_metrics(names: List[str], is_image: bool) -> None:
 def evaluate_model(ctx: EvalContext) -> dict:
     """All requested metrics of ``ctx``: {"metrics": {...}, "data_baseline": {...}, ...}."""
     s = ctx.s
-    names = s.metrics or default_metrics(ctx.is_image, bool(ctx.num_classes), s.extractor)
-    check_metrics(names, ctx.is_image)
+    shape = tuple(ctx.dataset.sample_shape) if ctx.is_image else None
+    names = s.metrics or default_metrics(ctx.is_image, bool(ctx.num_classes), s.extractor, shape)
+    check_metrics(names, ctx.is_image, shape)
     if s.n < 2:
         raise OptionError("n", f"{OPTION} must be at least 2, got {s.n}")
     if ctx.is_image and "fid" in names:
@@ -333,10 +405,13 @@ def format_results(results: dict) -> str:
     """A small table: metric, value for the samples, value for n data points."""
     base = results.get("data_baseline") or {}
     n = (results.get("baseline") or {}).get("n", results["settings"]["n"])
-    lines = [f"{'metric':<10} {'samples':>12} {f'data (n={n})':>14}"]
+    w = max([10, *(len(k) for k in results["metrics"])])
+    lines = [f"{'metric':<{w}} {'samples':>12} {f'data (n={n})':>14}"]
     for k, v in results["metrics"].items():
         b = base.get(k)
-        lines.append(f"{k:<10} {v:>12.5g} {('' if b is None else f'{b:.5g}'):>14}")
+        lines.append(f"{k:<{w}} {v:>12.5g} {('' if b is None else f'{b:.5g}'):>14}")
+    if "judge" in base:
+        lines.append("judge, data: the 500 held-out MNIST test digits (never seen by the judge)")
     return "\n".join(lines)
 
 
