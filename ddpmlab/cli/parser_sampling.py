@@ -170,6 +170,10 @@ eval mode, and compare them with reference statistics of the run's whole dataset
   fid   Frechet distance of features      kid  kernel distance (unbiased MMD^2)
   is    Inception Score                   pr   precision and recall (k=3 nearest neighbours)
   acc   classifier accuracy of class-conditional samples
+  judge honest confident share: the digit judge (it has a reject class) calls a sample a
+        digit with p >= 0.8 (1x28x28 only; data column: the 500 held-out MNIST test digits)
+  clean share of samples with a clean background (border darker than 20/255)
+  rough share of samples rougher than every one of 500 data images (grain)
   swd, mmd  sliced Wasserstein distance and MMD to fresh data (2-D runs)
 The same metrics of --n data points are printed beside: what a perfect model would reach
 with this many samples. Extractors: 'classifier' (shipped MNIST classifier, 1x28x28 digits,
@@ -200,8 +204,9 @@ def eval_parser(sub) -> None:
                         description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `ddpm train`")
     ev.add_argument("--metrics", default="",
-                    help="comma-separated list of fid, kid, is, pr, acc (images), swd, mmd (2-D), nll "
-                         "(default: fid,kid,is,pr for images, swd,mmd for 2-D; acc too for conditional runs)")
+                    help="comma-separated list of fid, kid, is, pr, acc, judge, clean, rough (images), swd, mmd (2-D), "
+                         "nll (default: fid,kid,is,pr,clean,rough for images, judge too for 1x28x28 ones, acc for "
+                         "conditional runs; swd,mmd for 2-D)")
     ev.add_argument("--n", type=int, default=None,
                     help="samples to draw for the quality metrics (default 1000); for nll the number of held-out "
                          "examples (default: the whole test split; 5000 fresh 2-D points)")
