@@ -35,6 +35,8 @@ BUNDLED = {  # a few keys of each bundled config, as the files state them
               "train.sample_sampler": "dpmpp_2m_sde",
               "train.mixed_precision": "auto", "model.num_classes": 10, "train.sample_guidance": 2.0,
               "train.sample_steps": 20},
+    "mnist_flow": {"diffusion.process": "flow", "diffusion.prediction": "velocity", "diffusion.min_snr_gamma": None,
+                   "unet.base_channels": 32, "train.sample_sampler": "dpmpp_2m_sde", "train.sample_guidance": 2.0},
     "toy2d": {"data.dataset": "toy", "model.kind": "mlp", "mlp.hidden": 128, "train.steps": 3000,
               "train.sample_steps": 1000, "diffusion.variance": "fixed_large"},
     "toy2d_learned": {"model.kind": "mlp", "diffusion.variance": "learned_range", "diffusion.loss_type": "hybrid",
