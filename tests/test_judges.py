@@ -173,6 +173,9 @@ def test_rough_share_separates_real_digits_from_grainy_ones(digits):
     grain = (x + 0.4 * torch.randn(x.shape, generator=_gen(7))).clamp(-1, 1)  # sigma 0.2 of full scale
     assert rough_share(grain, level) >= 0.95
     assert rough_share(grain, x) == rough_share(grain, rough_level(x))
+    faint = (x + (2 / 255) * torch.randn(x.shape, generator=_gen(8))).clamp(-1, 1)  # sigma 1/255: invisible
+    light = (x + (16 / 255) * torch.randn(x.shape, generator=_gen(9))).clamp(-1, 1)  # sigma 8/255: a speckle
+    assert rough_share(faint, level) <= 0.01 and rough_share(light, level) >= 0.95
 
 
 def _eval(argv, capsys):
