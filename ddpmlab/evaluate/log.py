@@ -25,19 +25,28 @@ def append_eval_row(run_dir, step: int, values: Dict[str, float]) -> None:
         w.writerow([step, *(f"{v:.6g}" for v in values.values())])
 
 
-def trim_eval_log(run_dir, step: int) -> None:
-    """Drop rows after ``step`` (a resumed run repeats them); a fresh run starts a new file."""
-    path = Path(run_dir) / EVAL_LOG
+def write_rows(path: Path, rows: list) -> None:
+    """Write a CSV log whole (a kill mid-write keeps the old one)."""
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    atomic_write_text(path, text.getvalue())
+
+
+def trim_rows(path: Path, step: int) -> None:
+    """Drop the rows of a run's CSV log (log.csv, eval.csv) after training step ``step``: a resumed run writes
+    them again (torn rows go too); at step 0 the log goes, and a fresh one starts."""
     if not path.exists():
         return
     if step == 0:
         path.unlink()
         return
     rows = list(csv.reader(path.open()))
-    kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]  # torn rows go too
-    text = io.StringIO()
-    csv.writer(text).writerows(kept)
-    atomic_write_text(path, text.getvalue())  # a kill mid-trim keeps the old log
+    write_rows(path, rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step])
+
+
+def trim_eval_log(run_dir, step: int) -> None:
+    """Drop eval.csv's rows after ``step`` (a resumed run repeats them); a fresh run starts a new file."""
+    trim_rows(Path(run_dir) / EVAL_LOG, step)
 
 
 def read_eval_log(run_dir) -> Dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from accelerate.utils import broadcast
 
 from ddpmlab.config import Config
 from ddpmlab.errors import ConfigError, OptionError
+from ddpmlab.evaluate.log import trim_rows
 from ddpmlab.io.checkpoint import find_checkpoint, restore_training_state, save_checkpoint, save_run_config
 from ddpmlab.progress import progress_bar
 from ddpmlab.runs import resolve_device
@@ -46,7 +47,7 @@ from ddpmlab.training.lock import RunLock
 from ddpmlab.training.monitor import TrainingMonitor
 from ddpmlab.training.posthoc_ema import PowerEMA, save_snapshot
 from ddpmlab.training.precision import describe_precision, resolve_precision
-from ddpmlab.training.run_folder import RunLog, create_run_dir, report_resume, trim_log
+from ddpmlab.training.run_folder import RunLog, create_run_dir, report_resume
 from ddpmlab.training.task import RunContext, StepOutput, Task, Trainee, ema_update
 
 TAIL_FIELDS = ["lr", "grad_norm", "it_per_s", "time_s", "skipped"]  # every log row ends with these
@@ -159,9 +160,10 @@ def set_up(task: Task, run_dir: Path, resume: bool, progress: bool, stop_after: 
     if power_ema is not None:
         power_ema.to(ctx.device)
     if ctx.main:
-        trim_log(run_dir / "log.csv", start)
-        if start == 0 and task.describe():
-            print(task.describe())
+        trim_rows(run_dir / "log.csv", start)
+        line = task.describe() if start == 0 else None
+        if line:
+            print(line)
     total = task.total_steps()
     bar = progress_bar(progress and ctx.main, total=total, initial=start, desc=task.bar_label)
     say = (lambda m: bar.write(m) if hasattr(bar, "write") else print(m)) if ctx.main else (lambda m: None)

@@ -18,6 +18,7 @@ from typing import IO, List, Optional, Sequence
 
 from ddpmlab.config import Config, validate
 from ddpmlab.errors import ConfigError, DDPMError
+from ddpmlab.evaluate.log import write_rows
 from ddpmlab.io.checkpoint import CONFIG_FILE, load_run_config, save_run_config
 from ddpmlab.training.distributed import agree_on
 
@@ -59,21 +60,6 @@ def create_run_dir(cfg: Config, run_dir: Path, accelerator, main: bool) -> None:
         save_run_config(cfg, run_dir)  # atomically: a kill never leaves half a config.yaml
 
 
-def trim_log(log_path: Path, step: int) -> None:
-    """Drop log rows written after the checkpoint a run resumes from (a crash may leave them); step 0: no log."""
-    if not log_path.exists():
-        return
-    if step == 0:
-        log_path.unlink()
-        return
-    rows = list(csv.reader(log_path.open()))
-    kept = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
-    tmp = log_path.with_name(f".{log_path.name}.tmp")  # replaced atomically: a crash keeps the old log
-    with tmp.open("w", newline="") as f:
-        csv.writer(f).writerows(kept)
-    tmp.replace(log_path)
-
-
 class RunLog:
     """RUN/log.csv: a header of ``fields`` and one row per :meth:`row`, flushed at once.
 
@@ -98,14 +84,8 @@ class RunLog:
 
     def _rewrite(self, rows: List[list]) -> None:
         header = rows[0]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with tmp.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(self.fields)
-            for r in rows[1:]:
-                old = dict(zip(header, r))
-                w.writerow([old.get(k, "") for k in self.fields])
-        tmp.replace(self.path)
+        write_rows(self.path, [self.fields] + [[dict(zip(header, r)).get(k, "") for k in self.fields]
+                                               for r in rows[1:]])
 
     def row(self, values: Sequence) -> None:
         if self._file is not None:
