@@ -219,3 +219,23 @@ def test_training_refuses_an_evaluation_that_cannot_run(tmp_path):
     cfg = load_config("mnist", [f"train.out_dir={tmp_path}", "train.eval_every=10", "train.eval_n=64", *TINY_UNET])
     with pytest.raises(ConfigError, match="train.eval_n"):
         train(cfg, progress=False)
+
+
+def test_training_evaluates_clean_and_rough_on_colour_images_without_an_extractor(tmp_path):
+    """clean and rough read pixels only: a 3x16x16 run without Inception weights evaluates them."""
+    from ddpmlab.training.tasks.diffusion import train
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(12):
+        Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).byte().numpy()).save(folder / f"{i}.png")
+    cfg = load_config("mnist", [f"train.out_dir={tmp_path}", "train.name=rgb", "data.dataset=folder",
+                                f"data.path={folder}", "data.image_size=16", "train.steps=4", "train.minutes=null",
+                                "train.batch_size=4", "train.eval_every=2", "train.eval_n=4", "train.sample_steps=2",
+                                "train.eval_steps=2", "train.eval_metrics=[clean,rough]", "train.sample_n=4",
+                                *TINY_UNET])
+    train(cfg, progress=False)
+    rows = list(csv.DictReader((tmp_path / "rgb" / "eval.csv").open()))
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    assert all(0.0 <= float(r[k]) <= 1.0 for r in rows for k in ("clean", "rough"))

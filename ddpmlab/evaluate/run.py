@@ -318,6 +318,14 @@ def default_metrics(is_image: bool, conditional: bool, extractor: str, shape: Op
     return names + (["judge"] if shape is not None and _judge_fits(shape) else []) + ["clean", "rough"]
 
 
+FEATURE_METRICS = ("fid", "kid", "is", "pr", "acc")  # the metrics that read the extractor's features
+
+
+def needs_features(names: List[str]) -> bool:
+    """Whether any of the metrics ``names`` needs a feature extractor (clean, rough and judge do not)."""
+    return any(name in FEATURE_METRICS for name in names)
+
+
 def _judge_fits(shape) -> bool:
     try:
         check_judge_shape(shape)

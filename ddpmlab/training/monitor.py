@@ -25,6 +25,7 @@ from ddpmlab.evaluate.run import (
     check_metrics,
     default_metrics,
     evaluate_model,
+    needs_features,
 )
 
 TB_DIR = "tensorboard"
@@ -74,11 +75,13 @@ class TrainingMonitor:
         s = self.settings
         try:
             image = self.dataset.is_image
-            check_metrics(s.metrics or default_metrics(image, False, s.extractor), image)
-            if image:
+            shape = tuple(self.dataset.sample_shape) if image else None
+            names = s.metrics or default_metrics(image, bool(self.cfg.model.num_classes), s.extractor, shape)
+            check_metrics(names, image, shape)
+            if image and needs_features(names):
                 self._extractor = build_extractor(s.extractor, tuple(self.dataset.sample_shape), s.inception_weights,
                                                   self.device)
-                if "fid" in (s.metrics or ["fid"]):
+                if "fid" in names:
                     check_fid_samples(s.n, self._extractor.num_features)
         except DDPMError as e:
             raise ConfigError(f"train.eval_every: {config_words(e)}") from None
@@ -105,7 +108,7 @@ class TrainingMonitor:
             results = evaluate_model(ctx)
         except OptionError as e:
             raise ConfigError(config_words(e)) from None
-        if self.dataset.is_image:
+        if "reference" in ctx.__dict__:
             self._reference = ctx.reference  # computed (or read from the cache) once per run
         values = results["metrics"]
         self.scalars(step, {f"eval/{k}": v for k, v in values.items()})
