@@ -59,7 +59,9 @@ def sampling_options(p: argparse.ArgumentParser, conditional: bool = True) -> No
                             "ddpm and ddim take uniform, leading or trailing; optimized is fitted to this model on "
                             "calibration noise first; default: the sampler's own (ddim: uniform, dpmpp/unipc: "
                             "logsnr, euler/heun: karras)")
-    p.add_argument("--eta", type=float, default=None, help="DDIM noise: 0 deterministic (default), 1 DDPM-like")
+    p.add_argument("--eta", type=float, default=None,
+                   help="noise of ddim (0 deterministic, the default; 1 DDPM-like), dpmpp_2m_sde and flow_sde "
+                        "(default 1; 0: their ODE)")
     variance_option(p)
     p.add_argument("--threshold", type=float, default=None, metavar="P",
                    help="dynamic thresholding of predicted x0 at percentile P, e.g. 0.995 (Saharia et al. 2022); "

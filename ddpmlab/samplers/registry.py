@@ -19,7 +19,7 @@ from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import OPTION, ConfigError, OptionError
 from ddpmlab.samplers.ancestral import ddim, ddpm
 from ddpmlab.samplers.base import ModelPredictor, with_threshold
-from ddpmlab.samplers.flow import flow_euler, flow_heun, flow_midpoint
+from ddpmlab.samplers.flow import flow_euler, flow_heun, flow_midpoint, flow_sde
 from ddpmlab.samplers.langevin import pc
 from ddpmlab.samplers.solvers import dpmpp_2m, dpmpp_3m, euler, heun, unipc
 from ddpmlab.samplers.steps import STEP_SCHEDULES, levels_for, optimize_timesteps
@@ -125,6 +125,8 @@ SAMPLER_SPECS: Dict[str, SamplerSpec] = {s.name: s for s in [
                   "Euler on the flow ODE dx/dt = v (Liu et al. 2023; SD3's sampler)"),
     _thresholding(flow_heun, TIMESTEPS, ["shift"], False, 50, "Heun's method on the flow ODE"),
     _thresholding(flow_midpoint, TIMESTEPS, ["shift"], False, 50, "the midpoint method on the flow ODE"),
+    _thresholding(flow_sde, TIMESTEPS, ["shift", "eta"], True, 50,
+                  "Euler-Maruyama on a reverse SDE with the flow's marginals (eta 0: flow_euler)"),
     _spec(student, SPACING, ["method", "distilled_steps", "sigma_data", "rho"], True, None,
           "a distilled few-step student (ddpm distill): progressive or consistency"),
 ]}
