@@ -1,0 +1,42 @@
+"""``ddpm data shapes OUT``: its options, and what it does (write the folder, say how to train on it)."""
+
+from __future__ import annotations
+
+from ddpmlab.data.shapes import COLOURS, POSITIONS, SHAPES, SIZES, ShapesSpec, held_out_classes
+from ddpmlab.data.shapes_folder import write_shapes_folder
+
+
+def _comma_list(text: str) -> list:
+    """'red, blue' -> ['red', 'blue'] (ShapesSpec names an unknown value)."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def shapes_parser(dsub) -> None:
+    """``ddpm data shapes`` under the ``ddpm data`` actions ``dsub``."""
+    ds = dsub.add_parser(
+        "shapes", help="write a folder of coloured shapes on black (a class per sub-folder, captions)",
+        description="Write OUT, a new image folder of coloured shapes on a black background: one shape an image, "
+                    "its size, colour, shape and grid position the class (a sub-folder per class, sorted names = "
+                    "labels), metadata.jsonl with a caption per image, shapes.json with what made it. Same seed, "
+                    "same folder. Score samples of a run trained on it with ddpmlab.evaluate.shapes.")
+    ds.add_argument("out", metavar="OUT", help="new folder to write (must not exist)")
+    ds.add_argument("--n", type=int, default=6000, help="number of images, every class equally often (default 6000)")
+    ds.add_argument("--size", type=int, default=32, help="image side in pixels, at least 28 (default 32)")
+    ds.add_argument("--seed", type=int, default=0, help="random seed of classes, jitter and captions (default 0)")
+    for name, known in (("sizes", SIZES), ("colours", COLOURS), ("shapes", SHAPES), ("positions", POSITIONS)):
+        ds.add_argument(f"--{name}", type=_comma_list, default=None, metavar="A,B,...",
+                        help=f"only these {name} (default all: {','.join(known)})")
+    ds.add_argument("--hold-out", action="store_true",
+                    help="leave out one colour per shape (every size and position), for text-to-image held-out tests")
+    ds.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ds.set_defaults(func=cmd_data_shapes, parser=ds)
+
+
+def cmd_data_shapes(args) -> int:
+    spec = ShapesSpec.of(sizes=args.sizes, colours=args.colours, shapes=args.shapes, positions=args.positions)
+    out = write_shapes_folder(args.out, n=args.n, size=args.size, seed=args.seed, spec=spec, hold_out=args.hold_out,
+                              progress=not args.no_progress)
+    classes = spec.num_classes - (len(held_out_classes(spec)) if args.hold_out else 0)
+    print(f"wrote {out}: {args.n} images of {classes} classes, {args.size}x{args.size}; train on it with\n"
+          f"  ddpm train data.dataset=folder data.path={out} data.image_size={args.size} model.num_classes={classes}")
+    return 0
