@@ -31,11 +31,12 @@ def test_defaults_are_the_papers_values():
 
 BUNDLED = {  # a few keys of each bundled config, as the files state them
     "mnist": {"data.dataset": "mnist", "unet.base_channels": 32, "unet.channel_mults": [1, 2, 2],
-              "train.steps": 3000, "train.minutes": 9.5, "diffusion.min_snr_gamma": 5.0,
+              "train.steps": 3000, "train.minutes": 9.5, "diffusion.process": "flow",
+              "diffusion.prediction": "velocity", "diffusion.min_snr_gamma": None,
               "train.sample_sampler": "dpmpp_2m_sde",
               "train.mixed_precision": "auto", "model.num_classes": 10, "train.sample_guidance": 2.0,
               "train.sample_steps": 20},
-    "mnist_flow": {"diffusion.process": "flow", "diffusion.prediction": "velocity", "diffusion.min_snr_gamma": None,
+    "mnist_ddpm": {"diffusion.process": "ddpm", "diffusion.prediction": "eps", "diffusion.min_snr_gamma": 5.0,
                    "unet.base_channels": 32, "train.sample_sampler": "dpmpp_2m_sde", "train.sample_guidance": 2.0},
     "toy2d": {"data.dataset": "toy", "model.kind": "mlp", "mlp.hidden": 128, "train.steps": 3000,
               "train.sample_steps": 1000, "diffusion.variance": "fixed_large"},

@@ -138,7 +138,7 @@ def test_config_builds_the_preconditioned_network_and_refuses_min_snr():
     model = build_model(cfg)
     assert isinstance(model, EDMPreconditioned) and model.sigma_data == 0.7
     assert all(k.startswith("net.") for k in model.state_dict())
-    conditional = build_model(load_config("mnist", ["diffusion.prediction=edm", "diffusion.min_snr_gamma=null",
+    conditional = build_model(load_config("mnist_ddpm", ["diffusion.prediction=edm", "diffusion.min_snr_gamma=null",
                                                          "model.num_classes=10"]))
     assert num_classes_of(conditional) == 10  # classifier-free guidance sees the classes through the wrapper
     with pytest.raises(ConfigError, match="min_snr_gamma"):

@@ -318,7 +318,8 @@ def _library_draw(run_dir, sampler: str, steps: int, n: int, seed: int, **option
     r = load_run(run_dir, device="cpu")
     model = guided(r.model, scale=float(r.cfg.train.sample_guidance))
     return generate(model, r.schedule, r.shape, n, sampler=sampler, steps=steps, seed=seed,
-                    labels=torch.arange(n) % r.num_classes, progress=False, **options)
+                    labels=torch.arange(n) % r.num_classes, prediction=r.cfg.diffusion.prediction, progress=False,
+                    **options)
 
 
 def test_every_front_end_samples_a_run_as_the_run_says(guided_run, tmp_path, monkeypatch, capsys, one_thread):

@@ -306,7 +306,7 @@ def _hand_made_run(root, num_classes=None, seed=0):
     from ddpmlab.io.checkpoint import CONFIG_FILE, save_checkpoint
     from ddpmlab.models import build_model
 
-    cfg = load_config("mnist", ["data.dataset=digits", "unet.base_channels=8", "unet.norm_groups=4",
+    cfg = load_config("mnist_ddpm", ["data.dataset=digits", "unet.base_channels=8", "unet.norm_groups=4",
                                 "unet.channel_mults=[1,2]", "unet.attention_resolutions=[]",
                                 f"model.num_classes={num_classes if num_classes else 'null'}"])
     torch.manual_seed(seed)
@@ -383,10 +383,11 @@ def test_cli_sample_with_class_and_guidance(tmp_path, capsys):
     from ddpmlab.samplers.generate import generate
 
     cfg, model = load_model(run)
-    ref = generate(guided(model, scale=2.0), NoiseSchedule.from_config(cfg.diffusion), (1, 8, 8), 4, steps=3,
-                   labels=torch.full((4,), 3), progress=False)
-    plain = generate(model, NoiseSchedule.from_config(cfg.diffusion), (1, 8, 8), 4, steps=3,
-                     labels=torch.full((4,), 3), progress=False)
+    sched, pred = NoiseSchedule.from_config(cfg.diffusion), cfg.diffusion.prediction
+    ref = generate(guided(model, scale=2.0), sched, (1, 8, 8), 4, steps=3, labels=torch.full((4,), 3),
+                   prediction=pred, progress=False)
+    plain = generate(model, sched, (1, 8, 8), 4, steps=3, labels=torch.full((4,), 3), prediction=pred,
+                     progress=False)
     assert torch.allclose(x, ref, atol=1e-6) and not torch.allclose(x, plain, atol=1e-3)
 
 
@@ -406,8 +407,11 @@ def test_a_conditional_runs_sample_guidance_is_the_default_scale_and_flags_overr
     x0 = torch.from_numpy(np.load(run / "samples" / "ddim_3steps_seed0_guidance0.npz")["samples"])
     cfg, model = load_model(run)
     sched, labels = NoiseSchedule.from_config(cfg.diffusion), torch.arange(4)  # guided, no class: 0, 1, 2, 3
-    ref = generate(guided(model, scale=2.0), sched, (1, 8, 8), 4, steps=3, labels=labels, progress=False)
-    uncond = generate(guided(model, scale=0.0), sched, (1, 8, 8), 4, steps=3, labels=labels, progress=False)
+    pred = cfg.diffusion.prediction
+    ref = generate(guided(model, scale=2.0), sched, (1, 8, 8), 4, steps=3, labels=labels, prediction=pred,
+                   progress=False)
+    uncond = generate(guided(model, scale=0.0), sched, (1, 8, 8), 4, steps=3, labels=labels, prediction=pred,
+                      progress=False)
     assert torch.allclose(x, ref, atol=1e-6) and torch.allclose(x0, uncond, atol=1e-6)
     assert not torch.allclose(x, x0, atol=1e-3)
     # img2img of a given picture keeps it unguided unless a class is asked for; a class takes the default

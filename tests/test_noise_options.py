@@ -25,10 +25,10 @@ def test_rescaled_betas_equal_diffusers_and_reach_zero_snr():
 
 
 def test_zero_terminal_snr_from_config_and_eps_prediction_is_refused():
-    cfg = load_config("mnist", ["diffusion.zero_terminal_snr=true", "diffusion.prediction=v"])
+    cfg = load_config("mnist_ddpm", ["diffusion.zero_terminal_snr=true", "diffusion.prediction=v"])
     assert NoiseSchedule.from_config(cfg.diffusion).alphas_cumprod[-1] == 0
     with pytest.raises(ConfigError, match="zero_terminal_snr.*prediction v"):
-        load_config("mnist", ["diffusion.zero_terminal_snr=true"])
+        load_config("mnist_ddpm", ["diffusion.zero_terminal_snr=true"])
 
 
 class ExactV(torch.nn.Module):

@@ -192,7 +192,7 @@ def test_keep_checkpoints_keeps_the_newest_k(tmp_path):
 
 def _tiny_cfg(root: Path, name: str, *extra):
     args = [a for a in TINY[2:] if a != "--no-progress"]
-    return load_config("mnist", args + [f"train.out_dir={root}", f"train.name={name}", *extra])
+    return load_config("mnist_ddpm", args + [f"train.out_dir={root}", f"train.name={name}", *extra])
 
 
 def test_resume_names_the_checkpoint_it_picked_and_the_damaged_ones(straight, tmp_path, capsys):

@@ -70,7 +70,7 @@ def test_the_wrapper_concatenates_the_condition_as_extra_channels():
 
 
 def test_a_built_sr_unet_sees_the_condition_and_guidance_binds_it():
-    cfg = load_config("mnist", SR16 + ["model.num_classes=3"])
+    cfg = load_config("mnist_ddpm", SR16 + ["model.num_classes=3"])
     model = build_model(cfg).eval()
     assert isinstance(model, ConcatConditioned) and model.denoiser.conv_in.in_channels == 2
     nn.init.normal_(model.denoiser.conv_out.weight, std=0.1)  # zero at initialisation (Ho et al.): output 0
@@ -112,7 +112,7 @@ def _boxes(n, g):
 
 
 def test_a_tiny_sr_model_beats_bicubic_on_its_training_images():
-    cfg = load_config("mnist", SR16 + ["diffusion.prediction=x0"])
+    cfg = load_config("mnist_ddpm", SR16 + ["diffusion.prediction=x0"])
     g = torch.Generator().manual_seed(0)
     x0 = _boxes(8, g)
     torch.manual_seed(0)
@@ -142,12 +142,12 @@ def test_a_tiny_sr_model_beats_bicubic_on_its_training_images():
 
 def test_sr_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="data.low_res"):
-        load_config("mnist", ["model.condition=low_res"])
+        load_config("mnist_ddpm", ["model.condition=low_res"])
     with pytest.raises(ConfigError, match="train.eval_every"):
         load_config("mnist_sr", ["train.eval_every=100"])
     with pytest.raises(ConfigError, match="data.upsample"):
         load_config("mnist_sr", ["data.upsample=lanczos"])
-    cfg = load_config("mnist", TINY_RUN + ["data.low_res=16", f"train.out_dir={tmp_path}", "train.name=big"])
+    cfg = load_config("mnist_ddpm", TINY_RUN + ["data.low_res=16", f"train.out_dir={tmp_path}", "train.name=big"])
     with pytest.raises(ConfigError, match=r"data.low_res 16x16 is larger than the images \(8x8"):
         train(cfg, progress=False)
     assert not (tmp_path / "big").exists()  # refused before the run folder
@@ -157,9 +157,9 @@ def test_sr_config_errors_name_the_key(tmp_path):
 def sr_runs(tmp_path_factory):
     """A 12-step run, and one stopped at 6 and resumed to 12 (cond_noise > 0, 2 micro-batches)."""
     root = tmp_path_factory.mktemp("sr")
-    straight = train(load_config("mnist", TINY_RUN + [f"train.out_dir={root}", "train.name=straight",
+    straight = train(load_config("mnist_ddpm", TINY_RUN + [f"train.out_dir={root}", "train.name=straight",
                                                       "train.steps=12"]), progress=False)
-    stopped = train(load_config("mnist", TINY_RUN + [f"train.out_dir={root}", "train.name=stopped",
+    stopped = train(load_config("mnist_ddpm", TINY_RUN + [f"train.out_dir={root}", "train.name=stopped",
                                                      "train.steps=6"]), progress=False)
     cfg = resume_config(stopped, load_config(None, ["train.steps=12"]), ["train.steps"])
     train(cfg, run_dir=stopped, resume=True, progress=False)
@@ -198,11 +198,11 @@ def test_ddpm_upscale_samples_as_the_run_says(sr_runs, tmp_path, monkeypatch, on
     Image.fromarray((np.arange(16, dtype=np.uint8).reshape(4, 4) * 16)).save(tmp_path / "low.png")
     assert main(["upscale", str(sr_runs[0]), "--image", str(tmp_path / "low.png"), "--n", "3", "--seed", "2",
                  "--out", f"{tmp_path / 'up'}/", "--device", "cpu", "--no-progress"]) == 0
-    run, t = load_run(sr_runs[0], device="cpu"), load_config("mnist", TINY_RUN).train
+    run, t = load_run(sr_runs[0], device="cpu"), load_config("mnist_ddpm", TINY_RUN).train
     cond = condition_from_low_res(load_picture(tmp_path / "low.png", (1, 4, 4))[None], run.cfg, (8, 8))
     net = guided(bind_condition(run.model, cond.expand(3, -1, -1, -1)), scale=float(t.sample_guidance))
     want = generate(net, run.schedule, run.shape, 3, sampler=t.sample_sampler, steps=t.sample_steps, seed=2,
-                    labels=torch.arange(3) % 10, progress=False)
+                    labels=torch.arange(3) % 10, prediction=run.cfg.diffusion.prediction, progress=False)
     assert (t.sample_sampler, t.sample_steps, t.sample_guidance) == ("dpmpp_2m_sde", 2, 2.0)
     torch.testing.assert_close(caught[0], want, rtol=0, atol=1e-6)
 
