@@ -13,19 +13,26 @@ import torch
 import torch.nn.functional as F
 
 from ddpmlab.cli import main
-from ddpmlab.data import load_mnist
+from ddpmlab.config import load_config
+from ddpmlab.data import build_dataset, load_mnist
+from ddpmlab.diffusion.schedules import NoiseSchedule
+from ddpmlab.errors import DDPMError
 from ddpmlab.evaluate.judges import (
     REJECT,
     border_brightness,
     border_width,
     clean_share,
+    digit_quality,
     honest_confident,
     honest_confident_share,
     judge_probabilities,
     load_digit_judge,
     rough_level,
     rough_share,
+    to_digit_size,
 )
+from ddpmlab.evaluate.run import EvalContext, EvalSettings, evaluate_model
+from ddpmlab.models import build_model
 
 N = 300  # images of each degraded kind
 GREY = 30 / 255  # a background lifted by 30/255 of full scale: plainly grey
@@ -223,3 +230,44 @@ def test_training_monitor_records_the_honest_measures(tmp_path, one_thread):
     assert set(row) == {"step", "judge", "judge_vs_real", "clean", "rough"}
     # two training steps draw noise: no digit, no clean background, rough
     assert float(row["judge"]) < 0.05 and float(row["clean"]) == 0.0 and float(row["rough"]) > 0.9
+
+
+def _mixed(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Clean digits, digits on grey, grainy digits and digits past [-1, 1] (which a picture clamps): 40 each."""
+    grey = _lift(x[40:80], _rand(40, 20 / 255, 0.4, g))
+    grainy = (x[80:120] + _rand(40, 0.05, 0.5, g) * torch.randn(40, 1, 28, 28, generator=g)).clamp(-1, 1)
+    return torch.cat([x[:40], grey, grainy, 1.3 * x[120:160]])
+
+
+def test_digit_quality_gives_the_numbers_of_ddpm_eval(digits, one_thread):
+    """The benchmarks' digit_quality and `ddpm eval --metrics judge,clean,rough` score the same images alike."""
+    x = _mixed(digits[0], _gen(21))
+    cfg = load_config("mnist", ["data.split=test", "model.num_classes=null", "unet.base_channels=8",
+                                "unet.norm_groups=4", "unet.channel_mults=[1,2]", "unet.attention_resolutions=[]"])
+    ctx = EvalContext(cfg, build_model(cfg), NoiseSchedule.from_config(cfg.diffusion), build_dataset(cfg),
+                      EvalSettings(metrics=["judge", "clean", "rough"], n=len(x), steps=2, batch_size=64), "cpu",
+                      progress=False)
+    ctx.__dict__["samples"] = (x, None)  # these images stand for the model's samples
+    res = evaluate_model(ctx)
+    real = load_mnist("test")[0]
+    ours = digit_quality(x, real, rough=ctx.rough_level)  # ddpm eval's rough level: other data images
+    assert set(ours) == {"judge", "judge_vs_real", "clean", "rough"}
+    assert ours == pytest.approx(res["metrics"], rel=1e-12, abs=0)
+    assert 0.2 < ours["judge"] < 0.8 and 0.4 < ours["clean"] < 0.9 and 0 < ours["rough"] < 0.4  # not all or none
+    assert digit_quality(real, real)["judge"] == res["data_baseline"]["judge"]  # the real digits' own share
+
+
+def test_digit_quality_of_real_digits_is_the_reference_at_any_size(digits):
+    """Real digits against themselves: judge_vs_real 1, all clean, none rougher than the roughest; at 16x16 too
+    (the judge reads them at 28x28), where digits on grey lose their clean background."""
+    x = digits[0]
+    assert digit_quality(x, x) == {"judge": pytest.approx(0.92, abs=0.06), "judge_vs_real": 1.0, "clean": 1.0,
+                                   "rough": 0.0}
+    small = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
+    assert to_digit_size(small).shape == (len(x), 1, 28, 28) and to_digit_size(x) is x
+    q = digit_quality(small, small)
+    assert q["judge"] > 0.8 and (q["judge_vs_real"], q["clean"], q["rough"]) == (1.0, 1.0, 0.0)
+    grey = digit_quality(_lift(small, 40 / 255), small)
+    assert grey["clean"] == 0.0 and grey["judge_vs_real"] < 0.5
+    with pytest.raises(DDPMError, match="same size"):
+        digit_quality(small, x)

@@ -17,18 +17,21 @@ that directly (docs/guides/evaluation.md):
   the mean absolute difference of neighbouring pixels) than every image of a set of real ones:
   high-frequency grain, salt and pepper.
 
-All functions take images in the data's scale, (N, C, H, W) in [-1, 1].
+All functions take images in the data's scale, (N, C, H, W) in [-1, 1].  :func:`digit_quality` gives
+all three for a set of digit samples as ``ddpm eval --metrics judge,clean,rough`` reports them; the
+benchmarks score digits with it.
 
     >>> judge = load_digit_judge()                 # eval mode, frozen, 11 logits
     >>> honest_confident_share(x, judge)           # x: (N, 1, 28, 28)
     >>> clean_share(x), rough_share(x, real)
+    >>> digit_quality(x, real)                     # {"judge", "judge_vs_real", "clean", "rough"}
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -140,3 +143,43 @@ def rough_share(x: torch.Tensor, real: Union[torch.Tensor, float]) -> float:
     :func:`rough_level`), at the same size: grain and speckle that the data never has."""
     level = real if isinstance(real, float) else rough_level(real)
     return float((roughness(x) > level).float().mean())
+
+
+def to_digit_size(x: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) in [-1, 1] -> (N, 1, 28, 28): digits of another size as the judge and the shipped classifier
+    read them (bilinear, antialiased when shrinking, clamped); 28x28 digits unchanged."""
+    if tuple(x.shape[-2:]) == IMAGE_SHAPE[1:]:
+        return x
+    x = F.interpolate(x, size=IMAGE_SHAPE[1:], mode="bilinear", align_corners=False, antialias=x.shape[-1] > 28)
+    return x.clamp(-1, 1)
+
+
+def honest_scores(x: torch.Tensor, judge: MNISTClassifier, real_share: float,
+                  batch_size: int = 500) -> Dict[str, float]:
+    """``judge``: the honest confident share of digits ``x`` (N, 1, 28, 28); ``judge_vs_real``: its ratio to
+    ``real_share``, the same share of real held-out digits (nan where that is 0)."""
+    share = honest_confident_share(x, judge, batch_size=batch_size)
+    return {"judge": share, "judge_vs_real": share / real_share if real_share else float("nan")}
+
+
+def digit_quality(x: torch.Tensor, real: torch.Tensor, *, rough: Union[torch.Tensor, float, None] = None,
+                  judge: Optional[MNISTClassifier] = None, batch_size: int = 500) -> Dict[str, float]:
+    """The honest measures of digit samples as ``ddpm eval --metrics judge,clean,rough`` reports them.
+
+    x: (N, 1, H, W) samples in the data's scale (clamped to [-1, 1] first, as a picture shows them);
+    real: (M, 1, H, W) real held-out digits of the same size (``ddpm eval``: the 500 bundled MNIST test
+    digits, ``load_mnist("test")[0]``).  Returns ``judge`` and ``judge_vs_real`` (:func:`honest_scores`
+    against ``real``'s share), ``clean`` (:func:`clean_share`) and ``rough`` (:func:`rough_share`: rougher
+    than every image of ``rough``, default ``real``, or than ``rough`` itself when it is a level).  The judge
+    reads digits of another size at 28x28 (:func:`to_digit_size`); clean and rough read them as they are.
+    """
+    if x.dim() != 4 or x.shape[1] != 1:
+        raise DDPMError(f"digit_quality scores 1-channel digits (N, 1, H, W), got shape {tuple(x.shape)}")
+    if tuple(real.shape[1:]) != tuple(x.shape[1:]):
+        raise DDPMError(f"digit_quality compares samples {tuple(x.shape[1:])} with real digits of the same size, "
+                        f"got {tuple(real.shape[1:])}; resize the real digits to the samples' size first")
+    x = x.clamp(-1, 1)
+    judge = judge if judge is not None else load_digit_judge()
+    real_share = honest_confident_share(to_digit_size(real), judge, batch_size=batch_size)
+    return {**honest_scores(to_digit_size(x), judge, real_share, batch_size), "clean": clean_share(x),
+            "rough": rough_share(x, real if rough is None else rough)}

@@ -31,6 +31,7 @@ from ddpmlab.evaluate.judges import (
     check_judge_shape,
     clean_share,
     honest_confident_share,
+    honest_scores,
     load_digit_judge,
     rough_level,
     rough_share,
@@ -276,8 +277,7 @@ def _judge(ctx: EvalContext, which: str) -> dict:
         raise OptionError("metrics", f"{OPTION}: judge: {e}") from None
     if which == "data":  # the reference: real digits the judge never saw
         return {"judge": ctx.judge_real}
-    share = honest_confident_share(_pictures(ctx, which), ctx.judge, batch_size=ctx.s.batch_size)
-    return {"judge": share, "judge_vs_real": share / ctx.judge_real if ctx.judge_real else float("nan")}
+    return honest_scores(_pictures(ctx, which), ctx.judge, ctx.judge_real, ctx.s.batch_size)
 
 
 def _clean(ctx: EvalContext, which: str) -> dict:
