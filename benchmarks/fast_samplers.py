@@ -6,12 +6,13 @@ and the reference, DDPM with --reference-steps (250) ancestral steps, each draws
 the same noise seeds (a class-conditional run: the classes in turn, with the run's own guidance
 scale unless --guidance), scored with the shipped MNIST classifier as the feature network against
 the 500 held-out test digits (quality_per_minute.py's scoring: classifier-FID, KID, confident share
-p >= 0.8) and the measures of ddpmlab.evaluate.judges: the honest confident share (the digit
-judge, which has a reject class, calls it a digit with p >= 0.8), the clean-background share
-(border darker than 20/255) and the rough share (rougher than every real test digit at the run's
-size: the salt-and-pepper samples).  Images of another size are resized (bilinear) to 28x28 for
-the classifier and the judge, the real digits the same way (down to the run's size and back up),
-so both sides see the same blur; the real digits' honest share is printed beside.
+p >= 0.8, which is high on pure noise too) and, as `ddpm eval --metrics judge,clean,rough` reports
+them (ddpmlab.evaluate.judges.digit_quality), the honest confident share (the digit judge, which has a
+reject class, calls it a digit with p >= 0.8) and its ratio to the real test digits' share, the
+clean-background share (border darker than 20/255) and the rough share (rougher than every real test
+digit at the run's size: the salt-and-pepper samples).  Images of another size are resized
+(bilinear) to 28x28 for the classifier and the judge, the real digits the same way (down to the run's
+size and back up), so both sides see the same blur; the real digits' row is printed beside.
 
 Prints a markdown table with each FID's ratio to the reference and writes it and the numbers
 (JSON) to --out.  Network evaluations (NFE) are per sample; guidance doubles them (one batched
@@ -35,22 +36,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality_per_minute import cpu_name, score  # the scoring quality_per_minute.py uses
+from quality_per_minute import QUALITY_HEAD, cpu_name, quality_cells, score  # quality_per_minute.py's scoring
 
 from ddpmlab.data import load_mnist
 from ddpmlab.evaluate.features import batches, classifier_extractor, extract
-from ddpmlab.evaluate.judges import clean_share, honest_confident_share, load_digit_judge, rough_level, rough_share
+from ddpmlab.evaluate.judges import digit_quality, to_digit_size
 from ddpmlab.runs import SamplingRequest, draw_samples, load_run, plan_request, run_guidance
 
 DEFAULT_SAMPLERS = "dpmpp_2m_sde,restart,ddpm,dpmpp_2m,unipc,ddim"
-
-
-def to_classifier(x: torch.Tensor) -> torch.Tensor:
-    """(N, 1, H, W) in [-1, 1] -> (N, 1, 28, 28): the run's images as the classifier reads them."""
-    if x.shape[-2:] == (28, 28):
-        return x
-    x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False, antialias=x.shape[-1] > 28)
-    return x.clamp(-1, 1)
 
 
 def at_size(x: torch.Tensor, shape) -> torch.Tensor:
@@ -58,13 +51,6 @@ def at_size(x: torch.Tensor, shape) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(shape[-2:]):
         return x
     return F.interpolate(x, size=tuple(shape[-2:]), mode="bilinear", align_corners=False, antialias=True)
-
-
-def honest_measures(x: torch.Tensor, judge, rough: float) -> dict:
-    """The judge's honest confident share (at 28x28), the clean-background and rough shares (at the run's size)."""
-    x = x.clamp(-1, 1)
-    return {"honest": honest_confident_share(to_classifier(x), judge), "clean": clean_share(x),
-            "rough": rough_share(x, rough)}
 
 
 def main(argv=None) -> int:
@@ -87,11 +73,9 @@ def main(argv=None) -> int:
     real, _ = load_mnist("test")
     small = at_size(real, run.image_shape)
     # the real digits at the run's size and back up, as the samples will be
-    real_feats, _ = extract(extractor, batches(to_classifier(small), 500), total=len(real), with_logits=True,
+    real_feats, _ = extract(extractor, batches(to_digit_size(small), 500), total=len(real), with_logits=True,
                             progress=False)
-    rough = rough_level(small)
-    judge = load_digit_judge()
-    real_honest = honest_confident_share(to_classifier(small), judge)
+    real_row = digit_quality(small, small)
     cost = 2 if guidance is not None else 1
     jobs = [("ddpm", None, args.reference_steps)]
     for s in args.samplers.split(","):
@@ -104,31 +88,30 @@ def main(argv=None) -> int:
                             log=lambda m: None)
         x = draw_samples(run, plan, args.n, seed=args.seed, progress=False)
         seconds = time.perf_counter() - t0
-        r = score(to_classifier(x), extractor, real_feats)
+        r = score(to_digit_size(x), extractor, real_feats)
         r.update(sampler=sampler + (f":{schedule}" if schedule else ""), steps=steps, nfe=plan.steps * cost,
-                 seconds=round(seconds, 1), **honest_measures(x, judge, rough))
+                 seconds=round(seconds, 1), **digit_quality(x, small))
         rows.append(r)
-        print(f"{r['sampler']:>20s} {steps:4d} steps: FID {r['fid']:.3f}, confident {r['confident']:.1%}, honest "
-              f"{r['honest']:.1%}, clean {r['clean']:.1%}, rough {r['rough']:.1%} ({seconds:.0f} s)", flush=True)
+        print(f"{r['sampler']:>20s} {steps:4d} steps: FID {r['fid']:.3f}, confident {r['confident']:.1%}, judge "
+              f"{r['judge']:.1%} ({r['judge_vs_real']:.2f} of real), clean {r['clean']:.1%}, rough {r['rough']:.1%} "
+              f"({seconds:.0f} s)", flush=True)
     ref = rows[0]["fid"]
     g = f", guidance {guidance:g}" if guidance is not None else ""
     lines = [f"Machine: {cpu_name()}. Run {args.run} ({'x'.join(map(str, run.image_shape))}{g}); {args.n} samples "
-             f"each from the same seeds, scored against the 500 held-out test digits (their honest confident "
-             f"share: {real_honest:.1%}).", "",
-             "| sampler | steps | NFE | classifier-FID | / DDPM-250 | KID | confident | honest | clean | rough "
-             "| time |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"each from the same seeds, scored against the 500 held-out test digits.", "",
+             f"| sampler | steps | NFE | classifier-FID | / DDPM-250 | KID | confident | {QUALITY_HEAD} | time |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid']:.3f} | {r['fid'] / ref:.2f} | "
-                     f"{r['kid']:.4f} | {r['confident']:.1%} | {r['honest']:.1%} | {r['clean']:.1%} | "
-                     f"{r['rough']:.1%} | {r['seconds']:.0f} s |")
+                     f"{r['kid']:.4f} | {r['confident']:.1%} | {quality_cells(r)} | {r['seconds']:.0f} s |")
+    lines.append(f"| real test digits | | | | | | | {quality_cells(real_row)} | |")
     table = "\n".join(lines)
     print(table)
     out = Path(args.out) if args.out else run.folder("bench")
     out.mkdir(parents=True, exist_ok=True)
     (out / "fast_samplers.md").write_text(table + "\n")
     (out / "fast_samplers.json").write_text(json.dumps({"run": str(args.run), "n": args.n, "guidance": guidance,
-                                                        "real_honest": real_honest, "rows": rows}, indent=1))
+                                                        "real": real_row, "rows": rows}, indent=1))
     print(f"wrote {out / 'fast_samplers.md'}")
     return 0
 

@@ -18,11 +18,14 @@ An ``optimized`` schedule is fitted per NFE on 256 calibration noises (a 200-ste
 up to 16 (K + 1) runs of the sampler, K = min(NFE - 1, 8)): with a small --n it costs more than the samples.
 
 Every model draws --n samples from the same noise seeds, scored against the held-out test split
-(500 digits) with the shipped MNIST classifier as the feature network by quality_per_minute.py's
-scoring: classifier-FID, KID, and the share of samples the classifier assigns to a digit with
-probability >= 0.8 (the real test digits' share beside it).  Prints a markdown table and writes it,
-the numbers (JSON) and a picture to --out: the same x_T through the students at --picture-steps and
-the teacher's DDPM-250, one labelled row per model.
+(500 digits) by quality_per_minute.py's scoring: with the shipped MNIST classifier as the feature
+network classifier-FID, KID, and the share of samples the classifier assigns to a digit with
+probability >= 0.8 (it is confident on pure noise too); and, as `ddpm eval --metrics
+judge,clean,rough` reports them (ddpmlab.evaluate.judges.digit_quality), the honest confident share
+of the digit judge (which has a reject class) and its ratio to the real test digits' share, the
+clean-background share and the rough share (the real test digits' row beside).  Prints a markdown
+table and writes it, the numbers (JSON) and a picture to --out: the same x_T through the students
+at --picture-steps and the teacher's DDPM-250, one labelled row per model.
 
     python benchmarks/few_step.py                                   # trains the teacher first
     python benchmarks/few_step.py --teacher runs/mnist-20250101-120000 --n 500
@@ -48,13 +51,12 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality_per_minute import CONFIDENT, cpu_name, score  # the scoring quality_per_minute.py uses
+from quality_per_minute import QUALITY_HEAD, cpu_name, quality_cells, real_scores, score  # its scoring
 
 from ddpmlab.config import load_config
-from ddpmlab.data import load_mnist
 from ddpmlab.errors import DDPMError, OptionError
 from ddpmlab.evaluate.bench import BenchEntry, parse_nfes
-from ddpmlab.evaluate.features import batches, classifier_extractor, extract
+from ddpmlab.evaluate.features import classifier_extractor
 from ddpmlab.evaluate.metrics import check_fid_samples
 from ddpmlab.io.checkpoint import load_run_config
 from ddpmlab.io.images import grid_image
@@ -235,7 +237,10 @@ def named(parse, text: str, option: str):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = resolve_device(args.device, "--device")
+    try:
+        device = resolve_device(args.device)
+    except OptionError as e:
+        raise SystemExit(f"error: {e.named({'device': '--device'})}") from None
     extractor = classifier_extractor(device)
     try:
         check_fid_samples(args.n, extractor.num_features)  # before anything is trained
@@ -275,10 +280,8 @@ def main(argv=None) -> int:
                              seconds, f"{args.consistency_iterations} iterations (one student for all steps)", None))
 
     # ---- scoring: the held-out test digits' features once
-    real, _ = load_mnist("test")
-    real_feats, real_logits = extract(extractor, batches(real, 500), total=len(real), with_logits=True,
-                                      progress=False)
-    real_share = float((real_logits.softmax(1).max(1).values >= CONFIDENT).float().mean())
+    real, real_feats, real_row = real_scores(extractor)
+    real_share = real_row["confident"]
     sample_seed = 1000 + args.seed
     first = {}  # (method, steps) -> the first picture_n samples (the same x_T for every model)
     results = []
@@ -290,14 +293,14 @@ def main(argv=None) -> int:
         x = draw(run, "student", k, None, args.n, sample_seed, args.progress)
         first[(method, k)] = x[:args.picture_n]
         results.append({"model": label, "method": method, "nfe": k, "run": str(run_dir),
-                        "distill_seconds": round(seconds, 1), "recipe": note, **score(x, extractor, real_feats)})
+                        "distill_seconds": round(seconds, 1), "recipe": note, **score(x, extractor, real_feats, real)})
 
     nfes = sorted({r["nfe"] for r in results}) or args.steps
     baselines = {}  # label -> {nfe: scores}
     for k in nfes:
         for entry in args.baselines:
             x = draw(teacher, entry.name, k, entry.timesteps, args.n, sample_seed, args.progress)
-            baselines.setdefault(entry.label, {})[k] = score(x, extractor, real_feats)
+            baselines.setdefault(entry.label, {})[k] = score(x, extractor, real_feats, real)
         best = min(baselines, key=lambda b: baselines[b][k]["fid"])
         results.append({"model": f"teacher, {best} (best of {len(args.baselines)})", "method": "teacher", "nfe": k,
                         "sampler": best, "distill_seconds": None, **baselines[best][k]})
@@ -305,7 +308,7 @@ def main(argv=None) -> int:
     first[("teacher", "ddpm")] = x[:args.picture_n]
     results.append({"model": f"teacher, ddpm {args.ancestral_steps} steps", "method": "teacher",
                     "nfe": args.ancestral_steps, "sampler": "ddpm", "distill_seconds": None,
-                    **score(x, extractor, real_feats)})
+                    **score(x, extractor, real_feats, real)})
 
     # ---- table, numbers, picture
     guidance = run_guidance(teacher, None, log=_quiet) if teacher.num_classes else None
@@ -317,14 +320,14 @@ def main(argv=None) -> int:
     lines = [f"Machine: {machine}. Teacher: {teacher_note}"
              + (f", {_clock(teacher_seconds)}" if teacher_seconds is not None else "")
              + f". {args.n} samples per model from the same noise seeds, scored against the {len(real)} held-out "
-             "test digits (shipped classifier's features).", "",
+             "test digits (shipped classifier's features; the digit judge).", "",
              "| model | steps | NFE | distillation wall clock | classifier-FID | KID | confident share (p >= 0.8) | "
-             "share / real |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"share / real | {QUALITY_HEAD} |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['model']} | {r['nfe']} | {r['nfe'] * cost} | {_clock(r['distill_seconds'])} | "
-                     f"{r['fid']:.2f} | "
-                     f"{r['kid']:.4f} | {r['confident']:.1%} | {r['confident'] / real_share:.2f} |")
-    lines.append(f"| real test digits | | | | | | {real_share:.1%} | 1.00 |")
+                     f"{r['fid']:.2f} | {r['kid']:.4f} | {r['confident']:.1%} | {r['confident'] / real_share:.2f} | "
+                     f"{quality_cells(r)} |")
+    lines.append(f"| real test digits | | | | | | {real_share:.1%} | 1.00 | {quality_cells(real_row)} |")
     lines += ["", "The teacher's samplers at the students' steps (classifier-FID; best per column in bold):", "",
               "| sampler | " + " | ".join(f"{k} steps" for k in nfes) + " |", "|---|" + "---:|" * len(nfes)]
     for b, by_nfe in baselines.items():
@@ -340,7 +343,7 @@ def main(argv=None) -> int:
         {"machine": machine, "teacher": str(teacher_dir), "teacher_note": teacher_note,
          "teacher_train_seconds": teacher_seconds, "n": args.n, "seed": args.seed,
          "progressive_iterations": args.progressive_iterations, "consistency_iterations": args.consistency_iterations,
-         "real_confident": real_share, "results": results,
+         "real_confident": real_share, "real": real_row, "results": results,
          "baselines": {b: {str(k): v for k, v in by.items()} for b, by in baselines.items()}}, indent=1))
     rows = [(f"{m} {k} step{'s' if k > 1 else ''}", first[(m, k)]) for m in ("progressive", "consistency")
             for k in args.picture_steps if (m, k) in first]

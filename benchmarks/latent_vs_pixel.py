@@ -19,10 +19,14 @@ their own and not charged to the latent models' budgets.
 
 Then, outside the budgets, every model draws --n samples with the same sampler (default DDIM, 50 steps;
 with --ancestral also DDPM with 250 respaced steps), timed (latents decoded to pixels included), and they
-are scored against the held-out test split (500 digits) with the shipped MNIST classifier as the feature
-network: classifier-FID, KID and the share of samples the classifier assigns to a digit with probability
->= 0.8 (the real test digits' share beside it).  Prints a markdown table and writes it, the numbers
-(JSON) and one labelled row of samples per model, same seeds (PNG), to --out.
+are scored against the held-out test split (500 digits) by quality_per_minute.py's scoring: with the
+shipped MNIST classifier as the feature network classifier-FID, KID and the share of samples the
+classifier assigns to a digit with probability >= 0.8 (it is confident on pure noise too); and, as
+`ddpm eval --metrics judge,clean,rough` reports them (ddpmlab.evaluate.judges.digit_quality), the honest
+confident share of the digit judge (which has a reject class) and its ratio to the real test digits'
+share, the clean-background share and the rough share (the real test digits' row beside).  Prints a
+markdown table and writes it, the numbers (JSON) and one labelled row of samples per model, same seeds
+(PNG), to --out.
 
     python benchmarks/latent_vs_pixel.py                                   # 10 min per model, 1,000 samples
     python benchmarks/latent_vs_pixel.py --autoencoder runs/mnist-autoencoder --minutes 5 --ancestral
@@ -50,13 +54,12 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality_per_minute import CONFIDENT, cpu_name, score
+from quality_per_minute import QUALITY_HEAD, cpu_name, quality_cells, real_scores, score
 
 from ddpmlab.config import load_config
-from ddpmlab.data import load_mnist
 from ddpmlab.cli.options import NAMES
 from ddpmlab.errors import DDPMError, OptionError
-from ddpmlab.evaluate.features import batches, classifier_extractor, extract
+from ddpmlab.evaluate.features import classifier_extractor
 from ddpmlab.evaluate.metrics import check_fid_samples
 from ddpmlab.io.checkpoint import load_run_config
 from ddpmlab.io.images import grid_image
@@ -227,7 +230,7 @@ def main(argv=None) -> int:
     if taken:
         raise SystemExit(f"{out} already holds {', '.join(taken)}: give another --out")
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(args.device, "--device")
+    device = resolve_device(args.device)  # a bad name: an OptionError, printed as `ddpm` prints it
     extractor = classifier_extractor(device)
     check_fid_samples(args.n, extractor.num_features)  # before the trainings, not after
     get_sampler(args.sampler)
@@ -253,10 +256,8 @@ def main(argv=None) -> int:
         results[name] = {"run": str(run_dir), "wall_s": round(wall, 1),
                          "batch_size": cfg.train.batch_size, **read_log(run_dir, cfg.train.batch_size)}
 
-    real, _ = load_mnist("test")
-    real_feats, real_logits = extract(extractor, batches(real, 500), total=len(real), with_logits=True,
-                                      progress=False)
-    real_share = float((real_logits.softmax(1).max(1).values >= CONFIDENT).float().mean())
+    real, real_feats, real_row = real_scores(extractor)
+    real_share = real_row["confident"]
     samplers = [(args.sampler, args.steps)] + ([("ddpm", 250)] if args.ancestral else [])
     rows = {}
     for name, r in results.items():
@@ -265,7 +266,7 @@ def main(argv=None) -> int:
                  shape=list(run.shape))
         for sampler, steps in samplers:
             x, per = timed_samples(run, sampler, steps, args.n, 1000 + args.seed, progress)
-            r[f"{sampler}{steps}"] = {"s_per_sample": per, **score(x, extractor, real_feats)}
+            r[f"{sampler}{steps}"] = {"s_per_sample": per, **score(x, extractor, real_feats, real)}
             rows.setdefault(name, x[:args.row])
 
     first = f"{args.sampler}{args.steps}"
@@ -291,12 +292,12 @@ def main(argv=None) -> int:
              f"{one_off}; held-out reconstruction PSNR {ae['psnr_db']:.2f} dB; the latent cache of the train digits "
              f"filled (or read) in {ae['encode_s']:.0f} s, once, before the budgets. {args.n} samples each, "
              f"{args.sampler} {args.steps} steps, scored against the {len(real)} held-out test digits (shipped "
-             "classifier's features)."), "",
+             "classifier's features; the digit judge)."), "",
              "| model | params | MFLOP / forward | steps done | train img/s | wall clock | "
              f"s / sample ({args.sampler} {args.steps})"
              + (" | s / sample (ddpm 250)" if args.ancestral else "")
-             + " | classifier-FID | KID | confident share (p >= 0.8) | share / real |",
-             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if args.ancestral else "") + "---:|---:|---:|---:|"]
+             + f" | classifier-FID | KID | confident share (p >= 0.8) | share / real | {QUALITY_HEAD} |",
+             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if args.ancestral else "") + "---:|" * 8]
     for name, r in results.items():
         m, s = divmod(r["wall_s"], 60)
         q = r[first]
@@ -305,14 +306,15 @@ def main(argv=None) -> int:
                      f"{q['s_per_sample'] * 1e3:.1f} ms"
                      + (f" | {r['ddpm250']['s_per_sample'] * 1e3:.1f} ms" if args.ancestral else "")
                      + f" | {q['fid']:.2f} | {q['kid']:.4f} | {q['confident']:.1%} | "
-                     f"{q['confident'] / real_share:.2f} |")
+                     f"{q['confident'] / real_share:.2f} | {quality_cells(q)} |")
     lines.append("| real test digits | | | | | | " + ("| " if args.ancestral else "")
-                 + f"| | | {real_share:.1%} | 1.00 |")
+                 + f"| | | {real_share:.1%} | 1.00 | {quality_cells(real_row)} |")
     if args.ancestral:
         lines += ["", "The same models with DDPM, 250 respaced steps (the same seeds):", "",
-                  "| model | classifier-FID | KID | confident share (p >= 0.8) |", "|---|---:|---:|---:|"]
+                  f"| model | classifier-FID | KID | confident share (p >= 0.8) | {QUALITY_HEAD} |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {name} | {r['ddpm250']['fid']:.2f} | {r['ddpm250']['kid']:.4f} | "
-                  f"{r['ddpm250']['confident']:.1%} |" for name, r in results.items()]
+                  f"{r['ddpm250']['confident']:.1%} | {quality_cells(r['ddpm250'])} |" for name, r in results.items()]
     lines += ["", note]
     if args.half:
         want = pu[first]["fid"]
@@ -325,7 +327,7 @@ def main(argv=None) -> int:
     print(table)
     (out / "latent_vs_pixel.md").write_text(table + "\n")
     (out / "latent_vs_pixel.json").write_text(json.dumps(
-        {"machine": machine, "args": vars(args), "autoencoder": ae, "real_confident": real_share,
+        {"machine": machine, "args": vars(args), "autoencoder": ae, "real_confident": real_share, "real": real_row,
          "dit": DIT, "results": results, "note": note}, indent=1))
     png = rows_png(rows, out / "latent_vs_pixel.png")
     print(f"wrote {out / 'latent_vs_pixel.md'}, {out / 'latent_vs_pixel.json'} and {png} "

@@ -13,9 +13,10 @@ measurements (ddpmlab.evaluate.noise_levels), the run's own guidance scale throu
 3. Where noise injection matters: DPM-Solver++(2M) SDE at --steps with the SDE only on steps
    starting below sigma (s_tmax) or only above it (s_tmin), the ODE elsewhere, each scored on --n
    samples with the shipped MNIST classifier (classifier-FID against the 500 test digits, confident
-   share) and fast_samplers.py's measures of ddpmlab.evaluate.judges: the honest confident share
-   (the digit judge), the clean-background share and the rough share (samples rougher than every
-   real test digit).
+   share) and, as `ddpm eval --metrics judge,clean,rough` reports them
+   (ddpmlab.evaluate.judges.digit_quality), the honest confident share of the digit judge and its
+   ratio to the real test digits', the clean-background share and the rough share (samples rougher
+   than every real test digit).
 
 Writes noise_levels.md / .json and noise_levels.png (defect and gains against sigma) to --out.
 
@@ -37,12 +38,12 @@ from matplotlib.figure import Figure
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fast_samplers import at_size, honest_measures, to_classifier
-from quality_per_minute import cpu_name, score
+from fast_samplers import at_size
+from quality_per_minute import QUALITY_HEAD, cpu_name, quality_cells, score
 
 from ddpmlab.data import load_mnist
 from ddpmlab.evaluate.features import batches, classifier_extractor, extract
-from ddpmlab.evaluate.judges import load_digit_judge, rough_level
+from ddpmlab.evaluate.judges import digit_quality, to_digit_size
 from ddpmlab.evaluate.noise_levels import denoising_errors, error_gains
 from ddpmlab.runs import SamplingRequest, draw_samples, load_run, plan_request, run_guidance
 from ddpmlab.samplers import ModelPredictor
@@ -75,8 +76,7 @@ def sampler_gains(run, guidance, sampler: str, steps: int, n: int):
     return error_gains(plan.spec.fn, predict, run.schedule, x_T, plan.steps, size=0.01, seed=0, **plan.options)
 
 
-def window_rows(run, guidance, steps: int, n: int, windows, extractor, real_feats, rough: float, seed: int):
-    judge = load_digit_judge()
+def window_rows(run, guidance, steps: int, n: int, windows, extractor, real_feats, real: torch.Tensor, seed: int):
     jobs = [("ODE (eta 0)", {"eta": 0.0}), ("SDE everywhere", {})]
     jobs += [(f"SDE below sigma {w:g}", {"s_tmax": w}) for w in windows]
     jobs += [(f"SDE above sigma {w:g}", {"s_tmin": w}) for w in windows]
@@ -86,12 +86,12 @@ def window_rows(run, guidance, steps: int, n: int, windows, extractor, real_feat
         plan = plan_request(run, SamplingRequest("dpmpp_2m_sde", steps, options=options, guidance=guidance, seed=seed,
                                                  n=n), log=lambda m: None)
         x = draw_samples(run, plan, n, seed=seed, progress=False)
-        r = score(to_classifier(x), extractor, real_feats)
-        r.update(window=name, options=options, **honest_measures(x, judge, rough),
-                 seconds=round(time.perf_counter() - t0, 1))
+        r = score(to_digit_size(x), extractor, real_feats)
+        r.update(window=name, options=options, **digit_quality(x, real), seconds=round(time.perf_counter() - t0, 1))
         rows.append(r)
-        print(f"{name:>24s}: FID {r['fid']:.3f}, confident {r['confident']:.1%}, honest {r['honest']:.1%}, "
-              f"clean {r['clean']:.1%}, rough {r['rough']:.1%} ({r['seconds']:.0f} s)", flush=True)
+        print(f"{name:>24s}: FID {r['fid']:.3f}, confident {r['confident']:.1%}, judge {r['judge']:.1%} "
+              f"({r['judge_vs_real']:.2f} of real), clean {r['clean']:.1%}, rough {r['rough']:.1%} "
+              f"({r['seconds']:.0f} s)", flush=True)
     return rows
 
 
@@ -141,11 +141,10 @@ def main(argv=None) -> int:
         print(f"gains of {s}: {time.perf_counter() - t0:.0f} s", flush=True)
     extractor = classifier_extractor("cpu")
     small, _ = _digits("test", 10**9, run.shape)
-    real_feats, _ = extract(extractor, batches(to_classifier(small), 500), total=len(small), with_logits=True,
+    real_feats, _ = extract(extractor, batches(to_digit_size(small), 500), total=len(small), with_logits=True,
                             progress=False)
     windows = [float(w) for w in args.windows.split(",")]
-    rows = window_rows(run, guidance, args.steps, args.n, windows, extractor, real_feats,
-                       rough_level(small), args.seed)
+    rows = window_rows(run, guidance, args.steps, args.n, windows, extractor, real_feats, small, args.seed)
 
     g = f", guidance {guidance:g}" if guidance is not None else ""
     lines = [f"Machine: {cpu_name()}. Run {args.run} ({'x'.join(map(str, run.image_shape))}{g}).", "",
@@ -162,10 +161,10 @@ def main(argv=None) -> int:
         cells = [f"{v[k].sigma:.3g} / {v[k].gain:.3f}" if k < len(v) else "" for v in gains.values()]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     lines += ["", f"DPM-Solver++(2M) SDE, {args.steps} steps, the SDE only in a noise window ({args.n} samples "
-              "each, same seeds):", "", "| noise injected | classifier-FID | confident | honest | clean | rough |",
-              "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['window']} | {r['fid']:.3f} | {r['confident']:.1%} | {r['honest']:.1%} | {r['clean']:.1%} | "
-              f"{r['rough']:.1%} |" for r in rows]
+              "each, same seeds):", "", f"| noise injected | classifier-FID | confident | {QUALITY_HEAD} |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['window']} | {r['fid']:.3f} | {r['confident']:.1%} | {quality_cells(r)} |" for r in rows]
+    lines.append(f"| real test digits | | | {quality_cells(digit_quality(small, small))} |")
     table = "\n".join(lines)
     print(table)
     out = Path(args.out) if args.out else run.folder("bench")

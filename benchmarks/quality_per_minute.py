@@ -14,9 +14,15 @@ one run, each within the same wall-clock budget (training and its final 64 sampl
 
 Then, outside the budget, --n samples of each are scored against the held-out test split (500
 digits) with the shipped MNIST classifier as the feature network: classifier-FID, KID, and the
-share of samples the classifier assigns to a digit with probability >= 0.8 (the same share of the
-real test digits beside it).  Prints a markdown table and writes it, the numbers (JSON) and the two
-sample grids side by side (PNG) to --out.
+share of samples the classifier assigns to a digit with probability >= 0.8 (the classifier is
+confident on pure noise too: read it only beside the rest); and by
+ddpmlab.evaluate.judges.digit_quality, as `ddpm eval --metrics judge,clean,rough` reports them:
+the honest confident share (the digit judge, which has a reject class, calls a sample a digit with
+p >= 0.8) and its ratio to the real test digits' share, the clean-background share (border darker
+than 20/255) and the rough share (rougher than every real test digit).  The real test digits' row
+stands beside.  Prints a markdown table and writes it, the numbers (JSON) and the two sample grids
+side by side (PNG) to --out.  `score`, `real_scores` and `quality_cells` are the scoring the other
+digit benchmarks import.
 
     python benchmarks/quality_per_minute.py                 # 10-minute budget, 1,000 samples each
     python benchmarks/quality_per_minute.py --minutes 5 --n 500
@@ -34,6 +40,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from PIL import Image
@@ -43,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ddpmlab.config import load_config
 from ddpmlab.data import load_mnist
 from ddpmlab.evaluate.features import batches, classifier_extractor, extract
+from ddpmlab.evaluate.judges import digit_quality
 from ddpmlab.evaluate.metrics import feature_sums, fid, kid
 from ddpmlab.io.diffusers_bridge import require_diffusers, unet2d_config
 from ddpmlab.io.images import grid_image
@@ -161,11 +169,34 @@ def _ddim_cost(unet, n: int) -> float:
     return (time.perf_counter() - t0) / 2 * 50 * 1.1
 
 
-def score(x: torch.Tensor, extractor, real_features: torch.Tensor) -> dict:
+def confident_share(logits: torch.Tensor) -> float:
+    """The share the shipped classifier assigns to a digit with probability >= 0.8 (pure noise included)."""
+    return float((logits.softmax(1).max(1).values >= CONFIDENT).float().mean())
+
+
+def score(x: torch.Tensor, extractor, real_features: torch.Tensor, real: Optional[torch.Tensor] = None) -> dict:
+    """x: (N, 1, 28, 28) samples -> classifier-FID, KID and confident share against the real digits' features;
+    with ``real`` (the real digits, (M, 1, 28, 28)) also digit_quality's judge, judge_vs_real, clean and rough."""
     feats, logits = extract(extractor, batches(x, 500), total=len(x), with_logits=True, progress=False)
-    confident = float((logits.softmax(1).max(1).values >= CONFIDENT).float().mean())
     k = kid(real_features, feats, subset_size=min(len(feats), len(real_features)))
-    return {"fid": fid(feature_sums(real_features), feats), "kid": k[0], "confident": confident}
+    out = {"fid": fid(feature_sums(real_features), feats), "kid": k[0], "confident": confident_share(logits)}
+    return out if real is None else {**out, **digit_quality(x, real)}
+
+
+def real_scores(extractor, real: Optional[torch.Tensor] = None) -> tuple:
+    """(real digits, their classifier features, their row of the table): ``real`` or the 500 held-out test digits;
+    the row holds their confident share and digit_quality against themselves (judge_vs_real 1, rough 0)."""
+    real = load_mnist("test")[0] if real is None else real
+    feats, logits = extract(extractor, batches(real, 500), total=len(real), with_logits=True, progress=False)
+    return real, feats, {"confident": confident_share(logits), **digit_quality(real, real)}
+
+
+QUALITY_HEAD = "judge: honest share (p >= 0.8) | judge / real | clean | rough"  # quality_cells' columns
+
+
+def quality_cells(r: dict) -> str:
+    """The table cells of digit_quality's measures in ``r``, in QUALITY_HEAD's order."""
+    return f"{r['judge']:.1%} | {r['judge_vs_real']:.2f} | {r['clean']:.1%} | {r['rough']:.1%}"
 
 
 def side_by_side(grids, path: Path) -> Path:
@@ -203,30 +234,27 @@ def main(argv=None) -> int:
     if not args.skip_diffusers:
         recipes["diffusers"] = diffusers_recipe(args.minutes * 60, args.seed)
     extractor = classifier_extractor("cpu")
-    real, _ = load_mnist("test")
-    real_feats, real_logits = extract(extractor, batches(real, 500), total=len(real), with_logits=True,
-                                      progress=False)
-    real_share = float((real_logits.softmax(1).max(1).values >= CONFIDENT).float().mean())
+    real, real_feats, real_row = real_scores(extractor)
     results, grids = {}, []
     for name, (sample, seconds, note) in recipes.items():
         x = sample(args.n, 1000 + args.seed)
         grids.append(x)
-        results[name] = {"seconds": round(seconds, 1), "recipe": note, **score(x, extractor, real_feats)}
+        results[name] = {"seconds": round(seconds, 1), "recipe": note, **score(x, extractor, real_feats, real)}
     lines = [f"Machine: {machine}. Budget {args.minutes:g} min per recipe; {args.n} samples each scored "
-             f"against the {len(real)} held-out test digits (shipped classifier's features).", "",
-             "| recipe | wall clock | classifier-FID | KID | confident share (p >= 0.8) | share / real |",
-             "|---|---:|---:|---:|---:|---:|"]
+             f"against the {len(real)} held-out test digits (shipped classifier's features; the digit judge).", "",
+             "| recipe | wall clock | classifier-FID | KID | confident share (p >= 0.8) | share / real | "
+             f"{QUALITY_HEAD} |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         m, s = divmod(r["seconds"], 60)
         lines.append(f"| {name}: {r['recipe']} | {int(m)} min {s:.0f} s | {r['fid']:.2f} | {r['kid']:.4f} | "
-                     f"{r['confident']:.1%} | {r['confident'] / real_share:.2f} |")
-    lines.append(f"| real test digits | | | | {real_share:.1%} | 1.00 |")
+                     f"{r['confident']:.1%} | {r['confident'] / real_row['confident']:.2f} | {quality_cells(r)} |")
+    lines.append(f"| real test digits | | | | {real_row['confident']:.1%} | 1.00 | {quality_cells(real_row)} |")
     table = "\n".join(lines)
     print(table)
     (out / "quality_per_minute.md").write_text(table + "\n")
     (out / "quality_per_minute.json").write_text(json.dumps(
-        {"machine": machine, "minutes": args.minutes, "n": args.n, "real_confident": real_share,
-         "results": results}, indent=1))
+        {"machine": machine, "minutes": args.minutes, "n": args.n, "real_confident": real_row["confident"],
+         "real": real_row, "results": results}, indent=1))
     print(f"wrote {side_by_side(grids, out / 'quality_per_minute.png')} (left to right: {', '.join(results)})")
     if "diffusers" in results and not math.isnan(results["diffusers"]["fid"]):
         print(f"FID ratio ddpmlab / diffusers: {results['ddpmlab']['fid'] / results['diffusers']['fid']:.2f}")
