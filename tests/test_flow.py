@@ -312,12 +312,14 @@ def test_a_ddpm_config_keeps_its_schedule_objective_and_sampler():
                                                                 schedule.alphas_cumprod)
 
 
-def test_what_is_not_built_for_flow_runs_yet_is_refused_in_one_line(moons_run, tmp_path, capsys):
+def test_what_does_not_map_for_flow_runs_is_refused_in_one_line(moons_run, tmp_path, capsys):
     from ddpmlab.errors import DDPMError
     from ddpmlab.io.diffusers_schedule import scheduler_config
 
-    with pytest.raises(DDPMError, match="diffusion.process=flow does not export yet"):  # DDPMScheduler only
+    with pytest.raises(DDPMError, match="process=flow has no DDPMScheduler.*FlowMatchEulerDiscreteScheduler"):
         scheduler_config(load_config("mnist", [*FLOW, "diffusion.min_snr_gamma=null"]))
-    assert main(["distill", str(moons_run), "--method", "consistency"]) == 2
+    assert main(["export", str(moons_run), str(tmp_path / "out")]) == 2  # a toy MLP has no diffusers model
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "is a flow run: ddpm distill distills DDPM teachers" in err[0]
+    assert len(err) == 1 and "model.kind='mlp' does not map" in err[0], err
+    # the export of flow runs: tests/test_flow_export.py
+    # distillation of flow runs: tests/test_distill_flow.py

@@ -1,8 +1,9 @@
 """The bridge to HF diffusers: export a run as a ``DDPMPipeline`` folder, load a ``UNet2DModel``.
 
-A DiT run exports as a ``DiTTransformer2DModel`` + ``DDPMScheduler`` folder
-(:mod:`ddpmlab.io.diffusers_dit`); the scheduler config is translated both ways in
-:mod:`ddpmlab.io.diffusers_schedule`.
+A DiT run exports as a ``DiTTransformer2DModel`` + scheduler folder (:mod:`ddpmlab.io.diffusers_dit`);
+the scheduler config is translated both ways in :mod:`ddpmlab.io.diffusers_schedule`.  A flow run's
+scheduler is ``FlowMatchEulerDiscreteScheduler``, and its folder has a README.md with the sampling loop
+(:mod:`ddpmlab.io.diffusers_flow`).
 
 ddpmlab's :class:`~ddpmlab.models.UNet` has the block structure of diffusers' ``UNet2DModel``
 built from ``DownBlock2D`` / ``AttnDownBlock2D`` blocks, so the weights map one to one by
@@ -18,6 +19,12 @@ renaming (and splitting the fused q/k/v projection)::
     mid.res1 / attn / res2              mid_block.resnets.0 / attentions.0 / resnets.1
     up.{k}.upsample                     up_blocks.{k}.upsamplers.0
     norm_out                            conv_norm_out
+
+A UNet with text cross-attention (``unet.context_dim``) has the layout of ``UNet2DConditionModel``
+(``CrossAttnDownBlock2D`` / ``CrossAttnUpBlock2D`` / ``UNetMidBlock2DCrossAttn``,
+:func:`unet2d_condition_config`): its transformer blocks sit where the attention blocks sit and map
+by :mod:`ddpmlab.io.diffusers_transformer`; ``pooled_embed.0 / .2`` is ``class_embedding.linear_1 /
+linear_2`` (``class_embed_type="projection"``, the pooled embedding passed as ``class_labels``).
 
 diffusers is an optional dependency (``pip install 'ddpmlab[diffusers]'``), imported only when a
 function needs it (:func:`~ddpmlab.io.diffusers_schedule.require_diffusers`).  Nothing is ever downloaded:
@@ -39,30 +46,46 @@ from ddpmlab.data import data_shape
 from ddpmlab.errors import DDPMError
 from ddpmlab.io.checkpoint import load_model
 from ddpmlab.io.diffusers_dit import export_dit
-from ddpmlab.io.diffusers_schedule import diffusion_from_scheduler, require_diffusers, scheduler_config
+from ddpmlab.io.diffusers_flow import write_flow_card
+from ddpmlab.io.diffusers_schedule import diffusion_from_scheduler, require_diffusers, run_scheduler
+from ddpmlab.io.diffusers_transformer import split_transformer_weights
 from ddpmlab.models import UNet
 from ddpmlab.models.autoencoder import require_safetensors
 
-_RENAMES = [  # (ours, diffusers), applied in this order
+_WHOLE_NAMES = [  # (ours, diffusers), applied first in either direction
     ("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
+    ("pooled_embed.0.", "class_embedding.linear_1."), ("pooled_embed.2.", "class_embedding.linear_2."),
     ("class_embed.", "class_embedding."), ("norm_out.", "conv_norm_out."),
     ("mid.res1.", "mid_block.resnets.0."), ("mid.res2.", "mid_block.resnets.1."),
-    ("mid.attn.", "mid_block.attentions.0."), (".res.", ".resnets."), (".attn.", ".attentions."),
-    ("down.", "down_blocks."), ("up.", "up_blocks."),
+    ("mid.attn.", "mid_block.attentions.0."),
+]
+_PARTS = [  # (ours, diffusers), then these in this order (diffusers -> ours: in reverse)
+    (".res.", ".resnets."), (".attn.", ".attentions."), ("down.", "down_blocks."), ("up.", "up_blocks."),
     (".downsample.", ".downsamplers.0."), (".upsample.", ".upsamplers.0."),
     (".temb_proj.", ".time_emb_proj."), (".shortcut.", ".conv_shortcut."), (".proj_out.", ".to_out.0."),
 ]
 
 
+def _to_theirs(key: str) -> str:
+    for ours, theirs in _WHOLE_NAMES + _PARTS:
+        key = key.replace(ours, theirs)
+    return key
+
+
+def _to_ours(key: str) -> str:
+    for ours, theirs in _WHOLE_NAMES + _PARTS[::-1]:  # whole names first, then parts in reverse
+        key = key.replace(theirs, ours)
+    return key
+
+
 # ---------------------------------------------------------------- weights
 
 def to_diffusers_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Rename a ddpmlab UNet state dict to UNet2DModel's keys; qkv (3C, C) splits into to_q/k/v."""
-    out = {}
+    """Rename a ddpmlab UNet state dict to UNet2DModel's keys (UNet2DConditionModel's with text cross-attention);
+    qkv (3C, C) splits into to_q/k/v."""
+    out, state = split_transformer_weights(state, _to_theirs, to_diffusers=True)
     for key, value in state.items():
-        k = key
-        for ours, theirs in _RENAMES:
-            k = k.replace(ours, theirs)
+        k = _to_theirs(key)
         if "attentions" in k:
             k = k.replace(".norm.", ".group_norm.")
         if ".qkv." in k:
@@ -75,13 +98,12 @@ def to_diffusers_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.T
 
 def from_diffusers_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The inverse of :func:`to_diffusers_state_dict`: to_q/k/v are stacked back into qkv."""
-    out = {}
+    out, state = split_transformer_weights(state, _to_ours, to_diffusers=False)
     for key, value in state.items():
         k = key
         if "attentions" in k:
             k = k.replace(".group_norm.", ".norm.")
-        for ours, theirs in _RENAMES[:7] + _RENAMES[:6:-1]:  # whole names first, then parts in reverse
-            k = k.replace(theirs, ours)
+        k = _to_ours(k)
         if re.search(r"\.to_[kv]\.", k):
             continue  # stacked together with to_q below
         if ".to_q." in k:
@@ -94,8 +116,9 @@ def from_diffusers_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch
 
 # ---------------------------------------------------------------- export
 
-def unet2d_config(cfg: Config) -> dict:
-    """UNet2DModel's constructor arguments for ``cfg``'s UNet, or a DDPMError naming the option that does not map."""
+def _shared_config(cfg: Config) -> Tuple[dict, list]:
+    """The constructor arguments UNet2DModel and UNet2DConditionModel share for ``cfg``'s UNet, and which levels
+    attend; a DDPMError naming the option that does not map."""
     m, c = cfg.unet, cfg
     if cfg.model.kind != "unet":
         raise DDPMError(f"model.kind={cfg.model.kind!r} does not map to diffusers' UNet2DModel; only model.kind=unet exports")
@@ -107,9 +130,27 @@ def unet2d_config(cfg: Config) -> dict:
                         "the width of conv_in (unet.base_channels), so channel_mults must start with 1")
 
     channels, height, width = data_shape(c)
-    levels = range(len(m.channel_mults))
-    widths = [m.base_channels * k for k in m.channel_mults]
-    attn = [height // 2**i in m.attention_resolutions for i in levels]
+    attn = [height // 2**i in m.attention_resolutions for i in range(len(m.channel_mults))]
+    variance = c.diffusion.variance
+    return dict(
+        sample_size=height if height == width else [height, width], in_channels=channels,
+        out_channels=channels * (2 if variance == "learned_range" else 1),
+        block_out_channels=[m.base_channels * k for k in m.channel_mults], layers_per_block=m.num_res_blocks,
+        norm_num_groups=m.norm_groups, norm_eps=1e-6, dropout=m.dropout,
+        downsample_padding=0, freq_shift=1, flip_sin_to_cos=False, time_embedding_type="positional",
+        act_fn="silu", mid_block_scale_factor=1, center_input_sample=False,
+        num_class_embeds=cfg.model.num_classes + 1 if cfg.model.num_classes else None,  # the extra row: "no label"
+    ), attn
+
+
+def unet2d_config(cfg: Config) -> dict:
+    """UNet2DModel's constructor arguments for ``cfg``'s UNet, or a DDPMError naming the option that does not map."""
+    m = cfg.unet
+    if m.context_dim is not None:
+        raise DDPMError(f"unet.context_dim={m.context_dim}: a UNet with text cross-attention maps to diffusers' "
+                        "UNet2DConditionModel (unet2d_condition_config), not to UNet2DModel")
+    conf, attn = _shared_config(cfg)
+    widths = conf["block_out_channels"]
     head_dim = None  # diffusers: one head as wide as the channels
     if m.num_heads > 1:
         attn_widths = {w for w, a in zip(widths, attn) if a} | {widths[-1]}  # the middle block always attends
@@ -118,18 +159,36 @@ def unet2d_config(cfg: Config) -> dict:
                             "map: UNet2DModel fixes the head width, so every attention level must have the same "
                             "number of channels (or use unet.num_heads=1)")
         head_dim = attn_widths.pop() // m.num_heads
-    variance = c.diffusion.variance
-    return dict(
-        sample_size=height if height == width else [height, width], in_channels=channels,
-        out_channels=channels * (2 if variance == "learned_range" else 1),
-        block_out_channels=widths, layers_per_block=m.num_res_blocks,
-        down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-        up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-        attention_head_dim=head_dim, norm_num_groups=m.norm_groups, norm_eps=1e-6, dropout=m.dropout,
-        downsample_padding=0, freq_shift=1, flip_sin_to_cos=False, time_embedding_type="positional",
-        act_fn="silu", mid_block_scale_factor=1, center_input_sample=False,
-        num_class_embeds=cfg.model.num_classes + 1 if cfg.model.num_classes else None,  # the extra row: "no label"
+    return dict(conf, attention_head_dim=head_dim,
+                down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+                up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)])
+
+
+def unet2d_condition_config(cfg: Config) -> dict:
+    """UNet2DConditionModel's constructor arguments for ``cfg``'s UNet with text cross-attention (unet.context_dim),
+    or a DDPMError naming the option that does not map.
+
+    Call it as ``unet(x, t, encoder_hidden_states=tokens, encoder_attention_mask=mask, class_labels=...)``: the
+    class labels, or the pooled text embedding when unet.pooled_dim is set (``class_embed_type="projection"``).
+    """
+    m = cfg.unet
+    if m.context_dim is None:
+        raise DDPMError("unet.context_dim is null: the UNet has no text cross-attention and maps to diffusers' "
+                        "UNet2DModel (unet2d_config), not to UNet2DConditionModel")
+    if m.pooled_dim is not None and cfg.model.num_classes:
+        raise DDPMError(f"model.num_classes={cfg.model.num_classes} with unet.pooled_dim={m.pooled_dim} does not map: "
+                        "UNet2DConditionModel has one class embedding, for labels or for the pooled text embedding")
+    conf, attn = _shared_config(cfg)
+    conf.update(
+        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=m.context_dim,
+        transformer_layers_per_block=m.transformer_depth, use_linear_projection=True,
+        attention_head_dim=m.num_heads,  # UNet2DConditionModel reads attention_head_dim as the number of heads
     )
+    if m.pooled_dim is not None:  # the add-embedding: Linear -> SiLU -> Linear of the pooled embedding
+        conf.update(class_embed_type="projection", projection_class_embeddings_input_dim=m.pooled_dim)
+    return conf
 
 
 def new_output_folder(out) -> Path:
@@ -145,6 +204,8 @@ def export_diffusers(run_dir, out, which: str = "ema") -> Path:
 
     Checks that the exported UNet2DModel computes what ours does (float32, tolerance 1e-4).
     A DiT run (model.kind dit) is written as a transformer + scheduler folder: see :func:`export_dit`.
+    A flow run's scheduler is FlowMatchEulerDiscreteScheduler (DDPMPipeline's loop is then Euler on the flow
+    ODE), and ``out/README.md`` holds the loop with class labels and guidance (:mod:`ddpmlab.io.diffusers_flow`).
     """
     diffusers = require_diffusers()
     out = new_output_folder(out)
@@ -155,9 +216,10 @@ def export_diffusers(run_dir, out, which: str = "ema") -> Path:
     if cfg.model.kind == "dit":  # a transformer + scheduler folder (see export_dit)
         return export_dit(cfg, model, out)
     unet = unet2d_model(cfg, model, run_dir)
-    scheduler = diffusers.DDPMScheduler(**scheduler_config(cfg))
-    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
+    diffusers.DDPMPipeline(unet=unet, scheduler=run_scheduler(cfg)).save_pretrained(str(out), safe_serialization=True)
     save_config(cfg, out / "ddpmlab_config.yaml")  # provenance; diffusers ignores it
+    if cfg.diffusion.process == "flow":
+        write_flow_card(cfg, out, "unet")
     return out
 
 
@@ -176,7 +238,7 @@ def unet2d_model(cfg: Config, model, run_dir):
 def _check_same_outputs(ours, theirs, cfg: Config, atol: float = 1e-4) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, *data_shape(cfg), generator=g)
-    t = torch.tensor([10, cfg.diffusion.num_timesteps - 1])
+    t = torch.tensor([10.0, cfg.diffusion.num_timesteps - 0.5])  # a flow's network time t * T is fractional
     y = torch.tensor([0, cfg.model.num_classes]) if cfg.model.num_classes else None
     a, b = ours(x, t, y), theirs(x, t, class_labels=y).sample
     err = (a - b).abs().max().item()
@@ -270,7 +332,7 @@ def load_diffusers_model(folder, device="cpu"):
     unet_dir, sched_file = find_diffusers_folders(folder)
     kwargs = unet_kwargs_from_unet2d(_read_json(unet_dir / "config.json"))
     diffusion = diffusion_from_scheduler(_read_json(sched_file))
-    learned = diffusion["variance"] == "learned_range"
+    learned = diffusion.get("variance") == "learned_range"
     if kwargs["out_channels"] != kwargs["in_channels"] * (2 if learned else 1):
         raise DDPMError(f"diffusers UNet2DModel with out_channels={kwargs['out_channels']} and in_channels="
                         f"{kwargs['in_channels']} does not fit scheduler variance_type={diffusion['variance']}")
@@ -296,7 +358,7 @@ def _describe(kwargs: dict, diffusion: dict, folder) -> Config:
     m.norm_groups, m.dropout, cfg.model.num_classes = kwargs["norm_groups"], kwargs["dropout"], kwargs["num_classes"]
     for key, value in diffusion.items():
         setattr(cfg.diffusion, key, value)
-    if diffusion["variance"] == "learned_range":  # the loss is irrelevant for sampling; config checks want hybrid
+    if diffusion.get("variance") == "learned_range":  # the loss is irrelevant for sampling; config checks want hybrid
         cfg.diffusion.loss_type = "hybrid"
     cfg.train.sample_steps = min(cfg.train.sample_steps, diffusion["num_timesteps"])
     validate(cfg, source=f"diffusers model {folder}")

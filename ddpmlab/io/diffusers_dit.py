@@ -1,5 +1,8 @@
 """The bridge to HF diffusers for a DiT: a ``DiTTransformer2DModel`` + ``DDPMScheduler`` folder.
 
+A flow run's DiT is written with ``FlowMatchEulerDiscreteScheduler`` and a README.md holding its sampling
+loop (:mod:`ddpmlab.io.diffusers_flow`).
+
 :func:`ddpmlab.io.diffusers_bridge.export_diffusers` writes a DiT run with :func:`export_dit`;
 a latent DiT run exports through :mod:`ddpmlab.io.latent_export`.
 """
@@ -14,7 +17,8 @@ import torch
 from ddpmlab.config import Config, save_config
 from ddpmlab.data import data_shape
 from ddpmlab.errors import DDPMError
-from ddpmlab.io.diffusers_schedule import require_diffusers, scheduler_config
+from ddpmlab.io.diffusers_flow import write_flow_card
+from ddpmlab.io.diffusers_schedule import require_diffusers, run_scheduler
 from ddpmlab.models.dit import sincos_2d
 
 # ddpmlab's DiT has the layers of diffusers' DiTTransformer2DModel (ada_norm_zero blocks); diffusers
@@ -94,13 +98,16 @@ def export_dit(cfg: Config, model, out: Path) -> Path:
     (a latent DiT run exports as one: :func:`ddpmlab.io.latent_export.export_latent_run`);
     load the parts with ``from_pretrained(out / "transformer")`` and ``DDPMScheduler.from_pretrained(out /
     "scheduler")``.  An unconditional DiT exports with one class of zero embedding (pass class_labels=0).
-    Checks that the exported transformer computes what ours does (float32, tolerance 1e-5).
+    Checks that the exported transformer computes what ours does (float32, tolerance 1e-5).  A flow run's
+    scheduler is FlowMatchEulerDiscreteScheduler, and ``out/README.md`` holds its sampling loop.
     """
-    diffusers = require_diffusers()
     theirs = dit_transformer(cfg, model)
+    scheduler = run_scheduler(cfg)
     theirs.save_pretrained(str(out / "transformer"), safe_serialization=True)
-    diffusers.DDPMScheduler(**scheduler_config(cfg)).save_pretrained(str(out / "scheduler"))
+    scheduler.save_pretrained(str(out / "scheduler"))
     save_config(cfg, out / "ddpmlab_config.yaml")  # provenance; diffusers ignores it
+    if cfg.diffusion.process == "flow":
+        write_flow_card(cfg, out, "transformer")
     return out
 
 
@@ -108,7 +115,7 @@ def export_dit(cfg: Config, model, out: Path) -> Path:
 def _check_same_dit_outputs(ours, theirs, cfg: Config, atol: float = 1e-5) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, *data_shape(cfg), generator=g)
-    t = torch.tensor([10, cfg.diffusion.num_timesteps - 1])
+    t = torch.tensor([10.0, cfg.diffusion.num_timesteps - 0.5])  # a flow's network time t * T is fractional
     k = cfg.model.num_classes
     y = torch.tensor([0, k]) if k else None
     a = ours(x, t, y)

@@ -3,8 +3,12 @@
 A ddpmlab ``diffusion`` section (schedule, prediction, reverse variance, T, zero-terminal SNR)
 and a diffusers ``DDPMScheduler`` config (``beta_schedule`` or ``trained_betas``,
 ``prediction_type``, ``variance_type``, ...) describe the same forward process; the maps here
-translate one into the other and refuse what does not map.  diffusers is an optional
-dependency (``pip install 'ddpmlab[diffusers]'``), imported only when a function needs it.
+translate one into the other and refuse what does not map.  A flow run (diffusion.process flow)
+is diffusers' ``FlowMatchEulerDiscreteScheduler`` (SD3's): x_t = (1 - sigma) x_0 + sigma eps, the
+network's output the velocity eps - x_0 at timestep sigma * num_train_timesteps, which is ddpmlab's
+flow time t and network time t * T (:mod:`ddpmlab.diffusion.flow`); its ``shift`` is diffusion.flow_shift.
+diffusers is an optional dependency (``pip install 'ddpmlab[diffusers]'``), imported only when a
+function needs it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,15 @@ PREDICTION_FROM_DIFFUSERS = {v: k for k, v in PREDICTION_TO_DIFFUSERS.items()}
 SCHEDULE_TO_DIFFUSERS = {"linear": "linear", "quadratic": "scaled_linear", "cosine": "squaredcos_cap_v2",
                          "sigmoid": "sigmoid"}
 SCHEDULE_FROM_DIFFUSERS = {v: k for k, v in SCHEDULE_TO_DIFFUSERS.items()}
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"  # a flow run's scheduler class in diffusers
+# FlowMatchEulerDiscreteScheduler options that change what the network means or which shift it had:
+# refused on import (the sigma spacings, karras/exponential/beta, are step schedules ddpmlab chooses itself)
+_FLOW_OPTIONS_THAT_DO_NOT_MAP = {
+    "invert_sigmas": "the network would see 1 - t (Mochi's convention), not ddpmlab's flow time t",
+    "use_dynamic_shifting": "its shift depends on the image size at sampling time; ddpmlab takes one "
+                            "diffusion.flow_shift",
+    "shift_terminal": "its step schedule is stretched to end above t = 0; ddpmlab's ends at t = 0",
+}
 
 
 def require_diffusers():
@@ -35,11 +48,11 @@ def require_diffusers():
 
 
 def scheduler_config(cfg: Config) -> dict:
-    """DDPMScheduler's constructor arguments for ``cfg.diffusion``."""
+    """DDPMScheduler's constructor arguments for ``cfg.diffusion`` (a DDPM run's)."""
     d = cfg.diffusion
     if d.process != "ddpm":
-        raise DDPMError(f"diffusion.process={d.process} does not export yet: diffusers' DDPMScheduler is the DDPM "
-                        "process's; sample the run with ddpmlab (ddpm sample RUN)")
+        raise DDPMError(f"diffusion.process={d.process} has no DDPMScheduler (the DDPM process's): a flow run's "
+                        f"diffusers scheduler is {FLOW_SCHEDULER} (flow_scheduler_config)")
     betas = make_betas(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
     conf = dict(num_train_timesteps=d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end,
                 prediction_type=PREDICTION_TO_DIFFUSERS[d.prediction],
@@ -53,6 +66,25 @@ def scheduler_config(cfg: Config) -> dict:
     return conf
 
 
+def flow_scheduler_config(cfg: Config) -> dict:
+    """FlowMatchEulerDiscreteScheduler's constructor arguments for a flow run's ``cfg.diffusion``: the training
+    grid sigma_i = i / T, i = 1..T (the flow's schedule, :func:`~ddpmlab.diffusion.flow.flow_alphas_cumprod`)
+    and SD3's shift s = diffusion.flow_shift (Esser et al. 2024, Sec. 5.3.2)."""
+    d = cfg.diffusion
+    if d.process != "flow":
+        raise DDPMError(f"diffusion.process={d.process} is not a flow: {FLOW_SCHEDULER} does not describe it "
+                        "(a DDPM run's scheduler is DDPMScheduler, scheduler_config)")
+    return dict(num_train_timesteps=d.num_timesteps, shift=float(d.flow_shift))
+
+
+def run_scheduler(cfg: Config):
+    """The diffusers scheduler of the run's process: DDPMScheduler (ddpm) or FlowMatchEulerDiscreteScheduler (flow)."""
+    diffusers = require_diffusers()
+    if cfg.diffusion.process == "flow":
+        return getattr(diffusers, FLOW_SCHEDULER)(**flow_scheduler_config(cfg))
+    return diffusers.DDPMScheduler(**scheduler_config(cfg))
+
+
 def _diffusers_betas(name: str, conf: dict) -> torch.Tensor:
     diffusers = require_diffusers()
     sched = diffusers.DDPMScheduler(num_train_timesteps=conf["num_train_timesteps"], beta_start=conf["beta_start"],
@@ -61,7 +93,10 @@ def _diffusers_betas(name: str, conf: dict) -> torch.Tensor:
 
 
 def diffusion_from_scheduler(conf: dict) -> dict:
-    """ddpmlab diffusion config keys for a diffusers scheduler config (DDPM/DDIM/PNDM/... share them)."""
+    """ddpmlab diffusion config keys for a diffusers scheduler config (DDPM/DDIM/PNDM/... share them; a
+    FlowMatchEulerDiscreteScheduler's are a flow run's)."""
+    if conf.get("_class_name") == FLOW_SCHEDULER:
+        return _flow_from_scheduler(conf)
     pred = conf.get("prediction_type", "epsilon")
     if pred not in PREDICTION_FROM_DIFFUSERS:
         raise DDPMError(f"scheduler prediction_type={pred!r} does not map; ddpmlab knows "
@@ -87,3 +122,15 @@ def diffusion_from_scheduler(conf: dict) -> dict:
     return dict(schedule=name, num_timesteps=T, beta_start=start, beta_end=end,
                 prediction=PREDICTION_FROM_DIFFUSERS[pred], variance=variance,
                 zero_terminal_snr=bool(conf.get("rescale_betas_zero_snr", False)))
+
+
+def _flow_from_scheduler(conf: dict) -> dict:
+    """A flow run's diffusion keys for a FlowMatchEulerDiscreteScheduler config, or a DDPMError naming the key."""
+    for key, why in _FLOW_OPTIONS_THAT_DO_NOT_MAP.items():
+        if conf.get(key):
+            raise DDPMError(f"{FLOW_SCHEDULER} with {key}={conf[key]!r} does not map: {why}")
+    shift = conf.get("shift", 1.0)
+    if not isinstance(shift, (int, float)) or not shift > 0:
+        raise DDPMError(f"{FLOW_SCHEDULER} with shift={shift!r} does not map: the shift must be a number > 0")
+    return dict(process="flow", prediction="velocity", num_timesteps=conf.get("num_train_timesteps", 1000),
+                flow_shift=float(shift), variance="fixed_large")

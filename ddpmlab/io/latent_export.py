@@ -59,6 +59,10 @@ def export_latent_run(run_dir, out, codec: LatentCodec, which: str = "ema") -> P
     cfg, model = load_model(run_dir, which, "cpu")
     if not cfg.model.autoencoder:
         raise DDPMError(f"{run_dir} is not a latent run (model.autoencoder is empty); export it with `ddpm export`")
+    if cfg.diffusion.process == "flow":
+        raise DDPMError(f"{run_dir} is a latent flow run: it does not export, since diffusers' LDMPipeline and "
+                        "DiTPipeline call their scheduler's scale_model_input, which FlowMatchEulerDiscreteScheduler "
+                        "has not; sample it with ddpm sample RUN")
     vae = exported_vae(codec)
     # the DDPM run's betas and parameterisation; no x0 clipping: latents have no fixed range
     scheduler = diffusers.DDIMScheduler.from_config({**scheduler_config(cfg), "clip_sample": False})
