@@ -234,7 +234,7 @@ class DistillConfig:
     teacher: Optional[str] = None  # the teacher run folder (set by ddpm distill); null: the run is no student
     method: str = "progressive"  # progressive (Salimans & Ho 2022) | consistency (Song et al. 2023)
     steps: int = 4  # the student's sampling steps (progressive: a power of two, where the halving stops)
-    # the student's parameterisation: v | x0 (eps fails at few steps: Salimans & Ho 2022, Sec. 4)
+    # the student's parameterisation: v | x0 (eps fails at few steps: Salimans & Ho 2022, Sec. 4); velocity for a flow
     prediction: str = "v"
     # progressive: the teacher's DDIM steps in the first round (a power of two above distill.steps); rounds halve it
     teacher_steps: int = 64
@@ -279,6 +279,6 @@ UPSAMPLE_MODES = ("bicubic", "bilinear", "nearest")
 DATASETS = ("mnist", "digits", "toy", "folder")  # data.dataset (ddpmlab.data.build_dataset)
 # distillation (distill.method, distill.prediction, distill.solver; ddpmlab.samplers.student)
 DISTILL_METHODS = ("progressive", "consistency")
-STUDENT_PREDICTIONS = ("v", "x0")
+STUDENT_PREDICTIONS = ("v", "x0", "velocity")  # velocity: the student of a flow teacher
 ODE_SOLVERS = ("heun", "euler")
 
