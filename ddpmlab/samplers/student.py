@@ -2,7 +2,7 @@
 
 Two kinds of student share one network interface (any denoiser ``model(x_t, t, y)`` whose output is
 read through :class:`~ddpmlab.samplers.base.ModelPredictor` with the student's parameterisation, v or
-x0) and differ in how a step is taken:
+x0, or a flow's velocity) and differ in how a step is taken:
 
 * **progressive** (Salimans & Ho 2022): a student with N steps walks the grid of times u = k/N,
   k = N..1, in DDIM steps (their Eq. 7 form, eta = 0).  In training-time units the level u is
@@ -20,6 +20,27 @@ x_0 (x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) amplifies its error by 1 / sqr
 one-step student must produce from pure noise (Salimans & Ho 2022, Sec. 4).  A student initialised
 from an eps-teacher's weights reads the same network output as v: at high SNR v -> eps, so the
 reading starts right where the teacher is reliable, and the first round trains the rest.
+
+Flow teachers (diffusion.process=flow, :mod:`ddpmlab.diffusion.flow`): the student predicts the velocity
+v = eps - x_0 as its teacher does (distill.prediction = velocity), so the weights it starts from are called
+with the flow's own inputs (x_flow, t T) and its output is read as x0 = x_flow - t v by
+:class:`~ddpmlab.samplers.base.ModelPredictor`.  The velocity is safe at few steps for the reason v is: the
+error of x0 is t times that of v, never amplified (at t = 1, pure noise, x0 = x_T - v).  Both students walk
+the VP view of the flow's schedule unchanged, and there they mean:
+
+* progressive: the flow's grid t_i = (i + 1) / T puts the level u at flow time u, and a DDIM step (x0 and
+  eps held fixed) is the Euler step of the flow ODE, x_t' = (1 - t') x0 + t' eps: an N-step student is N
+  Euler steps of its velocity on t = k/N, trained on two Euler steps of its teacher's.
+* consistency: f = c_skip x + c_out x0_hat as above, with x0_hat = x_flow - t v_theta, so the boundary
+  condition still holds exactly at sigma_min (t = 1/T).  The top level sigma_max is the cap of the
+  schedule's log-sigma table, 4096 (t = 4096/4097 = 1 - 2.4e-4: pure noise), where c_skip = 1.5e-8: a
+  one-step sample is x - t v_theta(x, t) there up to 1e-4 x_T, one Euler step of the student's velocity
+  from noise to data, the form of a one-step rectified-flow (reflow) sample (Liu et al. 2023), so the
+  two compare on the same footing.  (Up to 4096 the Karras levels put nearly half of them above t = 0.99.)
+
+Both students' top level, training time T - 1 read by the log-sigma interpolation, is that same
+t = 1 - 2.4e-4 (the flow samplers read the table there: alpha_bar = 0, t = 1); training and sampling
+agree on it.
 
 Classifier-free guidance: the student takes the label like its teacher and is distilled on the
 teacher's own conditional and "no label" predictions (labels dropped as in training), so guidance at

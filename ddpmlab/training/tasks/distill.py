@@ -10,6 +10,12 @@
   (Heun, or Euler = DDIM) from sigma_{n+1} to sigma_n gives the target f_{theta^-}(x_hat_n, sigma_n)
   of the student's f_theta(x_{n+1}, sigma_{n+1}); theta^- is an EMA of theta (distill.target_ema).
 
+A flow teacher (diffusion.process=flow) is distilled by the same two losses through the VP view of its
+schedule (:class:`~ddpmlab.samplers.base.ModelPredictor`); its student predicts the velocity as the
+teacher does (distill.prediction = velocity, set by ``ddpm distill``), so the network it starts from is
+called with the flow's own inputs (x_flow, t T).  Why, and what a step of each student is on the flow:
+:mod:`ddpmlab.samplers.student`.
+
 The student run is a folder like a training run (config.yaml with the teacher's config plus the
 ``distill`` section and ``diffusion.prediction`` = the student's, log.csv, TensorBoard events,
 safetensors checkpoints with the student, its EMA, the optimizer and the current teacher or target
@@ -291,14 +297,14 @@ def student_config(teacher_dir, method: str, steps: Optional[int], overrides: Li
     if stage != "diffusion":
         raise DDPMError(f"'{teacher_dir}' is a {stage} run, not a diffusion run: ddpm distill needs a run of "
                         "`ddpm train` (a denoiser) as its teacher")
-    if tcfg.diffusion.process != "ddpm":
-        raise DDPMError(f"'{teacher_dir}' is a {tcfg.diffusion.process} run: ddpm distill distills DDPM teachers "
-                        "(progressive and consistency distillation of flow runs are not built yet)")
     if tcfg.distill.teacher is not None:
         raise DDPMError(f"'{teacher_dir}' is itself a distilled student (of {tcfg.distill.teacher}); distill its "
                         "teacher instead")
     d = tcfg.to_dict()
     d["distill"].update(teacher=str(teacher_dir), method=method)
+    flow = tcfg.diffusion.process == "flow"
+    if flow:  # a flow's network predicts the velocity at (x_flow, t T): its student reads it the same way
+        d["distill"]["prediction"] = "velocity"
     d["train"]["name"] = None  # the student's folder is its own, never the teacher's
     if steps is not None:
         d["distill"]["steps"] = steps
@@ -311,8 +317,20 @@ def student_config(teacher_dir, method: str, steps: Optional[int], overrides: Li
             raise ConfigError(f"command line: {key} cannot change in a distillation (the student keeps its teacher's "
                               f"model and diffusion); it takes distill.* and train.{{{','.join(TRAIN_KEYS)}}}")
         d[section][name] = parse_value(text, f"command line: {item}", column_offset=len(key) + 1)
+    _check_student_prediction(teacher_dir, flow, d["distill"]["prediction"])
     d["diffusion"]["prediction"] = d["distill"]["prediction"]  # how sampling reads the student's output
     return config_from_dict(d, source=f"{teacher_dir}/{CONFIG_FILE} + command line")
+
+
+def _check_student_prediction(teacher_dir, flow: bool, prediction: str) -> None:
+    """A ConfigError unless the student's parameterisation fits its teacher: velocity for a flow, v or x0 else."""
+    if flow and prediction != "velocity":
+        raise ConfigError(f"command line: distill.prediction={prediction}: '{teacher_dir}' is a flow run, whose "
+                          "student predicts the velocity like its teacher; drop distill.prediction or set it to "
+                          "velocity")
+    if not flow and prediction == "velocity":
+        raise ConfigError(f"command line: distill.prediction=velocity is the student of a flow run; '{teacher_dir}' "
+                          "is a DDPM run: set distill.prediction to v or x0")
 
 
 def _dataset_sampler(dataset) -> DataFn:
