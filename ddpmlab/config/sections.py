@@ -14,7 +14,7 @@ from typing import Optional
 
 CONFIG_VERSION = 1
 BUNDLED_DIR = Path(__file__).parent.parent / "configs"
-SECTIONS = ("data", "model", "unet", "dit", "mlp", "diffusion", "train", "autoencoder", "distill")
+SECTIONS = ("data", "model", "unet", "dit", "mlp", "diffusion", "train", "autoencoder", "distill", "reflow", "text")
 # keys of an earlier spelling -> their names now (read with a one-line note; runs are saved in the new one)
 RENAMED_KEYS = {
     **{f"model.{k}": f"unet.{k}" for k in ("base_channels", "channel_mults", "num_res_blocks",
@@ -72,6 +72,13 @@ class UNetConfig:
     dropout: float = 0.1  # dropout in the residual blocks
     num_heads: int = 1  # attention heads
     norm_groups: int = 32  # GroupNorm groups
+    # text conditioning (Rombach et al. 2022, Sec. 3.3): the width of the token embeddings the UNet
+    # cross-attends to; its attention blocks (and the middle block's) become Stable Diffusion's transformer
+    # blocks (self-attention, cross-attention, GEGLU feed-forward). null: no cross-attention
+    context_dim: Optional[int] = None
+    transformer_depth: int = 1  # transformer layers in each attention block (with unet.context_dim)
+    # the width of a pooled text embedding added to the time embedding (SDXL's add-embedding); null: none
+    pooled_dim: Optional[int] = None
 
 
 @dataclass
@@ -255,6 +262,48 @@ class DistillConfig:
 
 
 @dataclass
+class ReflowConfig:
+    """A flow run retrained on its teacher flow's own (noise, sample) pairs (ddpm reflow; Liu et al. 2023,
+    Algorithm 1): straighter paths, samples in 1 or 2 Euler steps."""
+
+    teacher: Optional[str] = None  # the teacher flow run (set by ddpm reflow); null: the run is no reflow
+    pairs: int = 10000  # (noise, sample) pairs the teacher's ODE draws (RUN/pairs)
+    # the teacher's deterministic sampler for the pairs; null: its train.sample_sampler (flow_euler where that
+    # is null; a reflow teacher: the sampler of its own pairs)
+    sampler: Optional[str] = None
+    steps: Optional[int] = None  # its steps; null: the teacher's train.sample_steps (a reflow teacher: its pairs')
+    # class-conditional teachers: the guidance scale of the pairs (baked in: the reflowed run samples without);
+    # null: the teacher's train.sample_guidance
+    guidance: Optional[float] = None
+    chunk: int = 1000  # pairs per file of RUN/pairs (a crash loses at most the one being drawn)
+
+
+@dataclass
+class TextConfig:
+    """Text conditioning: the captions of an image folder (metadata.jsonl or .txt files; ddpmlab.data.captions)
+    and the text encoder that reads them."""
+
+    # null: no text conditioning | own: a small transformer trained with the denoiser (GLIDE, Nichol et al.
+    # 2022), its tokenizer built from the captions (RUN/tokenizer.json) | a local folder of a Hugging Face
+    # CLIPTextModel, CLIPTextModelWithProjection or T5EncoderModel with its tokenizer: frozen, its caption
+    # embeddings cached on disk. Set, data.path is read with its captions (images without one are skipped)
+    encoder: Optional[str] = None
+    # tokens a caption is read to, start and end tokens included (CLIP's context: 77); a longer prompt is
+    # truncated with a warning
+    max_length: int = 77
+    # classifier-free guidance: the share of training captions replaced by the empty caption, the
+    # unconditional prompt (Stable Diffusion 1.x: 0.1; GLIDE: 0.2)
+    caption_dropout: float = 0.1
+    vocab_size: int = 10000  # own: the tokenizer's words at most (special tokens included); rarer ones read as [UNK]
+    # own: token width, transformer blocks and attention heads (GLIDE: 24 blocks of width 2048; its released
+    # small model: 16 blocks of width 512, 8 heads)
+    width: int = 512
+    depth: int = 4
+    heads: int = 8
+    cache: bool = True  # a frozen encoder: caption embeddings computed once and cached (<cache dir>/text)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -265,6 +314,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    reflow: ReflowConfig = field(default_factory=ReflowConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     version: int = CONFIG_VERSION
     stage: str = "diffusion"  # diffusion | autoencoder (written by ddpm train-autoencoder)
 

@@ -53,7 +53,7 @@ CHOICES = {
 }
 POSITIVE = (
     "data.toy_samples", "unet.base_channels", "unet.num_res_blocks", "unet.num_heads",
-    "unet.norm_groups", "mlp.hidden", "mlp.num_layers", "mlp.time_embed_dim",
+    "unet.norm_groups", "unet.transformer_depth", "mlp.hidden", "mlp.num_layers", "mlp.time_embed_dim",
     "diffusion.num_timesteps", "train.steps", "train.batch_size", "train.ema_every",
     "train.log_every", "train.sample_steps", "train.save_every", "train.keep_checkpoints", "train.max_bad_steps",
     "train.grad_accum_steps", "train.eval_n", "train.eval_steps",
@@ -150,8 +150,11 @@ def validate(cfg: Config, source: str = "config") -> None:
     _validate_likelihood(cfg.diffusion, source)
     _validate_flow(cfg.diffusion, source)
     _validate_distill(cfg.distill, cfg.diffusion.num_timesteps, source)
+    _validate_reflow(cfg, source)
     _validate_condition(cfg, source)
+    _validate_text_unet(cfg, source)
     _validate_autoencoder(cfg, source)
+    _validate_text(cfg, source)
 
 
 def _validate_data_and_model(cfg: Config, source: str) -> None:
@@ -236,6 +239,27 @@ def _validate_condition(cfg: Config, source: str) -> None:
                           "diffusion (model.autoencoder): set one of them")
 
 
+def _validate_text_unet(cfg: Config, source: str) -> None:
+    """The UNet's cross-attention keys (unet.context_dim, unet.pooled_dim; Rombach et al. 2022, Sec. 3.3)."""
+    u = cfg.unet
+    for key in ("context_dim", "pooled_dim"):
+        value = getattr(u, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ConfigError(f"{source}: 'unet.{key}' must be a positive integer (an embedding width) or null, "
+                              f"got {value!r}")
+    if u.context_dim is None:
+        if u.pooled_dim is not None:
+            raise ConfigError(f"{source}: unet.pooled_dim={u.pooled_dim} adds a pooled text embedding, but "
+                              "unet.context_dim is null (no text conditioning); set unet.context_dim or drop it")
+        return
+    if cfg.model.kind != "unet":
+        raise ConfigError(f"{source}: unet.context_dim={u.context_dim} gives the UNet cross-attention, but "
+                          f"model.kind is {cfg.model.kind!r}; set model.kind=unet or unet.context_dim=null")
+    if cfg.model.condition != "none":
+        raise ConfigError(f"{source}: unet.context_dim (text) and model.condition={cfg.model.condition} cannot be "
+                          "combined; set one of them")
+
+
 def _validate_autoencoder(cfg: Config, source: str) -> None:
     """The autoencoder section and model.autoencoder (latent diffusion, Rombach et al. 2022)."""
     a = cfg.autoencoder
@@ -249,6 +273,29 @@ def _validate_autoencoder(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: 'autoencoder.holdout' must be in [0, 1), got {a.holdout}")
     if cfg.data.dataset == "toy" and (cfg.stage == "autoencoder" or cfg.model.autoencoder):
         raise ConfigError(f"{source}: autoencoders are for images; 2D toy data (data.dataset=toy) has none")
+
+
+def _validate_text(cfg: Config, source: str) -> None:
+    """Checks of the text section (text conditioning); a frozen encoder's folder is checked where it is read."""
+    x = cfg.text
+    for key in ("max_length", "vocab_size", "width", "depth", "heads"):
+        value = getattr(x, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (2 if key == "max_length" else 1):
+            least = "an integer >= 2 (start and end tokens)" if key == "max_length" else "a positive integer"
+            raise ConfigError(f"{source}: 'text.{key}' must be {least}, got {value!r}")
+    if not 0.0 <= x.caption_dropout < 1.0:
+        raise ConfigError(f"{source}: 'text.caption_dropout' must be in [0, 1) (0.1 in Stable Diffusion), "
+                          f"got {x.caption_dropout}")
+    if x.width % x.heads:
+        ok = [h for h in range(1, min(x.width, 32) + 1) if x.width % h == 0]
+        raise ConfigError(f"{source}: text.heads={x.heads} does not divide text.width={x.width}; choose text.heads "
+                          f"among {ok}")
+    if x.encoder is not None and not str(x.encoder).strip():
+        raise ConfigError(f"{source}: 'text.encoder' is empty; set it to own, a text encoder folder, or null")
+    if x.encoder is not None and cfg.data.dataset != "folder":
+        raise ConfigError(f"{source}: text.encoder is set but data.dataset is {cfg.data.dataset!r}, which has no "
+                          "captions; set data.dataset=folder and data.path to images with metadata.jsonl or .txt "
+                          "captions, or text.encoder=null")
 
 
 def _validate_distill(ds: DistillConfig, T: int, source: str) -> None:
@@ -281,6 +328,22 @@ def _validate_distill(ds: DistillConfig, T: int, source: str) -> None:
     if not ds.steps < ds.teacher_steps <= T:
         raise ConfigError(f"{source}: 'distill.teacher_steps' ({ds.teacher_steps}) must lie above distill.steps "
                           f"({ds.steps}) and at most diffusion.num_timesteps ({T})")
+
+
+def _validate_reflow(cfg: Config, source: str) -> None:
+    """Checks of the reflow keys (ddpm reflow); the sampler and its steps are checked on the teacher."""
+    rf = cfg.reflow
+    for key in ("pairs", "chunk", "steps"):
+        value = getattr(rf, key)
+        if (value is not None or key != "steps") and (isinstance(value, bool) or not isinstance(value, int)
+                                                       or value < 1):
+            raise ConfigError(f"{source}: 'reflow.{key}' must be a positive integer{' or null' * (key == 'steps')}, "
+                              f"got {value!r}")
+    if rf.guidance is not None and not rf.guidance >= 0:
+        raise ConfigError(f"{source}: 'reflow.guidance' must be a guidance scale >= 0 or null, got {rf.guidance}")
+    if rf.teacher is not None and cfg.diffusion.process != "flow":
+        raise ConfigError(f"{source}: reflow.teacher is set, so the run is a reflow of a flow run, but "
+                          f"diffusion.process is {cfg.diffusion.process!r}; reflow retrains flow runs only")
 
 
 def _validate_likelihood(diff: DiffusionConfig, source: str) -> None:

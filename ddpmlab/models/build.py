@@ -63,6 +63,9 @@ def _unet(cfg: Config, out_channels_multiplier: int) -> UNet:
         num_classes=cfg.model.num_classes,
         image_size=(height, width),
         gradient_checkpointing=cfg.model.gradient_checkpointing,
+        context_dim=m.context_dim,
+        transformer_depth=m.transformer_depth,
+        pooled_dim=m.pooled_dim,
     )
 
 

@@ -63,9 +63,10 @@ class BoundCondition(nn.Module):
 
     Row i of a batch sees row ``i mod n`` of the n bound rows, so a batch of k * n rows (classifier-free
     guidance runs its conditional and unconditional halves as one batch of 2n) sees them repeated.
+    ``cond`` is a tensor (n, ...) or a :class:`~ddpmlab.models.text_condition.TextCondition` of n rows.
     """
 
-    def __init__(self, model: nn.Module, cond: torch.Tensor):
+    def __init__(self, model: nn.Module, cond):
         super().__init__()
         self.model = model
         self.cond = cond  # a plain attribute: never in a state dict
@@ -73,13 +74,14 @@ class BoundCondition(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         cond = self.cond.to(x.device)
-        if cond.shape[0] != x.shape[0]:
-            cond = cond[torch.arange(x.shape[0], device=x.device) % cond.shape[0]]
+        if len(cond) != x.shape[0]:
+            cond = cond[torch.arange(x.shape[0], device=x.device) % len(cond)]
         return self.model(x, t, y, cond=cond)
 
 
-def bind_condition(model: nn.Module, cond: torch.Tensor) -> BoundCondition:
-    """``model`` (forward(x, t, y, cond)) with ``cond`` (n, C_cond, H, W) fixed: a plain denoiser(x, t, y)."""
+def bind_condition(model: nn.Module, cond) -> BoundCondition:
+    """``model`` (forward(x, t, y, cond)) with ``cond`` (n, C_cond, H, W), or a TextCondition of n rows, fixed:
+    a plain denoiser(x, t, y)."""
     return BoundCondition(model, cond)
 
 

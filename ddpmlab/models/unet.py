@@ -16,6 +16,13 @@ Same layout as the paper's TensorFlow code and as diffusers' ``UNet2DModel`` bui
     up[k].upsample           nearest x2 + 3x3 conv (not on level 0; None there)
     norm_out, conv_out       GroupNorm -> SiLU -> 3x3 conv to out_channels
 
+With ``context_dim`` the UNet cross-attends to text as Stable Diffusion's does (Rombach et al. 2022,
+Sec. 3.3; diffusers' ``UNet2DConditionModel``): every attention block, the middle block's
+included, is a :class:`~ddpmlab.models.transformer.SpatialTransformer` reading the token embeddings
+of ``cond`` (a :class:`~ddpmlab.models.text_condition.TextCondition`); ``pooled_dim`` adds
+``pooled_embed`` (Linear -> SiLU -> Linear of the pooled text embedding, SDXL's add-embedding)
+to the time embedding.
+
 Dropout, attention and upsampling run through :mod:`ddpmlab.models.fast_ops`, which computes
 the same functions faster on a CPU.
 """
@@ -32,6 +39,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ddpmlab.errors import ConfigError
 from ddpmlab.models.fast_ops import FastDropout, attention, upsample_conv
+from ddpmlab.models.text_condition import TextCondition, check_text_condition
+from ddpmlab.models.transformer import SpatialTransformer
 
 NORM_EPS = 1e-6  # as the paper's code (tf.contrib group_norm) and google/ddpm-* configs
 
@@ -163,16 +172,18 @@ class Level(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """ResBlock -> AttnBlock -> ResBlock at the lowest resolution: (B, C, H, W), (B, temb) -> (B, C, H, W)."""
+    """ResBlock -> attention -> ResBlock at the lowest resolution: (B, C, H, W), (B, temb) -> (B, C, H, W).
 
-    def __init__(self, ch: int, temb_dim: int, dropout: float, num_heads: int, groups: int, eps: float = NORM_EPS):
+    The attention is an AttnBlock, or a SpatialTransformer taking ``context`` (tokens, mask)."""
+
+    def __init__(self, make: "_Blocks", ch: int):
         super().__init__()
-        self.res1 = ResBlock(ch, ch, temb_dim, dropout, groups, eps)
-        self.attn = AttnBlock(ch, num_heads, groups, eps)
-        self.res2 = ResBlock(ch, ch, temb_dim, dropout, groups, eps)
+        self.res1 = make.res(ch, ch)
+        self.attn = make.attn(ch)
+        self.res2 = make.res(ch, ch)
 
-    def forward(self, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        return self.res2(self.attn(self.res1(h, temb)), temb)
+    def forward(self, h: torch.Tensor, temb: torch.Tensor, *context: torch.Tensor) -> torch.Tensor:
+        return self.res2(self.attn(self.res1(h, temb), *context), temb)
 
 
 def _check_norm_groups(channels: list, base: int, mults: tuple, groups: int) -> None:
@@ -239,12 +250,13 @@ def _check_config(base, mults, groups, num_heads, image_size, head_dim=None, att
 
 
 class _Blocks:
-    """Makes the UNet's ResBlocks, AttnBlocks and middle block with its shared settings."""
+    """Makes the UNet's ResBlocks, attention blocks and middle block with its shared settings: attention blocks
+    are AttnBlocks, or SpatialTransformers of ``depth`` layers when ``context_dim`` (text) is given."""
 
     def __init__(self, temb_dim: int, dropout: float, groups: int, eps: float, num_heads: int,
-                 head_dim: Optional[int]):
+                 head_dim: Optional[int], context_dim: Optional[int] = None, depth: int = 1):
         self.temb_dim, self.dropout, self.groups, self.eps = temb_dim, dropout, groups, eps
-        self.num_heads, self.head_dim = num_heads, head_dim
+        self.num_heads, self.head_dim, self.context_dim, self.depth = num_heads, head_dim, context_dim, depth
 
     def heads(self, channels: int) -> int:
         return self.num_heads if self.head_dim is None else channels // self.head_dim
@@ -252,11 +264,13 @@ class _Blocks:
     def res(self, in_ch: int, out_ch: int) -> ResBlock:
         return ResBlock(in_ch, out_ch, self.temb_dim, self.dropout, self.groups, self.eps)
 
-    def attn(self, channels: int) -> AttnBlock:
-        return AttnBlock(channels, self.heads(channels), self.groups, self.eps)
+    def attn(self, channels: int) -> nn.Module:
+        if self.context_dim is None:
+            return AttnBlock(channels, self.heads(channels), self.groups, self.eps)
+        return SpatialTransformer(channels, self.heads(channels), self.context_dim, self.depth, self.groups)
 
     def mid(self, channels: int) -> MidBlock:
-        return MidBlock(channels, self.temb_dim, self.dropout, self.heads(channels), self.groups, self.eps)
+        return MidBlock(self, channels)
 
 
 def _down_path(make: _Blocks, base: int, widths: list, attn_at: list, num_res_blocks: int,
@@ -287,13 +301,16 @@ def _up_path(make: _Blocks, widths: list, attn_at: list, num_res_blocks: int, sk
 
 
 class UNet(nn.Module):
-    """DDPM noise-prediction UNet: forward(x (B,C,H,W), t (B,) or scalar, y (B,) or None) -> (B, out_channels, H, W).
+    """DDPM noise-prediction UNet: forward(x (B,C,H,W), t (B,) or scalar, y (B,) or None, cond=None)
+    -> (B, out_channels, H, W).
 
     The keyword-only options after ``image_size`` exist to load diffusers ``UNet2DModel``s built
     with other settings (see :mod:`ddpmlab.diffusers_bridge`); their defaults are the paper's.
     ``attention_head_dim`` fixes the width of a head (heads = channels / width) instead of
     the number of heads. ``gradient_checkpointing`` recomputes each ResBlock's and attention
     block's activations in the backward pass (training only; same gradients, less memory).
+    ``context_dim`` (the token width), ``transformer_depth`` and ``pooled_dim``: text conditioning
+    (see the module's docstring); such a UNet needs ``cond=TextCondition(...)`` on every call.
     """
 
     def __init__(
@@ -316,6 +333,9 @@ class UNet(nn.Module):
         downsample_padding: int = 0,
         attention_head_dim: Optional[int] = None,
         gradient_checkpointing: bool = False,
+        context_dim: Optional[int] = None,
+        transformer_depth: int = 1,
+        pooled_dim: Optional[int] = None,
     ):
         super().__init__()
         image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -329,13 +349,17 @@ class UNet(nn.Module):
         self.num_levels = len(channel_mults)
         self.time_shift, self.time_flip = time_shift, time_flip
         self.gradient_checkpointing = gradient_checkpointing
+        self.context_dim, self.pooled_dim = context_dim, pooled_dim
         temb_dim = 4 * base_channels
-        make = _Blocks(temb_dim, dropout, norm_groups, norm_eps, num_heads, attention_head_dim)
+        make = _Blocks(temb_dim, dropout, norm_groups, norm_eps, num_heads, attention_head_dim, context_dim,
+                       transformer_depth)
         widths = [base_channels * m for m in channel_mults]
         attn_at = [h in attention_resolutions for h in level_heights(image_size, self.num_levels)]
 
         self.time_embed = nn.Sequential(nn.Linear(base_channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         self.class_embed = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
+        if pooled_dim is not None:  # SDXL's add-embedding of the pooled text embedding
+            self.pooled_embed = nn.Sequential(nn.Linear(pooled_dim, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
         self.down, skips = _down_path(make, base_channels, widths, attn_at, num_res_blocks, downsample_padding)
         self.mid = make.mid(widths[-1])
@@ -349,9 +373,10 @@ class UNet(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         zero = [self.conv_out] + [m.conv2 for m in self.modules() if isinstance(m, ResBlock)]
-        zero += [m.proj_out for m in self.modules() if isinstance(m, AttnBlock)]
+        zero += [m.proj_out for m in self.modules() if isinstance(m, (AttnBlock, SpatialTransformer))]
         for m in zero:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
@@ -364,12 +389,26 @@ class UNet(nn.Module):
                 f"(built for {self.image_size[0]}x{self.image_size[1]}), got {tuple(x.shape)}"
             )
 
-    def embed(self, t, y: Optional[torch.Tensor], batch: int, device) -> torch.Tensor:
-        """Time (+ class) embedding: (B, 4 * base_channels)."""
+    def embed(self, t, y: Optional[torch.Tensor], batch: int, device,
+              pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Time (+ class) (+ pooled text) embedding: (B, 4 * base_channels)."""
         t = batch_timesteps(t, batch, device)
         sinusoid = timestep_embedding(t, self.base_channels, shift=self.time_shift, flip=self.time_flip)
         temb = self.time_embed(sinusoid.to(self.conv_in.weight.dtype))
+        if pooled is not None:
+            temb = temb + self.pooled_embed(pooled.to(temb.dtype))
         return add_class_embedding(temb, self.class_embed, self.num_classes, y)
+
+    def _context(self, cond, batch: int) -> tuple:
+        """The text arguments of the attention blocks, (tokens, mask) or (), and the pooled embedding or None."""
+        if self.context_dim is None:
+            if cond is not None:
+                raise ValueError(f"this UNet takes no condition (built without context_dim), got cond of type "
+                                 f"{type(cond).__name__}")
+            return (), None
+        text: TextCondition = check_text_condition(cond, batch, self.context_dim, self.pooled_dim)
+        dtype = self.conv_in.weight.dtype
+        return (text.tokens.to(dtype), text.mask), text.pooled
 
     def _run(self, block: nn.Module, *args) -> torch.Tensor:
         """block(*args), recomputed in the backward pass when gradient checkpointing is on (training only)."""
@@ -377,26 +416,28 @@ class UNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def forward(self, x: torch.Tensor, t, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t, y: Optional[torch.Tensor] = None,
+                cond: Optional[TextCondition] = None) -> torch.Tensor:
         self._check_input(x)
-        temb = self.embed(t, y, x.shape[0], x.device)
+        context, pooled = self._context(cond, x.shape[0])
+        temb = self.embed(t, y, x.shape[0], x.device, pooled)
         h = self.conv_in(x)
         hs = [h]
         for level in self.down:
             for j, block in enumerate(level.res):
                 h = self._run(block, h, temb)
                 if len(level.attn):
-                    h = self._run(level.attn[j], h)
+                    h = self._run(level.attn[j], h, *context)
                 hs.append(h)
             if level.downsample is not None:
                 h = level.downsample(h)
                 hs.append(h)
-        h = self._run(self.mid, h, temb)
+        h = self._run(self.mid, h, temb, *context)
         for level in self.up:
             for j, block in enumerate(level.res):
                 h = self._run(block, torch.cat([h, hs.pop()], dim=1), temb)  # skip connection by concatenation
                 if len(level.attn):
-                    h = self._run(level.attn[j], h)
+                    h = self._run(level.attn[j], h, *context)
             if level.upsample is not None:
                 h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
