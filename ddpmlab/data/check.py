@@ -3,7 +3,9 @@
 Every image is decoded, EXIF-rotated, converted and resized exactly as
 :class:`~ddpmlab.data.images.ImageFolderDataset` does; the report lists the usable
 images (per class), the images that will be upscaled because they are smaller than the
-target size, the files ignored for their extension, and every skipped file with its reason.
+target size, the files ignored for their extension, and every skipped file with its reason.  A folder with
+captions (:mod:`ddpmlab.data.captions`) gets their count, the images without one and the longest caption in
+tokens of a word-level tokenizer built from them, as a text run's own is (:mod:`ddpmlab.data.tokenizer`).
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
+from ddpmlab.data.captions import METADATA_FILE, caption_files, folder_captions
 from ddpmlab.data.images import (
     IMAGE_EXTENSIONS,
     ImageFolderDataset,
@@ -20,6 +23,7 @@ from ddpmlab.data.images import (
     open_image,
     skip_report,
 )
+from ddpmlab.data.tokenizer import CaptionTokenizer
 from ddpmlab.errors import DataError
 
 _ORIENTATION = 0x0112  # EXIF tag; values 5-8 swap width and height
@@ -36,14 +40,43 @@ def displayed_size(path: str) -> tuple[int, int]:
     return (h, w) if turned else (w, h)
 
 
-def _non_images(root: str) -> list[str]:
-    """Files below ``root`` that the scan ignores because of their extension (hidden ones excluded)."""
+def _non_images(root: str, captions: Collection[str] = ()) -> list[str]:
+    """Files below ``root`` that the scan ignores because of their extension (hidden ones and the caption
+    files ``captions`` excluded)."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
         found += [os.path.join(dirpath, f) for f in sorted(filenames)
                   if not is_hidden(f) and not f.lower().endswith(IMAGE_EXTENSIONS)]
-    return found
+    return [f for f in found if f not in captions]
+
+
+def caption_lines(root: str, files: Sequence[str]) -> list[str]:
+    """The report's lines on the captions of ``files`` (the usable images of ``root``); none without captions.
+    A caption file that cannot be read raises its one-line DataError."""
+    found, source, unmatched = folder_captions(root, files)
+    if not source:
+        return []
+    captioned = [c for c in found if c is not None]
+    texts = [t for c in captioned for t in c]
+    lines = [f"  captions: {len(texts)} from {source} for {len(captioned)} of {len(files)} images"
+             f" ({min(map(len, captioned), default=0)}-{max(map(len, captioned), default=0)} an image)"]
+    missing = [f for f, c in zip(files, found) if c is None]
+    if missing:
+        eg = ", ".join(Path(p).name for p in missing[:3])
+        lines.append(f"  without a caption: {len(missing)} (skipped by text runs), e.g. {eg}")
+    empty = sum(t == "" for t in texts)
+    if empty:
+        lines.append(f"  empty captions: {empty} (the unconditional prompt)")
+    if unmatched:
+        lines.append(f"  {METADATA_FILE} names {unmatched} file(s) that are not usable images of the folder")
+    if texts:
+        counts = CaptionTokenizer.train(texts, max_length=2).count(texts)
+        k = max(range(len(texts)), key=counts.__getitem__)
+        shown = texts[k] if len(texts[k]) <= 60 else texts[k][:57] + "..."
+        lines.append(f"  longest caption: {counts[k]} tokens (words and punctuation, [BOS] and [EOS] included): "
+                     f"'{shown}'")
+    return lines
 
 
 def check_folder(root, image_size: Sequence[int] = (32, 32), channels: int = 3, limit: int = 0,
@@ -79,7 +112,15 @@ def check_folder(root, image_size: Sequence[int] = (32, 32), channels: int = 3, 
     if small:
         eg = ", ".join(f"{Path(p).name} {sw}x{sh}" for p, (sw, sh) in small[:3])
         say(f"  upscaled: {len(small)} smaller than {w}x{h} (width x height), e.g. {eg}")
-    ignored = _non_images(ds.root)
+    try:
+        captions = caption_lines(ds.root, ds.files)
+    except DataError as e:
+        say(f"  {e}")
+        say("unreadable captions: training with text (text.encoder) on this folder would stop with this error")
+        return 1
+    for line in captions:
+        say(line)
+    ignored = _non_images(ds.root, caption_files(ds.root, ds.files))
     if ignored:
         eg = ", ".join(Path(p).name for p in ignored[:3])
         say(f"  ignored: {len(ignored)} file(s) without an image extension ({', '.join(IMAGE_EXTENSIONS)}), "
