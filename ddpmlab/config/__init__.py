@@ -1,7 +1,7 @@
 """Configuration: dataclasses for every option, YAML in, validated, unknown keys refused.
 
 * :mod:`.sections` - one dataclass per section (data, model, unet, dit, mlp, diffusion, train,
-  autoencoder, distill), defaults equal to the papers' values (Ho et al. 2020 for the UNet);
+  autoencoder, distill, text), defaults equal to the papers' values (Ho et al. 2020 for the UNet);
 * :mod:`.load` - YAML files and ``key=value`` overrides in (earlier spellings read with a note),
   YAML out, :func:`describe_config` for ``ddpm train --print-config``;
 * :mod:`.validate` - checks that never change the config, each error naming the key.
@@ -40,6 +40,7 @@ from ddpmlab.config.sections import (
     DiTConfig,
     MLPConfig,
     ModelConfig,
+    TextConfig,
     TrainConfig,
     UNetConfig,
 )
@@ -49,7 +50,7 @@ __all__ = [
     "AutoencoderConfig", "BUNDLED_DIR", "CONDITIONS", "CONFIG_VERSION", "Config", "DATASETS", "DIT_PRESETS",
     "DIT_SIZES", "DISTILL_METHODS", "DOWNSAMPLE_MODES", "DataConfig", "DiTConfig", "DiffusionConfig",
     "DistillConfig", "MLPConfig", "ModelConfig", "ODE_SOLVERS", "RENAMED_KEYS", "SECTIONS", "STAGES",
-    "STUDENT_PREDICTIONS", "TrainConfig", "UNetConfig", "UPSAMPLE_MODES", "config_from_dict", "describe_config",
-    "dit_settings", "format_config", "load_config", "parse_value", "resolve_config_path", "save_config",
-    "validate",
+    "STUDENT_PREDICTIONS", "TextConfig", "TrainConfig", "UNetConfig", "UPSAMPLE_MODES", "config_from_dict",
+    "describe_config", "dit_settings", "format_config", "load_config", "parse_value", "resolve_config_path",
+    "save_config", "validate",
 ]

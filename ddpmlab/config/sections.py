@@ -295,11 +295,10 @@ class TextConfig:
     # unconditional prompt (Stable Diffusion 1.x: 0.1; GLIDE: 0.2)
     caption_dropout: float = 0.1
     vocab_size: int = 10000  # own: the tokenizer's words at most (special tokens included); rarer ones read as [UNK]
-    # own: token width, transformer blocks and attention heads (GLIDE: 24 blocks of width 2048; its released
-    # small model: 16 blocks of width 512, 8 heads)
+    # own: the token width D (GLIDE: 2048, Nichol et al. 2022, Sec. 4; its released small model: 512)
     width: int = 512
-    depth: int = 4
-    heads: int = 8
+    depth: int = 4  # own: pre-LN transformer blocks (GLIDE: 24; its released small model: 16)
+    heads: int = 8  # own: attention heads, dividing text.width (GLIDE's small model: 8)
     cache: bool = True  # a frozen encoder: caption embeddings computed once and cached (<cache dir>/text)
 
 

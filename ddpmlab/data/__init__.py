@@ -1,8 +1,11 @@
-"""Datasets: bundled MNIST / digits, 2-D toy sets, image folders; image <-> uint8 helpers.
+"""Datasets: bundled MNIST / digits, 2-D toy sets, image folders (with captions for a text run); image <-> uint8
+helpers.
 
 Every dataset returned by :func:`build_dataset` yields ``(x, y)`` pairs (x float32 in
 [-1, 1] for images, y int64) and carries ``sample_shape`` (tuple), ``num_classes``
-(int, 0 when unlabeled), ``is_image`` (bool) and ``class_names`` (list of str).
+(int, 0 when unlabeled), ``is_image`` (bool) and ``class_names`` (list of str).  A text run's image folder
+(``text.encoder`` set) is a :class:`~ddpmlab.data.captions.CaptionedImageFolder`: ``(x, y, index)`` and
+``captions``.
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ import torch
 
 from ddpmlab.config import DATASETS
 from ddpmlab.data.bundled import load_digits, load_mnist, split_indices
+from ddpmlab.data.captions import CaptionedImageFolder
 from ddpmlab.data.images import IMAGE_EXTENSIONS, ImageFolderDataset, from_uint8, load_image, scan_folder, to_uint8
 from ddpmlab.data.latents import latent_shape
 from ddpmlab.data.toy import TOY_NAMES, make_toy
 from ddpmlab.errors import DataError
 
 __all__ = [
-    "InMemoryDataset", "TensorDataset", "ImageFolderDataset", "build_dataset", "data_shape", "image_shape",
+    "InMemoryDataset", "TensorDataset", "ImageFolderDataset", "CaptionedImageFolder", "build_dataset", "data_shape",
+    "image_shape",
     "load_mnist", "load_digits", "make_toy", "load_image", "training_image", "split_indices", "to_uint8", "from_uint8",
     "IMAGE_EXTENSIONS", "TOY_NAMES", "DATASETS",
 ]
@@ -105,6 +110,8 @@ def build_dataset(cfg):
         size = list(d.image_size)
         if len(size) == 1:
             size = size * 2
+        if cfg.text.encoder:  # a text run: the folder with its captions (images without one skipped)
+            return CaptionedImageFolder(d.path, tuple(size), d.channels)
         return ImageFolderDataset(d.path, tuple(size), d.channels)
     raise DataError(f"data.dataset: unknown dataset '{d.dataset}'; choose one of {', '.join(DATASETS)}")
 
