@@ -51,6 +51,10 @@ def train(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, pro
     if cfg.stage != "diffusion":
         raise ConfigError(f"{run_dir} is an autoencoder run (stage {cfg.stage}); continue it with "
                           f"`ddpm train-autoencoder --resume {run_dir}`")
+    if cfg.reflow.teacher:
+        raise ConfigError(f"{run_dir or 'the config'} is a reflow of {cfg.reflow.teacher} (reflow.teacher): "
+                          f"continue it with `ddpm reflow --resume {run_dir or 'RUN'}`, or set reflow.teacher=null to "
+                          "train anew")
     with train_names():  # an unknown train.sample_sampler fails now, not after the last step
         with about("sampler"):
             get_spec(own_sampler(cfg))
