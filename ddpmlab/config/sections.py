@@ -93,6 +93,11 @@ class DiTConfig:
     heads: Optional[int] = None  # attention heads (null: from dit.preset)
     patch_size: Optional[int] = None  # side p of the square patches, H*W/p^2 tokens (null: from dit.preset)
     mlp_ratio: float = 4.0  # MLP width / token width
+    # text conditioning: the width of the token embeddings the DiT cross-attends to; its blocks become
+    # PixArt-alpha's (self-attention, cross-attention, MLP, with adaLN-single; Chen et al. 2023, Sec. 2.3).
+    # null: the class-conditional DiT of Peebles & Xie
+    context_dim: Optional[int] = None
+    pooled_dim: Optional[int] = None  # the width of a pooled text embedding added to the time embedding; null: none
 
 
 @dataclass

@@ -102,7 +102,8 @@ def _validate_dit(cfg: "Config", source: str) -> None:
     """Checks of the dit.* keys (the preset's sizes are resolved where the DiT is built: :func:`dit_settings`)."""
     d = cfg.dit
     if cfg.model.kind != "dit":
-        given = [f"dit.{k}" for k in ("preset",) + DIT_KEYS if getattr(d, k) is not None]
+        keys = ("preset",) + DIT_KEYS + ("context_dim", "pooled_dim")
+        given = [f"dit.{k}" for k in keys if getattr(d, k) is not None]
         if given:
             raise ConfigError(f"{source}: {', '.join(given)} {'size' if len(given) > 1 else 'sizes'} a DiT, but "
                               f"model.kind is {cfg.model.kind!r}; set model.kind=dit or drop them")
@@ -240,24 +241,28 @@ def _validate_condition(cfg: Config, source: str) -> None:
 
 
 def _validate_text_unet(cfg: Config, source: str) -> None:
-    """The UNet's cross-attention keys (unet.context_dim, unet.pooled_dim; Rombach et al. 2022, Sec. 3.3)."""
+    """The cross-attention keys of the UNet and the DiT (unet/dit.context_dim, pooled_dim; Rombach et al. 2022,
+    Sec. 3.3; Chen et al. 2023, Sec. 2.3)."""
+    for section in ("unet", "dit"):
+        u = getattr(cfg, section)
+        for key in ("context_dim", "pooled_dim"):
+            value = getattr(u, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"{source}: '{section}.{key}' must be a positive integer (an embedding width) or "
+                                  f"null, got {value!r}")
+        if u.context_dim is None and u.pooled_dim is not None:
+            raise ConfigError(f"{source}: {section}.pooled_dim={u.pooled_dim} adds a pooled text embedding, but "
+                              f"{section}.context_dim is null (no text conditioning); set {section}.context_dim or "
+                              "drop it")
     u = cfg.unet
-    for key in ("context_dim", "pooled_dim"):
-        value = getattr(u, key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise ConfigError(f"{source}: 'unet.{key}' must be a positive integer (an embedding width) or null, "
-                              f"got {value!r}")
-    if u.context_dim is None:
-        if u.pooled_dim is not None:
-            raise ConfigError(f"{source}: unet.pooled_dim={u.pooled_dim} adds a pooled text embedding, but "
-                              "unet.context_dim is null (no text conditioning); set unet.context_dim or drop it")
-        return
-    if cfg.model.kind != "unet":
+    if u.context_dim is not None and cfg.model.kind != "unet":
         raise ConfigError(f"{source}: unet.context_dim={u.context_dim} gives the UNet cross-attention, but "
-                          f"model.kind is {cfg.model.kind!r}; set model.kind=unet or unet.context_dim=null")
-    if cfg.model.condition != "none":
-        raise ConfigError(f"{source}: unet.context_dim (text) and model.condition={cfg.model.condition} cannot be "
-                          "combined; set one of them")
+                          f"model.kind is {cfg.model.kind!r}; set model.kind=unet or unet.context_dim=null"
+                          + (" (a DiT reads text with dit.context_dim)" if cfg.model.kind == "dit" else ""))
+    for section in ("unet", "dit"):
+        if getattr(cfg, section).context_dim is not None and cfg.model.condition != "none":
+            raise ConfigError(f"{source}: {section}.context_dim (text) and model.condition={cfg.model.condition} "
+                              "cannot be combined; set one of them")
 
 
 def _validate_autoencoder(cfg: Config, source: str) -> None:

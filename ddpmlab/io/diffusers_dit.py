@@ -37,6 +37,9 @@ def dit_transformer_config(cfg: Config, model) -> dict:
     if cfg.diffusion.prediction == "edm":
         raise DDPMError("diffusion.prediction=edm does not map: diffusers' schedulers have no EDM preconditioning "
                         "around a DiTTransformer2DModel (train with prediction eps, x0 or v to export)")
+    if cfg.dit.context_dim is not None:
+        raise DDPMError(f"dit.context_dim={cfg.dit.context_dim}: a DiT reading text has PixArt-alpha's blocks and maps "
+                        "to PixArtTransformer2DModel (ddpmlab.io.diffusers_pixart), not to DiTTransformer2DModel")
     (h, w), hidden = model.image_size, model.hidden
     if h != w:
         raise DDPMError(f"a {h}x{w} DiT does not map: DiTTransformer2DModel takes square inputs (sample_size); "

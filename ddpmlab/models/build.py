@@ -11,13 +11,15 @@ from ddpmlab.data import data_shape
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.models.conditioned import condition_channels, conditioned
 from ddpmlab.models.dit import DiT
+from ddpmlab.models.dit_text import TextDiT
 from ddpmlab.models.mlp import MLPDenoiser
 from ddpmlab.models.preconditioning import EDMPreconditioned
 from ddpmlab.models.unet import UNet
 
 
 def build_model(cfg: Config, out_channels_multiplier: Optional[int] = None) -> nn.Module:
-    """The denoiser for ``cfg``: a UNet (model.kind 'unet'), a DiT ('dit') or an MLPDenoiser on 2D points ('mlp').
+    """The denoiser for ``cfg``: a UNet (model.kind 'unet'), a DiT ('dit'; PixArt-alpha's TextDiT with
+    dit.context_dim) or an MLPDenoiser on 2D points ('mlp').
 
     The output has ``out_channels_multiplier`` times the data channels; by default 2 when
     ``diffusion.variance`` is learned_range (eps and the variance head), else 1.
@@ -69,14 +71,19 @@ def _unet(cfg: Config, out_channels_multiplier: int) -> UNet:
     )
 
 
-def _dit(cfg: Config, out_channels_multiplier: int) -> DiT:
+def _dit(cfg: Config, out_channels_multiplier: int) -> nn.Module:
+    """The DiT of Peebles & Xie, or PixArt-alpha's text DiT when dit.context_dim is set."""
     m = cfg.model
     channels, height, width = data_shape(cfg)
     sizes = dit_settings(cfg.dit)  # dit.preset's sizes, or the explicit dit.* keys
-    return DiT(in_channels=channels + condition_channels(cfg, channels), out_channels=channels * out_channels_multiplier,
-               image_size=(height, width), patch_size=sizes["patch_size"], hidden=sizes["hidden"],
-               depth=sizes["depth"], num_heads=sizes["heads"], mlp_ratio=cfg.dit.mlp_ratio,
-               num_classes=m.num_classes, gradient_checkpointing=m.gradient_checkpointing)
+    shared = dict(in_channels=channels + condition_channels(cfg, channels),
+                  out_channels=channels * out_channels_multiplier, image_size=(height, width),
+                  patch_size=sizes["patch_size"], hidden=sizes["hidden"], depth=sizes["depth"],
+                  num_heads=sizes["heads"], mlp_ratio=cfg.dit.mlp_ratio, num_classes=m.num_classes,
+                  gradient_checkpointing=m.gradient_checkpointing)
+    if cfg.dit.context_dim is not None:
+        return TextDiT(**shared, context_dim=cfg.dit.context_dim, pooled_dim=cfg.dit.pooled_dim)
+    return DiT(**shared)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -126,7 +126,8 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
-def _check_patch(image_size: tuple, patch_size: int) -> None:
+def check_patch(image_size: tuple, patch_size: int) -> None:
+    """ConfigError unless ``patch_size`` divides both sides of ``image_size`` (H, W)."""
     h, w = image_size
     if h % patch_size or w % patch_size:
         g = math.gcd(h, w)
@@ -136,6 +137,14 @@ def _check_patch(image_size: tuple, patch_size: int) -> None:
                           f"dit.patch_size={patch_size}: the DiT cuts it into {patch_size}x{patch_size} patches; "
                           f"use a patch size dividing both sides (e.g. {', '.join(map(str, ok))}) or images of "
                           f"{up[0]}x{up[1]} (data.image_size={up})")
+
+
+def unpatchify(tokens: torch.Tensor, grid: tuple, p: int, c: int) -> torch.Tensor:
+    """(B, T, p * p * c) -> (B, c, H, W) for a grid (H / p, W / p) of tokens; each token's values are (p, p, c)
+    row-major."""
+    gh, gw = grid
+    x = tokens.reshape(tokens.shape[0], gh, gw, p, p, c)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(tokens.shape[0], c, gh * p, gw * p)
 
 
 class DiT(nn.Module):
@@ -164,7 +173,7 @@ class DiT(nn.Module):
     ):
         super().__init__()
         image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        _check_patch(image_size, patch_size)
+        check_patch(image_size, patch_size)
         if hidden % num_heads or hidden % 4:
             raise ConfigError(f"dit.hidden={hidden} must be a multiple of 4 and of dit.heads={num_heads}")
         self.in_channels = in_channels
@@ -222,9 +231,7 @@ class DiT(nn.Module):
 
     def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T, p * p * out_channels) -> (B, out_channels, H, W); each token's values are (p, p, C) row-major."""
-        (gh, gw), p, c = self.grid, self.patch_size, self.out_channels
-        x = tokens.reshape(tokens.shape[0], gh, gw, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(tokens.shape[0], c, gh * p, gw * p)
+        return unpatchify(tokens, self.grid, self.patch_size, self.out_channels)
 
     def forward(self, x: torch.Tensor, t, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_channels, *self.image_size):

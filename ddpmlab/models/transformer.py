@@ -50,16 +50,17 @@ class Attention(nn.Module):
 
     ``context_dim`` None: self-attention; else cross-attention to token embeddings of that width.
     ``mask`` (B, L) bool: which context tokens are real (True) and which padding (False).
+    ``bias``: biases on the query, key and value maps (Stable Diffusion has none, PixArt-alpha has them).
     """
 
-    def __init__(self, dim: int, heads: int, context_dim: Optional[int] = None):
+    def __init__(self, dim: int, heads: int, context_dim: Optional[int] = None, bias: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"{heads} attention heads do not divide the {dim}-channel attention inputs")
         self.heads = heads
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_q = nn.Linear(dim, dim, bias=bias)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=bias)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=bias)
         self.to_out = nn.Linear(dim, dim)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
