@@ -26,6 +26,7 @@ from ddpmlab.training.run_folder import resume_config
 from ddpmlab.training.tasks.autoencoder import train_autoencoder
 from ddpmlab.training.tasks.diffusion import train
 from ddpmlab.training.tasks.distill import distill_run
+from ddpmlab.training.tasks.reflow import reflow_run
 
 # ------------------------------------------------------------------------------ train
 
@@ -79,6 +80,17 @@ def cmd_distill(args) -> int:
         raise DDPMError("--resume continues a distillation with its stored config.yaml; drop --steps and key=value")
     distill_run(args.run_dir, args.method, args.steps, args.overrides, resume_dir=args.resume,
                 progress=not args.no_progress)
+    return 0
+
+
+def cmd_reflow(args) -> int:
+    """ddpm reflow RUN [--pairs N] [--steps S] [key=value ...], or --resume REFLOW_RUN [key=value ...]."""
+    if (args.run_dir is None) == (args.resume is None):
+        raise DDPMError("give either RUN (the teacher flow run to reflow) or --resume REFLOW_RUN")
+    if args.resume and (args.pairs is not None or args.steps is not None):
+        raise DDPMError("--resume continues a reflow with the pairs its config.yaml names; drop --pairs and --steps")
+    reflow_run(args.run_dir, args.pairs, args.steps, args.overrides, resume_dir=args.resume,
+               progress=not args.no_progress)
     return 0
 
 
@@ -138,11 +150,14 @@ def cmd_export(args) -> int:
                  if pipeline == "DiTPipeline" else ""))
         return 0
     out = export_diffusers(args.run_dir, args.out, which=args.weights)
+    flow = cfg.diffusion.process == "flow"  # scheduler FlowMatchEulerDiscreteScheduler, a README with the loop
+    loop = f"; {out / 'README.md'} has the loop that samples it (class labels, guidance)" if flow else ""
     if (out / "transformer").is_dir():  # a DiT: no pipeline without a VAE
+        scheduler = "FlowMatchEulerDiscreteScheduler" if flow else "DDPMScheduler"
         print(f"wrote {out}: load it with diffusers.DiTTransformer2DModel.from_pretrained({str(out / 'transformer')!r})"
-              f" and DDPMScheduler.from_pretrained({str(out / 'scheduler')!r}) (DiTPipeline needs a VAE)")
+              f" and {scheduler}.from_pretrained({str(out / 'scheduler')!r}) (DiTPipeline needs a VAE){loop}")
         return 0
-    print(f"wrote {out}: load it with diffusers.DDPMPipeline.from_pretrained({str(out)!r})")
+    print(f"wrote {out}: load it with diffusers.DDPMPipeline.from_pretrained({str(out)!r}){loop}")
     return 0
 
 

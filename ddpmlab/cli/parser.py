@@ -10,9 +10,11 @@ from ddpmlab.cli.commands import (
     cmd_distill,
     cmd_ema,
     cmd_export,
+    cmd_reflow,
     cmd_train,
     cmd_train_autoencoder,
 )
+from ddpmlab.cli.data import shapes_parser
 from ddpmlab.cli.parser_sampling import (
     bench_parser,
     editing_parsers,
@@ -87,15 +89,17 @@ def _export_and_data_parsers(sub) -> None:
                                     "diffusers.DDPMPipeline.from_pretrained(OUT) loads (UNet2DModel + DDPMScheduler, "
                                     "safetensors); a DiT run (model.kind dit) is written as OUT/transformer "
                                     "(DiTTransformer2DModel) + OUT/scheduler; a latent run (model.autoencoder) as an "
-                                    "LDMPipeline (UNet) or DiTPipeline (DiT) folder with its VAE; options diffusers "
-                                    "cannot express are refused by name.")
+                                    "LDMPipeline (UNet) or DiTPipeline (DiT) folder with its VAE; a flow run "
+                                    "(diffusion.process flow) with FlowMatchEulerDiscreteScheduler and OUT/README.md "
+                                    "holding the loop that samples it; options diffusers cannot express are refused "
+                                    "by name.")
     ex.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `ddpm train`")
     ex.add_argument("out", metavar="OUT", help="new output folder")
     ex.add_argument("--format", default="diffusers", choices=["diffusers"], help="output format (default diffusers)")
     ex.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
     ex.set_defaults(func=cmd_export, parser=ex)
 
-    da = sub.add_parser("data", help="inspect a dataset without training (ddpm data check DIR)")
+    da = sub.add_parser("data", help="inspect a dataset (ddpm data check DIR) or write one (ddpm data shapes OUT)")
     dsub = da.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     dc = dsub.add_parser("check", help="scan an image folder and list the files training would skip",
                          description="Decode every image below DIR as training would (EXIF rotation, conversion "
@@ -109,6 +113,7 @@ def _export_and_data_parsers(sub) -> None:
     dc.add_argument("--channels", type=int, default=3, choices=[1, 3, 4], help="as data.channels (default 3)")
     dc.add_argument("--limit", type=int, default=0, help="list at most this many skipped files (default 0: all)")
     dc.set_defaults(func=cmd_data_check, parser=dc)
+    shapes_parser(dsub)
 
 
 def _user_password(text: str) -> tuple:
@@ -173,12 +178,36 @@ def _distill_parser(sub) -> None:
     d.set_defaults(func=cmd_distill, parser=d)
 
 
+def _reflow_parser(sub) -> None:
+    r = sub.add_parser(
+        "reflow", help="retrain a flow run on its own (noise, sample) pairs: straighter paths, 1-2 step samples",
+        description="Reflow (Liu et al. 2023): the teacher flow run's ODE sampler draws --pairs (noise, sample)\n"
+                    "pairs into a new run folder beside it (RUN/pairs, in chunks that --resume does not redraw);\n"
+                    "then a network initialised from the teacher's EMA weights learns the straight path from each\n"
+                    "noise to its sample. The result is a flow run whose samples take one Euler step\n"
+                    "(ddpm sample RUN; --steps 2 --step-schedule trailing for two).\n"
+                    "Keys: reflow.*, train.* and diffusion.{t_sampling,logit_normal_*,mode_scale,loss} as key=value.",
+        epilog="Examples:\n  ddpm reflow runs/toy-... --pairs 20000 train.steps=3000\n"
+               "  ddpm reflow runs/mnist-... --pairs 10000 --steps 50 reflow.sampler=flow_heun\n"
+               "  ddpm reflow --resume runs/mnist-...-reflow-...",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("run_dir", metavar="RUN", nargs="?", help="the teacher: a flow run (diffusion.process flow)")
+    r.add_argument("--pairs", type=int, default=None, help="pairs to draw (default reflow.pairs, 10000)")
+    r.add_argument("--steps", type=int, default=None,
+                   help="the teacher's sampling steps for the pairs (default its train.sample_steps)")
+    r.add_argument("--resume", metavar="REFLOW_RUN", help="continue this reflow: the missing pairs, then training")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=2000 reflow.sampler=flow_heun")
+    r.set_defaults(func=cmd_reflow, parser=r)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ddpm", description="ddpmlab: train, sample and study denoising diffusion probabilistic models.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_train_parser, _train_autoencoder_parser, sample_parser, editing_parsers, upscale_parser,
-                eval_parser, _export_and_data_parsers, viz_parser, bench_parser, _demo_parser, _distill_parser):
+                eval_parser, _export_and_data_parsers, viz_parser, bench_parser, _demo_parser, _distill_parser,
+                _reflow_parser):
         add(sub)
     return p
