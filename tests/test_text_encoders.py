@@ -13,6 +13,7 @@ import torch
 from ddpmlab.data.text_cache import cached_text_embeddings
 from ddpmlab.errors import ConfigError
 from ddpmlab.models.text import OwnTextEncoder, build_text_encoder, run_tokenizer
+from ddpmlab.models.text_condition import TextCondition
 from ddpmlab.models.text_frozen import load_text_encoder
 
 transformers = pytest.importorskip("transformers")
@@ -102,7 +103,9 @@ def test_frozen_encoder_equals_calling_transformers_directly(kind, clip_pipeline
     path = {"CLIPTextModel": clip_pipeline, "CLIPTextModelWithProjection": clip_pipeline / "projected",
             "T5EncoderModel": t5_folder}[kind]
     enc = load_text_encoder(path, max_length=12)
-    tokens, mask, pooled = enc.encode(PROMPTS)
+    out = enc.encode(PROMPTS)
+    assert isinstance(out, TextCondition)
+    tokens, mask, pooled = out.tokens, out.mask, out.pooled
     folder = clip_pipeline / "text_encoder" if kind == "CLIPTextModel" else path
     tok_folder = clip_pipeline / "tokenizer" if kind == "CLIPTextModel" else path
     want = _direct(kind, folder, tok_folder, PROMPTS, 12)
@@ -121,7 +124,8 @@ def test_frozen_encoder_equals_calling_transformers_directly(kind, clip_pipeline
 def test_a_prompt_longer_than_the_context_is_truncated_with_a_one_line_warning(clip_pipeline):
     enc = load_text_encoder(clip_pipeline, max_length=6)
     with pytest.warns(UserWarning, match=r"has 10 tokens but the text encoder .* reads 6: truncated") as caught:
-        tokens, mask, _ = enc.encode(["red blue red blue red blue red blue", "one"])
+        out = enc.encode(["red blue red blue red blue red blue", "one"])
+    tokens, mask = out.tokens, out.mask
     assert len(caught) == 1 and "\n" not in str(caught[0].message)
     assert tokens.shape[1] == 6 and mask[0].all()
     with pytest.raises(ConfigError, match=r"text.max_length=20 is more than .* reads \(16 tokens\)"):
@@ -162,7 +166,9 @@ def test_own_encoder_shapes_mask_and_pooled_eos_token(tmp_path):
     torch.manual_seed(0)
     enc = build_text_encoder(cfg.text, tmp_path, captions)
     assert isinstance(enc, OwnTextEncoder) and (tmp_path / "tokenizer.json").is_file() and enc.trainable
-    tokens, mask, pooled = enc.encode(["a red circle", "", "blue square"])
+    out = enc.encode(["a red circle", "", "blue square"])
+    assert isinstance(out, TextCondition)
+    tokens, mask, pooled = out.tokens, out.mask, out.pooled
     assert tokens.shape == (3, 8, 32) and pooled.shape == (3, 32)
     assert mask.sum(1).tolist() == [5, 2, 4]
     assert torch.equal(pooled, tokens[torch.arange(3), mask.sum(1) - 1])  # the [EOS] token's output

@@ -66,14 +66,16 @@ def text_cache_file(cache_dir, captions: Sequence[str], encoder_identity: str) -
     return Path(cache_dir) / TEXT_CACHE_FOLDER / f"{text_cache_key(captions, encoder_identity)}.safetensors"
 
 
-def encode_captions(encode: Callable[[list], tuple], captions: Sequence[str], batch_size: int = 64,
+def encode_captions(encode: Callable[[list], object], captions: Sequence[str], batch_size: int = 64,
                     bar=None) -> CaptionEmbeddings:
-    """The embeddings of ``captions`` in order, ``encode(list of str) -> (tokens, mask, pooled)`` called on
-    ``batch_size`` of them at a time; float32 on the CPU."""
+    """The embeddings of ``captions`` in order, ``encode(list of str)`` (a record of ``tokens``, ``mask`` and
+    ``pooled``: a text encoder's :class:`~ddpmlab.models.text_condition.TextCondition`) called on ``batch_size``
+    of them at a time; float32 on the CPU."""
     parts = []
     for start in range(0, len(captions), batch_size):
         chunk = list(captions[start:start + batch_size])
-        tokens, mask, pooled = encode(chunk)
+        out = encode(chunk)
+        tokens, mask, pooled = out.tokens, out.mask, out.pooled
         parts.append((tokens.float().cpu(), mask.bool().cpu(), None if pooled is None else pooled.float().cpu()))
         if bar is not None:
             bar.update(len(chunk))

@@ -10,13 +10,12 @@ from typing import Optional, Sequence
 from ddpmlab.data.captions import distinct_captions
 from ddpmlab.data.tokenizer import TOKENIZER_FILE, CaptionTokenizer
 from ddpmlab.errors import ConfigError
-from ddpmlab.models.text_encoder import OwnTextEncoder, TextEncoder, TextEncoding
+from ddpmlab.models.text_encoder import OwnTextEncoder, TextEncoder
 from ddpmlab.models.text_frozen import FrozenTextEncoder, load_text_encoder
 
 OWN = "own"  # text.encoder: the run's own encoder
 
-__all__ = ["OWN", "FrozenTextEncoder", "OwnTextEncoder", "TextEncoder", "TextEncoding", "build_text_encoder",
-           "run_tokenizer"]
+__all__ = ["OWN", "FrozenTextEncoder", "OwnTextEncoder", "TextEncoder", "build_text_encoder", "run_tokenizer"]
 
 
 def run_tokenizer(text_cfg, run_dir=None, captions: Optional[Sequence[tuple]] = None) -> CaptionTokenizer:

@@ -5,8 +5,9 @@ Every text encoder (this module's :class:`OwnTextEncoder`, and a frozen Hugging 
 
 * ``encoder.tokenize(texts) -> (ids (B, L) int64, mask (B, L) bool)``, L = ``encoder.max_length``, the mask
   True on real tokens (a prompt over L tokens is truncated with a one-line warning);
-* ``encoder(ids, mask) -> TextEncoding(tokens (B, L, D), mask (B, L) bool, pooled (B, P) or None)``,
-  D = ``encoder.width``, P = ``encoder.pooled_width`` (None: the encoder has no pooled embedding);
+* ``encoder(ids, mask) -> TextCondition(tokens (B, L, D), mask (B, L) bool, pooled (B, P) or None)``,
+  D = ``encoder.width``, P = ``encoder.pooled_width`` (None: the encoder has no pooled embedding): the record
+  a text-conditioned denoiser reads as its ``cond`` (:mod:`ddpmlab.models.text_condition`);
 * ``encoder.encode(texts)``: the two together, on the encoder's device.
 
 :class:`OwnTextEncoder` is GLIDE's (Nichol et al. 2022, Sec. 4; ``glide_text2im/xf.py``): token plus learned
@@ -18,21 +19,14 @@ reads the last position.  It is trained with the denoiser; its tokenizer is the 
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ddpmlab.data.tokenizer import CaptionTokenizer
-
-
-class TextEncoding(NamedTuple):
-    """A batch of texts as a denoiser reads them (unpacks as ``tokens, mask, pooled``)."""
-
-    tokens: torch.Tensor  # (B, L, D): one embedding per token
-    mask: torch.Tensor  # (B, L) bool: True on real tokens, False on padding
-    pooled: Optional[torch.Tensor]  # (B, P): one embedding per text, or None
+from ddpmlab.models.text_condition import TextCondition
 
 
 class TextEncoder(nn.Module):
@@ -46,7 +40,7 @@ class TextEncoder(nn.Module):
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def encode(self, texts: Sequence[str]) -> TextEncoding:
+    def encode(self, texts: Sequence[str]) -> TextCondition:
         """``texts`` (B strings) tokenized and encoded on the encoder's device."""
         if isinstance(texts, str):
             raise TypeError("encode takes a list of texts, not one string; wrap it: encode([text])")
@@ -102,8 +96,8 @@ class OwnTextEncoder(TextEncoder):
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tokenizer(texts)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> TextEncoding:
-        """``ids``, ``mask``: (B, L) as :meth:`tokenize` gives them -> :class:`TextEncoding`, pooled (B, width)."""
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> TextCondition:
+        """``ids``, ``mask``: (B, L) as :meth:`tokenize` gives them -> :class:`TextCondition`, pooled (B, width)."""
         mask = mask.bool()
         x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
         for block in self.blocks:
@@ -111,4 +105,4 @@ class OwnTextEncoder(TextEncoder):
         x = self.final_ln(x)
         last = mask.long().sum(1) - 1  # the [EOS] token: the last real one
         pooled = x[torch.arange(len(x), device=x.device), last.clamp(min=0)]
-        return TextEncoding(x, mask, pooled)
+        return TextCondition(x, mask, pooled)

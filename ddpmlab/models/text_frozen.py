@@ -28,7 +28,8 @@ import torch
 from ddpmlab.data.latents import file_sha256
 from ddpmlab.data.tokenizer import truncation_warning
 from ddpmlab.errors import ConfigError
-from ddpmlab.models.text_encoder import TextEncoder, TextEncoding
+from ddpmlab.models.text_condition import TextCondition
+from ddpmlab.models.text_encoder import TextEncoder
 
 KINDS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
 EXPECTED = ("a local folder of a Hugging Face text encoder (CLIPTextModel, CLIPTextModelWithProjection or "
@@ -123,14 +124,14 @@ class FrozenTextEncoder(TextEncoder):
         return batch["input_ids"], batch["attention_mask"].bool()
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> TextEncoding:
-        """``ids``, ``mask`` (B, L) -> :class:`TextEncoding` as the module docstring says it is called."""
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> TextCondition:
+        """``ids``, ``mask`` (B, L) -> :class:`TextCondition` as the module docstring says it is called."""
         if self.kind == "T5EncoderModel":
             out = self.model(input_ids=ids, attention_mask=mask.long())
-            return TextEncoding(out.last_hidden_state, mask.bool(), None)
+            return TextCondition(out.last_hidden_state, mask.bool(), None)
         out = self.model(input_ids=ids)
         pooled = out.text_embeds if self.kind == "CLIPTextModelWithProjection" else out.pooler_output
-        return TextEncoding(out.last_hidden_state, mask.bool(), pooled)
+        return TextCondition(out.last_hidden_state, mask.bool(), pooled)
 
 
 def _context(model, tokenizer, kind: str) -> Optional[int]:
