@@ -78,6 +78,8 @@ def plot(rows: list, out: Path) -> None:
         ax.set_title(k)
         if k == "fid":
             ax.set_yscale("log")
+        else:
+            ax.set_ylim(0, 1.05)  # shares: the whole range, so a flat line at 1 reads as what it is
     fig.tight_layout()
     fig.savefig(out / "quality_vs_steps.png", dpi=110)
 
@@ -89,9 +91,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--metrics", default="", help="ddpm eval --metrics (default: the run's own)")
     ap.add_argument("--out", default="runs/quality_vs_steps")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot of --out's quality_vs_steps.json")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.plot_only:
+        return plot(json.loads((out / "quality_vs_steps.json").read_text()), out)
     out.mkdir(parents=True, exist_ok=True)
     parent = out / "run"
     parent.mkdir(exist_ok=True)
