@@ -49,6 +49,19 @@ def atomic_write_text(path, text: str) -> Path:
     return path
 
 
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (parent folders made)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(path)
+    try:
+        tmp.write_bytes(data)
+        _publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def atomic_save_tensors(tensors: Dict[str, torch.Tensor], path, metadata: Optional[Dict[str, str]] = None) -> Path:
     """Write ``tensors`` as a safetensors file at ``path`` atomically (parent folders made)."""
     path = Path(path)

@@ -14,7 +14,8 @@ from typing import Optional
 
 CONFIG_VERSION = 1
 BUNDLED_DIR = Path(__file__).parent.parent / "configs"
-SECTIONS = ("data", "model", "unet", "dit", "mlp", "diffusion", "train", "autoencoder", "distill", "reflow", "text")
+SECTIONS = ("data", "model", "unet", "dit", "mlp", "diffwave", "diffusion", "train", "autoencoder", "distill", "reflow",
+            "text")
 # keys of an earlier spelling -> their names now (read with a one-line note; runs are saved in the new one)
 RENAMED_KEYS = {
     **{f"model.{k}": f"unet.{k}" for k in ("base_channels", "channel_mults", "num_res_blocks",
@@ -28,10 +29,10 @@ STAGES = ("diffusion", "autoencoder")  # what a run trains: a denoiser (ddpm tra
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist"  # mnist | digits | toy | folder
-    path: Optional[str] = None  # image folder (dataset=folder)
-    image_size: list = field(default_factory=lambda: [32, 32])  # [H, W]; ignored by mnist/digits/toy
-    channels: int = 3  # 1 (grayscale), 3 (RGB) or 4 (RGBA) for folders
+    dataset: str = "mnist"  # mnist | digits | toy | folder (images) | audio (a folder of WAV, FLAC or OGG files)
+    path: Optional[str] = None  # image folder (dataset=folder) or sound folder (dataset=audio)
+    image_size: list = field(default_factory=lambda: [32, 32])  # [H, W]; ignored by mnist/digits/toy/audio
+    channels: int = 3  # 1 (grayscale), 3 (RGB) or 4 (RGBA) for folders; sound: 1 (mono) or 2 (stereo)
     toy: str = "swiss_roll"  # swiss_roll | moons | s_curve | ring (dataset=toy)
     toy_samples: int = 10000  # points drawn from the toy distribution
     toy_noise: float = 0.0  # std of Gaussian noise added to the toy points
@@ -42,13 +43,25 @@ class DataConfig:
     low_res: Optional[list] = None
     downsample: str = "area"  # super-resolution: how the low-res input is made: area (block means) | bicubic
     upsample: str = "bicubic"  # super-resolution: how it returns to the image size: bicubic | bilinear | nearest
+    # sound (dataset=audio): clips are resampled to this rate in Hz (SC09 and the DiffWave paper's digits: 16000)
+    sample_rate: int = 16000
+    length: int = 16000  # sound: samples per clip; longer clips keep their start, shorter ones end in silence
+    # sound: the mel spectrogram (pictures, DiffWave's local conditioner; Kong et al. 2021: 80 bands, FFT
+    # and window 1024, hop 256), Slaney's mel scale between f_min and f_max (null: sample_rate / 2)
+    n_fft: int = 1024
+    hop_length: int = 256
+    n_mels: int = 80
+    f_min: float = 20.0
+    f_max: Optional[float] = None
 
 
 @dataclass
 class ModelConfig:
     """The denoiser: its kind (sized in the section of that name) and what it is conditioned on."""
 
-    kind: str = "unet"  # unet | mlp | dit (diffusion transformer, Peebles & Xie 2023): sized in unet.*, mlp.*, dit.*
+    # unet | mlp | dit (diffusion transformer, Peebles & Xie 2023) | diffwave (sound, Kong et al. 2021): sized in
+    # unet.*, mlp.*, dit.*, diffwave.*
+    kind: str = "unet"
     num_classes: Optional[int] = None  # class embedding for conditional models
     # none | low_res: super-resolution, the upsampled low-res image (data.low_res) concatenated to x_t as
     # extra input channels (SR3, Saharia et al. 2021); sample with `ddpm upscale RUN --image low.png`
@@ -107,6 +120,24 @@ class MLPConfig:
     hidden: int = 256  # hidden width
     num_layers: int = 4  # hidden layers
     time_embed_dim: int = 128  # size of the timestep embedding
+
+
+@dataclass
+class DiffWaveConfig:
+    """The DiffWave of model.kind=diffwave (Kong et al. 2021): waveforms of data.dataset=audio."""
+
+    # base (30 layers, 64 channels, dilation cycle 10: DiffWave_BASE) | large (the same with 128 channels:
+    # DiffWave_LARGE) | small (12 layers, 32 channels, cycle 6: a CPU one); null: diffwave.layers, channels
+    # and dilation_cycle (each null one: base's)
+    preset: Optional[str] = None
+    layers: Optional[int] = None  # residual layers (null: from diffwave.preset)
+    channels: Optional[int] = None  # residual channels C (null: from diffwave.preset)
+    dilation_cycle: Optional[int] = None  # layer i has dilation 2^(i mod cycle) (null: from diffwave.preset)
+    embed_dim: int = 512  # width of the diffusion-step embedding's two FC + swish layers
+    label_dim: int = 128  # the global conditioner's label embedding (class-conditional runs)
+    # the local conditioner's time upsampling: the strides of its two transposed 2-D convolutions; their
+    # product is data.hop_length (16 x 16 = 256)
+    upsample: list = field(default_factory=lambda: [16, 16])
 
 
 @dataclass
@@ -314,6 +345,7 @@ class Config:
     unet: UNetConfig = field(default_factory=UNetConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
     mlp: MLPConfig = field(default_factory=MLPConfig)
+    diffwave: DiffWaveConfig = field(default_factory=DiffWaveConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
@@ -331,7 +363,7 @@ class Config:
 CONDITIONS = ("none", "low_res")
 DOWNSAMPLE_MODES = ("area", "bicubic")
 UPSAMPLE_MODES = ("bicubic", "bilinear", "nearest")
-DATASETS = ("mnist", "digits", "toy", "folder")  # data.dataset (ddpmlab.data.build_dataset)
+DATASETS = ("mnist", "digits", "toy", "folder", "audio")  # data.dataset (ddpmlab.data.build_dataset)
 # distillation (distill.method, distill.prediction, distill.solver; ddpmlab.samplers.student)
 DISTILL_METHODS = ("progressive", "consistency")
 STUDENT_PREDICTIONS = ("v", "x0", "velocity")  # velocity: the student of a flow teacher

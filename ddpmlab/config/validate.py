@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 
+from ddpmlab.config.audio import validate_audio
 from ddpmlab.config.sections import (
     CONDITIONS,
     CONFIG_VERSION,
@@ -32,7 +33,7 @@ CHOICES = {
     "data.dataset": DATASETS,
     "data.toy": ("swiss_roll", "moons", "s_curve", "ring"),
     "data.split": ("all", "train", "test"),
-    "model.kind": ("unet", "mlp", "dit"),
+    "model.kind": ("unet", "mlp", "dit", "diffwave"),
     "diffusion.process": PROCESSES,
     "diffusion.schedule": SCHEDULES,
     "diffusion.prediction": PREDICTIONS,
@@ -146,6 +147,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         if flat[key] < 0:
             raise ConfigError(f"{source}: '{key}' must be >= 0, got {flat[key]}")
     _validate_data_and_model(cfg, source)
+    validate_audio(cfg, source)  # sound data and DiffWave
     _validate_train(cfg, source)
     _validate_dit(cfg, source)
     _validate_likelihood(cfg.diffusion, source)
@@ -163,7 +165,7 @@ def _validate_data_and_model(cfg: Config, source: str) -> None:
     if len(d.image_size) != 2 or any(not isinstance(s, int) or s <= 0 for s in d.image_size):
         raise ConfigError(f"{source}: 'data.image_size' must be [H, W] with positive integers (or one number for a "
                           f"square), got {d.image_size}")
-    if d.channels not in (1, 3, 4):
+    if d.channels not in (1, 3, 4) and d.dataset != "audio":  # sound's: config.audio
         raise ConfigError(f"{source}: 'data.channels' must be 1, 3 or 4, got {d.channels}")
     if d.dataset == "folder" and not d.path:
         raise ConfigError(f"{source}: 'data.path' is required when data.dataset is 'folder'")

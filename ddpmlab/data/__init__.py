@@ -1,9 +1,11 @@
-"""Datasets: bundled MNIST / digits, 2-D toy sets, image folders (with captions for a text run); image <-> uint8
-helpers.
+"""Datasets: bundled MNIST / digits, 2-D toy sets, image folders (with captions for a text run), sound folders;
+image <-> uint8 helpers.
 
 Every dataset returned by :func:`build_dataset` yields ``(x, y)`` pairs (x float32 in
 [-1, 1] for images, y int64) and carries ``sample_shape`` (tuple), ``num_classes``
-(int, 0 when unlabeled), ``is_image`` (bool) and ``class_names`` (list of str).  A text run's image folder
+(int, 0 when unlabeled), ``is_image`` (bool) and ``class_names`` (list of str).  A sound folder
+(``data.dataset: audio``) is an :class:`~ddpmlab.data.audio.AudioFolderDataset`: x (C, L) in [-1, 1], ``is_audio``
+and ``sample_rate``.  A text run's image folder
 (``text.encoder`` set) is a :class:`~ddpmlab.data.captions.CaptionedImageFolder`: ``(x, y, index)`` and
 ``captions``.
 """
@@ -16,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from ddpmlab.config import DATASETS
+from ddpmlab.data.audio import AudioFolderDataset
 from ddpmlab.data.bundled import load_digits, load_mnist, split_indices
 from ddpmlab.data.captions import CaptionedImageFolder
 from ddpmlab.data.images import IMAGE_EXTENSIONS, ImageFolderDataset, from_uint8, load_image, scan_folder, to_uint8
@@ -24,8 +27,8 @@ from ddpmlab.data.toy import TOY_NAMES, make_toy
 from ddpmlab.errors import DataError
 
 __all__ = [
-    "InMemoryDataset", "TensorDataset", "ImageFolderDataset", "CaptionedImageFolder", "build_dataset", "data_shape",
-    "image_shape",
+    "InMemoryDataset", "TensorDataset", "ImageFolderDataset", "CaptionedImageFolder", "AudioFolderDataset",
+    "build_dataset", "data_shape", "image_shape",
     "load_mnist", "load_digits", "make_toy", "load_image", "training_image", "split_indices", "to_uint8", "from_uint8",
     "IMAGE_EXTENSIONS", "TOY_NAMES", "DATASETS",
 ]
@@ -76,7 +79,7 @@ def data_shape(cfg) -> tuple:
 
 
 def image_shape(cfg) -> tuple:
-    """The shape of one example of ``cfg.data`` (pixels of images, (2,) for points)."""
+    """The shape of one example of ``cfg.data`` (pixels of images, (2,) for points, (C, L) for sound)."""
     d = cfg.data
     if d.dataset == "mnist":
         return (1, 28, 28)
@@ -89,6 +92,8 @@ def image_shape(cfg) -> tuple:
         if len(size) == 1:
             size = size * 2
         return (int(d.channels), int(size[0]), int(size[1]))
+    if d.dataset == "audio":
+        return (int(d.channels), int(d.length))
     raise DataError(f"data.dataset: unknown dataset '{d.dataset}'; choose one of {', '.join(DATASETS)}")
 
 
@@ -113,6 +118,11 @@ def build_dataset(cfg):
         if cfg.text.encoder:  # a text run: the folder with its captions (images without one skipped)
             return CaptionedImageFolder(d.path, tuple(size), d.channels)
         return ImageFolderDataset(d.path, tuple(size), d.channels)
+    if d.dataset == "audio":
+        if not d.path:
+            raise DataError("data.path: required when data.dataset is 'audio'; set it to a folder of WAV, FLAC or "
+                            "OGG files")
+        return AudioFolderDataset(d.path, d.sample_rate, d.length, d.channels)
     raise DataError(f"data.dataset: unknown dataset '{d.dataset}'; choose one of {', '.join(DATASETS)}")
 
 

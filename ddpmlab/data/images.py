@@ -77,8 +77,8 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name in _SKIP_DIRS
 
 
-def _is_image_file(name: str) -> bool:
-    return not is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
+def _is_image_file(name: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> bool:
+    return not is_hidden(name) and name.lower().endswith(tuple(extensions))
 
 
 def _outside(path: str, root: str) -> bool:
@@ -92,10 +92,11 @@ def _link_out(path: str) -> tuple[str, str]:
                   "copy the files into the folder or point data.path at them")
 
 
-def _walk_images(folder: str, root: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """(all image files below ``folder``, sorted; (path, reason) of what was not used): symbolic links are
-    followed once where they stay inside ``root`` (a real path), never out of it; a folder that cannot be
-    listed is reported, not passed over in silence."""
+def _walk_images(folder: str, root: str,
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS) -> tuple[list[str], list[tuple[str, str]]]:
+    """(all files of ``extensions`` below ``folder``, sorted; (path, reason) of what was not used): symbolic
+    links are followed once where they stay inside ``root`` (a real path), never out of it; a folder that
+    cannot be listed is reported, not passed over in silence."""
     found: list[str] = []
     problems: list[tuple[str, str]] = []
     seen: set[str] = set()
@@ -112,7 +113,7 @@ def _walk_images(folder: str, root: str) -> tuple[list[str], list[tuple[str, str
         paths = {d: os.path.join(dirpath, d) for d in sorted(dirnames) if not is_hidden(d)}
         problems += [_link_out(p) for p in paths.values() if os.path.islink(p) and _outside(p, root)]
         dirnames[:] = [d for d, p in paths.items() if not (os.path.islink(p) and _outside(p, root))]
-        for path in (os.path.join(dirpath, f) for f in sorted(filenames) if _is_image_file(f)):
+        for path in (os.path.join(dirpath, f) for f in sorted(filenames) if _is_image_file(f, extensions)):
             if os.path.islink(path) and _outside(path, root):
                 problems.append(_link_out(path))
             else:
@@ -192,21 +193,24 @@ def skip_report(skipped: Sequence[tuple[str, str]], limit: int = 20, indent: str
     return "\n".join(lines)
 
 
-def _check_folder(root: str) -> None:
+def _check_folder(root: str, kind: str = "image") -> None:
     if not os.path.exists(root):
         raise DataError(
             f"data.path: folder '{root}' does not exist; check the path (relative paths start "
-            f"from '{os.getcwd()}') or set data.path to a folder of images"
+            f"from '{os.getcwd()}') or set data.path to a folder of {kind}s"
         )
     if not os.path.isdir(root):
-        raise DataError(f"data.path: '{root}' is a file, not a folder; set data.path to the folder that holds the images")
+        raise DataError(f"data.path: '{root}' is a file, not a folder; set data.path to the folder that holds the "
+                        f"{kind}s")
 
 
-def scan_folder(root: str) -> tuple[list[str], list[int], list[str], list[tuple[str, str]]]:
+def scan_folder(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                kind: str = "image") -> tuple[list[str], list[int], list[str], list[tuple[str, str]]]:
     """(files, labels, class names, (path, reason) of what is not used) of a folder, without decoding any:
     its first-level sub-folders that hold at least one image (recursively) are the classes; without any,
-    the images directly in it, unlabeled.  Links out of ``root`` and unlistable folders are the not used."""
-    _check_folder(root)
+    the images directly in it, unlabeled.  Links out of ``root`` and unlistable folders are the not used.
+    ``extensions`` and ``kind`` (the word of the messages): another kind of file, e.g. sound files."""
+    _check_folder(root, kind)
     try:
         entries = sorted(os.listdir(root))
     except OSError as e:
@@ -215,11 +219,11 @@ def scan_folder(root: str) -> tuple[list[str], list[int], list[str], list[tuple[
     paths = {e: os.path.join(root, e) for e in entries if not is_hidden(e)}
     problems = [_link_out(p) for p in paths.values() if os.path.islink(p) and _outside(p, real)]
     paths = {e: p for e, p in paths.items() if not (os.path.islink(p) and _outside(p, real))}
-    top_files = [p for e, p in paths.items() if _is_image_file(e) and os.path.isfile(p)]
+    top_files = [p for e, p in paths.items() if _is_image_file(e, extensions) and os.path.isfile(p)]
     class_files: dict[str, list[str]] = {}
     for e, sub in paths.items():
         if os.path.isdir(sub):
-            files, missed = _walk_images(sub, real)
+            files, missed = _walk_images(sub, real, extensions)
             problems += missed
             if files:
                 class_files[e] = files
@@ -233,7 +237,7 @@ def scan_folder(root: str) -> tuple[list[str], list[int], list[str], list[tuple[
             labels += [label] * len(class_files[name])
         if top_files:
             warnings.warn(
-                f"data.path: {len(top_files)} image(s) directly in '{root}' are ignored because "
+                f"data.path: {len(top_files)} {kind}(s) directly in '{root}' are ignored because "
                 f"its sub-folders are used as classes ({', '.join(class_names[:5])}"
                 f"{', ...' if len(class_names) > 5 else ''}); move them into a sub-folder",
                 stacklevel=3,
@@ -241,8 +245,8 @@ def scan_folder(root: str) -> tuple[list[str], list[int], list[str], list[tuple[
     if not files:
         missed = f" ('{problems[0][0]}' {problems[0][1]})" if problems else ""
         raise DataError(
-            f"data.path: folder '{root}' contains no image files (searched recursively for "
-            f"{', '.join(IMAGE_EXTENSIONS)}, any case){missed}; add images or point data.path at another folder"
+            f"data.path: folder '{root}' contains no {kind} files (searched recursively for "
+            f"{', '.join(extensions)}, any case){missed}; add {kind}s or point data.path at another folder"
         )
     return files, labels, class_names, problems
 

@@ -6,10 +6,11 @@ from typing import Optional
 
 from torch import nn
 
-from ddpmlab.config import Config, dit_settings
+from ddpmlab.config import Config, diffwave_settings, dit_settings
 from ddpmlab.data import data_shape
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.models.conditioned import condition_channels, conditioned
+from ddpmlab.models.diffwave import DiffWave
 from ddpmlab.models.dit import DiT
 from ddpmlab.models.dit_text import TextDiT
 from ddpmlab.models.mlp import MLPDenoiser
@@ -19,7 +20,7 @@ from ddpmlab.models.unet import UNet
 
 def build_model(cfg: Config, out_channels_multiplier: Optional[int] = None) -> nn.Module:
     """The denoiser for ``cfg``: a UNet (model.kind 'unet'), a DiT ('dit'; PixArt-alpha's TextDiT with
-    dit.context_dim) or an MLPDenoiser on 2D points ('mlp').
+    dit.context_dim), an MLPDenoiser on 2D points ('mlp') or DiffWave on sound ('diffwave').
 
     The output has ``out_channels_multiplier`` times the data channels; by default 2 when
     ``diffusion.variance`` is learned_range (eps and the variance head), else 1.
@@ -40,6 +41,8 @@ def _network(cfg: Config, out_channels_multiplier: int) -> nn.Module:
         return _mlp(cfg, out_channels_multiplier)
     if cfg.model.kind == "dit":
         return _dit(cfg, out_channels_multiplier)
+    if cfg.model.kind == "diffwave":
+        return _diffwave(cfg, out_channels_multiplier)
     return _unet(cfg, out_channels_multiplier)
 
 
@@ -84,6 +87,15 @@ def _dit(cfg: Config, out_channels_multiplier: int) -> nn.Module:
     if cfg.dit.context_dim is not None:
         return TextDiT(**shared, context_dim=cfg.dit.context_dim, pooled_dim=cfg.dit.pooled_dim)
     return DiT(**shared)
+
+
+def _diffwave(cfg: Config, out_channels_multiplier: int) -> DiffWave:
+    """Kong et al. 2021's DiffWave on waveforms (C, L), sized by diffwave.preset or its keys."""
+    w, channels = cfg.diffwave, int(cfg.data.channels)
+    sizes = diffwave_settings(w)
+    return DiffWave(in_channels=channels, out_channels=channels * out_channels_multiplier, layers=sizes["layers"],
+                    channels=sizes["channels"], dilation_cycle=sizes["dilation_cycle"], embed_dim=w.embed_dim,
+                    num_classes=cfg.model.num_classes, label_dim=w.label_dim, upsample=tuple(w.upsample))
 
 
 def count_parameters(model: nn.Module) -> int:

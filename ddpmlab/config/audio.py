@@ -1,0 +1,109 @@
+"""The sound keys of a config: DiffWave's presets and the checks of data.dataset=audio and model.kind=diffwave.
+
+Never changes the config; each error names the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+
+from ddpmlab.config.sections import Config, DiffWaveConfig
+from ddpmlab.errors import ConfigError
+
+# Kong et al. 2021, Sec. 5: DiffWave_BASE (30 layers, C = 64, dilation cycle [1, 2, ..., 512]) and
+# DiffWave_LARGE (C = 128); small: a model a CPU trains in minutes (receptive field 253 samples)
+DIFFWAVE_PRESETS = {
+    "base": dict(layers=30, channels=64, dilation_cycle=10),
+    "large": dict(layers=30, channels=128, dilation_cycle=10),
+    "small": dict(layers=12, channels=32, dilation_cycle=6),
+}
+DIFFWAVE_KEYS = ("layers", "channels", "dilation_cycle")
+SOUND_CHANNELS = (1, 2)
+
+
+def diffwave_settings(d: DiffWaveConfig, source: str = "config") -> dict:
+    """DiffWave's {layers, channels, dilation_cycle}: diffwave.preset's, else the explicit keys (base's where null)."""
+    if d.preset is None:
+        return {k: DIFFWAVE_PRESETS["base"][k] if getattr(d, k) is None else getattr(d, k) for k in DIFFWAVE_KEYS}
+    if d.preset not in DIFFWAVE_PRESETS:
+        close = difflib.get_close_matches(str(d.preset).lower(), list(DIFFWAVE_PRESETS), n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(f"{source}: unknown diffwave.preset {d.preset!r}; {hint}choose one of "
+                          f"{', '.join(DIFFWAVE_PRESETS)}")
+    preset = DIFFWAVE_PRESETS[d.preset]
+    clash = [f"diffwave.{k}={getattr(d, k)}" for k, v in preset.items() if getattr(d, k) not in (None, v)]
+    if clash:
+        sets = ", ".join(f"diffwave.{k}={v}" for k, v in preset.items())
+        raise ConfigError(f"{source}: diffwave.preset={d.preset} sets {sets}, but the config also gives "
+                          f"{', '.join(clash)}; drop diffwave.preset to size DiffWave by hand, or drop those keys")
+    return dict(preset)
+
+
+def _positive_int(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value > 0
+
+
+def validate_audio(cfg: Config, source: str = "config") -> None:
+    """Sound data goes with DiffWave and DiffWave with sound; the sound keys' values."""
+    d, kind = cfg.data, cfg.model.kind
+    audio = d.dataset == "audio"
+    if kind == "diffwave" and not audio:
+        raise ConfigError(f"{source}: model.kind=diffwave generates sound; set data.dataset=audio (and data.path "
+                          f"to a folder of WAV, FLAC or OGG files), or a model for {d.dataset} (unet, dit, mlp)")
+    if audio and kind != "diffwave":
+        raise ConfigError(f"{source}: data.dataset=audio is sound: set model.kind=diffwave (model.kind={kind} is "
+                          "for images or points)")
+    _validate_diffwave(cfg.diffwave, kind, source)
+    if not audio:
+        return
+    if not d.path:
+        raise ConfigError(f"{source}: 'data.path' is required when data.dataset is 'audio': a folder of WAV, FLAC "
+                          "or OGG files (sub-folders as classes)")
+    if d.channels not in SOUND_CHANNELS:
+        raise ConfigError(f"{source}: 'data.channels' must be 1 (mono) or 2 (stereo) for sound, got {d.channels}")
+    for key in ("sample_rate", "length", "n_fft", "hop_length", "n_mels"):
+        if not _positive_int(getattr(d, key)):
+            raise ConfigError(f"{source}: 'data.{key}' must be a positive integer, got {getattr(d, key)!r}")
+    nyquist = d.sample_rate / 2
+    f_max = nyquist if d.f_max is None else d.f_max
+    if not 0 <= d.f_min < f_max <= nyquist:
+        raise ConfigError(f"{source}: need 0 <= data.f_min < data.f_max <= data.sample_rate / 2 = {nyquist:g} Hz, "
+                          f"got f_min={d.f_min}, f_max={d.f_max}")
+    hop = math.prod(cfg.diffwave.upsample)
+    if hop != d.hop_length:
+        raise ConfigError(f"{source}: diffwave.upsample {cfg.diffwave.upsample} upsamples the mel frames "
+                          f"{hop}-fold, but data.hop_length is {d.hop_length}; make their product equal")
+    _refuse_image_features(cfg, source)
+
+
+def _validate_diffwave(w: DiffWaveConfig, kind: str, source: str) -> None:
+    if kind != "diffwave":
+        given = [f"diffwave.{k}" for k in ("preset",) + DIFFWAVE_KEYS if getattr(w, k) is not None]
+        if given:
+            raise ConfigError(f"{source}: {', '.join(given)} {'size' if len(given) > 1 else 'sizes'} DiffWave, but "
+                              f"model.kind is {kind!r}; set model.kind=diffwave or drop them")
+        return
+    for key, value in diffwave_settings(w, source).items():
+        if not _positive_int(value):
+            raise ConfigError(f"{source}: 'diffwave.{key}' must be a positive integer, got {value!r}")
+    for key in ("embed_dim", "label_dim"):
+        if not _positive_int(getattr(w, key)):
+            raise ConfigError(f"{source}: 'diffwave.{key}' must be a positive integer, got {getattr(w, key)!r}")
+    if not w.upsample or not all(_positive_int(s) for s in w.upsample):
+        raise ConfigError(f"{source}: 'diffwave.upsample' must be a list of positive integer strides (their "
+                          f"product data.hop_length), got {w.upsample}")
+
+
+def _refuse_image_features(cfg: Config, source: str) -> None:
+    """What works on pictures only, refused on sound in one line."""
+    m = cfg.model
+    if m.condition != "none":
+        raise ConfigError(f"{source}: model.condition={m.condition} conditions on a low-resolution image; sound "
+                          "(data.dataset=audio) takes model.condition=none")
+    if m.autoencoder:
+        raise ConfigError(f"{source}: model.autoencoder (latent diffusion) encodes images; DiffWave works on the "
+                          "waveform: set model.autoencoder=null")
+    if cfg.train.eval_every:
+        raise ConfigError(f"{source}: train.eval_every's metrics (FID, SWD, ...) score images or points, not "
+                          "sound: set train.eval_every=0")
