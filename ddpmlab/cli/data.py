@@ -1,9 +1,11 @@
-"""``ddpm data shapes OUT``: its options, and what it does (write the folder, say how to train on it)."""
+"""``ddpm data shapes OUT`` and ``ddpm data shards SRC OUT``: their options, and what they do (write the data,
+say how to train on it)."""
 
 from __future__ import annotations
 
 from ddpmlab.data.shapes import COLOURS, POSITIONS, SHAPES, SIZES, ShapesSpec, held_out_classes
 from ddpmlab.data.shapes_folder import write_shapes_folder
+from ddpmlab.data.shard_writer import write_shards
 
 
 def _comma_list(text: str) -> list:
@@ -39,4 +41,34 @@ def cmd_data_shapes(args) -> int:
     classes = spec.num_classes - (len(held_out_classes(spec)) if args.hold_out else 0)
     print(f"wrote {out}: {args.n} images of {classes} classes, {args.size}x{args.size}; train on it with\n"
           f"  ddpm train data.dataset=folder data.path={out} data.image_size={args.size} model.num_classes={classes}")
+    return 0
+
+
+def shards_parser(dsub) -> None:
+    """``ddpm data shards`` under the ``ddpm data`` actions ``dsub``."""
+    ds = dsub.add_parser(
+        "shards", help="write an image folder as WebDataset tar shards (data.dataset=webdataset streams them)",
+        description="Write the images of SRC (class sub-folders: a .cls label each; metadata.jsonl or .txt captions: "
+                    "a .txt member each) as WebDataset shards OUT/shard-000000.tar, ... of --per-shard samples, "
+                    "shuffled once, and OUT/shards.json (sample counts, class names). The images keep their bytes. "
+                    "Images without a caption (where SRC has captions) and files that do not decode are left out "
+                    "and counted. Train on them with data.dataset=webdataset data.path=OUT.")
+    ds.add_argument("src", metavar="SRC", help="image folder, as data.path of data.dataset=folder")
+    ds.add_argument("out", metavar="OUT", help="new folder to write (must not exist)")
+    ds.add_argument("--per-shard", type=int, default=1000, metavar="N",
+                    help="samples per shard (default 1000; a run needs at least processes x loader workers shards)")
+    ds.add_argument("--seed", type=int, default=0, help="seed of the one shuffle before sharding (default 0)")
+    ds.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ds.set_defaults(func=cmd_data_shards, parser=ds)
+
+
+def cmd_data_shards(args) -> int:
+    index = write_shards(args.src, args.out, per_shard=args.per_shard, seed=args.seed, progress=not args.no_progress)
+    what = ", with captions" if index["captions"] else ""
+    classes = len(index["class_names"])
+    what += f", {classes} classes" if classes else ""
+    text = " text.encoder=own" if index["captions"] else ""
+    labels = f" model.num_classes={classes}" if classes else ""
+    print(f"wrote {args.out}: {index['samples']} samples in {len(index['shards'])} shards{what}; train on them with\n"
+          f"  ddpm train data.dataset=webdataset data.path={args.out}{labels}{text}")
     return 0
