@@ -7,7 +7,8 @@ Every dataset returned by :func:`build_dataset` yields ``(x, y)`` pairs (x float
 (``data.dataset: audio``) is an :class:`~ddpmlab.data.audio.AudioFolderDataset`: x (C, L) in [-1, 1], ``is_audio``
 and ``sample_rate``.  A text run's image folder
 (``text.encoder`` set) is a :class:`~ddpmlab.data.captions.CaptionedImageFolder`: ``(x, y, index)`` and
-``captions``.
+``captions``.  WebDataset shards (``data.dataset: webdataset``) are a :class:`~ddpmlab.data.stream.ShardStream`,
+``streamed``: never indexed, batched by training step (``step_batches``; a text run's batches carry their captions).
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from ddpmlab.data.bundled import load_digits, load_mnist, split_indices
 from ddpmlab.data.captions import CaptionedImageFolder
 from ddpmlab.data.images import IMAGE_EXTENSIONS, ImageFolderDataset, from_uint8, load_image, scan_folder, to_uint8
 from ddpmlab.data.latents import latent_shape
+from ddpmlab.data.stream import ShardStream
 from ddpmlab.data.toy import TOY_NAMES, make_toy
 from ddpmlab.errors import DataError
 
 __all__ = [
     "InMemoryDataset", "TensorDataset", "ImageFolderDataset", "CaptionedImageFolder", "AudioFolderDataset",
-    "build_dataset", "data_shape", "image_shape",
+    "ShardStream", "build_dataset", "data_shape", "image_shape",
     "load_mnist", "load_digits", "make_toy", "load_image", "training_image", "split_indices", "to_uint8", "from_uint8",
     "IMAGE_EXTENSIONS", "TOY_NAMES", "DATASETS",
 ]
@@ -87,7 +89,7 @@ def image_shape(cfg) -> tuple:
         return (1, 8, 8)
     if d.dataset == "toy":
         return (2,)
-    if d.dataset == "folder":
+    if d.dataset in ("folder", "webdataset"):
         size = list(d.image_size)
         if len(size) == 1:
             size = size * 2
@@ -118,6 +120,12 @@ def build_dataset(cfg):
         if cfg.text.encoder:  # a text run: the folder with its captions (images without one skipped)
             return CaptionedImageFolder(d.path, tuple(size), d.channels)
         return ImageFolderDataset(d.path, tuple(size), d.channels)
+    if d.dataset == "webdataset":  # streamed: a text run's samples need a caption, a conditional run's a label
+        if not d.path:
+            raise DataError("data.path: required when data.dataset is 'webdataset'; set it to a folder of .tar shards "
+                            "or a pattern such as shards/train-{000000..000099}.tar")
+        return ShardStream(d.path, image_shape(cfg)[1:], d.channels, captions=bool(cfg.text.encoder),
+                           num_classes=cfg.model.num_classes or 0, seed=cfg.train.seed)
     if d.dataset == "audio":
         if not d.path:
             raise DataError("data.path: required when data.dataset is 'audio'; set it to a folder of WAV, FLAC or "
@@ -130,6 +138,9 @@ def training_image(cfg, index: int) -> torch.Tensor:
     """Example ``index`` of ``cfg.data``'s images as (C, H, W) in [-1, 1].  An image folder is listed and only
     that one file decoded (in :class:`ImageFolderDataset`'s order, which skips unreadable files)."""
     d = cfg.data
+    if d.dataset == "webdataset":
+        raise DataError(f"training image {index}: the run's data are streamed shards ({d.path}), which have no "
+                        "numbered images; give the image as a file instead")
     if d.dataset != "folder":
         data = build_dataset(cfg)
         _check_index(index, len(data))
