@@ -39,6 +39,7 @@ from ddpmlab.errors import DataError
 
 SHARD_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")  # member suffixes read as the image
+_READ = (*IMAGE_MEMBERS, "txt", "cls")  # the members a sample's use reads
 INDEX_FILE = "shards.json"  # written by `ddpm data shards`: each shard's sample count, captions, class names
 _RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)\}")
 _ALTERNATIVES = re.compile(r"\{([^{}]*,[^{}]*)\}")
@@ -273,15 +274,15 @@ def read_samples(url: str, rules: Rules, report: Optional[ShardReport] = None) -
                 if not member.isfile():
                     continue
                 k, suffix = _split(member.name)
-                if not suffix or k.rpartition("/")[2].startswith(("._", "__")):
-                    continue  # no suffix, macOS resource forks, WebDataset's __key__-style metadata
+                if not suffix or member.name.rpartition("/")[2].startswith((".", "__")):
+                    continue  # no suffix, hidden files (macOS resource forks), WebDataset's __key__-style metadata
                 if k != key and group:
                     sample = finish()
                     if sample is not None:
                         yield sample
                     group = {}
                 key = k
-                group[suffix] = tar.extractfile(member).read()
+                group[suffix] = tar.extractfile(member).read() if suffix in _READ else b""  # json, npy, ...: unread
         if group:  # the shard ended cleanly: its last sample is whole
             sample = finish()
             if sample is not None:
