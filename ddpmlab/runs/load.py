@@ -105,6 +105,11 @@ class Run:
         return len(self.shape) == 3
 
     @property
+    def is_audio(self) -> bool:
+        """Sound (data.dataset=audio): samples (C, L) in [-1, 1] at data.sample_rate."""
+        return self.cfg.data.dataset == "audio"
+
+    @property
     def num_classes(self) -> int:
         return int(self.cfg.model.num_classes or 0)
 
@@ -114,8 +119,9 @@ class Run:
 
     @property
     def clip_x0(self) -> Optional[float]:
-        """Predicted x0 is clamped to the data range [-1, 1] for images (Ho et al.'s sampler), not for points."""
-        return 1.0 if self.is_image and not self.is_latent else None  # latents have no fixed range
+        """Predicted x0 is clamped to the data range [-1, 1] for images (Ho et al.'s sampler) and sound, not for
+        points."""
+        return 1.0 if (self.is_image or self.is_audio) and not self.is_latent else None  # latents: no fixed range
 
     def class_index(self, label: Union[int, str, None]) -> Optional[int]:
         """The label of class ``label`` (a name or an index; None stays None), checked against this run."""

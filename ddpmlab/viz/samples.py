@@ -1,4 +1,5 @@
-"""Samples of a run as pictures: a grid of images, or a scatter plot of 2-D points over the data."""
+"""Samples of a run as pictures: a grid of images, a scatter plot of 2-D points over the data, or sound's
+waveforms and spectrograms with a WAV file per sample."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from ddpmlab.data import build_dataset
 from ddpmlab.io.images import save_grid, save_images
 from ddpmlab.runs import Output, Run, grid_scale
 from ddpmlab.viz.images import save_scatter
+from ddpmlab.viz.sound import save_sound_samples
 
 
 def reference_points(data, n: int = 2000) -> torch.Tensor:
@@ -22,7 +24,10 @@ def save_samples(run: Run, x: torch.Tensor, output: Output, title: str = "sample
                  reference: Optional[torch.Tensor] = None) -> List[Path]:
     """Pictures of samples x (n, *shape): the grid (or scatter plot) at ``output.picture``, and for a
     folder output one PNG per image beside it.  Returns the files written.  ``reference``: the
-    scatter plot's backdrop (default: the run's data, built from its config)."""
+    scatter plot's backdrop (default: the run's data, built from its config).  Sound: its picture and one WAV
+    per sample (:func:`~ddpmlab.viz.sound.save_sound_samples`)."""
+    if run.is_audio:
+        return save_sound_samples(x, output, run.cfg.data, title=title)
     if not run.is_image:
         ref = reference if reference is not None else reference_points(build_dataset(run.cfg))
         return [save_scatter(x, output.picture, reference=ref, title=title)]

@@ -192,7 +192,7 @@ class DiffusionTask(Task):
         path = self.ctx.run_dir / "samples" / f"{tag}.png"
         if truth is not None:
             return save_comparison(path, low_res(truth, self.cfg), x, truth)
-        ref = None if self.dataset.is_image else reference_points(self.dataset)
+        ref = None if self.dataset.is_image or run.is_audio else reference_points(self.dataset)
         return save_samples(run, x, Output(path, is_folder=False), title=f"samples at {tag}", reference=ref)[0]
 
     def drawing_seconds(self) -> float:
