@@ -1,7 +1,9 @@
 """A task's training data: read and checked, described in one line, encoded to latents, batched by step.
 
 The data order depends only on the training step (:class:`StepBatchSampler`), never on how often a run
-was stopped and resumed or on how many processes share it."""
+was stopped and resumed or on how many processes share it.  Streamed shards (``data.dataset: webdataset``,
+:mod:`ddpmlab.data.stream`) are batched by step too, in an order that also depends on the number of processes
+and loader workers; a latent run encodes their batches as they come (:class:`LatentStream`)."""
 
 from __future__ import annotations
 
@@ -61,6 +63,9 @@ class StepBatchSampler(torch.utils.data.Sampler):
 def load_data(cfg: Config) -> torch.utils.data.Dataset:
     """The training data of ``cfg.data``, checked against model.num_classes and data.low_res."""
     dataset = build_dataset(cfg)
+    if getattr(dataset, "streamed", False):
+        check_streamed(cfg)
+        dataset.check()  # the first shard has a usable sample
     if dataset.is_image:
         check_low_res(cfg, dataset.sample_shape)  # super-resolution: the low-res size fits the images
     n = cfg.model.num_classes
@@ -73,13 +78,50 @@ def load_data(cfg: Config) -> torch.utils.data.Dataset:
     return dataset
 
 
+def check_streamed(cfg: Config) -> None:
+    """Refuse what needs numbered examples of streamed shards, which have none."""
+    what = f"data.dataset=webdataset streams its shards ({cfg.data.path}) and numbers no image"
+    if cfg.train.eval_every:
+        raise ConfigError(f"train.eval_every={cfg.train.eval_every}: the evaluation's reference images are numbered "
+                          f"images of the data, and {what}; set train.eval_every=0")
+    if cfg.model.condition != "none":
+        raise ConfigError(f"model.condition={cfg.model.condition}: the drawings pick numbered images of the data, and "
+                          f"{what}; train on an image folder (data.dataset=folder)")
+
+
+class LatentStream:
+    """Streamed shards seen through an autoencoder: each batch's images encoded as it comes (on the training
+    device), z' = (mu(x) - shift) * scale (Rombach et al. 2022); the rest of the batch (labels, texts) as is."""
+
+    streamed = True
+    is_image = True
+
+    def __init__(self, stream, codec):
+        self.stream, self.codec = stream, codec
+        self.sample_shape = codec.latent_shape(stream.sample_shape)
+        self.num_classes, self.class_names = stream.num_classes, stream.class_names
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def encode(self, batch) -> tuple:
+        return (self.codec.encode(batch[0]), *batch[1:])
+
+
 def latent_dataset(cfg: Config, dataset, accelerator: Accelerator, main: bool, progress: bool) -> tuple:
     """(the latents of ``dataset`` as an InMemoryDataset, what RUN/latents.json records).
 
     Rombach et al. 2022: z' = (mu(x) - shift) * scale of every image, encoded once and cached in
     <cache dir>/latents/<key>.safetensors, key = hash(data content, autoencoder weights and scaling).
+    Streamed shards are encoded batch by batch instead (:class:`LatentStream`).
     """
     codec = load_autoencoder(cfg.model.autoencoder, accelerator.device)
+    if getattr(dataset, "streamed", False):
+        out = LatentStream(dataset, codec)
+        if main:
+            print(f"latents: {out.sample_shape} per image from {codec.source}, encoded batch by batch")
+        return out, {"autoencoder": str(Path(codec.source).resolve()), "identity": codec.identity,
+                     "scale_factor": codec.scale, "shift_factor": codec.shift, "latent_shape": list(out.sample_shape)}
     key = latent_cache_key(dataset_fingerprint(dataset), codec.identity)
     cache_file = default_cache_dir() / "latents" / f"{key}.safetensors"
 
@@ -111,6 +153,12 @@ def describe_data(cfg: Config, dataset) -> str:
         classes = f", {dataset.num_classes} classes" if dataset.num_classes else ""
         return (f"data: {len(dataset):,} sound clips from {dataset.root}{classes}, {'mono' if c == 1 else 'stereo'}, "
                 f"{length} samples at {d.sample_rate} Hz ({length / d.sample_rate:.3g} s)")
+    if d.dataset == "webdataset":
+        c, h, w = dataset.sample_shape
+        what = ", with captions" if dataset.rules.captions else ""
+        what += f", {dataset.num_classes} classes" if dataset.num_classes else ""
+        return (f"data: {len(dataset.shards):,} WebDataset shards streamed from {d.path}{what}, resized and "
+                f"center-cropped to {w}x{h}, {c} channel{'s' if c != 1 else ''}")
     if d.dataset == "toy":
         noise = f", noise {d.toy_noise}" if d.toy_noise else ""
         return f"data: {len(dataset):,} points of the 2-D toy distribution {d.toy}{noise}"
@@ -128,10 +176,30 @@ def describe_data(cfg: Config, dataset) -> str:
 
 
 def step_loader(dataset, cfg: Config, start: int, stop: int, accelerator) -> torch.utils.data.DataLoader:
-    """This process's batches of training steps start..stop-1 (see StepBatchSampler)."""
+    """This process's batches of training steps start..stop-1 (see StepBatchSampler; streamed shards: see
+    :mod:`ddpmlab.data.stream`)."""
     t = cfg.train
     check_batch_split(t.batch_size, accelerator.num_processes, t.grad_accum_steps)
+    if getattr(dataset, "streamed", False):
+        return stream_loader(dataset, cfg, start, stop, accelerator)
     sampler = StepBatchSampler(len(dataset), t.batch_size, start, stop, t.seed, accelerator.process_index,
                                accelerator.num_processes)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                                        pin_memory=accelerator.device.type == "cuda")
+
+
+def _as_is(batch):
+    return batch  # a stream's batches come whole from its workers
+
+
+def stream_loader(dataset, cfg: Config, start: int, stop: int, accelerator):
+    """Streamed shards' batches of training steps start..stop-1 for this process: its DataLoader (one stream per
+    worker, :class:`~ddpmlab.data.stream.StepBatches`), a latent run's batches encoded as they come."""
+    world, workers = accelerator.num_processes, cfg.data.num_workers
+    stream = getattr(dataset, "stream", dataset)  # a LatentStream wraps the stream of pixels
+    batches = stream.step_batches(start, stop, cfg.train.batch_size // world, accelerator.process_index, world,
+                                  max(workers, 1))
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                                         pin_memory=accelerator.device.type == "cuda")
+    encode = getattr(dataset, "encode", None)
+    return loader if encode is None else (encode(batch) for batch in loader)
