@@ -11,6 +11,10 @@ Sampling (their Eq. 6): the guided prediction is
 scale 1 being plain conditional sampling, 0 unconditional sampling and > 1 a push
 towards the class (their w = scale - 1).  :func:`guided` wraps the network, so every
 sampler gets guidance through the unchanged :class:`~ddpmlab.samplers.base.ModelPredictor`.
+
+Text (GLIDE, Nichol et al. 2022, Sec. 3.2): caption dropout trains the empty prompt as the
+unconditional model, and :class:`TextGuidance` takes the same Eq. 6 with the prompts' output as
+``cond`` and the empty prompt's (or a negative prompt's) as ``uncond``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from torch import nn
 
 from ddpmlab.errors import OPTION, DDPMError, OptionError
+from ddpmlab.models.text_condition import TextCondition, cat_text
 
 
 def drop_labels(y: torch.Tensor, p: float, null_label: int, generator: Optional[torch.Generator] = None,
@@ -75,13 +80,66 @@ class ClassifierFreeGuidance(nn.Module):
             return self.model(x_t, t, null)
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(b)
         out = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]))
-        cond, uncond = out[:b], out[b:]
-        c = x_t.shape[1]
-        if out.shape[1] == c:
-            # Ho & Salimans 2022, Eq. 6 with w = scale - 1
-            return uncond + self.scale * (cond - uncond)
-        guided = uncond[:, :c] + self.scale * (cond[:, :c] - uncond[:, :c])
-        return torch.cat([guided, cond[:, c:]], dim=1)
+        return combine(out[:b], out[b:], x_t.shape[1], self.scale)
+
+
+def combine(cond: torch.Tensor, uncond: torch.Tensor, channels: int, scale: float) -> torch.Tensor:
+    """uncond + scale * (cond - uncond) (Ho & Salimans 2022, Eq. 6 with w = scale - 1) in the first ``channels``
+    channels; further channels (a learned variance) are the conditional output's, as GLIDE keeps them."""
+    if cond.shape[1] == channels:
+        return uncond + scale * (cond - uncond)
+    guided = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
+    return torch.cat([guided, cond[:, channels:]], dim=1)
+
+
+def _same(a: TextCondition, b: TextCondition) -> bool:
+    """Whether two text conditions are equal (tokens, mask and pooled embedding)."""
+    def eq(u, v):
+        return (u is None and v is None) or (u is not None and v is not None and u.shape == v.shape
+                                             and torch.equal(u, v))
+    return eq(a.tokens, b.tokens) and eq(a.full_mask(), b.full_mask()) and eq(a.pooled, b.pooled)
+
+
+class TextGuidance(nn.Module):
+    """Classifier-free guidance on text: a denoiser ``forward(x_t, t, y=None)`` returning
+    uncond + scale * (cond - uncond), ``cond`` the output for the prompts' TextCondition, ``uncond`` for the
+    unconditional (empty) or negative prompt's (GLIDE, Nichol et al. 2022, Sec. 3.2; Ho & Salimans 2022, Eq. 6).
+
+    ``model(x, t, y, cond=TextCondition)``: a text-to-image denoiser; ``cond``, ``uncond``: TextConditions of
+    n rows, row i of a batch reading row ``i mod n`` (a batch of k * n rows sees them repeated).  Class labels
+    ``y`` stay in both passes (the guidance is the text's).  Both passes run as one batch of 2B (:func:`cat_text`
+    pads the shorter token sequence with masked tokens).  Scale 1, and an unconditional prompt equal to the
+    prompt (cond - uncond = 0), run one pass: exactly the conditional model; scale 0 the unconditional one.
+    """
+
+    def __init__(self, model: nn.Module, cond: TextCondition, uncond: TextCondition, scale: float = 1.0):
+        super().__init__()
+        if scale < 0:
+            raise OptionError("guidance", f"{OPTION} must be >= 0 (1: conditional, 0: unconditional), got {scale}")
+        if len(cond) != len(uncond):
+            raise ValueError(f"{len(cond)} prompts but {len(uncond)} unconditional prompts")
+        self.model, self.scale = model, float(scale)
+        self.cond, self.uncond = cond, uncond  # plain attributes: never in a state dict
+        self.one_pass = self.scale == 1.0 or _same(cond, uncond)
+        self.num_classes = getattr(model, "num_classes", None)
+
+    @staticmethod
+    def _rows(c: TextCondition, b: int, device) -> TextCondition:
+        c = c.to(device)
+        return c if len(c) == b else c[torch.arange(b, device=device) % len(c)]
+
+    def forward(self, x_t: torch.Tensor, t, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x_t: (B, ...), t: (B,) or scalar, y: (B,) or None -> the guided output (B, ...)."""
+        b = x_t.shape[0]
+        cond, uncond = self._rows(self.cond, b, x_t.device), self._rows(self.uncond, b, x_t.device)
+        if self.one_pass:
+            return self.model(x_t, t, y, cond=cond)
+        if self.scale == 0.0:
+            return self.model(x_t, t, y, cond=uncond)
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(b)
+        y2 = None if y is None else torch.cat([y, y])
+        out = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), y2, cond=cat_text([cond, uncond]))
+        return combine(out[:b], out[b:], x_t.shape[1], self.scale)
 
 
 def guided(model: nn.Module, y: Optional[torch.Tensor] = None, scale: float = 1.0) -> ClassifierFreeGuidance:
