@@ -15,10 +15,13 @@ from ddpmlab.data import build_dataset, data_shape
 from ddpmlab.data.audio import AudioFolderDataset
 from ddpmlab.data.mel import log_mel, mel_filter_bank, mel_spectrogram
 from ddpmlab.data.resample import resample
+from ddpmlab.diffusion.analytic import ExactDenoiser, Gaussian
+from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import ConfigError, DataError
 from ddpmlab.io.sound import read_wav, save_wavs, to_pcm16, write_wav
 from ddpmlab.models import build_model, count_parameters
 from ddpmlab.models.diffwave import DiffWave, receptive_field
+from ddpmlab.samplers.generate import generate
 
 librosa = pytest.importorskip("librosa")  # the test extra's oracle of the mel spectrogram
 
@@ -275,6 +278,21 @@ def test_the_presets_have_the_papers_sizes(tmp_path):
         assert (net.layers, net.dilation_cycle, len(net.skip_proj.weight)) == (30, 10, channels)
         vocoder = DiffWave(1, layers=30, channels=channels, dilation_cycle=10, mel_channels=80)
         assert abs(count_parameters(vocoder) / paper - 1) < 0.01
+
+
+# ------------------------------------------------------------------------------- samplers on (B, C, L)
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 1000), ("ddim", 100), ("dpmpp_2m", 20), ("dpmpp_2m_sde", 30)])
+def test_samplers_on_gaussian_sequences_reproduce_their_mean_and_covariance(one_thread, sampler, steps):
+    """Sequences (1, 16) of a smooth Gaussian process, drawn through the exact eps* by the samplers as sound is."""
+    i = torch.arange(16, dtype=torch.float64)
+    cov = 0.25 * torch.exp(-(i[:, None] - i[None]) ** 2 / 18) + 0.01 * torch.eye(16)
+    mean = 0.3 * torch.sin(i / 3)
+    schedule = NoiseSchedule.make("linear", 1000)
+    x = generate(ExactDenoiser(Gaussian(mean, cov), schedule), schedule, (1, 16), 4000, sampler=sampler,
+                 steps=steps, clip_x0=None, batch_size=4000, device="cpu", progress=False)
+    flat = x.reshape(4000, 16).double()
+    assert x.shape == (4000, 1, 16)
+    assert (flat.mean(0) - mean).abs().max() < 0.05 and (torch.cov(flat.T) - cov).abs().max() < 0.05
 
 
 # ------------------------------------------------------------------------------------ an audio run
