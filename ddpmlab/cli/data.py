@@ -40,7 +40,9 @@ def cmd_data_shapes(args) -> int:
                               progress=not args.no_progress)
     classes = spec.num_classes - (len(held_out_classes(spec)) if args.hold_out else 0)
     print(f"wrote {out}: {args.n} images of {classes} classes, {args.size}x{args.size}; train on it with\n"
-          f"  ddpm train data.dataset=folder data.path={out} data.image_size={args.size} model.num_classes={classes}")
+          f"  ddpm train data.dataset=folder data.path={out} data.image_size={args.size} model.num_classes={classes}\n"
+          f"or from its captions (text-to-image) with\n  ddpm train --config shapes_text data.path={out} "
+          f"data.image_size=[{args.size},{args.size}]")
     return 0
 
 

@@ -14,6 +14,7 @@ import sys
 from typing import Optional
 
 from ddpmlab.runs import LIST, Run, SamplingRequest
+from ddpmlab.runs.prompts import read_prompts_file
 
 # the library's name of an option -> how a user sets it on the command line
 NAMES = {"sampler": "--sampler", "steps": "--steps", "step_schedule": "--step-schedule", "eta": "--eta",
@@ -21,7 +22,8 @@ NAMES = {"sampler": "--sampler", "steps": "--steps", "step_schedule": "--step-sc
          "weights": "--weights", "device": "--device", "out": "--out", "n": "--n", "batch_size": "--batch-size",
          "strength": "--strength", "metrics": "--metrics", "extractor": "--extractor",
          "inception_weights": "--inception-weights", "reference_steps": "--reference-steps", "timesteps": "--t",
-         "samplers": "--samplers", "nfe": "--nfe", "image": "--image", "mask": "--mask", "resize": "--resize"}
+         "samplers": "--samplers", "nfe": "--nfe", "image": "--image", "mask": "--mask", "resize": "--resize",
+         "prompt": "--prompt", "negative_prompt": "--negative-prompt"}
 # older words for the reverse variances (diffusion.reverse.VARIANCES), read at the command line only
 VARIANCE_ALIASES = {"beta": "fixed_large", "posterior": "fixed_small", "learned": "learned_range"}
 
@@ -59,7 +61,16 @@ def sampling_request(args, n: Optional[int] = None, **fields) -> SamplingRequest
                "threshold": getattr(args, "threshold", None)}
     return SamplingRequest(sampler=args.sampler, steps=args.steps, step_schedule=args.step_schedule, options=options,
                            label=getattr(args, "label", None), guidance=getattr(args, "guidance", None),
-                           seed=args.seed, n=args.n if n is None else n, **fields)
+                           seed=args.seed, n=args.n if n is None else n, prompts=prompts_asked(args),
+                           negative_prompt=getattr(args, "negative_prompt", None), **fields)
+
+
+def prompts_asked(args) -> Optional[list]:
+    """The prompts of --prompt (each) and --prompts FILE (one a line), in that order; None for neither."""
+    prompts = list(getattr(args, "prompt", None) or [])
+    if getattr(args, "prompts_file", None):
+        prompts += read_prompts_file(args.prompts_file)
+    return prompts or None
 
 
 def listed_classes(args, run: Run) -> bool:

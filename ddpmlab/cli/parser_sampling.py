@@ -46,8 +46,9 @@ def class_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--class", dest="label", default=None, metavar="CLASS", help=CLASS_HELP)
 
 
-def sampling_options(p: argparse.ArgumentParser, conditional: bool = True) -> None:
-    """The options of one sampler call (see ddpmlab.runs.SamplingRequest): none given, the run's own."""
+def sampling_options(p: argparse.ArgumentParser, conditional: bool = True, prompts: bool = True) -> None:
+    """The options of one sampler call (see ddpmlab.runs.SamplingRequest): none given, the run's own.
+    ``prompts``: a text run's --prompt, --prompts and --negative-prompt too (with ``conditional``)."""
     p.add_argument("--sampler", default=None,
                    help=f"one of: {SAMPLERS_HELP} (default: as the run samples: the best per NFE that `ddpm bench "
                         "samplers RUN` recorded in RUN/recommended_samplers.json, else the run's own "
@@ -69,9 +70,23 @@ def sampling_options(p: argparse.ArgumentParser, conditional: bool = True) -> No
     if conditional:
         class_option(p)
         p.add_argument("--guidance", type=float, default=None, metavar="SCALE",
-                       help="classifier-free guidance scale (conditional models): 1 conditional, 0 unconditional, "
-                            ">1 stronger (default: the run's train.sample_guidance); without --class the samples "
-                            "cycle through all classes")
+                       help="classifier-free guidance scale (conditional and text runs): 1 conditional, 0 "
+                            "unconditional, >1 stronger (default: the run's train.sample_guidance); without --class "
+                            "the samples cycle through all classes")
+        if prompts:
+            prompt_options(p)
+
+
+def prompt_options(p: argparse.ArgumentParser) -> None:
+    """--prompt, --prompts FILE, --negative-prompt: what a text-to-image run (text.encoder set) draws."""
+    p.add_argument("--prompt", dest="prompt", action="append", default=None, metavar="TEXT",
+                   help="what a text-to-image run draws, --n samples of it (repeat for more prompts; a row of the "
+                        "grid each); default: the run's own prompts (RUN/samples/prompts.txt, training captions) "
+                        "sharing the --n samples")
+    p.add_argument("--prompts", dest="prompts_file", default=None, metavar="FILE",
+                   help="a text file of prompts, one a line: --n samples of each, grouped per prompt")
+    p.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="the unconditional branch of classifier-free guidance (default: the empty prompt)")
 
 
 def sample_parser(sub) -> None:
@@ -157,7 +172,7 @@ def upscale_parser(sub) -> None:
     u.add_argument("--image", required=True, help="the low-res picture (PNG, JPEG, ...), of the run's data.low_res "
                                                   "size; converted to the run's channels")
     u.add_argument("--n", type=int, default=1, help="upscales of the picture, each from its own noise (default 1)")
-    sampling_options(u)
+    sampling_options(u, prompts=False)
     run_options(u, batch_size=64)
     u.add_argument("--out", help="a picture file or a folder (default RUN_DIR/samples/upscale_<image>_<sampler>_"
                                  "<steps>steps_seed<seed>.png)")
@@ -210,9 +225,10 @@ def eval_parser(sub) -> None:
                          "nll (default: fid,kid,is,pr,clean,rough for images, judge too for 1x28x28 ones, acc for "
                          "conditional runs; swd,mmd for 2-D)")
     ev.add_argument("--n", type=int, default=None,
-                    help="samples to draw for the quality metrics (default 1000); for nll the number of held-out "
-                         "examples (default: the whole test split; 5000 fresh 2-D points)")
-    sampling_options(ev)
+                    help="samples to draw for the quality metrics (default 1000; a text run's own prompts share "
+                         "them); for nll the number of held-out examples (default: the whole test split; 5000 "
+                         "fresh 2-D points)")
+    sampling_options(ev, prompts=False)
     ev.add_argument("--extractor", default=None, choices=["classifier", "inception"],
                     help="feature network (default: classifier, or inception when --inception-weights is given)")
     ev.add_argument("--inception-weights", default=None, metavar="PATH",

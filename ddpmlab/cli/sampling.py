@@ -55,7 +55,7 @@ def cmd_sample(args) -> int:
     x = draw_samples(run, plan, batch_size=args.batch_size, progress=not args.no_progress)
     if args.npz:  # the raw samples first: a picture that cannot be written loses nothing
         print(f"wrote {write_raw(x, output)} (samples: {tuple(x.shape)}, values in the data's scale)")
-    files = save_samples(run, x, output, title=plan.describe())
+    files = save_samples(run, x, output, title=plan.describe(), nrow=plan.per_prompt)  # a text run: a row per prompt
     if run.is_audio:  # sound: its picture and a WAV per sample
         print(f"wrote {files[0]} and {len(files) - 1} WAV files (000000.wav ...) in {files[-1].parent}")
         return 0

@@ -146,4 +146,5 @@ def _viz_sampling(args, kind: str) -> List[Path]:
         return viz.viz_reverse(run, plan, args.n, args.seed, args.frames, args.out)
     if kind == "toy":
         return viz.viz_toy(run, plan, None, args.n, args.seed, args.frames, args.out)
-    return viz.viz_grid(run, plan, args.n, args.seed, args.out, args.batch_size, not args.no_progress)
+    # plan.n: --n, or a text run's --n per prompt
+    return viz.viz_grid(run, plan, plan.n, args.seed, args.out, args.batch_size, not args.no_progress)

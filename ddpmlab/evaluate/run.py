@@ -155,7 +155,8 @@ class EvalContext:
         if getattr(self.dataset, "x", None) is not None:
             return self.dataset.x[idx], self.dataset.y[idx]
         items = [self.dataset[int(i)] for i in idx]
-        return torch.stack([a for a, _ in items]), torch.stack([torch.as_tensor(b) for _, b in items])
+        # (x, y) or a captioned folder's (x, y, index)
+        return torch.stack([it[0] for it in items]), torch.stack([torch.as_tensor(it[1]) for it in items])
 
     @cached_property
     def rough_level(self) -> float:

@@ -9,6 +9,8 @@ own sample grids) goes through here, so that they agree on:
 * :mod:`.request` - a :class:`SamplingRequest` (what a user asked for, by name) and
   :func:`plan_request`, the one function that turns it into a :class:`SamplingPlan` as the run
   says (its recommended or own sampler, steps and guidance, its variance, labels);
+* :mod:`.prompts` - a text run's prompts: its own (RUN/samples/prompts.txt), a file of prompts,
+  the text part of a plan (n samples per prompt, the unconditional branch of guidance);
 * :mod:`.draw` - samples as a plan says; :mod:`.edit` - img2img and inpainting of a picture;
 * :mod:`.output` - where the results go: the raw samples are written before any picture, and
   ``out`` may be a file or a folder.
@@ -36,6 +38,7 @@ from ddpmlab.runs.load import (
     resolve_device,
 )
 from ddpmlab.runs.output import Output, grid_scale, resolve_output, write_raw
+from ddpmlab.runs.prompts import PROMPTS_FILE, load_run_prompts, read_prompts_file
 from ddpmlab.runs.request import (
     RECOMMENDATION_FILE,
     SamplingPlan,
@@ -52,11 +55,13 @@ from ddpmlab.runs.request import (
 )
 
 __all__ = [
-    "CLASSES_FILE", "DEVICE_KINDS", "LIST", "RECOMMENDATION_FILE", "WEIGHTS", "InpaintPlan", "InpaintRequest", "Output",
+    "CLASSES_FILE", "DEVICE_KINDS", "LIST", "PROMPTS_FILE", "RECOMMENDATION_FILE", "WEIGHTS", "InpaintPlan",
+    "InpaintRequest", "Output",
     "Run",
     "SamplingPlan", "SamplingRequest", "check_latent_run", "check_steps", "choose_sampler", "class_index",
     "condition_tag", "decode", "default_sampler", "describe_classes", "draw_inpainting", "draw_samples",
     "edit_img2img", "edit_inpaint", "grid_scale", "load_autoencoder", "load_class_names", "load_diffusers_run",
-    "load_run", "own_sampler", "plan_img2img", "plan_inpainting", "plan_request", "read_recommendation",
+    "load_run", "load_run_prompts", "own_sampler", "plan_img2img", "plan_inpainting", "plan_request",
+    "read_prompts_file", "read_recommendation",
     "recommended_sampler", "resolve_device", "resolve_output", "run_guidance", "save_class_names", "write_raw",
 ]

@@ -1,4 +1,4 @@
-"""Drawing samples as a plan says: fresh samples, an image-conditioned run's, a latent run's decoded."""
+"""Drawing samples as a plan says: fresh samples, an image-conditioned or text run's, a latent run's decoded."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ddpmlab.models.conditioned import bind_condition
 from ddpmlab.runs.load import Run
 from ddpmlab.runs.request import SamplingPlan
 from ddpmlab.samplers.generate import generate
-from ddpmlab.samplers.guidance import guided
+from ddpmlab.samplers.guidance import TextGuidance, guided
 
 
 def draw_samples(run: Run, plan: SamplingPlan, n: Optional[int] = None, *, seed: Optional[int] = None,
@@ -35,17 +35,26 @@ def draw_samples(run: Run, plan: SamplingPlan, n: Optional[int] = None, *, seed:
     return x
 
 
+def batch_model(run: Run, plan: SamplingPlan, rows: slice):
+    """The network of samples ``rows`` of a conditioned plan: their rows of plan.cond bound to it, guided as
+    planned (a text run's from its unconditional prompt; else by classes, samplers.guidance.conditioning)."""
+    cond = plan.cond[rows].to(run.device)
+    if plan.uncond is not None:
+        return TextGuidance(run.model, cond, plan.uncond[rows].to(run.device), plan.guidance)
+    net = bind_condition(run.model, cond)
+    return net if plan.guidance is None or run.is_text else guided(net, scale=plan.guidance)
+
+
 def _draw_conditioned(run: Run, plan: SamplingPlan, n: int, seed: int, batch_size: int, progress: bool,
                       callback) -> torch.Tensor:
-    """draw_samples of an image-conditioned run: batch b (noise seed + b, as generate's batches) binds its
-    own rows of plan.cond to the network, guided as planned (the rule of samplers.guidance.conditioning)."""
+    """draw_samples of an image-conditioned or text run: batch b (noise seed + b, as generate's batches)
+    binds its own rows of the plan's conditioning to the network (:func:`batch_model`)."""
     if len(plan.cond) != n:
         raise ConfigError(f"the plan was made for {len(plan.cond)} samples (its conditioning), not {n}")
     out = []
     for b, start in enumerate(range(0, n, batch_size)):
         rows = slice(start, min(start + batch_size, n))
-        net = bind_condition(run.model, plan.cond[rows].to(run.device))
-        net = net if plan.guidance is None else guided(net, scale=plan.guidance)
+        net = batch_model(run, plan, rows)
         labels = None if plan.labels is None else plan.labels[rows]
         out.append(generate(net, run.schedule, run.shape, rows.stop - start, sampler=plan.sampler, steps=plan.steps,
                             prediction=run.cfg.diffusion.prediction, clip_x0=run.clip_x0, batch_size=batch_size,

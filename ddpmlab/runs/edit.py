@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ddpmlab.diffusion.reverse import check_variance
-from ddpmlab.errors import about
+from ddpmlab.errors import ConfigError, about
 from ddpmlab.runs.draw import decode
 from ddpmlab.runs.load import Run
 from ddpmlab.runs.request import (
@@ -96,6 +96,10 @@ class InpaintPlan:
 def plan_inpainting(run: Run, request: InpaintRequest, log: Callable[[str], None] = print) -> InpaintPlan:
     """The RePaint call ``request`` asks for on ``run``: steps within T, the step schedule ddpm takes,
     the run's variance, the class and, where a class is asked for, the run's guidance."""
+    if run.is_text:
+        raise ConfigError(f"{run.dir or 'this run'} is a text-to-image run: inpainting does not take prompts yet; "
+                          f"redraw a picture with a prompt by img2img: ddpm img2img {run.dir or 'RUN'} --image "
+                          "IMAGE --prompt \"...\"")
     get_spec("ddpm").check_step_schedule(request.step_schedule)  # RePaint steps as ddpm does
     check_steps(request.steps, run.T)
     variance = check_variance(request.variance or run.cfg.diffusion.variance)

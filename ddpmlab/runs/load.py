@@ -29,7 +29,10 @@ from ddpmlab.io.diffusers_bridge import load_diffusers_model
 from ddpmlab.io.weights import load_state_dict_file
 from ddpmlab.models import build_model
 from ddpmlab.models.autoencoder import LatentCodec, build_autoencoder, load_diffusers_vae
+from ddpmlab.models.text import build_text_encoder
+from ddpmlab.models.text_to_image import build_text_to_image
 from ddpmlab.runs.classes import class_index, describe_classes, load_class_names
+from ddpmlab.runs.prompts import load_run_prompts
 
 DEVICE_KINDS = ("cpu", "cuda", "mps")
 WEIGHTS = ("ema", "model")
@@ -79,12 +82,15 @@ class Run:
     weights: str = "ema"
     codec: Optional[LatentCodec] = None  # latent runs: the autoencoder (loaded from model.autoencoder when None)
     class_names: Optional[List[str]] = None  # label i's name (RUN/classes.json when None; [] without names)
+    prompts: Optional[List[str]] = None  # a text run's own prompts (RUN/samples/prompts.txt when None)
 
     def __post_init__(self):
         if self.codec is None and self.cfg.model.autoencoder:
             self.codec = load_autoencoder(self.cfg.model.autoencoder, self.device)
         if self.class_names is None:
             self.class_names = load_class_names(self.dir) if self.num_classes else []
+        if self.prompts is None:
+            self.prompts = load_run_prompts(self.dir) if self.is_text else []
 
     @property
     def shape(self) -> tuple:
@@ -108,6 +114,11 @@ class Run:
     def is_audio(self) -> bool:
         """Sound (data.dataset=audio): samples (C, L) in [-1, 1] at data.sample_rate."""
         return self.cfg.data.dataset == "audio"
+
+    @property
+    def is_text(self) -> bool:
+        """Text-conditioned (text.encoder set): its model is a TextToImage that takes prompts."""
+        return bool(getattr(self.cfg, "text", None) is not None and self.cfg.text.encoder)
 
     @property
     def num_classes(self) -> int:
@@ -153,7 +164,7 @@ def load_run(run_dir, weights: str = "ema", device="auto", weights_file=None) ->
         raise DDPMError(f"'{run_dir}' is an autoencoder run (ddpm train-autoencoder), not a diffusion model; train "
                         f"latent diffusion on it with `ddpm train --config mnist_latent model.autoencoder={run_dir}`")
     _locate_autoencoder(cfg, run_dir)
-    model = build_model(cfg)
+    model = build_run_model(cfg, run_dir, device)
     if weights_file is None:
         path, state = newest_weights(run_dir, weights)
         model.load_state_dict(state)
@@ -169,6 +180,14 @@ def load_run(run_dir, weights: str = "ema", device="auto", weights_file=None) ->
               weights)
     check_latent_run(run)
     return run
+
+
+def build_run_model(cfg: Config, run_dir, device) -> nn.Module:
+    """The untrained network of a run's config: its denoiser, with its text encoder for a text run (the own
+    encoder's tokenizer read from ``run_dir``, a frozen encoder from its folder)."""
+    if not cfg.text.encoder:
+        return build_model(cfg)
+    return build_text_to_image(cfg, build_text_encoder(cfg.text, run_dir, device=device))
 
 
 def read_latents_record(run_dir: Path) -> dict:

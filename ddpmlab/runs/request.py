@@ -15,17 +15,19 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from ddpmlab.config import Config
 from ddpmlab.diffusion.reverse import check_variance
-from ddpmlab.errors import OPTION, ConfigError, OptionError
+from ddpmlab.errors import OPTION, ConfigError, OptionError, mention
 from ddpmlab.models.conditioned import bind_condition
+from ddpmlab.models.text_condition import TextCondition
 from ddpmlab.runs.load import Run
-from ddpmlab.samplers.guidance import conditioning
+from ddpmlab.runs.prompts import check_prompts, plan_text
+from ddpmlab.samplers.guidance import TextGuidance, conditioning
 from ddpmlab.samplers.registry import SamplerSpec, fit_step_schedule, get_spec
 from ddpmlab.samplers.student import check_student_steps
 
@@ -50,6 +52,10 @@ class SamplingRequest:
     cond: an image-conditioned run's conditioning, (n or 1, C, H, W) (sample i gets row i).
     img2img_t0: SDEdit of a given picture noised to timestep t0: sampling runs from t0, and the
       picture keeps its own class (no cycled classes, no run guidance) unless a class is asked for.
+    prompts: a text run's prompts, ``n`` samples each, grouped per prompt; None -> the run's own prompts
+      (RUN/samples/prompts.txt) sharing the ``n`` samples.  negative_prompt: the unconditional branch of
+      classifier-free guidance (None: the empty prompt); guidance on a text run is the text's
+      (ddpmlab.runs.prompts).
     """
 
     sampler: Optional[str] = None
@@ -63,12 +69,18 @@ class SamplingRequest:
     cycle_classes: bool = True
     cond: Optional[torch.Tensor] = None
     img2img_t0: Optional[int] = None
+    prompts: Optional[Sequence[str]] = None
+    negative_prompt: Optional[str] = None
 
     def check(self) -> None:
         """Refuse, before any run is loaded, what no run takes: the count, a sampler or step schedule
-        name, a variance name."""
+        name, a variance name, an empty list of prompts."""
         if self.n < 1:
             raise OptionError("n", f"{OPTION} must be at least 1, got {self.n}")
+        if self.prompts is not None and (isinstance(self.prompts, str) or not self.prompts
+                                         or not all(isinstance(p, str) for p in self.prompts)):
+            raise OptionError("prompt", f"{OPTION}: give a list of one prompt or more (strings), got "
+                                        f"{self.prompts!r}")
         if self.sampler is not None:
             get_spec(self.sampler).check_step_schedule(self.step_schedule)
         if self.options.get("variance") is not None:
@@ -87,9 +99,13 @@ class SamplingPlan:
     step_schedule: Optional[str] = None
     label: Optional[int] = None
     guidance: Optional[float] = None
-    cond: Optional[torch.Tensor] = None  # (n, C, H, W): an image-conditioned run's conditioning (super-resolution)
+    cond: Union[torch.Tensor, TextCondition, None] = None  # n rows: a low-res image's (SR3) or the prompts'
     n: int = 1
     seed: int = 0
+    uncond: Optional[TextCondition] = None  # n rows: a text run's unconditional branch of guidance
+    prompts: Optional[List[str]] = None  # a text run: sample i's prompt
+    per_prompt: Optional[int] = None  # a text run: samples in each prompt's group (a grid row)
+    prompt_tag: str = ""  # a text run's prompts asked for, in a file name
 
     @property
     def sampler(self) -> str:
@@ -101,7 +117,7 @@ class SamplingPlan:
         return f"{self.sampler}{ts}_{self.steps}steps_seed{self.seed if seed is None else seed}{self.condition_tag()}"
 
     def condition_tag(self) -> str:
-        return condition_tag(self.label, self.guidance)
+        return self.prompt_tag + condition_tag(self.label, self.guidance)
 
     def describe(self) -> str:
         extra = "".join(f", {k} {v}" for k, v in self.options.items() if k in ("variance", "eta", "spacing")
@@ -179,8 +195,8 @@ def recommended_sampler(run: Run, steps: Optional[int] = None,
 
 
 def run_guidance(run: Run, guidance: Optional[float], log: Callable[[str], None] = print) -> Optional[float]:
-    """``guidance``, or where it is None the conditional run's train.sample_guidance (said in one line)."""
-    if guidance is None and run.num_classes and run.cfg.train.sample_guidance is not None:
+    """``guidance``, or where it is None the conditional (or text) run's train.sample_guidance (said in one line)."""
+    if guidance is None and (run.num_classes or run.is_text) and run.cfg.train.sample_guidance is not None:
         guidance = float(run.cfg.train.sample_guidance)
         log(f"guidance {guidance:g}: the run's train.sample_guidance (a guidance scale overrides it; 0: the "
             "unconditional model)")
@@ -231,9 +247,16 @@ def plan_request(run: Run, request: SamplingRequest, log: Callable[[str], None] 
     check_steps(steps, start, "the model's num_timesteps" if request.img2img_t0 is None else
                 "the timesteps from t0 down")
     options = {**_sampler_options(run, spec, request.options), **student}
-    model, labels, label, guidance, cond = _conditioning(run, request, log)
+    if run.is_text:
+        model, labels, label, guidance, text = _text_conditioning(run, request, log)
+        extra = dict(cond=text.cond, uncond=text.uncond, prompts=text.prompts, per_prompt=text.per_prompt,
+                     prompt_tag=text.tag, n=len(text.prompts))
+    else:
+        check_prompts(run, request.prompts, request.negative_prompt)
+        model, labels, label, guidance, cond = _conditioning(run, request, log)
+        extra = dict(cond=cond, n=request.n)
     options.update(_step_schedule_option(run, spec, schedule, steps, model, labels, request.seed, log))
-    return SamplingPlan(spec, steps, options, model, labels, schedule, label, guidance, cond, request.n, request.seed)
+    return SamplingPlan(spec, steps, options, model, labels, schedule, label, guidance, seed=request.seed, **extra)
 
 
 def _sampler_options(run: Run, spec: SamplerSpec, asked: Mapping[str, object]) -> dict:
@@ -275,6 +298,37 @@ def _conditioning(run: Run, request: SamplingRequest, log: Callable[[str], None]
     if labels is None and request.cycle_classes and run.num_classes and not edit:
         labels = torch.arange(request.n) % run.num_classes
     return model, labels, label, guidance, cond
+
+
+def _text_conditioning(run: Run, request: SamplingRequest, log: Callable[[str], None]) -> tuple:
+    """(model, labels, label, guidance, TextPlan) of ``request`` on a text run: n samples per prompt asked
+    for (or the run's own prompts sharing n), guidance (the run's where none is asked for) towards the prompts
+    from the empty or negative prompt, class labels beside the text where the run has classes."""
+    if request.cond is not None:
+        raise ConfigError(f"{run.dir or 'this run'} is a text-to-image run: it takes prompts, not a conditioning "
+                          "image")
+    if request.label is not None and not run.num_classes:
+        raise OptionError("class", f"{OPTION} {request.label}: {run.dir or 'this run'} is a text-to-image run "
+                                   f"without classes (model.num_classes is null); ask for it in words with "
+                                   f"{mention('prompt')} \"...\"")
+    label = run.class_index(request.label)
+    guidance = run_guidance(run, request.guidance, log)
+    if guidance is not None and guidance != 1.0 and run.cfg.text.caption_dropout <= 0:
+        raise OptionError("guidance", f"{OPTION} needs a model trained with caption dropout (text.caption_dropout "
+                                      f"> 0): this run never learned the empty prompt; use {OPTION} 1 or retrain")
+    if request.negative_prompt is not None and guidance is None:
+        raise OptionError("negative_prompt", f"{OPTION} {request.negative_prompt!r} acts through classifier-free "
+                                             f"guidance: give a guidance scale too, e.g. {mention('guidance')} 5")
+    text = plan_text(run, request.prompts, request.negative_prompt, request.n, guidance, log)
+    n = len(text.prompts)
+    labels = None
+    if label is not None:
+        labels = torch.full((n,), label, dtype=torch.long)
+    elif request.cycle_classes and run.num_classes and request.img2img_t0 is None:
+        labels = torch.arange(n) % run.num_classes
+    model = (bind_condition(run.model, text.cond) if text.uncond is None
+             else TextGuidance(run.model, text.cond, text.uncond, guidance))
+    return model, labels, label, guidance, text
 
 
 def _check_condition(run: Run, cond: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ddpmlab.errors import ConfigError, DDPMError, OptionError
 from ddpmlab.evaluate.features import build_extractor
 from ddpmlab.evaluate.log import append_eval_row, trim_eval_log
 from ddpmlab.evaluate.metrics import check_fid_samples
+from ddpmlab.runs import Run
 from ddpmlab.evaluate.run import (
     EvalContext,
     EvalSettings,
@@ -102,8 +104,9 @@ class TrainingMonitor:
         """Evaluate ``model`` (the EMA) at every ``eval_every``-th step and at the last one."""
         if not self.every or (step % self.every and not final):
             return None
+        run = Run(self.cfg, model, schedule, torch.device(self.device), self.run_dir)  # class names, a text run's prompts
         ctx = EvalContext(self.cfg, model, schedule, self.dataset, self.settings, self.device, self.progress,
-                          extractor=self._extractor, reference=self._reference)
+                          extractor=self._extractor, reference=self._reference, run=run)
         try:
             results = evaluate_model(ctx)
         except OptionError as e:

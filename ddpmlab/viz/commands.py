@@ -143,4 +143,4 @@ def viz_grid(run: Run, plan: SamplingPlan, n: int = 64, seed: int = 0, out=None,
     name = f"grid_{plan.sampler}{plan.steps}_seed{seed}.png"
     output = resolve_output(out if out and Path(out).suffix else None, _out_dir(run.dir, out) / name)
     x = draw_samples(run, plan, n, seed=seed, batch_size=batch_size, progress=progress)
-    return save_samples(run, x, output, title="samples")
+    return save_samples(run, x, output, title="samples", nrow=plan.per_prompt)

@@ -21,17 +21,18 @@ def reference_points(data, n: int = 2000) -> torch.Tensor:
 
 
 def save_samples(run: Run, x: torch.Tensor, output: Output, title: str = "samples",
-                 reference: Optional[torch.Tensor] = None) -> List[Path]:
+                 reference: Optional[torch.Tensor] = None, nrow: Optional[int] = None) -> List[Path]:
     """Pictures of samples x (n, *shape): the grid (or scatter plot) at ``output.picture``, and for a
     folder output one PNG per image beside it.  Returns the files written.  ``reference``: the
-    scatter plot's backdrop (default: the run's data, built from its config).  Sound: its picture and one WAV
-    per sample (:func:`~ddpmlab.viz.sound.save_sound_samples`)."""
+    scatter plot's backdrop (default: the run's data, built from its config).  ``nrow``: images in a
+    grid row (default: about the square root of n; a text run's plan: one row per prompt).  Sound: its picture
+    and one WAV per sample (:func:`~ddpmlab.viz.sound.save_sound_samples`)."""
     if run.is_audio:
         return save_sound_samples(x, output, run.cfg.data, title=title)
     if not run.is_image:
         ref = reference if reference is not None else reference_points(build_dataset(run.cfg))
         return [save_scatter(x, output.picture, reference=ref, title=title)]
-    files = [save_grid(x, output.picture, scale=grid_scale(run.image_shape))]
+    files = [save_grid(x, output.picture, nrow=nrow, scale=grid_scale(run.image_shape))]
     if output.is_folder:
         files += save_images(x, output.path)
     return files

@@ -4,7 +4,8 @@ One training step: x0 from the data (its latents for latent diffusion, Rombach e
 drawn for the global batch from (seed, step), some labels dropped to "no label" (classifier-free
 guidance, Ho & Salimans 2022), the objective of ``diffusion.*`` (epsilon, x0, v or EDM; L_simple,
 min-SNR or the hybrid with the VLB; or a flow's velocity loss with continuous t, diffusion.process flow),
-backward in train.grad_accum_steps micro-batches.  Every process
+backward in train.grad_accum_steps micro-batches.  A text run (text.encoder set) conditions each example on
+one of its captions, some dropped to the empty one (:mod:`ddpmlab.training.text`).  Every process
 draws the same t and eps for the global batch and keeps its rows, so the update is the same for any
 number of processes.
 """
@@ -23,6 +24,7 @@ import torch
 
 from ddpmlab.atomic import atomic_write_text
 from ddpmlab.config import Config
+from ddpmlab.data.captions import CaptionedDataset
 from ddpmlab.data.latents import LATENTS_FILE, describe_autoencoder
 from ddpmlab.diffusion.objectives import DiffusionObjective, FlowObjective, objective_from_config
 from ddpmlab.diffusion.schedules import NoiseSchedule
@@ -32,6 +34,7 @@ from ddpmlab.io.checkpoint import require_run_dir
 from ddpmlab.models import build_model, count_parameters
 from ddpmlab.models.conditioned import bind_condition, condition_from_high_res, low_res, training_condition
 from ddpmlab.runs import Output, Run, SamplingRequest, draw_samples, own_sampler, plan_request, save_class_names
+from ddpmlab.runs.prompts import load_run_prompts
 from ddpmlab.samplers.guidance import drop_labels
 from ddpmlab.samplers.registry import get_spec
 from ddpmlab.training.data import describe_data, latent_dataset, load_data, step_loader
@@ -39,6 +42,7 @@ from ddpmlab.training.distributed import draw_t_and_noise, draw_uniform, micro_b
 from ddpmlab.training.loop import run
 from ddpmlab.training.run_folder import new_run_dir
 from ddpmlab.training.task import StepOutput, Task, Trainee, step_generators
+from ddpmlab.training.text import TextTraining
 from ddpmlab.viz.samples import reference_points, save_samples
 
 
@@ -90,6 +94,7 @@ class DiffusionTask(Task):
         self.dataset = self.pixels = None
         self.latents: Optional[dict] = None  # latent diffusion: what RUN/latents.json records
         self.objective: Optional[Union[DiffusionObjective, FlowObjective]] = None
+        self.text: Optional[TextTraining] = None  # a text run's captions (text.encoder set)
 
     def load_data(self) -> None:
         ctx = self.ctx
@@ -98,6 +103,13 @@ class DiffusionTask(Task):
             print(describe_data(self.cfg, self.dataset))
         if self.cfg.model.autoencoder:  # latent diffusion: the denoiser trains on the encoded data
             self.dataset, self.latents = latent_dataset(self.cfg, self.pixels, ctx.accelerator, ctx.main, ctx.progress)
+        if self.cfg.text.encoder:  # text-to-image: (x, y, index) and each index's captions
+            self.text = TextTraining(self.cfg, self.pixels.captions)
+            if self.latents is not None:
+                self.dataset = CaptionedDataset(self.dataset, self.pixels.captions)
+            line = self.text.load(ctx.accelerator, ctx.main, ctx.progress)
+            if line and ctx.main:
+                print(line)
 
     def build(self) -> Trainee:
         """The denoiser (seeded by train.seed), its EMA copy and AdamW; the objective of diffusion.loss_type."""
@@ -108,8 +120,12 @@ class DiffusionTask(Task):
             names = list(getattr(self.pixels, "class_names", []))
             if names != [str(i) for i in range(len(names))]:  # names that are only the indices add nothing
                 save_class_names(self.ctx.run_dir, names)  # `ddpm sample RUN --class cat` then works
+        if self.text is not None and self.ctx.main:
+            self.text.save_prompts(self.ctx.run_dir)  # the drawings' prompts: a few training captions
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg)  # learned variance (diffusion.variance): twice the output channels
+        # learned variance (diffusion.variance): twice the output channels; a text run's own encoder is trained
+        # with it (in the optimiser, the EMA and the checkpoint), a frozen one is not
+        model = build_model(cfg) if self.text is None else self.text.build(self.ctx.run_dir, self.ctx.accelerator)
         ema = copy.deepcopy(model).requires_grad_(False)
         # fused: one pass over each tensor instead of ~10; resumes keep the stored choice
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
@@ -139,7 +155,7 @@ class DiffusionTask(Task):
     def step(self, step: int, batch) -> StepOutput:
         """Algorithm 1, lines 2-5, on this process's rows of the global batch."""
         cfg, acc, device = self.cfg, self.ctx.accelerator, self.ctx.device
-        x0, y = batch
+        x0, y = batch[:2]
         own, shared = step_generators(cfg.train.seed, step, acc.process_index, device)
         x0 = x0.to(device, non_blocking=True)  # line 2: x_0 ~ q(x_0)
         y = y.to(device) if cfg.model.num_classes else None
@@ -150,13 +166,17 @@ class DiffusionTask(Task):
             u = draw_uniform(len(y), cfg.train.batch_size, acc.process_index, shared)
             y = drop_labels(y, cfg.train.label_dropout, cfg.model.num_classes, u=u)
         cond = training_condition(x0, cfg, generator=own)  # super-resolution (SR3): x0's low-res version, upsampled
+        if self.text is not None:  # the examples' captions of this step, some dropped (drawn as labels are)
+            u = draw_uniform(len(x0), cfg.train.batch_size, acc.process_index, shared)
+            cond = self.text.condition(self.trainee.raw, batch[2], step, u)
         loss = self.backward_micro_batches(x0, t, noise, y, cond)  # line 5: the gradient of the loss
         return StepOutput(loss, loss.reshape(1))
 
     def backward_micro_batches(self, x0, t, noise, y, cond=None) -> torch.Tensor:
         """Backward of the loss in train.grad_accum_steps micro-batches; returns the step's loss (detached).
 
-        ``cond``: an image-conditioned model's conditioning of x0's rows (None: none)."""
+        ``cond``: the conditioning of x0's rows: an image-conditioned model's, a text run's (TextCondition or
+        PromptTokens), or None."""
         acc, k, model = self.ctx.accelerator, self.cfg.train.grad_accum_steps, self.trainee.model
         loss = torch.zeros((), device=self.ctx.device)
         for j, (xj, tj, nj, yj, cj) in enumerate(micro_batches(k, x0, t, noise, y, cond)):
@@ -172,9 +192,10 @@ class DiffusionTask(Task):
 
     # -- pictures and measurements
     def draw_samples(self, steps: Optional[int] = None) -> tuple:
-        """(run, samples, truth) of the EMA weights, planned as every front end plans a sampler call (the run's
-        own variance for ddpm; a conditional run's samples cycle through the classes; a super-resolution
-        run upscales images spread over its data, whose originals are ``truth``; else truth is None).
+        """(run, plan, samples, truth) of the EMA weights, planned as every front end plans a sampler call (the
+        run's own variance for ddpm; a conditional run's samples cycle through the classes; a text run's are
+        grouped by its prompts, RUN/samples/prompts.txt; a super-resolution run upscales images spread over its
+        data, whose originals are ``truth``; else truth is None).
         ``steps``: instead of train.sample_steps (the budget's timing)."""
         cfg = self.cfg
         run = Run(cfg, self.trainee.ema, self.schedule, self.ctx.device, self.ctx.run_dir)
@@ -184,16 +205,17 @@ class DiffusionTask(Task):
                                   cond=None if truth is None else condition_from_high_res(truth, cfg))
         with train_names():
             plan = plan_request(run, request, log=lambda m: None)
-        return run, draw_samples(run, plan, n, seed=cfg.train.seed, progress=False), truth
+        return run, plan, draw_samples(run, plan, plan.n, seed=cfg.train.seed, progress=False), truth
 
     def draw(self, tag: str) -> Path:
         """RUN/samples/<tag>.png from the EMA weights; super-resolution runs: triples of input, upscale, truth."""
-        run, x, truth = self.draw_samples()
+        run, plan, x, truth = self.draw_samples()
         path = self.ctx.run_dir / "samples" / f"{tag}.png"
         if truth is not None:
             return save_comparison(path, low_res(truth, self.cfg), x, truth)
         ref = None if self.dataset.is_image or run.is_audio else reference_points(self.dataset)
-        return save_samples(run, x, Output(path, is_folder=False), title=f"samples at {tag}", reference=ref)[0]
+        return save_samples(run, x, Output(path, is_folder=False), title=f"samples at {tag}", reference=ref,
+                            nrow=plan.per_prompt)[0]
 
     def drawing_seconds(self) -> float:
         """About how long the final samples take: the planned sampler timed with 1 and with 4 steps (the
@@ -220,14 +242,19 @@ class DiffusionTask(Task):
         self.monitor.image_file("samples", path, steps)
         print(f"done: {steps} steps in {seconds:.0f} s; samples (EMA) -> {path}"
               + (f"; {skipped} steps skipped (non-finite loss or gradient)" if skipped else ""))
+        prompts = load_run_prompts(self.ctx.run_dir) if self.text is not None else []
         print(next_commands(self.ctx.run_dir, superres=cfg.model.condition != "none",
-                            sampler=own_sampler(cfg), steps=cfg.train.sample_steps))
+                            sampler=own_sampler(cfg), steps=cfg.train.sample_steps,
+                            prompt=prompts[0] if prompts else None))
 
 
-def next_commands(run_dir: Path, superres: bool = False, sampler: str = "ddim", steps: int = 50) -> str:
+def next_commands(run_dir: Path, superres: bool = False, sampler: str = "ddim", steps: int = 50,
+                  prompt: Optional[str] = None) -> str:
     """The commands to try on a finished run: sampling as its final samples were drawn (a super-resolution
-    run upscales instead)."""
+    run upscales instead; a text run is asked for ``prompt``)."""
     run_q = shlex.quote(str(run_dir))
     first = (f"  ddpm upscale {run_q} --image low.png" if superres
              else f"  ddpm sample {run_q} --sampler {sampler} --steps {steps}")
+    if prompt is not None:
+        first += f" --prompt {shlex.quote(prompt)}"
     return "\n".join(["next:", first, f"  ddpm eval {run_q}", f"  ddpm viz loss {run_q}"])
