@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import functools
 import inspect
 import io
 import sys
@@ -13,7 +14,7 @@ import textwrap
 import tokenize
 import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
@@ -69,6 +70,7 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=None)  # the classes never change; resolving their hints is slow
 def _section_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -77,6 +79,7 @@ def _section_classes() -> dict[str, type]:
     return {s: _section_types(Config)[s] for s in SECTIONS}
 
 
+@functools.lru_cache(maxsize=None)
 def _all_keys() -> list[str]:
     """Every config key, ``section.field``, in declaration order, then ``version``."""
     keys = [f"{s}.{f.name}" for s, cls in _section_classes().items() for f in dataclasses.fields(cls)]
@@ -170,6 +173,23 @@ def parse_value(text: str, source: str = "command line", column_offset: int = 0)
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise _yaml_error(source, e, column_offset) from None
+
+
+def apply_overrides(d: dict, overrides: Sequence[str], allowed: Callable[[str], bool],
+                    refusal: Callable[[str], str], example: str) -> dict:
+    """Set the ``key=value`` items of ``overrides`` in the config dict ``d`` (a run's config from
+    ``Config.to_dict()``, as a derived run starts from it), each value read as YAML; a key ``allowed`` refuses
+    raises ConfigError(refusal(key)), an item without '=' one showing ``example``.  Types and keys are checked
+    when the dict becomes a config (:func:`config_from_dict`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value, e.g. {example}")
+        key, text = (p.strip() for p in item.split("=", 1))
+        if not allowed(key):
+            raise ConfigError(refusal(key))
+        section, _, name = key.partition(".")
+        d[section][name] = parse_value(text, f"command line: {item}", column_offset=len(key) + 1)
+    return d
 
 
 def _load_file(cfg: Config, file: Path) -> None:

@@ -34,7 +34,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ddpmlab.config import Config, config_from_dict, parse_value
+from ddpmlab.config import Config, config_from_dict
+from ddpmlab.config.load import apply_overrides
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import ConfigError, DDPMError
 from ddpmlab.io.checkpoint import CONFIG_FILE, load_run_config, require_run_dir
@@ -308,18 +309,20 @@ def student_config(teacher_dir, method: str, steps: Optional[int], overrides: Li
     d["train"]["name"] = None  # the student's folder is its own, never the teacher's
     if steps is not None:
         d["distill"]["steps"] = steps
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key=value, e.g. distill.iterations=[1000]")
-        key, text = (p.strip() for p in item.split("=", 1))
-        section, _, name = key.partition(".")
-        if section not in ("distill", "train") or (section == "train" and name not in TRAIN_KEYS):
-            raise ConfigError(f"command line: {key} cannot change in a distillation (the student keeps its teacher's "
-                              f"model and diffusion); it takes distill.* and train.{{{','.join(TRAIN_KEYS)}}}")
-        d[section][name] = parse_value(text, f"command line: {item}", column_offset=len(key) + 1)
+    for section in ("finetune", "lora"):  # a fine-tuned teacher's weights are its own now (adapters baked in)
+        d.pop(section, None)
+    apply_overrides(d, overrides, _student_key, lambda key: (
+        f"command line: {key} cannot change in a distillation (the student keeps its teacher's model and "
+        f"diffusion); it takes distill.* and train.{{{','.join(TRAIN_KEYS)}}}"), "distill.iterations=[1000]")
     _check_student_prediction(teacher_dir, flow, d["distill"]["prediction"])
     d["diffusion"]["prediction"] = d["distill"]["prediction"]  # how sampling reads the student's output
     return config_from_dict(d, source=f"{teacher_dir}/{CONFIG_FILE} + command line")
+
+
+def _student_key(key: str) -> bool:
+    """Whether ``ddpm distill`` takes the key ``key`` on its command line."""
+    section, _, name = key.partition(".")
+    return section == "distill" or (section == "train" and name in TRAIN_KEYS)
 
 
 def _check_student_prediction(teacher_dir, flow: bool, prediction: str) -> None:

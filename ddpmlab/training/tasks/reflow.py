@@ -26,7 +26,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from ddpmlab.config import Config, config_from_dict, load_config, parse_value
+from ddpmlab.config import Config, config_from_dict, load_config
+from ddpmlab.config.load import apply_overrides
 from ddpmlab.data.latents import LATENTS_FILE
 from ddpmlab.errors import ConfigError, DDPMError
 from ddpmlab.io.checkpoint import CONFIG_FILE, load_run_config, require_run_dir
@@ -144,6 +145,13 @@ def check_teacher(tcfg: Config, teacher_dir: Path) -> None:
                         "reflow pairs noise with samples of a run that needs no conditioning image")
 
 
+def _reflow_key(key: str) -> bool:
+    """Whether ``ddpm reflow`` takes the key ``key`` on its command line."""
+    section, _, name = key.partition(".")
+    return key not in ("reflow.teacher", "train.minutes") and (
+        section in ("reflow", "train") or (section == "diffusion" and name in DIFFUSION_KEYS))
+
+
 def reflow_config(teacher_dir, pairs: Optional[int] = None, steps: Optional[int] = None,
                   overrides: Sequence[str] = ()) -> Config:
     """The config of a reflow of the run ``teacher_dir``: its config, the ``reflow`` section (--pairs, --steps,
@@ -157,17 +165,12 @@ def reflow_config(teacher_dir, pairs: Optional[int] = None, steps: Optional[int]
     d["reflow"].update(teacher=str(teacher_dir), guidance=None)
     d["train"].update(name=None, minutes=None, sample_sampler="flow_euler", sample_steps=1, sample_guidance=None,
                       eval_sampler="flow_euler", eval_steps=1)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key=value, e.g. reflow.pairs=20000")
-        key, text = (p.strip() for p in item.split("=", 1))
-        section, _, name = key.partition(".")
-        if key in ("reflow.teacher", "train.minutes") or not (
-                section in ("reflow", "train") or (section == "diffusion" and name in DIFFUSION_KEYS)):
-            raise ConfigError(f"command line: {key} cannot change in a reflow (it keeps its teacher's model, data "
-                              "and process, and trains train.steps); it takes reflow.* (not teacher), train.* (not "
-                              f"minutes) and diffusion.{{{','.join(DIFFUSION_KEYS)}}}")
-        d[section][name] = parse_value(text, f"command line: {item}", column_offset=len(key) + 1)
+    for section in ("finetune", "lora"):  # a fine-tuned teacher's weights are its own now (adapters baked in)
+        d.pop(section, None)
+    apply_overrides(d, overrides, _reflow_key, lambda key: (
+        f"command line: {key} cannot change in a reflow (it keeps its teacher's model, data and process, and trains "
+        f"train.steps); it takes reflow.* (not teacher), train.* (not minutes) and "
+        f"diffusion.{{{','.join(DIFFUSION_KEYS)}}}"), "reflow.pairs=20000")
     d["reflow"].update({k: v for k, v in (("pairs", pairs), ("steps", steps)) if v is not None})
     cfg = config_from_dict(d, source=f"{teacher_dir}/{CONFIG_FILE} + command line")
     cfg.reflow.sampler, cfg.reflow.steps, cfg.reflow.guidance = pair_sampling(cfg, tcfg)  # as the pairs are drawn
