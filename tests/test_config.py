@@ -159,7 +159,7 @@ def test_bad_values_are_refused_with_the_key(override, message):
 
 
 def test_missing_config_file_lists_bundled_names():
-    with pytest.raises(ConfigError, match="bundled configs: cifar10, (.*, )?mnist, (.*, )?toy2d"):
+    with pytest.raises(ConfigError, match="bundled configs: (.*, )?cifar10, (.*, )?mnist, (.*, )?toy2d"):
         load_config("does/not/exist.yaml")
 
 

@@ -197,7 +197,7 @@ def test_every_bundled_config_builds(name, tmp_path):
         return
     overrides = []
     data = raw.get("data", {})
-    if data.get("dataset") == "folder" and not data.get("path"):  # a folder config names the user's images
+    if data.get("dataset") in ("folder", "audio") and not data.get("path"):  # the config names the user's folder
         (tmp_path / "images").mkdir()
         overrides.append(f"data.path={tmp_path / 'images'}")
     if raw.get("model", {}).get("autoencoder"):  # latent configs: a stand-in autoencoder of the same f
