@@ -15,7 +15,7 @@ from typing import Optional
 CONFIG_VERSION = 1
 BUNDLED_DIR = Path(__file__).parent.parent / "configs"
 SECTIONS = ("data", "model", "unet", "dit", "mlp", "diffwave", "diffusion", "train", "autoencoder", "distill", "reflow",
-            "text")
+            "text", "finetune", "lora")
 # keys of an earlier spelling -> their names now (read with a one-line note; runs are saved in the new one)
 RENAMED_KEYS = {
     **{f"model.{k}": f"unet.{k}" for k in ("base_channels", "channel_mults", "num_res_blocks",
@@ -29,8 +29,12 @@ STAGES = ("diffusion", "autoencoder")  # what a run trains: a denoiser (ddpm tra
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist"  # mnist | digits | toy | folder (images) | audio (a folder of WAV, FLAC or OGG files)
-    path: Optional[str] = None  # image folder (dataset=folder) or sound folder (dataset=audio)
+    # mnist | digits | toy | folder (images) | audio (a folder of WAV, FLAC or OGG files) | webdataset (WebDataset
+    # tar shards of images, streamed: ddpm data shards writes them)
+    dataset: str = "mnist"
+    # image folder (dataset=folder), sound folder (dataset=audio), or shards (dataset=webdataset): a folder of .tar
+    # files or a pattern such as shards/train-{000000..000099}.tar (http(s):// and pipe:COMMAND too)
+    path: Optional[str] = None
     image_size: list = field(default_factory=lambda: [32, 32])  # [H, W]; ignored by mnist/digits/toy/audio
     channels: int = 3  # 1 (grayscale), 3 (RGB) or 4 (RGBA) for folders; sound: 1 (mono) or 2 (stereo)
     toy: str = "swiss_roll"  # swiss_roll | moons | s_curve | ring (dataset=toy)
@@ -339,6 +343,32 @@ class TextConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """A run that starts from another run's (or a diffusers UNet2DModel folder's) weights (ddpm finetune)."""
+
+    # the run or diffusers folder whose EMA weights start this run (set by ddpm finetune); null: no fine-tuning
+    source: Optional[str] = None
+    # full: every weight trains | lora: only low-rank adapters of the layers lora.* names (Hu et al. 2022), the
+    # source's weights frozen; RUN/adapter.safetensors then holds the adapters alone
+    method: str = "full"
+
+
+@dataclass
+class LoRAConfig:
+    """The low-rank adapters of finetune.method=lora (Hu et al. 2022): each adapted weight W_0 becomes
+    W_0 + (alpha / rank) B A with A (rank, in) and B (out, rank); B starts at zero, so the fine-tuning starts
+    from the source's outputs exactly."""
+
+    rank: int = 4  # r, the rank of the update B A (diffusers' LoRA training scripts: 4)
+    alpha: float = 4.0  # the update is scaled by alpha / rank (Hu et al. 2022, Sec. 4.1); alpha = rank: by 1
+    dropout: float = 0.0  # dropout on the adapters' input (peft's lora_dropout)
+    # the layers that get adapters, by the last part of their module name; null: the attention projections
+    # (the UNet's attention blocks: qkv, proj_out; its transformer blocks: to_q, to_k, to_v, to_out, proj_out).
+    # The convolutions may be named too: conv1, conv2 (each ResBlock's 3x3), shortcut, conv_in, conv_out
+    target_modules: Optional[list] = None
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -352,6 +382,8 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     reflow: ReflowConfig = field(default_factory=ReflowConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     version: int = CONFIG_VERSION
     stage: str = "diffusion"  # diffusion | autoencoder (written by ddpm train-autoencoder)
 
@@ -363,9 +395,10 @@ class Config:
 CONDITIONS = ("none", "low_res")
 DOWNSAMPLE_MODES = ("area", "bicubic")
 UPSAMPLE_MODES = ("bicubic", "bilinear", "nearest")
-DATASETS = ("mnist", "digits", "toy", "folder", "audio")  # data.dataset (ddpmlab.data.build_dataset)
+DATASETS = ("mnist", "digits", "toy", "folder", "audio", "webdataset")  # data.dataset (ddpmlab.data.build_dataset)
 # distillation (distill.method, distill.prediction, distill.solver; ddpmlab.samplers.student)
 DISTILL_METHODS = ("progressive", "consistency")
 STUDENT_PREDICTIONS = ("v", "x0", "velocity")  # velocity: the student of a flow teacher
 ODE_SOLVERS = ("heun", "euler")
+FINETUNE_METHODS = ("full", "lora")  # finetune.method (ddpmlab.training.tasks.finetune)
 

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 
 from ddpmlab.config.audio import validate_audio
+from ddpmlab.config.finetune import validate_finetune
 from ddpmlab.config.sections import (
     CONDITIONS,
     CONFIG_VERSION,
@@ -158,6 +159,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     _validate_text_unet(cfg, source)
     _validate_autoencoder(cfg, source)
     _validate_text(cfg, source)
+    validate_finetune(cfg, source)  # ddpm finetune: finetune.*, lora.*
 
 
 def _validate_data_and_model(cfg: Config, source: str) -> None:
@@ -167,8 +169,8 @@ def _validate_data_and_model(cfg: Config, source: str) -> None:
                           f"square), got {d.image_size}")
     if d.channels not in (1, 3, 4) and d.dataset != "audio":  # sound's: config.audio
         raise ConfigError(f"{source}: 'data.channels' must be 1, 3 or 4, got {d.channels}")
-    if d.dataset == "folder" and not d.path:
-        raise ConfigError(f"{source}: 'data.path' is required when data.dataset is 'folder'")
+    if d.dataset in ("folder", "webdataset") and not d.path:
+        raise ConfigError(f"{source}: 'data.path' is required when data.dataset is '{d.dataset}'")
     if not 0.0 <= u.dropout < 1.0:
         raise ConfigError(f"{source}: 'unet.dropout' must be in [0, 1), got {u.dropout}")
     if not u.channel_mults or any(not isinstance(c, int) or c <= 0 for c in u.channel_mults):
@@ -299,7 +301,7 @@ def _validate_text(cfg: Config, source: str) -> None:
                           f"among {ok}")
     if x.encoder is not None and not str(x.encoder).strip():
         raise ConfigError(f"{source}: 'text.encoder' is empty; set it to own, a text encoder folder, or null")
-    if x.encoder is not None and cfg.data.dataset != "folder":
+    if x.encoder is not None and cfg.data.dataset not in ("folder", "webdataset"):
         raise ConfigError(f"{source}: text.encoder is set but data.dataset is {cfg.data.dataset!r}, which has no "
                           "captions; set data.dataset=folder and data.path to images with metadata.jsonl or .txt "
                           "captions, or text.encoder=null")
