@@ -26,6 +26,7 @@ from ddpmlab.training.run_folder import resume_config
 from ddpmlab.training.tasks.autoencoder import train_autoencoder
 from ddpmlab.training.tasks.diffusion import train
 from ddpmlab.training.tasks.distill import distill_run
+from ddpmlab.training.tasks.finetune import finetune_run
 from ddpmlab.training.tasks.reflow import reflow_run
 
 # ------------------------------------------------------------------------------ train
@@ -48,6 +49,9 @@ def _train_command(args, default_config: str, stage) -> int:
         over = load_config(None, args.overrides) if args.overrides else None
         keys = [o.split("=", 1)[0].strip() for o in args.overrides]
         cfg = resume_config(run_dir, over, keys, force=args.force, force_option="--force")
+        if cfg.finetune.source:
+            raise DDPMError(f"{run_dir} fine-tunes {cfg.finetune.source}; continue it with `ddpm finetune --resume "
+                            f"{run_dir}`")
         if stage == "autoencoder" and cfg.stage != "autoencoder":
             raise DDPMError(f"{run_dir} is a diffusion run, not an autoencoder run; continue it with "
                             f"`ddpm train --resume {run_dir}`")
@@ -91,6 +95,16 @@ def cmd_reflow(args) -> int:
         raise DDPMError("--resume continues a reflow with the pairs its config.yaml names; drop --pairs and --steps")
     reflow_run(args.run_dir, args.pairs, args.steps, args.overrides, resume_dir=args.resume,
                progress=not args.no_progress)
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    """ddpm finetune SRC [--method full|lora] [key=value ...], or --resume FINETUNE_RUN [key=value ...]."""
+    if (args.source is None) == (args.resume is None):
+        raise DDPMError("give either SRC (the run or diffusers folder to fine-tune) or --resume FINETUNE_RUN")
+    if args.resume and args.method != "full":
+        raise DDPMError("--resume continues a fine-tuning with the method its config.yaml names; drop --method")
+    finetune_run(args.source, args.method, args.overrides, resume_dir=args.resume, progress=not args.no_progress)
     return 0
 
 
@@ -139,17 +153,24 @@ def cmd_ema(args) -> int:
 
 def cmd_export(args) -> int:
     cfg = load_run_config(require_run_dir(args.run_dir))
+    lora_run = cfg.finetune.method == "lora"
+    if (lora_run or args.lora) and not args.merge:
+        what = f"{args.run_dir} is a LoRA fine-tuning of {cfg.finetune.source}" if lora_run else "--lora adapters"
+        raise DDPMError(f"{what}: diffusers' models hold no adapter; add --merge to bake the adapters into the weights")
+    if args.merge and not (lora_run or args.lora):
+        raise DDPMError(f"--merge bakes LoRA adapters in, but {args.run_dir} is no LoRA run and no --lora is given")
     if cfg.model.condition != "none":
         raise DDPMError(f"{args.run_dir} is a super-resolution run (model.condition=low_res); diffusers' "
                         "DDPMPipeline has no low-res input, so it is not exported")
     if cfg.model.autoencoder:  # the denoiser with its autoencoder, as an LDMPipeline or DiTPipeline
-        out = export_latent_run(args.run_dir, args.out, load_autoencoder(cfg.model.autoencoder, "cpu"), args.weights)
+        out = export_latent_run(args.run_dir, args.out, load_autoencoder(cfg.model.autoencoder, "cpu"), args.weights,
+                                args.lora)
         pipeline = "DiTPipeline" if cfg.model.kind == "dit" else "LDMPipeline"
         print(f"wrote {out}: load it with diffusers.{pipeline}.from_pretrained({str(out)!r})"
               + (" (class_labels=[...]; guidance_scale > 1 takes class 1000 as 'no label', so only with 1000 classes)"
                  if pipeline == "DiTPipeline" else ""))
         return 0
-    out = export_diffusers(args.run_dir, args.out, which=args.weights)
+    out = export_diffusers(args.run_dir, args.out, which=args.weights, adapters=args.lora)
     flow = cfg.diffusion.process == "flow"  # scheduler FlowMatchEulerDiscreteScheduler, a README with the loop
     loop = f"; {out / 'README.md'} has the loop that samples it (class labels, guidance)" if flow else ""
     if (out / "transformer").is_dir():  # a DiT: no pipeline without a VAE

@@ -10,11 +10,12 @@ from ddpmlab.cli.commands import (
     cmd_distill,
     cmd_ema,
     cmd_export,
+    cmd_finetune,
     cmd_reflow,
     cmd_train,
     cmd_train_autoencoder,
 )
-from ddpmlab.cli.data import shapes_parser
+from ddpmlab.cli.data import shapes_parser, shards_parser
 from ddpmlab.cli.parser_sampling import (
     bench_parser,
     editing_parsers,
@@ -97,9 +98,15 @@ def _export_and_data_parsers(sub) -> None:
     ex.add_argument("out", metavar="OUT", help="new output folder")
     ex.add_argument("--format", default="diffusers", choices=["diffusers"], help="output format (default diffusers)")
     ex.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
+    ex.add_argument("--merge", action="store_true",
+                    help="bake LoRA adapters into the exported weights: a LoRA run's own (which needs it) and those "
+                         "of --lora")
+    ex.add_argument("--lora", action="append", default=[], metavar="ADAPTER[:SCALE]",
+                    help="a LoRA adapter to bake in with --merge, its update times SCALE (default 1); repeatable")
     ex.set_defaults(func=cmd_export, parser=ex)
 
-    da = sub.add_parser("data", help="inspect a dataset (ddpm data check DIR) or write one (ddpm data shapes OUT)")
+    da = sub.add_parser("data", help="inspect a dataset (ddpm data check DIR) or write one (ddpm data shapes OUT, "
+                                       "ddpm data shards SRC OUT)")
     dsub = da.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     dc = dsub.add_parser("check", help="scan an image folder and list the files training would skip",
                          description="Decode every image below DIR as training would (EXIF rotation, conversion "
@@ -114,6 +121,7 @@ def _export_and_data_parsers(sub) -> None:
     dc.add_argument("--limit", type=int, default=0, help="list at most this many skipped files (default 0: all)")
     dc.set_defaults(func=cmd_data_check, parser=dc)
     shapes_parser(dsub)
+    shards_parser(dsub)
 
 
 def _user_password(text: str) -> tuple:
@@ -201,6 +209,29 @@ def _reflow_parser(sub) -> None:
     r.set_defaults(func=cmd_reflow, parser=r)
 
 
+def _finetune_parser(sub) -> None:
+    f = sub.add_parser(
+        "finetune", help="fine-tune a run or a diffusers UNet2DModel on new data: all weights or LoRA adapters",
+        description="Fine-tune SRC (a run folder, or a local diffusers UNet2DModel folder) on the data that data.*\n"
+                    "names: a new run beside SRC whose network starts from SRC's EMA weights, with its own config,\n"
+                    "checkpoints, resume and EMA. --method full trains every weight; --method lora (Hu et al. 2022)\n"
+                    "trains low-rank adapters of the layers lora.target_modules names (default: the attention\n"
+                    "projections) and writes them alone to RUN/adapter.safetensors, which ddpm sample BASE --lora\n"
+                    "applies. Keys: train.*, data.* and lora.* as key=value (the model and diffusion stay SRC's).",
+        epilog="Examples:\n  ddpm finetune runs/mnist-... --method lora data.dataset=folder data.path=style/ "
+               "data.channels=1 data.image_size=28 train.steps=300\n"
+               "  ddpm finetune runs/mnist-... --method full data.dataset=digits train.steps=200 train.minutes=null\n"
+               "  ddpm finetune --resume runs/mnist-...-lora-...",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    f.add_argument("source", metavar="SRC", nargs="?", help="a run folder or a diffusers UNet2DModel folder")
+    f.add_argument("--method", default="full", choices=["full", "lora"], help="full (default) or lora")
+    f.add_argument("--resume", metavar="FINETUNE_RUN", help="continue this fine-tuning from its newest checkpoint")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="e.g. data.path=style/ train.steps=300 lora.rank=8")
+    f.set_defaults(func=cmd_finetune, parser=f)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ddpm", description="ddpmlab: train, sample and study denoising diffusion probabilistic models.",
@@ -208,6 +239,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_train_parser, _train_autoencoder_parser, sample_parser, editing_parsers, upscale_parser,
                 eval_parser, _export_and_data_parsers, viz_parser, bench_parser, _demo_parser, _distill_parser,
-                _reflow_parser):
+                _reflow_parser, _finetune_parser):
         add(sub)
     return p

@@ -102,6 +102,10 @@ def sample_parser(sub) -> None:
     s.add_argument("--weights-file", metavar="FILE",
                    help="use these weights with RUN_DIR's config: .safetensors, or a PyTorch state dict "
                         "(loaded with weights_only=True: pickles that would run code are refused)")
+    s.add_argument("--lora", action="append", default=[], metavar="ADAPTER[:SCALE]",
+                   help="bake a LoRA adapter (a run's adapter.safetensors, or the LoRA run's folder) into the weights, "
+                        "its update times SCALE (default 1); repeat to combine several (a LoRA run samples with its "
+                        "own adapter already)")
     s.add_argument("--out", help="a picture file (.png, ...) or a folder (one PNG per sample plus grid.png); "
                                  "default RUN_DIR/samples/<sampler>_<steps>steps_seed<seed>.png")
     s.add_argument("--npz", action="store_true", help="also save the raw samples as .npz (written first)")

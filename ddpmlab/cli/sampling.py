@@ -16,6 +16,7 @@ from ddpmlab.cli.options import listed_classes, sampling_request
 from ddpmlab.data import to_uint8
 from ddpmlab.data.images import open_image
 from ddpmlab.errors import DDPMError
+from ddpmlab.io.adapters import apply_adapters
 from ddpmlab.io.images import comparison_row, load_mask, load_picture, save_grid, save_images
 from ddpmlab.models.conditioned import condition_from_low_res, upsample
 from ddpmlab.runs import (
@@ -48,6 +49,8 @@ def cmd_sample(args) -> int:
     device = resolve_device(args.device)
     run = (load_diffusers_run(args.from_diffusers, device) if args.from_diffusers else
            load_run(args.run_dir, args.weights, device, weights_file=args.weights_file))
+    for line in apply_adapters(run.model, args.lora, f"'{args.run_dir or args.from_diffusers}'"):
+        print(f"LoRA adapter {line}")
     if listed_classes(args, run):
         return 0
     plan = plan_request(run, request)

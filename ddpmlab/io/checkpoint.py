@@ -32,8 +32,10 @@ from safetensors.torch import load_file, save_file
 from ddpmlab.atomic import atomic_write_text, fsync_dir
 from ddpmlab.config import Config, config_from_dict
 from ddpmlab.errors import OPTION, DDPMError, OptionError
+from ddpmlab.io.adapters import apply_adapters
 from ddpmlab.io.weights import load_state_dict_file
 from ddpmlab.models import build_model
+from ddpmlab.models.lora import is_adapter_key, merged_state
 
 CONFIG_FILE = "config.yaml"
 CKPT_DIR = "checkpoints"
@@ -247,7 +249,16 @@ def newest_weights(run_dir, which: str = "ema") -> Tuple[Path, Dict[str, torch.T
         raise DDPMError(f"run '{run_dir}' has no loadable checkpoint: {damaged}")
     for bad, reason in skipped:
         warnings.warn(f"checkpoint {bad} is damaged ({reason}); using {path.name}")
-    return path, ckpt[which]
+    return path, plain_weights(run_dir, ckpt[which])
+
+
+def plain_weights(run_dir, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A checkpoint's weights as the plain network's: a LoRA run's (finetune.method lora) with its adapters baked
+    in at the scale alpha / rank of its lora section (:func:`ddpmlab.models.lora.merged_state`)."""
+    if not any(is_adapter_key(k) for k in state):
+        return state
+    lora = load_run_config(run_dir).lora
+    return merged_state(state, lora.alpha / lora.rank)
 
 
 def load_weights(run_dir, which: str = "ema") -> Dict[str, torch.Tensor]:
@@ -255,11 +266,13 @@ def load_weights(run_dir, which: str = "ema") -> Dict[str, torch.Tensor]:
     return newest_weights(run_dir, which)[1]
 
 
-def load_model(run_dir, which: str = "ema", device="cpu", weights_file=None):
+def load_model(run_dir, which: str = "ema", device="cpu", weights_file=None, adapters=()):
     """(config, model in eval mode) of a trained run, with its ``which`` weights.
 
     ``weights_file``: load these weights instead (safetensors, or a PyTorch state dict read
     with ``torch.load(weights_only=True)``; see :func:`ddpmlab.io.weights.load_state_dict_file`).
+    ``adapters``: LoRA adapter files (``ADAPTER[:SCALE]``) baked into the weights
+    (:func:`ddpmlab.io.adapters.apply_adapters`).
     """
     cfg = load_run_config(run_dir)
     model = build_model(cfg)
@@ -272,6 +285,7 @@ def load_model(run_dir, which: str = "ema", device="cpu", weights_file=None):
         except RuntimeError as e:
             raise DDPMError(f"weights file '{weights_file}' does not fit the model of run '{run_dir}' "
                             f"({' '.join(str(e).split())[:300]})") from None
+    apply_adapters(model, adapters, f"run '{run_dir}'")
     return cfg, model.to(device).eval()
 
 

@@ -199,8 +199,9 @@ def new_output_folder(out) -> Path:
     return out
 
 
-def export_diffusers(run_dir, out, which: str = "ema") -> Path:
-    """Write ``run_dir``'s weights as a folder ``DDPMPipeline.from_pretrained(out)`` loads (safetensors).
+def export_diffusers(run_dir, out, which: str = "ema", adapters=()) -> Path:
+    """Write ``run_dir``'s weights (LoRA ``adapters``, ``ADAPTER[:SCALE]`` each, baked in) as a folder
+    ``DDPMPipeline.from_pretrained(out)`` loads (safetensors).
 
     Checks that the exported UNet2DModel computes what ours does (float32, tolerance 1e-4).
     A DiT run (model.kind dit) is written as a transformer + scheduler folder: see :func:`export_dit`.
@@ -209,7 +210,7 @@ def export_diffusers(run_dir, out, which: str = "ema") -> Path:
     """
     diffusers = require_diffusers()
     out = new_output_folder(out)
-    cfg, model = load_model(run_dir, which, "cpu")
+    cfg, model = load_model(run_dir, which, "cpu", adapters=adapters)
     if cfg.model.autoencoder:
         raise DDPMError(f"{run_dir} is a latent run: export it with its autoencoder "
                         "(ddpmlab.io.latent_export.export_latent_run, or `ddpm export`)")

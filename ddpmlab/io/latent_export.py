@@ -51,12 +51,13 @@ def exported_vae(codec: LatentCodec, atol: float = 1e-4):
     return vae
 
 
-def export_latent_run(run_dir, out, codec: LatentCodec, which: str = "ema") -> Path:
-    """Write the latent run ``run_dir`` (its ``which`` weights) with ``codec`` (the run's model.autoencoder)
-    as an ``LDMPipeline`` (UNet) or ``DiTPipeline`` (DiT) folder, safetensors; returns ``out``."""
+def export_latent_run(run_dir, out, codec: LatentCodec, which: str = "ema", adapters=()) -> Path:
+    """Write the latent run ``run_dir`` (its ``which`` weights, LoRA ``adapters`` baked in) with ``codec`` (the
+    run's model.autoencoder) as an ``LDMPipeline`` (UNet) or ``DiTPipeline`` (DiT) folder, safetensors; returns
+    ``out``."""
     diffusers = require_diffusers()
     out = new_output_folder(out)
-    cfg, model = load_model(run_dir, which, "cpu")
+    cfg, model = load_model(run_dir, which, "cpu", adapters=adapters)
     if not cfg.model.autoencoder:
         raise DDPMError(f"{run_dir} is not a latent run (model.autoencoder is empty); export it with `ddpm export`")
     if cfg.diffusion.process == "flow":
