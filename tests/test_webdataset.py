@@ -321,3 +321,30 @@ def test_a_conditional_run_on_shards_without_labels_is_refused_at_the_start(tmp_
     with pytest.raises(DataError, match=r"^data.path: shard 's-00.tar': skipped 2 of 2 samples \(2 without a label "
                                         r"\(.cls\) in 0..9.*needs an image and a .cls label per sample$"):
         load_data(cfg)
+
+
+def test_a_text_run_on_shards_reads_the_captions_its_batches_bring_and_resumes_bit_for_bit(tmp_path, one_thread):
+    """A captioned folder as shards: the own encoder's tokenizer is built from every shard's captions, each step's
+    captions come with the stream's batch, and a stopped run continues exactly."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rng, lines = np.random.default_rng(0), []
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(src / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": [f"picture {i}", f"number {i} drawn"]}))
+    (src / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["data", "shards", str(src), str(tmp_path / "shards"), "--per-shard", "4", "--no-progress"]) == 0
+    args = ["train", "--config", "shapes_text", "data.dataset=webdataset", f"data.path={tmp_path / 'shards'}",
+            "data.image_size=[8,8]", "unet.base_channels=8", "unet.channel_mults=[1,2]",
+            "unet.attention_resolutions=[4]", "unet.norm_groups=4", "unet.context_dim=16", "unet.pooled_dim=16",
+            "text.width=16", "text.depth=1", "text.heads=2", "text.max_length=8", "train.minutes=null",
+            "train.batch_size=4", "train.save_every=2", "train.sample_n=2", "train.sample_steps=1",
+            "train.mixed_precision=no", "train.ema_start=0", "train.warmup_steps=2", f"train.out_dir={tmp_path}",
+            "--no-progress"]
+    assert main([*args, "train.steps=4", "train.name=straight"]) == 0
+    assert main([*args, "train.steps=2", "train.name=stopped"]) == 0
+    assert main(["train", "--resume", str(tmp_path / "stopped"), "train.steps=4", "--no-progress"]) == 0
+    a, b = (load_file(tmp_path / r / "checkpoints/step_0000004/model.safetensors") for r in ("straight", "stopped"))
+    assert any(k.startswith("text_encoder.") for k in a) and all(torch.equal(a[k], b[k]) for k in a)
+    vocab = json.loads((tmp_path / "straight" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert {"picture", "number", "drawn", "7"} <= set(vocab)  # built from every shard's captions

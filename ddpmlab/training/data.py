@@ -87,9 +87,6 @@ def check_streamed(cfg: Config) -> None:
     if cfg.model.condition != "none":
         raise ConfigError(f"model.condition={cfg.model.condition}: the drawings pick numbered images of the data, and "
                           f"{what}; train on an image folder (data.dataset=folder)")
-    if cfg.text.encoder:  # until the text task reads a stream's batches: (x, y, texts), texts drawn per step
-        raise ConfigError(f"text.encoder={cfg.text.encoder}: a text run reads its captions by image number, and "
-                          f"{what}; train on a captioned image folder (data.dataset=folder)")
 
 
 class LatentStream:

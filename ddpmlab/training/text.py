@@ -82,10 +82,14 @@ class TextTraining:
             t = self.cfg.train
             save_run_prompts(run_dir, drawing_prompts(self.captions, t.sample_n, t.seed))
 
-    def condition(self, model: TextToImage, indices: torch.Tensor, step: int, u: torch.Tensor):
-        """What the denoiser reads for examples ``indices`` (B,) at training step ``step``: their drawn captions,
-        those where ``u`` (B,) < text.caption_dropout made empty, as token ids (own encoder) or embeddings."""
-        texts = draw_captions(self.captions, indices.tolist(), self.cfg.train.seed, step)
+    def condition(self, model: TextToImage, examples, step: int, u: torch.Tensor):
+        """What the denoiser reads for ``examples`` at training step ``step``: their captions (drawn here for
+        indices (B,) of a dataset; streamed shards' batches bring theirs, a list of B strings already drawn), those
+        where ``u`` (B,) < text.caption_dropout made empty, as token ids (own encoder) or embeddings."""
+        if isinstance(examples, (list, tuple)):
+            texts = list(examples)
+        else:
+            texts = draw_captions(self.captions, examples.tolist(), self.cfg.train.seed, step)
         texts = drop_captions(texts, self.cfg.text.caption_dropout, u)
         if self.embeddings is not None:
             return TextCondition(*self.embeddings.lookup(texts))

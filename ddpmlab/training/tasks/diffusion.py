@@ -104,8 +104,9 @@ class DiffusionTask(Task):
         if self.cfg.model.autoencoder:  # latent diffusion: the denoiser trains on the encoded data
             self.dataset, self.latents = latent_dataset(self.cfg, self.pixels, ctx.accelerator, ctx.main, ctx.progress)
         if self.cfg.text.encoder:  # text-to-image: (x, y, index) and each index's captions
-            self.text = TextTraining(self.cfg, self.pixels.captions)
-            if self.latents is not None:
+            streamed = getattr(self.pixels, "streamed", False)  # shards: (x, y, texts), texts drawn per step
+            self.text = TextTraining(self.cfg, self.pixels.all_captions() if streamed else self.pixels.captions)
+            if self.latents is not None and not streamed:
                 self.dataset = CaptionedDataset(self.dataset, self.pixels.captions)
             line = self.text.load(ctx.accelerator, ctx.main, ctx.progress)
             if line and ctx.main:
