@@ -22,7 +22,7 @@ from ddpmlab.io.diffusers_bridge import export_diffusers
 from ddpmlab.io.latent_export import export_latent_run
 from ddpmlab.runs import load_autoencoder, load_run
 from ddpmlab.training.posthoc_ema import reconstruct
-from ddpmlab.training.run_folder import resume_config
+from ddpmlab.training.run_folder import resume_config_from
 from ddpmlab.training.tasks.autoencoder import train_autoencoder
 from ddpmlab.training.tasks.diffusion import train
 from ddpmlab.training.tasks.distill import distill_run
@@ -46,9 +46,7 @@ def _train_command(args, default_config: str, stage) -> int:
         run_dir = require_run_dir(args.resume)
         if args.config:
             raise DDPMError("--config cannot be combined with --resume (the run keeps its stored config.yaml)")
-        over = load_config(None, args.overrides) if args.overrides else None
-        keys = [o.split("=", 1)[0].strip() for o in args.overrides]
-        cfg = resume_config(run_dir, over, keys, force=args.force, force_option="--force")
+        cfg = resume_config_from(run_dir, args.overrides, force=args.force, force_option="--force")
         if cfg.finetune.source:
             raise DDPMError(f"{run_dir} fine-tunes {cfg.finetune.source}; continue it with `ddpm finetune --resume "
                             f"{run_dir}`")

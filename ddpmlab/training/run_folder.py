@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, List, Optional, Sequence
 
-from ddpmlab.config import Config, validate
+from ddpmlab.config import Config, load_config, validate
 from ddpmlab.errors import ConfigError, DDPMError
 from ddpmlab.evaluate.log import write_rows
 from ddpmlab.io.checkpoint import CONFIG_FILE, load_run_config, save_run_config
@@ -132,3 +132,9 @@ def resume_config(run_dir, overrides_cfg: Optional[Config], changed_keys: list, 
             setattr(getattr(stored, section), name, new)
     validate(stored, source=f"{run_dir}/{CONFIG_FILE} + command line")
     return stored
+
+
+def resume_config_from(run_dir, overrides: List[str], force: bool = False, force_option: str = "force=True") -> Config:
+    """:func:`resume_config` of the command line's ``key=value`` strings ``overrides``."""
+    keys = [o.split("=", 1)[0].strip() for o in overrides]
+    return resume_config(run_dir, load_config(None, overrides) if overrides else None, keys, force, force_option)

@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ddpmlab.config import Config, config_from_dict, load_config
+from ddpmlab.config import Config, config_from_dict
 from ddpmlab.config.load import apply_overrides
 from ddpmlab.data import data_shape
 from ddpmlab.errors import ConfigError, DDPMError, about
@@ -36,7 +36,7 @@ from ddpmlab.models.lora import adapter_state, add_lora, is_adapter_key, lora_ta
 from ddpmlab.runs import Run, load_diffusers_run, load_run, own_sampler
 from ddpmlab.samplers.registry import get_spec
 from ddpmlab.training.loop import run
-from ddpmlab.training.run_folder import resume_config
+from ddpmlab.training.run_folder import resume_config_from
 from ddpmlab.training.task import Trainee, adamw
 from ddpmlab.training.tasks.diffusion import DiffusionTask, train_names
 
@@ -195,8 +195,7 @@ def finetune_run(source=None, method: str = "full", overrides: Optional[List[str
     init = None
     if resume_dir is not None:
         run_dir = require_run_dir(resume_dir)
-        keys = [o.split("=", 1)[0].strip() for o in overrides]
-        cfg = resume_config(run_dir, load_config(None, overrides) if overrides else None, keys)
+        cfg = resume_config_from(run_dir, overrides)
         if not cfg.finetune.source:
             raise DDPMError(f"'{run_dir}' is not a fine-tuning run (no finetune.source in its {CONFIG_FILE}); "
                             f"continue a training run with `ddpm train --resume {run_dir}`")

@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from ddpmlab.config import Config, config_from_dict, load_config
+from ddpmlab.config import Config, config_from_dict
 from ddpmlab.config.load import apply_overrides
 from ddpmlab.data.latents import LATENTS_FILE
 from ddpmlab.errors import ConfigError, DDPMError
@@ -39,7 +39,7 @@ from ddpmlab.training.data import load_data, step_loader
 from ddpmlab.training.distributed import draw_uniform, own_rows
 from ddpmlab.training.loop import run, train_device
 from ddpmlab.training.pairs import PAIRS_DIR, draw_pairs, load_pairs, pair_plan, pair_sampling
-from ddpmlab.training.run_folder import resume_config
+from ddpmlab.training.run_folder import resume_config_from
 from ddpmlab.training.task import StepOutput, Trainee, step_generators
 from ddpmlab.training.tasks.diffusion import DiffusionTask
 
@@ -185,8 +185,7 @@ def reflow_run(teacher_dir=None, pairs: Optional[int] = None, steps: Optional[in
     overrides = list(overrides or [])
     if resume_dir is not None:
         run_dir = require_run_dir(resume_dir)
-        keys = [o.split("=", 1)[0].strip() for o in overrides]
-        cfg = resume_config(run_dir, load_config(None, overrides) if overrides else None, keys)
+        cfg = resume_config_from(run_dir, overrides)
         if not cfg.reflow.teacher:
             raise DDPMError(f"'{run_dir}' is not a reflow run (no reflow.teacher in its {CONFIG_FILE}); continue "
                             f"a training run with `ddpm train --resume {run_dir}`")
