@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -37,39 +37,32 @@ def _publish(tmp: Path, path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_text(path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically."""
-    path = Path(path)
+def _write_whole(path: Path, write: Callable[[Path], None]) -> Path:
+    """``write`` the temporary file of ``path``, then publish it under ``path`` (the temporary never stays)."""
     tmp = _temporary(path)
     try:
-        tmp.write_text(text)
+        write(tmp)
         _publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    return _write_whole(Path(path), lambda tmp: tmp.write_text(text))
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (parent folders made)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(path)
-    try:
-        tmp.write_bytes(data)
-        _publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return _write_whole(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_save_tensors(tensors: Dict[str, torch.Tensor], path, metadata: Optional[Dict[str, str]] = None) -> Path:
     """Write ``tensors`` as a safetensors file at ``path`` atomically (parent folders made)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(path)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        _publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return _write_whole(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
