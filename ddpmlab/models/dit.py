@@ -27,7 +27,7 @@ divides by 128 (``time_shift=0``). Class-label dropout for classifier-free guida
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +139,15 @@ def check_patch(image_size: tuple, patch_size: int) -> None:
                           f"{up[0]}x{up[1]} (data.image_size={up})")
 
 
+def dit_geometry(image_size, patch_size: int, hidden: int, num_heads: int) -> Tuple[tuple, tuple]:
+    """(image_size (H, W), patch grid) of a DiT, after checking the patch size and the width (both DiTs)."""
+    image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    check_patch(image_size, patch_size)
+    if hidden % num_heads or hidden % 4:
+        raise ConfigError(f"dit.hidden={hidden} must be a multiple of 4 and of dit.heads={num_heads}")
+    return image_size, (image_size[0] // patch_size, image_size[1] // patch_size)
+
+
 def unpatchify(tokens: torch.Tensor, grid: tuple, p: int, c: int) -> torch.Tensor:
     """(B, T, p * p * c) -> (B, c, H, W) for a grid (H / p, W / p) of tokens; each token's values are (p, p, c)
     row-major."""
@@ -172,14 +181,10 @@ class DiT(nn.Module):
         time_shift: float = 1.0,
     ):
         super().__init__()
-        image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        check_patch(image_size, patch_size)
-        if hidden % num_heads or hidden % 4:
-            raise ConfigError(f"dit.hidden={hidden} must be a multiple of 4 and of dit.heads={num_heads}")
+        image_size, self.grid = dit_geometry(image_size, patch_size, hidden, num_heads)
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
         self.image_size, self.patch_size, self.hidden = image_size, patch_size, hidden
-        self.grid = (image_size[0] // patch_size, image_size[1] // patch_size)
         self.num_classes = num_classes
         self.gradient_checkpointing = gradient_checkpointing
         self.time_shift = time_shift

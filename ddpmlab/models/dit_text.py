@@ -31,8 +31,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ddpmlab.errors import ConfigError
-from ddpmlab.models.dit import FREQ_DIM, MLP, NORM_EPS, check_patch, sincos_2d, unpatchify
+from ddpmlab.models.dit import FREQ_DIM, MLP, NORM_EPS, dit_geometry, sincos_2d, unpatchify
 from ddpmlab.models.text_condition import TextCondition, check_text_condition
 from ddpmlab.models.transformer import Attention
 from ddpmlab.models.unet import add_class_embedding, batch_timesteps, timestep_embedding
@@ -102,13 +101,9 @@ class TextDiT(nn.Module):
         gradient_checkpointing: bool = False,
     ):
         super().__init__()
-        image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        check_patch(image_size, patch_size)
-        if hidden % num_heads or hidden % 4:
-            raise ConfigError(f"dit.hidden={hidden} must be a multiple of 4 and of dit.heads={num_heads}")
+        image_size, self.grid = dit_geometry(image_size, patch_size, hidden, num_heads)
         self.in_channels, self.out_channels = in_channels, out_channels or in_channels
         self.image_size, self.patch_size, self.hidden = image_size, patch_size, hidden
-        self.grid = (image_size[0] // patch_size, image_size[1] // patch_size)
         self.num_classes, self.context_dim, self.pooled_dim = num_classes, context_dim, pooled_dim
         self.gradient_checkpointing = gradient_checkpointing
 
