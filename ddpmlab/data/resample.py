@@ -50,8 +50,7 @@ def resample(x: torch.Tensor, orig: int, new: int, **kernel_options) -> torch.Te
     ``kernel_options``: zero_crossings, rolloff of :func:`sinc_kernels`."""
     if int(orig) == int(new):
         return x
-    g = math.gcd(int(orig), int(new))
-    p, q = int(orig) // g, int(new) // g
+    p = int(orig) // math.gcd(int(orig), int(new))  # the stride; the kernels are the q = new / gcd phases
     kernels, pad = sinc_kernels(orig, new, dtype=x.dtype, **kernel_options)
     shape, length = x.shape[:-1], x.shape[-1]
     flat = F.pad(x.reshape(-1, 1, length), (pad, pad + p))
