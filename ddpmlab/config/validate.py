@@ -23,6 +23,7 @@ from ddpmlab.config.sections import (
     DistillConfig,
     DiTConfig,
 )
+from ddpmlab.config.text import validate_text
 from ddpmlab.diffusion.flow import FLOW_T_SAMPLING, MODE_SCALE_RANGE
 from ddpmlab.diffusion.objectives import LOSS_TYPES, LOSSES, T_SAMPLING
 from ddpmlab.diffusion.process import PREDICTIONS, PROCESSES
@@ -156,9 +157,8 @@ def validate(cfg: Config, source: str = "config") -> None:
     _validate_distill(cfg.distill, cfg.diffusion.num_timesteps, source)
     _validate_reflow(cfg, source)
     _validate_condition(cfg, source)
-    _validate_text_unet(cfg, source)
     _validate_autoencoder(cfg, source)
-    _validate_text(cfg, source)
+    validate_text(cfg, source)  # text conditioning: text.*, unet/dit.context_dim and pooled_dim
     validate_finetune(cfg, source)  # ddpm finetune: finetune.*, lora.*
 
 
@@ -224,7 +224,7 @@ def _validate_train(cfg: Config, source: str) -> None:
 def _validate_condition(cfg: Config, source: str) -> None:
     """Cross-checks of super-resolution (model.condition, data.low_res, train.cond_noise; SR3, Saharia et al. 2021)."""
     d, m = cfg.data, cfg.model
-    if m.condition == "none":
+    if m.condition != "low_res":  # none, or mel: a vocoder's (config.audio)
         return
     if d.dataset == "toy":
         raise ConfigError(f"{source}: model.condition={m.condition} is for images; 2D toy data has no low-res "
@@ -244,31 +244,6 @@ def _validate_condition(cfg: Config, source: str) -> None:
                           "diffusion (model.autoencoder): set one of them")
 
 
-def _validate_text_unet(cfg: Config, source: str) -> None:
-    """The cross-attention keys of the UNet and the DiT (unet/dit.context_dim, pooled_dim; Rombach et al. 2022,
-    Sec. 3.3; Chen et al. 2023, Sec. 2.3)."""
-    for section in ("unet", "dit"):
-        u = getattr(cfg, section)
-        for key in ("context_dim", "pooled_dim"):
-            value = getattr(u, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ConfigError(f"{source}: '{section}.{key}' must be a positive integer (an embedding width) or "
-                                  f"null, got {value!r}")
-        if u.context_dim is None and u.pooled_dim is not None:
-            raise ConfigError(f"{source}: {section}.pooled_dim={u.pooled_dim} adds a pooled text embedding, but "
-                              f"{section}.context_dim is null (no text conditioning); set {section}.context_dim or "
-                              "drop it")
-    u = cfg.unet
-    if u.context_dim is not None and cfg.model.kind != "unet":
-        raise ConfigError(f"{source}: unet.context_dim={u.context_dim} gives the UNet cross-attention, but "
-                          f"model.kind is {cfg.model.kind!r}; set model.kind=unet or unet.context_dim=null"
-                          + (" (a DiT reads text with dit.context_dim)" if cfg.model.kind == "dit" else ""))
-    for section in ("unet", "dit"):
-        if getattr(cfg, section).context_dim is not None and cfg.model.condition != "none":
-            raise ConfigError(f"{source}: {section}.context_dim (text) and model.condition={cfg.model.condition} "
-                              "cannot be combined; set one of them")
-
-
 def _validate_autoencoder(cfg: Config, source: str) -> None:
     """The autoencoder section and model.autoencoder (latent diffusion, Rombach et al. 2022)."""
     a = cfg.autoencoder
@@ -282,29 +257,6 @@ def _validate_autoencoder(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: 'autoencoder.holdout' must be in [0, 1), got {a.holdout}")
     if cfg.data.dataset == "toy" and (cfg.stage == "autoencoder" or cfg.model.autoencoder):
         raise ConfigError(f"{source}: autoencoders are for images; 2D toy data (data.dataset=toy) has none")
-
-
-def _validate_text(cfg: Config, source: str) -> None:
-    """Checks of the text section (text conditioning); a frozen encoder's folder is checked where it is read."""
-    x = cfg.text
-    for key in ("max_length", "vocab_size", "width", "depth", "heads"):
-        value = getattr(x, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < (2 if key == "max_length" else 1):
-            least = "an integer >= 2 (start and end tokens)" if key == "max_length" else "a positive integer"
-            raise ConfigError(f"{source}: 'text.{key}' must be {least}, got {value!r}")
-    if not 0.0 <= x.caption_dropout < 1.0:
-        raise ConfigError(f"{source}: 'text.caption_dropout' must be in [0, 1) (0.1 in Stable Diffusion), "
-                          f"got {x.caption_dropout}")
-    if x.width % x.heads:
-        ok = [h for h in range(1, min(x.width, 32) + 1) if x.width % h == 0]
-        raise ConfigError(f"{source}: text.heads={x.heads} does not divide text.width={x.width}; choose text.heads "
-                          f"among {ok}")
-    if x.encoder is not None and not str(x.encoder).strip():
-        raise ConfigError(f"{source}: 'text.encoder' is empty; set it to own, a text encoder folder, or null")
-    if x.encoder is not None and cfg.data.dataset not in ("folder", "webdataset"):
-        raise ConfigError(f"{source}: text.encoder is set but data.dataset is {cfg.data.dataset!r}, which has no "
-                          "captions; set data.dataset=folder and data.path to images with metadata.jsonl or .txt "
-                          "captions, or text.encoder=null")
 
 
 def _validate_distill(ds: DistillConfig, T: int, source: str) -> None:
