@@ -77,16 +77,18 @@ def sampling_options(p: argparse.ArgumentParser, conditional: bool = True, promp
             prompt_options(p)
 
 
-def prompt_options(p: argparse.ArgumentParser) -> None:
-    """--prompt, --prompts FILE, --negative-prompt: what a text-to-image run (text.encoder set) draws."""
+def prompt_options(p: argparse.ArgumentParser, negative: bool = True) -> None:
+    """--prompt, --prompts FILE (and with ``negative`` --negative-prompt): what a text-to-image run (text.encoder
+    set) draws."""
     p.add_argument("--prompt", dest="prompt", action="append", default=None, metavar="TEXT",
                    help="what a text-to-image run draws, --n samples of it (repeat for more prompts; a row of the "
                         "grid each); default: the run's own prompts (RUN/samples/prompts.txt, training captions) "
                         "sharing the --n samples")
     p.add_argument("--prompts", dest="prompts_file", default=None, metavar="FILE",
                    help="a text file of prompts, one a line: --n samples of each, grouped per prompt")
-    p.add_argument("--negative-prompt", default=None, metavar="TEXT",
-                   help="the unconditional branch of classifier-free guidance (default: the empty prompt)")
+    if negative:
+        p.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                       help="the unconditional branch of classifier-free guidance (default: the empty prompt)")
 
 
 def sample_parser(sub) -> None:
@@ -196,6 +198,11 @@ eval mode, and compare them with reference statistics of the run's whole dataset
   clean share of samples with a clean background (border darker than 20/255)
   rough share of samples rougher than every one of 500 data images (grain)
   swd, mmd  sliced Wasserstein distance and MMD to fresh data (2-D runs)
+  prompt  a text run trained on `ddpm data shapes DIR --hold-out`: --n captions of its classes,
+        one sample each, read by the exact shapes scorer: the shares right in clean, size,
+        colour, shape, position and all, for seen and held-out colour-shape pairs apart
+A text run's samples take one prompt each: --prompt/--prompts FILE in turn, else training
+captions drawn from its data.
 The same metrics of --n data points are printed beside: what a perfect model would reach
 with this many samples. Extractors: 'classifier' (shipped MNIST classifier, 1x28x28 digits,
 offline) or 'inception' (the FID Inception-v3; needs --inception-weights PATH to
@@ -225,14 +232,15 @@ def eval_parser(sub) -> None:
                         description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `ddpm train`")
     ev.add_argument("--metrics", default="",
-                    help="comma-separated list of fid, kid, is, pr, acc, judge, clean, rough (images), swd, mmd (2-D), "
-                         "nll (default: fid,kid,is,pr,clean,rough for images, judge too for 1x28x28 ones, acc for "
-                         "conditional runs; swd,mmd for 2-D)")
+                    help="comma-separated list of fid, kid, is, pr, acc, judge, clean, rough, prompt (images), swd, "
+                         "mmd (2-D), nll (default: fid,kid,is,pr,clean,rough for images, judge too for 1x28x28 ones, "
+                         "acc for conditional runs; swd,mmd for 2-D)")
     ev.add_argument("--n", type=int, default=None,
-                    help="samples to draw for the quality metrics (default 1000; a text run's own prompts share "
-                         "them); for nll the number of held-out examples (default: the whole test split; 5000 "
-                         "fresh 2-D points)")
+                    help="samples to draw for the quality metrics (default 1000; a text run's: one prompt each, "
+                         "prompt: one caption each); for nll the number of held-out examples (default: the whole "
+                         "test split; 5000 fresh 2-D points)")
     sampling_options(ev, prompts=False)
+    prompt_options(ev, negative=False)
     ev.add_argument("--extractor", default=None, choices=["classifier", "inception"],
                     help="feature network (default: classifier, or inception when --inception-weights is given)")
     ev.add_argument("--inception-weights", default=None, metavar="PATH",

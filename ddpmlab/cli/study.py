@@ -10,7 +10,7 @@ from typing import List
 
 import torch
 
-from ddpmlab.cli.options import listed_classes, sampling_request
+from ddpmlab.cli.options import listed_classes, prompts_asked, sampling_request
 from ddpmlab.errors import DDPMError
 from ddpmlab.evaluate import METRICS, EvalSettings, bench, evaluate_run, format_results
 from ddpmlab.evaluate.nll import evaluate_nll, format_nll
@@ -29,7 +29,7 @@ def cmd_eval(args) -> int:
         raise DDPMError(f"unknown metric(s) {', '.join(unknown)} in --metrics; choose from "
                         f"{', '.join(EVAL_METRICS + tuple(METRICS))}")
     device = resolve_device(args.device)
-    if load_run_config(require_run_dir(args.run_dir)).model.condition != "none":
+    if load_run_config(require_run_dir(args.run_dir)).model.condition == "low_res":
         return _eval_superres(args, metrics, device)  # super-resolution: PSNR, SSIM, FID of upscales
     if "nll" in metrics:
         result, js, png = evaluate_nll(args.run_dir, n=args.n, decoder=args.decoder, bin_width=args.bin_width,
@@ -71,7 +71,8 @@ def _eval_sample_quality(args, metrics: List[str], device: torch.device) -> None
     extractor = args.extractor or ("inception" if args.inception_weights else "classifier")
     s = EvalSettings(metrics=metrics, n=args.n or 1000, sampler=args.sampler, steps=args.steps,
                      sampler_options={"eta": args.eta, "variance": args.variance, "threshold": args.threshold},
-                     step_schedule=args.step_schedule, guidance=args.guidance, label=args.label, seed=args.seed,
+                     step_schedule=args.step_schedule, guidance=args.guidance, label=args.label,
+                     prompts=prompts_asked(args), seed=args.seed,
                      batch_size=args.batch_size, extractor=extractor, inception_weights=args.inception_weights,
                      weights=args.weights, baseline=not args.no_baseline)
     results, path = evaluate_run(args.run_dir, s, device, cache_dir=args.cache_dir, use_cache=not args.no_cache,

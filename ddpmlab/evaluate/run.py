@@ -36,6 +36,7 @@ from ddpmlab.evaluate.judges import (
     rough_level,
     rough_share,
 )
+from ddpmlab.evaluate.prompt import eval_prompts, prompt_metric
 from ddpmlab.evaluate.reference import Reference, reference_statistics, without
 from ddpmlab.evaluate.toy import mmd_rbf, sliced_wasserstein
 from ddpmlab.runs import Run, SamplingPlan, SamplingRequest, draw_samples, load_run, plan_request
@@ -53,6 +54,7 @@ class EvalSettings:
     step_schedule: Optional[str] = None  # which timesteps the sampler visits (default: the sampler's own)
     guidance: Optional[float] = None  # classifier-free guidance scale (default: the run's train.sample_guidance)
     label: Optional[object] = None  # one class (name or index) for all samples; default: the classes in turn
+    prompts: Optional[List[str]] = None  # a text run's prompts, in turn (default: training captions of the data)
     seed: int = 0
     batch_size: int = 256
     extractor: str = "classifier"
@@ -109,9 +111,10 @@ class EvalContext:
 
     @property
     def request(self) -> SamplingRequest:
-        s = self.s
+        s = self.s  # a text run: one prompt per sample (evaluate.prompt.eval_prompts)
+        prompts = eval_prompts(self.dataset, s.prompts, s.n, s.seed) if self.run.is_text else s.prompts
         return SamplingRequest(s.sampler, s.steps, s.step_schedule, dict(s.sampler_options), s.label, s.guidance,
-                               s.seed, s.n)
+                               s.seed, 1 if prompts else s.n, prompts=prompts)
 
     @cached_property
     def plan(self) -> SamplingPlan:
@@ -307,6 +310,8 @@ register_metric("judge", _judge, "image", True, "honest confident share: the dig
                 "calls it a digit with p >= 0.8; 1x28x28 only; data: the 500 held-out MNIST test digits")
 register_metric("clean", _clean, "image", True, "clean-background share: mean border brightness below 20/255")
 register_metric("rough", _rough, "image", True, "rough share: rougher than all of 500 data images (grain)")
+register_metric("prompt", prompt_metric, "image", False, "prompt adherence of a text run on a shapes folder "
+                "(exact scorer): shares right, seen and held-out colour-shape pairs apart")
 register_metric("swd", _swd, "toy", True, "sliced Wasserstein distance to fresh data (2-D runs)")
 register_metric("mmd", _mmd, "toy", True, "MMD^2 with Gaussian kernels to fresh data (2-D runs)")
 
