@@ -24,7 +24,7 @@ from PIL import Image
 
 from ddpmlab.config import format_config
 from ddpmlab.data import training_image as data_image
-from ddpmlab.demo.serving import Limits, Runs, as_float, as_int, as_label
+from ddpmlab.demo.serving import Limits, Runs, as_float, as_int, as_label, as_prompts, as_text
 from ddpmlab.errors import DDPMError
 from ddpmlab.io.images import comparison_row, load_mask, load_picture, save_grid, save_images
 from ddpmlab.runs import (
@@ -53,27 +53,33 @@ SAMPLE_BATCH, EDIT_BATCH = 256, 64
 # how the page names each option of the library, for its messages
 NAMES = {"sampler": "sampler", "steps": "steps", "step_schedule": "step schedule", "class": "class",
          "guidance": "guidance scale", "weights": "weights", "n": "n", "strength": "SDEdit strength",
-         "variance": "variance", "image": "image", "mask": "mask file", "resize": "the 'resize' box"}
+         "variance": "variance", "image": "image", "mask": "mask file", "resize": "the 'resize' box",
+         "prompt": "prompt", "negative_prompt": "negative prompt"}
 EDITOR_SIZE = 256  # the mask editor shows the image enlarged (nearest) to about this many pixels
 
 
 def _request(run: Run, sampler: Optional[str], steps, step_schedule: Optional[str], n: int, label, guidance,
-             seed: int, limits: Limits) -> SamplingRequest:
-    """The request of a tab's fields (empty ones: as the run samples), within the page's limits."""
+             seed: int, limits: Limits, prompts: Optional[List[str]] = None,
+             negative: Optional[str] = None) -> SamplingRequest:
+    """The request of a tab's fields (empty ones: as the run samples), within the page's limits; a text run's
+    ``prompts`` get ``n`` samples each."""
     steps = as_int(steps, "steps")
-    limits.check(n, steps, run=run)
-    return SamplingRequest(sampler or None, steps, step_schedule or None, {}, label, guidance, seed, n)
+    limits.check(n * len(prompts or [None]), steps, run=run)
+    return SamplingRequest(sampler or None, steps, step_schedule or None, {}, label, guidance, seed, n,
+                           prompts=prompts, negative_prompt=negative)
 
 
 def _plan(run: Run, request: SamplingRequest, limits: Limits) -> SamplingPlan:
     plan = plan_request(run, request, log=lambda _msg: None)
-    limits.check(request.n, plan.steps, run=run)  # the sampler's default steps (ddpm: all T) count too
+    limits.check(plan.n, plan.steps, run=run)  # the sampler's default steps (ddpm: all T) count too
     return plan
 
 
 def _condition(run: Run, label, guidance) -> Tuple[Optional[object], Optional[float]]:
+    """The class and guidance fields: a class needs classes, guidance classes or text (a text run without
+    classes refuses a class in the run layer, naming the prompt instead)."""
     label, guidance = as_label(label), as_float(guidance, "guidance scale")
-    if (label is not None or guidance is not None) and not run.num_classes:
+    if (label is not None or guidance is not None) and not run.num_classes and not run.is_text:
         what = "a guidance scale" if guidance is not None else "a class"
         raise DDPMError(f"{what} needs a class-conditional run (trained with model.num_classes); "
                         f"{run.dir} is unconditional: leave class and guidance scale empty")
@@ -91,24 +97,39 @@ class SampleResult:
 
 
 def sample(runs: Runs, run_dir, *, sampler: Optional[str] = None, steps=None, step_schedule: Optional[str] = None,
-           seed=0, n=16, label=None, guidance=None, weights: str = "ema", limits: Limits = Limits(),
-           progress: Optional[Callable[[float, str], None]] = None) -> SampleResult:
+           seed=0, n=16, label=None, guidance=None, prompt=None, negative_prompt=None, weights: str = "ema",
+           limits: Limits = Limits(), progress: Optional[Callable[[float, str], None]] = None) -> SampleResult:
     """``ddpm sample RUN [--sampler S --steps K --step-schedule TS] --seed X --n N [--class C --guidance G]
-    --weights W --out FOLDER/ --npz``: FOLDER/grid.png (or the scatter plot), one PNG per image, samples.npz.
-    Empty sampler, steps and guidance: as the run samples (as ``ddpm sample RUN`` without them)."""
+    [--prompt P ... --negative-prompt NP] --weights W --out FOLDER/ --npz``: FOLDER/grid.png (or the scatter
+    plot; a text run's: a row per prompt), one PNG per image, samples.npz.  Empty sampler, steps and guidance:
+    as the run samples (as ``ddpm sample RUN`` without them); ``prompt``: one a line, empty: the run's own."""
     n = as_int(n, "n", minimum=1)
     seed = as_int(seed, "seed") or 0
     run = runs.get(run_dir, weights)
     label, guidance = _condition(run, label, guidance)
-    plan = _plan(run, _request(run, sampler, steps, step_schedule, n, label, guidance, seed, limits), limits)
+    prompts, negative = as_prompts(prompt), as_text(negative_prompt)
+    plan = _plan(run, _request(run, sampler, steps, step_schedule, n, label, guidance, seed, limits, prompts,
+                               negative), limits)
     output = resolve_output(str(runs.new_folder("sample")) + "/", Path("unused.png"))
     x = draw_samples(run, plan, batch_size=SAMPLE_BATCH, progress=False,
-                     callback=_step_counter(plan, n, progress, "sampling"))
+                     callback=_step_counter(plan, plan.n, progress, "sampling"))
     npz = write_raw(x, output)
-    files = save_samples(run, x, output, title=plan.describe())
+    files = save_samples(run, x, output, title=plan.describe(), nrow=plan.per_prompt)
     guided = "" if plan.guidance is None else f", guidance {plan.guidance:g}"
-    return SampleResult(output.picture, files[1:], npz, f"{n} samples: {plan.describe()}{guided}, seed {seed} "
-                        f"({run.weights} weights of {run.checkpoint})", plan.steps, x)
+    return SampleResult(output.picture, files[1:], npz, f"{plan.n} samples: {plan.describe()}{guided}, seed {seed} "
+                        f"({run.weights} weights of {run.checkpoint}){_said_prompts(plan, prompts, negative)}",
+                        plan.steps, x)
+
+
+def _said_prompts(plan: SamplingPlan, asked: Optional[List[str]], negative: Optional[str]) -> str:
+    """A text plan's prompts for the result line ('' for other runs): those asked for, or the run's own."""
+    if not plan.prompts:
+        return ""
+    distinct = list(dict.fromkeys(plan.prompts))
+    words = "; ".join(distinct)
+    words = words if len(words) <= 200 else words[:197] + "..."
+    whose = "prompts" if asked else "the run's own prompts"
+    return f"; {whose}: {words}" + ("" if negative is None else f"; negative prompt: {negative}")
 
 
 def _step_counter(plan: SamplingPlan, n: int, progress, desc: str):
@@ -301,6 +322,16 @@ def class_choices(runs: Runs, run_dir, weights: str = "ema") -> List[Tuple[str, 
     return [(ALL_CLASSES, "")] + list(zip(shown, names))
 
 
+def prompt_fields(runs: Runs, run_dir, weights: str = "ema") -> Optional[Tuple[str, float]]:
+    """A text run's prompt fields: (the prompt box's placeholder, its own prompts one a line; the guidance
+    slider's start, the run's train.sample_guidance or 1, the conditional model); None for other runs."""
+    run = runs.get(run_dir, weights)
+    if not run.is_text:
+        return None
+    guidance = run.cfg.train.sample_guidance
+    return "\n".join(run.prompts[:4]), 1.0 if guidance is None else float(guidance)
+
+
 def latest_eval(run_dir) -> Dict[str, str]:
     """The last row of RUN/eval.csv ({} without one)."""
     path = Path(run_dir) / "eval.csv"
@@ -321,6 +352,9 @@ def run_info(runs: Runs, run_dir, weights: str = "ema") -> Tuple[str, Optional[P
              f"loaded: {run.weights} weights of {run.checkpoint} on {run.device}"]
     if run.num_classes:
         lines.append(f"classes: {run.describe_classes()}")
+    if run.is_text:
+        lines.append(f"text-to-image (text.encoder {run.cfg.text.encoder}); its own prompts: "
+                     f"{'; '.join(run.prompts) or 'none'}")
     ev = latest_eval(run.dir)
     if ev:
         lines.append("latest eval (eval.csv): " + ", ".join(f"{k} {v}" for k, v in ev.items()))

@@ -23,6 +23,7 @@ from ddpmlab.demo.actions import (
     enlarged,
     img2img_image,
     inpaint_image,
+    prompt_fields,
     read_input,
     reverse,
     run_info,
@@ -105,6 +106,13 @@ def _sample_tab(gr, ui, samplers, schedules, limits: Limits) -> None:
             ui.s_class = _class_field(gr, "s-class")
             ui.s_guid = gr.Number(value=None, label="guidance scale (empty: the run's)", visible=False,
                                   elem_id="s-guidance")
+        with gr.Row():  # a text run's: shown when one is chosen (Handlers.run)
+            ui.s_prompt = gr.Textbox(label="prompt (one a line, n samples each; empty: the run's own)", lines=2,
+                                     visible=False, elem_id="s-prompt", scale=3)
+            ui.s_negative = gr.Textbox(label="negative prompt (empty: the empty prompt)", visible=False,
+                                       elem_id="s-negative", scale=2)
+            ui.s_tguid = gr.Slider(0, 20, value=1.0, step=0.5, label="guidance scale (1: the prompt alone)",
+                                   visible=False, elem_id="s-text-guidance", scale=2)
         ui.s_go = gr.Button("Sample", variant="primary", elem_id="s-go")
         ui.s_text = gr.Markdown(elem_id="s-text")
         ui.s_img = gr.Image(type="filepath", label="samples", interactive=False, height=320, elem_id="s-grid")
@@ -214,10 +222,14 @@ class Handlers:
     def __init__(self, gr, runs: Runs, limits: Limits):
         self.gr, self.runs, self.limits = gr, runs, limits
 
-    def sample(self, run_dir, w, sampler, steps, sched, seed, n, label, guidance, progress=None):
+    def sample(self, run_dir, w, sampler, steps, sched, seed, n, label, guidance, prompt=None, negative=None,
+               text_guidance=None, progress=None):
+        """The Sample tab; a text run's guidance is its slider's, other runs' the guidance field's."""
+        if prompt_fields(self.runs, run_dir, w) is not None:
+            guidance = text_guidance
         res = sample(self.runs, run_dir, sampler=_sampler(sampler), steps=steps, step_schedule=_schedule(sched),
-                     seed=seed, n=n, label=label, guidance=guidance, weights=w, limits=self.limits,
-                     progress=_reporter(progress))
+                     seed=seed, n=n, label=label, guidance=guidance, prompt=prompt, negative_prompt=negative,
+                     weights=w, limits=self.limits, progress=_reporter(progress))
         return res.text, str(res.picture), [str(p) for p in [*res.files, res.npz]]
 
     def reverse(self, run_dir, w, sampler, steps, seed, frames, progress=None):
@@ -259,13 +271,20 @@ class Handlers:
         return self.gr.update(value=str(pa), label=f"A: {ca}"), self.gr.update(value=str(pb), label=f"B: {cb}")
 
     def run(self, run_dir, w):
-        """The run tab, and the class fields: shown with the run's classes for a conditional run."""
+        """The run tab, the class fields (shown with the run's classes for a conditional run) and the prompt
+        fields (shown for a text run, its guidance a slider starting at the run's scale)."""
         text, loss, config = run_info(self.runs, run_dir, w)
         choices = class_choices(self.runs, run_dir, w)
+        fields = prompt_fields(self.runs, run_dir, w)
         classes = [self.gr.update(visible=bool(choices), value=None, choices=choices) for _ in range(2)]
-        guidance = [self.gr.update(visible=bool(choices), value=None) for _ in range(2)]
+        guidance = [self.gr.update(visible=bool(choices) and fields is None, value=None),
+                    self.gr.update(visible=bool(choices), value=None)]
+        shown = fields is not None
+        prompts = [self.gr.update(visible=shown, value="", placeholder=fields[0] if shown else None),
+                   self.gr.update(visible=shown, value=""),
+                   self.gr.update(visible=shown, value=fields[1] if shown else 1.0)]
         return (text, None if loss is None else str(loss), config, classes[0], guidance[0], classes[1], guidance[1],
-                None, None)
+                None, None, *prompts)
 
 
 def _reporter(progress):
@@ -293,7 +312,8 @@ def _connect(gr, app, ui, h: Handlers) -> None:
     tracked = functools.partial(_tracked, gr, track_tqdm=True)
     base = [ui.run, ui.weights]
     ui.s_go.click(f(_tracked(gr, h.sample)),
-                  base + [ui.s_sampler, ui.s_steps, ui.s_sched, ui.s_seed, ui.s_n, ui.s_class, ui.s_guid],
+                  base + [ui.s_sampler, ui.s_steps, ui.s_sched, ui.s_seed, ui.s_n, ui.s_class, ui.s_guid,
+                          ui.s_prompt, ui.s_negative, ui.s_tguid],
                   [ui.s_text, ui.s_img, ui.s_files], concurrency_id="sampling", api_name="sample")
     ui.r_go.click(f(tracked(h.reverse)), base + [ui.r_sampler, ui.r_steps, ui.r_seed, ui.r_frames],
                   [ui.r_strip, ui.r_gif], concurrency_id="sampling", api_name="reverse")
@@ -310,7 +330,7 @@ def _connect(gr, app, ui, h: Handlers) -> None:
     ui.c_go.click(f(_tracked(gr, h.compare)), base + [ui.c_a, ui.c_a_steps, ui.c_b, ui.c_b_steps, ui.c_seed, ui.c_n],
                   [ui.c_img_a, ui.c_img_b], concurrency_id="sampling", api_name="compare")
     run_outputs = [ui.i_text, ui.i_loss, ui.i_config, ui.s_class, ui.s_guid, ui.e_class, ui.e_guid, ui.e_editor,
-                   ui.e_input]
+                   ui.e_input, ui.s_prompt, ui.s_negative, ui.s_tguid]
     for trigger in (ui.run.change, ui.weights.change, app.load):
         trigger(f(h.run), base, run_outputs, concurrency_limit=4, concurrency_id="light", api_name=False)
 

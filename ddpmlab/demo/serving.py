@@ -15,7 +15,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Deque, Dict, Optional, Sequence, Tuple
+from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -101,6 +101,19 @@ def as_float(value, name: str) -> Optional[float]:
     if not math.isfinite(f):
         raise DDPMError(f"{name} must be a finite number, got {value!r}")
     return f
+
+
+def as_prompts(value) -> Optional[List[str]]:
+    """A prompt box's text as prompts, one a line (blank lines skipped, as ``--prompts FILE`` reads them);
+    None when it holds none (the run's own prompts)."""
+    prompts = [line.strip() for line in str(value or "").splitlines() if line.strip()]
+    return prompts or None
+
+
+def as_text(value) -> Optional[str]:
+    """A text field's value, None when empty (the negative prompt: the empty prompt then)."""
+    text = str(value or "").strip()
+    return text or None
 
 
 def fresh_folder(parent=None) -> Path:
