@@ -95,7 +95,8 @@ def _direct(kind, folder: Path, tok_folder: Path, texts, length):
             return model(**batch).last_hidden_state, batch["attention_mask"].bool(), None
         out = model(input_ids=batch["input_ids"])  # as Stable Diffusion calls it
         pooled = out.text_embeds if kind == "CLIPTextModelWithProjection" else out.pooler_output
-        return out.last_hidden_state, batch["attention_mask"].bool(), pooled
+        every = torch.ones(out.last_hidden_state.shape[:2], dtype=torch.bool)  # SD's UNet reads every token
+        return out.last_hidden_state, every, pooled
 
 
 @pytest.mark.parametrize("kind", ["CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel"])
@@ -116,7 +117,8 @@ def test_frozen_encoder_equals_calling_transformers_directly(kind, clip_pipeline
     else:
         assert torch.equal(pooled, want[2]) and pooled.shape == (4, enc.pooled_width)
         assert enc.pooled_width == (24 if kind == "CLIPTextModelWithProjection" else 32)
-    assert mask[1].sum() == (1 if kind == "T5EncoderModel" else 2)  # the empty prompt: its special tokens
+    # the empty prompt: T5 reads its special token; Stable Diffusion's UNet reads CLIP's padding too
+    assert mask[1].sum() == (1 if kind == "T5EncoderModel" else 12)
     assert not any(p.requires_grad for p in enc.parameters())
     assert not enc.train().model.training  # frozen: no dropout whatever the denoiser does
 

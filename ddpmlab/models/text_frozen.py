@@ -9,8 +9,9 @@ with ``local_files_only=True`` (nothing is downloaded) in float32 and never trai
 
 It is called as its pipelines call it: CLIP without an attention mask, as Stable Diffusion does (its causal
 mask keeps the real tokens free of the padding, and the padding's outputs are what a Stable Diffusion UNet
-attends to), its pooled embedding at the ``[EOS]`` token (``pooler_output``, or ``text_embeds`` with the
-projection); T5 with the attention mask, and no pooled embedding.  ``weights_identity`` and
+attends to: its TextCondition marks every token real), its pooled embedding at the ``[EOS]`` token
+(``pooler_output``, or ``text_embeds`` with the projection); T5 with the attention mask, which the denoiser
+applies too (PixArt-alpha), and no pooled embedding.  ``weights_identity`` and
 ``tokenizer_identity`` (sha256 of the files) key the embedding cache (:mod:`ddpmlab.data.text_cache`).
 """
 
@@ -104,8 +105,10 @@ class FrozenTextEncoder(TextEncoder):
 
     @property
     def identity(self) -> str:
-        """What its embeddings depend on: weights, tokenizer and length (the embedding cache's key)."""
-        return f"{self.kind}|{self.weights_identity}|{self.tokenizer_identity}|{self.max_length}"
+        """What its embeddings depend on: weights, tokenizer, length and which tokens are read (the embedding
+        cache's key)."""
+        padding = "masked" if self.kind == "T5EncoderModel" else "attended"  # the padding tokens' mask
+        return f"{self.kind}|{self.weights_identity}|{self.tokenizer_identity}|{self.max_length}|{padding}"
 
     def train(self, mode: bool = True) -> "FrozenTextEncoder":
         super().train(mode)
@@ -126,12 +129,16 @@ class FrozenTextEncoder(TextEncoder):
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> TextCondition:
         """``ids``, ``mask`` (B, L) -> :class:`TextCondition` as the module docstring says it is called."""
+        return self.call(ids, mask)
+
+    def call(self, ids: torch.Tensor, mask: torch.Tensor) -> TextCondition:
+        """:meth:`forward` with gradients where something upstream needs them (a token's learned embedding)."""
         if self.kind == "T5EncoderModel":
             out = self.model(input_ids=ids, attention_mask=mask.long())
             return TextCondition(out.last_hidden_state, mask.bool(), None)
         out = self.model(input_ids=ids)
         pooled = out.text_embeds if self.kind == "CLIPTextModelWithProjection" else out.pooler_output
-        return TextCondition(out.last_hidden_state, mask.bool(), pooled)
+        return TextCondition(out.last_hidden_state, torch.ones_like(mask, dtype=torch.bool), pooled)  # all read
 
 
 def _context(model, tokenizer, kind: str) -> Optional[int]:
