@@ -48,6 +48,9 @@ def validate_audio(cfg: Config, source: str = "config") -> None:
     """Sound data goes with DiffWave and DiffWave with sound; the sound keys' values."""
     d, kind = cfg.data, cfg.model.kind
     audio = d.dataset == "audio"
+    if cfg.model.condition == "mel" and not (audio and kind == "diffwave"):
+        raise ConfigError(f"{source}: model.condition=mel is a vocoder's (DiffWave conditioned on the mel spectrogram "
+                          f"of sound): set data.dataset=audio and model.kind=diffwave, or model.condition=none")
     if kind == "diffwave" and not audio:
         raise ConfigError(f"{source}: model.kind=diffwave generates sound; set data.dataset=audio (and data.path "
                           f"to a folder of WAV, FLAC or OGG files), or a model for {d.dataset} (unet, dit, mlp)")
@@ -70,7 +73,7 @@ def validate_audio(cfg: Config, source: str = "config") -> None:
     if not 0 <= d.f_min < f_max <= nyquist:
         raise ConfigError(f"{source}: need 0 <= data.f_min < data.f_max <= data.sample_rate / 2 = {nyquist:g} Hz, "
                           f"got f_min={d.f_min}, f_max={d.f_max}")
-    hop = math.prod(cfg.diffwave.upsample)
+    hop = math.prod(cfg.diffwave.upsample)  # the local conditioner's frames * hop samples: one frame per hop
     if hop != d.hop_length:
         raise ConfigError(f"{source}: diffwave.upsample {cfg.diffwave.upsample} upsamples the mel frames "
                           f"{hop}-fold, but data.hop_length is {d.hop_length}; make their product equal")
@@ -98,9 +101,12 @@ def _validate_diffwave(w: DiffWaveConfig, kind: str, source: str) -> None:
 def _refuse_image_features(cfg: Config, source: str) -> None:
     """What works on pictures only, refused on sound in one line."""
     m = cfg.model
-    if m.condition != "none":
-        raise ConfigError(f"{source}: model.condition={m.condition} conditions on a low-resolution image; sound "
-                          "(data.dataset=audio) takes model.condition=none")
+    if m.condition == "low_res":
+        raise ConfigError(f"{source}: model.condition=low_res conditions on a low-resolution image; sound "
+                          "(data.dataset=audio) takes model.condition=none, or mel (a vocoder)")
+    if m.condition == "mel" and cfg.train.cond_noise:
+        raise ConfigError(f"{source}: train.cond_noise={cfg.train.cond_noise} augments a low-res image; a vocoder "
+                          "(model.condition=mel) takes its mel spectrogram clean: set train.cond_noise=0")
     if m.autoencoder:
         raise ConfigError(f"{source}: model.autoencoder (latent diffusion) encodes images; DiffWave works on the "
                           "waveform: set model.autoencoder=null")

@@ -90,12 +90,15 @@ def _dit(cfg: Config, out_channels_multiplier: int) -> nn.Module:
 
 
 def _diffwave(cfg: Config, out_channels_multiplier: int) -> DiffWave:
-    """Kong et al. 2021's DiffWave on waveforms (C, L), sized by diffwave.preset or its keys."""
+    """Kong et al. 2021's DiffWave on waveforms (C, L), sized by diffwave.preset or its keys; with
+    model.condition=mel, its local conditioner (a vocoder)."""
     w, channels = cfg.diffwave, int(cfg.data.channels)
     sizes = diffwave_settings(w)
+    mel = channels * cfg.data.n_mels if cfg.model.condition == "mel" else None  # a vocoder: each channel's bands
     return DiffWave(in_channels=channels, out_channels=channels * out_channels_multiplier, layers=sizes["layers"],
                     channels=sizes["channels"], dilation_cycle=sizes["dilation_cycle"], embed_dim=w.embed_dim,
-                    num_classes=cfg.model.num_classes, label_dim=w.label_dim, upsample=tuple(w.upsample))
+                    num_classes=cfg.model.num_classes, label_dim=w.label_dim, mel_channels=mel,
+                    upsample=tuple(w.upsample))
 
 
 def count_parameters(model: nn.Module) -> int:

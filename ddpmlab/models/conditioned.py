@@ -1,4 +1,5 @@
-"""Image-conditioned denoisers: super-resolution by concatenation (SR3, Saharia et al. 2021, Sec. 2.1).
+"""Conditioned denoisers: super-resolution by concatenation (SR3, Saharia et al. 2021, Sec. 2.1), and the
+conditioning of every kind (a low-res image, a vocoder's mel spectrogram) made from a clean example.
 
 SR3 feeds the denoiser the low-resolution image, upsampled to the target size with bicubic
 interpolation, concatenated with x_t along the channels: f_theta(concat(u(x_low), x_t), t).
@@ -13,6 +14,10 @@ The conditioning itself is made from a high-resolution image by :func:`low_res` 
 to ``data.low_res``) and :func:`upsample` (back to the image size, ``data.upsample``); in
 training, optional Gaussian noise on it (:func:`augment_condition`) is the conditioning
 augmentation of cascaded diffusion models (Ho et al. 2022, Sec. 4.1).
+
+A vocoder (model.condition=mel; DiffWave's local conditioner, Kong et al. 2021, Sec. 3.2) is conditioned
+on the log-mel spectrogram of its waveform (:func:`mel_condition`); DiffWave reads it as ``cond`` itself,
+and it reaches the network by the same path (:func:`bind_condition`) in training and in every sampler.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpmlab.config import DOWNSAMPLE_MODES, UPSAMPLE_MODES, Config
+from ddpmlab.data.mel import config_mel
 from ddpmlab.errors import ConfigError, DDPMError
 
 
@@ -139,18 +145,37 @@ def augment_condition(cond: torch.Tensor, max_std: float, generator: Optional[to
     return cond + (s * z).to(cond.device, cond.dtype)
 
 
+def mel_condition(x: torch.Tensor, data) -> torch.Tensor:
+    """A vocoder's conditioning (model.condition=mel): the log-mel spectrograms of sounds x (B, C, L) with the
+    data section's settings (data.mel.config_mel), the C channels' bands stacked: (B, C * n_mels, 1 + L // hop)."""
+    mel = config_mel(x.float(), data)
+    return mel.reshape(mel.shape[0], -1, mel.shape[-1])
+
+
+def example_condition(x0: torch.Tensor, cfg: Config):
+    """What clean examples x0 are conditioned on, as model.condition says: low_res, their low-res versions
+    upsampled back (SR3); mel, their log-mel spectrograms (a vocoder); none, None."""
+    if cfg.model.condition == "low_res":
+        return condition_from_high_res(x0, cfg)
+    if cfg.model.condition == "mel":
+        return mel_condition(x0, cfg.data)
+    return None
+
+
 def training_condition(x0: torch.Tensor, cfg: Config, generator: Optional[torch.Generator] = None):
-    """What a training batch x0 (B, C, H, W) is conditioned on: None (model.condition=none), or its low-res
-    version upsampled back (SR3), with conditioning augmentation of std up to train.cond_noise."""
-    if cfg.model.condition == "none":
-        return None
-    return augment_condition(condition_from_high_res(x0, cfg), cfg.train.cond_noise, generator)
+    """What a training batch x0 is conditioned on (:func:`example_condition`); a low-res image with conditioning
+    augmentation of std up to train.cond_noise."""
+    cond = example_condition(x0, cfg)
+    if cfg.model.condition != "low_res":
+        return cond
+    return augment_condition(cond, cfg.train.cond_noise, generator)
 
 
 def conditioned(cfg: Config, net: nn.Module, shape: Sequence[int]) -> nn.Module:
     """``net`` wrapped as ``cfg.model.condition`` says for data of ``shape`` (C, H, W): low_res, a
-    :class:`ConcatConditioned` (data.low_res checked against H, W); none, ``net`` unchanged."""
-    if cfg.model.condition == "none":
+    :class:`ConcatConditioned` (data.low_res checked against H, W); none or mel (DiffWave reads the mel
+    itself), ``net`` unchanged."""
+    if cfg.model.condition != "low_res":
         return net
     check_low_res(cfg, shape)
     return ConcatConditioned(net, condition_channels(cfg, int(shape[0])))
@@ -158,7 +183,7 @@ def conditioned(cfg: Config, net: nn.Module, shape: Sequence[int]) -> nn.Module:
 
 def check_low_res(cfg: Config, shape: Sequence[int]) -> None:
     """ConfigError unless data.low_res fits inside the image size of ``shape`` (C, H, W)."""
-    if cfg.model.condition == "none":
+    if cfg.model.condition != "low_res":
         return
     h, w = int(shape[1]), int(shape[2])
     lh, lw = _size(cfg.data.low_res)

@@ -15,10 +15,13 @@ Kong et al. 2021, Sec. 3 and Fig. 2, in a page:
   classifier-free guidance (Ho & Salimans 2022), as the UNet's; here it is zero and receives no gradient
   (``padding_idx``), so with the label dropped the network is exactly the unconditional DiffWave of the
   same weights;
-* the **local conditioner** (a mel spectrogram, the vocoder; their Sec. 3.2 and App. A): the spectrogram
-  (B, mel_channels, frames), seen as a one-channel image, is upsampled in time by two transposed 2-D
-  convolutions (kernel 3 x 2s, stride 1 x s, leaky ReLU 0.4), s1 * s2 = the hop length, cut to L, and
-  mapped by a Conv1x1 per layer.
+* the **local conditioner** (a mel spectrogram, the vocoder; their Sec. 3.2 and App. A): the log-mel
+  spectrogram (B, mel_channels, frames) of :func:`ddpmlab.data.mel.config_mel` (natural log, floored at
+  1e-5), scaled to about [0, 1] (0 at the floor, 1 at magnitude 1, as Kong et al.'s code scales its
+  decibels), seen as a one-channel image, is upsampled in time by two transposed 2-D convolutions (kernel
+  3 x 2s, stride 1 x s, leaky ReLU 0.4) to exactly frames * s1 * s2 samples (s1 * s2 = the hop length),
+  cut to L, and mapped by a Conv1x1 per layer.  Those Conv1x1 start at zero (unlike the paper's), so a
+  fresh vocoder is exactly the unconditional network of the same weights until training moves them.
 
 The receptive field of the dilated convolutions is 1 + 2 sum_i 2^(i mod cycle) samples (their Sec. 3.1:
 6139 for 30 layers with cycle 10): :func:`receptive_field`.
@@ -33,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpmlab.data.mel import LOG_FLOOR
 from ddpmlab.models.unet import add_class_embedding, batch_timesteps
 
 STEP_ENCODING = 128  # the sinusoidal encoding of the diffusion step (Kong et al. 2021, Eq. 8)
@@ -52,8 +56,15 @@ def receptive_field(layers: int, dilation_cycle: int, kernel: int = 3) -> int:
     return 1 + (kernel - 1) * sum(2 ** (i % dilation_cycle) for i in range(layers))
 
 
+def scale_log_mel(mel: torch.Tensor) -> torch.Tensor:
+    """A log-mel spectrogram (natural log floored at LOG_FLOOR) -> 1 - log(mel) / log(LOG_FLOOR): 0 at the
+    floor (-100 dB), 1 at magnitude 1; the conditioner's input scale (Kong et al.'s code: (dB + 100) / 100)."""
+    return 1.0 - mel / math.log(LOG_FLOOR)
+
+
 class MelUpsampler(nn.Module):
-    """(B, M, frames) -> (B, M, frames * prod(strides)): transposed 2-D convolutions over (bands, time)."""
+    """(B, M, frames) log-mel -> (B, M, frames * prod(strides)): transposed 2-D convolutions over (bands, time)
+    of the scaled spectrogram (:func:`scale_log_mel`)."""
 
     def __init__(self, strides: Sequence[int]):
         super().__init__()
@@ -62,7 +73,8 @@ class MelUpsampler(nn.Module):
         self.strides = tuple(int(s) for s in strides)
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        h = mel[:, None]
+        # each stage: (frames - 1) s - 2 (s // 2) + 2 s = frames * s samples (+1 for an odd s, cut below)
+        h = scale_log_mel(mel)[:, None]
         for conv, s in zip(self.convs, self.strides):
             frames = h.shape[-1]
             h = F.leaky_relu(conv(h)[..., : frames * s], LEAKY_SLOPE)  # odd strides give one sample more: cut
@@ -79,6 +91,9 @@ class ResidualLayer(nn.Module):
         self.dilated_conv = nn.Conv1d(channels, 2 * channels, 3, padding=dilation, dilation=dilation)
         self.label_proj = nn.Conv1d(label_dim, 2 * channels, 1, bias=False) if label_dim else None
         self.mel_proj = nn.Conv1d(mel_channels, 2 * channels, 1) if mel_channels else None
+        if self.mel_proj is not None:  # zero: a fresh local conditioner adds nothing (it learns from the first step)
+            nn.init.zeros_(self.mel_proj.weight)
+            nn.init.zeros_(self.mel_proj.bias)
         self.out_proj = nn.Conv1d(channels, 2 * channels, 1)
 
     def forward(self, h: torch.Tensor, step: torch.Tensor, label: Optional[torch.Tensor],

@@ -49,7 +49,8 @@ class SamplingRequest:
     label: one class (name or index) for all samples; guidance: classifier-free guidance scale,
       None -> the conditional run's train.sample_guidance.  cycle_classes: without a label, a
       conditional run's samples take classes 0, 1, ..., K-1, 0, ... as its own samples do.
-    cond: an image-conditioned run's conditioning, (n or 1, C, H, W) (sample i gets row i).
+    cond: a conditioned run's conditioning, (n or 1, C, H, W) (a low-res image upsampled) or (n or 1,
+      C * n_mels, frames) (a vocoder's log-mel spectrogram) (sample i gets row i).
     img2img_t0: SDEdit of a given picture noised to timestep t0: sampling runs from t0, and the
       picture keeps its own class (no cycled classes, no run guidance) unless a class is asked for.
     prompts: a text run's prompts, ``n`` samples each, grouped per prompt; None -> the run's own prompts
@@ -99,7 +100,7 @@ class SamplingPlan:
     step_schedule: Optional[str] = None
     label: Optional[int] = None
     guidance: Optional[float] = None
-    cond: Union[torch.Tensor, TextCondition, None] = None  # n rows: a low-res image's (SR3) or the prompts'
+    cond: Union[torch.Tensor, TextCondition, None] = None  # n rows: a low-res image's (SR3), a mel's or the prompts'
     n: int = 1
     seed: int = 0
     uncond: Optional[TextCondition] = None  # n rows: a text run's unconditional branch of guidance
@@ -331,20 +332,33 @@ def _text_conditioning(run: Run, request: SamplingRequest, log: Callable[[str], 
     return model, labels, label, guidance, text
 
 
+def condition_shape(run: Run) -> tuple:
+    """The shape of one sample's conditioning: (C, H, W) for super-resolution (the image size), (C * n_mels,
+    1 + L // hop) for a vocoder (the log-mel spectrogram of a clip of the run's data.length)."""
+    if run.cfg.model.condition == "mel":
+        d = run.cfg.data
+        return (run.shape[0] * d.n_mels, 1 + run.shape[-1] // d.hop_length)
+    return tuple(run.shape)
+
+
 def _check_condition(run: Run, cond: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
-    """``cond`` as (n, C, H, W) for an image-conditioned run (one row is repeated n times); refused otherwise."""
-    kind = run.cfg.model.condition
+    """``cond`` as (n, *condition_shape) for a conditioned run (one row is repeated n times); refused otherwise."""
+    kind, name = run.cfg.model.condition, run.dir or "RUN"
     if cond is None:
+        if kind == "mel":
+            raise ConfigError(f"{run.dir or 'this run'} is a vocoder (model.condition=mel): it re-synthesises a "
+                              f"recording from its mel spectrogram; use `ddpm vocode {name} --audio in.wav`")
         if kind != "none":
             raise ConfigError(f"{run.dir or 'this run'} is a super-resolution run (model.condition={kind}): it "
-                              f"samples from a low-res picture; use `ddpm upscale {run.dir or 'RUN'} --image low.png`")
+                              f"samples from a low-res picture; use `ddpm upscale {name} --image low.png`")
         return None
     if kind == "none":
-        raise ConfigError(f"{run.dir or 'this run'} is not image-conditioned (model.condition=none): it takes no "
-                          "conditioning image")
-    if cond.ndim != 4 or cond.shape[0] not in (1, n) or tuple(cond.shape[1:]) != tuple(run.shape):
+        raise ConfigError(f"{run.dir or 'this run'} is not conditioned (model.condition=none): it takes no "
+                          "conditioning image or spectrogram")
+    shape = condition_shape(run)
+    if cond.ndim != 1 + len(shape) or cond.shape[0] not in (1, n) or tuple(cond.shape[1:]) != shape:
         raise ConfigError(f"the conditioning has shape {tuple(cond.shape)}; this run needs ({n} or 1, "
-                          f"{', '.join(map(str, run.shape))}) for {n} samples")
+                          f"{', '.join(map(str, shape))}) for {n} samples")
     return cond.expand(n, *cond.shape[1:]).float().cpu()
 
 

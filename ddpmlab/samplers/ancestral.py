@@ -1,6 +1,7 @@
-"""DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) and DDIM (Song et al. 2021).
+"""DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), DDIM (Song et al. 2021) and DiffWave's fast
+sampling (Kong et al. 2021, App. B: ancestral steps between the noise levels of any step schedule).
 
-Both are pure functions: ``sample(predict, schedule, x_T, steps, *, generator, callback)``
+All are pure functions: ``sample(predict, schedule, x_T, steps, *, generator, callback)``
 where ``predict(x_t, t) -> (eps, x0)`` (see :class:`~ddpmlab.samplers.base.ModelPredictor`)
 and ``schedule`` is the full training schedule.
 """
@@ -13,9 +14,10 @@ from typing import Optional
 import torch
 
 from ddpmlab.diffusion.reverse import ancestral_step, check_variance
-from ddpmlab.diffusion.schedules import NoiseSchedule, select_timesteps
+from ddpmlab.diffusion.schedules import NoiseSchedule, abar_of_t, select_timesteps
 from ddpmlab.errors import ConfigError
 from ddpmlab.samplers.base import Callback, randn_like
+from ddpmlab.samplers.steps import Timesteps, resolve_timesteps
 
 
 def respaced(schedule: NoiseSchedule, steps: Optional[int], spacing: str = "uniform") -> NoiseSchedule:
@@ -81,4 +83,35 @@ def ddim(predict, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int = 50, *
             x = x + sigma * randn_like(x, generator)
         if callback is not None:
             callback(len(ts) - 1 - k, x, x0)
+    return x
+
+
+@torch.no_grad()
+def diffwave_fast(predict, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int = 6, *,
+                  generator: Optional[torch.Generator] = None, callback: Callback = None,
+                  timesteps: Timesteps = "diffwave", variance: str = "fixed_small") -> torch.Tensor:
+    """DiffWave's fast sampling (Kong et al. 2021, App. B): ``steps`` ancestral steps between the noise levels
+    of a step schedule, by default the paper's six (steps.diffwave_timesteps); NFE = steps.
+
+    With gamma_s the alpha_bar of level s (1 after the last) and beta_s = 1 - gamma_s / gamma_{s-1}, each step
+    is Ho et al. 2020's Algorithm 2 on that respaced process: x_{s-1} = mu_tilde(x_s, x0) (their Eq. 7) +
+    sigma_s z, sigma_s^2 = (1 - gamma_{s-1}) / (1 - gamma_s) beta_s (fixed_small, the paper's) or beta_s
+    (fixed_large); the model sees the level's fractional training time (the paper's t_align).
+    """
+    if variance not in ("fixed_small", "fixed_large"):
+        raise ConfigError(f"diffwave_fast takes variance fixed_small (the paper's) or fixed_large, got {variance!r}")
+    ts = resolve_timesteps(timesteps, schedule, steps)
+    abar = abar_of_t(schedule, ts).tolist() + [1.0]
+    x = x_T
+    for k, t in enumerate(ts):
+        a_t, a_prev = abar[k], abar[k + 1]
+        beta = 1.0 - a_t / a_prev
+        eps, x0 = predict(x, t.to(x.device))
+        # Ho et al. 2020, Eq. 7: the posterior mean between the two levels (x0 itself after the last)
+        x = (math.sqrt(a_prev) * beta / (1.0 - a_t)) * x0 + (math.sqrt(1.0 - beta) * (1.0 - a_prev) / (1.0 - a_t)) * x
+        if k + 1 < len(ts):
+            var = (1.0 - a_prev) / (1.0 - a_t) * beta if variance == "fixed_small" else beta
+            x = x + math.sqrt(var) * randn_like(x, generator)
+        if callback is not None:
+            callback(k, x, x0)
     return x

@@ -17,7 +17,7 @@ import torch
 
 from ddpmlab.diffusion.schedules import NoiseSchedule
 from ddpmlab.errors import OPTION, ConfigError, OptionError
-from ddpmlab.samplers.ancestral import ddim, ddpm
+from ddpmlab.samplers.ancestral import ddim, ddpm, diffwave_fast
 from ddpmlab.samplers.base import ModelPredictor, with_threshold
 from ddpmlab.samplers.flow import flow_euler, flow_heun, flow_midpoint, flow_sde
 from ddpmlab.samplers.langevin import pc
@@ -106,6 +106,9 @@ def _thresholding(fn: Callable, kind: str, options: Sequence[str], stochastic: b
 SAMPLER_SPECS: Dict[str, SamplerSpec] = {s.name: s for s in [
     _thresholding(ddpm, SPACING, ["variance"], True, None, "ancestral sampling, Ho et al. 2020, Alg. 2"),
     _thresholding(ddim, SPACING, ["eta"], False, 50, "DDIM, Song et al. 2021 (eta > 0 adds noise)"),
+    _thresholding(diffwave_fast, TIMESTEPS, ["variance"], True, 6,
+                  "DiffWave's fast sampling, Kong et al. 2021, App. B (ancestral steps on any step schedule; "
+                  "default its 6 levels)"),
     _thresholding(dpmpp_2m, TIMESTEPS, ["lower_order_final"], False, 50, "DPM-Solver++(2M), Lu et al. 2022"),
     _thresholding(dpmpp_3m, TIMESTEPS, ["lower_order_final"], False, 50, "DPM-Solver++(3M)"),
     _thresholding(unipc, TIMESTEPS, ["order", "lower_order_final"], False, 50, "UniPC, Zhao et al. 2023"),

@@ -78,6 +78,24 @@ def flow_timesteps(schedule: NoiseSchedule, n: int) -> torch.Tensor:
     return t_of_sigma(schedule, t / (1.0 - t))  # t = 1: sigma = inf, the schedule's last timestep
 
 
+# Kong et al. 2021, App. B: the vocoder's fast sampling, T_infer = 6 user-defined betas (for T = 50 training steps)
+DIFFWAVE_FAST_BETAS = (1e-4, 1e-3, 1e-2, 5e-2, 0.2, 0.5)
+
+
+def diffwave_timesteps(schedule: NoiseSchedule, n: int) -> torch.Tensor:
+    """The training times (n,) of DiffWave's fast-sampling noise levels, decreasing: gamma_s = prod_{i<=s}
+    (1 - beta_i) of the paper's six betas (Kong et al. 2021, App. B; alpha_bar from 0.9999 down to 0.376);
+    for n != 6, n levels piecewise linear in log sigma through those six.  Each level's time is where the
+    schedule's alpha_bar equals it (the paper's t_align, here by the solvers' log-sigma interpolation rather
+    than theirs in sqrt(alpha_bar); a fraction of a step apart)."""
+    gamma = torch.cumprod(1.0 - torch.tensor(DIFFWAVE_FAST_BETAS, dtype=torch.float64), 0)
+    log_sigma = 0.5 * torch.log((1.0 - gamma) / gamma)  # increasing
+    pos = torch.linspace(0, len(gamma) - 1, n, dtype=torch.float64) if n > 1 else torch.full((1,), len(gamma) - 1.0)
+    lo = pos.floor().long().clamp(max=len(gamma) - 2)
+    w = pos - lo
+    return t_of_sigma(schedule, ((1 - w) * log_sigma[lo] + w * log_sigma[lo + 1]).exp()).flip(0)
+
+
 def _needs_model(schedule: NoiseSchedule, n: int) -> torch.Tensor:
     raise ConfigError("timesteps 'optimized' depends on the model and the solver: compute it with "
                       "ddpmlab.samplers.steps.optimize_timesteps(...) and pass the tensor as timesteps= "
@@ -92,6 +110,7 @@ STEP_SCHEDULES: Dict[str, Callable[[NoiseSchedule, int], torch.Tensor]] = {
     "karras": karras_timesteps,
     "logsnr": logsnr_timesteps,
     "flow": flow_timesteps,
+    "diffwave": diffwave_timesteps,
     "optimized": _needs_model,
 }
 

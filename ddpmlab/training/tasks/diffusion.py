@@ -32,7 +32,7 @@ from ddpmlab.errors import ConfigError, OptionError, about
 from ddpmlab.evaluate.superres import save_comparison, spread_images
 from ddpmlab.io.checkpoint import require_run_dir
 from ddpmlab.models import build_model, count_parameters
-from ddpmlab.models.conditioned import bind_condition, condition_from_high_res, low_res, training_condition
+from ddpmlab.models.conditioned import bind_condition, example_condition, low_res, training_condition
 from ddpmlab.runs import Output, Run, SamplingRequest, draw_samples, own_sampler, plan_request, save_class_names
 from ddpmlab.runs.prompts import load_run_prompts
 from ddpmlab.samplers.guidance import drop_labels
@@ -96,9 +96,13 @@ class DiffusionTask(Task):
         self.objective: Optional[Union[DiffusionObjective, FlowObjective]] = None
         self.text: Optional[TextTraining] = None  # a text run's captions (text.encoder set)
 
+    def read_data(self):
+        """The training examples as data.* names them (a fine-tuning on a concept's few images: as it reads them)."""
+        return load_data(self.cfg)
+
     def load_data(self) -> None:
         ctx = self.ctx
-        self.dataset = self.pixels = load_data(self.cfg)
+        self.dataset = self.pixels = self.read_data()
         if ctx.main:
             print(describe_data(self.cfg, self.dataset))
         if self.cfg.model.autoencoder:  # latent diffusion: the denoiser trains on the encoded data
@@ -166,7 +170,7 @@ class DiffusionTask(Task):
         if y is not None:  # classifier-free guidance: some labels become "no label" (drawn as t and eps are)
             u = draw_uniform(len(y), cfg.train.batch_size, acc.process_index, shared)
             y = drop_labels(y, cfg.train.label_dropout, cfg.model.num_classes, u=u)
-        cond = training_condition(x0, cfg, generator=own)  # super-resolution (SR3): x0's low-res version, upsampled
+        cond = training_condition(x0, cfg, generator=own)  # SR3: x0's low-res version upsampled; a vocoder: its mel
         if self.text is not None:  # the examples' captions of this step, some dropped (drawn as labels are)
             u = draw_uniform(len(x0), cfg.train.batch_size, acc.process_index, shared)
             cond = self.text.condition(self.trainee.raw, batch[2], step, u)
@@ -196,23 +200,25 @@ class DiffusionTask(Task):
         """(run, plan, samples, truth) of the EMA weights, planned as every front end plans a sampler call (the
         run's own variance for ddpm; a conditional run's samples cycle through the classes; a text run's are
         grouped by its prompts, RUN/samples/prompts.txt; a super-resolution run upscales images spread over its
-        data, whose originals are ``truth``; else truth is None).
+        data, a vocoder re-synthesises clips spread over its data from their mel spectrograms, whose originals
+        are ``truth``; else truth is None).
         ``steps``: instead of train.sample_steps (the budget's timing)."""
         cfg = self.cfg
         run = Run(cfg, self.trainee.ema, self.schedule, self.ctx.device, self.ctx.run_dir)
         truth = spread_images(self.dataset, cfg.train.sample_n) if cfg.model.condition != "none" else None
         n = cfg.train.sample_n if truth is None else len(truth)
         request = SamplingRequest(own_sampler(cfg), steps or cfg.train.sample_steps, n=n, seed=cfg.train.seed,
-                                  cond=None if truth is None else condition_from_high_res(truth, cfg))
+                                  cond=None if truth is None else example_condition(truth, cfg))
         with train_names():
             plan = plan_request(run, request, log=lambda m: None)
         return run, plan, draw_samples(run, plan, plan.n, seed=cfg.train.seed, progress=False), truth
 
     def draw(self, tag: str) -> Path:
-        """RUN/samples/<tag>.png from the EMA weights; super-resolution runs: triples of input, upscale, truth."""
+        """RUN/samples/<tag>.png from the EMA weights; super-resolution runs: triples of input, upscale, truth
+        (a vocoder's: its re-syntheses as any sound run's samples)."""
         run, plan, x, truth = self.draw_samples()
         path = self.ctx.run_dir / "samples" / f"{tag}.png"
-        if truth is not None:
+        if truth is not None and not run.is_audio:
             return save_comparison(path, low_res(truth, self.cfg), x, truth)
         ref = None if self.dataset.is_image or run.is_audio else reference_points(self.dataset)
         return save_samples(run, x, Output(path, is_folder=False), title=f"samples at {tag}", reference=ref,
@@ -244,18 +250,20 @@ class DiffusionTask(Task):
         print(f"done: {steps} steps in {seconds:.0f} s; samples (EMA) -> {path}"
               + (f"; {skipped} steps skipped (non-finite loss or gradient)" if skipped else ""))
         prompts = load_run_prompts(self.ctx.run_dir) if self.text is not None else []
-        print(next_commands(self.ctx.run_dir, superres=cfg.model.condition != "none",
+        print(next_commands(self.ctx.run_dir, condition=cfg.model.condition,
                             sampler=own_sampler(cfg), steps=cfg.train.sample_steps,
                             prompt=prompts[0] if prompts else None))
 
 
-def next_commands(run_dir: Path, superres: bool = False, sampler: str = "ddim", steps: int = 50,
+def next_commands(run_dir: Path, condition: str = "none", sampler: str = "ddim", steps: int = 50,
                   prompt: Optional[str] = None) -> str:
     """The commands to try on a finished run: sampling as its final samples were drawn (a super-resolution
-    run upscales instead; a text run is asked for ``prompt``)."""
+    run, model.condition low_res, upscales instead, a vocoder, mel, re-synthesises; a text run is asked for
+    ``prompt``)."""
     run_q = shlex.quote(str(run_dir))
-    first = (f"  ddpm upscale {run_q} --image low.png" if superres
-             else f"  ddpm sample {run_q} --sampler {sampler} --steps {steps}")
+    first = {"low_res": f"  ddpm upscale {run_q} --image low.png",
+             "mel": f"  ddpm vocode {run_q} --audio in.wav --sampler {sampler} --steps {steps}"}.get(
+        condition, f"  ddpm sample {run_q} --sampler {sampler} --steps {steps}")
     if prompt is not None:
         first += f" --prompt {shlex.quote(prompt)}"
     return "\n".join(["next:", first, f"  ddpm eval {run_q}", f"  ddpm viz loss {run_q}"])
