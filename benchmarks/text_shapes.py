@@ -118,7 +118,7 @@ def picture(run_dir: Path, path: Path, seed: int) -> list:
     right = score_shapes(x, [c for c, _, _ in chosen for _ in range(PER_ROW)], spec)["all"].view(len(chosen), -1)
     font = ImageFont.load_default(size=15)
     rows = [grid_image(x[k * PER_ROW:(k + 1) * PER_ROW], nrow=PER_ROW, scale=2) for k in range(len(chosen))]
-    labels = [f"\"{p}\"{' (held out)' if h else ''}   {int(r.sum())}/{PER_ROW}"
+    labels = [f"\"{p}\"{' (held out)' if h else ''}   {int(r.sum())}/{PER_ROW} right"
               for (_, p, h), r in zip(chosen, right)]
     width = max(int(font.getlength(t)) for t in labels) + 16
     canvas = Image.new("RGB", (width + rows[0].width, sum(r.height for r in rows)), "white")
