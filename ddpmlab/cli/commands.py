@@ -13,6 +13,7 @@ from typing import List, Sequence
 import torch
 from safetensors.torch import save_file
 
+from ddpmlab.cli.controlnet import export_controlnet_run
 from ddpmlab.config import Config, format_config, load_config
 from ddpmlab.data.check import check_folder
 from ddpmlab.demo import serve as serve_demo
@@ -151,6 +152,8 @@ def cmd_ema(args) -> int:
 
 def cmd_export(args) -> int:
     cfg = load_run_config(require_run_dir(args.run_dir))
+    if cfg.controlnet.base:  # a ControlNet run: diffusers' ControlNetModel
+        return export_controlnet_run(args, cfg)
     lora_run = cfg.finetune.method == "lora"
     if (lora_run or args.lora) and not args.merge:
         what = f"{args.run_dir} is a LoRA fine-tuning of {cfg.finetune.source}" if lora_run else "--lora adapters"

@@ -15,6 +15,7 @@ from ddpmlab.cli.commands import (
     cmd_train,
     cmd_train_autoencoder,
 )
+from ddpmlab.cli.controlnet import train_controlnet_parser
 from ddpmlab.cli.data import shapes_parser, shards_parser
 from ddpmlab.cli.parser_sampling import (
     bench_parser,
@@ -239,6 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_train_parser, _train_autoencoder_parser, sample_parser, editing_parsers, upscale_parser,
                 eval_parser, _export_and_data_parsers, viz_parser, bench_parser, _demo_parser, _distill_parser,
-                _reflow_parser, _finetune_parser):
+                _reflow_parser, _finetune_parser, train_controlnet_parser):
         add(sub)
     return p

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ddpmlab.cli.controlnet import controlnet_options
 from ddpmlab.cli.options import VARIANCE_ALIASES, OlderSpelling, VarianceName
 from ddpmlab.cli.sampling import cmd_img2img, cmd_inpaint, cmd_sample, cmd_upscale
 from ddpmlab.cli.study import cmd_bench, cmd_eval, cmd_viz
@@ -108,6 +109,7 @@ def sample_parser(sub) -> None:
                    help="bake a LoRA adapter (a run's adapter.safetensors, or the LoRA run's folder) into the weights, "
                         "its update times SCALE (default 1); repeat to combine several (a LoRA run samples with its "
                         "own adapter already)")
+    controlnet_options(s)
     s.add_argument("--out", help="a picture file (.png, ...) or a folder (one PNG per sample plus grid.png); "
                                  "default RUN_DIR/samples/<sampler>_<steps>steps_seed<seed>.png")
     s.add_argument("--npz", action="store_true", help="also save the raw samples as .npz (written first)")

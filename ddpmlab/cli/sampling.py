@@ -36,6 +36,7 @@ from ddpmlab.runs import (
     resolve_output,
     write_raw,
 )
+from ddpmlab.runs.control import with_controlnets
 from ddpmlab.viz.samples import save_samples
 
 
@@ -51,10 +52,12 @@ def cmd_sample(args) -> int:
            load_run(args.run_dir, args.weights, device, weights_file=args.weights_file))
     for line in apply_adapters(run.model, args.lora, f"'{args.run_dir or args.from_diffusers}'"):
         print(f"LoRA adapter {line}")
+    run = with_controlnets(run, args.controlnet, args.control, args.control_scale)
     if listed_classes(args, run):
         return 0
     plan = plan_request(run, request)
-    output = resolve_output(args.out, run.folder("samples") / f"{plan.tag()}.png")
+    control = f"control_{Path(args.control[0]).stem}_" if args.controlnet else ""
+    output = resolve_output(args.out, run.folder("samples") / f"{control}{plan.tag()}.png")
     x = draw_samples(run, plan, batch_size=args.batch_size, progress=not args.no_progress)
     if args.npz:  # the raw samples first: a picture that cannot be written loses nothing
         print(f"wrote {write_raw(x, output)} (samples: {tuple(x.shape)}, values in the data's scale)")

@@ -15,7 +15,7 @@ from typing import Optional
 CONFIG_VERSION = 1
 BUNDLED_DIR = Path(__file__).parent.parent / "configs"
 SECTIONS = ("data", "model", "unet", "dit", "mlp", "diffwave", "diffusion", "train", "autoencoder", "distill", "reflow",
-            "text", "finetune", "lora")
+            "text", "finetune", "lora", "controlnet")
 # keys of an earlier spelling -> their names now (read with a one-line note; runs are saved in the new one)
 RENAMED_KEYS = {
     **{f"model.{k}": f"unet.{k}" for k in ("base_channels", "channel_mults", "num_res_blocks",
@@ -369,6 +369,25 @@ class LoRAConfig:
 
 
 @dataclass
+class ControlNetConfig:
+    """A ControlNet (Zhang et al. 2023) on a frozen UNet run: ddpm train-controlnet (ddpmlab.data.control)."""
+
+    base: Optional[str] = None  # the UNet run it steers (its EMA weights, frozen); set by ddpm train-controlnet
+    # each image's control: edges | mask | scribble | blur computed from it, or null: its picture in control_path
+    detector: Optional[str] = "edges"
+    control_path: Optional[str] = None  # detector null: the pictures' folder (null: control/ beside data.path)
+    edge_threshold: float = 0.2  # edges, scribble: the Sobel gradient magnitude (luminance in [0, 1]) of an edge
+    mask_threshold: float = 0.5  # mask: the luminance (in [0, 1]) above which a pixel is 1
+    blur_sigma: float = 2.0  # blur: the Gaussian's standard deviation in pixels
+    scribble_keep: float = 0.5  # scribble: the share of 4x4-pixel cells whose edges it keeps (then 3 px wide)
+    label_dropout: float = 0.5  # labels dropped to "no label" (Zhang et al. 2023, Sec. 3.3: 50 % of prompts emptied)
+    control_channels: Optional[int] = None  # the control image's channels; null: data.channels
+    # the hint encoder's widths (a stride-2 step per entry after the first); null: (16, 32, 96, 256) cut to bring a
+    # control of the image's size to the denoiser's (one entry for a pixel run)
+    hint_channels: Optional[list] = None
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -384,6 +403,7 @@ class Config:
     text: TextConfig = field(default_factory=TextConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
     version: int = CONFIG_VERSION
     stage: str = "diffusion"  # diffusion | autoencoder (written by ddpm train-autoencoder)
 
@@ -401,4 +421,5 @@ DISTILL_METHODS = ("progressive", "consistency")
 STUDENT_PREDICTIONS = ("v", "x0", "velocity")  # velocity: the student of a flow teacher
 ODE_SOLVERS = ("heun", "euler")
 FINETUNE_METHODS = ("full", "lora")  # finetune.method (ddpmlab.training.tasks.finetune)
+CONTROL_DETECTORS = ("edges", "mask", "scribble", "blur")  # controlnet.detector (ddpmlab.data.control)
 

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 
 from ddpmlab.config.audio import validate_audio
+from ddpmlab.config.controlnet import validate_controlnet
 from ddpmlab.config.finetune import validate_finetune
 from ddpmlab.config.sections import (
     CONDITIONS,
@@ -160,6 +161,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     _validate_autoencoder(cfg, source)
     validate_text(cfg, source)  # text conditioning: text.*, unet/dit.context_dim and pooled_dim
     validate_finetune(cfg, source)  # ddpm finetune: finetune.*, lora.*
+    validate_controlnet(cfg, source)  # ddpm train-controlnet: controlnet.*
 
 
 def _validate_data_and_model(cfg: Config, source: str) -> None:

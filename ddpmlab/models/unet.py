@@ -399,7 +399,7 @@ class UNet(nn.Module):
             temb = temb + self.pooled_embed(pooled.to(temb.dtype))
         return add_class_embedding(temb, self.class_embed, self.num_classes, y)
 
-    def _context(self, cond, batch: int) -> tuple:
+    def text_context(self, cond, batch: int) -> tuple:
         """The text arguments of the attention blocks, (tokens, mask) or (), and the pooled embedding or None."""
         if self.context_dim is None:
             if cond is not None:
@@ -416,12 +416,8 @@ class UNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def forward(self, x: torch.Tensor, t, y: Optional[torch.Tensor] = None,
-                cond: Optional[TextCondition] = None) -> torch.Tensor:
-        self._check_input(x)
-        context, pooled = self._context(cond, x.shape[0])
-        temb = self.embed(t, y, x.shape[0], x.device, pooled)
-        h = self.conv_in(x)
+    def encode(self, h: torch.Tensor, temb: torch.Tensor, context: tuple) -> list:
+        """The down path from conv_in's output h (B, base, H, W): the skip connections, h first, the deepest last."""
         hs = [h]
         for level in self.down:
             for j, block in enumerate(level.res):
@@ -432,7 +428,18 @@ class UNet(nn.Module):
             if level.downsample is not None:
                 h = level.downsample(h)
                 hs.append(h)
-        h = self._run(self.mid, h, temb, *context)
+        return hs
+
+    def forward(self, x: torch.Tensor, t, y: Optional[torch.Tensor] = None, cond: Optional[TextCondition] = None,
+                residuals: Optional[tuple] = None) -> torch.Tensor:
+        """``residuals``: ([one tensor per skip connection], the middle block's), a ControlNet's, added to them."""
+        self._check_input(x)
+        context, pooled = self.text_context(cond, x.shape[0])
+        temb = self.embed(t, y, x.shape[0], x.device, pooled)
+        hs = self.encode(self.conv_in(x), temb, context)
+        h = self._run(self.mid, hs[-1], temb, *context)
+        if residuals is not None:  # Zhang et al. 2023, Eq. 2: the control's zero-convolved features join the decoder
+            hs, h = [s + r for s, r in zip(hs, residuals[0], strict=True)], h + residuals[1]
         for level in self.up:
             for j, block in enumerate(level.res):
                 h = self._run(block, torch.cat([h, hs.pop()], dim=1), temb)  # skip connection by concatenation

@@ -163,6 +163,9 @@ def load_run(run_dir, weights: str = "ema", device="auto", weights_file=None) ->
     if cfg.stage == "autoencoder":
         raise DDPMError(f"'{run_dir}' is an autoencoder run (ddpm train-autoencoder), not a diffusion model; train "
                         f"latent diffusion on it with `ddpm train --config mnist_latent model.autoencoder={run_dir}`")
+    if cfg.controlnet.base:
+        raise DDPMError(f"'{run_dir}' is a ControlNet (of {cfg.controlnet.base}), not a denoiser; sample its base with "
+                        f"it: ddpm sample {cfg.controlnet.base} --controlnet {run_dir} --control picture.png")
     _locate_autoencoder(cfg, run_dir)
     model = build_run_model(cfg, run_dir, device)
     if weights_file is None:
