@@ -2,7 +2,7 @@
 
 Metrics are looked up by name in :data:`METRICS`.  Each entry says what it works on:
 
-* ``"set"`` metrics (fid, kid, is, pr, acc, judge, clean, rough; swd, mmd for 2-D runs) are functions
+* ``"set"`` metrics (fid, kid, is, pr, acc, judge, clean, rough; swd, mmd of 2-D; acc, is, fd of sound) are functions
   ``fn(ctx, which) -> {name: value}`` of one set of points, ``which`` being ``"samples"``
   (drawn from the model) or ``"data"`` (as many data points, the baseline a perfect model
   would reach with this number of samples);
@@ -22,22 +22,15 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ddpmlab.data import build_dataset, load_mnist, make_toy
+from ddpmlab.data import load_mnist, make_toy
 from ddpmlab.errors import OPTION, DDPMError, OptionError
 from ddpmlab.evaluate import metrics as M
 from ddpmlab.evaluate.features import Extractor, batches, build_extractor, extract
-from ddpmlab.evaluate.judges import (
-    ROUGH_REFERENCE_N,
-    check_judge_shape,
-    clean_share,
-    honest_confident_share,
-    honest_scores,
-    load_digit_judge,
-    rough_level,
-    rough_share,
-)
+from ddpmlab.evaluate.judges import (ROUGH_REFERENCE_N, check_judge_shape, clean_share, honest_confident_share,
+                                     honest_scores, load_digit_judge, rough_level, rough_share)
 from ddpmlab.evaluate.prompt import eval_prompts, prompt_metric
 from ddpmlab.evaluate.reference import Reference, reference_statistics, without
+from ddpmlab.evaluate.speech_classifier import reference_data, speech_extractor
 from ddpmlab.evaluate.toy import mmd_rbf, sliced_wasserstein
 from ddpmlab.runs import Run, SamplingPlan, SamplingRequest, draw_samples, load_run, plan_request
 
@@ -70,7 +63,7 @@ class EvalSettings:
 @dataclass(frozen=True)
 class Metric:
     fn: Callable
-    kind: str  # "image", "toy" or "any": the data it applies to
+    kind: str  # "image", "toy", "audio" (several joined by "|") or "any": the data it applies to
     per_set: bool  # True: fn(ctx, which) on samples and data; False: fn(ctx) once
     help: str
 
@@ -92,6 +85,7 @@ class EvalContext:
         """A bad setting is an OptionError about its field of :class:`EvalSettings` ('n', 'metrics', 'steps',
         ...), named by the front end that catches it."""
         self.cfg, self.model, self.schedule, self.dataset = cfg, model, schedule, dataset
+        self.kind = "audio" if getattr(dataset, "is_audio", False) else "image" if dataset.is_image else "toy"
         self.s, self.device, self.progress = settings, torch.device(device), progress
         self.cache_dir, self.use_cache = cache_dir, use_cache
         if extractor is not None:
@@ -139,7 +133,7 @@ class EvalContext:
     @property
     def baseline_n(self) -> int:
         """Data points in the baseline: n, at most half the data set (the rest is its reference)."""
-        return self.s.n if not self.is_image else min(self.s.n, len(self.dataset) // 2)
+        return self.s.n if self.kind == "toy" else min(self.s.n, len(self.dataset) // 2)
 
     @cached_property
     def data_index(self) -> torch.Tensor:
@@ -150,7 +144,7 @@ class EvalContext:
     @cached_property
     def data(self):
         """(x (n, *shape), labels (n,)): data points for the baseline (fresh ones for 2-D sets)."""
-        if not self.is_image:
+        if self.kind == "toy":
             return self._fresh_toy(20_000 + self.s.seed), None
         return self._images(self.data_index)
 
@@ -193,12 +187,14 @@ class EvalContext:
 
     @cached_property
     def extractor(self) -> Extractor:
+        if self.kind == "audio":  # the spoken-digit classifier, its logits in the data's class order
+            return speech_extractor(self.dataset.class_names if self.num_classes else (), self.device)
         return build_extractor(self.s.extractor, tuple(self.dataset.sample_shape), self.s.inception_weights,
                                self.device)
 
     @cached_property
     def reference(self) -> Reference:
-        return reference_statistics(self.dataset, self.extractor, _describe_data(self.cfg),
+        return reference_statistics(self.dataset, self.extractor, _describe_data(self.cfg, self.dataset),
                                     cache_dir=self.cache_dir, use_cache=self.use_cache,
                                     batch_size=self.s.batch_size, progress=self.progress)
 
@@ -231,10 +227,10 @@ class EvalContext:
         return (self._sample_features if which == "samples" else self._data_features)[1]
 
 
-def _describe_data(cfg) -> str:
+def _describe_data(cfg, dataset=None) -> str:
     d = cfg.data
     where = f" {d.path}" if d.dataset == "folder" else ""
-    return f"{d.dataset}{where} split={d.split}"
+    return getattr(dataset, "description", None) or f"{d.dataset}{where} split={d.split}"
 
 
 # --- the metrics -------------------------------------------------------------------------
@@ -303,9 +299,9 @@ def _mmd(ctx: EvalContext, which: str) -> dict:
 
 register_metric("fid", _fid, "image", True, "Frechet distance of features (Heusel et al. 2017)")
 register_metric("kid", _kid, "image", True, "kernel distance: unbiased MMD^2, cubic kernel (Binkowski et al. 2018)")
-register_metric("is", _is, "image", True, "Inception Score of the extractor's class probabilities")
+register_metric("is", _is, "image|audio", True, "Inception Score of the extractor's class probabilities")
 register_metric("pr", _pr, "image", True, "improved precision and recall, k=3 (Kynkaanniemi et al. 2019)")
-register_metric("acc", _acc, "image", True, "classifier accuracy of class-conditional samples")
+register_metric("acc", _acc, "image|audio", True, "classifier accuracy of class-conditional samples")
 register_metric("judge", _judge, "image", True, "honest confident share: the digit judge (with a reject class) "
                 "calls it a digit with p >= 0.8; 1x28x28 only; data: the 500 held-out MNIST test digits")
 register_metric("clean", _clean, "image", True, "clean-background share: mean border brightness below 20/255")
@@ -314,17 +310,22 @@ register_metric("prompt", prompt_metric, "image", False, "prompt adherence of a 
                 "(exact scorer): shares right, seen and held-out colour-shape pairs apart")
 register_metric("swd", _swd, "toy", True, "sliced Wasserstein distance to fresh data (2-D runs)")
 register_metric("mmd", _mmd, "toy", True, "MMD^2 with Gaussian kernels to fresh data (2-D runs)")
+register_metric("fd", lambda ctx, which: {"fd": _fid(ctx, which)["fid"]}, "audio", True, "sound: Frechet distance "
+                "of the spoken-digit classifier's features to held-out clips (Kong et al. 2021, Sec. 5.2)")
 
 
-def default_metrics(is_image: bool, conditional: bool, extractor: str, shape: Optional[tuple] = None) -> List[str]:
+def default_metrics(is_image: bool, conditional: bool, extractor: str, shape: Optional[tuple] = None,
+                    kind: Optional[str] = None) -> List[str]:
     """The metrics of ``ddpm eval`` without --metrics; ``shape`` (C, H, W): 1x28x28 digits also get the judge."""
+    if kind == "audio":  # the data kind (EvalContext.kind), when given
+        return (["acc"] if conditional else []) + ["is", "fd"]
     if not is_image:
         return ["swd", "mmd"]
     names = ["fid", "kid", "is", "pr"] + (["acc"] if conditional and extractor == "classifier" else [])
     return names + (["judge"] if shape is not None and _judge_fits(shape) else []) + ["clean", "rough"]
 
 
-FEATURE_METRICS = ("fid", "kid", "is", "pr", "acc")  # the metrics that read the extractor's features
+FEATURE_METRICS = ("fid", "kid", "is", "pr", "acc", "fd")  # the metrics that read the extractor's features
 
 
 def needs_features(names: List[str]) -> bool:
@@ -340,32 +341,32 @@ def _judge_fits(shape) -> bool:
     return True
 
 
-def check_metrics(names: List[str], is_image: bool, shape: Optional[tuple] = None) -> None:
+def check_metrics(names: List[str], is_image: bool, shape: Optional[tuple] = None, kind: Optional[str] = None) -> None:
     """An OptionError about 'metrics' for a metric that is unknown or not for this data (``shape``: the
-    images' (C, H, W), when known)."""
+    images' (C, H, W), when known; ``kind``: the data kind, EvalContext.kind, when known)."""
     if "judge" in names and shape is not None and not _judge_fits(shape):
         raise OptionError("metrics", f"{OPTION}: 'judge' reads 1x28x28 digits, these images are {tuple(shape)}; "
                                      "drop it (clean and rough work at any size)")
     for name in names:
         if name not in METRICS:
             raise OptionError("metrics", f"{OPTION}: unknown metric '{name}'; available: {', '.join(METRICS)}")
-        kind = METRICS[name].kind
-        if kind != "any" and (kind == "image") != is_image:
-            data = "images" if kind == "image" else "2-D points"
-            fits = ", ".join(default_metrics(is_image, False, "classifier"))
-            raise OptionError("metrics", f"{OPTION}: '{name}' is for {data}; this run's data are "
-                                         f"{'images' if is_image else '2-D points'} (use {fits})")
+        data, kinds = kind or ("image" if is_image else "toy"), METRICS[name].kind.split("|")
+        if "any" not in kinds and data not in kinds:
+            words = {"image": "images", "toy": "2-D points", "audio": "sound"}
+            fits = ", ".join(default_metrics(is_image, kind == "audio", "classifier", kind=kind))
+            raise OptionError("metrics", f"{OPTION}: '{name}' is for {' and '.join(words[k] for k in kinds)}; this "
+                                         f"run's data are {words[data]} (use {fits})")
 
 
 def evaluate_model(ctx: EvalContext) -> dict:
     """All requested metrics of ``ctx``: {"metrics": {...}, "data_baseline": {...}, ...}."""
     s = ctx.s
     shape = tuple(ctx.dataset.sample_shape) if ctx.is_image else None
-    names = s.metrics or default_metrics(ctx.is_image, bool(ctx.num_classes), s.extractor, shape)
-    check_metrics(names, ctx.is_image, shape)
+    names = s.metrics or default_metrics(ctx.is_image, bool(ctx.num_classes), s.extractor, shape, ctx.kind)
+    check_metrics(names, ctx.is_image, shape, ctx.kind)
     if s.n < 2:
         raise OptionError("n", f"{OPTION} must be at least 2, got {s.n}")
-    if ctx.is_image and "fid" in names:
+    if (ctx.is_image and "fid" in names) or "fd" in names:
         M.check_fid_samples(s.n, ctx.extractor.num_features)
     t0 = time.time()
     results, baseline, notes = {}, {}, []
@@ -388,14 +389,14 @@ def evaluate_model(ctx: EvalContext) -> dict:
            "time_s": round(time.time() - t0, 1)}
     if s.baseline:
         out["baseline"] = {"n": ctx.baseline_n, "notes": notes,
-                           "what": ("images drawn from the data set, scored against the other images"
-                                    if ctx.is_image else "fresh data points (seed 20000 + seed)")}
-    if ctx.is_image and "extractor" in ctx.__dict__:
+                           "what": ("fresh data points (seed 20000 + seed)" if ctx.kind == "toy" else
+                                    f"{ctx.kind} examples drawn from the data set, scored against the others")}
+    if ctx.kind != "toy" and "extractor" in ctx.__dict__:
         e = ctx.extractor
         out["extractor"] = {"name": e.name, "identity": e.identity, "num_features": e.num_features}
     if "reference" in ctx.__dict__:
         out["reference"] = ctx.reference.info()
-    elif not ctx.is_image:
+    elif ctx.kind == "toy":
         d = ctx.cfg.data
         out["reference"] = {"dataset": f"toy {d.toy} noise={d.toy_noise}", "n": s.n, "seed": 10_000 + s.seed}
     return out
@@ -438,8 +439,8 @@ def evaluate_run(run_dir, settings: EvalSettings, device="auto", *, cache_dir: O
     """
     SamplingRequest(settings.sampler, settings.steps, settings.step_schedule, settings.sampler_options).check()
     run = load_run(run_dir, settings.weights, device)
-    ctx = EvalContext(run.cfg, run.model, run.schedule, build_dataset(run.cfg), settings, run.device, progress,
-                      cache_dir=cache_dir, use_cache=use_cache, run=run)
+    ctx = EvalContext(run.cfg, run.model, run.schedule, reference_data(run, settings.extractor), settings, run.device,
+                      progress, cache_dir=cache_dir, use_cache=use_cache, run=run)
     ctx.plan  # noqa: B018 - bad steps or options fail before any work
     results = evaluate_model(ctx)
     step = int(run.checkpoint.split("_")[-1])

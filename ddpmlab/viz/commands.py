@@ -45,6 +45,14 @@ def _config(run_dir, config: Optional[str]):
     return load_run_config(run_dir) if run_dir else load_config(config or "mnist")
 
 
+def _refuse_sound(cfg, kind: str, where) -> None:
+    """A one-line error for the pictures that draw images or 2-D points only (``kind``) of a sound run."""
+    if cfg.data.dataset == "audio":
+        raise DDPMError(f"`ddpm viz {kind}` draws images and 2-D points; {where or 'this config'} is sound "
+                        "(data.dataset=audio): `ddpm sample` and `ddpm viz grid` write its WAV files and a picture "
+                        "of their waveforms and spectrograms")
+
+
 def _trajectory(run: Run, plan: SamplingPlan, n: int, seed: int, frames: int):
     """(xs, x0s, step numbers) of ``n`` samples along ``plan``, up to ``frames`` snapshots (latent runs: decoded)."""
     xs, x0s, ks = record_trajectory(plan.model, run.schedule, run.shape, n, sampler=plan.sampler, steps=plan.steps,
@@ -60,6 +68,7 @@ def viz_forward(run_dir=None, config: Optional[str] = None, n: int = 4, ts: Opti
     """Forward strip of ``n`` training images (or, for 2D data, the data set) at the timesteps ``ts``
     (an OptionError about 'timesteps' unless each lies in [0, T))."""
     cfg = _config(run_dir, config)
+    _refuse_sound(cfg, "forward", run_dir)
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     T = schedule.num_timesteps
     ts = check_timesteps(ts, T) if ts else [t for t in DEFAULT_TS if t < T - 1] + [T - 1]
@@ -74,6 +83,7 @@ def viz_forward(run_dir=None, config: Optional[str] = None, n: int = 4, ts: Opti
 
 def viz_reverse(run: Run, plan: SamplingPlan, n: int = 16, seed: int = 0, frames: int = 25, out=None) -> List[Path]:
     """GIF of x_t beside the predicted x0 along sampling, and a strip of stills (image runs)."""
+    _refuse_sound(run.cfg, "reverse", run.dir)
     if not run.is_image:
         raise DDPMError(f"'{run.dir}' is a 2D run: use `ddpm viz toy {run.dir}` for its reverse process")
     xs, x0s, ks = _trajectory(run, plan, n, seed, frames)
@@ -89,6 +99,7 @@ def viz_toy(run: Optional[Run] = None, plan: Optional[SamplingPlan] = None, conf
     """2D run: data, forward diffusion, reverse process (stills) and a GIF of both; data and
     forward only when no run is given (the data of ``config``, default toy2d)."""
     cfg = run.cfg if run is not None else load_config(config or "toy2d")
+    _refuse_sound(cfg, "toy", run.dir if run is not None else config)
     if cfg.data.dataset != "toy":
         raise DDPMError(f"`ddpm viz toy` is for 2D toy runs; this one is trained on {cfg.data.dataset} "
                         "(use ddpm viz forward / reverse)")
