@@ -159,7 +159,7 @@ def test_a_folder_that_is_not_a_text_encoder_is_one_line_error(tmp_path, clip_pi
 def _text_section(**keys):
     """The keys of the config's text section that build_text_encoder reads."""
     return SimpleNamespace(**{"encoder": "own", "max_length": 8, "vocab_size": 100, "width": 32, "depth": 2,
-                              "heads": 4, **keys})
+                              "heads": 4, "pooling": "eos", **keys})
 
 
 def test_own_encoder_shapes_mask_and_pooled_eos_token(tmp_path):
@@ -182,6 +182,21 @@ def test_own_encoder_shapes_mask_and_pooled_eos_token(tmp_path):
     # a resumed run reads its tokenizer back, whatever captions it is given
     again = run_tokenizer(cfg.text, tmp_path, [("other words entirely",)])
     assert again.identity == enc.tokenizer.identity
+
+
+def test_own_encoder_mean_pooling_averages_the_real_tokens(tmp_path):
+    """text.pooling=mean (Imagen's): the pooled embedding is the mean of the real tokens' outputs, padding
+    excluded, so a prompt pools the same alone and in a batch with longer ones."""
+    captions = [("a red circle", "red circle"), ("a blue square top left",)]
+    torch.manual_seed(0)
+    enc = build_text_encoder(_text_section(pooling="mean"), tmp_path, captions)
+    out = enc.encode(["a red circle", "blue square top left", ""])
+    for i, n in enumerate(out.mask.sum(1).tolist()):
+        assert torch.allclose(out.pooled[i], out.tokens[i, :n].mean(0), atol=1e-6)
+    alone = enc.encode(["a red circle"])
+    assert torch.allclose(alone.pooled[0], out.pooled[0], atol=1e-5)
+    with pytest.raises(ValueError, match="text.pooling='max'"):
+        build_text_encoder(_text_section(pooling="max"), tmp_path, captions)
 
 
 def test_own_encoder_needs_its_tokenizer_or_captions(tmp_path):

@@ -68,7 +68,9 @@ class ModelConfig:
     kind: str = "unet"
     num_classes: Optional[int] = None  # class embedding for conditional models
     # none | low_res: super-resolution, the upsampled low-res image (data.low_res) concatenated to x_t as
-    # extra input channels (SR3, Saharia et al. 2021); sample with `ddpm upscale RUN --image low.png`
+    # extra input channels (SR3, Saharia et al. 2021); sample with `ddpm upscale RUN --image low.png` |
+    # mel: a vocoder (sound, model.kind=diffwave): each clip's log-mel spectrogram (data.n_fft, hop_length,
+    # n_mels, f_min, f_max) through DiffWave's local conditioner (Kong et al. 2021); `ddpm vocode RUN --audio a.wav`
     condition: str = "none"
     # latent diffusion (Rombach et al. 2022): a run of `ddpm train-autoencoder` or a local diffusers
     # AutoencoderKL folder (e.g. Stable Diffusion's VAE); the denoiser then works on its latents
@@ -339,6 +341,10 @@ class TextConfig:
     width: int = 512
     depth: int = 4  # own: pre-LN transformer blocks (GLIDE: 24; its released small model: 16)
     heads: int = 8  # own: attention heads, dividing text.width (GLIDE's small model: 8)
+    # own: the pooled embedding added to the time embedding: eos (the [EOS] token's output, GLIDE's) | mean (the
+    # mean of the real tokens' outputs, Imagen's mean pooling, Saharia et al. 2022, Sec. 2.2: every word reaches
+    # the time embedding directly, which a short run learns faster)
+    pooling: str = "eos"
     cache: bool = True  # a frozen encoder: caption embeddings computed once and cached (<cache dir>/text)
 
 
@@ -349,8 +355,24 @@ class FinetuneConfig:
     # the run or diffusers folder whose EMA weights start this run (set by ddpm finetune); null: no fine-tuning
     source: Optional[str] = None
     # full: every weight trains | lora: only low-rank adapters of the layers lora.* names (Hu et al. 2022), the
-    # source's weights frozen; RUN/adapter.safetensors then holds the adapters alone
+    # source's weights frozen; RUN/adapter.safetensors then holds the adapters alone | textual-inversion (a text
+    # run): only the embedding of a new token, finetune.token (Gal et al. 2022) | dreambooth (a text run): the
+    # whole denoiser (or its LoRA adapters) on a few images of a subject, with prior preservation (Ruiz et al. 2023)
     method: str = "full"
+    # textual-inversion: the new token the concept is learned as (e.g. "<concept>"), added to the text encoder's
+    # vocabulary | dreambooth: the rare identifier that names the subject (Ruiz et al. 2023, Sec. 4.2: "sks")
+    token: Optional[str] = None
+    init_token: Optional[str] = None  # textual-inversion: the word whose embedding the new one starts from
+    class_word: Optional[str] = None  # dreambooth: the subject's class noun; captions name it "<token> <class_word>"
+    # the few images' captions, "{}" standing for the concept (the token; dreambooth: "token class_word"); null:
+    # Gal et al. 2022's "a photo of a {}" list (textual-inversion), ["a {}"] (dreambooth, Ruiz et al. 2023)
+    templates: Optional[list] = None
+    # the phrases that name the concept in the data's own captions (e.g. [red square, square in red]): set, each
+    # image keeps its captions with them replaced by the concept (finetune.templates unused)
+    replace: Optional[list] = None
+    class_images: int = 100  # dreambooth: class images SRC draws first for prior preservation (0: none)
+    prior_weight: float = 1.0  # dreambooth: lambda of the prior-preservation loss (Ruiz et al. 2023, Eq. 2)
+    lora: bool = False  # dreambooth: train LoRA adapters (lora.*) instead of every weight
 
 
 @dataclass
@@ -411,8 +433,8 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# super-resolution (model.condition, data.downsample, data.upsample; ddpmlab.models.conditioned)
-CONDITIONS = ("none", "low_res")
+# model.condition: super-resolution (data.downsample, data.upsample) or a vocoder (ddpmlab.models.conditioned)
+CONDITIONS = ("none", "low_res", "mel")
 DOWNSAMPLE_MODES = ("area", "bicubic")
 UPSAMPLE_MODES = ("bicubic", "bilinear", "nearest")
 DATASETS = ("mnist", "digits", "toy", "folder", "audio", "webdataset")  # data.dataset (ddpmlab.data.build_dataset)
@@ -420,6 +442,6 @@ DATASETS = ("mnist", "digits", "toy", "folder", "audio", "webdataset")  # data.d
 DISTILL_METHODS = ("progressive", "consistency")
 STUDENT_PREDICTIONS = ("v", "x0", "velocity")  # velocity: the student of a flow teacher
 ODE_SOLVERS = ("heun", "euler")
-FINETUNE_METHODS = ("full", "lora")  # finetune.method (ddpmlab.training.tasks.finetune)
+FINETUNE_METHODS = ("full", "lora", "textual-inversion", "dreambooth")  # finetune.method (ddpmlab.training.tasks.finetune)
 CONTROL_DETECTORS = ("edges", "mask", "scribble", "blur")  # controlnet.detector (ddpmlab.data.control)
 

@@ -12,6 +12,7 @@ from ddpmlab.config.sections import Config
 from ddpmlab.errors import ConfigError
 
 OWN = "own"  # text.encoder: the run's own encoder (ddpmlab.models.text.OWN)
+POOLINGS = ("eos", "mean")  # text.pooling (ddpmlab.models.text_encoder.POOLINGS)
 
 
 def validate_text(cfg: Config, source: str) -> None:
@@ -57,6 +58,8 @@ def _validate_text_section(cfg: Config, source: str) -> None:
     if not 0.0 <= x.caption_dropout < 1.0:
         raise ConfigError(f"{source}: 'text.caption_dropout' must be in [0, 1) (0.1 in Stable Diffusion), "
                           f"got {x.caption_dropout}")
+    if x.pooling not in POOLINGS:
+        raise ConfigError(f"{source}: text.pooling={x.pooling!r} is not one of {', '.join(POOLINGS)}")
     if x.width % x.heads:
         ok = [h for h in range(1, min(x.width, 32) + 1) if x.width % h == 0]
         raise ConfigError(f"{source}: text.heads={x.heads} does not divide text.width={x.width}; choose text.heads "

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 from ddpmlab.data.captions import distinct_captions
 from ddpmlab.data.tokenizer import TOKENIZER_FILE, CaptionTokenizer
 from ddpmlab.errors import ConfigError
+from ddpmlab.models.concepts import with_learned_tokens
 from ddpmlab.models.text_encoder import OwnTextEncoder, TextEncoder
 from ddpmlab.models.text_frozen import FrozenTextEncoder, load_text_encoder
 
@@ -45,5 +46,6 @@ def build_text_encoder(text_cfg, run_dir=None, captions: Optional[Sequence[tuple
                           "local text encoder folder")
     if name == OWN:
         tokenizer = run_tokenizer(text_cfg, run_dir, captions)
-        return OwnTextEncoder(tokenizer, text_cfg.width, text_cfg.depth, text_cfg.heads).to(device)
-    return load_text_encoder(name, text_cfg.max_length, device)
+        return OwnTextEncoder(tokenizer, text_cfg.width, text_cfg.depth, text_cfg.heads, text_cfg.pooling).to(device)
+    # a frozen encoder with tokens learned by textual inversion reads them as the run was trained (RUN/learned_embeds)
+    return with_learned_tokens(load_text_encoder(name, text_cfg.max_length, device), run_dir)

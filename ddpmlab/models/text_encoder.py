@@ -74,15 +74,33 @@ class TextBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+POOLINGS = ("eos", "mean")
+
+
+def pool(x: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, L, D) token outputs, (B, L) bool mask -> (B, D): the last real token's output ("eos") or the mean of the
+    real tokens' outputs ("mean", Imagen's mean pooling); a caption with no real token pools its first token."""
+    if pooling == "mean":
+        weights = mask.to(x.dtype)
+        weights[:, 0] = weights[:, 0].clamp(min=(mask.sum(1) == 0).to(x.dtype))
+        return (x * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
+    last = mask.long().sum(1) - 1  # the [EOS] token: the last real one
+    return x[torch.arange(len(x), device=x.device), last.clamp(min=0)]
+
+
 class OwnTextEncoder(TextEncoder):
     """GLIDE's text transformer (module docstring), trained with the denoiser; pooled_width = width."""
 
     trainable = True
 
-    def __init__(self, tokenizer: CaptionTokenizer, width: int = 512, depth: int = 4, heads: int = 8):
+    def __init__(self, tokenizer: CaptionTokenizer, width: int = 512, depth: int = 4, heads: int = 8,
+                 pooling: str = "eos"):
         super().__init__()
         if width % heads:
             raise ValueError(f"text.heads={heads} must divide text.width={width}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"text.pooling='{pooling}' is not one of {', '.join(POOLINGS)}")
+        self.pooling = pooling
         self.tokenizer = tokenizer
         self.width = self.pooled_width = int(width)
         self.max_length = tokenizer.max_length
@@ -103,6 +121,4 @@ class OwnTextEncoder(TextEncoder):
         for block in self.blocks:
             x = block(x, mask)
         x = self.final_ln(x)
-        last = mask.long().sum(1) - 1  # the [EOS] token: the last real one
-        pooled = x[torch.arange(len(x), device=x.device), last.clamp(min=0)]
-        return TextCondition(x, mask, pooled)
+        return TextCondition(x, mask, pool(x, mask, self.pooling))
