@@ -1,11 +1,21 @@
-"""``ddpm data shapes OUT`` and ``ddpm data shards SRC OUT``: their options, and what they do (write the data,
-say how to train on it)."""
+"""``ddpm data shapes OUT``, ``ddpm data shards SRC OUT`` and ``ddpm data spoken-digits OUT``: their options, and
+what they do (write the data, say how to train on it)."""
 
 from __future__ import annotations
+
+import time
 
 from ddpmlab.data.shapes import COLOURS, POSITIONS, SHAPES, SIZES, ShapesSpec, held_out_classes
 from ddpmlab.data.shapes_folder import write_shapes_folder
 from ddpmlab.data.shard_writer import write_shards
+from ddpmlab.data.spoken_digits import (
+    HELD_OUT,
+    HELD_OUT_VARIANTS,
+    TRAIN,
+    TRAIN_VARIANTS,
+    held_out_count,
+    write_spoken_digits,
+)
 
 
 def _comma_list(text: str) -> list:
@@ -73,4 +83,32 @@ def cmd_data_shards(args) -> int:
     labels = f" model.num_classes={classes}" if classes else ""
     print(f"wrote {args.out}: {index['samples']} samples in {len(index['shards'])} shards{what}; train on them with\n"
           f"  ddpm train data.dataset=webdataset data.path={args.out}{labels}{text}")
+    return 0
+
+
+def spoken_digits_parser(dsub) -> None:
+    """``ddpm data spoken-digits`` under the ``ddpm data`` actions ``dsub``."""
+    ds = dsub.add_parser(
+        "spoken-digits", help="write the ten spoken digits, synthesised offline with eSpeak NG (like SC09)",
+        description="Write OUT, a new folder of one-second 16 kHz clips of the words zero to nine, synthesised with "
+                    "eSpeak NG (pip package espeakng-loader) in many voices, speaking rates, pitches, levels and light "
+                    "noise: OUT/train/<digit>/NNNNN.wav (train on it: data.dataset=audio data.path=OUT/train), "
+                    "OUT/held_out/<digit>/NNNNN.wav spoken by voices the training clips never use (the reference of "
+                    "ddpm eval), and OUT/spoken_digits.json with what made it. Same seed, same files.")
+    ds.add_argument("out", metavar="OUT", help="new folder to write (must not exist)")
+    ds.add_argument("--n-per-digit", type=int, default=300, metavar="N",
+                    help="training clips of each digit (default 300); the held-out split has N / 5 (at least 10)")
+    ds.add_argument("--seed", type=int, default=0, help="random seed of voices, prosody, levels and noise (default 0)")
+    ds.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ds.set_defaults(func=cmd_data_spoken_digits, parser=ds)
+
+
+def cmd_data_spoken_digits(args) -> int:
+    t0 = time.time()
+    out = write_spoken_digits(args.out, n_per_digit=args.n_per_digit, seed=args.seed, progress=not args.no_progress)
+    held = held_out_count(args.n_per_digit)
+    print(f"wrote {out} in {time.time() - t0:.0f} s: {10 * args.n_per_digit} training clips in {out / TRAIN} "
+          f"({len(TRAIN_VARIANTS)} voice variants) and {10 * held} held-out clips in {out / HELD_OUT} ("
+          f"{len(HELD_OUT_VARIANTS)} other variants) of the ten digits, 1 s at 16 kHz; train on it with\n"
+          f"  ddpm train --config spoken_digits data.path={out / TRAIN}")
     return 0
