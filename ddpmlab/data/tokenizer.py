@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from tokenizers import Tokenizer, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 from tokenizers.processors import TemplateProcessing
 from tokenizers.trainers import WordLevelTrainer
@@ -100,6 +100,21 @@ class CaptionTokenizer:
     def identity(self) -> str:
         """sha256 of the vocabulary and pipeline, and the length: equal identities tokenize equally."""
         return hashlib.sha256(f"{self.tokenizer.to_str()}|{self.max_length}".encode()).hexdigest()
+
+    def normalize(self, word: str) -> str:
+        """``word`` as the tokenizer reads it (NFKC, lower case)."""
+        return self.tokenizer.normalizer.normalize_str(str(word))
+
+    def add_token(self, token: str) -> int:
+        """Add ``token`` (normalised) to the vocabulary as a whole word matched before the word splitting, so that
+        ``<concept>`` is one token (textual inversion, DreamBooth's identifier); its id is the next free one, the
+        vocabulary's size before.  A token the vocabulary has already is a DataError."""
+        word = self.normalize(token)
+        if self.tokenizer.token_to_id(word) is not None:
+            raise DataError(f"finetune.token '{token}' is already in the run's vocabulary (id "
+                            f"{self.tokenizer.token_to_id(word)}); choose a new word, e.g. <{word.strip('<>')}-1>")
+        self.tokenizer.add_tokens([AddedToken(word, single_word=True, normalized=True)])
+        return self.tokenizer.token_to_id(word)
 
     def count(self, texts: Sequence[str]) -> list[int]:
         """Tokens of each text, [BOS] and [EOS] included, before truncation."""
