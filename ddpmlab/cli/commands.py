@@ -20,6 +20,7 @@ from ddpmlab.demo import serve as serve_demo
 from ddpmlab.errors import DDPMError
 from ddpmlab.io.checkpoint import load_run_config, require_run_dir
 from ddpmlab.io.diffusers_bridge import export_diffusers
+from ddpmlab.io.diffusers_text import export_text_run, text_pipeline
 from ddpmlab.io.latent_export import export_latent_run
 from ddpmlab.runs import load_autoencoder, load_run
 from ddpmlab.training.posthoc_ema import reconstruct
@@ -161,8 +162,14 @@ def cmd_export(args) -> int:
     if args.merge and not (lora_run or args.lora):
         raise DDPMError(f"--merge bakes LoRA adapters in, but {args.run_dir} is no LoRA run and no --lora is given")
     if cfg.model.condition != "none":
-        raise DDPMError(f"{args.run_dir} is a super-resolution run (model.condition=low_res); diffusers' "
-                        "DDPMPipeline has no low-res input, so it is not exported")
+        raise DDPMError(f"{args.run_dir} is a conditioned run (model.condition={cfg.model.condition}); diffusers' "
+                        "DDPMPipeline has no low-res or spectrogram input, so it is not exported")
+    if cfg.text.encoder:  # a text run: StableDiffusionPipeline or PixArtAlphaPipeline, or a one-line refusal
+        pipeline = text_pipeline(cfg)
+        out = export_text_run(args.run_dir, args.out, load_autoencoder(cfg.model.autoencoder, "cpu"), args.weights,
+                              args.lora)
+        print(f"wrote {out}: load it with diffusers.{pipeline}.from_pretrained({str(out)!r})")
+        return 0
     if cfg.model.autoencoder:  # the denoiser with its autoencoder, as an LDMPipeline or DiTPipeline
         out = export_latent_run(args.run_dir, args.out, load_autoencoder(cfg.model.autoencoder, "cpu"), args.weights,
                                 args.lora)
