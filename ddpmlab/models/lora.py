@@ -38,17 +38,25 @@ def _leaf(path: str) -> str:
     return path.rpartition(".")[2]
 
 
+def _layers(model: nn.Module):
+    """(path, module) of the Linear and Conv2d layers that may get adapters: a text run's denoiser's (not its text
+    encoder's), any other model's all."""
+    scope = "denoiser." if isinstance(getattr(model, "denoiser", None), nn.Module) else ""
+    return [(p, m) for p, m in model.named_modules() if p.startswith(scope) and isinstance(m, LAYERS)]
+
+
 def layer_names(model: nn.Module) -> List[str]:
     """The distinct last names of the model's Linear and Conv2d layers (what lora.target_modules may name)."""
-    return sorted({_leaf(p) for p, m in model.named_modules() if isinstance(m, LAYERS)})
+    return sorted({_leaf(p) for p, _ in _layers(model)})
 
 
 def lora_targets(model: nn.Module, names: Optional[Sequence[str]] = None) -> List[str]:
     """The module paths of the Linear and Conv2d layers whose last name is in ``names`` (None: the attention
-    projections there are).  Every name given must find a layer; an upsampling convolution, which
-    :class:`~ddpmlab.models.unet.Upsample` computes from its weights without calling it, is refused."""
+    projections there are), a text run's in its denoiser.  Every name given must find a layer; an upsampling
+    convolution, which :class:`~ddpmlab.models.unet.Upsample` computes from its weights without calling it, is
+    refused."""
     wanted = ATTENTION_PROJECTIONS if names is None else tuple(names)
-    found = [p for p, m in model.named_modules() if _leaf(p) in wanted and isinstance(m, LAYERS)]
+    found = [p for p, _ in _layers(model) if _leaf(p) in wanted]
     missing = [n for n in wanted if names is not None and not any(_leaf(p) == n for p in found)]
     if missing or not found:
         what = f"'{missing[0]}'" if missing else f"none of {', '.join(wanted)}"
