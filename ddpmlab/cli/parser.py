@@ -16,7 +16,7 @@ from ddpmlab.cli.commands import (
     cmd_train_autoencoder,
 )
 from ddpmlab.cli.controlnet import train_controlnet_parser
-from ddpmlab.cli.data import shapes_parser, shards_parser
+from ddpmlab.cli.data import shapes_parser, shards_parser, spoken_digits_parser
 from ddpmlab.cli.parser_sampling import (
     bench_parser,
     editing_parsers,
@@ -25,6 +25,7 @@ from ddpmlab.cli.parser_sampling import (
     upscale_parser,
     viz_parser,
 )
+from ddpmlab.cli.vocode import vocode_parser
 from ddpmlab.config import describe_config
 from ddpmlab.demo import KEEP_REQUESTS, UPLOAD_MB
 
@@ -91,7 +92,9 @@ def _export_and_data_parsers(sub) -> None:
                                     "diffusers.DDPMPipeline.from_pretrained(OUT) loads (UNet2DModel + DDPMScheduler, "
                                     "safetensors); a DiT run (model.kind dit) is written as OUT/transformer "
                                     "(DiTTransformer2DModel) + OUT/scheduler; a latent run (model.autoencoder) as an "
-                                    "LDMPipeline (UNet) or DiTPipeline (DiT) folder with its VAE; a flow run "
+                                    "LDMPipeline (UNet) or DiTPipeline (DiT) folder with its VAE; a latent text run as a "
+                                    "StableDiffusionPipeline (UNet, frozen CLIP) or PixArtAlphaPipeline (DiT, frozen "
+                                    "T5) folder; a flow run "
                                     "(diffusion.process flow) with FlowMatchEulerDiscreteScheduler and OUT/README.md "
                                     "holding the loop that samples it; options diffusers cannot express are refused "
                                     "by name.")
@@ -107,7 +110,7 @@ def _export_and_data_parsers(sub) -> None:
     ex.set_defaults(func=cmd_export, parser=ex)
 
     da = sub.add_parser("data", help="inspect a dataset (ddpm data check DIR) or write one (ddpm data shapes OUT, "
-                                       "ddpm data shards SRC OUT)")
+                                       "ddpm data shards SRC OUT, ddpm data spoken-digits OUT)")
     dsub = da.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     dc = dsub.add_parser("check", help="scan an image folder and list the files training would skip",
                          description="Decode every image below DIR as training would (EXIF rotation, conversion "
@@ -123,6 +126,7 @@ def _export_and_data_parsers(sub) -> None:
     dc.set_defaults(func=cmd_data_check, parser=dc)
     shapes_parser(dsub)
     shards_parser(dsub)
+    spoken_digits_parser(dsub)
 
 
 def _user_password(text: str) -> tuple:
@@ -218,14 +222,23 @@ def _finetune_parser(sub) -> None:
                     "checkpoints, resume and EMA. --method full trains every weight; --method lora (Hu et al. 2022)\n"
                     "trains low-rank adapters of the layers lora.target_modules names (default: the attention\n"
                     "projections) and writes them alone to RUN/adapter.safetensors, which ddpm sample BASE --lora\n"
-                    "applies. Keys: train.*, data.* and lora.* as key=value (the model and diffusion stay SRC's).",
+                    "applies. A text run also takes --method textual-inversion (Gal et al. 2022: only a new\n"
+                    "token's embedding, finetune.token and finetune.init_token) and --method dreambooth (Ruiz et al.\n"
+                    "2023: a few images under finetune.token finetune.class_word, prior preservation from\n"
+                    "finetune.class_images drawn by SRC; finetune.lora=true for adapters). Keys: train.*, data.*,\n"
+                    "lora.*, finetune.* as key=value (the model and diffusion stay SRC's).",
         epilog="Examples:\n  ddpm finetune runs/mnist-... --method lora data.dataset=folder data.path=style/ "
                "data.channels=1 data.image_size=28 train.steps=300\n"
                "  ddpm finetune runs/mnist-... --method full data.dataset=digits train.steps=200 train.minutes=null\n"
+               "  ddpm finetune runs/shapes_text-... --method textual-inversion finetune.token=\"<concept>\" "
+               "finetune.init_token=square data.path=few/ train.steps=300\n"
+               "  ddpm finetune runs/shapes_text-... --method dreambooth finetune.token=sks finetune.class_word=square "
+               "data.path=few/ finetune.class_images=50\n"
                "  ddpm finetune --resume runs/mnist-...-lora-...",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     f.add_argument("source", metavar="SRC", nargs="?", help="a run folder or a diffusers UNet2DModel folder")
-    f.add_argument("--method", default="full", choices=["full", "lora"], help="full (default) or lora")
+    f.add_argument("--method", default="full", choices=["full", "lora", "textual-inversion", "dreambooth"],
+                   help="full (default), lora, textual-inversion or dreambooth (the last two: text runs)")
     f.add_argument("--resume", metavar="FINETUNE_RUN", help="continue this fine-tuning from its newest checkpoint")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     f.add_argument("overrides", nargs="*", metavar="key=value",
@@ -239,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_train_parser, _train_autoencoder_parser, sample_parser, editing_parsers, upscale_parser,
-                eval_parser, _export_and_data_parsers, viz_parser, bench_parser, _demo_parser, _distill_parser,
-                _reflow_parser, _finetune_parser, train_controlnet_parser):
+                vocode_parser, eval_parser, _export_and_data_parsers, viz_parser, bench_parser, _demo_parser,
+                _distill_parser, _reflow_parser, _finetune_parser, train_controlnet_parser):
         add(sub)
     return p

@@ -141,7 +141,7 @@ def _picture_size(path) -> Optional[Tuple[int, int]]:
 
 def _low_res_picture(args, run: Run) -> torch.Tensor:
     """The picture of --image as (1, C, h, w) at the run's data.low_res size, refused at another size."""
-    if run.cfg.model.condition == "none":
+    if run.cfg.model.condition != "low_res":
         raise DDPMError(f"ddpm upscale needs a super-resolution run (trained with model.condition=low_res); "
                         f"{args.run_dir} is not one: sample it with `ddpm sample {args.run_dir}`")
     c, h, w = run.shape
