@@ -122,3 +122,14 @@ def test_bad_targets_and_a_missing_espeak_are_one_line_errors(digits, tmp_path, 
     with pytest.raises(DataError, match="pip install espeakng-loader"):
         write_spoken_digits(tmp_path / "quiet", n_per_digit=1, progress=False)
     assert not (tmp_path / "quiet").exists() and not list(tmp_path.glob(".quiet*"))
+
+
+def test_ddpm_data_spoken_digits_writes_the_folder_and_says_how_to_train(tmp_path, capsys):
+    from ddpmlab.cli import main
+
+    assert main(["data", "spoken-digits", str(tmp_path / "sd"), "--n-per-digit", "1", "--seed", "2",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "10 training clips" in out and "100 held-out clips" in out
+    assert f"ddpm train --config spoken_digits data.path={tmp_path / 'sd' / TRAIN}" in out
+    assert sorted(p.name for p in (tmp_path / "sd").iterdir()) == sorted([ABOUT_FILE, HELD_OUT, TRAIN])
