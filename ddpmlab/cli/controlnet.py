@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 
 from ddpmlab.errors import DDPMError
-from ddpmlab.io.diffusers_controlnet import export_controlnet
+from ddpmlab.io.diffusers_controlnet import export_controlnet, export_controlnet_pipeline, pipeline_refusal
+from ddpmlab.runs import load_run
 from ddpmlab.runs.control import load_controlnet
 from ddpmlab.training.tasks.controlnet import train_controlnet
 
@@ -55,10 +56,20 @@ def cmd_train_controlnet(args) -> int:
 
 
 def export_controlnet_run(args, cfg) -> int:
-    """``ddpm export CN_RUN OUT`` of a ControlNet run: a diffusers ControlNetModel folder where its base maps."""
+    """``ddpm export CN_RUN OUT`` of a ControlNet run: a StableDiffusionControlNetPipeline folder with its base where
+    the base exports as StableDiffusionPipeline, else a diffusers ControlNetModel folder where the ControlNet maps."""
     if args.merge or args.lora:
         raise DDPMError(f"{args.run_dir} is a ControlNet run; --merge and --lora belong to its base's export")
-    out = export_controlnet(cfg, load_controlnet(args.run_dir, args.weights)[1], args.out)
+    net = load_controlnet(args.run_dir, args.weights)[1]
+    why = pipeline_refusal(cfg, net)
+    if why is None:
+        base = load_run(cfg.controlnet.base, "ema", "cpu")
+        out = export_controlnet_pipeline(cfg, net, base.model, base.codec, args.out, cfg.controlnet.base)
+        print(f"wrote {out}: load it with diffusers.StableDiffusionControlNetPipeline.from_pretrained({str(out)!r}) "
+              f"(the base {cfg.controlnet.base}'s EMA weights; the ControlNet alone: "
+              f"ControlNetModel.from_pretrained({str(out / 'controlnet')!r}))")
+        return 0
+    out = export_controlnet(cfg, net, args.out)
     print(f"wrote {out}: load it with diffusers.ControlNetModel.from_pretrained({str(out)!r}), beside the base's "
-          f"export (ddpm export {cfg.controlnet.base} ...)")
+          f"export (ddpm export {cfg.controlnet.base} ...); no StableDiffusionControlNetPipeline: {why}")
     return 0

@@ -14,12 +14,22 @@ UNet's self-attention blocks have no place in it)::
 Call it as ``controlnet(x, t, encoder_hidden_states=tokens, controlnet_cond=control, class_labels=...)``; its
 ``down_block_res_samples`` and ``mid_block_res_sample`` are our residuals (``ControlNetModel`` takes no
 cross-attention mask: its tokens are all read).
+
+A ControlNet on a latent text run whose base exports as ``StableDiffusionPipeline`` (:mod:`ddpmlab.io.diffusers_text`:
+a UNet on a frozen CLIP, DDPM, no classes, no pooled embedding) with a 3-channel control (the pipeline reads control
+pictures as RGB) goes out as a ``StableDiffusionControlNetPipeline`` folder: the base's parts (vae, text_encoder,
+tokenizer, unet, the DDIM "trailing" scheduler) beside ``controlnet/``, the ControlNetModel.  Then
+``pipe(prompt, image=control, controlnet_conditioning_scale=s, num_inference_steps=N, guidance_scale=g)`` is
+``ddpm sample BASE --controlnet CN --control picture.png --control-scale s --prompt ... --sampler ddim
+--step-schedule trailing --steps N --guidance g``: the pipeline runs the ControlNet on the conditional and the
+unconditional half alike, as :class:`~ddpmlab.models.controlnet.ControlledUNet` does under guidance.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -33,8 +43,18 @@ from ddpmlab.io.diffusers_bridge import (
     unet2d_condition_config,
 )
 from ddpmlab.io.diffusers_schedule import require_diffusers
-from ddpmlab.models.controlnet import ControlNet
+from ddpmlab.io.diffusers_text import (
+    check_encoder,
+    clip_text_model,
+    text_pipeline,
+    text_scheduler_config,
+    unet2d_condition_model,
+)
+from ddpmlab.io.latent_export import exported_vae
+from ddpmlab.models.autoencoder import LatentCodec
+from ddpmlab.models.controlnet import ControlNet, check_fits
 from ddpmlab.models.text_condition import TextCondition
+from ddpmlab.models.text_to_image import TextToImage
 
 _PARTS = [("hint.", "controlnet_cond_embedding."), ("zero_convs.", "controlnet_down_blocks."),
           ("mid_out.", "controlnet_mid_block.")]  # (ours, diffusers), each a prefix
@@ -111,4 +131,44 @@ def export_controlnet(cfg: Config, controlnet: ControlNet, out) -> Path:
     out = new_output_folder(out)
     controlnet_model(cfg, controlnet).save_pretrained(str(out), safe_serialization=True)
     save_config(cfg, out / "ddpmlab_config.yaml")  # diffusers ignores it
+    return out
+
+
+def pipeline_refusal(cfg: Config, controlnet: ControlNet) -> Optional[str]:
+    """Why the ControlNet of run config ``cfg`` (its base's model, text and diffusion) gives no
+    StableDiffusionControlNetPipeline, in one line; None where it does (the encoder's kind is checked once read)."""
+    try:
+        pipeline = text_pipeline(cfg)
+    except DDPMError as e:
+        return f"its base is no StableDiffusionPipeline: {e}"
+    if pipeline != "StableDiffusionPipeline":
+        return f"its base exports as {pipeline}, which has no ControlNet pipeline here"
+    if controlnet.control_channels != 3:
+        return (f"controlnet.control_channels is {controlnet.control_channels}, but StableDiffusionControlNetPipeline "
+                "reads control pictures as RGB (3 channels)")
+    return None
+
+
+def export_controlnet_pipeline(cfg: Config, controlnet: ControlNet, base: TextToImage, codec: LatentCodec,
+                               out, base_name: str) -> Path:
+    """Write ``controlnet`` (run config ``cfg``) with its base (``base``, the base run's TextToImage, and ``codec``,
+    its autoencoder) as a ``StableDiffusionControlNetPipeline`` folder (safetensors; ``out/controlnet`` is the
+    ControlNetModel), each part checked to compute what ddpmlab's does first (float32, 1e-4); returns ``out``."""
+    why = pipeline_refusal(cfg, controlnet)
+    if why:
+        raise DDPMError(f"the ControlNet does not map to StableDiffusionControlNetPipeline: {why}")
+    encoder = base.encoder
+    check_encoder(cfg, encoder)
+    check_fits(controlnet, base.denoiser, "this ControlNet", base_name)
+    diffusers = require_diffusers()
+    tokenizer = copy.deepcopy(encoder.tokenizer)
+    tokenizer.model_max_length = int(cfg.text.max_length)  # prompts cut where the run cuts them
+    pipe = diffusers.StableDiffusionControlNetPipeline(
+        vae=exported_vae(codec), text_encoder=clip_text_model(encoder), tokenizer=tokenizer,
+        unet=unet2d_condition_model(cfg, base.eval()), controlnet=controlnet_model(cfg, controlnet),
+        scheduler=diffusers.DDIMScheduler.from_config(text_scheduler_config(cfg)), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    out = new_output_folder(out)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    save_config(cfg, out / "ddpmlab_config.yaml")  # provenance; diffusers ignores it
     return out

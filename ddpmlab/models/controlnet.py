@@ -16,7 +16,13 @@ base's skips and middle output (:meth:`ddpmlab.models.unet.UNet.forward`'s ``res
 so a fresh ControlNet leaves the base's output exactly as it was, for any control image.
 
 The control image c is (B, control_channels, H * f, W * f) in [0, 1] (as diffusers' ControlNet pipelines feed it),
-with f = 2 ** (len(hint_channels) - 1): the hint encoder's stride-2 convolutions bring it to the UNet's size.
+with f = 2 ** (len(hint_channels) - 1): the hint encoder's stride-2 convolutions bring it to the UNet's size.  For a
+latent run (Rombach et al. 2022) f is the autoencoder's factor: the control stays a picture of the images' size,
+and the hint encoder brings it down to the latents' (Zhang et al. 2023, Sec. 3.2: 512x512 controls to 64x64).
+
+A text base (a :class:`~ddpmlab.models.text_to_image.TextToImage` whose denoiser is a UNet with cross-attention)
+gets a copy that includes the cross-attention blocks and reads the same text condition as the base: the prompts are
+encoded once by the base's encoder and given to both (Zhang et al. 2023, Fig. 3: the prompt c_t reaches both).
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from ddpmlab.config import Config
 from ddpmlab.data import data_shape, image_shape
 from ddpmlab.errors import ConfigError, DDPMError
 from ddpmlab.models.build import build_model
+from ddpmlab.models.text_condition import TextCondition
+from ddpmlab.models.text_to_image import PromptTokens, TextToImage
 from ddpmlab.models.unet import UNet
 
 HINT_CHANNELS = (16, 32, 96, 256)  # diffusers' conditioning_embedding_out_channels (Stable Diffusion's ControlNets)
@@ -74,6 +82,13 @@ def skip_channels(unet: UNet) -> List[int]:
         if level.downsample is not None:
             channels.append(level.downsample.conv.out_channels)
     return channels
+
+
+def base_unet(model: nn.Module) -> Optional[UNet]:
+    """The UNet a ControlNet copies in ``model``: the model itself, or a TextToImage's denoiser; None for others."""
+    if isinstance(model, TextToImage):
+        model = model.denoiser
+    return model if isinstance(model, UNet) else None
 
 
 def encoder_copy(unet: UNet) -> UNet:
@@ -135,20 +150,41 @@ def control_rows(control: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 class ControlledUNet(nn.Module):
-    """The frozen base UNet with ControlNets: ``forward(x_t, t, y=None, cond=None)`` like any denoiser.
+    """The frozen base with ControlNets: ``forward(x_t, t, y=None, cond=None)`` like any denoiser.
 
+    ``base``: a UNet, or a TextToImage over one (then ``cond`` is its TextCondition or PromptTokens, encoded here
+    once by the base's encoder and read by the base and every ControlNet; ``encode``/``tokenize`` are the base's).
     ``controls``: (ControlNet, control images (1 or n, C, H, W) in [0, 1], scale) each; the residuals of several
     add up, each times its scale (diffusers' ``MultiControlNetModel``).  The control images are plain attributes,
     never in a state dict.
     """
 
-    def __init__(self, base: UNet, controls: Sequence[Tuple[nn.Module, torch.Tensor, float]]):
+    def __init__(self, base: nn.Module, controls: Sequence[Tuple[nn.Module, torch.Tensor, float]]):
         super().__init__()
+        self.unet = base_unet(base)
+        if self.unet is None:
+            raise DDPMError(f"a ControlNet steers a UNet (or a text run's UNet); got a {type(base).__name__}")
         self.base = base
         self.controlnets = nn.ModuleList(net for net, _, _ in controls)
         self.images = [image for _, image, _ in controls]
         self.scales = [float(scale) for _, _, scale in controls]
         self.num_classes = base.num_classes  # read by classifier-free guidance
+
+    @property
+    def text(self) -> Optional[TextToImage]:
+        return self.base if isinstance(self.base, TextToImage) else None
+
+    def encode(self, prompts: Sequence[str]) -> TextCondition:
+        """The text base's encoding of ``prompts`` (:meth:`TextToImage.encode`)."""
+        return self._text_base().encode(prompts)
+
+    def tokenize(self, prompts: Sequence[str]) -> PromptTokens:
+        return self._text_base().tokenize(prompts)
+
+    def _text_base(self) -> TextToImage:
+        if self.text is None:
+            raise DDPMError("this ControlNet's base is no text-to-image run: it takes no prompt")
+        return self.text
 
     def residuals(self, x: torch.Tensor, t, y=None, cond=None) -> Optional[tuple]:
         """The scaled residuals of every ControlNet, summed: ([per skip], middle), or None without ControlNets."""
@@ -160,7 +196,14 @@ class ControlledUNet(nn.Module):
         return total
 
     def forward(self, x: torch.Tensor, t, y: Optional[torch.Tensor] = None, cond=None) -> torch.Tensor:
-        return self.base(x, t, y, cond, residuals=self.residuals(x, t, y, cond))
+        text = self.text
+        if text is not None:  # as TextToImage.forward: token ids through its encoder, the pooled part fitted
+            if cond is None:
+                return text(x, t, y, cond)  # its one-line refusal
+            if isinstance(cond, PromptTokens):
+                cond = text.encoder(cond.ids.to(x.device), cond.mask.to(x.device))
+            cond = text.fit(cond)
+        return self.unet(x, t, y, cond, residuals=self.residuals(x, t, y, cond))
 
 
 def check_fits(controlnet: ControlNet, base: UNet, name: str, base_name: str) -> None:
@@ -192,12 +235,14 @@ def control_settings(cfg: Config) -> Tuple[int, Tuple[int, ...]]:
 
 
 def build_controlnet(cfg: Config, base: Optional[nn.Module] = None) -> ControlNet:
-    """The ControlNet of ``cfg``, copied from ``base`` (default: an untrained UNet of ``cfg``, whose weights a
-    checkpoint then replaces); a base that is no plain UNet is refused in one line."""
+    """The ControlNet of ``cfg``, copied from ``base`` (a UNet or a text run's TextToImage over one; default: an
+    untrained UNet of ``cfg``, whose weights a checkpoint then replaces); a base that is no plain UNet is refused in
+    one line."""
     base = build_model(cfg) if base is None else base
-    if not isinstance(base, UNet):
+    unet = base_unet(base)
+    if unet is None:
         raise ConfigError(f"a ControlNet copies a plain UNet's encoder; this run's network is a {type(base).__name__} "
                           f"(model.kind {cfg.model.kind}, diffusion.prediction {cfg.diffusion.prediction}, "
                           f"model.condition {cfg.model.condition}); train-controlnet takes UNet runs")
     channels, hint = control_settings(cfg)
-    return ControlNet(base, channels, hint)
+    return ControlNet(unet, channels, hint)

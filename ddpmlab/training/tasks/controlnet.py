@@ -9,12 +9,19 @@ paired folder (controlnet.detector null).  Labels are dropped to "no label" at c
 the control alone can say what to draw.  The run's config is BASE's with the controlnet section; train.*, data.*
 and controlnet.* may change on the command line.  Sample BASE with it: ``ddpm sample BASE --controlnet RUN
 --control picture.png``.
+
+A text base (text.encoder set) reads each image's captions as ``ddpm train`` does (:mod:`ddpmlab.training.text`:
+one drawn per step, an own encoder's token ids or a frozen one's cached embeddings), with controlnet.label_dropout
+of them emptied (Zhang et al. 2023, Sec. 3.3: 50 % of the prompts); base and ControlNet read the same encoding.
+A latent base (model.autoencoder) trains on its cached latents while the controls stay pictures of the images'
+size, computed from (or paired with) the pixels of the same examples; the hint encoder brings them down.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import shlex
 import warnings
 from datetime import datetime
@@ -31,6 +38,7 @@ from ddpmlab.diffusion.objectives import objective_from_config
 from ddpmlab.errors import ConfigError, DDPMError, about
 from ddpmlab.io.checkpoint import CONFIG_FILE, require_run_dir
 from ddpmlab.io.images import save_grid
+from ddpmlab.models.conditioned import bind_condition
 from ddpmlab.models.controlnet import ControlledUNet, build_controlnet, control_settings
 from ddpmlab.runs import Run, SamplingRequest, draw_samples, load_run, own_sampler, plan_request
 from ddpmlab.samplers.guidance import drop_labels
@@ -57,12 +65,20 @@ class ControlNetTask(DiffusionTask):
         self.detect = detector(cfg) if cfg.controlnet.detector else None
 
     def load_data(self) -> None:
+        """``ddpm train``'s data (latents, captions), each example with the pixels its control comes from: the
+        image itself (a detector's input) or its paired picture (controlnet.detector null)."""
         super().load_data()
+        sources = ExampleImages(self.pixels)
         if self.detect is None:  # a control picture per image, at the same place below the control folder
             folder = control_folder(self.cfg)
-            self.dataset = PairedControls(self.pixels, folder, control_settings(self.cfg)[0])
+            sources = PairedControls(self.pixels, folder, control_settings(self.cfg)[0]).controls
             if self.ctx.main:
-                print(f"controls: {len(self.dataset):,} pictures from {folder}")
+                print(f"controls: {len(sources):,} pictures from {folder}")
+        self.dataset = WithControls(self.dataset, sources)
+        if self.text is not None:  # the paper's share of empty prompts, drawn as ddpm train draws its own
+            c = self.cfg
+            self.text.cfg = dataclasses.replace(c, text=dataclasses.replace(
+                c.text, caption_dropout=c.controlnet.label_dropout))
         k = self.cfg.model.num_classes
         if k and self.pixels.num_classes > k:
             raise ConfigError(f"data.*: the data has {self.pixels.num_classes} classes but the base "
@@ -96,32 +112,39 @@ class ControlNetTask(DiffusionTask):
                 f"{len(self.dataset)} examples, {cfg.train.steps} steps on {ctx.device} "
                 f"x{ctx.accelerator.num_processes}, {ctx.precision}")
 
-    def controls(self, x0: torch.Tensor, rows, generator: Optional[torch.Generator]) -> torch.Tensor:
-        """The control images of images x0 (in [-1, 1]): detected, or read (``rows()``: a paired batch's third part)."""
-        return self.detect(x0, generator) if self.detect is not None else rows().to(x0.device)
+    def controls(self, sources: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """The control images of examples whose control ``sources`` are (B, C, H, W): their pixels in [-1, 1]
+        (detected here) or their paired pictures in [0, 1] (as they are)."""
+        return self.detect(sources, generator) if self.detect is not None else sources
 
     def step(self, step: int, batch) -> StepOutput:
-        """Algorithm 1, lines 2-5, through the steered base, on this process's rows of the global batch."""
+        """Algorithm 1, lines 2-5, through the steered base, on this process's rows of the global batch
+        (x0, y, index, control source)."""
         cfg, acc, device = self.cfg, self.ctx.accelerator, self.ctx.device
         own, shared = step_generators(cfg.train.seed, step, acc.process_index, device)
         x0 = batch[0].to(device, non_blocking=True)
         y = batch[1].to(device) if cfg.model.num_classes else None
-        control = self.controls(x0, lambda: batch[2], own)
+        control = self.controls(batch[3].to(device), own)
         t, noise = draw_t_and_noise(self.objective.sample_timesteps, x0, cfg.train.batch_size, acc.process_index,
                                     shared, cfg.diffusion.offset_noise)
         if y is not None:  # some labels become "no label": the control alone must say what to draw
             u = draw_uniform(len(y), cfg.train.batch_size, acc.process_index, shared)
             y = drop_labels(y, cfg.controlnet.label_dropout, cfg.model.num_classes, u=u)
-        loss = self.backward_micro_batches(x0, t, noise, y, control)
+        text = None
+        if self.text is not None:  # the examples' captions of this step, some emptied (drawn as labels are)
+            u = draw_uniform(len(x0), cfg.train.batch_size, acc.process_index, shared)
+            text = self.text.condition(self.base, batch[2], step, u)
+        loss = self.backward_micro_batches(x0, t, noise, y, control, text)
         return StepOutput(loss, loss.reshape(1))
 
-    def backward_micro_batches(self, x0, t, noise, y, cond=None) -> torch.Tensor:
+    def backward_micro_batches(self, x0, t, noise, y, cond=None, text=None) -> torch.Tensor:
         """``ddpm train``'s backward in train.grad_accum_steps micro-batches, through the base steered by the
-        ControlNet with the rows' control images ``cond``; the step's loss (detached)."""
+        ControlNet with the rows' control images ``cond`` (and a text base's ``text``); the step's loss."""
         acc, k, model = self.ctx.accelerator, self.cfg.train.grad_accum_steps, self.trainee.model
         loss = torch.zeros((), device=self.ctx.device)
-        for j, (xj, tj, nj, yj, cj) in enumerate(micro_batches(k, x0, t, noise, y, cond)):
+        for j, (xj, tj, nj, yj, cj, sj) in enumerate(micro_batches(k, x0, t, noise, y, cond, text)):
             net = ControlledUNet(self.base, [(model, cj, 1.0)])
+            net = net if sj is None else bind_condition(net, sj)
             with acc.no_sync(model) if j < k - 1 else contextlib.nullcontext():
                 with acc.autocast():
                     part = self.objective(net, xj, t=tj, noise=nj, y=yj) / k
@@ -133,17 +156,19 @@ class ControlNetTask(DiffusionTask):
     # -- pictures
     def draw_samples(self, steps: Optional[int] = None) -> tuple:
         """(run, plan, samples, controls): the EMA ControlNet on the base, with the controls of train.sample_n
-        training images spread over the data, each sample with its image's label (if any) as the base's own
-        samples are guided; the controls are those of the images (a scribble's drawn from train.seed)."""
+        training images spread over the data, each sample with its image's label (if any) and a text base's with
+        its image's first caption, as the base's own samples are guided; the controls are those of the images
+        (a scribble's drawn from train.seed)."""
         cfg = self.cfg
         n = min(cfg.train.sample_n, len(self.dataset))
         rows = [self.dataset[i * len(self.dataset) // n] for i in range(n)]
-        x0 = torch.stack([r[0] for r in rows]).to(self.ctx.device)
         g = torch.Generator(device=self.ctx.device).manual_seed(cfg.train.seed)
-        control = self.controls(x0, lambda: torch.stack([r[2] for r in rows]), g)
+        control = self.controls(torch.stack([r[3] for r in rows]).to(self.ctx.device), g)
         model = ControlledUNet(self.base, [(self.trainee.ema, control, 1.0)])
-        run_ = Run(cfg, model, self.schedule, self.ctx.device, self.ctx.run_dir, class_names=[])
-        request = SamplingRequest(own_sampler(cfg), steps or cfg.train.sample_steps, n=n, seed=cfg.train.seed)
+        run_ = Run(cfg, model, self.schedule, self.ctx.device, self.ctx.run_dir, class_names=[], prompts=[])
+        prompts = [self.pixels.captions[int(r[2])][0] for r in rows] if self.text is not None else None
+        request = SamplingRequest(own_sampler(cfg), steps or cfg.train.sample_steps, n=1 if prompts else n,
+                                  seed=cfg.train.seed, prompts=prompts)
         with train_names():
             plan = plan_request(run_, request, log=lambda m: None)
         if plan.labels is not None:
@@ -163,13 +188,44 @@ class ControlNetTask(DiffusionTask):
         print(f"done: {self.cfg.train.steps} steps in {seconds:.0f} s; controls and samples (EMA) -> {path}"
               + (f"; {skipped} steps skipped (non-finite loss or gradient)" if skipped else ""))
         base, me = shlex.quote(self.cfg.controlnet.base), shlex.quote(str(self.ctx.run_dir))
-        print(f"try: ddpm sample {base} --controlnet {me} --control picture.png")
+        prompt = " --prompt 'what to draw'" if self.text is not None else ""
+        print(f"try: ddpm sample {base} --controlnet {me} --control picture.png{prompt}")
+
+
+class ExampleImages(torch.utils.data.Dataset):
+    """The pixels of a dataset's examples, ``ds[i] == x_i`` (C, H, W) in [-1, 1]: a detector's input."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index][0]
+
+
+class WithControls(torch.utils.data.Dataset):
+    """A task's examples with their control sources: ``ds[i] == (x, y, i, source_i)``, x what the denoiser
+    learns (pixels or latents), source_i the pixels or the paired picture the control of example i comes from."""
+
+    def __init__(self, examples, sources):
+        self.examples, self.sources = examples, sources
+        self.is_image, self.num_classes = True, getattr(examples, "num_classes", 0)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int):
+        x, y = self.examples[index][:2]
+        return x, y, index, self.sources[index]
 
 
 # ----------------------------------------------------------------------------- a new run on a base
 
 def check_base(bcfg: Config, base) -> None:
-    """Refuse, in one line, a base a ControlNet cannot steer here: no plain pixel UNet, a student, a ControlNet."""
+    """Refuse, in one line, a base a ControlNet cannot steer here: no plain UNet (pixels or latents, classes or
+    text), a student, a ControlNet, streamed shards."""
     why = None
     if bcfg.controlnet.base:
         why = f"it is itself a ControlNet (of {bcfg.controlnet.base}); give its base"
@@ -177,8 +233,6 @@ def check_base(bcfg: Config, base) -> None:
         why = f"model.kind is {bcfg.model.kind}; a ControlNet copies a UNet's encoder"
     elif bcfg.distill.teacher:
         why = f"it is a distilled student (of {bcfg.distill.teacher}), which samples by its own rules"
-    elif bcfg.text.encoder or bcfg.model.autoencoder:
-        why = "it is a text or latent run; train-controlnet takes pixel UNet runs, unconditional or class-conditional"
     elif bcfg.model.condition != "none" or bcfg.diffusion.prediction == "edm":
         why = "its UNet is wrapped (model.condition or EDM preconditioning); give a plain UNet run"
     if why:
@@ -202,6 +256,10 @@ def controlnet_config(bcfg: Config, base, overrides: Sequence[str] = ()) -> Conf
         f"command line: {key} cannot change in a ControlNet run (its model and diffusion are the base's); it takes "
         "train.*, data.* and controlnet.*"), "controlnet.detector=edges")
     cfg = config_from_dict(d, source=f"{base} + command line")
+    if cfg.data.dataset == "webdataset":
+        raise ConfigError("data.dataset=webdataset: a ControlNet pairs each numbered example with its control "
+                          "picture, and streamed shards number none; give the images as a folder "
+                          "(data.dataset=folder data.path=DIR)")
     if image_shape(cfg) != image_shape(bcfg):
         raise ConfigError(f"command line: data.* gives images of shape {image_shape(cfg)}, but the base '{base}' "
                           f"draws {image_shape(bcfg)}; set data.image_size and data.channels to match")
