@@ -82,16 +82,27 @@ def viz_forward(run_dir=None, config: Optional[str] = None, n: int = 4, ts: Opti
 
 
 def viz_reverse(run: Run, plan: SamplingPlan, n: int = 16, seed: int = 0, frames: int = 25, out=None) -> List[Path]:
-    """GIF of x_t beside the predicted x0 along sampling, and a strip of stills (image runs)."""
+    """GIF of x_t beside the predicted x0 along sampling, and a strip of stills (image runs). A text run draws
+    the plan's samples (``n`` of each prompt, in one batch as ``ddpm sample`` draws them from ``seed``), the
+    prompts of the strip's rows above it and the prompt asked for in the file names."""
     _refuse_sound(run.cfg, "reverse", run.dir)
     if not run.is_image:
         raise DDPMError(f"'{run.dir}' is a 2D run: use `ddpm viz toy {run.dir}` for its reverse process")
+    n = plan.n if plan.prompts else n  # the text conditioning bound to plan.model has plan.n rows
     xs, x0s, ks = _trajectory(run, plan, n, seed, frames)
     d = _out_dir(run.dir, out)
     scale = max(1, min(2, 64 // max(run.image_shape[1:])))
-    stem = f"reverse_{plan.sampler}{plan.steps}"
+    stem = f"reverse_{plan.sampler}{plan.steps}{plan.prompt_tag}"
     return [save_reverse_gif(xs, x0s, ks, d / f"{stem}.gif", plan.steps, scale=scale),
-            save_reverse_strip(xs, x0s, ks, d / f"{stem}.png", plan.steps)]
+            save_reverse_strip(xs, x0s, ks, d / f"{stem}.png", plan.steps, title=_prompts_title(plan.prompts))]
+
+
+def _prompts_title(prompts: Optional[Sequence[str]], rows: int = 2) -> Optional[str]:
+    """The prompts of the reverse strip's ``rows`` samples: '"a red circle"', or one per row where they differ."""
+    shown = list(prompts or [])[:rows]
+    if len(set(shown)) <= 1:
+        return f'"{shown[0]}"' if shown else None
+    return "; ".join(f'row {i + 1}: "{p}"' for i, p in enumerate(shown))
 
 
 def viz_toy(run: Optional[Run] = None, plan: Optional[SamplingPlan] = None, config: Optional[str] = None,

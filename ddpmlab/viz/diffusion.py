@@ -105,10 +105,11 @@ def record_trajectory(model, schedule: NoiseSchedule, shape: Sequence[int], n: i
 
 
 def _labelled(img: Image.Image, text: str) -> Image.Image:
-    """img with a white band of text on top (Pillow's built-in font)."""
-    out = Image.new("L", (img.width, img.height + 14), 255)
-    out.paste(img.convert("L"), (0, 14))
-    ImageDraw.Draw(out).text((2, 1), text, fill=0)
+    """img with a white band of text on top (Pillow's built-in font); colour pictures stay in colour."""
+    mode = "RGB" if img.mode == "RGB" else "L"
+    out = Image.new(mode, (img.width, img.height + 14), "white")
+    out.paste(img.convert(mode), (0, 14))
+    ImageDraw.Draw(out).text((2, 1), text, fill="black")
     return out
 
 
@@ -119,7 +120,7 @@ def save_reverse_gif(xs: torch.Tensor, x0s: torch.Tensor, ks: Sequence[int], pat
     for x, x0, k in zip(xs, x0s, ks):
         left = _labelled(grid_image(x, scale=scale), f"x_t  step {k}/{total_steps}")
         right = _labelled(grid_image(x0, scale=scale), "predicted x0")
-        frame = Image.new("L", (left.width + right.width + 8, left.height), 255)
+        frame = Image.new(left.mode, (left.width + right.width + 8, left.height), "white")
         frame.paste(left, (0, 0))
         frame.paste(right, (left.width + 8, 0))
         frames.append(frame)
@@ -127,8 +128,9 @@ def save_reverse_gif(xs: torch.Tensor, x0s: torch.Tensor, ks: Sequence[int], pat
 
 
 def save_reverse_strip(xs: torch.Tensor, x0s: torch.Tensor, ks: Sequence[int], path, total_steps: int,
-                       stills: int = 8, rows: int = 2) -> Path:
-    """Stills along sampling: for each of ``rows`` samples one row of x_t and one of predicted x0."""
+                       stills: int = 8, rows: int = 2, title: Optional[str] = None) -> Path:
+    """Stills along sampling: for each of ``rows`` samples one row of x_t and one of predicted x0; ``title``
+    (e.g. a text run's prompt) above them."""
     idx = np.unique(np.linspace(0, len(ks) - 1, min(stills, len(ks))).round().astype(int))
     rows = min(rows, xs.shape[1])
     fig, axes = new_figure((1.1 * len(idx), 2.3 * rows + 0.3), dpi=100, nrows=2 * rows, ncols=len(idx),
@@ -141,5 +143,7 @@ def save_reverse_strip(xs: torch.Tensor, x0s: torch.Tensor, ks: Sequence[int], p
     for r in range(rows):
         axes[2 * r, 0].set_ylabel(r"$x_t$", fontsize=8)
         axes[2 * r + 1, 0].set_ylabel(r"$\hat x_0$", fontsize=8)
-    fig.subplots_adjust(wspace=0.05, hspace=0.08)
+    if title:
+        fig.suptitle(title if len(title) <= 90 else title[:87] + "...", fontsize=8)
+    fig.subplots_adjust(wspace=0.05, hspace=0.08, top=0.85 if title else None)
     return save_figure(fig, path)
