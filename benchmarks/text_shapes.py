@@ -8,9 +8,11 @@ CPU). This script scores a trained run, or trains one first (--train):
             (every class equally often), one sample each, read by the exact shapes scorer; the shares of
             samples right in clean background, size, colour, shape, position and all of them, for the
             classes training saw and for the held-out colour-shape pairs apart
-    fid     `ddpm eval RUN --metrics fid,clean` with the FID Inception-v3 (--inception-weights FILE, never
-            downloaded; without it FID is left out and only the clean share is measured), the samples
-            prompted with training captions drawn from the folder, against the folder's images
+    fid     `ddpm eval RUN --metrics fid,clean`: the classifier-FID on the features of the shipped shapes
+            classifier (ddpmlab.evaluate.shapes_classifier; offline, chosen by ddpm eval for a shapes
+            folder), the samples prompted with training captions drawn from the folder, against the
+            folder's images, beside --fid-n of the folder's own images against the rest; with
+            --inception-weights FILE (never downloaded) also the FID on Inception-v3 features
 
 It prints one table (also OUT/text_shapes.md, numbers in OUT/text_shapes.json) with the training wall clock and
 the CPU, and writes the picture (default docs/text_shapes_prompts.png): one row per prompt, 4 seen and 4
@@ -18,7 +20,7 @@ held-out ones, the prompt written at the left, 8 samples a row.
 
     python benchmarks/text_shapes.py --run runs/shapes_text-...                # score a trained run
     python benchmarks/text_shapes.py --train                                   # write the data, train, score
-    python benchmarks/text_shapes.py --run RUN --inception-weights pt_inception-2015-12-05-6726825d.pth
+    python benchmarks/text_shapes.py --run RUN --inception-weights pt_inception-2015-12-05-6726825d.pth  # + Inception
 """
 
 from __future__ import annotations
@@ -142,8 +144,9 @@ def table(result: dict) -> str:
             lines.append(f"| {words} | {m[f'prompt_n_{group}']} | "
                          + " | ".join(f"{100 * m[f'prompt_{k}_{group}']:.1f} %" for k in SCORES) + " |")
     t, q = result["training"], result["quality"]
-    fid = f"FID {q['fid']:.2f} (data {q['data_fid']:.2f}, n={q['n']})" if "fid" in q else \
-        "FID not measured (give --inception-weights)"
+    fid = f"classifier-FID {q['fid']:.2f} (data {q['data_fid']:.2f}, n={q['n']})"
+    if "fid_inception" in q:
+        fid += f"; Inception FID {q['fid_inception']:.2f} (data {q['data_fid_inception']:.2f}, n={q['n_inception']})"
     lines += ["", f"training: {t.get('steps')} steps, {t.get('seconds', 0) / 60:.1f} min wall clock on {result['cpu']}",
               f"sampling: {result['sampling']}; {fid}; clean backgrounds {100 * q['clean']:.1f} %"]
     return "\n".join(lines)
@@ -156,7 +159,8 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="the captioned shapes folder to train on (default OUT/data)")
     ap.add_argument("--images", type=int, default=6000, help="images of the set written for --train")
     ap.add_argument("--n", type=int, default=432, help="samples of the prompt metric (432: every class once)")
-    ap.add_argument("--fid-n", type=int, default=2048, help="samples of FID (at least 2048 with Inception)")
+    ap.add_argument("--fid-n", type=int, default=1000, help="samples of the classifier-FID (more than 128)")
+    ap.add_argument("--inception-n", type=int, default=2048, help="samples of the Inception FID (at least 2048)")
     ap.add_argument("--inception-weights", default=None, help="the FID Inception-v3 weights file")
     ap.add_argument("--picture", default=str(ROOT / "docs" / "text_shapes_prompts.png"))
     ap.add_argument("--seed", type=int, default=0)
@@ -175,11 +179,15 @@ def main() -> None:
     st = prompt["settings"]
     result["sampling"] = f"{st['sampler']} {st['steps']} steps, guidance {st['guidance']}"
     result["prompt"] = prompt["metrics"]
-    fid = ["--extractor", "inception", "--inception-weights", args.inception_weights] if args.inception_weights else []
-    n = args.fid_n if fid else min(args.fid_n, args.n)  # without FID: the clean share of as many as the prompts
-    quality = evaluate(run_dir, out, "quality", "fid,clean" if fid else "clean", n, "--seed", str(args.seed), *fid)
+    quality = evaluate(run_dir, out, "quality", "fid,clean", args.fid_n, "--seed", str(args.seed))
     base = quality.get("data_baseline") or {}
-    result["quality"] = {"n": n, **quality["metrics"], **{f"data_{k}": v for k, v in base.items()}}
+    result["quality"] = {"n": args.fid_n, "extractor": quality["extractor"]["identity"], **quality["metrics"],
+                         **{f"data_{k}": v for k, v in base.items()}}
+    if args.inception_weights:
+        inception = evaluate(run_dir, out, "quality_inception", "fid", args.inception_n, "--seed", str(args.seed),
+                             "--extractor", "inception", "--inception-weights", args.inception_weights)
+        result["quality"].update(n_inception=args.inception_n, fid_inception=inception["metrics"]["fid"],
+                                 data_fid_inception=(inception.get("data_baseline") or {}).get("fid", float("nan")))
     result["picture"] = picture(run_dir, Path(args.picture), args.seed)
     (out / "text_shapes.json").write_text(json.dumps(result, indent=1) + "\n")
     text = table(result)

@@ -207,7 +207,8 @@ A text run's samples take one prompt each: --prompt/--prompts FILE in turn, else
 captions drawn from its data.
 The same metrics of --n data points are printed beside: what a perfect model would reach
 with this many samples. Extractors: 'classifier' (shipped MNIST classifier, 1x28x28 digits,
-offline) or 'inception' (the FID Inception-v3; needs --inception-weights PATH to
+offline; on a `ddpm data shapes` folder's 3x32x32 images the shipped shapes classifier, also
+'shapes') or 'inception' (the FID Inception-v3; needs --inception-weights PATH to
 pt_inception-2015-12-05-6726825d.pth, never downloaded). Results: RUN_DIR/eval/*.json with
 everything needed to reproduce them.
 
@@ -243,8 +244,9 @@ def eval_parser(sub) -> None:
                          "test split; 5000 fresh 2-D points)")
     sampling_options(ev, prompts=False)
     prompt_options(ev, negative=False)
-    ev.add_argument("--extractor", default=None, choices=["classifier", "inception"],
-                    help="feature network (default: classifier, or inception when --inception-weights is given)")
+    ev.add_argument("--extractor", default=None, choices=["classifier", "inception", "shapes"],
+                    help="feature network (default: classifier, or inception when --inception-weights is given; "
+                         "classifier is the shapes classifier on a `ddpm data shapes` folder's 3x32x32 images)")
     ev.add_argument("--inception-weights", default=None, metavar="PATH",
                     help="local FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth or .safetensors)")
     ev.add_argument("--cache-dir", default=None,
@@ -315,7 +317,8 @@ def viz_parser(sub) -> None:
 
     r = viz_sampling_parser(vs, "reverse", "GIF and stills of x_t and the predicted x0 along sampling",
                              "Sample --n images and record --frames snapshots of x_t (left) and of the model's "
-                             "prediction of x_0 (right): reverse_<sampler><steps>.gif and .png.")
+                             "prediction of x_0 (right): reverse_<sampler><steps>.gif and .png. A text run: --n "
+                             "samples of each --prompt, as `ddpm sample` draws them from --seed.")
     r.add_argument("--frames", type=int, default=25, help="snapshots along sampling (default 25)")
 
     sc = vs.add_parser("schedules", help="beta_t, alpha_bar_t and log-SNR of the noise schedules",

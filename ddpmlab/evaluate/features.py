@@ -7,12 +7,15 @@ An :class:`Extractor` maps images in the data's scale ([-1, 1], (B, C, H, W)) to
   offline out of the box, for 1x28x28 digits ("classifier FID").
 * ``inception``: the standard FID Inception-v3 network (2048 pool features, 1008 logits),
   only from a weights file the user has locally; nothing is ever downloaded.
+* ``shapes``: the bundled coloured-shapes classifier (:mod:`ddpmlab.evaluate.shapes_classifier`), 128 features,
+  offline, for 3x32x32 images of the shapes set; ``classifier`` means it where a run's data folder is a shapes
+  set (it has ``shapes.json``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Optional, Tuple, Union
+from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -20,10 +23,12 @@ from torch import nn
 from ddpmlab.errors import OPTION, DDPMError, OptionError, mention
 from ddpmlab.evaluate.classifier import WEIGHTS, load_mnist_classifier
 from ddpmlab.evaluate.inception import load_fid_inception
+from ddpmlab.evaluate.shapes_classifier import WEIGHTS as SHAPES_WEIGHTS
+from ddpmlab.evaluate.shapes_classifier import is_shapes_folder, load_shapes_classifier
 from ddpmlab.io.weights import file_sha256
 from ddpmlab.progress import progress_bar
 
-EXTRACTORS = ("classifier", "inception")
+EXTRACTORS = ("classifier", "inception", "shapes")
 
 
 class Extractor(nn.Module):
@@ -68,6 +73,15 @@ def classifier_extractor(device: Union[str, torch.device] = "cpu") -> Extractor:
                      input_shape=(1, 28, 28))
 
 
+def shapes_extractor(class_names: Optional[Sequence[str]] = None, device: Union[str, torch.device] = "cpu"
+                     ) -> Extractor:
+    """The shipped shapes classifier as an extractor (128 features, 3x32x32 input); its logits are the
+    log-probabilities of the shapes classes ``class_names`` in their order (None: all 432 of the set)."""
+    net = load_shapes_classifier(device).set_classes(class_names)
+    return Extractor(net, "shapes", f"shapes-classifier-{file_sha256(SHAPES_WEIGHTS)[:16]}", net.num_features,
+                     input_shape=(3, 32, 32))
+
+
 def inception_extractor(weights: Optional[Union[str, Path]], device: Union[str, torch.device] = "cpu") -> Extractor:
     """The FID Inception-v3 network from a local weights file (2048 features, 1008 logits); a missing or
     wrong file is an OptionError about 'inception_weights'."""
@@ -76,17 +90,26 @@ def inception_extractor(weights: Optional[Union[str, Path]], device: Union[str, 
 
 
 def build_extractor(name: str, sample_shape: Tuple[int, ...], inception_weights: Optional[str] = None,
-                    device: Union[str, torch.device] = "cpu") -> Extractor:
+                    device: Union[str, torch.device] = "cpu", data=None) -> Extractor:
     """The extractor called ``name`` for images of ``sample_shape`` (C, H, W); an OptionError about
-    'extractor' (or 'inception_weights') when it is unknown or cannot serve these images."""
+    'extractor' (or 'inception_weights') when it is unknown or cannot serve these images. ``data``: the run's
+    data set; 'classifier' on a shapes folder's 3x32x32 images is the shapes classifier, whose logits follow
+    the data's ``class_names``."""
     if name not in EXTRACTORS:
         raise OptionError("extractor", f"{OPTION} '{name}' is unknown; choose one of {', '.join(EXTRACTORS)}")
     if name == "inception":
         return inception_extractor(inception_weights, device)
     hint = f"; for other images use the Inception extractor ({mention('inception_weights')})"
+    if name == "shapes" or is_shapes_folder(getattr(data, "root", None), sample_shape):
+        if tuple(sample_shape) != (3, 32, 32):
+            raise OptionError("extractor", f"the shapes extractor is for 3x32x32 images of `ddpm data shapes`, "
+                                           f"these images are {tuple(sample_shape)}{hint}")
+        extractor = shapes_extractor(getattr(data, "class_names", None) or None, device)
+        extractor.hint = hint
+        return extractor
     if tuple(sample_shape) != (1, 28, 28):
-        raise OptionError("extractor", f"the classifier extractor is for 1x28x28 digits, these images are "
-                                       f"{tuple(sample_shape)}{hint}")
+        raise OptionError("extractor", f"the classifier extractor is for 1x28x28 digits (and 3x32x32 shapes "
+                                       f"folders), these images are {tuple(sample_shape)}{hint}")
     extractor = classifier_extractor(device)
     extractor.hint = hint
     return extractor

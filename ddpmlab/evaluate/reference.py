@@ -84,8 +84,8 @@ def _dataset_batches(dataset, batch_size: int):
             yield dataset.x[i:i + batch_size]
         return
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for x, _ in loader:
-        yield x
+    for batch in loader:  # (x, y), or a captioned folder's (x, y, index)
+        yield batch[0]
 
 
 def reference_key(fingerprint: str, extractor: Extractor, max_kept: int) -> str:

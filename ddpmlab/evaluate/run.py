@@ -190,7 +190,7 @@ class EvalContext:
         if self.kind == "audio":  # the spoken-digit classifier, its logits in the data's class order
             return speech_extractor(self.dataset.class_names if self.num_classes else (), self.device)
         return build_extractor(self.s.extractor, tuple(self.dataset.sample_shape), self.s.inception_weights,
-                               self.device)
+                               self.device, data=self.dataset)  # a shapes folder: the shapes classifier
 
     @cached_property
     def reference(self) -> Reference:
@@ -259,9 +259,9 @@ def _acc(ctx: EvalContext, which: str) -> dict:
     if not ctx.num_classes:
         raise OptionError("metrics", f"{OPTION}: acc (classifier accuracy of conditional samples) needs a "
                                      "class-conditional run (model.num_classes); drop 'acc' for this run")
-    if ctx.s.extractor != "classifier":
-        raise OptionError("metrics", f"{OPTION}: acc needs the classifier extractor (the digit classifier decides "
-                                     "the class)")
+    if ctx.s.extractor not in ("classifier", "shapes"):
+        raise OptionError("metrics", f"{OPTION}: acc needs the classifier extractor (the digit or shapes classifier "
+                                     "decides the class)")
     return {"acc": M.class_accuracy(ctx.logits(which), ctx.points(which)[1])}
 
 
