@@ -103,14 +103,24 @@ def sample(runs: Runs, run_dir, *, sampler: Optional[str] = None, steps=None, st
     [--prompt P ... --negative-prompt NP] --weights W --out FOLDER/ --npz``: FOLDER/grid.png (or the scatter
     plot; a text run's: a row per prompt), one PNG per image, samples.npz.  Empty sampler, steps and guidance:
     as the run samples (as ``ddpm sample RUN`` without them); ``prompt``: one a line, empty: the run's own."""
+    return draw_request(runs, runs.get(run_dir, weights), "sample", sampler=sampler, steps=steps,
+                        step_schedule=step_schedule, seed=seed, n=n, label=label, guidance=guidance, prompt=prompt,
+                        negative_prompt=negative_prompt, limits=limits, progress=progress)
+
+
+def draw_request(runs: Runs, run: Run, kind: str, *, sampler: Optional[str] = None, steps=None,
+                 step_schedule: Optional[str] = None, seed=0, n=16, label=None, guidance=None, prompt=None,
+                 negative_prompt=None, limits: Limits = Limits(),
+                 progress: Optional[Callable[[float, str], None]] = None) -> SampleResult:
+    """The Sample tab's request on the loaded ``run`` (steered by ControlNets or not), written as ``ddpm sample
+    --out FOLDER/ --npz`` writes it into a fresh request folder of ``kind``."""
     n = as_int(n, "n", minimum=1)
     seed = as_int(seed, "seed") or 0
-    run = runs.get(run_dir, weights)
     label, guidance = _condition(run, label, guidance)
     prompts, negative = as_prompts(prompt), as_text(negative_prompt)
     plan = _plan(run, _request(run, sampler, steps, step_schedule, n, label, guidance, seed, limits, prompts,
                                negative), limits)
-    output = resolve_output(str(runs.new_folder("sample")) + "/", Path("unused.png"))
+    output = resolve_output(str(runs.new_folder(kind)) + "/", Path("unused.png"))
     x = draw_samples(run, plan, batch_size=SAMPLE_BATCH, progress=False,
                      callback=_step_counter(plan, plan.n, progress, "sampling"))
     npz = write_raw(x, output)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import functools
 import inspect
-import ipaddress
 import sys
 from types import SimpleNamespace
 from typing import Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from ddpmlab.demo.actions import (
@@ -31,7 +31,8 @@ from ddpmlab.demo.actions import (
     training_image,
 )
 from ddpmlab.demo.actions import editor_scale as _editor_scale
-from ddpmlab.demo.serving import KEEP_REQUESTS, Limits, Runs
+from ddpmlab.demo.controlnet import SKETCH_SIZE, control_sample, controlnet_choices
+from ddpmlab.demo.serving import KEEP_REQUESTS, Limits, Runs, host_warning
 from ddpmlab.errors import DDPMError, OptionError
 from ddpmlab.runs import resolve_device
 from ddpmlab.samplers.registry import SAMPLER_SPECS, STEP_SCHEDULES
@@ -39,6 +40,7 @@ from ddpmlab.samplers.registry import SAMPLER_SPECS, STEP_SCHEDULES
 INSTALL_HINT = "pip install 'ddpmlab[demo]'"
 DEFAULT_SCHEDULE = "sampler's default"
 RUN_SAMPLER = "as the run samples"  # the sampler fields' first choice: the run's recommended or own sampler
+RUN_STEPS = "steps (empty: the run's)"
 DELETE_CACHE = (600, 3600)  # Gradio's copies of outputs and uploads: looked at every 10 minutes, kept an hour
 
 
@@ -98,7 +100,7 @@ def _sample_tab(gr, ui, samplers, schedules, limits: Limits) -> None:
     with gr.Tab("Sample", id="sample"):
         with gr.Row():
             ui.s_sampler = gr.Dropdown(samplers, value=RUN_SAMPLER, label="sampler", elem_id="s-sampler")
-            ui.s_steps = gr.Number(value=None, precision=0, label="steps (empty: the run's)", elem_id="s-steps")
+            ui.s_steps = gr.Number(value=None, precision=0, label=RUN_STEPS, elem_id="s-steps")
             ui.s_sched = gr.Dropdown(schedules, value=DEFAULT_SCHEDULE, label="step schedule", elem_id="s-sched")
             ui.s_seed = gr.Number(value=0, precision=0, label="seed", elem_id="s-seed")
             ui.s_n = gr.Number(value=16, precision=0, label=f"n (at most {limits.max_samples})", elem_id="s-n")
@@ -129,7 +131,7 @@ def _reverse_tab(gr, ui, samplers) -> None:
     with gr.Tab("Reverse process", id="reverse"):
         with gr.Row():
             ui.r_sampler = gr.Dropdown(samplers, value=RUN_SAMPLER, label="sampler")
-            ui.r_steps = gr.Number(value=None, precision=0, label="steps (empty: the run's)")
+            ui.r_steps = gr.Number(value=None, precision=0, label=RUN_STEPS)
             ui.r_seed = gr.Number(value=0, precision=0, label="seed")
             ui.r_frames = gr.Number(value=10, precision=0, label="snapshots")
         ui.r_go = gr.Button("Run the reverse process", variant="primary", elem_id="r-go")
@@ -169,12 +171,46 @@ def _edit_tab(gr, ui, samplers) -> None:
         with gr.Row():
             ui.e_strength = gr.Slider(0, 1, value=0.5, step=0.01, label="SDEdit strength")
             ui.e_sampler = gr.Dropdown(samplers, value=RUN_SAMPLER, label="sampler")
-            ui.e_ssteps = gr.Number(value=None, precision=0, label="steps (empty: the run's)")
+            ui.e_ssteps = gr.Number(value=None, precision=0, label=RUN_STEPS)
             ui.e_img2img = gr.Button("img2img (SDEdit)", variant="primary", elem_id="e-img2img")
         ui.e_text = gr.Markdown(elem_id="e-text")
         ui.e_row = gr.Image(type="filepath", label="input, mask, results", interactive=False, height=200,
                             elem_id="e-row")
         ui.e_files = gr.File(label="downloads", file_count="multiple", interactive=False)
+
+
+def _controlnet_tab(gr, ui, samplers, limits: Limits) -> None:
+    """A ControlNet of the run, a control picture (drawn: white on black, or uploaded), its scale; the grid."""
+    with gr.Tab("ControlNet", id="controlnet"):
+        with gr.Row():
+            ui.k_net = gr.Dropdown([], value=None, label="ControlNet (trained on this run)", elem_id="k-net", scale=3)
+            ui.k_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="control scale", elem_id="k-scale")
+        with gr.Row():
+            black = np.zeros((SKETCH_SIZE, SKETCH_SIZE, 3), np.uint8)
+            ui.k_sketch = gr.Sketchpad(value={"background": black, "layers": [], "composite": black},
+                                       label="draw the control (white on black)", type="numpy", image_mode="RGB",
+                                       brush=gr.Brush(default_size=12, colors=["#ffffff"], color_mode="fixed"),
+                                       canvas_size=(SKETCH_SIZE, SKETCH_SIZE), transforms=(), layers=False,
+                                       elem_id="k-sketch")
+            ui.k_upload = gr.File(label="or upload a control picture (used instead of the drawing)",
+                                  file_count="single", elem_id="k-upload")
+        with gr.Row():
+            ui.k_sampler = gr.Dropdown(samplers, value=RUN_SAMPLER, label="sampler")
+            ui.k_steps = gr.Number(value=None, precision=0, label=RUN_STEPS, elem_id="k-steps")
+            ui.k_seed = gr.Number(value=0, precision=0, label="seed", elem_id="k-seed")
+            ui.k_n = gr.Number(value=4, precision=0, label=f"n (at most {limits.max_samples})", elem_id="k-n")
+            ui.k_class = _class_field(gr, "k-class")
+            ui.k_guid = gr.Number(value=None, label="guidance scale (empty: the run's; 0: the control alone)",
+                                  visible=False, elem_id="k-guidance")
+        ui.k_prompt = gr.Textbox(label="prompt (one a line, n samples each; empty: the run's own)", lines=2,
+                                 visible=False, elem_id="k-prompt")
+        ui.k_go = gr.Button("Sample with the ControlNet", variant="primary", elem_id="k-go")
+        ui.k_text = gr.Markdown(elem_id="k-text")
+        with gr.Row():
+            ui.k_read = gr.Image(type="numpy", label="the control, as the ControlNet reads it", height=160)
+            ui.k_img = gr.Image(type="filepath", label="samples", interactive=False, height=320, elem_id="k-grid")
+        ui.k_files = gr.File(label="downloads: one PNG per sample, samples.npz", file_count="multiple",
+                             interactive=False, elem_id="k-files")
 
 
 def _compare_and_run_tabs(gr, ui, samplers) -> None:
@@ -211,6 +247,7 @@ def build_app(runs: Runs, limits: Limits = Limits()):
         _sample_tab(gr, ui, [RUN_SAMPLER, *samplers], [DEFAULT_SCHEDULE, *STEP_SCHEDULES], limits)
         _reverse_tab(gr, ui, [RUN_SAMPLER, *samplers])
         _edit_tab(gr, ui, [RUN_SAMPLER, *samplers])
+        _controlnet_tab(gr, ui, [RUN_SAMPLER, *samplers], limits)
         _compare_and_run_tabs(gr, ui, samplers)
         _connect(gr, app, ui, Handlers(gr, runs, limits))
     return app
@@ -227,14 +264,25 @@ class Handlers:
         """The Sample tab; a text run's guidance is its slider's, other runs' the guidance field's."""
         if prompt_fields(self.runs, run_dir, w) is not None:
             guidance = text_guidance
-        res = sample(self.runs, run_dir, sampler=_sampler(sampler), steps=steps, step_schedule=_schedule(sched),
-                     seed=seed, n=n, label=label, guidance=guidance, prompt=prompt, negative_prompt=negative,
-                     weights=w, limits=self.limits, progress=_reporter(progress))
+        res = sample(self.runs, run_dir, sampler=_sampler(sampler), steps=steps,
+                     step_schedule=_schedule(sched), seed=seed, n=n, label=label, guidance=guidance, prompt=prompt,
+                     negative_prompt=negative, weights=w, limits=self.limits, progress=_reporter(progress))
         return res.text, str(res.picture), [str(p) for p in [*res.files, res.npz]]
 
+    def controlnet(self, run_dir, w, net, scale, sketch, upload, sampler, steps, seed, n, label, guidance,
+                   prompt=None, progress=None):
+        """The ControlNet tab: the upload if there is one, else the drawing; the control shown enlarged."""
+        res = control_sample(self.runs, run_dir, net, control=upload or None, sketch=sketch, scale=scale,
+                             sampler=_sampler(sampler), steps=steps, seed=seed, n=n, label=label,
+                             guidance=guidance, prompt=prompt, weights=w, limits=self.limits,
+                             progress=_reporter(progress))
+        s, size = res.sample, max(self.runs.get(run_dir, w).image_shape[1:])
+        shown = enlarged(res.control, max(1, SKETCH_SIZE // 2 // size))
+        return s.text, shown, str(s.picture), [str(p) for p in [*s.files, s.npz]]
+
     def reverse(self, run_dir, w, sampler, steps, seed, frames, progress=None):
-        strip, gif = reverse(self.runs, run_dir, sampler=_sampler(sampler), steps=steps, seed=seed, frames=frames,
-                             weights=w, limits=self.limits)
+        strip, gif = reverse(self.runs, run_dir, sampler=_sampler(sampler), steps=steps, seed=seed,
+                             frames=frames, weights=w, limits=self.limits)
         return str(strip), str(gif)
 
     def editor_value(self, png, run_dir, w):
@@ -260,9 +308,9 @@ class Handlers:
         return res.text, str(res.picture), [str(p) for p in res.files]
 
     def img2img(self, run_dir, w, image_png, strength, sampler, steps, n, seed, label, guidance, progress=None):
-        res = img2img_image(self.runs, run_dir, image_png, strength=strength, sampler=_sampler(sampler), steps=steps,
-                            n=n, seed=seed, label=label, guidance=guidance, weights=w, limits=self.limits,
-                            progress=True)
+        res = img2img_image(self.runs, run_dir, image_png, strength=strength, sampler=_sampler(sampler),
+                            steps=steps, n=n, seed=seed, label=label, guidance=guidance, weights=w,
+                            limits=self.limits, progress=True)
         return res.text, str(res.picture), [str(p) for p in res.files]
 
     def compare(self, run_dir, w, a, a_steps, b, b_steps, seed, n, progress=None):
@@ -283,8 +331,13 @@ class Handlers:
         prompts = [self.gr.update(visible=shown, value="", placeholder=fields[0] if shown else None),
                    self.gr.update(visible=shown, value=""),
                    self.gr.update(visible=shown, value=fields[1] if shown else 1.0)]
+        nets = controlnet_choices(self.runs, run_dir)
+        control = [self.gr.update(choices=nets, value=nets[0] if nets else None),
+                   self.gr.update(visible=bool(choices), value=None, choices=choices),
+                   self.gr.update(visible=bool(choices) or shown, value=None),
+                   self.gr.update(visible=shown, value="", placeholder=fields[0] if shown else None)]
         return (text, None if loss is None else str(loss), config, classes[0], guidance[0], classes[1], guidance[1],
-                None, None, *prompts)
+                None, None, *control, *prompts)
 
 
 def _reporter(progress):
@@ -327,28 +380,21 @@ def _connect(gr, app, ui, h: Handlers) -> None:
                        base + [ui.e_input, ui.e_strength, ui.e_sampler, ui.e_ssteps, ui.e_n, ui.e_seed, ui.e_class,
                                ui.e_guid], [ui.e_text, ui.e_row, ui.e_files],
                        concurrency_id="sampling", api_name="img2img")
+    ui.k_go.click(f(_tracked(gr, h.controlnet)),
+                  base + [ui.k_net, ui.k_scale, ui.k_sketch, ui.k_upload, ui.k_sampler, ui.k_steps, ui.k_seed, ui.k_n,
+                          ui.k_class, ui.k_guid, ui.k_prompt],
+                  [ui.k_text, ui.k_read, ui.k_img, ui.k_files], concurrency_id="sampling", api_name="controlnet")
     ui.c_go.click(f(_tracked(gr, h.compare)), base + [ui.c_a, ui.c_a_steps, ui.c_b, ui.c_b_steps, ui.c_seed, ui.c_n],
                   [ui.c_img_a, ui.c_img_b], concurrency_id="sampling", api_name="compare")
     run_outputs = [ui.i_text, ui.i_loss, ui.i_config, ui.s_class, ui.s_guid, ui.e_class, ui.e_guid, ui.e_editor,
-                   ui.e_input, ui.s_prompt, ui.s_negative, ui.s_tguid]
+                   ui.e_input, ui.k_net, ui.k_class, ui.k_guid, ui.k_prompt, ui.s_prompt, ui.s_negative, ui.s_tguid]
+    steps = [ui.s_steps, ui.r_steps, ui.e_ssteps, ui.k_steps]  # Gradio shows a new empty number as 0: set it empty
+    app.load(lambda: [None] * len(steps), None, steps, api_name=False)
     for trigger in (ui.run.change, ui.weights.change, app.load):
         trigger(f(h.run), base, run_outputs, concurrency_limit=4, concurrency_id="light", api_name=False)
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 UPLOAD_MB = 10  # the largest upload (ddpm demo --max-upload-mb)
-
-
-def host_warning(host: str, auth: Optional[Tuple[str, str]]) -> Optional[str]:
-    """The warning for a page that anyone on the network can use (a non-loopback --host without --auth)."""
-    try:
-        loopback = host in LOOPBACK or ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name other than localhost
-        loopback = False
-    if loopback or auth:
-        return None
-    return (f"warning: ddpm demo listens on {host} without --auth: anyone who can reach this machine may sample, "
-            "upload pictures and use its compute; add --auth USER:PASSWORD, or serve on 127.0.0.1")
 
 
 def serve(run_dirs: Sequence, *, host: str = "127.0.0.1", port: int = 7860, max_samples: int = 256,

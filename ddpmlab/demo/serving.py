@@ -4,10 +4,15 @@ the parsers of the page's fields, and :class:`Runs` (the runs loaded once, and t
 Every request writes into a fresh folder below one folder the demo made for itself (never a folder the
 user already had, so the page can offer nothing else to download); the newest ``keep`` request folders
 are kept and older ones deleted, so no client can fill the disk.
+
+ControlNet runs (``ddpm train-controlnet``) among the folders given are no runs of their own: they are offered on
+the ControlNet tab of the base they were trained on, beside those found next to a served base (``BASE-controlnet-*``,
+the folders ``ddpm train-controlnet`` makes), each loaded once.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import shutil
 import tempfile
@@ -20,10 +25,13 @@ from typing import Deque, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ddpmlab.errors import DDPMError
-from ddpmlab.io.checkpoint import require_run_dir
+from ddpmlab.io.checkpoint import is_run_dir, load_run_config, require_run_dir
+from ddpmlab.models.controlnet import ControlNet
 from ddpmlab.runs import Run, load_run
+from ddpmlab.runs.control import controlnet_for
 from ddpmlab.samplers.editing import repaint_nfe
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 POINTS_PER_SAMPLE = 100  # a 2-D run may draw this many points per image sample of --max-samples
 KEEP_REQUESTS = 100  # request folders kept (ddpm demo --keep-requests)
 
@@ -139,12 +147,18 @@ class Runs:
             raise DDPMError("ddpm demo needs at least one RUN_DIR (a folder written by `ddpm train`)")
         if keep < 1:
             raise DDPMError(f"--keep-requests must be at least 1, got {keep}")
-        self.dirs = [str(require_run_dir(d)) for d in run_dirs]
+        given = [(str(require_run_dir(d)), controlnet_base(d)) for d in run_dirs]
+        self.dirs = [d for d, base in given if base is None]
+        self.controlnet_dirs = [(d, base) for d, base in given if base is not None]  # (ControlNet, its base)
+        if not self.dirs:
+            raise DDPMError(f"ddpm demo got only ControlNet runs; give their base too: ddpm demo "
+                            f"{given[0][1]} {given[0][0]}")
         self.device = device
         self.out_root = fresh_folder(out_root)
         self.keep = keep
         self.plots: Dict[Tuple, Path] = {}  # the run tab's loss plots, by (run, state of its log.csv)
         self._cache: Dict[Tuple[str, str], Run] = {}
+        self._controlnets: Dict[Tuple[str, str, str], ControlNet] = {}
         self._folders: Deque[Path] = deque()
         self._lock = threading.Lock()
         self._count = 0
@@ -169,3 +183,50 @@ class Runs:
         for folder in old:
             shutil.rmtree(folder, ignore_errors=True)
         return path
+
+    def controlnets(self, run_dir: Optional[str]) -> List[str]:
+        """The ControlNet runs of the served run ``run_dir``: those given whose base it is, then those beside it
+        (RUN-controlnet-*, ``ddpm train-controlnet``'s folders) trained on it, sorted."""
+        base = str(run_dir or self.dirs[0])
+        found = [d for d, b in self.controlnet_dirs if same_run(b, base)]
+        for d in sorted(Path(base).parent.glob(f"{Path(base).name}-controlnet-*")):
+            if str(d) not in found and is_run_dir(d) and same_run(controlnet_base(d), base):
+                found.append(str(d))
+        return found
+
+    def controlnet(self, run: Run, controlnet_dir: str) -> ControlNet:
+        """The EMA ControlNet of ``controlnet_dir`` (one of :meth:`controlnets`) on ``run``, loaded once."""
+        if controlnet_dir not in self.controlnets(str(run.dir)):
+            raise DDPMError(f"ControlNet '{controlnet_dir}' is not served for the run {run.dir}; choose one of "
+                            f"{', '.join(self.controlnets(str(run.dir))) or 'none (train one: ddpm train-controlnet)'}")
+        key = (controlnet_dir, str(run.dir), run.weights)
+        with self._lock:
+            if key not in self._controlnets:
+                self._controlnets[key] = controlnet_for(run, controlnet_dir, "ema", say=lambda _msg: None)
+            return self._controlnets[key]
+
+
+def controlnet_base(run_dir) -> Optional[str]:
+    """The base run of a ControlNet run (its controlnet.base), None for any other run."""
+    return load_run_config(run_dir).controlnet.base or None
+
+
+def same_run(a: Optional[str], b: str) -> bool:
+    """Whether the run folders ``a`` and ``b`` are one: the same resolved path, or, where ``a`` (a ControlNet's
+    controlnet.base, written from the folder it trained in) is not found from here, the same folder name."""
+    if a is None:
+        return False
+    pa = Path(a).expanduser()
+    return pa.resolve() == Path(b).resolve() if pa.exists() else pa.name == Path(b).name
+
+
+def host_warning(host: str, auth: Optional[Tuple[str, str]]) -> Optional[str]:
+    """The warning for a page that anyone on the network can use (a non-loopback --host without --auth)."""
+    try:
+        loopback = host in LOOPBACK or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost
+        loopback = False
+    if loopback or auth:
+        return None
+    return (f"warning: ddpm demo listens on {host} without --auth: anyone who can reach this machine may sample, "
+            "upload pictures and use its compute; add --auth USER:PASSWORD, or serve on 127.0.0.1")
