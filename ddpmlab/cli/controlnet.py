@@ -27,13 +27,15 @@ def controlnet_options(p: argparse.ArgumentParser) -> None:
 def train_controlnet_parser(sub) -> None:
     c = sub.add_parser(
         "train-controlnet", help="train a ControlNet that steers a frozen UNet run by a control image",
-        description="Train a ControlNet (Zhang et al. 2023) on BASE (a UNet run, unconditional or class-conditional):\n"
+        description="Train a ControlNet (Zhang et al. 2023) on BASE (a UNet run: unconditional, class-conditional or\n"
+                    "text-to-image, on pixels or latents; a text run's captions are read as ddpm train reads them):\n"
                     "a trainable copy of its encoder half, joined to the frozen BASE by zero-initialised\n"
                     "convolutions, learns to follow control images: computed from the training images by\n"
                     "controlnet.detector (edges, mask, scribble, blur), or, with controlnet.detector=null, the\n"
                     "pictures of the same names in control/ beside data.path. A new run beside BASE with its own\n"
                     "config, checkpoints (the ControlNet alone), resume and EMA. Keys: train.*, data.* and\n"
-                    "controlnet.* as key=value. Then: ddpm sample BASE --controlnet RUN --control picture.png",
+                    "controlnet.* as key=value. Then: ddpm sample BASE --controlnet RUN --control picture.png\n"
+                    "[--prompt ...]; ddpm export RUN OUT (a StableDiffusionControlNetPipeline where BASE maps)",
         epilog="Examples:\n  ddpm train-controlnet runs/mnist-... controlnet.detector=edges train.steps=1000\n"
                "  ddpm train-controlnet runs/mnist-... controlnet.detector=null data.dataset=folder "
                "data.path=pairs/images data.channels=1 data.image_size=28\n"
