@@ -113,6 +113,8 @@ def sample_parser(sub) -> None:
     s.add_argument("--out", help="a picture file (.png, ...) or a folder (one PNG per sample plus grid.png); "
                                  "default RUN_DIR/samples/<sampler>_<steps>steps_seed<seed>.png")
     s.add_argument("--npz", action="store_true", help="also save the raw samples as .npz (written first)")
+    s.add_argument("--vocoder", metavar="RUN", help="a mel run (data.representation=mel): make sound of its mel "
+                                                    "images with this vocoder run instead of Griffin-Lim")
     s.set_defaults(func=cmd_sample, parser=s)
 
 

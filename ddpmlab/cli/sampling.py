@@ -16,6 +16,7 @@ from ddpmlab.cli.options import listed_classes, sampling_request
 from ddpmlab.data import to_uint8
 from ddpmlab.data.images import open_image
 from ddpmlab.errors import DDPMError
+from ddpmlab.evaluate.mel_sound import with_vocoder
 from ddpmlab.io.adapters import apply_adapters
 from ddpmlab.io.images import comparison_row, load_mask, load_picture, save_grid, save_images
 from ddpmlab.models.conditioned import condition_from_low_res, upsample
@@ -53,6 +54,7 @@ def cmd_sample(args) -> int:
     for line in apply_adapters(run.model, args.lora, f"'{args.run_dir or args.from_diffusers}'"):
         print(f"LoRA adapter {line}")
     run = with_controlnets(run, args.controlnet, args.control, args.control_scale)
+    run = with_vocoder(run, args.vocoder)  # a mel run's images made sound by a vocoder run, not Griffin-Lim
     if listed_classes(args, run):
         return 0
     plan = plan_request(run, request)

@@ -20,6 +20,7 @@ DIFFWAVE_PRESETS = {
 }
 DIFFWAVE_KEYS = ("layers", "channels", "dilation_cycle")
 SOUND_CHANNELS = (1, 2)
+REPRESENTATIONS = ("wave", "mel")  # data.representation of sound (ddpmlab.data.audio_mel: mel images)
 
 
 def diffwave_settings(d: DiffWaveConfig, source: str = "config") -> dict:
@@ -48,15 +49,23 @@ def validate_audio(cfg: Config, source: str = "config") -> None:
     """Sound data goes with DiffWave and DiffWave with sound; the sound keys' values."""
     d, kind = cfg.data, cfg.model.kind
     audio = d.dataset == "audio"
+    if d.representation not in REPRESENTATIONS or (d.representation == "mel" and not audio):
+        raise ConfigError(f"{source}: data.representation={d.representation!r}: sound (data.dataset=audio) is read "
+                          f"as one of {', '.join(REPRESENTATIONS)}; other data as wave (the default)")
+    if d.vocoder and not (audio and d.representation == "mel"):
+        raise ConfigError(f"{source}: data.vocoder={d.vocoder} makes sound of generated mel images; set "
+                          "data.representation=mel (sound data), or data.vocoder=null")
+    if audio and d.representation == "mel":
+        _validate_mel_images(cfg, source)
     if cfg.model.condition == "mel" and not (audio and kind == "diffwave"):
         raise ConfigError(f"{source}: model.condition=mel is a vocoder's (DiffWave conditioned on the mel spectrogram "
                           f"of sound): set data.dataset=audio and model.kind=diffwave, or model.condition=none")
     if kind == "diffwave" and not audio:
         raise ConfigError(f"{source}: model.kind=diffwave generates sound; set data.dataset=audio (and data.path "
                           f"to a folder of WAV, FLAC or OGG files), or a model for {d.dataset} (unet, dit, mlp)")
-    if audio and kind != "diffwave":
+    if audio and kind != "diffwave" and d.representation == "wave":
         raise ConfigError(f"{source}: data.dataset=audio is sound: set model.kind=diffwave (model.kind={kind} is "
-                          "for images or points)")
+                          "for images or points; data.representation=mel makes each clip an image for a UNet)")
     _validate_diffwave(cfg.diffwave, kind, source)
     if not audio:
         return
@@ -74,7 +83,7 @@ def validate_audio(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: need 0 <= data.f_min < data.f_max <= data.sample_rate / 2 = {nyquist:g} Hz, "
                           f"got f_min={d.f_min}, f_max={d.f_max}")
     hop = math.prod(cfg.diffwave.upsample)  # the local conditioner's frames * hop samples: one frame per hop
-    if hop != d.hop_length:
+    if kind == "diffwave" and hop != d.hop_length:
         raise ConfigError(f"{source}: diffwave.upsample {cfg.diffwave.upsample} upsamples the mel frames "
                           f"{hop}-fold, but data.hop_length is {d.hop_length}; make their product equal")
     _refuse_image_features(cfg, source)
@@ -113,3 +122,29 @@ def _refuse_image_features(cfg: Config, source: str) -> None:
     if cfg.train.eval_every:
         raise ConfigError(f"{source}: train.eval_every's metrics (FID, SWD, ...) score images or points, not "
                           "sound: set train.eval_every=0")
+
+
+def mel_multiple(cfg: Config) -> int:
+    """What a mel image's height and width must be multiples of: 2^(len(unet.channel_mults) - 1), the UNet halving
+    them at each level after the first."""
+    return 2 ** max(len(cfg.unet.channel_mults) - 1, 0)
+
+
+def _validate_mel_images(cfg: Config, source: str) -> None:
+    """data.representation=mel: a UNet on log-mel images, their fixed range, the bands' divisibility."""
+    d, m = cfg.data, cfg.model
+    if m.kind != "unet":
+        raise ConfigError(f"{source}: data.representation=mel makes each clip a log-mel image for model.kind=unet, "
+                          f"got model.kind={m.kind} (DiffWave generates waveforms: data.representation=wave)")
+    if m.condition != "none":
+        raise ConfigError(f"{source}: model.condition={m.condition} does not go with data.representation=mel (a "
+                          "vocoder generates the waveform: data.representation=wave); set model.condition=none")
+    r = d.mel_range
+    if (not isinstance(r, (list, tuple)) or len(r) != 2 or not all(isinstance(v, (int, float)) for v in r)
+            or not r[0] < r[1]):
+        raise ConfigError(f"{source}: data.mel_range must be [low, high] with low < high (the natural-log mel values "
+                          f"mapped to -1 and 1, e.g. [-10, 2]), got {r!r}")
+    k = mel_multiple(cfg)
+    if isinstance(d.n_mels, int) and d.n_mels % k:
+        raise ConfigError(f"{source}: data.n_mels={d.n_mels} must be a multiple of {k}: the UNet halves the mel image "
+                          f"{len(cfg.unet.channel_mults) - 1} times (unet.channel_mults={list(cfg.unet.channel_mults)})")

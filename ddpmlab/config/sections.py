@@ -50,13 +50,16 @@ class DataConfig:
     # sound (dataset=audio): clips are resampled to this rate in Hz (SC09 and the DiffWave paper's digits: 16000)
     sample_rate: int = 16000
     length: int = 16000  # sound: samples per clip; longer clips keep their start, shorter ones end in silence
-    # sound: the mel spectrogram (pictures, DiffWave's local conditioner; Kong et al. 2021: 80 bands, FFT
-    # and window 1024, hop 256), Slaney's mel scale between f_min and f_max (null: sample_rate / 2)
+    # sound: the mel spectrogram (pictures, DiffWave's local conditioner, mel images; Kong et al. 2021: 80 bands,
+    # FFT and window 1024, hop 256), Slaney's mel scale between f_min and f_max (null: sample_rate / 2)
     n_fft: int = 1024
     hop_length: int = 256
     n_mels: int = 80
     f_min: float = 20.0
     f_max: Optional[float] = None
+    representation: str = "wave"  # sound: wave (model.kind=diffwave) | mel (each clip's log-mel image, for a UNet)
+    mel_range: list = field(default_factory=lambda: [-10.0, 2.0])  # mel: the ln(mel) range mapped to [-1, 1]
+    vocoder: Optional[str] = None  # mel: a vocoder run (model.condition=mel) to make sound; null: Griffin-Lim
 
 
 @dataclass

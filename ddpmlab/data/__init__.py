@@ -5,7 +5,8 @@ Every dataset returned by :func:`build_dataset` yields ``(x, y)`` pairs (x float
 [-1, 1] for images, y int64) and carries ``sample_shape`` (tuple), ``num_classes``
 (int, 0 when unlabeled), ``is_image`` (bool) and ``class_names`` (list of str).  A sound folder
 (``data.dataset: audio``) is an :class:`~ddpmlab.data.audio.AudioFolderDataset`: x (C, L) in [-1, 1], ``is_audio``
-and ``sample_rate``.  A text run's image folder
+and ``sample_rate``; with ``data.representation: mel`` a :class:`~ddpmlab.data.audio_mel.MelImageDataset` of its
+log-mel images (C, n_mels, frames), ``is_image`` and ``is_audio``.  A text run's image folder
 (``text.encoder`` set) is a :class:`~ddpmlab.data.captions.CaptionedImageFolder`: ``(x, y, index)`` and
 ``captions``.  WebDataset shards (``data.dataset: webdataset``) are a :class:`~ddpmlab.data.stream.ShardStream`,
 ``streamed``: never indexed, batched by training step (``step_batches``; a text run's batches carry their captions).
@@ -20,6 +21,7 @@ import torch
 
 from ddpmlab.config import DATASETS
 from ddpmlab.data.audio import AudioFolderDataset
+from ddpmlab.data.audio_mel import MelImageDataset, mel_image_shape
 from ddpmlab.data.bundled import load_digits, load_mnist, split_indices
 from ddpmlab.data.captions import CaptionedImageFolder
 from ddpmlab.data.images import IMAGE_EXTENSIONS, ImageFolderDataset, from_uint8, load_image, scan_folder, to_uint8
@@ -94,8 +96,8 @@ def image_shape(cfg) -> tuple:
         if len(size) == 1:
             size = size * 2
         return (int(d.channels), int(size[0]), int(size[1]))
-    if d.dataset == "audio":
-        return (int(d.channels), int(d.length))
+    if d.dataset == "audio":  # the waveform, or its log-mel image (data.representation=mel)
+        return mel_image_shape(cfg) if d.representation == "mel" else (int(d.channels), int(d.length))
     raise DataError(f"data.dataset: unknown dataset '{d.dataset}'; choose one of {', '.join(DATASETS)}")
 
 
@@ -130,7 +132,8 @@ def build_dataset(cfg):
         if not d.path:
             raise DataError("data.path: required when data.dataset is 'audio'; set it to a folder of WAV, FLAC or "
                             "OGG files")
-        return AudioFolderDataset(d.path, d.sample_rate, d.length, d.channels)
+        sound = AudioFolderDataset(d.path, d.sample_rate, d.length, d.channels)
+        return MelImageDataset(sound, cfg) if d.representation == "mel" else sound
     raise DataError(f"data.dataset: unknown dataset '{d.dataset}'; choose one of {', '.join(DATASETS)}")
 
 

@@ -30,6 +30,7 @@ from ddpmlab.evaluate.judges import (ROUGH_REFERENCE_N, check_judge_shape, clean
                                      honest_scores, load_digit_judge, rough_level, rough_share)
 from ddpmlab.evaluate.prompt import eval_prompts, prompt_metric
 from ddpmlab.evaluate.reference import Reference, reference_statistics, without
+from ddpmlab.evaluate.mel_sound import as_sound
 from ddpmlab.evaluate.speech_classifier import reference_data, speech_extractor
 from ddpmlab.evaluate.toy import mmd_rbf, sliced_wasserstein
 from ddpmlab.runs import Run, SamplingPlan, SamplingRequest, draw_samples, load_run, plan_request
@@ -128,7 +129,7 @@ class EvalContext:
         """(x (n, *shape), labels (n,) or None): samples of the model; conditional runs cycle the classes."""
         s, plan = self.s, self.plan
         x = draw_samples(self.run, plan, s.n, seed=s.seed, batch_size=s.batch_size, progress=self.progress)
-        return x, plan.labels
+        return as_sound(self.run, x, seed=s.seed), plan.labels  # a mel run's images made sound: scored end to end
 
     @property
     def baseline_n(self) -> int:
@@ -228,8 +229,7 @@ class EvalContext:
 
 
 def _describe_data(cfg, dataset=None) -> str:
-    d = cfg.data
-    where = f" {d.path}" if d.dataset == "folder" else ""
+    d, where = cfg.data, f" {cfg.data.path}" if cfg.data.dataset == "folder" else ""
     return getattr(dataset, "description", None) or f"{d.dataset}{where} split={d.split}"
 
 

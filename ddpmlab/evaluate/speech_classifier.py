@@ -177,7 +177,7 @@ def sound_reference(run, extractor: str = "classifier") -> AudioFolderDataset:
     if folder is None:
         warnings.warn(f"ddpm eval: '{d.path}' is not the train folder of a `ddpm data spoken-digits` set; the run's "
                       "own training clips are the reference (no held-out voices)", stacklevel=2)
-        data = build_dataset(run.cfg)
+        data = AudioFolderDataset(d.path, d.sample_rate, d.length, d.channels)  # clips, whatever the representation
         data.description = f"the training clips in {d.path}"
     else:
         data = AudioFolderDataset(folder, d.sample_rate, d.length, d.channels)

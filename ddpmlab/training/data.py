@@ -149,10 +149,11 @@ def describe_data(cfg: Config, dataset) -> str:
     """The run's first line: what it trains on, and at which size (width x height)."""
     d = cfg.data
     if d.dataset == "audio":
-        c, length = dataset.sample_shape
+        c, length = d.channels, d.length
         classes = f", {dataset.num_classes} classes" if dataset.num_classes else ""
+        mel = f", as log-mel images {'x'.join(map(str, dataset.sample_shape))}" if d.representation == "mel" else ""
         return (f"data: {len(dataset):,} sound clips from {dataset.root}{classes}, {'mono' if c == 1 else 'stereo'}, "
-                f"{length} samples at {d.sample_rate} Hz ({length / d.sample_rate:.3g} s)")
+                f"{length} samples at {d.sample_rate} Hz ({length / d.sample_rate:.3g} s){mel}")
     if d.dataset == "webdataset":
         c, h, w = dataset.sample_shape
         what = ", with captions" if dataset.rules.captions else ""

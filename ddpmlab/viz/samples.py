@@ -9,6 +9,7 @@ from typing import List, Optional
 import torch
 
 from ddpmlab.data import build_dataset
+from ddpmlab.evaluate.mel_sound import as_sound
 from ddpmlab.io.images import save_grid, save_images
 from ddpmlab.runs import Output, Run, grid_scale
 from ddpmlab.viz.images import save_scatter
@@ -27,8 +28,8 @@ def save_samples(run: Run, x: torch.Tensor, output: Output, title: str = "sample
     scatter plot's backdrop (default: the run's data, built from its config).  ``nrow``: images in a
     grid row (default: about the square root of n; a text run's plan: one row per prompt).  Sound: its picture
     and one WAV per sample (:func:`~ddpmlab.viz.sound.save_sound_samples`)."""
-    if run.is_audio:
-        return save_sound_samples(x, output, run.cfg.data, title=title)
+    if run.is_audio:  # a mel run's images made sound first (Griffin-Lim or its data.vocoder)
+        return save_sound_samples(as_sound(run, x), output, run.cfg.data, title=title)
     if not run.is_image:
         ref = reference if reference is not None else reference_points(build_dataset(run.cfg))
         return [save_scatter(x, output.picture, reference=ref, title=title)]
