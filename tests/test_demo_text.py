@@ -82,7 +82,7 @@ def test_the_prompt_boxes_sample_what_ddpm_sample_writes_for_those_prompts(runs_
     assert len(res.files) == 6 and res.text.startswith("6 samples: flow_euler, 3 steps, guidance 4")
     assert "prompts: a red square; bar in blue; negative prompt: a green bar" in res.text
     own = act.sample(runs, run_dir, **ASK)  # an empty box: the run's own prompts, at the run's guidance
-    assert "the run's own prompts" in own.text and ", guidance 3" in own.text
+    assert "the run's own prompts" in own.text and ", guidance 2" in own.text
 
 
 def test_the_prompt_reaches_the_sampler_different_prompts_draw_different_images(runs_root, tmp_path):
@@ -106,7 +106,7 @@ def test_prompt_fields_show_for_a_text_run_only_and_bad_input_is_one_line(runs_r
     runs = Runs([runs_root / "text", runs_root / "plain"], resolve_device("cpu"), tmp_path / "page")
     text, plain = str(runs_root / "text"), str(runs_root / "plain")
     placeholder, guidance = act.prompt_fields(runs, text)
-    assert guidance == 3.0 and placeholder.splitlines() == runs.get(text).prompts[:4]  # shapes_text's guidance
+    assert guidance == 2.0 and placeholder.splitlines() == runs.get(text).prompts[:4]  # shapes_text's guidance
     assert act.prompt_fields(runs, plain) is None
     assert "its own prompts: " in act.run_info(runs, text)[0]
     with pytest.raises(OptionError) as e:
@@ -128,7 +128,7 @@ def test_the_page_shows_the_prompt_fields_and_the_slider_guides_a_text_run(runs_
     h = Handlers(gr, runs, Limits())
     text, plain = str(runs_root / "text"), str(runs_root / "plain")
     *_, prompt, negative, slider = h.run(text, "ema")
-    assert prompt["visible"] and negative["visible"] and slider["visible"] and slider["value"] == 3.0
+    assert prompt["visible"] and negative["visible"] and slider["visible"] and slider["value"] == 2.0
     *_, prompt, negative, slider = h.run(plain, "ema")
     assert not (prompt["visible"] or negative["visible"] or slider["visible"])
     said, picture, _ = h.sample(text, "ema", "flow_euler", 3, None, 2, 3, None, None, "a red square", "", 5.0)
