@@ -109,13 +109,14 @@ def picture_cases(spec, about, seed: int):
     return chosen
 
 
-def picture(run_dir: Path, path: Path, seed: int) -> list:
+def picture(run_dir: Path, path: Path, seed: int, guidance=None) -> list:
     """One row per prompt: the prompt (and how many of its samples are right in every attribute) at the left,
     PER_ROW samples drawn as the run samples; returns the rows' numbers."""
     run = load_run(run_dir, device="cpu")
     spec, about = shapes_folder_of(run.cfg)
     chosen = picture_cases(spec, about, seed)
-    plan = plan_request(run, SamplingRequest(prompts=[p for _, p, _ in chosen], n=PER_ROW, seed=seed), log=print)
+    request = SamplingRequest(prompts=[p for _, p, _ in chosen], n=PER_ROW, seed=seed, guidance=guidance)
+    plan = plan_request(run, request, log=print)
     x = draw_samples(run, plan, progress=False)
     right = score_shapes(x, [c for c, _, _ in chosen for _ in range(PER_ROW)], spec)["all"].view(len(chosen), -1)
     font = ImageFont.load_default(size=15)
@@ -164,6 +165,7 @@ def main() -> None:
     ap.add_argument("--inception-weights", default=None, help="the FID Inception-v3 weights file")
     ap.add_argument("--picture", default=str(ROOT / "docs" / "text_shapes_prompts.png"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--guidance", type=float, default=None, help="guidance of every measure (default: the run's)")
     ap.add_argument("--out", default="runs/text_shapes")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the training (with --train)")
     args = ap.parse_args()
@@ -172,23 +174,24 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    common = ["--seed", str(args.seed)] + (["--guidance", str(args.guidance)] if args.guidance is not None else [])
     run_dir = Path(args.run) if args.run else train(args, out)
     result = {"run": str(run_dir), "cpu": cpu(), "training": training_time(run_dir),
               "trained_here_s": None if args.run else round(time.perf_counter() - start, 1)}
-    prompt = evaluate(run_dir, out, "prompt", "prompt", args.n, "--seed", str(args.seed))
+    prompt = evaluate(run_dir, out, "prompt", "prompt", args.n, *common)
     st = prompt["settings"]
     result["sampling"] = f"{st['sampler']} {st['steps']} steps, guidance {st['guidance']}"
     result["prompt"] = prompt["metrics"]
-    quality = evaluate(run_dir, out, "quality", "fid,clean", args.fid_n, "--seed", str(args.seed))
+    quality = evaluate(run_dir, out, "quality", "fid,clean", args.fid_n, *common)
     base = quality.get("data_baseline") or {}
     result["quality"] = {"n": args.fid_n, "extractor": quality["extractor"]["identity"], **quality["metrics"],
                          **{f"data_{k}": v for k, v in base.items()}}
     if args.inception_weights:
-        inception = evaluate(run_dir, out, "quality_inception", "fid", args.inception_n, "--seed", str(args.seed),
+        inception = evaluate(run_dir, out, "quality_inception", "fid", args.inception_n, *common,
                              "--extractor", "inception", "--inception-weights", args.inception_weights)
         result["quality"].update(n_inception=args.inception_n, fid_inception=inception["metrics"]["fid"],
                                  data_fid_inception=(inception.get("data_baseline") or {}).get("fid", float("nan")))
-    result["picture"] = picture(run_dir, Path(args.picture), args.seed)
+    result["picture"] = picture(run_dir, Path(args.picture), args.seed, args.guidance)
     (out / "text_shapes.json").write_text(json.dumps(result, indent=1) + "\n")
     text = table(result)
     (out / "text_shapes.md").write_text(text + "\n")
