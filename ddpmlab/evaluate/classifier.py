@@ -68,7 +68,7 @@ class MNISTClassifier(nn.Module):
         return self.classify(self.features(x))
 
 
-def save_classifier(model: MNISTClassifier, path: Union[str, Path], metadata: Dict[str, object]) -> Path:
+def save_classifier(model: nn.Module, path: Union[str, Path], metadata: Dict[str, object]) -> Path:
     """Write the weights as float16 safetensors (BatchNorm statistics too) with string metadata."""
     sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
     path = Path(path)

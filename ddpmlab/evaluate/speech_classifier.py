@@ -25,7 +25,7 @@ from typing import Dict, Sequence, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ddpmlab.data import build_dataset
@@ -33,6 +33,7 @@ from ddpmlab.data.audio import AudioFolderDataset
 from ddpmlab.data.mel import log_mel, mel_spectrogram
 from ddpmlab.data.spoken_digits import DIGITS, LENGTH, SAMPLE_RATE, held_out_folder
 from ddpmlab.errors import DDPMError, OptionError
+from ddpmlab.evaluate.classifier import save_classifier
 from ddpmlab.evaluate.features import Extractor
 from ddpmlab.io.weights import file_sha256
 
@@ -92,12 +93,7 @@ class SpeechDigitClassifier(nn.Module):
 
 def save_speech_classifier(model: SpeechDigitClassifier, path: Union[str, Path], metadata: Dict[str, object]) -> Path:
     """Write the weights as float16 safetensors (BatchNorm statistics too) with string metadata."""
-    sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path), metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
-    path.chmod(0o644)  # package data: readable by everyone
-    return path
+    return save_classifier(model, path, metadata)
 
 
 def load_speech_classifier(device: Union[str, torch.device] = "cpu", path: Union[str, Path] = WEIGHTS):
