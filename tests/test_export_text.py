@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from _text_runs import clip_folder
 from _util import perturb
 from PIL import Image
 from safetensors.torch import save_file
@@ -55,37 +56,9 @@ def parts(tmp_path_factory):
     diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
                             norm_num_groups=4, scaling_factor=0.7, shift_factor=0.2).save_pretrained(root / "vae")
-    _clip(root / "clip")
+    clip_folder(root / "clip", WORDS[1:])
     _t5(root / "t5")
     return root
-
-
-def _clip(folder):
-    """A CLIP BPE tokenizer over the WORDS (letters merged into them) and a random CLIPTextModel."""
-    folder.mkdir()
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {c: i for i, c in enumerate(letters)}
-    vocab.update({c + "</w>": len(letters) + i for i, c in enumerate(letters)})
-    merges = []
-    for word in WORDS[1:]:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            merges.append(f"{parts[0]} {parts[1]}")
-            parts = [parts[0] + parts[1]] + parts[2:]
-            vocab.setdefault(parts[0], len(vocab))
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    eos = "<|endoftext|>"
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": 16, "bos_token": "<|startoftext|>",
-        "eos_token": eos, "pad_token": eos, "unk_token": eos}))
-    config = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=24,
-                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
-                                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab[eos],
-                                         pad_token_id=vocab[eos])
-    torch.manual_seed(1)
-    transformers.CLIPTextModel(config).save_pretrained(folder)
 
 
 def _t5(folder):

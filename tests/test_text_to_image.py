@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _text_runs import clip_folder
 from _util import perturb
 from PIL import Image
 from safetensors.torch import load_file
@@ -203,39 +204,9 @@ def test_a_ddpm_latent_text_run_trains_and_samples_pixels(folder, tmp_path):
     assert np.load(out.with_suffix(".npz"))["samples"].shape == (2, 3, 8, 8)  # decoded to pixels
 
 
-def _clip_folder(root):
-    """A tiny random CLIPTextModel with a CLIP BPE tokenizer (letters, merged into the folder's words), written
-    by transformers."""
-    root.mkdir()
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {c: i for i, c in enumerate(letters)}
-    vocab.update({c + "</w>": len(letters) + i for i, c in enumerate(letters)})
-    merges = []
-    for word in [*COLOURS, "square", "bar", "in"]:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            merges.append(f"{parts[0]} {parts[1]}")
-            parts = [parts[0] + parts[1]] + parts[2:]
-            vocab.setdefault(parts[0], len(vocab))
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    (root / "vocab.json").write_text(json.dumps(vocab))
-    (root / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    eos = "<|endoftext|>"
-    (root / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": 16, "bos_token": "<|startoftext|>",
-        "eos_token": eos, "pad_token": eos, "unk_token": eos}))
-    config = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=24,
-                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
-                                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab[eos],
-                                         pad_token_id=vocab[eos])
-    torch.manual_seed(0)
-    transformers.CLIPTextModel(config).save_pretrained(root)
-    return root
-
-
 def test_a_frozen_clip_run_trains_on_cached_embeddings(folder, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DDPMLAB_CACHE", str(tmp_path / "cache"))
-    clip = _clip_folder(tmp_path / "clip")
+    clip = clip_folder(tmp_path / "clip", (*COLOURS, "square", "bar", "in"))
     args = [f"data.path={folder}", f"text.encoder={clip}"]
     capsys.readouterr()
     assert _train(args, tmp_path, "frozen", 3) == 0
