@@ -1,7 +1,7 @@
 """Train the coloured-shapes classifier that ships with ddpmlab (the features of the shapes set's classifier-FID).
 
     python benchmarks/train_shapes_classifier.py       # -> ddpmlab/evaluate/assets/shapes_classifier.safetensors
-    python benchmarks/train_shapes_classifier.py --steps 200 --out /tmp/c.safetensors
+    python benchmarks/train_shapes_classifier.py --steps 200 --out c.safetensors
 
 Every batch is drawn afresh by the set's own generator (:func:`ddpmlab.data.shapes.generate`): classes uniform over
 all 432 (the colour-shape pairs a text run's folder holds out included), jitter as the set draws it; half the batch

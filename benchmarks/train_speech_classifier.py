@@ -1,7 +1,7 @@
 """Train the spoken-digit classifier that ships with ddpmlab (the judge of sound runs in ``ddpm eval``).
 
     python benchmarks/train_speech_classifier.py       # -> ddpmlab/evaluate/assets/speech_digits_classifier.safetensors
-    python benchmarks/train_speech_classifier.py --data data/spoken_digits --out /tmp/c.safetensors
+    python benchmarks/train_speech_classifier.py --data data/spoken_digits --out c.safetensors
 
 Trains on the ``train`` split of a ``ddpm data spoken-digits`` set (default: one written to a temporary folder with
 seed 1 and 300 clips a digit, so not the clips of the default seed 0) with random level, shift and added noise,
