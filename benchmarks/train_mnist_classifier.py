@@ -1,7 +1,7 @@
 """Train the MNIST classifier that ships with ddpmlab (features for the "classifier FID").
 
     python benchmarks/train_mnist_classifier.py                  # writes ddpmlab/evaluate/assets/mnist_classifier.safetensors
-    python benchmarks/train_mnist_classifier.py --out /tmp/c.safetensors --epochs 30
+    python benchmarks/train_mnist_classifier.py --out c.safetensors --epochs 30
 
 Trains on the bundled MNIST ``train`` split (4,500 digits) with small random affine
 augmentation and random brightness/contrast/noise (so that the features describe digit
