@@ -5,9 +5,9 @@ Never changes the config; each error names the key.
 
 from __future__ import annotations
 
-import difflib
 import math
 
+from ddpmlab.config.presets import preset_values
 from ddpmlab.config.sections import Config, DiffWaveConfig
 from ddpmlab.errors import ConfigError
 
@@ -27,18 +27,7 @@ def diffwave_settings(d: DiffWaveConfig, source: str = "config") -> dict:
     """DiffWave's {layers, channels, dilation_cycle}: diffwave.preset's, else the explicit keys (base's where null)."""
     if d.preset is None:
         return {k: DIFFWAVE_PRESETS["base"][k] if getattr(d, k) is None else getattr(d, k) for k in DIFFWAVE_KEYS}
-    if d.preset not in DIFFWAVE_PRESETS:
-        close = difflib.get_close_matches(str(d.preset).lower(), list(DIFFWAVE_PRESETS), n=1, cutoff=0.5)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ConfigError(f"{source}: unknown diffwave.preset {d.preset!r}; {hint}choose one of "
-                          f"{', '.join(DIFFWAVE_PRESETS)}")
-    preset = DIFFWAVE_PRESETS[d.preset]
-    clash = [f"diffwave.{k}={getattr(d, k)}" for k, v in preset.items() if getattr(d, k) not in (None, v)]
-    if clash:
-        sets = ", ".join(f"diffwave.{k}={v}" for k, v in preset.items())
-        raise ConfigError(f"{source}: diffwave.preset={d.preset} sets {sets}, but the config also gives "
-                          f"{', '.join(clash)}; drop diffwave.preset to size DiffWave by hand, or drop those keys")
-    return dict(preset)
+    return preset_values("diffwave", d, DIFFWAVE_PRESETS, source, "DiffWave")
 
 
 def _positive_int(value) -> bool:

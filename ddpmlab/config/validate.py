@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 
 from ddpmlab.config.audio import validate_audio
 from ddpmlab.config.controlnet import validate_controlnet
 from ddpmlab.config.finetune import validate_finetune
+from ddpmlab.config.presets import preset_values
 from ddpmlab.config.sections import (
     CONDITIONS,
     CONFIG_VERSION,
@@ -82,19 +82,7 @@ DIT_KEYS = ("depth", "hidden", "heads", "patch_size")
 def dit_settings(d: "DiTConfig", source: str = "config") -> dict:
     """The DiT's {depth, hidden, heads, patch_size}: dit.preset's, else the explicit keys."""
     if d.preset is not None:
-        if d.preset not in DIT_PRESETS:
-            lower = {name.lower(): name for name in DIT_PRESETS}
-            close = difflib.get_close_matches(str(d.preset).lower(), list(lower), n=1, cutoff=0.5)
-            hint = f"did you mean '{lower[close[0]]}'? " if close else ""
-            raise ConfigError(f"{source}: unknown dit.preset {d.preset!r}; {hint}choose one of "
-                              f"{', '.join(DIT_PRESETS)}")
-        preset = DIT_PRESETS[d.preset]
-        clash = [f"dit.{k}={getattr(d, k)}" for k, v in preset.items() if getattr(d, k) not in (None, v)]
-        if clash:
-            sets = ", ".join(f"dit.{k}={v}" for k, v in preset.items())
-            raise ConfigError(f"{source}: dit.preset={d.preset} sets {sets}, but the config also gives "
-                              f"{', '.join(clash)}; drop dit.preset to size the DiT by hand, or drop those keys")
-        return dict(preset)
+        return preset_values("dit", d, DIT_PRESETS, source, "the DiT")
     missing = [f"dit.{k}" for k in DIT_KEYS if getattr(d, k) is None]
     if missing:
         raise ConfigError(f"{source}: model.kind=dit needs dit.preset (one of {', '.join(DIT_PRESETS)}) or all "
