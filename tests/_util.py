@@ -2,6 +2,8 @@
 
 import torch
 
+from ddpmlab.cli import main
+
 
 def perturb(model, seed=0, scale=0.05):
     """Random values for every parameter (a new UNet outputs zeros: its last layers start at zero)."""
@@ -20,3 +22,12 @@ TINY_DIGITS = ["--config", "mnist", "data.dataset=digits", "data.split=test", "u
                "unet.dropout=0.1", "train.batch_size=32", "train.ema_start=3", "train.warmup_steps=5",
                "train.save_every=4", "train.sample_n=4", "train.sample_steps=2", "train.log_every=1", "--no-progress"]
 STRAIGHT_STEPS = 24
+
+
+def one_line_error(capsys, args, *expected) -> str:
+    """``ddpm ARGS`` exits with 2 and one line on stderr holding every ``expected`` piece; returns that line."""
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(e in err for e in expected), err
+    return err

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from _text_runs import finetune, one_thread_main, shapes_folder, train_text
+from _util import one_line_error
 from safetensors.torch import load_file
 
 from ddpmlab.cli import main
@@ -142,21 +143,16 @@ def test_a_dreambooth_run_resumes_bit_identically(runs, tmp_path, one_thread, lo
         assert not torch.equal(end[key], start[key])
 
 
-def _one_line_error(capsys, args, *expected):
-    capsys.readouterr()
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and all(e in err for e in expected), err
 
 
 def test_refusals_are_one_line(runs, tmp_path, capsys):
     base, few, _ = runs
     data = f"data.path={few}"
-    _one_line_error(capsys, finetune(base, tmp_path, "a", "dreambooth", data, "finetune.token=sks"),
+    one_line_error(capsys, finetune(base, tmp_path, "a", "dreambooth", data, "finetune.token=sks"),
                     "finetune.class_word")
     captioned = shapes_folder(tmp_path / "captioned", colours=("green",), shapes=("square",))
-    _one_line_error(capsys, finetune(base, tmp_path, "b", "dreambooth", f"data.path={captioned}", *SUBJECT,
+    one_line_error(capsys, finetune(base, tmp_path, "b", "dreambooth", f"data.path={captioned}", *SUBJECT,
                                      "finetune.replace=[purple circle]"), "finetune.replace", "'0.png'")
-    _one_line_error(capsys, finetune(base, tmp_path, "c", "full", data, "finetune.token=sks"),
+    one_line_error(capsys, finetune(base, tmp_path, "c", "full", data, "finetune.token=sks"),
                     "finetune.token cannot change")
     assert not any((tmp_path / n).exists() for n in "abc")

@@ -13,7 +13,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from _util import TINY_DIGITS, perturb
+from _util import TINY_DIGITS, one_line_error, perturb
 from safetensors.torch import load_file
 
 from ddpmlab.cli import main
@@ -200,7 +200,7 @@ def test_finetuning_starts_from_the_weights_of_a_diffusers_folder(runs, tmp_path
     base, _ = runs
     folder = tmp_path / "diffusers"
     assert main(["export", str(base), str(folder)]) == 0  # a UNet2DModel folder of the base's EMA weights
-    _one_line_error(capsys, ["finetune", str(folder), "--no-progress"], "holds no training data", "data.path")
+    one_line_error(capsys, ["finetune", str(folder), "--no-progress"], "holds no training data", "data.path")
     tiny = [a for a in TINY_DIGITS if a.startswith(("data.", "train."))]
     assert main(["finetune", str(folder), *tiny, "train.steps=1", "train.lr=0", f"train.out_dir={tmp_path}",
                  "train.name=tuned", "--no-progress"]) == 0  # at learning rate 0 the weights stay the source's
@@ -210,34 +210,28 @@ def test_finetuning_starts_from_the_weights_of_a_diffusers_folder(runs, tmp_path
 
 # --- bad input ---------------------------------------------------------------------------------------------
 
-def _one_line_error(capsys, args, *expected):
-    capsys.readouterr()
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and all(e in err for e in expected), err
-    return err
 
 
 def test_adapters_and_sources_that_do_not_fit_are_refused_in_one_line(runs, tmp_path, capsys):
     base, lora = runs
     other = _randomise_adapters(add_lora(_unet(base=8), _lora_cfg()))  # another base: half the channels
     save_adapter(tmp_path / "other.safetensors", adapter_state(other), 3, 6, ["qkv"], "elsewhere")
-    _one_line_error(capsys, ["sample", str(base), "--lora", str(tmp_path / "other.safetensors")],
+    one_line_error(capsys, ["sample", str(base), "--lora", str(tmp_path / "other.safetensors")],
                     "another base model", "down.1.attn.0.proj_out.lora_A.weight is (3, 16)", "(3, 32)", "(32, 32)")
     mlp = add_lora(MLPDenoiser(), _lora_cfg("lora.target_modules=[fc1]"))
     save_adapter(tmp_path / "mlp.safetensors", adapter_state(mlp), 3, 6, ["fc1"], "toy")
-    _one_line_error(capsys, ["sample", str(base), "--lora", str(tmp_path / "mlp.safetensors")],
+    one_line_error(capsys, ["sample", str(base), "--lora", str(tmp_path / "mlp.safetensors")],
                     "other module names", "fc1")
-    _one_line_error(capsys, ["sample", str(base), "--lora", str(lora / "checkpoints" / "step_0000006" /
+    one_line_error(capsys, ["sample", str(base), "--lora", str(lora / "checkpoints" / "step_0000006" /
                                                                 "ema.safetensors")], "not a LoRA adapter")
     (tmp_path / "empty").mkdir()
-    _one_line_error(capsys, ["finetune", str(tmp_path / "empty")], "has no config.yaml", "diffusers")
-    _one_line_error(capsys, _finetune(base, tmp_path, "x", "lora", "lora.target_modules=[qkv,nope]"),
+    one_line_error(capsys, ["finetune", str(tmp_path / "empty")], "has no config.yaml", "diffusers")
+    one_line_error(capsys, _finetune(base, tmp_path, "x", "lora", "lora.target_modules=[qkv,nope]"),
                     "'nope' names no Linear or Conv2d layer", "conv1")
-    _one_line_error(capsys, _finetune(base, tmp_path, "y", "lora", "lora.target_modules=[conv]"),
+    one_line_error(capsys, _finetune(base, tmp_path, "y", "lora", "lora.target_modules=[conv]"),
                     "upsampling convolution")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # refused before any run folder
-    _one_line_error(capsys, _finetune(base, tmp_path, "z", "full", "lora.rank=8"), "lora.rank cannot change")
-    _one_line_error(capsys, _finetune(base, tmp_path, "w", "full", "unet.base_channels=8"), "train.*, data.*")
-    _one_line_error(capsys, ["train", "--resume", str(lora), "--no-progress"], "ddpm finetune --resume")
-    _one_line_error(capsys, ["export", str(lora), str(tmp_path / "out")], "add --merge")
+    one_line_error(capsys, _finetune(base, tmp_path, "z", "full", "lora.rank=8"), "lora.rank cannot change")
+    one_line_error(capsys, _finetune(base, tmp_path, "w", "full", "unet.base_channels=8"), "train.*, data.*")
+    one_line_error(capsys, ["train", "--resume", str(lora), "--no-progress"], "ddpm finetune --resume")
+    one_line_error(capsys, ["export", str(lora), str(tmp_path / "out")], "add --merge")

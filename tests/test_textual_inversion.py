@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from _text_runs import clip_folder, finetune, one_thread_main, shapes_folder, train_text
+from _util import one_line_error
 from safetensors.torch import load_file
 
 from ddpmlab.cli import main
@@ -139,11 +140,6 @@ def test_diffusers_load_textual_inversion_reads_the_learned_embedding(clip_runs)
     torch.testing.assert_close(mine.pooled, theirs.pooler_output, atol=1e-6, rtol=1e-6)
 
 
-def _one_line_error(capsys, args, *expected):
-    capsys.readouterr()
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and all(e in err for e in expected), err
 
 
 def test_refusals_are_one_line(runs, tmp_path, capsys):
@@ -154,15 +150,15 @@ def test_refusals_are_one_line(runs, tmp_path, capsys):
                             "unet.attention_resolutions=[]", "train.steps=1", "train.batch_size=4",
                             "train.sample_n=1", "train.sample_steps=1", f"train.out_dir={tmp_path}",
                             "train.name=pixel", "--no-progress"]) == 0
-    _one_line_error(capsys, finetune(pixel, tmp_path, "a", "textual-inversion", *CONCEPT), "no text run",
+    one_line_error(capsys, finetune(pixel, tmp_path, "a", "textual-inversion", *CONCEPT), "no text run",
                     "text.encoder null")
     data = f"data.path={few}"
-    _one_line_error(capsys, finetune(base, tmp_path, "b", "textual-inversion", data, *CONCEPT[1:],
+    one_line_error(capsys, finetune(base, tmp_path, "b", "textual-inversion", data, *CONCEPT[1:],
                                      "finetune.token=red"), "'red' is already in the run's vocabulary")
-    _one_line_error(capsys, finetune(base, tmp_path, "c", "textual-inversion", data, "finetune.token=<c>",
+    one_line_error(capsys, finetune(base, tmp_path, "c", "textual-inversion", data, "finetune.token=<c>",
                                      "finetune.init_token=zebra"), "finetune.init_token", "'zebra'")
-    _one_line_error(capsys, finetune(base, tmp_path, "d", "textual-inversion", data), "finetune.token")
-    _one_line_error(capsys, finetune(base, tmp_path, "e", "textual-inversion", data, *CONCEPT,
+    one_line_error(capsys, finetune(base, tmp_path, "d", "textual-inversion", data), "finetune.token")
+    one_line_error(capsys, finetune(base, tmp_path, "e", "textual-inversion", data, *CONCEPT,
                                      "finetune.templates=[a photo]"), "'a photo' must hold '{}'")
-    _one_line_error(capsys, finetune(base, tmp_path, "f", "textual-inversion", data, *CONCEPT,
+    one_line_error(capsys, finetune(base, tmp_path, "f", "textual-inversion", data, *CONCEPT,
                                      "unet.base_channels=4"), "unet.base_channels cannot change")
