@@ -19,13 +19,16 @@ from ddpmlab.cli import main
 from ddpmlab.config import load_config
 from ddpmlab.diffusion.analytic import ExactVelocity, GaussianMixture
 from ddpmlab.diffusion.schedules import NoiseSchedule
+from ddpmlab.errors import DDPMError
 from ddpmlab.evaluate.straightness import straightness
 from ddpmlab.evaluate.toy import sliced_wasserstein
+from ddpmlab.io.checkpoint import save_run_config
 from ddpmlab.runs import Run, load_run
 from ddpmlab.samplers.base import ModelPredictor
 from ddpmlab.samplers.registry import SAMPLERS
 from ddpmlab.training import pairs as pairs_module
 from ddpmlab.training.pairs import chunk_path, draw_pairs, load_pairs, pair_plan
+from ddpmlab.training.run_folder import resume_derived
 from ddpmlab.training.tasks.reflow import reflow, reflow_run
 
 FLOW = ["diffusion.process=flow", "diffusion.prediction=velocity"]
@@ -212,3 +215,24 @@ def test_a_teacher_that_is_no_flow_run_is_refused_in_one_line(flow_teacher, tmp_
     assert len(err.splitlines()) == 1 and "is a ddpm run, not a flow run" in err, err
     assert main(["reflow", str(flow_teacher), "model.kind=unet", "--no-progress"]) == 2
     assert "model.kind cannot change in a reflow" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key, kind", [("reflow.teacher", "reflow"), ("finetune.source", "fine-tuning"),
+                                       ("controlnet.base", "ControlNet")])
+def test_resuming_a_derived_run_refuses_a_folder_of_another_kind(tmp_path, key, kind):
+    """ddpm reflow/finetune/train-controlnet --resume of a plain training run: one line naming the missing key;
+    the run of the right kind resumes with its stored config."""
+    cfg = load_config("mnist", [])  # flow matching: a reflow's teacher must be a flow run
+    (tmp_path / "plain").mkdir()
+    save_run_config(cfg, tmp_path / "plain")
+    with pytest.raises(DDPMError) as e:
+        resume_derived(tmp_path / "plain", [], key, kind)
+    assert str(e.value) == (f"'{tmp_path / 'plain'}' is not a {kind} run (no {key} in its config.yaml); continue "
+                            f"a training run with `ddpm train --resume {tmp_path / 'plain'}`")
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, "runs/source")
+    (tmp_path / "derived").mkdir()
+    save_run_config(cfg, tmp_path / "derived")
+    run_dir, resumed = resume_derived(tmp_path / "derived", ["train.steps=7"], key, kind)
+    assert run_dir == tmp_path / "derived" and getattr(getattr(resumed, section), name) == "runs/source"
+    assert resumed.train.steps == 7

@@ -19,7 +19,7 @@ from typing import IO, List, Optional, Sequence
 from ddpmlab.config import Config, load_config, validate
 from ddpmlab.errors import ConfigError, DDPMError
 from ddpmlab.evaluate.log import write_rows
-from ddpmlab.io.checkpoint import CONFIG_FILE, load_run_config, save_run_config
+from ddpmlab.io.checkpoint import CONFIG_FILE, load_run_config, require_run_dir, save_run_config
 from ddpmlab.training.distributed import agree_on
 
 # keys a resumed run may change; everything else must match the stored config
@@ -138,3 +138,16 @@ def resume_config_from(run_dir, overrides: List[str], force: bool = False, force
     """:func:`resume_config` of the command line's ``key=value`` strings ``overrides``."""
     keys = [o.split("=", 1)[0].strip() for o in overrides]
     return resume_config(run_dir, load_config(None, overrides) if overrides else None, keys, force, force_option)
+
+
+def resume_derived(resume_dir, overrides: List[str], key: str, kind: str) -> tuple[Path, Config]:
+    """A run made from another (a fine-tuning, a reflow, a ControlNet) continued: its folder and its config with
+    the command line's ``overrides``; a folder whose config lacks ``key`` (e.g. "reflow.teacher") is refused as
+    not a ``kind`` run."""
+    run_dir = require_run_dir(resume_dir)
+    cfg = resume_config_from(run_dir, overrides)
+    section, name = key.split(".")
+    if not getattr(getattr(cfg, section), name):
+        raise DDPMError(f"'{run_dir}' is not a {kind} run (no {key} in its {CONFIG_FILE}); continue a training run "
+                        f"with `ddpm train --resume {run_dir}`")
+    return run_dir, cfg

@@ -36,7 +36,6 @@ from ddpmlab.data import image_shape
 from ddpmlab.data.control import PairedControls, control_folder, detector
 from ddpmlab.diffusion.objectives import objective_from_config
 from ddpmlab.errors import ConfigError, DDPMError, about
-from ddpmlab.io.checkpoint import CONFIG_FILE, require_run_dir
 from ddpmlab.io.images import save_grid
 from ddpmlab.models.conditioned import bind_condition
 from ddpmlab.models.controlnet import ControlledUNet, build_controlnet, control_settings
@@ -45,7 +44,7 @@ from ddpmlab.samplers.guidance import drop_labels
 from ddpmlab.samplers.registry import get_spec
 from ddpmlab.training.distributed import draw_t_and_noise, draw_uniform, micro_batches
 from ddpmlab.training.loop import run
-from ddpmlab.training.run_folder import resume_config_from
+from ddpmlab.training.run_folder import resume_derived
 from ddpmlab.training.task import StepOutput, Trainee, adamw, step_generators
 from ddpmlab.training.tasks.diffusion import DiffusionTask, train_names
 
@@ -274,11 +273,7 @@ def train_controlnet(base=None, overrides: Optional[List[str]] = None, resume_di
     ``stop_after``: save and stop after this many training steps in all."""
     overrides = list(overrides or [])
     if resume_dir is not None:
-        run_dir = require_run_dir(resume_dir)
-        cfg = resume_config_from(run_dir, overrides)
-        if not cfg.controlnet.base:
-            raise DDPMError(f"'{run_dir}' is not a ControlNet run (no controlnet.base in its {CONFIG_FILE}); "
-                            f"continue a training run with `ddpm train --resume {run_dir}`")
+        run_dir, cfg = resume_derived(resume_dir, overrides, "controlnet.base", "ControlNet")
         source = load_run(cfg.controlnet.base, "ema", "cpu")
     else:
         source = load_run(base, "ema", "cpu")

@@ -26,14 +26,14 @@ from ddpmlab.config.finetune import CONCEPT_METHODS
 from ddpmlab.config.load import apply_overrides
 from ddpmlab.data import data_shape
 from ddpmlab.errors import ConfigError, DDPMError, about
-from ddpmlab.io.checkpoint import CONFIG_FILE, is_run_dir, require_run_dir
+from ddpmlab.io.checkpoint import is_run_dir
 from ddpmlab.models import build_model
 from ddpmlab.models.concepts import CONCEPTS_FILE, check_new_token, word_id
 from ddpmlab.models.lora import lora_targets
 from ddpmlab.runs import Run, own_sampler
 from ddpmlab.samplers.registry import get_spec
 from ddpmlab.training.loop import run
-from ddpmlab.training.run_folder import resume_config_from
+from ddpmlab.training.run_folder import resume_derived
 from ddpmlab.training.tasks.diffusion import train_names
 from ddpmlab.training.tasks.dreambooth import DreamBoothTask
 from ddpmlab.training.tasks.finetune_base import FinetuneTask, load_source
@@ -134,11 +134,7 @@ def finetune_run(source=None, method: str = "full", overrides: Optional[List[str
     overrides = list(overrides or [])
     init, src = None, None
     if resume_dir is not None:
-        run_dir = require_run_dir(resume_dir)
-        cfg = resume_config_from(run_dir, overrides)
-        if not cfg.finetune.source:
-            raise DDPMError(f"'{run_dir}' is not a fine-tuning run (no finetune.source in its {CONFIG_FILE}); "
-                            f"continue a training run with `ddpm train --resume {run_dir}`")
+        run_dir, cfg = resume_derived(resume_dir, overrides, "finetune.source", "fine-tuning")
     else:
         src = load_source(source)
         cfg = finetune_config(src.cfg, source, method, overrides)

@@ -39,7 +39,7 @@ from ddpmlab.training.data import load_data, step_loader
 from ddpmlab.training.distributed import draw_uniform, own_rows
 from ddpmlab.training.loop import run, train_device
 from ddpmlab.training.pairs import PAIRS_DIR, draw_pairs, load_pairs, pair_plan, pair_sampling
-from ddpmlab.training.run_folder import resume_config_from
+from ddpmlab.training.run_folder import resume_derived
 from ddpmlab.training.task import StepOutput, Trainee, step_generators
 from ddpmlab.training.tasks.diffusion import DiffusionTask
 
@@ -184,11 +184,7 @@ def reflow_run(teacher_dir=None, pairs: Optional[int] = None, steps: Optional[in
     the key=value changes a resumed ``ddpm train`` takes); its folder."""
     overrides = list(overrides or [])
     if resume_dir is not None:
-        run_dir = require_run_dir(resume_dir)
-        cfg = resume_config_from(run_dir, overrides)
-        if not cfg.reflow.teacher:
-            raise DDPMError(f"'{run_dir}' is not a reflow run (no reflow.teacher in its {CONFIG_FILE}); continue "
-                            f"a training run with `ddpm train --resume {run_dir}`")
+        run_dir, cfg = resume_derived(resume_dir, overrides, "reflow.teacher", "reflow")
     else:
         cfg = reflow_config(teacher_dir, pairs, steps, overrides)
         name = cfg.train.name or f"{Path(teacher_dir).name}-reflow-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
