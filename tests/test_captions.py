@@ -19,6 +19,7 @@ from ddpmlab.data.captions import (
     distinct_captions,
     draw_captions,
     drop_captions,
+    drop_words,
     folder_captions,
 )
 from ddpmlab.data.check import check_folder
@@ -144,6 +145,23 @@ def test_drop_captions_puts_the_empty_caption_where_u_is_below_p():
     assert drop_captions(["a"], 0.0, torch.tensor([0.0])) == ["a"]
 
 
+def test_drop_words_leaves_out_a_share_p_of_words_in_order_from_seed_step_and_key_alone():
+    texts = ["a small red square at the top left"] * 400
+    keys = list(range(400))
+    assert drop_words(texts, 0.0, 0, 1, keys) == texts
+    out = drop_words(texts, 0.25, seed=0, step=1, keys=keys)
+    assert out == drop_words(texts, 0.25, seed=0, step=1, keys=keys)  # a resume reads the same words
+    assert out != drop_words(texts, 0.25, seed=0, step=2, keys=keys)
+    assert out[::-1] == drop_words(texts[::-1], 0.25, 0, 1, keys[::-1])  # whatever the batch's order
+    words = texts[0].split()
+    for t in out:  # each one the caption with some words left out, none empty
+        it = iter(words)
+        assert t and all(w in it for w in t.split())
+    kept = sum(len(t.split()) for t in out) / (400 * len(words))
+    assert abs(kept - 0.75) < 0.03  # 3 sigma ~ 0.012
+    assert drop_words(["red"] * 50, 0.9, 0, 1, range(50)) == ["red"] * 50  # never the empty caption
+
+
 def test_captioned_dataset_wraps_latents_with_their_captions():
     base = torch.utils.data.TensorDataset(torch.arange(6.0).reshape(3, 2), torch.zeros(3, dtype=torch.long))
     ds = CaptionedDataset(base, [("a",), ("b",), ("c", "d")])
@@ -227,6 +245,9 @@ def test_text_config_section_is_validated_without_change():
     for bad, match in [({"text": {"caption_dropout": 1.0}}, "caption_dropout"),
                        ({"text": {"width": 30, "heads": 4}}, "text.heads=4 does not divide text.width=30"),
                        ({"text": {"max_length": 1}}, "text.max_length"),
+                       ({"text": {"word_dropout": -0.1}}, "text.word_dropout"),
+                       ({"data": {"dataset": "folder", "path": "x"}, "text": {"encoder": "clip", "word_dropout": 0.1}},
+                        "set text.cache=false"),
                        ({"text": {"encoder": "own"}}, "data.dataset is 'mnist', which has no captions")]:
         with pytest.raises(ConfigError, match=match):
             config_from_dict(bad)

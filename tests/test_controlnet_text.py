@@ -6,7 +6,7 @@ ControlNet run reads the base's captions (emptied at controlnet.label_dropout) a
 import numpy as np
 import pytest
 import torch
-from _text_runs import TINY_TEXT, one_thread_main, shapes_folder, train_text
+from _text_runs import one_thread_main, shapes_folder, train_text
 from _util import perturb
 from PIL import Image
 from safetensors.torch import load_file, save_file

@@ -199,6 +199,21 @@ def test_own_encoder_mean_pooling_averages_the_real_tokens(tmp_path):
         build_text_encoder(_text_section(pooling="max"), tmp_path, captions)
 
 
+def test_own_encoder_of_depth_zero_reads_each_token_alone(tmp_path):
+    """text.depth=0: no transformer block, each token's output is the layer norm of its embedding and place's
+    alone (a bag of words), whatever the other words are."""
+    captions = [("a red circle", "red circle"), ("a blue square top left",)]
+    torch.manual_seed(0)
+    enc = build_text_encoder(_text_section(depth=0, pooling="mean"), tmp_path, captions)
+    assert len(enc.blocks) == 0
+    a, b = enc.encode(["a red circle", "a blue circle"]).tokens
+    assert torch.equal(a[0], b[0]) and torch.equal(a[3], b[3]) and not torch.allclose(a[2], b[2])  # [BOS] a . circle
+    ids, _ = enc.tokenize(["a red circle"])
+    manual = torch.nn.functional.layer_norm(enc.token_embedding(ids[0, 2]) + enc.positional_embedding[2], (32,),
+                                            enc.final_ln.weight, enc.final_ln.bias)
+    assert torch.allclose(a[2], manual, atol=1e-6)
+
+
 def test_own_encoder_needs_its_tokenizer_or_captions(tmp_path):
     cfg = SimpleNamespace(text=_text_section())
     with pytest.raises(ConfigError, match="tokenizer.json' does not exist"):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ddpmlab.config import Config, config_from_dict, validate
+from ddpmlab.data.audio import random_segments
 from ddpmlab.data.mel import config_mel
 from ddpmlab.errors import ConfigError
 from ddpmlab.io.sound import read_wav, write_wav
@@ -27,6 +28,8 @@ def vocoder_config(path, **keys) -> Config:
     ({"data__hop_length": 200}, "diffwave.upsample [16, 16] upsamples the mel frames 256-fold"),
     ({"train__cond_noise": 0.1}, "a vocoder (model.condition=mel) takes its mel spectrogram clean"),
     ({"model__condition": "low_res"}, "sound (data.dataset=audio) takes model.condition=none, or mel"),
+    ({"data__crop": 5000}, "a whole number of samples up to data.length=4096"),
+    ({"data__crop": 1024, "model__condition": "none"}, "a generator of whole clips learns data.length"),
 ])
 def test_vocoder_config_errors_are_one_line(tmp_path, keys, message):
     cfg = vocoder_config(tmp_path, **keys)
@@ -47,11 +50,24 @@ def test_a_vocoder_config_builds_diffwave_with_the_mel_of_each_channel(tmp_path)
     assert net(x, torch.tensor([1, 2]), cond=mel).shape == (2, 2, 4096)
 
 
+def test_random_segments_are_contiguous_slices_at_offsets_drawn_from_the_generator():
+    x = torch.arange(3 * 2 * 100, dtype=torch.float32).reshape(3, 2, 100)
+    seg = random_segments(x, 30, torch.Generator().manual_seed(1))
+    assert seg.shape == (3, 2, 30)
+    for row, s in zip(x, seg):
+        start = int(s[0, 0] - row[0, 0])
+        assert torch.equal(s, row[:, start:start + 30])  # both channels cut at the same place
+    assert torch.equal(seg, random_segments(x, 30, torch.Generator().manual_seed(1)))
+    starts = {int(random_segments(x, 30, torch.Generator().manual_seed(k))[0, 0, 0]) for k in range(300)}
+    assert min(starts) == 0 and max(starts) == 70  # every offset in [0, n - length] can come
+    assert random_segments(x, 100, torch.Generator()) is x
+
+
 # ------------------------------------------------------------------------------ a vocoder run
 def tiny_vocoder_run(folder, out, name, steps):
     """configs/vocoder.yaml shrunk to seconds: a 4-layer DiffWave on 1024-sample chirps at 8 kHz, 20 mel bands."""
     return ["train", "--config", "vocoder", f"data.path={folder}", "data.sample_rate=8000", "data.length=1024",
-            "data.n_fft=256", "data.hop_length=64", "data.n_mels=20", "diffwave.upsample=[8,8]",
+            "data.n_fft=256", "data.hop_length=64", "data.crop=512", "data.n_mels=20", "diffwave.upsample=[8,8]",
             "diffwave.preset=null", "diffwave.layers=4", "diffwave.channels=8", "diffwave.dilation_cycle=2",
             "diffwave.embed_dim=32", "train.minutes=null", f"train.steps={steps}", "train.batch_size=4",
             "train.warmup_steps=2", "train.ema_start=1", "train.save_every=3", "train.log_every=1",

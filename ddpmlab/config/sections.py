@@ -52,6 +52,9 @@ class DataConfig:
     # sound (dataset=audio): clips are resampled to this rate in Hz (SC09 and the DiffWave paper's digits: 16000)
     sample_rate: int = 16000
     length: int = 16000  # sound: samples per clip; longer clips keep their start, shorter ones end in silence
+    # a vocoder (model.condition=mel): each training step reads a random segment of this many samples of every
+    # clip of its batch (DiffWave's training on short segments: more clips per step for the same work); null: all
+    crop: Optional[int] = None
     # sound: the mel spectrogram (pictures, DiffWave's local conditioner, mel images; Kong et al. 2021: 80 bands,
     # FFT and window 1024, hop 256), Slaney's mel scale between f_min and f_max (null: sample_rate / 2)
     n_fft: int = 1024
@@ -341,10 +344,14 @@ class TextConfig:
     # classifier-free guidance: the share of training captions replaced by the empty caption, the
     # unconditional prompt (Stable Diffusion 1.x: 0.1; GLIDE: 0.2)
     caption_dropout: float = 0.1
+    # the share of single words left out of the other training captions ("a red square" also read as "a square",
+    # "red square"), so each word's meaning is also learnt apart from the words it came with. An own encoder, or a
+    # frozen one with text.cache false
+    word_dropout: float = 0.0
     vocab_size: int = 10000  # own: the tokenizer's words at most (special tokens included); rarer ones read as [UNK]
     # own: the token width D (GLIDE: 2048, Nichol et al. 2022, Sec. 4; its released small model: 512)
     width: int = 512
-    depth: int = 4  # own: pre-LN transformer blocks (GLIDE: 24; its released small model: 16)
+    depth: int = 4  # own: pre-LN transformer blocks (GLIDE: 24; its released small model: 16); 0: a bag of words
     heads: int = 8  # own: attention heads, dividing text.width (GLIDE's small model: 8)
     # own: the pooled embedding added to the time embedding: eos (the [EOS] token's output, GLIDE's) | mean (the
     # mean of the real tokens' outputs, Imagen's mean pooling, Saharia et al. 2022, Sec. 2.2: every word reaches

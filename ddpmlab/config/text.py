@@ -51,13 +51,19 @@ def _validate_text_section(cfg: Config, source: str) -> None:
     """The text section's own keys, and data that has captions."""
     x = cfg.text
     for key in ("max_length", "vocab_size", "width", "depth", "heads"):
-        value = getattr(x, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < (2 if key == "max_length" else 1):
-            least = "an integer >= 2 (start and end tokens)" if key == "max_length" else "a positive integer"
+        value, least = getattr(x, key), {"max_length": 2, "depth": 0}.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            least = {2: "an integer >= 2 (start and end tokens)", 0: "an integer >= 0 (0: each token's embedding "
+                     "alone, a bag of words)"}.get(least, "a positive integer")
             raise ConfigError(f"{source}: 'text.{key}' must be {least}, got {value!r}")
     if not 0.0 <= x.caption_dropout < 1.0:
         raise ConfigError(f"{source}: 'text.caption_dropout' must be in [0, 1) (0.1 in Stable Diffusion), "
                           f"got {x.caption_dropout}")
+    if not 0.0 <= x.word_dropout < 1.0:
+        raise ConfigError(f"{source}: 'text.word_dropout' must be in [0, 1) (0.1-0.2 is a start), got {x.word_dropout}")
+    if x.word_dropout > 0 and x.encoder not in (None, OWN) and x.cache:
+        raise ConfigError(f"{source}: text.word_dropout={x.word_dropout} makes captions the embedding cache of "
+                          f"{x.encoder} does not hold; set text.cache=false (encoded each step) or text.word_dropout=0")
     if x.pooling not in POOLINGS:
         raise ConfigError(f"{source}: text.pooling={x.pooling!r} is not one of {', '.join(POOLINGS)}")
     if x.width % x.heads:

@@ -81,6 +81,17 @@ def load_clip(path, sample_rate: int, length: int, channels: int) -> tuple[torch
     return fit_length(x, length).clamp(-1.0, 1.0).float().contiguous(), rate, n
 
 
+def random_segments(x: torch.Tensor, length: int, generator: torch.Generator) -> torch.Tensor:
+    """x (B, C, n) -> (B, C, length): a segment of each row starting at a uniform offset in [0, n - length],
+    drawn from ``generator`` (on x's device)."""
+    n = x.shape[-1]
+    if length >= n:
+        return x
+    start = torch.randint(0, n - length + 1, (x.shape[0], 1, 1), generator=generator, device=x.device)
+    index = start + torch.arange(length, device=x.device)
+    return torch.gather(x, -1, index.expand(-1, x.shape[1], -1))
+
+
 def _try_clip(path: str, sample_rate: int, length: int, channels: int):
     try:
         return load_clip(path, sample_rate, length, channels), None

@@ -228,6 +228,21 @@ def drop_captions(texts: Sequence[str], p: float, u: torch.Tensor) -> list[str]:
     return ["" if float(uk) < p else t for t, uk in zip(texts, u)]
 
 
+def drop_words(texts: Sequence[str], p: float, seed: int, step: int, keys: Sequence) -> list[str]:
+    """Word dropout: each whitespace-separated word of text k is left out where a uniform draw from (seed, step,
+    ``keys[k]``, the word's place) alone falls below ``p`` (a text that would lose every word is kept whole), so
+    the captions also teach what each word means without the others: "a red square" is seen as "a square" and as
+    "red square" too, which helps a short run put together combinations it never saw.  ``p`` 0: unchanged."""
+    if p <= 0:
+        return list(texts)
+    out = []
+    for text, key in zip(texts, keys):
+        words = text.split()
+        kept = [w for j, w in enumerate(words) if _pick(seed, step, f"{key}|{j}", 1 << 30) >= p * (1 << 30)]
+        out.append(" ".join(kept) if kept else text)
+    return out
+
+
 def distinct_captions(captions: Sequence[Captions], empty: bool = True) -> list[str]:
     """Every caption of the data once, sorted (and the empty caption where ``empty``): what a frozen text
     encoder embeds once into its cache."""

@@ -3,7 +3,8 @@
 Each training step shows every example one of its captions, drawn from (train.seed, step, example) alone
 (:func:`~ddpmlab.data.captions.draw_captions`), and replaces a share ``text.caption_dropout`` of them by the
 empty caption, drawn for the global batch as label dropout is: the unconditional prompt of classifier-free
-guidance (GLIDE, Nichol et al. 2022, Sec. 4; Stable Diffusion 1.x: 0.1).  So a resumed run, or another number
+guidance (GLIDE, Nichol et al. 2022, Sec. 4; Stable Diffusion 1.x: 0.1).  ``text.word_dropout`` leaves out
+single words of the others (:func:`~ddpmlab.data.captions.drop_words`, own encoder or an uncached one).  So a resumed run, or another number
 of processes, shows the same captions.
 
 What the denoiser reads of them:
@@ -25,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from ddpmlab.config import Config
-from ddpmlab.data.captions import draw_captions, drop_captions
+from ddpmlab.data.captions import draw_captions, drop_captions, drop_words
 from ddpmlab.data.text_cache import CaptionEmbeddings, cached_text_embeddings
 from ddpmlab.evaluate.reference import default_cache_dir
 from ddpmlab.models.text import OWN, build_text_encoder
@@ -87,9 +88,11 @@ class TextTraining:
         indices (B,) of a dataset; streamed shards' batches bring theirs, a list of B strings already drawn), those
         where ``u`` (B,) < text.caption_dropout made empty, as token ids (own encoder) or embeddings."""
         if isinstance(examples, (list, tuple)):
-            texts = list(examples)
+            texts, keys = list(examples), [f"b{k}" for k in range(len(examples))]
         else:
-            texts = draw_captions(self.captions, examples.tolist(), self.cfg.train.seed, step)
+            keys = examples.tolist()
+            texts = draw_captions(self.captions, keys, self.cfg.train.seed, step)
+        texts = drop_words(texts, self.cfg.text.word_dropout, self.cfg.train.seed, step, keys)
         texts = drop_captions(texts, self.cfg.text.caption_dropout, u)
         if self.embeddings is not None:
             return TextCondition(*self.embeddings.lookup(texts))

@@ -24,6 +24,7 @@ import torch
 
 from ddpmlab.atomic import atomic_write_text
 from ddpmlab.config import Config
+from ddpmlab.data.audio import random_segments
 from ddpmlab.data.captions import CaptionedDataset
 from ddpmlab.data.latents import LATENTS_FILE, describe_autoencoder
 from ddpmlab.diffusion.objectives import DiffusionObjective, FlowObjective, objective_from_config
@@ -163,6 +164,8 @@ class DiffusionTask(Task):
         x0, y = batch[:2]
         own, shared = step_generators(cfg.train.seed, step, acc.process_index, device)
         x0 = x0.to(device, non_blocking=True)  # line 2: x_0 ~ q(x_0)
+        if cfg.data.crop:  # a vocoder: a random segment of each clip
+            x0 = random_segments(x0, cfg.data.crop, own)
         y = y.to(device) if cfg.model.num_classes else None
         # lines 3-4: t ~ Uniform({1..T}) (or importance-sampled; a flow's t in [0, 1]) and eps ~ N(0, I)
         t, noise = draw_t_and_noise(self.objective.sample_timesteps, x0, cfg.train.batch_size, acc.process_index,
