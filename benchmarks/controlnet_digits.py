@@ -16,6 +16,10 @@
    the same F1 without the tolerance (an edge pixel must fall on an edge pixel).  The row "another real digit"
    scores the edges of another held-out digit against each control: what the measure gives by chance (MNIST
    digits are centred and thick, so their edges overlap: about 0.75 with the tolerance, 0.28 without).
+   --anywhere moves each held-out digit to a uniformly drawn place where its bounding box (the pixels brighter than
+   black) stays wholly in the frame, before its edges are taken: the base draws centred digits, so such controls
+   are what it matches only by chance, while a ControlNet that follows its control follows it anywhere (it is
+   trained on the centred training digits alone).
 
 Prints a markdown table and writes it with the numbers (JSON) and a picture (controls, with, without) to --out.
 
@@ -72,6 +76,24 @@ def edge_f1(sample_edges: torch.Tensor, control_edges: torch.Tensor, tolerance: 
             "pooled_f1": (2 * pp * pr / (pp + pr).clamp(min=1e-12)).item()}
 
 
+def moved_anywhere(images: torch.Tensor, seed: int) -> torch.Tensor:
+    """Images (N, C, H, W) on black (-1), each digit moved by whole pixels to a uniformly drawn place where its
+    bounding box (pixels above -1) stays in the frame (a seeded draw)."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.full_like(images, -1.0)
+    h, w = images.shape[-2:]
+    for k, x in enumerate(images):
+        rows, cols = (x > -1).any(0).any(1).nonzero()[:, 0], (x > -1).any(0).any(0).nonzero()[:, 0]
+        if not len(rows):
+            out[k] = x
+            continue
+        top, left = (int(torch.randint(0, size - int(a[-1] - a[0]), (1,), generator=g)) for size, a in
+                     ((h, rows), (w, cols)))
+        bh, bw = int(rows[-1] - rows[0]) + 1, int(cols[-1] - cols[0]) + 1
+        out[k, :, top:top + bh, left:left + bw] = x[:, rows[0]:rows[0] + bh, cols[0]:cols[0] + bw]
+    return out
+
+
 def draw(base: Run, controlnet, controls: torch.Tensor, labels, seed: int, batch: int = 250) -> torch.Tensor:
     """One sample per control (with ``controlnet``, or the base alone when None), in batches of the same noise."""
     out = []
@@ -97,6 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=500, help="held-out digits, one sample each (default 500)")
     p.add_argument("--labels", choices=["none", "own"], default="none", help="none (default) or the digits' own")
     p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--anywhere", action="store_true", help="move each control's digit to a random place in the frame")
     p.add_argument("--out", default=None, help="output folder (default BASE/bench/controlnet)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="more train-controlnet keys")
     args = p.parse_args(argv)
@@ -116,20 +139,24 @@ def main(argv=None) -> int:
     base = load_run(args.base, "ema", "cpu")
     real, y = load_mnist("test")
     pick = [i * len(real) // min(args.n, len(real)) for i in range(min(args.n, len(real)))]
-    controls = edges(real[pick], cfg.controlnet.edge_threshold)
+    digits = moved_anywhere(real[pick], args.seed) if args.anywhere else real[pick]
+    controls = edges(digits, cfg.controlnet.edge_threshold)
     labels = y[pick].long() if args.labels == "own" else None
     rows, pictures = {}, []
+    shown = torch.linspace(0, len(pick) - 1, 16).long()  # 16 controls spread over the digits in the picture
     for name, controlnet in (("with the ControlNet", net), ("base alone", None)):
         t0 = time.perf_counter()
         x = draw(base, controlnet, controls, labels, args.seed)
         e = edges(x, cfg.controlnet.edge_threshold)
         rows[name] = {**edge_f1(e, controls), "f1_exact": edge_f1(e, controls, 0)["f1"],
                       "sampling_s": time.perf_counter() - t0}
-        pictures.append(x[:16])
-    other = edges(real[[(i + 7) % len(real) for i in pick]], cfg.controlnet.edge_threshold)  # chance: another digit
+        pictures.append(x[shown])
+    others = real[[(i + 7) % len(real) for i in pick]]
+    others = moved_anywhere(others, args.seed + 1) if args.anywhere else others
+    other = edges(others, cfg.controlnet.edge_threshold)  # chance: another digit
     rows["another real digit (chance)"] = {**edge_f1(other, controls), "f1_exact": edge_f1(other, controls, 0)["f1"],
                                            "sampling_s": 0.0}
-    save_grid(torch.cat([controls[:16] * 2 - 1, *pictures]), out / "controlnet_digits.png", nrow=16, scale=2)
+    save_grid(torch.cat([controls[shown] * 2 - 1, *pictures]), out / "controlnet_digits.png", nrow=16, scale=2)
     steps = cfg.train.steps
     lines = ["| model | edge F1 (same pixel) | edge F1 (1 px) | precision | recall | pooled F1 | sampling (s) |",
              "|---|---|---|---|---|---|---|"]
@@ -137,11 +164,11 @@ def main(argv=None) -> int:
               f"{v['pooled_f1']:.3f} | {v['sampling_s']:.0f} |" for k, v in rows.items()]
     note = (f"ControlNet: {steps} training steps in {seconds:.0f} s (wall-clock of train-controlnet)" if seconds
             else f"ControlNet: {cn_dir} ({steps} training steps)")
-    text = "\n".join(lines) + f"\n\n{note}; {len(pick)} held-out digits, labels {args.labels}; CPU: {cpu_name()}\n"
+    text = "\n".join(lines) + f"\n\n{note}; {len(pick)} held-out digits, {'moved anywhere in the frame' if args.anywhere else 'centred'}, labels {args.labels}; CPU: {cpu_name()}\n"
     print(text)
     (out / "controlnet_digits.md").write_text(text)
     (out / "controlnet_digits.json").write_text(json.dumps(
-        {"rows": rows, "train_seconds": seconds, "steps": steps, "n": len(pick), "labels": args.labels,
+        {"rows": rows, "train_seconds": seconds, "steps": steps, "n": len(pick), "labels": args.labels, "anywhere": args.anywhere,
          "controlnet": str(cn_dir), "base": args.base, "cpu": cpu_name(), "threads": torch.get_num_threads()},
         indent=2))
     return 0
