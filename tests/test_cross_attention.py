@@ -18,7 +18,7 @@ from ddpmlab.io.diffusers_bridge import (
 from ddpmlab.models import UNet, build_model
 from ddpmlab.models.conditioned import bind_condition
 from ddpmlab.models.text_condition import TextCondition, cat_text
-from ddpmlab.models.transformer import SpatialTransformer
+from ddpmlab.models.transformer import SpatialTransformer, sincos_2d
 from ddpmlab.training.distributed import micro_batches
 
 # base 16 channels, 2 levels, attention (transformer blocks) at the 8x8 level and in the middle, 32-wide tokens
@@ -203,6 +203,7 @@ def test_wrong_conditions_are_refused_in_one_line():
     (["unet.transformer_depth=0"], "'unet.transformer_depth' must be > 0"),
     (["model.kind=dit", "dit.preset=DiT-S/2"], "model.kind is 'dit'"),
     (["model.condition=low_res", "data.low_res=[4,4]"], "cannot be combined"),
+    (["unet.context_dim=null", "unet.positions=true"], "unet.positions=true embeds positions"),
 ])
 def test_bad_cross_attention_config_names_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -217,6 +218,26 @@ def test_each_unet_layout_refuses_the_other_diffusers_class():
         unet2d_condition_config(load_config(None, TINY + ["unet.context_dim=null"]))
     with pytest.raises(DDPMError, match="one class embedding"):
         unet2d_condition_config(load_config(None, TINY + ["unet.pooled_dim=8", "model.num_classes=3"]))
+    with pytest.raises(DDPMError, match="unet.positions=true adds a position embedding"):
+        unet2d_condition_config(load_config(None, TINY + ["unet.positions=true"]))
+
+
+def test_positions_add_the_2d_sincos_embedding_to_the_tokens_and_no_weight():
+    """unet.positions: each position's sin-cos embedding is added after proj_in; through a transformer without
+    blocks the output moves by exactly proj_out of it, and the UNet's weights are the same tensors by name."""
+    torch.manual_seed(0)
+    plain = SpatialTransformer(16, 2, 32, depth=0, groups=4)
+    placed = SpatialTransformer(16, 2, 32, depth=0, groups=4, positions=True)
+    placed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 16, 4, 6)
+    shift = (sincos_2d(16, 4, 6) @ plain.proj_out.weight.t()).t().reshape(16, 4, 6)  # (C, H, W)
+    assert torch.allclose(placed(x, None) - plain(x, None), shift.expand(2, -1, -1, -1), atol=1e-5)
+    assert sincos_2d(16, 4, 6)[7].tolist() == sincos_2d(16, 1, 7)[1].tolist()[:8] + sincos_2d(16, 2, 1)[1].tolist()[8:]
+    _, a = _model()
+    _, b = _model(["unet.positions=true"])
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+    x, t, cond = torch.randn(2, 3, 16, 16), torch.tensor([3, 500]), _text(2)
+    assert not torch.allclose(bind_condition(a, cond)(x, t), bind_condition(b, cond)(x, t), atol=1e-3)
 
 
 def test_a_text_encoders_output_is_taken_as_a_text_condition():

@@ -11,7 +11,8 @@ from ddpmlab.config import DIT_PRESETS, dit_settings, load_config, save_config
 from ddpmlab.errors import ConfigError, DDPMError
 from ddpmlab.io.checkpoint import CONFIG_FILE, save_checkpoint
 from ddpmlab.models import UNet, build_model, count_parameters
-from ddpmlab.models.dit import DiT, DiTBlock, sincos_2d
+from ddpmlab.models.dit import DiT, DiTBlock
+from ddpmlab.models.transformer import sincos_2d
 from ddpmlab.runs import load_run
 from ddpmlab.samplers.guidance import guided
 

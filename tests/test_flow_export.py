@@ -16,7 +16,7 @@ from ddpmlab.io.checkpoint import CONFIG_FILE, save_checkpoint
 from ddpmlab.io.diffusers_bridge import export_diffusers, load_diffusers_model
 from ddpmlab.io.diffusers_schedule import diffusion_from_scheduler
 from ddpmlab.models import build_model
-from ddpmlab.models.dit import sincos_2d
+from ddpmlab.models.transformer import sincos_2d
 from ddpmlab.samplers.generate import generate
 from ddpmlab.samplers.guidance import ClassifierFreeGuidance
 

@@ -10,7 +10,7 @@ from ddpmlab.errors import ConfigError, DDPMError
 from ddpmlab.io.diffusers_dit import dit_transformer_config
 from ddpmlab.io.diffusers_pixart import from_pixart_state_dict, pixart_config, to_pixart_state_dict
 from ddpmlab.models import build_model
-from ddpmlab.models.dit import sincos_2d
+from ddpmlab.models.transformer import sincos_2d
 from ddpmlab.models.dit_text import TextDiT
 from ddpmlab.models.text_condition import TextCondition, cat_text
 

@@ -106,6 +106,10 @@ class UNetConfig:
     transformer_depth: int = 1  # transformer layers in each attention block (with unet.context_dim)
     # the width of a pooled text embedding added to the time embedding (SDXL's add-embedding); null: none
     pooled_dim: Optional[int] = None
+    # with unet.context_dim: add the fixed 2-D sin-cos embedding of each position to the transformer blocks' tokens,
+    # so cross-attention knows where each pixel is ("on the left" learnt in a short run; not in Stable Diffusion,
+    # so such a run does not export to diffusers)
+    positions: bool = False
 
 
 @dataclass

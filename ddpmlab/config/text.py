@@ -32,6 +32,9 @@ def _validate_context_keys(cfg: Config, source: str) -> None:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"{source}: '{section}.{key}' must be a positive integer (an embedding width) or "
                                   f"null, got {value!r}")
+        if section == "unet" and u.positions and u.context_dim is None:
+            raise ConfigError(f"{source}: unet.positions=true embeds positions in the transformer blocks that read "
+                              "text; set unet.context_dim (text) or unet.positions=false")
         if u.context_dim is None and u.pooled_dim is not None:
             raise ConfigError(f"{source}: {section}.pooled_dim={u.pooled_dim} adds a pooled text embedding, but "
                               f"{section}.context_dim is null (no text conditioning); set {section}.context_dim or "

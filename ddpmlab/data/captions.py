@@ -232,7 +232,7 @@ def drop_words(texts: Sequence[str], p: float, seed: int, step: int, keys: Seque
     """Word dropout: each whitespace-separated word of text k is left out where a uniform draw from (seed, step,
     ``keys[k]``, the word's place) alone falls below ``p`` (a text that would lose every word is kept whole), so
     the captions also teach what each word means without the others: "a red square" is seen as "a square" and as
-    "red square" too, which helps a short run put together combinations it never saw.  ``p`` 0: unchanged."""
+    "red square" too.  ``p`` 0: unchanged."""
     if p <= 0:
         return list(texts)
     out = []

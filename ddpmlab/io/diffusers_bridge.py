@@ -175,6 +175,9 @@ def unet2d_condition_config(cfg: Config) -> dict:
     if m.context_dim is None:
         raise DDPMError("unet.context_dim is null: the UNet has no text cross-attention and maps to diffusers' "
                         "UNet2DModel (unet2d_config), not to UNet2DConditionModel")
+    if m.positions:
+        raise DDPMError("unet.positions=true adds a position embedding to the transformer blocks, which diffusers' "
+                        "UNet2DConditionModel has not: this run does not export to diffusers")
     if m.pooled_dim is not None and cfg.model.num_classes:
         raise DDPMError(f"model.num_classes={cfg.model.num_classes} with unet.pooled_dim={m.pooled_dim} does not map: "
                         "UNet2DConditionModel has one class embedding, for labels or for the pooled text embedding")

@@ -19,7 +19,7 @@ from ddpmlab.data import data_shape
 from ddpmlab.errors import DDPMError
 from ddpmlab.io.diffusers_flow import write_flow_card
 from ddpmlab.io.diffusers_schedule import require_diffusers, run_scheduler
-from ddpmlab.models.dit import sincos_2d
+from ddpmlab.models.transformer import sincos_2d
 
 # ddpmlab's DiT has the layers of diffusers' DiTTransformer2DModel (ada_norm_zero blocks); diffusers
 # keeps a copy of the time and class embedders in every block (norm1.emb), ours are shared:

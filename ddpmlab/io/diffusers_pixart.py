@@ -24,7 +24,7 @@ import torch
 
 from ddpmlab.config import Config
 from ddpmlab.errors import DDPMError
-from ddpmlab.models.dit import sincos_2d
+from ddpmlab.models.transformer import sincos_2d
 
 _PREFIXES = [  # (ours, diffusers): a key's start
     ("patch_embed.", "pos_embed.proj."),

@@ -71,6 +71,7 @@ def _unet(cfg: Config, out_channels_multiplier: int) -> UNet:
         context_dim=m.context_dim,
         transformer_depth=m.transformer_depth,
         pooled_dim=m.pooled_dim,
+        positions=m.positions,
     )
 
 

@@ -36,28 +36,11 @@ from torch.utils.checkpoint import checkpoint
 
 from ddpmlab.config import DIT_PRESETS
 from ddpmlab.errors import ConfigError
+from ddpmlab.models.transformer import sincos_2d
 from ddpmlab.models.unet import add_class_embedding, batch_timesteps, timestep_embedding
 
 FREQ_DIM = 256  # width of the sinusoidal timestep features fed to the time MLP (the paper's code)
 NORM_EPS = 1e-6  # LayerNorm eps of the paper's code
-
-
-def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
-    """Transformer position embedding (Vaswani et al. 2017, Sec. 3.5): (M,) -> (M, dim), [sin, cos] halves."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim / 2))
-    out = pos.double()[:, None] * omega[None, :]
-    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
-
-
-def sincos_2d(dim: int, grid_h: int, grid_w: int, device=None) -> torch.Tensor:
-    """2-D sin-cos embedding of a grid_h x grid_w token grid, row-major: (grid_h * grid_w, dim), float32.
-
-    Token (i, j) gets [sincos_1d(dim/2, j), sincos_1d(dim/2, i)]: the first half encodes the column,
-    the second the row (MAE / DiT code).
-    """
-    rows = torch.arange(grid_h, device=device).repeat_interleave(grid_w)
-    cols = torch.arange(grid_w, device=device).repeat(grid_h)
-    return torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1).float()
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ The layout is diffusers' ``Transformer2DModel`` (``use_linear_projection=True``)
 
     norm            GroupNorm(groups, C, eps 1e-6)                                   [norm]
     proj_in         Linear C -> C on the H W positions, (B, C, H, W) -> (B, HW, C)    [proj_in]
+    (positions)     + the 2-D sin-cos embedding of each position, where asked (not in Stable Diffusion)
     depth blocks    x = x + SelfAttention(LayerNorm(x))                              [blocks.i.norm1, attn1]
                     x = x + CrossAttention(LayerNorm(x), tokens, mask)               [blocks.i.norm2, attn2]
                     x = x + GEGLU feed-forward(LayerNorm(x)), width 4C               [blocks.i.norm3, ff]
@@ -16,6 +17,12 @@ The layout is diffusers' ``Transformer2DModel`` (``use_linear_projection=True``)
 
 GEGLU (Shazeer 2020, Eq. 6): FFN(x) = (x W + b) * GELU(x V + c), then a linear map back to C.
 Queries, keys and values have no bias (as in diffusers); the heads are C / heads wide.
+
+``positions=True`` adds the fixed 2-D sin-cos embedding of the feature map's positions (Vaswani et al. 2017,
+Sec. 3.5, in two dimensions as ViT-MAE and DiT do) to the tokens after proj_in: a query then knows where it is,
+so cross-attention can send "on the left" to the left of the picture directly, which a UNet otherwise learns only
+from its convolutions' borders (slowly: in a short run, sometimes not at all).  It has no weights; diffusers'
+Transformer2DModel has no such embedding, so such a UNet does not export.
 """
 
 from __future__ import annotations
@@ -30,6 +37,24 @@ from ddpmlab.models.fast_ops import attention
 
 GROUP_NORM_EPS = 1e-6  # diffusers' Transformer2DModel fixes it, whatever the UNet's norm_eps
 LAYER_NORM_EPS = 1e-5  # BasicTransformerBlock's default
+
+
+def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """Transformer position embedding (Vaswani et al. 2017, Sec. 3.5): (M,) -> (M, dim), [sin, cos] halves."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim / 2))
+    out = pos.double()[:, None] * omega[None, :]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def sincos_2d(dim: int, grid_h: int, grid_w: int, device=None) -> torch.Tensor:
+    """2-D sin-cos embedding of a grid_h x grid_w token grid, row-major: (grid_h * grid_w, dim), float32.
+
+    Token (i, j) gets [sincos_1d(dim/2, j), sincos_1d(dim/2, i)]: the first half encodes the column,
+    the second the row (MAE / DiT code).
+    """
+    rows = torch.arange(grid_h, device=device).repeat_interleave(grid_w)
+    cols = torch.arange(grid_w, device=device).repeat(grid_h)
+    return torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1).float()
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -111,8 +136,10 @@ class TransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """The transformer on a feature map: x (B, C, H, W), tokens (B, L, D_ctx), mask (B, L) -> (B, C, H, W)."""
 
-    def __init__(self, channels: int, heads: int, context_dim: int, depth: int = 1, groups: int = 32):
+    def __init__(self, channels: int, heads: int, context_dim: int, depth: int = 1, groups: int = 32,
+                 positions: bool = False):
         super().__init__()
+        self.positions = positions
         self.norm = nn.GroupNorm(groups, channels, eps=GROUP_NORM_EPS)
         self.proj_in = nn.Linear(channels, channels)
         self.blocks = nn.ModuleList([TransformerBlock(channels, heads, context_dim) for _ in range(depth)])
@@ -121,6 +148,8 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, c, hgt, wid = x.shape
         h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (B, HW, C)
+        if self.positions:
+            h = h + sincos_2d(c, hgt, wid, device=x.device).to(h.dtype)
         for block in self.blocks:
             h = block(h, tokens, mask)
         return x + self.proj_out(h).transpose(1, 2).reshape(b, c, hgt, wid)

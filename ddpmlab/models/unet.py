@@ -254,8 +254,8 @@ class _Blocks:
     are AttnBlocks, or SpatialTransformers of ``depth`` layers when ``context_dim`` (text) is given."""
 
     def __init__(self, temb_dim: int, dropout: float, groups: int, eps: float, num_heads: int,
-                 head_dim: Optional[int], context_dim: Optional[int] = None, depth: int = 1):
-        self.temb_dim, self.dropout, self.groups, self.eps = temb_dim, dropout, groups, eps
+                 head_dim: Optional[int], context_dim: Optional[int] = None, depth: int = 1, positions: bool = False):
+        self.temb_dim, self.dropout, self.groups, self.eps, self.positions = temb_dim, dropout, groups, eps, positions
         self.num_heads, self.head_dim, self.context_dim, self.depth = num_heads, head_dim, context_dim, depth
 
     def heads(self, channels: int) -> int:
@@ -265,9 +265,10 @@ class _Blocks:
         return ResBlock(in_ch, out_ch, self.temb_dim, self.dropout, self.groups, self.eps)
 
     def attn(self, channels: int) -> nn.Module:
+        heads = self.heads(channels)
         if self.context_dim is None:
-            return AttnBlock(channels, self.heads(channels), self.groups, self.eps)
-        return SpatialTransformer(channels, self.heads(channels), self.context_dim, self.depth, self.groups)
+            return AttnBlock(channels, heads, self.groups, self.eps)
+        return SpatialTransformer(channels, heads, self.context_dim, self.depth, self.groups, self.positions)
 
     def mid(self, channels: int) -> MidBlock:
         return MidBlock(self, channels)
@@ -309,8 +310,8 @@ class UNet(nn.Module):
     ``attention_head_dim`` fixes the width of a head (heads = channels / width) instead of
     the number of heads. ``gradient_checkpointing`` recomputes each ResBlock's and attention
     block's activations in the backward pass (training only; same gradients, less memory).
-    ``context_dim`` (the token width), ``transformer_depth`` and ``pooled_dim``: text conditioning
-    (see the module's docstring); such a UNet needs ``cond=TextCondition(...)`` on every call.
+    ``context_dim`` (the token width), ``transformer_depth``, ``pooled_dim`` and ``positions`` (the transformers'
+    position embedding): text conditioning (see the module's docstring); it needs ``cond=TextCondition(...)``.
     """
 
     def __init__(
@@ -336,23 +337,22 @@ class UNet(nn.Module):
         context_dim: Optional[int] = None,
         transformer_depth: int = 1,
         pooled_dim: Optional[int] = None,
+        positions: bool = False,
     ):
         super().__init__()
         image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         _check_config(base_channels, tuple(channel_mults), norm_groups, num_heads, image_size, attention_head_dim,
                       tuple(attention_resolutions))
-        self.in_channels = in_channels
-        self.out_channels = out_channels or in_channels
+        self.in_channels, self.out_channels = in_channels, out_channels or in_channels
         self.base_channels = base_channels
         self.num_classes = num_classes
         self.image_size = image_size
         self.num_levels = len(channel_mults)
-        self.time_shift, self.time_flip = time_shift, time_flip
-        self.gradient_checkpointing = gradient_checkpointing
-        self.context_dim, self.pooled_dim = context_dim, pooled_dim
+        self.time_shift, self.time_flip, self.gradient_checkpointing = time_shift, time_flip, gradient_checkpointing
+        self.context_dim, self.pooled_dim, self.positions = context_dim, pooled_dim, positions
         temb_dim = 4 * base_channels
         make = _Blocks(temb_dim, dropout, norm_groups, norm_eps, num_heads, attention_head_dim, context_dim,
-                       transformer_depth)
+                       transformer_depth, positions)
         widths = [base_channels * m for m in channel_mults]
         attn_at = [h in attention_resolutions for h in level_heights(image_size, self.num_levels)]
 

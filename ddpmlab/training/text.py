@@ -3,9 +3,9 @@
 Each training step shows every example one of its captions, drawn from (train.seed, step, example) alone
 (:func:`~ddpmlab.data.captions.draw_captions`), and replaces a share ``text.caption_dropout`` of them by the
 empty caption, drawn for the global batch as label dropout is: the unconditional prompt of classifier-free
-guidance (GLIDE, Nichol et al. 2022, Sec. 4; Stable Diffusion 1.x: 0.1).  ``text.word_dropout`` leaves out
-single words of the others (:func:`~ddpmlab.data.captions.drop_words`, own encoder or an uncached one).  So a resumed run, or another number
-of processes, shows the same captions.
+guidance (GLIDE, Nichol et al. 2022, Sec. 4; Stable Diffusion 1.x: 0.1); ``text.word_dropout`` leaves single
+words out of the others (:func:`~ddpmlab.data.captions.drop_words`).  So a resumed run, or another number of
+processes, shows the same captions.
 
 What the denoiser reads of them:
 
