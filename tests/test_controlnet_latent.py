@@ -31,7 +31,7 @@ LATENT = ["--config", "shapes_text", "data.image_size=[8,8]", "unet.base_channel
           "unet.num_heads=2", "text.max_length=10", "text.caption_dropout=0.3", "diffusion.process=ddpm",
           "diffusion.prediction=eps", "diffusion.num_timesteps=99", "train.minutes=null", "train.batch_size=4",
           "train.sample_n=2", "train.sample_steps=2", "train.sample_sampler=ddim", "train.log_every=1",
-          "train.mixed_precision=no", "train.device=cpu", "--no-progress"]
+          "train.mixed_precision=no", "train.device=cpu", "unet.positions=false", "--no-progress"]
 CN = ["train.steps=4", "train.save_every=2", "train.grad_accum_steps=2", "train.lr=3e-3", "controlnet.detector=edges",
       "train.sample_n=2"]
 PROMPTS = ["a red square", "bar in blue"]

@@ -78,7 +78,7 @@ def test_the_loss_is_instance_plus_lambda_prior_by_hand(process):
 def runs(tmp_path_factory):
     """A 2-step own-encoder base run, three green squares, and their 4-step DreamBooth with 5 class images."""
     root = tmp_path_factory.mktemp("db")
-    base = train_text(shapes_folder(root / "data"), root, "base", 2)
+    base = train_text(shapes_folder(root / "data"), root, "base", 2, "unet.positions=false")  # maps to diffusers
     few = shapes_folder(root / "few", colours=("green",) * 3, shapes=("square",), captions=False)
     assert one_thread_main(finetune(base, root, "db", "dreambooth", f"data.path={few}", *SUBJECT)) == 0
     return base, few, root / "db"

@@ -28,7 +28,7 @@ TINY = ["--config", "shapes_text", "data.image_size=[8,8]", "unet.base_channels=
         "unet.num_heads=2", "text.max_length=10", "text.caption_dropout=0.3", "diffusion.process=ddpm",
         "diffusion.prediction=eps", "diffusion.num_timesteps=99", "train.minutes=null", "train.batch_size=4",
         "train.steps=1", "train.sample_n=2", "train.sample_steps=2", "train.sample_sampler=ddim",
-        "train.log_every=1", "train.mixed_precision=no", "train.device=cpu", "--no-progress"]
+        "train.log_every=1", "train.mixed_precision=no", "train.device=cpu", "unet.positions=false", "--no-progress"]
 DIT = ["model.kind=dit", "unet.context_dim=null", "dit.depth=1", "dit.hidden=16", "dit.heads=2", "dit.patch_size=2",
        "dit.context_dim=16", "dit.pooled_dim=null", "diffusion.prediction=v"]
 

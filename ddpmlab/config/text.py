@@ -32,7 +32,7 @@ def _validate_context_keys(cfg: Config, source: str) -> None:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"{source}: '{section}.{key}' must be a positive integer (an embedding width) or "
                                   f"null, got {value!r}")
-        if section == "unet" and u.positions and u.context_dim is None:
+        if section == "unet" and u.positions and u.context_dim is None and cfg.model.kind == "unet":
             raise ConfigError(f"{source}: unet.positions=true embeds positions in the transformer blocks that read "
                               "text; set unet.context_dim (text) or unet.positions=false")
         if u.context_dim is None and u.pooled_dim is not None:
