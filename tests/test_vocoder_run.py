@@ -28,8 +28,10 @@ def vocoder_config(path, **keys) -> Config:
     ({"data__hop_length": 200}, "diffwave.upsample [16, 16] upsamples the mel frames 256-fold"),
     ({"train__cond_noise": 0.1}, "a vocoder (model.condition=mel) takes its mel spectrogram clean"),
     ({"model__condition": "low_res"}, "sound (data.dataset=audio) takes model.condition=none, or mel"),
-    ({"data__crop": 5000}, "a whole number of samples up to data.length=4096"),
-    ({"data__crop": 1024, "model__condition": "none"}, "a generator of whole clips learns data.length"),
+    ({"data__crop": 5000}, "at most data.length=4096"),
+    ({"data__crop": 1024, "model__condition": "none"}, "other runs take null"),
+    ({"data__crop": 1024, "data__dataset": "mnist", "model__kind": "unet", "model__condition": "none",
+      "diffwave__preset": None}, "data.crop=1024 trains a vocoder"),
 ])
 def test_vocoder_config_errors_are_one_line(tmp_path, keys, message):
     cfg = vocoder_config(tmp_path, **keys)

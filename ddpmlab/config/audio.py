@@ -56,6 +56,9 @@ def validate_audio(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: data.dataset=audio is sound: set model.kind=diffwave (model.kind={kind} is "
                           "for images or points; data.representation=mel makes each clip an image for a UNet)")
     _validate_diffwave(cfg.diffwave, kind, source)
+    if d.crop is not None and not (_positive_int(d.crop) and d.crop <= d.length and cfg.model.condition == "mel"):
+        raise ConfigError(f"{source}: data.crop={d.crop!r} trains a vocoder (sound, model.condition=mel) on random "
+                          f"segments of this many samples, at most data.length={d.length}; other runs take null")
     if not audio:
         return
     if not d.path:
@@ -71,10 +74,6 @@ def validate_audio(cfg: Config, source: str = "config") -> None:
     if not 0 <= d.f_min < f_max <= nyquist:
         raise ConfigError(f"{source}: need 0 <= data.f_min < data.f_max <= data.sample_rate / 2 = {nyquist:g} Hz, "
                           f"got f_min={d.f_min}, f_max={d.f_max}")
-    if d.crop is not None and not (_positive_int(d.crop) and d.crop <= d.length and cfg.model.condition == "mel"):
-        raise ConfigError(f"{source}: data.crop={d.crop!r} trains a vocoder (model.condition=mel) on random segments: "
-                          f"a whole number of samples up to data.length={d.length}, or null"
-                          + ("" if cfg.model.condition == "mel" else "; a generator of whole clips learns data.length"))
     hop = math.prod(cfg.diffwave.upsample)  # the local conditioner's frames * hop samples: one frame per hop
     if kind == "diffwave" and hop != d.hop_length:
         raise ConfigError(f"{source}: diffwave.upsample {cfg.diffwave.upsample} upsamples the mel frames "
