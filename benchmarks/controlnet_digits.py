@@ -87,9 +87,8 @@ def moved_anywhere(images: torch.Tensor, seed: int) -> torch.Tensor:
         if not len(rows):
             out[k] = x
             continue
-        top, left = (int(torch.randint(0, size - int(a[-1] - a[0]), (1,), generator=g)) for size, a in
-                     ((h, rows), (w, cols)))
         bh, bw = int(rows[-1] - rows[0]) + 1, int(cols[-1] - cols[0]) + 1
+        top, left = (int(torch.randint(0, size - box + 1, (1,), generator=g)) for size, box in ((h, bh), (w, bw)))
         out[k, :, top:top + bh, left:left + bw] = x[:, rows[0]:rows[0] + bh, cols[0]:cols[0] + bw]
     return out
 
@@ -164,12 +163,15 @@ def main(argv=None) -> int:
               f"{v['pooled_f1']:.3f} | {v['sampling_s']:.0f} |" for k, v in rows.items()]
     note = (f"ControlNet: {steps} training steps in {seconds:.0f} s (wall-clock of train-controlnet)" if seconds
             else f"ControlNet: {cn_dir} ({steps} training steps)")
-    text = "\n".join(lines) + f"\n\n{note}; {len(pick)} held-out digits, {'moved anywhere in the frame' if args.anywhere else 'centred'}, labels {args.labels}; CPU: {cpu_name()}\n"
+    placed = "moved anywhere in the frame" if args.anywhere else "centred"
+    text = "\n".join(lines) + (f"\n\n{note}; {len(pick)} held-out digits, {placed}, labels {args.labels}; "
+                               f"CPU: {cpu_name()}\n")
     print(text)
     (out / "controlnet_digits.md").write_text(text)
     (out / "controlnet_digits.json").write_text(json.dumps(
-        {"rows": rows, "train_seconds": seconds, "steps": steps, "n": len(pick), "labels": args.labels, "anywhere": args.anywhere,
-         "controlnet": str(cn_dir), "base": args.base, "cpu": cpu_name(), "threads": torch.get_num_threads()},
+        {"rows": rows, "train_seconds": seconds, "steps": steps, "n": len(pick), "labels": args.labels,
+         "anywhere": args.anywhere, "controlnet": str(cn_dir), "base": args.base, "cpu": cpu_name(),
+         "threads": torch.get_num_threads()},
         indent=2))
     return 0
 

@@ -50,15 +50,18 @@ def _validate_context_keys(cfg: Config, source: str) -> None:
                               "cannot be combined; set one of them")
 
 
+# the least value of text.max_length and text.depth, and how an error says it (the other integer keys: 1)
+_TEXT_INT_BOUNDS = {"max_length": (2, "an integer >= 2 (start and end tokens)"),
+                    "depth": (0, "an integer >= 0 (0: each token's embedding alone, a bag of words)")}
+
+
 def _validate_text_section(cfg: Config, source: str) -> None:
     """The text section's own keys, and data that has captions."""
     x = cfg.text
     for key in ("max_length", "vocab_size", "width", "depth", "heads"):
-        value, least = getattr(x, key), {"max_length": 2, "depth": 0}.get(key, 1)
+        value, (least, what) = getattr(x, key), _TEXT_INT_BOUNDS.get(key, (1, "a positive integer"))
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            least = {2: "an integer >= 2 (start and end tokens)", 0: "an integer >= 0 (0: each token's embedding "
-                     "alone, a bag of words)"}.get(least, "a positive integer")
-            raise ConfigError(f"{source}: 'text.{key}' must be {least}, got {value!r}")
+            raise ConfigError(f"{source}: 'text.{key}' must be {what}, got {value!r}")
     if not 0.0 <= x.caption_dropout < 1.0:
         raise ConfigError(f"{source}: 'text.caption_dropout' must be in [0, 1) (0.1 in Stable Diffusion), "
                           f"got {x.caption_dropout}")

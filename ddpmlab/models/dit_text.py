@@ -32,9 +32,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ddpmlab.models.dit import FREQ_DIM, MLP, NORM_EPS, dit_geometry, unpatchify
-from ddpmlab.models.transformer import sincos_2d
 from ddpmlab.models.text_condition import TextCondition, check_text_condition
-from ddpmlab.models.transformer import Attention
+from ddpmlab.models.transformer import Attention, sincos_2d
 from ddpmlab.models.unet import add_class_embedding, batch_timesteps, timestep_embedding
 
 
